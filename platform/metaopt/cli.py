@@ -1,0 +1,161 @@
+"""``metaopt run | submit | status | logs | list | replay`` — parse, load, dispatch. Nothing else lives here.
+
+User mistakes (a bad experiment file, a bad ``--set``, an unreachable cluster) print one line
+``metaopt: error: <field>: <problem>`` on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from metaopt.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaopt", description="Adapt the learning process itself, on Ray, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an experiment file (local Ray by default, or --address)")
+    run.add_argument("file", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("--address", help="Ray cluster address (default: ray.address in the file, RAY_ADDRESS, or local)")
+    _add_overrides(run)
+    run.add_argument("--quiet", action="store_true", help="less Tune progress output")
+
+    submit = sub.add_parser("submit", help="submit an experiment file to a Ray cluster as a Ray Job")
+    submit.add_argument("file")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    submit.add_argument("--working-dir", default=".", help="project directory shipped with the job (default: .)")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    _add_overrides(submit)
+
+    for name, text in (("status", "show a submitted job's status"), ("logs", "print a submitted job's logs")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job", help="job id printed by metaopt submit")
+        cmd.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+        if name == "logs":
+            cmd.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+
+    lst = sub.add_parser("list", help="list the experiment files under experiments/")
+    lst.add_argument("directory", nargs="?", default="experiments")
+
+    replay = sub.add_parser("replay", help="train one model with a learning-rate schedule a PBT sweep discovered")
+    replay.add_argument("source", metavar="RUN_OR_FILE", help="MLflow sweep run id, or a schedules.json file")
+    replay.add_argument("--trial", help="trial id (default: the sweep's best)")
+    replay.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow URI holding the run")
+    return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field, e.g. --set pbt.population=8 (repeatable)",
+    )
+
+
+def cmd_run(args) -> int:
+    from metaopt import config
+
+    experiment = config.load(args.file, args.overrides)
+    runner = config.runner_for(experiment.kind)
+    runner(experiment, address=args.address, verbose=0 if args.quiet else 1)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from metaopt import config, jobs
+
+    experiment = config.load(args.file, args.overrides)  # fail here, before anything reaches the cluster
+    overrides = list(args.overrides)
+    uri, warning = jobs.resolve_tracking_uri_for_cluster(experiment.tracking.uri, args.address)
+    if warning:
+        print(f"metaopt: warning: {warning}", file=sys.stderr)
+    if uri != experiment.tracking.uri:
+        overrides.append(f"tracking.uri={uri}")
+    job_id = jobs.submit(args.file, args.address, overrides, working_dir=args.working_dir)
+    print(f"submitted {experiment.name} as job {job_id}")
+    print(f"  status: metaopt status {job_id} --address {args.address}")
+    print(f"  logs:   metaopt logs {job_id} --address {args.address} --follow")
+    print(f"  runs:   MLflow experiment {experiment.mlflow_experiment!r} at {uri}")
+    if args.wait:
+        jobs.logs(job_id, args.address, follow=True)
+        final = jobs.status(job_id, args.address)
+        print(f"job {job_id}: {final}")
+        return 0 if final == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_status(args) -> int:
+    from metaopt import jobs
+
+    print(jobs.status(args.job, args.address))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from metaopt import jobs
+
+    jobs.logs(args.job, args.address, follow=args.follow)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from metaopt import config
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise ConfigError(str(directory), "no such directory of experiment files")
+    files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
+    if not files:
+        print(f"no experiment files in {directory}/")
+    for path in files:
+        try:
+            exp = config.load(path)
+            print(f"{str(path):<44} {exp.kind:<8} {exp.description.strip().splitlines()[0] if exp.description else ''}")
+        except ConfigError as err:
+            print(f"{str(path):<44} INVALID  {err}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from metaopt.pbt import replay
+
+    payload = replay.load_payload(args.source, args.tracking_uri)
+    result = replay.replay(payload, args.trial)
+    uri = payload["experiment"]["tracking"]["uri"] if Path(args.source).exists() else args.tracking_uri
+    run_id = replay.log_replay(result, payload, uri)
+    print(
+        f"replay of trial {result.trial_id}: {result.metric} {result.replay_metric:.4f} "
+        f"(PBT trial: {result.pbt_metric:.4f}, difference {result.difference:+.4f}) "
+        f"after {result.steps} steps in {result.seconds:.1f}s; MLflow run {run_id}"
+    )
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "list": cmd_list,
+    "replay": cmd_replay,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"metaopt: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("metaopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

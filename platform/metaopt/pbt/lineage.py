@@ -1,0 +1,150 @@
+"""Rebuild the learning rate every PBT trial actually trained with, following its lineage.
+
+PBT (Jaderberg et al. 2017) lets a weak trial *exploit* a strong one: it copies the strong trial's
+checkpoint at iteration ``k`` and continues with a perturbed config. So the model a final trial holds was
+trained by a chain of ancestors, each for a segment of steps, each with its own learning rate. Its schedule
+is ``lr(step)`` along that chain, not the lr the trial itself started with.
+
+Ray Tune logs each exploit as a JSON line in ``pbt_global.txt``:
+``[target_tag, clone_tag, target_iteration, clone_iteration, clone_config, new_config]``.
+Replaying those events in order over per-trial histories gives every trial's schedule::
+
+    history[target] = history[clone] cut at the clone's checkpoint + [(k * steps_per_iteration, new_lr)]
+
+One subtlety: the logged ``clone_iteration`` is the clone's *latest* result, but the checkpoint copied is
+the one Tune saved at the clone's last perturbation boundary, which may be older (asynchronous PBT, pauses
+for fairness). The iteration actually resumed from is visible in the *target's* own results: the first row
+it reports after the exploit is the checkpoint's iteration + 1 (:func:`resume_iterations`). The trainable
+also carries its lineage inside its checkpoints; the sweep cross-checks the two and the tests demand equality.
+
+All functions here are pure; a schedule is a list of ``(start_step, lr)`` segments sorted by start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Segments = list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class ExploitEvent:
+    """One line of Tune's ``pbt_global.txt``."""
+
+    target: str
+    clone: str
+    target_iteration: int
+    clone_iteration: int
+    new_config: dict[str, Any]
+    resumed_iteration: int | None = None  # filled from the target's results by resume_iterations
+
+
+def read_pbt_global(path: str | Path) -> list[ExploitEvent]:
+    """Parse ``pbt_global.txt`` (chronological); a missing file means no exploit happened."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    events = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            target, clone, target_iter, clone_iter, _clone_config, new_config = json.loads(line)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: line {number} is not a PBT policy record ({err})") from None
+        events.append(ExploitEvent(str(target), str(clone), int(target_iter), int(clone_iter), new_config))
+    return events
+
+
+def same_lr(a: float, b: float) -> bool:
+    """Equal up to the last digits a CSV/JSON round-trip may change."""
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def same_schedule(a: Segments, b: Segments) -> bool:
+    return len(a) == len(b) and all(sa == sb and same_lr(la, lb) for (sa, la), (sb, lb) in zip(a, b))
+
+
+def record_lr(history: Segments, step: int, lr: float) -> Segments:
+    """Append ``lr`` from ``step`` on; a change at the same step replaces it, an unchanged lr is not repeated."""
+    kept = [(s, v) for s, v in history if s < step]
+    if kept and kept[-1][1] == lr:
+        return kept
+    return [*kept, (int(step), float(lr))]
+
+
+def cut(history: Segments, step: int) -> Segments:
+    """The part of a schedule that applies before ``step``."""
+    return [(s, v) for s, v in history if s < step]
+
+
+def resume_iterations(
+    events: list[ExploitEvent], reported: dict[str, list[tuple[int, float]]], lr_key: str = "lr"
+) -> list[ExploitEvent]:
+    """Attach to each exploit the iteration its target resumed from, read off the target's result rows.
+
+    ``reported[tag]`` lists ``(training_iteration, lr)`` of every result the trial reported, in order. After
+    an exploit the target's next result is the first one with the exploit's new lr; its iteration is the
+    copied checkpoint's iteration + 1. (The iterations in the log line itself are each trial's *last seen*
+    result, which can lag or lead the checkpoint, so they are not used.)
+    """
+    cursor = {tag: 0 for tag in reported}
+    resolved = []
+    for event in events:
+        rows = reported.get(event.target)
+        if rows is None:
+            raise ValueError(f"no results for exploited trial {event.target!r}")
+        new_lr = float(event.new_config[lr_key])
+        p = cursor[event.target]
+        while p < len(rows) and not (same_lr(rows[p][1], new_lr) and (p == 0 or not same_lr(rows[p - 1][1], new_lr))):
+            p += 1
+        if p >= len(rows):
+            raise ValueError(
+                f"trial {event.target!r} exploited {event.clone!r} (new lr {new_lr:g}) but never reported with it"
+            )
+        cursor[event.target] = p + 1
+        resolved.append(
+            ExploitEvent(event.target, event.clone, event.target_iteration, event.clone_iteration,
+                         event.new_config, resumed_iteration=rows[p][0] - 1)
+        )
+    return resolved
+
+
+def replay_events(
+    initial_lrs: dict[str, float],
+    events: list[ExploitEvent],
+    steps_per_iteration: int,
+    lr_key: str = "lr",
+) -> dict[str, Segments]:
+    """Every trial's lineage schedule (in optimizer steps) after applying the exploit events in order.
+
+    Events must carry ``resumed_iteration`` (see :func:`resume_iterations`).
+    """
+    histories: dict[str, Segments] = {tag: [(0, float(lr))] for tag, lr in initial_lrs.items()}
+    for event in events:
+        if event.clone not in histories:
+            raise ValueError(f"exploit event clones unknown trial {event.clone!r}; known: {sorted(histories)}")
+        if event.resumed_iteration is None:
+            raise ValueError(f"exploit of {event.clone!r} by {event.target!r} has no resumed iteration")
+        step = event.resumed_iteration * steps_per_iteration
+        histories[event.target] = record_lr(cut(histories[event.clone], step), step, event.new_config[lr_key])
+    return histories
+
+
+def lr_at_steps(history: Segments, total_steps: int) -> list[float]:
+    """Dense view of a schedule: the lr used at every step ``0 .. total_steps-1``."""
+    out, index = [], 0
+    for step in range(total_steps):
+        while index + 1 < len(history) and history[index + 1][0] <= step:
+            index += 1
+        out.append(history[index][1])
+    return out
+
+
+def describe(history: Segments) -> str:
+    """``0:0.1 -> 400:0.12 -> 800:0.096`` — a schedule on one line for terminals and logs."""
+    return " -> ".join(f"{s}:{lr:.3g}" for s, lr in history)

@@ -1,0 +1,116 @@
+"""Train one model with a schedule PBT discovered, as a fixed ``step -> lr`` function.
+
+This is the test of a discovered schedule: if the lineage reconstruction is right, training the same task
+from the same seed with that schedule reproduces the PBT trial's result (on CPU, with the shared trial seed,
+step for step; on other hardware, within noise). The schedule is read from a sweep's ``schedules.json``,
+either a local file or the artifact of an MLflow sweep run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaopt.errors import ConfigError
+from metaopt.optim import piecewise_constant
+from metaopt.tasks import build_task
+
+SCHEDULES_ARTIFACT = "schedules.json"
+
+
+@dataclass
+class ReplayResult:
+    trial_id: str
+    metric: str
+    replay_metric: float
+    pbt_metric: float
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+
+    @property
+    def difference(self) -> float:
+        return self.replay_metric - self.pbt_metric
+
+
+def load_payload(ref: str, tracking_uri: str | None) -> dict[str, Any]:
+    """A schedules.json path, or an MLflow sweep run id whose artifact it is."""
+    path = Path(ref)
+    if path.is_dir():
+        path = path / SCHEDULES_ARTIFACT
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(str(path), f"not a schedules JSON file ({err.msg} at line {err.lineno})") from None
+    if not tracking_uri:
+        raise ConfigError("RUN_OR_FILE", f"{ref!r} is not a file; to use an MLflow run id pass --tracking-uri")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        local = MlflowClient(tracking_uri).download_artifacts(ref, SCHEDULES_ARTIFACT)
+    except MlflowException as err:
+        raise ConfigError("RUN_OR_FILE", f"{ref!r} is neither a schedules.json file nor a sweep run at {tracking_uri} ({err.message.splitlines()[0]})") from None
+    return json.loads(Path(local).read_text())
+
+
+def choose_trial(payload: dict[str, Any], trial_id: str | None) -> str:
+    trials = payload["trials"]
+    chosen = trial_id or payload.get("best_trial")
+    if chosen is None:
+        raise ConfigError("--trial", "the sweep has no best trial (all diverged?); pick one with --trial")
+    if chosen not in trials:
+        raise ConfigError("--trial", f"unknown trial {chosen!r}; this sweep has: {', '.join(sorted(trials))}")
+    return chosen
+
+
+def replay(payload: dict[str, Any], trial_id: str | None = None, progress: bool = True) -> ReplayResult:
+    """Train the sweep's task from scratch with the chosen trial's lineage schedule."""
+    chosen = choose_trial(payload, trial_id)
+    section = payload["experiment"]["pbt"]
+    schedule = [(int(s), float(lr)) for s, lr in payload["trials"][chosen]["schedule"]]
+    lr_at = piecewise_constant(schedule)
+    task = build_task(section["task"], section["task_options"], section["optimizer"], section["seed"])
+    per_iteration, total = int(payload["steps_per_iteration"]), int(payload["total_steps"])
+    started = time.time()
+    metrics: dict[str, float] = {}
+    try:
+        while task.step < total:
+            metrics = task.train(min(per_iteration, total - task.step), lr_at)
+            if progress:
+                print(f"[replay] step {task.step}/{total} lr {lr_at(task.step - 1):.3g} {task.metric} {metrics[task.metric]:.4f}", flush=True)
+            if not math.isfinite(metrics.get("loss", 0.0)):
+                break
+    finally:
+        close = getattr(task, "close", None)
+        if close:
+            close()
+    return ReplayResult(
+        trial_id=chosen,
+        metric=task.metric,
+        replay_metric=float(metrics.get(task.metric, math.nan)),
+        pbt_metric=float(payload["trials"][chosen]["final_metric"]),
+        steps=task.step,
+        seconds=time.time() - started,
+        metrics=metrics,
+    )
+
+
+def log_replay(result: ReplayResult, payload: dict[str, Any], tracking_uri: str) -> str:
+    """Record the replay as a child of the sweep run it came from."""
+    from metaopt import tracking
+
+    client, experiment_id = tracking.connect(tracking_uri, payload["experiment"]["tracking"]["experiment"] or payload["experiment"]["name"])
+    tags = {"metaopt.role": "replay", "replay_of_trial": result.trial_id}
+    if payload.get("parent_run_id"):
+        tags[tracking.PARENT_TAG] = payload["parent_run_id"]
+    run = client.create_run(experiment_id, run_name=f"replay-{result.trial_id}", tags=tags)
+    metrics = {**result.metrics, f"pbt_{result.metric}": result.pbt_metric, "difference": result.difference}
+    client.log_batch(run.info.run_id, metrics=tracking.finite_metrics(metrics, result.steps, int(time.time() * 1000)))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -1,0 +1,258 @@
+"""One learning-rate sweep, top to bottom: Ray -> Tune (PBT / PB2 / fixed-LR baseline) -> schedules -> MLflow.
+
+1. connect to Ray and MLflow, open the sweep's parent run;
+2. run the Tune experiment (each trial a child MLflow run, per-iteration metrics);
+3. rebuild every final trial's lineage learning-rate schedule from Tune's PBT log, cross-checked
+   against the history each trial carries in its checkpoints;
+4. log schedules (JSON + PNG), learning curves, the summary table; print the summary and how to look at it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaopt import runtime, tracking
+from metaopt.config import Experiment
+from metaopt.pbt import lineage, plots
+from metaopt.pbt.tune import STATE_FILE, build_tuner
+
+SCHEDULES_ARTIFACT = "schedules.json"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    tag: str
+    final_metric: float
+    best_metric: float
+    final_lr: float
+    iterations: int
+    diverged: bool
+    schedule: lineage.Segments
+    carried_schedule: lineage.Segments | None
+    curve: tuple[list[int], list[float]] = field(repr=False, default=([], []))
+    reported: list[tuple[int, float]] = field(repr=False, default_factory=list)
+
+    @property
+    def lineage_agrees(self) -> bool | None:
+        """Does the schedule rebuilt from Tune's log equal the one the trial carried in its checkpoints?"""
+        return None if self.carried_schedule is None else lineage.same_schedule(self.schedule, self.carried_schedule)
+
+
+@dataclass
+class SweepSummary:
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    metric: str
+    mode: str
+    best_trial: str | None
+    trials: list[TrialSummary]
+    experiment_path: str
+    wall_seconds: float
+
+    def best(self) -> TrialSummary | None:
+        return next((t for t in self.trials if t.trial_id == self.best_trial), None)
+
+
+def task_metric(task: str) -> tuple[str, str]:
+    """The score a task reports and its direction, without building the task."""
+    import importlib
+
+    from metaopt.tasks import TASKS
+
+    module, cls = TASKS[task].split(":")
+    task_cls = getattr(importlib.import_module(module), cls)
+    return task_cls.metric, task_cls.mode
+
+
+def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1) -> SweepSummary:
+    """Run the sweep an experiment file describes; return its summary (also printed and logged)."""
+    started = time.time()
+    section = exp.section
+    resources = runtime.init(exp.ray, address)
+    per_trial = runtime.trial_resources(exp.ray, resources)
+    print(f"[metaopt] {resources.describe()}", flush=True)
+    metric, mode = task_metric(section.task)
+
+    client, experiment_id = tracking.connect(exp.tracking.uri, exp.mlflow_experiment)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_name = f"{exp.name}-{section.scheduler}-{stamp}"
+    parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
+    print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, sweep run {parent.run_id} at {exp.tracking.uri}", flush=True)
+
+    storage = str(Path(exp.ray.storage_path or "ray_results").expanduser().resolve())
+    trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
+    tuner = build_tuner(
+        section,
+        experiment_name=run_name,
+        storage_path=storage,
+        metric=metric,
+        mode=mode,
+        resources=per_trial,
+        max_concurrent_trials=exp.ray.max_concurrent_trials,
+        callbacks=[trial_callback, *(callbacks or [])],
+        verbose=verbose,
+    )
+    try:
+        results = tuner.fit()
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+
+    experiment_path = Path(results.experiment_path)
+    trials = summarise_trials(results, section, metric, mode, experiment_path)
+    best = pick_best(trials, mode)
+    summary = SweepSummary(
+        experiment=exp.name, parent_run_id=parent.run_id, tracking_uri=exp.tracking.uri, metric=metric, mode=mode,
+        best_trial=best.trial_id if best else None, trials=trials, experiment_path=str(experiment_path),
+        wall_seconds=time.time() - started,
+    )
+    for t in trials:
+        if t.lineage_agrees is False:
+            print(f"[metaopt] warning: trial {t.trial_id}: schedule from Tune's PBT log {lineage.describe(t.schedule)} "
+                  f"differs from the one its checkpoints carried {lineage.describe(t.carried_schedule)}", flush=True)
+    log_summary(parent, summary, exp)
+    failed = any(r.error for r in results)
+    parent.finish("FAILED" if failed else "FINISHED")
+    print(format_table(summary), flush=True)
+    print(f"[metaopt] done in {summary.wall_seconds:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+    if best:
+        print(f"[metaopt] best trial {best.trial_id}: {metric}={best.final_metric:.4f}; schedule {lineage.describe(best.schedule)}")
+        print(f"[metaopt] replay it: metaopt replay {parent.run_id} --tracking-uri {exp.tracking.uri}")
+    return summary
+
+
+def summarise_trials(results, section, metric: str, mode: str, experiment_path: Path) -> list[TrialSummary]:
+    """Per final trial: scores, lineage schedule from the PBT log and from its own checkpoint."""
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        metrics = result.metrics or {}
+        if frame is None or frame.empty:
+            continue
+        # PBT names trials by their original tag; Tune appends "@perturbed[...]" after each exploit.
+        tag = str(metrics.get("experiment_tag", "")).split("@")[0]
+        first_lr = float(frame["lr"].iloc[0])
+        finite = [v for v in frame[metric] if isinstance(v, (int, float)) and math.isfinite(v)]
+        rows.append(
+            TrialSummary(
+                trial_id=str(metrics.get("trial_id")),
+                tag=tag,
+                final_metric=float(metrics.get(metric, math.nan)),
+                best_metric=(max if mode == "max" else min)(finite) if finite else math.nan,
+                final_lr=float(metrics.get("lr", math.nan)),
+                iterations=int(metrics.get("training_iteration", 0)),
+                diverged=bool(metrics.get("diverged", 0)),
+                schedule=[(0, first_lr)],
+                carried_schedule=carried_history(result),
+                curve=(list(frame["step"].astype(int)), [float(v) for v in frame[metric]]),
+                reported=[(int(i), float(lr)) for i, lr in zip(frame["training_iteration"], frame["lr"])],
+            )
+        )
+    if section.scheduler in ("pbt", "pb2"):
+        events = lineage.read_pbt_global(experiment_path / "pbt_global.txt")
+        events = lineage.resume_iterations(events, {row.tag: row.reported for row in rows})
+        initial = {row.tag: row.schedule[0][1] for row in rows}
+        schedules = lineage.replay_events(initial, events, section.steps_per_iteration)
+        for row in rows:
+            row.schedule = schedules[row.tag]
+    return rows
+
+
+def carried_history(result) -> lineage.Segments | None:
+    """The lineage history the trial carried through its checkpoints (independent of Tune's log)."""
+    if result.checkpoint is None:
+        return None
+    path = Path(result.checkpoint.path) / STATE_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    return [(int(s), float(lr)) for s, lr in state["lr_history"]]
+
+
+def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
+    scored = [t for t in trials if not t.diverged and math.isfinite(t.final_metric)]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda t: t.final_metric)
+
+
+def schedules_payload(summary: SweepSummary, exp: Experiment) -> dict[str, Any]:
+    """What ``metaopt replay`` needs: the experiment, and per trial its schedule and final score."""
+    section = exp.section
+    return {
+        "experiment": exp.to_dict(),
+        "metric": summary.metric,
+        "mode": summary.mode,
+        "steps_per_iteration": section.steps_per_iteration,
+        "total_steps": section.iterations * section.steps_per_iteration,
+        "best_trial": summary.best_trial,
+        "parent_run_id": summary.parent_run_id,
+        "trials": {
+            t.trial_id: {
+                "tag": t.tag,
+                "schedule": t.schedule,
+                "carried_schedule": t.carried_schedule,
+                "final_metric": t.final_metric,
+                "diverged": t.diverged,
+            }
+            for t in summary.trials
+        },
+    }
+
+
+def log_summary(parent: tracking.ParentRun, summary: SweepSummary, exp: Experiment) -> None:
+    section = exp.section
+    total_steps = section.iterations * section.steps_per_iteration
+    parent.log_json(SCHEDULES_ARTIFACT, schedules_payload(summary, exp))
+    schedules = {t.trial_id: t.schedule for t in summary.trials}
+    parent.log_figure(
+        plots.plot_schedules(schedules, summary.best_trial, total_steps, f"{exp.name}: lr along each lineage"),
+        "schedules.png",
+    )
+    curves = {t.trial_id: t.curve for t in summary.trials}
+    parent.log_figure(
+        plots.plot_learning_curves(curves, summary.metric, summary.best_trial, f"{exp.name}: {summary.metric}"),
+        "learning_curves.png",
+    )
+    best = summary.best()
+    parent.log_metrics(
+        {
+            f"best_{summary.metric}": best.final_metric if best else math.nan,
+            "diverged_trials": sum(t.diverged for t in summary.trials),
+            "lineage_mismatches": sum(t.lineage_agrees is False for t in summary.trials),
+            "wall_seconds": summary.wall_seconds,
+        }
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "summary.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["trial_id", summary.metric, f"best_{summary.metric}", "final_lr", "iterations", "diverged", "schedule"])
+            for t in summary.trials:
+                writer.writerow([t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.iterations, t.diverged, lineage.describe(t.schedule)])
+        parent.log_file(path)
+
+
+def format_table(summary: SweepSummary) -> str:
+    """The end-of-sweep table: one line per trial, best marked."""
+    header = f"{'trial':<14}{summary.metric:>16}{'best':>10}{'final lr':>11}{'iters':>7}  status    schedule (step:lr)"
+    lines = [header, "-" * len(header)]
+    ordered = sorted(summary.trials, key=lambda t: (t.diverged, -t.final_metric if summary.mode == "max" else t.final_metric))
+    for t in ordered:
+        status = "diverged" if t.diverged else ("BEST" if t.trial_id == summary.best_trial else "ok")
+        lines.append(
+            f"{t.trial_id:<14}{t.final_metric:>16.4f}{t.best_metric:>10.4f}{t.final_lr:>11.3g}{t.iterations:>7}  "
+            f"{status:<9} {lineage.describe(t.schedule)}"
+        )
+    return "\n".join(lines)

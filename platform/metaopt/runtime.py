@@ -1,0 +1,74 @@
+"""Ray at the edge: the same experiment runs on an embedded local Ray or on a cluster.
+
+Address resolution: ``--address`` on the command line, else ``ray.address`` in the file, else the
+``RAY_ADDRESS`` environment variable (set by Ray Jobs when the experiment was submitted), else a local
+embedded Ray sized by ``ray.num_cpus``/``ray.num_gpus``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+from metaopt.config import RayConfig
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float
+    gpus: float
+    nodes: int
+    address: str
+
+    def describe(self) -> str:
+        return f"Ray at {self.address}: {self.nodes} node(s), {self.cpus:g} CPU, {self.gpus:g} GPU"
+
+
+def resolve_address(cli_address: str | None, config: RayConfig) -> str | None:
+    for candidate in (cli_address, config.address, os.environ.get("RAY_ADDRESS")):
+        if candidate and candidate != "local":
+            return candidate
+    return None
+
+
+def init(config: RayConfig, cli_address: str | None = None) -> Resources:
+    """Connect to (or start) Ray once per process and report what it offers."""
+    address = resolve_address(cli_address, config)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=config.num_cpus,
+                num_gpus=config.num_gpus,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+    total = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return Resources(
+        cpus=float(total.get("CPU", 0)),
+        gpus=float(total.get("GPU", 0)),
+        nodes=nodes,
+        address=address or "local",
+    )
+
+
+def trial_resources(config: RayConfig, available: Resources) -> dict[str, float]:
+    """Per-trial resource request; asking for GPUs the cluster does not have is an error, not a hang."""
+    from metaopt.errors import ConfigError
+
+    if config.gpus_per_trial > 0 and available.gpus == 0:
+        raise ConfigError(
+            "ray.gpus_per_trial",
+            f"{config.gpus_per_trial:g} GPU(s) per trial requested but the Ray cluster has none "
+            "(set it to 0 for CPU, or submit to a GPU cluster)",
+        )
+    if config.cpus_per_trial > available.cpus:
+        raise ConfigError(
+            "ray.cpus_per_trial",
+            f"{config.cpus_per_trial:g} CPUs per trial requested but the cluster has {available.cpus:g}",
+        )
+    return {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}

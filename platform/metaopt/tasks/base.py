@@ -1,0 +1,41 @@
+"""The contract every learning problem meets, so any outer loop (PBT, replay, FL) can drive it.
+
+A task owns a model, its optimizer and its data. The outer loop only says *how many*
+optimizer steps to take and *which learning rate* each step uses (``lr_at(step)``, a
+schedule from :mod:`metaopt.optim.schedules`). The learning rate is written into the
+optimizer's state before every step (torch ``param_groups``), never captured in a
+closure, so an outer loop may change it at any time (see DESIGN.md, "Optimizer").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+Schedule = Callable[[int], float]
+
+
+@runtime_checkable
+class TrainingTask(Protocol):
+    """A learning problem with a resumable training state.
+
+    ``metric``/``mode`` name the score an outer loop optimises (e.g. ``val_accuracy``/``max``).
+    """
+
+    metric: str
+    mode: str
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (the x-axis of every learning-rate schedule)."""
+
+    def train(self, num_steps: int, lr_at: Schedule) -> dict[str, float]:
+        """Take ``num_steps`` optimizer steps, step ``s`` using ``lr_at(s)``; return metrics.
+
+        Metrics include ``self.metric`` and ``loss``; a non-finite loss is reported, not raised.
+        """
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit: weights, optimizer state, step, RNG."""
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state`. Learning rates come from the caller's ``lr_at``, not the state."""

@@ -1,0 +1,154 @@
+"""A torch MLP classifier on scikit-learn's 8x8 digits (1,797 images shipped inside scikit-learn).
+
+Small enough that a population trains on 2 CPUs in seconds, real enough that the learning rate matters:
+too small and it underfits within the budget, too large and SGD diverges. Splits are fixed by
+``split_seed`` so every trial and every replay sees the same train/validation/test images; the minibatch
+order comes from a torch generator that is part of the training state, so a run resumes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from metaopt.errors import ConfigError
+from metaopt.optim import build_optimizer, set_learning_rate
+from metaopt.tasks.base import Schedule
+
+
+@dataclass(frozen=True)
+class DigitsOptions:
+    hidden: tuple[int, ...] = (64,)
+    batch_size: int = 32
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], field: str = "pbt.task_options") -> "DigitsOptions":
+        allowed = cls.__dataclass_fields__
+        for key in options:
+            if key not in allowed:
+                raise ConfigError(f"{field}.{key}", f"unknown option for digits; allowed: {', '.join(allowed)}")
+        hidden = options.get("hidden", cls.hidden)
+        if isinstance(hidden, int):
+            hidden = (hidden,)
+        if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden):
+            raise ConfigError(f"{field}.hidden", f"must be a list of positive layer widths (got {hidden!r})")
+        parsed = cls(hidden=tuple(hidden), **{k: v for k, v in options.items() if k != "hidden"})
+        if not isinstance(parsed.batch_size, int) or parsed.batch_size < 1:
+            raise ConfigError(f"{field}.batch_size", f"must be an integer >= 1 (got {parsed.batch_size!r})")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(parsed, name)
+            if not isinstance(value, (int, float)) or not 0 < value < 0.5:
+                raise ConfigError(f"{field}.{name}", f"must be in (0, 0.5) (got {value!r})")
+        return parsed
+
+
+@functools.lru_cache(maxsize=4)
+def load_digits_splits(split_seed: int, val_fraction: float, test_fraction: float) -> dict[str, torch.Tensor]:
+    """Features scaled to [0, 1]; a stratification-free fixed permutation split into train/val/test."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.tensor(np.random.default_rng(split_seed).permutation(len(y)))
+    n_val, n_test = int(len(y) * val_fraction), int(len(y) * test_fraction)
+    val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+    return {"x_train": x[train], "y_train": y[train], "x_val": x[val], "y_val": y[val], "x_test": x[test], "y_test": y[test]}
+
+
+def build_mlp(in_features: int, hidden: tuple[int, ...], classes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+class DigitsTask:
+    """TrainingTask: MLP on digits; score = validation accuracy (higher is better)."""
+
+    metric = "val_accuracy"
+    mode = "max"
+
+    def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
+        self.options = DigitsOptions.parse(options)
+        self.data = load_digits_splits(self.options.split_seed, self.options.val_fraction, self.options.test_fraction)
+        torch.manual_seed(seed)
+        self.model = build_mlp(64, self.options.hidden, 10)
+        self.optimizer = build_optimizer(self.model.parameters(), optimizer)
+        self.batch_order = torch.Generator().manual_seed(seed)
+        self._step = 0
+        self._epoch_order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.data["y_train"])
+        if self._cursor + self.options.batch_size > len(self._epoch_order):
+            self._epoch_order = torch.randperm(n, generator=self.batch_order)
+            self._cursor = 0
+        idx = self._epoch_order[self._cursor : self._cursor + self.options.batch_size]
+        self._cursor += self.options.batch_size
+        return self.data["x_train"][idx], self.data["y_train"][idx]
+
+    def train(self, num_steps: int, lr_at: Schedule) -> dict[str, float]:
+        self.model.train()
+        total = 0.0
+        for _ in range(num_steps):
+            set_learning_rate(self.optimizer, lr_at(self._step))
+            x, y = self._next_batch()
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self._step += 1
+            total += loss.item()
+            if not math.isfinite(total):
+                break  # diverged: further steps only spread NaNs
+        metrics = {"loss": total / max(num_steps, 1), **self.evaluate("val")}
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        self.model.eval()
+        logits = self.model(self.data[f"x_{split}"])
+        y = self.data[f"y_{split}"]
+        return {
+            f"{split}_loss": nn.functional.cross_entropy(logits, y).item(),
+            f"{split}_accuracy": (logits.argmax(-1) == y).float().mean().item(),
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self._step,
+            "batch_order": self.batch_order.get_state(),
+            "epoch_order": self._epoch_order.clone(),
+            "cursor": self._cursor,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._step = int(state["step"])
+        self.batch_order.set_state(state["batch_order"])
+        self._epoch_order = state["epoch_order"].clone()
+        self._cursor = int(state["cursor"])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,388 @@
+"""RLlib PPO on a gymnasium environment (default ``CartPole-v1``) as a :class:`TrainingTask`.
+
+An outer loop (Ray Tune PBT) owns the learning rate; RLlib owns everything else.
+
+**What one step is.** For reinforcement learning a *step* of this task is one RLlib
+training iteration, i.e. one ``Algorithm.train()`` call: sample ``train_batch_size``
+environment steps, then run ``num_epochs`` passes of minibatch SGD over them. The
+x-axis of every learning-rate schedule given to :meth:`RLlibPPOTask.train` is therefore
+*training iterations*, not gradient updates or environment steps.
+
+**How the learning rate is set (RLlib new API stack).** The Learner's torch optimizers
+live in ``Learner._named_optimizers``; each was registered with an RLlib
+:class:`~ray.rllib.utils.schedules.scheduler.Scheduler` (built from ``config.lr``) in
+``Learner._optimizer_lr_schedules``. RLlib applies that scheduler's value in
+``Learner.after_gradient_based_update()``, i.e. *after* every update, which would put
+``config.lr`` back into the optimizer. So before each iteration, on every Learner (via
+``LearnerGroup.foreach_learner``, which also reaches remote Learners), we write the new
+rate into every optimizer's ``param_groups`` *and* replace its scheduler by a fixed-value
+``Scheduler`` holding the same rate. The update uses our rate, RLlib's post-update hook
+re-applies our rate, and RLlib logs it as ``default_optimizer_learning_rate``.
+
+**Processes.** By default everything runs in the calling process (``num_learners=0``
+and ``num_env_runners=0``), which is what a Tune trial actor on a small machine wants:
+the task asks Ray for no extra actors or CPUs. Ray must be initialised by the caller
+(a Tune trial always is); if it is not, a local Ray without dashboard is started.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from metaopt.errors import ConfigError
+from metaopt.tasks.base import Schedule
+
+OPTIONS_FIELD = "pbt.task_options"
+OPTIMIZER_FIELD = "pbt.optimizer"
+OPTIMIZER_NAMES = ("adam", "adamw")
+STATE_FORMAT = 1
+
+# RLlib needs *a* learning rate to build its optimizers; every train() call overwrites
+# it with lr_at(step) before the first update, so this value is never trained with.
+_BUILD_LR = 3e-4
+# Options that define the network and the data; a state saved under different values
+# cannot be loaded (the weights would not fit or would mean something else).
+_STATE_DEFINING_OPTIONS = ("env", "fcnet_hiddens")
+# Classic-control ids shown when an env id is unknown and nothing looks similar.
+_EXAMPLE_ENVS = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "LunarLander-v3")
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class PPOOptions:
+    """The PPO/environment settings an experiment file may choose (``pbt.task_options``)."""
+
+    env: str = "CartPole-v1"
+    num_env_runners: int = 0
+    train_batch_size: int = 1000
+    minibatch_size: int = 128
+    num_epochs: int = 6
+    fcnet_hiddens: tuple[int, ...] = (64, 64)
+    gamma: float = 0.99
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any], field: str = OPTIONS_FIELD) -> "PPOOptions":
+        """Validated options; anything unknown or out of range is a ConfigError naming ``field.key``."""
+        if not isinstance(options, Mapping):
+            raise ConfigError(field, f"must be a mapping of options, got {type(options).__name__}")
+        allowed = cls.__dataclass_fields__
+        for key in options:
+            if key not in allowed:
+                raise ConfigError(f"{field}.{key}", f"unknown option for RLlib PPO; allowed: {', '.join(allowed)}")
+        defaults = cls()
+        get = lambda key: options.get(key, getattr(defaults, key))  # noqa: E731 - tiny local helper
+        parsed = cls(
+            env=_check_env(f"{field}.env", get("env")),
+            num_env_runners=_check_int(f"{field}.num_env_runners", get("num_env_runners"), low=0),
+            train_batch_size=_check_int(f"{field}.train_batch_size", get("train_batch_size"), low=1),
+            minibatch_size=_check_int(f"{field}.minibatch_size", get("minibatch_size"), low=1),
+            num_epochs=_check_int(f"{field}.num_epochs", get("num_epochs"), low=1),
+            fcnet_hiddens=_check_hiddens(f"{field}.fcnet_hiddens", get("fcnet_hiddens")),
+            gamma=_check_gamma(f"{field}.gamma", get("gamma")),
+        )
+        if parsed.minibatch_size > parsed.train_batch_size:
+            raise ConfigError(
+                f"{field}.minibatch_size",
+                f"must be <= train_batch_size ({parsed.train_batch_size}), got {parsed.minibatch_size}",
+            )
+        return parsed
+
+
+def _check_int(field: str, value: Any, low: int) -> int:
+    """``value`` if it is an integer >= ``low`` (bools are rejected: ``True`` is not a size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(field, f"must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_gamma(field: str, value: Any) -> float:
+    """The discount factor as a float in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ConfigError(field, f"must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_hiddens(field: str, value: Any) -> tuple[int, ...]:
+    """Hidden layer widths as a non-empty tuple of positive ints (a single int means one layer)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    ok = isinstance(value, (list, tuple)) and len(value) > 0
+    if not ok or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
+        raise ConfigError(field, f"must be a non-empty list of positive layer widths, got {value!r}")
+    return tuple(value)
+
+
+def _check_env(field: str, value: Any) -> str:
+    """A gymnasium env id that is registered and can be built here (its dependencies installed)."""
+    import gymnasium
+
+    if not isinstance(value, str) or value not in gymnasium.envs.registry:
+        known = list(gymnasium.envs.registry)
+        close = difflib.get_close_matches(str(value), known, n=3, cutoff=0.6)
+        examples = close or [env for env in _EXAMPLE_ENVS if env in gymnasium.envs.registry]
+        raise ConfigError(field, f"unknown gymnasium env id {value!r}; valid ids include {', '.join(examples)}")
+    try:
+        # Building once here turns a missing extra (box2d, mujoco) into a one-line error
+        # now instead of a stack trace from inside RLlib's EnvRunner later.
+        gymnasium.make(value).close()
+    except gymnasium.error.Error as err:
+        raise ConfigError(field, f"gymnasium cannot build {value!r}: {err}") from None
+    return value
+
+
+def check_optimizer(optimizer: Any, field: str = OPTIMIZER_FIELD) -> str:
+    """The optimizer name; only RLlib's own Adam is possible, so only ``name`` may be given.
+
+    RLlib PPO builds its optimizer inside the Learner (``torch.optim.Adam``); we control
+    only its learning rate. ``adamw`` is accepted as a name so one optimizer spec can be
+    shared with other tasks, but it trains with that same Adam (no decoupled weight decay).
+    A missing ``name`` means ``adam``.
+    """
+    why = "RLlib PPO trains with RLlib's own torch Adam, of which only the learning rate is controlled"
+    if not isinstance(optimizer, Mapping):
+        raise ConfigError(field, f"must be a mapping like {{'name': 'adam'}}, got {type(optimizer).__name__}")
+    for key in optimizer:
+        if key != "name":
+            raise ConfigError(f"{field}.{key}", f"not supported: {why}; only 'name' may be set")
+    name = optimizer.get("name", "adam")
+    if name not in OPTIMIZER_NAMES:
+        raise ConfigError(f"{field}.name", f"must be one of {', '.join(OPTIMIZER_NAMES)} ({why}), got {name!r}")
+    return name
+
+
+# ------------------------------------------------------------------ RLlib plumbing
+
+
+def build_ppo_config(options: PPOOptions, seed: int):
+    """The PPOConfig (new API stack) for these options, with the Learner in this process."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    return (
+        PPOConfig()
+        .environment(options.env)
+        # 0 remote EnvRunners: sample in the local process (no extra actors inside a Tune trial).
+        .env_runners(num_env_runners=options.num_env_runners)
+        # 0 remote Learners: the Learner and its optimizer live here, so setting the lr is a local call.
+        .learners(num_learners=0)
+        .training(
+            lr=_BUILD_LR,
+            train_batch_size_per_learner=options.train_batch_size,
+            minibatch_size=options.minibatch_size,
+            num_epochs=options.num_epochs,
+            gamma=options.gamma,
+        )
+        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(options.fcnet_hiddens)))
+        .debugging(seed=seed)
+    )
+
+
+def _set_learner_lr(learner: Any, lr: float) -> None:
+    """Runs on every Learner: use ``lr`` for the next update and keep RLlib from reverting it.
+
+    Writing only ``param_groups`` would last one update: ``after_gradient_based_update``
+    re-applies the registered Scheduler's value (``config.lr``). A fixed-value Scheduler
+    holding ``lr`` makes that hook re-apply our rate instead.
+    """
+    from ray.rllib.utils.schedules.scheduler import Scheduler
+
+    for optimizer in learner._named_optimizers.values():
+        learner._optimizer_lr_schedules[optimizer] = Scheduler(fixed_value_or_schedule=lr)
+        learner._set_optimizer_lr(optimizer, lr)
+
+
+def _read_learner_lrs(learner: Any) -> dict[str, float]:
+    """Runs on every Learner: the rate each optimizer will use (its first ``param_group``)."""
+    return {name: float(learner._get_optimizer_lr(opt)) for name, opt in learner._named_optimizers.items()}
+
+
+def _reset_weights_seq_no(component: Any) -> None:
+    """Runs on every Learner and EnvRunner: forget which weights version it holds.
+
+    RLlib ignores incoming weights whose ``weights_seq_no`` is not newer than the one it
+    holds. A PBT exploit restores an *older* state (fewer updates) into a trial that has
+    trained longer, so without this reset the Learner and EnvRunners keep their own weights.
+    """
+    component._weights_seq_no = 0
+
+
+def _gather(results: Any) -> list[Any]:
+    """Values of a ``foreach_learner`` call; a failure on any Learner is raised here."""
+    values = []
+    for call in results:
+        if not call.ok:
+            raise call.get()
+        values.append(call.get())
+    return values
+
+
+def _ensure_ray() -> None:
+    """Start a small local Ray only if the caller has not (a Tune trial always has)."""
+    import ray
+
+    if not ray.is_initialized():
+        # RLlib would otherwise auto-start a full local Ray, dashboard included.
+        ray.init(include_dashboard=False)
+
+
+def _as_float(value: Any) -> float:
+    """A metric as a float; missing or non-numeric values (no episode finished yet) become NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def metrics_from_result(result: Mapping[str, Any]) -> dict[str, float]:
+    """The flat float metrics of one ``Algorithm.train()`` result (new API stack layout)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    runners = result.get("env_runners", {})
+    learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
+    return {
+        "episode_return_mean": _as_float(runners.get("episode_return_mean")),
+        "episode_len_mean": _as_float(runners.get("episode_len_mean")),
+        "loss": _as_float(learner.get("total_loss")),
+        "policy_loss": _as_float(learner.get("policy_loss")),
+        "vf_loss": _as_float(learner.get("vf_loss")),
+        "entropy": _as_float(learner.get("entropy")),
+        # What the Learner reports having used, i.e. our rate unless something overrode it.
+        "lr": _as_float(learner.get("default_optimizer_learning_rate")),
+        "num_env_steps_sampled_lifetime": _as_float(
+            result.get("num_env_steps_sampled_lifetime", runners.get("num_env_steps_sampled_lifetime"))
+        ),
+        "training_iteration": _as_float(result.get("training_iteration")),
+    }
+
+
+_EMPTY_METRICS = dict.fromkeys(
+    ("episode_return_mean", "episode_len_mean", "loss", "policy_loss", "vf_loss", "entropy", "lr",
+     "num_env_steps_sampled_lifetime", "training_iteration"),
+    math.nan,
+)
+
+
+# ----------------------------------------------------------------------------- task
+
+
+class RLlibPPOTask:
+    """TrainingTask: RLlib PPO; score = mean episode return (higher is better).
+
+    One step = one ``Algorithm.train()`` iteration (see the module docstring). ``options``
+    are :class:`PPOOptions`, ``optimizer`` is ``{"name": "adam"}`` (see
+    :func:`check_optimizer`), ``seed`` seeds RLlib (envs, torch). Call :meth:`close`
+    (or use ``with``) to stop the RLlib algorithm.
+    """
+
+    metric = "episode_return_mean"
+    mode = "max"
+
+    def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
+        # Validate everything before starting anything, so bad input costs no Ray start.
+        self.options = PPOOptions.parse(options)
+        self.optimizer_name = check_optimizer(optimizer)
+        self.seed = int(seed)
+        _ensure_ray()
+        self.algo = build_ppo_config(self.options, self.seed).build_algo()
+        self._step = 0
+        self._last_metrics: dict[str, float] = dict(_EMPTY_METRICS)
+
+    @property
+    def step(self) -> int:
+        """Training iterations taken so far (the x-axis of the learning-rate schedule)."""
+        return self._step
+
+    def train(self, num_steps: int, lr_at: Schedule) -> dict[str, float]:
+        """Run ``num_steps`` training iterations, iteration ``s`` with learning rate ``lr_at(s)``.
+
+        Returns the last iteration's metrics, except ``loss``, which is the mean PPO total
+        loss over this call's iterations (NaN if any was NaN: reported, not raised).
+        ``episode_return_mean`` is RLlib's moving mean over recent episodes (NaN until an
+        episode has finished).
+        """
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        losses = []
+        for _ in range(num_steps):
+            self.set_learning_rate(lr_at(self._step))
+            self._last_metrics = metrics_from_result(self.algo.train())
+            self._step += 1
+            losses.append(self._last_metrics["loss"])
+        metrics = dict(self._last_metrics)
+        if losses:
+            metrics["loss"] = sum(losses) / len(losses)
+        return metrics
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Make every Learner optimizer use ``lr`` from its next update on (until set again)."""
+        lr = float(lr)
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
+        _gather(self.algo.learner_group.foreach_learner(_set_learner_lr, lr=lr))
+
+    def learning_rates(self) -> list[float]:
+        """The rate every optimizer of every Learner currently holds (read back from torch)."""
+        return [lr for per_learner in _gather(self.algo.learner_group.foreach_learner(_read_learner_lrs))
+                for lr in per_learner.values()]
+
+    def weights(self) -> dict[str, Any]:
+        """The Learner's module weights (name -> numpy array) for the default module."""
+        from ray.rllib.core import DEFAULT_MODULE_ID
+
+        return self.algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+
+    def state(self) -> dict[str, Any]:
+        """Picklable state, loadable in another process into a task built with the same options.
+
+        Holds RLlib's full algorithm state (module weights, Adam moments, connector and
+        metrics state, counters) and our step counter. Not bit-for-bit: RLlib does not
+        save environment RNGs or episodes in progress.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "step": self._step,
+            "options": {key: asdict(self.options)[key] for key in _STATE_DEFINING_OPTIONS},
+            "algorithm": self.algo.get_state(),
+            "metrics": dict(self._last_metrics),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state` output. The learning rate comes from the next ``train`` call's ``lr_at``."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported RLlib PPO state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        mine = {key: asdict(self.options)[key] for key in _STATE_DEFINING_OPTIONS}
+        if dict(state["options"]) != mine:
+            raise ValueError(f"state was saved with options {state['options']}, this task has {mine}")
+        _gather(self.algo.learner_group.foreach_learner(_reset_weights_seq_no))
+        self.algo.env_runner_group.foreach_env_runner(_reset_weights_seq_no)
+        # set_state also pushes the restored weights to the EnvRunners.
+        self.algo.set_state(state["algorithm"])
+        self._step = int(state["step"])
+        self._last_metrics = dict(state.get("metrics", _EMPTY_METRICS))
+
+    def close(self) -> None:
+        """Stop the RLlib algorithm (its EnvRunners and Learners). Safe to call twice."""
+        algo, self.algo = getattr(self, "algo", None), None
+        if algo is None:
+            return
+        logdir = algo.logdir
+        algo.stop()
+        # Tune's Trainable base class makes an (unused) directory under ~/ray_results for
+        # every algorithm; remove it when it is still empty so trials leave no litter.
+        try:
+            os.rmdir(logdir)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "RLlibPPOTask":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,155 @@
+"""MLflow at the edge: one MLflow experiment per experiment name, a parent run per sweep, a child run per trial.
+
+The default store is ``sqlite:///mlflow.db`` in the working directory (no server needed); any
+``http://HOST:PORT`` tracking server works the same. Trial runs are written by a Tune callback in the
+driver, batched into one ``log_batch`` call per Tune result, so tracking costs one round-trip per iteration
+rather than one per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LENGTH = 6000
+
+
+def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent)."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        client.restore_experiment(found.experiment_id)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    return client, experiment_id
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'pbt': {'lr_min': 1e-4}} -> {'pbt.lr_min': 1e-4}``: MLflow params are flat key/value pairs."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def as_params(config: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
+
+
+def finite_metrics(result: dict[str, Any], step: int, timestamp_ms: int) -> list[Metric]:
+    """Numeric, finite entries of a result as MLflow metrics (MLflow rejects inf; NaN says nothing)."""
+    metrics = []
+    for key, value in flatten(result).items():
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            metrics.append(Metric(key.replace("/", "."), float(value), timestamp_ms, step))
+    return metrics
+
+
+class ParentRun:
+    """The sweep's run: resolved config as params, summary metrics, plots and result files as artifacts."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, run_name: str, config: dict[str, Any]):
+        self.client = client
+        run = client.create_run(experiment_id, run_name=run_name, tags={"metaopt.role": "sweep"})
+        self.run_id = run.info.run_id
+        self.experiment_id = experiment_id
+        client.log_batch(self.run_id, params=as_params(config))
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=finite_metrics(metrics, 0, now))
+
+    def log_json(self, name: str, payload: Any) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2, default=str))
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class MLflowTrialCallback(Callback):
+    """A child MLflow run per Tune trial under the sweep's parent run.
+
+    Params = the trial's initial config, flattened (PBT changes ``lr`` later; the lr actually used is a metric
+    every iteration, and the lineage schedule is an artifact of the parent). One ``log_batch`` per result.
+    """
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, extra_tags: dict | None = None):
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.extra_tags = extra_tags or {}
+        self.trial_runs: dict[str, str] = {}
+
+    def run_id_for(self, trial) -> str:
+        if trial.trial_id not in self.trial_runs:
+            tags = {PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "metaopt.role": "trial"}
+            run = self.client.create_run(self.experiment_id, run_name=str(trial), tags={**tags, **self.extra_tags})
+            self.trial_runs[trial.trial_id] = run.info.run_id
+            self.client.log_batch(run.info.run_id, params=as_params(trial.config))
+        return self.trial_runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("training_iteration", 0))
+        metrics = finite_metrics(_trial_metrics(result), step, int(time.time() * 1000))
+        self.client.log_batch(self.run_id_for(trial), metrics=metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
+
+    def _end(self, trial, status: str) -> None:
+        run_id = self.run_id_for(trial)
+        diverged = bool((trial.last_result or {}).get("diverged"))
+        tags = [RunTag("metaopt.diverged", str(diverged).lower())]
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, status=status)
+
+
+_RESULT_NOISE = {"config", "hostname", "node_ip", "pid", "date", "trial_id", "experiment_tag", "done", "timestamp"}
+
+
+def _trial_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in _RESULT_NOISE}
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """The trial runs of a sweep (used by replay and the tests)."""
+    return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def ui_command(uri: str) -> str:
+    """The command a user types to look at the runs."""
+    if uri.startswith("http"):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
