@@ -178,7 +178,7 @@ def progress_rows(trial_path: str):
     path = Path(trial_path) / "progress.csv"
     if not path.exists():
         return None
-    return pd.read_csv(path, float_precision="round_trip")
+    return pd.read_csv(path)
 
 
 def carried_history(result) -> lineage.Segments | None:

@@ -53,7 +53,7 @@ class LRTrainable(tune.Trainable):
         lr = float(self.config["lr"])
         self.lr_history = record_lr(self.lr_history, self.task.step, lr)
         metrics = self.task.train(self.section["steps_per_iteration"], lambda _step: lr)
-        self.diverged = not math.isfinite(metrics.get("loss", 0.0))
+        self.diverged = has_diverged(metrics.get("loss", 0.0), getattr(self.task, "divergence_loss", None))
         result = {**metrics, "lr": lr, "step": self.task.step, "diverged": int(self.diverged)}
         if self.diverged:
             # Worst possible score: PBT exploits this trial at its next boundary; fixed-LR baselines stop it.
@@ -88,6 +88,11 @@ class LRTrainable(tune.Trainable):
         close = getattr(self.task, "close", None)
         if close:
             close()
+
+
+def has_diverged(loss: float, divergence_loss: float | None) -> bool:
+    """NaN/inf loss, or a finite loss beyond the task's divergence threshold."""
+    return not math.isfinite(loss) or (divergence_loss is not None and loss > divergence_loss)
 
 
 def initial_lrs(section: PBTSection) -> Any:

@@ -23,6 +23,7 @@ class TrainingTask(Protocol):
 
     metric: str
     mode: str
+    divergence_loss: float | None  # a finite loss above this also counts as diverged (None: only NaN/inf)
 
     @property
     def step(self) -> int:

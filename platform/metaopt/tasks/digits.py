@@ -91,6 +91,8 @@ class DigitsTask:
         self._step = 0
         self._epoch_order = torch.empty(0, dtype=torch.long)
         self._cursor = 0
+        # Cross-entropy far above its value at initialisation means SGD blew up even if it stayed finite.
+        self.divergence_loss = 10.0 * self.evaluate("val")["val_loss"]
 
     @property
     def step(self) -> int:

@@ -1,0 +1,82 @@
+"""Shared fixtures: one local Ray per test session, a real MLflow server on 127.0.0.1, tiny experiments."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for every test that needs it (Ray start-up costs seconds; do it once)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 with its own sqlite store and artifact root."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'store.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), cwd=root,
+        env={**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": "*"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+    else:
+        process.kill()
+        raise RuntimeError("mlflow server did not answer /health within 90 s")
+    yield uri
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Load experiments/quickstart_tiny.yaml with overrides, storing Tune results and MLflow under tmp_path."""
+    from metaopt import config
+
+    def load(*overrides: str, uri: str | None = None, name: str | None = None):
+        base = [f"ray.storage_path={tmp_path / 'ray_results'}",
+                f"tracking.uri={uri or 'sqlite:///' + str(tmp_path / 'mlflow.db')}"]
+        if name:
+            base.append(f"name={name}")
+        return config.load(EXPERIMENTS / "quickstart_tiny.yaml", [*base, *overrides])
+
+    return load

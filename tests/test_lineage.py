@@ -1,0 +1,84 @@
+"""Lineage schedule reconstruction from PBT exploit events: pure functions, hand-checked scenarios."""
+
+import json
+
+import pytest
+
+from metaopt.optim import piecewise_constant
+from metaopt.pbt import lineage
+from metaopt.pbt.lineage import ExploitEvent
+
+
+def event(target, clone, new_lr, resumed=None, target_iter=0, clone_iter=0):
+    return ExploitEvent(target, clone, target_iter, clone_iter, {"lr": new_lr}, resumed_iteration=resumed)
+
+
+def test_record_lr_appends_changes_and_replaces_same_step():
+    history = lineage.record_lr([], 0, 0.1)
+    assert history == [(0, 0.1)]
+    assert lineage.record_lr(history, 50, 0.1) == [(0, 0.1)]  # unchanged lr is not repeated
+    history = lineage.record_lr(history, 100, 0.2)
+    assert history == [(0, 0.1), (100, 0.2)]
+    assert lineage.record_lr(history, 100, 0.3) == [(0, 0.1), (100, 0.3)]  # same step: replaced
+    # restoring an older checkpoint drops what came after it
+    assert lineage.record_lr([(0, 0.1), (100, 0.2), (200, 0.4)], 150, 0.5) == [(0, 0.1), (100, 0.2), (150, 0.5)]
+
+
+def test_chain_of_exploits_follows_the_lineage():
+    # B copies A at iteration 4 (lr 0.12); later A copies B at iteration 8 (lr 0.15): A's model was trained
+    # by A (0.1) for 4 iterations, then by B with 0.12, then by A with 0.15.
+    events = [event("B", "A", 0.12, resumed=4), event("A", "B", 0.15, resumed=8)]
+    schedules = lineage.replay_events({"A": 0.1, "B": 0.01}, events, steps_per_iteration=100)
+    assert schedules["B"] == [(0, 0.1), (400, 0.12)]
+    assert schedules["A"] == [(0, 0.1), (400, 0.12), (800, 0.15)]
+
+
+def test_exploit_of_an_older_checkpoint_cuts_the_clone_history():
+    # C copies A at iteration 4 although A has moved on and changed lr at iteration 6 since.
+    events = [event("A", "B", 0.3, resumed=6), event("C", "A", 0.05, resumed=4)]
+    schedules = lineage.replay_events({"A": 0.1, "B": 0.2, "C": 0.9}, events, steps_per_iteration=10)
+    assert schedules["A"] == [(0, 0.2), (60, 0.3)]
+    assert schedules["C"] == [(0, 0.2), (40, 0.05)]
+
+
+def test_unknown_clone_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown trial 'Z'"):
+        lineage.replay_events({"A": 0.1}, [event("A", "Z", 0.2, resumed=1)], 10)
+
+
+def test_resume_iterations_reads_restore_point_from_target_rows():
+    # T reports 1..8 with lr 0.01, then restarts at iteration 5 with the exploit's lr 0.02 (checkpoint 4).
+    rows = {"T": [(i, 0.01) for i in range(1, 9)] + [(i, 0.02) for i in range(5, 11)], "S": [(1, 0.5)]}
+    (resolved,) = lineage.resume_iterations([event("T", "S", 0.02, target_iter=7, clone_iter=8)], rows)
+    assert resolved.resumed_iteration == 4
+
+
+def test_resume_iterations_needs_a_row_with_the_new_lr():
+    with pytest.raises(ValueError, match="never reported"):
+        lineage.resume_iterations([event("T", "S", 0.7)], {"T": [(1, 0.01)], "S": [(1, 0.5)]})
+
+
+def test_read_pbt_global_parses_tune_lines(tmp_path):
+    path = tmp_path / "pbt_global.txt"
+    path.write_text(json.dumps(["1_lr=0.1", "0_lr=0.2", 7, 8, {"lr": 0.2}, {"lr": 0.24}]) + "\n\n")
+    (parsed,) = lineage.read_pbt_global(path)
+    assert (parsed.target, parsed.clone, parsed.target_iteration, parsed.clone_iteration) == ("1_lr=0.1", "0_lr=0.2", 7, 8)
+    assert parsed.new_config["lr"] == 0.24
+    assert lineage.read_pbt_global(tmp_path / "absent.txt") == []
+    path.write_text("not json\n")
+    with pytest.raises(ValueError, match="line 1"):
+        lineage.read_pbt_global(path)
+
+
+def test_dense_view_matches_the_replay_schedule():
+    history = [(0, 0.1), (30, 0.2), (75, 0.05)]
+    dense = lineage.lr_at_steps(history, 100)
+    schedule = piecewise_constant(history)
+    assert dense == [schedule(s) for s in range(100)]
+    assert lineage.describe(history) == "0:0.1 -> 30:0.2 -> 75:0.05"
+
+
+def test_same_schedule_tolerates_csv_round_trip_only():
+    assert lineage.same_schedule([(0, 0.1), (5, 0.3)], [(0, 0.1 + 1e-17), (5, 0.3)])
+    assert not lineage.same_schedule([(0, 0.1), (5, 0.3)], [(0, 0.1), (6, 0.3)])
+    assert not lineage.same_schedule([(0, 0.1)], [(0, 0.1001)])
