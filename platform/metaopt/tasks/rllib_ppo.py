@@ -76,16 +76,15 @@ class PPOOptions:
         for key in options:
             if key not in allowed:
                 raise ConfigError(f"{field}.{key}", f"unknown option for RLlib PPO; allowed: {', '.join(allowed)}")
-        defaults = cls()
-        get = lambda key: options.get(key, getattr(defaults, key))  # noqa: E731 - tiny local helper
+        given = {**asdict(cls()), **options}
         parsed = cls(
-            env=_check_env(f"{field}.env", get("env")),
-            num_env_runners=_check_int(f"{field}.num_env_runners", get("num_env_runners"), low=0),
-            train_batch_size=_check_int(f"{field}.train_batch_size", get("train_batch_size"), low=1),
-            minibatch_size=_check_int(f"{field}.minibatch_size", get("minibatch_size"), low=1),
-            num_epochs=_check_int(f"{field}.num_epochs", get("num_epochs"), low=1),
-            fcnet_hiddens=_check_hiddens(f"{field}.fcnet_hiddens", get("fcnet_hiddens")),
-            gamma=_check_gamma(f"{field}.gamma", get("gamma")),
+            env=_check_env(f"{field}.env", given["env"]),
+            num_env_runners=_check_int(f"{field}.num_env_runners", given["num_env_runners"], low=0),
+            train_batch_size=_check_int(f"{field}.train_batch_size", given["train_batch_size"], low=1),
+            minibatch_size=_check_int(f"{field}.minibatch_size", given["minibatch_size"], low=1),
+            num_epochs=_check_int(f"{field}.num_epochs", given["num_epochs"], low=1),
+            fcnet_hiddens=_check_hiddens(f"{field}.fcnet_hiddens", given["fcnet_hiddens"]),
+            gamma=_check_gamma(f"{field}.gamma", given["gamma"]),
         )
         if parsed.minibatch_size > parsed.train_batch_size:
             raise ConfigError(
@@ -241,7 +240,11 @@ def _as_float(value: Any) -> float:
 
 
 def metrics_from_result(result: Mapping[str, Any]) -> dict[str, float]:
-    """The flat float metrics of one ``Algorithm.train()`` result (new API stack layout)."""
+    """The flat float metrics of one ``Algorithm.train()`` result (new API stack layout).
+
+    Deliberately no ``training_iteration``: a Tune trainable passing these metrics on would
+    override Tune's own iteration counter, which PBT uses as its clock.
+    """
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     runners = result.get("env_runners", {})
@@ -258,13 +261,12 @@ def metrics_from_result(result: Mapping[str, Any]) -> dict[str, float]:
         "num_env_steps_sampled_lifetime": _as_float(
             result.get("num_env_steps_sampled_lifetime", runners.get("num_env_steps_sampled_lifetime"))
         ),
-        "training_iteration": _as_float(result.get("training_iteration")),
     }
 
 
 _EMPTY_METRICS = dict.fromkeys(
     ("episode_return_mean", "episode_len_mean", "loss", "policy_loss", "vf_loss", "entropy", "lr",
-     "num_env_steps_sampled_lifetime", "training_iteration"),
+     "num_env_steps_sampled_lifetime"),
     math.nan,
 )
 
@@ -283,6 +285,9 @@ class RLlibPPOTask:
 
     metric = "episode_return_mean"
     mode = "max"
+    # Only a NaN/inf loss counts as diverged: PPO's total loss includes the value loss,
+    # which grows with the returns as training *succeeds*, so no finite threshold fits.
+    divergence_loss: float | None = None
 
     def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
         # Validate everything before starting anything, so bad input costs no Ray start.
@@ -329,8 +334,8 @@ class RLlibPPOTask:
 
     def learning_rates(self) -> list[float]:
         """The rate every optimizer of every Learner currently holds (read back from torch)."""
-        return [lr for per_learner in _gather(self.algo.learner_group.foreach_learner(_read_learner_lrs))
-                for lr in per_learner.values()]
+        per_learner = _gather(self.algo.learner_group.foreach_learner(_read_learner_lrs))
+        return [lr for rates in per_learner for lr in rates.values()]
 
     def weights(self) -> dict[str, Any]:
         """The Learner's module weights (name -> numpy array) for the default module."""
@@ -348,7 +353,7 @@ class RLlibPPOTask:
         return {
             "format": STATE_FORMAT,
             "step": self._step,
-            "options": {key: asdict(self.options)[key] for key in _STATE_DEFINING_OPTIONS},
+            "options": self._state_defining_options(),
             "algorithm": self.algo.get_state(),
             "metrics": dict(self._last_metrics),
         }
@@ -357,7 +362,7 @@ class RLlibPPOTask:
         """Load :meth:`state` output. The learning rate comes from the next ``train`` call's ``lr_at``."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported RLlib PPO state format {state.get('format')!r}, expected {STATE_FORMAT}")
-        mine = {key: asdict(self.options)[key] for key in _STATE_DEFINING_OPTIONS}
+        mine = self._state_defining_options()
         if dict(state["options"]) != mine:
             raise ValueError(f"state was saved with options {state['options']}, this task has {mine}")
         _gather(self.algo.learner_group.foreach_learner(_reset_weights_seq_no))
@@ -366,6 +371,11 @@ class RLlibPPOTask:
         self.algo.set_state(state["algorithm"])
         self._step = int(state["step"])
         self._last_metrics = dict(state.get("metrics", _EMPTY_METRICS))
+
+    def _state_defining_options(self) -> dict[str, Any]:
+        """The options a saved state must share with this task to be loadable into it."""
+        options = asdict(self.options)
+        return {key: options[key] for key in _STATE_DEFINING_OPTIONS}
 
     def close(self) -> None:
         """Stop the RLlib algorithm (its EnvRunners and Learners). Safe to call twice."""
