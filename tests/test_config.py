@@ -4,7 +4,7 @@ Every malformed file goes through the real entry point (``metaopt.cli.main(["run
 exactly one stderr line ``metaopt: error: <field>: <problem and what is allowed>``, exit code 2, no stdout,
 and must never reach the runner (so no Ray starts here: ``config.runner_for`` is replaced by a tripwire).
 
-Cases marked ``xfail(strict=True)`` are real bugs in ``config.py`` / ``pbt/config.py`` that these tests expose;
+Every case is a malformed file or override that must end in one error line and exit 2;
 when one is fixed its test XPASSes, fails as strict, and the marker should be removed.
 """
 
@@ -149,7 +149,7 @@ MALFORMED = [
     ("mapping-for-description", mutate(description={"a": 1}), [], "description", ("must be a string", "dict")),
     ("int-for-uri", mutate(tracking__uri=5), [], "tracking.uri", ("valid string", "5")),
     ("perturbation-factors-not-a-list", mutate(pbt__perturbation_factors="up"), [], "pbt.perturbation_factors",
-     ("tuple", "'up'")),
+     ("pair", "'up'")),
     # out of range
     ("population-1", mutate(pbt__population=1), [], "pbt.population", ("greater than or equal to 2", "(got 1)")),
     ("population-too-big", mutate(pbt__population=5000), [], "pbt.population", ("less than or equal to 4096",)),
@@ -157,13 +157,13 @@ MALFORMED = [
     ("quantile-fraction-0.9", mutate(pbt__quantile_fraction=0.9), [], "pbt.quantile_fraction",
      ("less than or equal to 0.5", "0.9")),
     ("negative-lr-min", mutate(pbt__lr_min=-0.1), [], "pbt.lr_min", ("greater than 0", "-0.1")),
-    ("lr-min-not-below-lr-max", mutate(pbt__lr_min=0.5, pbt__lr_max=0.1), [], "pbt",
-     ("lr_min (0.5)", "smaller than lr_max (0.1)")),
-    ("perturbation-interval-over-iterations", mutate(pbt__perturbation_interval=5), [], "pbt",
-     ("perturbation_interval (5)", "<= iterations (4)")),
+    ("lr-min-not-below-lr-max", mutate(pbt__lr_min=0.5, pbt__lr_max=0.1), [], "pbt.lr_min",
+     ("smaller than lr_max", "lr_min 0.5, lr_max 0.1")),
+    ("perturbation-interval-over-iterations", mutate(pbt__perturbation_interval=5), [], "pbt.perturbation_interval",
+     ("<= iterations", "5 > 4")),
     ("resample-probability-1.5", mutate(pbt__resample_probability=1.5), [], "pbt.resample_probability",
      ("less than or equal to 1", "1.5")),
-    ("negative-perturbation-factor", mutate(pbt__perturbation_factors=[1.2, -0.8]), [], "pbt",
+    ("negative-perturbation-factor", mutate(pbt__perturbation_factors=[1.2, -0.8]), [], "pbt.perturbation_factors",
      ("perturbation_factors", "> 0")),
     ("cpus-per-trial-0", mutate(ray__cpus_per_trial=0), [], "ray.cpus_per_trial", ("greater than 0", "(got 0)")),
     ("gpus-per-trial-negative", mutate(ray__gpus_per_trial=-1), [], "ray.gpus_per_trial",
@@ -287,7 +287,7 @@ def test_config_error_text_is_the_cli_line(tmp_path, capsys, tripwire):
     assert err == f"metaopt: error: {caught.value}\n"
 
 
-# ------------------------------------------------------------------------------ bugs these tests expose (xfail)
+# ------------------------------------------------------------------- regressions: bugs these tests once exposed
 #
 # Each of these is a malformed file that either crashes with a traceback instead of exit 2, or is accepted
 # (and would only fail after Ray started, inside a trial), or gets a message that does not name the field.
@@ -295,83 +295,50 @@ def test_config_error_text_is_the_cli_line(tmp_path, capsys, tripwire):
 BUGS = [
     pytest.param(
         mutate(kind=["pbt"]), [], "kind", ("allowed: pbt",), id="kind-is-a-list",
-        marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-            "config.from_dict: `kind not in registry` with an unhashable kind raises TypeError "
-            "(unhashable type: 'list') -> traceback, not exit 2")),
     ),
     pytest.param(
         mutate(kind={"name": "pbt"}), [], "kind", ("allowed: pbt",), id="kind-is-a-mapping",
-        marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-            "config.from_dict: unhashable kind (dict) raises TypeError -> traceback, not exit 2")),
     ),
     pytest.param(
         b"\xff\xfe\x00name: t\nkind: pbt\n", [], PATH, ("UTF-8",), id="file-not-utf8",
-        marks=pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-            "config.read_yaml: path.read_text() on a non-UTF-8 file raises UnicodeDecodeError -> traceback")),
     ),
     pytest.param(
         mutate(pbt__lr_max=float("inf")), [], "pbt.lr_max", ("finite",), id="lr-max-infinite",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "PBTSection.lr_max accepts .inf (no allow_inf_nan=False / finite check); the file is accepted")),
     ),
     pytest.param(
         mutate(ray__cpus_per_trial=float("inf")), [], "ray.cpus_per_trial", ("finite",), id="cpus-per-trial-infinite",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "RayConfig.cpus_per_trial accepts .inf; the file is accepted")),
     ),
     pytest.param(
         mutate(pbt__steps_per_iteration=True, pbt__scheduler="random"), [], "pbt.steps_per_iteration", ("integer",),
         id="bool-for-int",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "pydantic lax mode turns `steps_per_iteration: true` into 1 (metaopt.optim rejects bools as sizes); "
-            "the file is accepted")),
     ),
     pytest.param(
         mutate(pbt__task_options={"batch_size": True}), [], "pbt.task_options.batch_size", ("integer >= 1",),
         id="digits-batch-size-bool",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "DigitsOptions.parse: isinstance(True, int) -> `batch_size: true` accepted as 1")),
     ),
     pytest.param(
         mutate(pbt__task_options={"split_seed": "abc"}), [], "pbt.task_options.split_seed", ("integer",),
         id="digits-split-seed-string",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "DigitsOptions.parse never checks split_seed; 'abc' is accepted and only fails in the trial "
-            "(np.random.default_rng('abc'))")),
     ),
     pytest.param(
         mutate(pbt__task_options={"split_seed": -1}), [], "pbt.task_options.split_seed", (">= 0",),
         id="digits-split-seed-negative",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "DigitsOptions.parse never checks split_seed; -1 is accepted and only fails in the trial "
-            "(default_rng rejects negative seeds)")),
     ),
     pytest.param(
         mutate(pbt__task="cartpole_rllib", pbt__task_options={"bogus": 1}, pbt__optimizer={"name": "adam"}), [],
         "pbt.task_options.bogus", ("unknown option", "allowed:"), id="rllib-unknown-task-option",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "PBTSection.check only validates task_options/optimizer when task == 'digits'; for cartpole_rllib "
-            "PPOOptions.parse is never called at load, so unknown options are accepted")),
     ),
     pytest.param(
         mutate(pbt__task="cartpole_rllib", pbt__task_options={}, pbt__optimizer={"name": "sgd", "momentum": 0.9}),
         [], "pbt.optimizer.momentum", ("not supported",), id="rllib-unsupported-optimizer",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "PBTSection.check never calls rllib_ppo.check_optimizer, so an SGD spec (unsupported by RLlib PPO) "
-            "is accepted for task cartpole_rllib")),
     ),
     pytest.param(
         "name: t\nkind: pbt\npbt:\n  population: 2\n  population: 3\n", [], PATH, ("duplicate", "population"),
         id="duplicate-key",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "yaml.safe_load silently keeps the last of duplicate keys; the file is accepted")),
     ),
     pytest.param(
         mutate(pbt__perturbation_factors=[1.2]), [], "pbt.perturbation_factors", ("pair",),
         id="perturbation-factors-one-value",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "message is 'pbt.perturbation_factors.1: Field required': names an index, says nothing of what is "
-            "allowed (a pair [up, down])")),
     ),
 ]
 
@@ -381,10 +348,6 @@ def test_malformed_experiment_bugs(tmp_path, capsys, tripwire, content, override
     test_malformed_experiment_is_one_error_line_and_exit_2(tmp_path, capsys, tripwire, content, overrides, field, hints)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cross-field checks (PBTSection._consistent) are reported as field 'pbt' with the whole pbt section "
-    "appended as '(got {...})', instead of naming pbt.lr_min / pbt.perturbation_interval / "
-    "pbt.perturbation_factors with only the offending values"))
 @pytest.mark.parametrize("changes, field", [
     ({"pbt__lr_min": 0.5, "pbt__lr_max": 0.1}, "pbt.lr_min"),
     ({"pbt__perturbation_interval": 5}, "pbt.perturbation_interval"),
@@ -396,9 +359,6 @@ def test_cross_field_errors_name_the_field_without_dumping_the_section(tmp_path,
     assert "(got {" not in line
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "config.apply_override: an empty section in the file (`pbt:` -> None) makes `--set pbt.population=8` fail "
-    "with 'pbt: is a NoneType, cannot set pbt.population', though the file alone is valid"))
 def test_set_into_an_empty_section(tmp_path):
     path = write_case(tmp_path, "name: t\nkind: pbt\nray:\npbt:\n")
     assert config.load(path).section.population == 4  # the file is valid on its own
@@ -407,10 +367,6 @@ def test_set_into_an_empty_section(tmp_path):
     assert exp.ray.num_cpus == 2
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "PyYAML (YAML 1.1) reads 1e-4 / 1e-8 (no dot) as strings; pydantic fields coerce them but the optimizer "
-    "spec (check_real) and DigitsOptions reject them: 'pbt.optimizer.weight_decay: must be a finite number "
-    "in [0, inf), got '1e-4''"))
 @pytest.mark.parametrize("text", [
     "optimizer: {name: adamw, weight_decay: 1e-4, eps: 1e-8}",
     "task_options: {val_fraction: 1e-1}",

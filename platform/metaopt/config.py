@@ -22,9 +22,19 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class StrictModel(BaseModel):
-    """A config block: unknown keys are errors, values are validated on assignment too."""
+    """A config block: unknown keys are errors, numbers must be finite, true/false is not a number."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, int | None):
+            raise ValueError(f"must be an integer, not {str(value).lower()}")
+        if isinstance(value, bool) and annotation in (float, float | None):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
 
 
 class RayConfig(StrictModel):
@@ -109,6 +119,40 @@ class Experiment(BaseModel):
         }
 
 
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class ExperimentLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except: ``1e-4`` is a float (not a string), duplicate keys are errors."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (list, dict)):
+                raise yaml.constructor.ConstructorError(None, None, "mapping keys must be plain values", key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+ExperimentLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in list("-+0123456789."):
+    ExperimentLoader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in ExperimentLoader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+    ]
+ExperimentLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ExperimentLoader)
+
+
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read, override and validate an experiment file. Raises ConfigError (one line) on any problem."""
     raw = read_yaml(path)
@@ -124,7 +168,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(str(path), "is a directory, expected an experiment .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(path), f"not a UTF-8 text file (byte {err.start}); expected an experiment .yaml file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -146,12 +192,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if any(not p for p in parts):
         raise ConfigError("--set", f"bad key {key!r}: use dotted names like pbt.population")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}  # an empty section in the file (``pbt:``) reads as null
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(".".join(parts[: i + 1]), f"is a {type(child).__name__}, cannot set {key}")
         node = child
@@ -169,7 +217,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Experiment:
     kind = raw.get("kind")
     if kind is None:
         raise ConfigError("kind", f"missing; allowed: {', '.join(sorted(registry))}")
-    if kind not in registry:
+    if not isinstance(kind, str) or kind not in registry:
         raise ConfigError("kind", f"unknown kind {kind!r}; allowed: {', '.join(sorted(registry))}")
     allowed = (*TOP_LEVEL_KEYS, kind)
     for key in raw:
@@ -222,6 +270,9 @@ def _first_error(prefix: str, model: type[BaseModel], err: ValidationError) -> C
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     field = ".".join([prefix, *loc])
+    original = first.get("ctx", {}).get("error")
+    if isinstance(original, ConfigError):  # a cross-field check that names its own field
+        return ConfigError(".".join([field, original.field]), original.problem)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, first["loc"][:-1])
         return ConfigError(field, f"unknown key; allowed: {', '.join(allowed)}")

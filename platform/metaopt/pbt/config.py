@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from metaopt.config import StrictModel, register_kind
+from metaopt.errors import ConfigError
 
 TASKS = ("digits", "cartpole_rllib")
 SCHEDULERS = ("pbt", "pb2", "random", "grid")
@@ -43,29 +44,40 @@ class PBTSection(StrictModel):
         default=None, ge=1, description="Iterations between checkpoints (default: perturbation_interval)."
     )
 
+    @field_validator("perturbation_factors", mode="before")
+    @classmethod
+    def _pair(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError("must be a pair of positive multipliers like [1.2, 0.8]")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "PBTSection":
         if self.lr_min >= self.lr_max:
-            raise ValueError(f"lr_min ({self.lr_min}) must be smaller than lr_max ({self.lr_max})")
+            raise ConfigError("lr_min", f"must be smaller than lr_max (got lr_min {self.lr_min}, lr_max {self.lr_max})")
         if self.scheduler in ("pbt", "pb2") and self.perturbation_interval > self.iterations:
-            raise ValueError(
-                f"perturbation_interval ({self.perturbation_interval}) must be <= iterations ({self.iterations}),"
-                " otherwise PBT never perturbs"
+            raise ConfigError(
+                "perturbation_interval",
+                f"must be <= iterations so PBT perturbs at all (got {self.perturbation_interval} > {self.iterations})",
             )
-        low, high = self.perturbation_factors
-        if not (high > 0 and low > 0):
-            raise ValueError("perturbation_factors must both be > 0")
+        if not all(f > 0 for f in self.perturbation_factors):
+            raise ConfigError("perturbation_factors", f"both must be > 0 (got {list(self.perturbation_factors)})")
         return self
 
     def check(self) -> None:
         """Validate the optimizer spec and the task's options with the code that will use them."""
-        from metaopt.optim import resolve_optimizer_spec
-
+        # Field names are relative to this section; config.from_dict prefixes "pbt.".
         if self.task == "digits":
+            from metaopt.optim import resolve_optimizer_spec
             from metaopt.tasks.digits import DigitsOptions
 
             DigitsOptions.parse(self.task_options, field="task_options")
             resolve_optimizer_spec(self.optimizer)
+        elif self.task == "cartpole_rllib":
+            from metaopt.tasks.rllib_ppo import PPOOptions, check_optimizer
+
+            PPOOptions.parse(self.task_options, field="task_options")
+            check_optimizer(self.optimizer, field="optimizer")
 
     @property
     def checkpoint_every(self) -> int:

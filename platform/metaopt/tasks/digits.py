@@ -42,11 +42,13 @@ class DigitsOptions:
         if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden):
             raise ConfigError(f"{field}.hidden", f"must be a list of positive layer widths (got {hidden!r})")
         parsed = cls(hidden=tuple(hidden), **{k: v for k, v in options.items() if k != "hidden"})
-        if not isinstance(parsed.batch_size, int) or parsed.batch_size < 1:
+        if not isinstance(parsed.split_seed, int) or isinstance(parsed.split_seed, bool) or parsed.split_seed < 0:
+            raise ConfigError(f"{field}.split_seed", f"must be an integer >= 0 (got {parsed.split_seed!r})")
+        if not isinstance(parsed.batch_size, int) or isinstance(parsed.batch_size, bool) or parsed.batch_size < 1:
             raise ConfigError(f"{field}.batch_size", f"must be an integer >= 1 (got {parsed.batch_size!r})")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(parsed, name)
-            if not isinstance(value, (int, float)) or not 0 < value < 0.5:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 0.5:
                 raise ConfigError(f"{field}.{name}", f"must be in (0, 0.5) (got {value!r})")
         return parsed
 
