@@ -3,9 +3,6 @@
 Every malformed file goes through the real entry point (``metaopt.cli.main(["run", FILE])``) and must give
 exactly one stderr line ``metaopt: error: <field>: <problem and what is allowed>``, exit code 2, no stdout,
 and must never reach the runner (so no Ray starts here: ``config.runner_for`` is replaced by a tripwire).
-
-Every case is a malformed file or override that must end in one error line and exit 2;
-when one is fixed its test XPASSes, fails as strict, and the marker should be removed.
 """
 
 from __future__ import annotations
