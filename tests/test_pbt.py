@@ -24,7 +24,7 @@ def mlflow_view(uri: str, summary: sweep.SweepSummary, experiment_name: str):
     return client, experiment, children
 
 
-def assert_tracked_sweep(uri: str, summary: sweep.SweepSummary, exp) -> None:
+def assert_tracked_sweep(uri: str, summary: sweep.SweepSummary, exp, metric: str = "val_accuracy") -> None:
     client, experiment, children = mlflow_view(uri, summary, exp.mlflow_experiment)
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -38,8 +38,8 @@ def assert_tracked_sweep(uri: str, summary: sweep.SweepSummary, exp) -> None:
     assert len(trial_runs) == exp.section.population
     for run in trial_runs:
         assert run.info.status == "FINISHED"
-        assert "exp.optimizer.name" in run.data.params
-        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert run.data.params["exp.optimizer.name"] == exp.section.optimizer["name"]
+        history = client.get_metric_history(run.info.run_id, metric)
         assert len(history) >= exp.section.iterations
 
 
@@ -121,12 +121,10 @@ def test_killed_trial_resumes_from_checkpoint_without_lost_iterations(ray_sessio
     # it reported 1..3, died, restarted from the iteration-2 checkpoint, redid 3 and went on to 6
     assert iterations[:3] == [1, 2, 3] and iterations[3:] == [3, 4, 5, 6], iterations
     # the final checkpoint holds exactly iterations x steps_per_iteration optimizer steps: nothing lost
-    final_state = sweep.carried_history
     assert victim.carried_schedule == [(0, victim.schedule[0][1])]
     state = _final_task_state(summary, victim_id)
     assert state["step"] == 6 * exp.section.steps_per_iteration
     assert math.isfinite(victim.final_metric) and victim.final_metric > 0.3
-    assert final_state  # noqa: the import is the point: carried_history is public API
 
 
 def _final_task_state(summary, trial_id: str):
@@ -135,3 +133,28 @@ def _final_task_state(summary, trial_id: str):
     trial_dir = next(p for p in Path(summary.experiment_path).iterdir() if trial_id in p.name)
     last = sorted(trial_dir.glob("checkpoint_*"))[-1]
     return torch.load(last / "trainable_state.pt", weights_only=False)["task"]
+
+
+def test_pb2_sweep_runs_and_rebuilds_schedules(ray_session, tiny):
+    exp = tiny("pbt.scheduler=pb2")
+    summary = sweep.run(exp, verbose=0)
+    assert len(summary.trials) == 2
+    assert all(t.iterations == exp.section.iterations and t.lineage_agrees for t in summary.trials)
+    for trial in summary.trials:
+        assert all(exp.section.lr_min <= lr <= exp.section.lr_max for _, lr in trial.schedule)
+
+
+def test_rllib_ppo_learning_rate_under_pbt(ray_session, tiny):
+    exp = tiny(
+        "pbt.task=cartpole_rllib", "pbt.optimizer={name: adam}", "pbt.steps_per_iteration=1",
+        "pbt.task_options={train_batch_size: 500, minibatch_size: 100, num_epochs: 4}",
+        "pbt.lr_min=0.0003", "pbt.lr_max=0.003", name="tiny-rllib",
+    )
+    summary = sweep.run(exp, verbose=0)
+    assert summary.metric == "episode_return_mean"
+    assert len(summary.trials) == 2
+    for trial in summary.trials:
+        assert trial.iterations == exp.section.iterations
+        assert trial.lineage_agrees, (trial.schedule, trial.carried_schedule)
+        assert math.isfinite(trial.final_metric) and trial.final_metric > 10  # CartPole episodes last >= ~10 steps
+    assert_tracked_sweep(exp.tracking.uri, summary, exp, metric="episode_return_mean")
