@@ -10,7 +10,7 @@ from metaopt.pbt.lineage import ExploitEvent
 
 
 def event(target, clone, new_lr, resumed=None, target_iter=0, clone_iter=0):
-    return ExploitEvent(target, clone, target_iter, clone_iter, {"lr": new_lr}, resumed_iteration=resumed)
+    return ExploitEvent(target, clone, target_iter, clone_iter, {"lr": new_lr}, resumed_step=resumed)
 
 
 def test_record_lr_appends_changes_and_replaces_same_step():
@@ -27,35 +27,43 @@ def test_record_lr_appends_changes_and_replaces_same_step():
 def test_chain_of_exploits_follows_the_lineage():
     # B copies A at iteration 4 (lr 0.12); later A copies B at iteration 8 (lr 0.15): A's model was trained
     # by A (0.1) for 4 iterations, then by B with 0.12, then by A with 0.15.
-    events = [event("B", "A", 0.12, resumed=4), event("A", "B", 0.15, resumed=8)]
-    schedules = lineage.replay_events({"A": 0.1, "B": 0.01}, events, steps_per_iteration=100)
+    events = [event("B", "A", 0.12, resumed=400), event("A", "B", 0.15, resumed=800)]
+    schedules = lineage.replay_events({"A": 0.1, "B": 0.01}, events)
     assert schedules["B"] == [(0, 0.1), (400, 0.12)]
     assert schedules["A"] == [(0, 0.1), (400, 0.12), (800, 0.15)]
 
 
 def test_exploit_of_an_older_checkpoint_cuts_the_clone_history():
-    # C copies A at iteration 4 although A has moved on and changed lr at iteration 6 since.
-    events = [event("A", "B", 0.3, resumed=6), event("C", "A", 0.05, resumed=4)]
-    schedules = lineage.replay_events({"A": 0.1, "B": 0.2, "C": 0.9}, events, steps_per_iteration=10)
+    # C copies A at step 40 although A has moved on and changed lr at step 60 since.
+    events = [event("A", "B", 0.3, resumed=60), event("C", "A", 0.05, resumed=40)]
+    schedules = lineage.replay_events({"A": 0.1, "B": 0.2, "C": 0.9}, events)
     assert schedules["A"] == [(0, 0.2), (60, 0.3)]
     assert schedules["C"] == [(0, 0.2), (40, 0.05)]
 
 
 def test_unknown_clone_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown trial 'Z'"):
-        lineage.replay_events({"A": 0.1}, [event("A", "Z", 0.2, resumed=1)], 10)
+        lineage.replay_events({"A": 0.1}, [event("A", "Z", 0.2, resumed=1)])
 
 
-def test_resume_iterations_reads_restore_point_from_target_rows():
-    # T reports 1..8 with lr 0.01, then restarts at iteration 5 with the exploit's lr 0.02 (checkpoint 4).
-    rows = {"T": [(i, 0.01) for i in range(1, 9)] + [(i, 0.02) for i in range(5, 11)], "S": [(1, 0.5)]}
-    (resolved,) = lineage.resume_iterations([event("T", "S", 0.02, target_iter=7, clone_iter=8)], rows)
-    assert resolved.resumed_iteration == 4
+def test_resume_steps_reads_restore_point_from_target_rows():
+    # T reports steps 10..80 with lr 0.01, then continues from the clone's step-40 checkpoint with lr 0.02.
+    rows = {"T": [(10 * i, 0.01) for i in range(1, 9)] + [(10 * i, 0.02) for i in range(5, 11)], "S": [(10, 0.5)]}
+    (resolved,) = lineage.resume_steps([event("T", "S", 0.02, target_iter=7, clone_iter=8)], rows, 10)
+    assert resolved.resumed_step == 40
 
 
-def test_resume_iterations_needs_a_row_with_the_new_lr():
+def test_resume_steps_trusts_steps_over_tune_iterations():
+    # Tune logged the clone at iteration 2, but the checkpoint it restored was at step 80 (iteration 4):
+    # the target's next row says step 100, so the lineage switches at 80.
+    rows = {"T": [(20, 0.003), (40, 0.003), (100, 0.04), (120, 0.04)], "S": [(20, 0.05)]}
+    (resolved,) = lineage.resume_steps([event("T", "S", 0.04, target_iter=2, clone_iter=2)], rows, 20)
+    assert resolved.resumed_step == 80
+
+
+def test_resume_steps_needs_a_row_with_the_new_lr():
     with pytest.raises(ValueError, match="never reported"):
-        lineage.resume_iterations([event("T", "S", 0.7)], {"T": [(1, 0.01)], "S": [(1, 0.5)]})
+        lineage.resume_steps([event("T", "S", 0.7)], {"T": [(1, 0.01)], "S": [(1, 0.5)]}, 1)
 
 
 def test_read_pbt_global_parses_tune_lines(tmp_path):

@@ -16,6 +16,11 @@ from metaopt import tracking
 from metaopt.pbt import lineage, replay, sweep
 
 
+def budget(exp) -> int:
+    """Every trial's budget in optimizer steps (what the sweep stops on)."""
+    return exp.section.iterations * exp.section.steps_per_iteration
+
+
 def mlflow_view(uri: str, summary: sweep.SweepSummary, experiment_name: str):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(experiment_name)
@@ -36,11 +41,14 @@ def assert_tracked_sweep(uri: str, summary: sweep.SweepSummary, exp, metric: str
     # one child run per trial, per-iteration metrics
     trial_runs = [r for r in children if r.data.tags.get("metaopt.role") == "trial"]
     assert len(trial_runs) == exp.section.population
+    reported = {t.trial_id: t.reported for t in summary.trials}
     for run in trial_runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["exp.optimizer.name"] == exp.section.optimizer["name"]
-        history = client.get_metric_history(run.info.run_id, metric)
-        assert len(history) >= exp.section.iterations
+        # every result Tune saw is a metric point of the trial's run
+        history = client.get_metric_history(run.info.run_id, "step")
+        assert sorted(int(m.value) for m in history) == sorted(s for s, _ in reported[run.data.tags["trial_id"]])
+        assert client.get_metric_history(run.info.run_id, metric)
 
 
 def test_pbt_sweep_tracks_to_sqlite_and_lineage_agrees(ray_session, tiny):
@@ -49,7 +57,7 @@ def test_pbt_sweep_tracks_to_sqlite_and_lineage_agrees(ray_session, tiny):
 
     assert len(summary.trials) == 2
     for trial in summary.trials:
-        assert trial.iterations == exp.section.iterations
+        assert trial.steps == budget(exp)
         assert not trial.diverged
         # the schedule rebuilt from Tune's PBT log equals the history carried through checkpoints
         assert trial.lineage_agrees, (trial.schedule, trial.carried_schedule)
@@ -64,7 +72,7 @@ def test_pbt_sweep_tracks_to_sqlite_and_lineage_agrees(ray_session, tiny):
     # the reconstruction must reproduce the PBT result (the tolerance only allows for float noise)
     payload = replay.load_payload(summary.parent_run_id, exp.tracking.uri)
     result = replay.replay(payload, progress=False)
-    assert result.steps == exp.section.iterations * exp.section.steps_per_iteration
+    assert result.steps == budget(exp)
     assert abs(result.difference) <= 0.01, result
     # and also for an exploited (non-trivial) lineage
     result = replay.replay(payload, exploited[0].trial_id, progress=False)
@@ -87,7 +95,7 @@ def test_diverging_trial_is_reported_and_the_sweep_goes_on(ray_session, tiny):
     by_lr = sorted(summary.trials, key=lambda t: t.schedule[0][1])
     good, bad = by_lr
     assert bad.diverged and bad.iterations < exp.section.iterations  # stopped early, not crashed
-    assert not good.diverged and good.iterations == exp.section.iterations
+    assert not good.diverged and good.steps == budget(exp)
     assert good.final_metric > 0.5
     assert summary.best_trial == good.trial_id
     client, experiment, children = mlflow_view(exp.tracking.uri, summary, exp.mlflow_experiment)
@@ -117,9 +125,10 @@ def test_killed_trial_resumes_from_checkpoint_without_lost_iterations(ray_sessio
     (victim_id,) = killer.killed
     victim = next(t for t in summary.trials if t.trial_id == victim_id)
     assert victim.iterations == 6 and not victim.diverged
-    iterations = [i for i, _ in victim.reported]
-    # it reported 1..3, died, restarted from the iteration-2 checkpoint, redid 3 and went on to 6
-    assert iterations[:3] == [1, 2, 3] and iterations[3:] == [3, 4, 5, 6], iterations
+    per_iteration = exp.section.steps_per_iteration
+    steps = [s // per_iteration for s, _ in victim.reported]
+    # it reported iterations 1..3, died, restarted from the iteration-2 checkpoint, redid 3 and went on to 6
+    assert steps[:3] == [1, 2, 3] and steps[3:] == [3, 4, 5, 6], steps
     # the final checkpoint holds exactly iterations x steps_per_iteration optimizer steps: nothing lost
     assert victim.carried_schedule == [(0, victim.schedule[0][1])]
     state = _final_task_state(summary, victim_id)
@@ -139,7 +148,7 @@ def test_pb2_sweep_runs_and_rebuilds_schedules(ray_session, tiny):
     exp = tiny("pbt.scheduler=pb2")
     summary = sweep.run(exp, verbose=0)
     assert len(summary.trials) == 2
-    assert all(t.iterations == exp.section.iterations and t.lineage_agrees for t in summary.trials)
+    assert all(t.steps == budget(exp) and t.lineage_agrees for t in summary.trials)
     for trial in summary.trials:
         assert all(exp.section.lr_min <= lr <= exp.section.lr_max for _, lr in trial.schedule)
 
@@ -154,7 +163,7 @@ def test_rllib_ppo_learning_rate_under_pbt(ray_session, tiny):
     assert summary.metric == "episode_return_mean"
     assert len(summary.trials) == 2
     for trial in summary.trials:
-        assert trial.iterations == exp.section.iterations
+        assert trial.steps == budget(exp)
         assert trial.lineage_agrees, (trial.schedule, trial.carried_schedule)
         assert math.isfinite(trial.final_metric) and trial.final_metric > 10  # CartPole episodes last >= ~10 steps
     assert_tracked_sweep(exp.tracking.uri, summary, exp, metric="episode_return_mean")

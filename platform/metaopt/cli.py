@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="experiment YAML, e.g. experiments/quickstart.yaml")
     run.add_argument("--address", help="Ray cluster address (default: ray.address in the file, RAY_ADDRESS, or local)")
     _add_overrides(run)
-    run.add_argument("--quiet", action="store_true", help="less Tune progress output")
+    loudness = run.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="only the final summary")
+    loudness.add_argument("--verbose", action="store_true", help="Tune's full progress output")
 
     submit = sub.add_parser("submit", help="submit an experiment file to a Ray cluster as a Ray Job")
     submit.add_argument("file")
@@ -61,7 +63,7 @@ def cmd_run(args) -> int:
 
     experiment = config.load(args.file, args.overrides)
     runner = config.runner_for(experiment.kind)
-    runner(experiment, address=args.address, verbose=0 if args.quiet else 1)
+    runner(experiment, address=args.address, verbose=0 if args.quiet else 2 if args.verbose else 1)
     return 0
 
 

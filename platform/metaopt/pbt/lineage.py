@@ -9,12 +9,11 @@ Ray Tune logs each exploit as a JSON line in ``pbt_global.txt``:
 ``[target_tag, clone_tag, target_iteration, clone_iteration, clone_config, new_config]``.
 Replaying those events in order over per-trial histories gives every trial's schedule::
 
-    history[target] = history[clone] cut at the clone's checkpoint + [(k * steps_per_iteration, new_lr)]
+    history[target] = history[clone] cut at the checkpoint's step k + [(k, new_lr)]
 
-One subtlety: the logged ``clone_iteration`` is the clone's *latest* result, but the checkpoint copied is
-the one Tune saved at the clone's last perturbation boundary, which may be older (asynchronous PBT, pauses
-for fairness). The iteration actually resumed from is visible in the *target's* own results: the first row
-it reports after the exploit is the checkpoint's iteration + 1 (:func:`resume_iterations`). The trainable
+One subtlety: the iterations in the log line are each trial's *last seen* result, and the checkpoint Tune
+actually copies may be older (asynchronous PBT) or even newer (a clone still running when the save resolves). The step actually resumed from is visible in the *target's* own results: the first row it
+reports after the exploit is one iteration past the checkpoint (:func:`resume_steps`). The trainable
 also carries its lineage inside its checkpoints; the sweep cross-checks the two and the tests demand equality.
 
 All functions here are pure; a schedule is a list of ``(start_step, lr)`` segments sorted by start.
@@ -40,7 +39,7 @@ class ExploitEvent:
     target_iteration: int
     clone_iteration: int
     new_config: dict[str, Any]
-    resumed_iteration: int | None = None  # filled from the target's results by resume_iterations
+    resumed_step: int | None = None  # filled from the target's results by resume_steps
 
 
 def read_pbt_global(path: str | Path) -> list[ExploitEvent]:
@@ -82,15 +81,17 @@ def cut(history: Segments, step: int) -> Segments:
     return [(s, v) for s, v in history if s < step]
 
 
-def resume_iterations(
-    events: list[ExploitEvent], reported: dict[str, list[tuple[int, float]]], lr_key: str = "lr"
+def resume_steps(
+    events: list[ExploitEvent], reported: dict[str, list[tuple[int, float]]], steps_per_iteration: int, lr_key: str = "lr"
 ) -> list[ExploitEvent]:
-    """Attach to each exploit the iteration its target resumed from, read off the target's result rows.
+    """Attach to each exploit the optimizer step its target resumed from, read off the target's result rows.
 
-    ``reported[tag]`` lists ``(training_iteration, lr)`` of every result the trial reported, in order. After
-    an exploit the target's next result is the first one with the exploit's new lr; its iteration is the
-    copied checkpoint's iteration + 1. (The iterations in the log line itself are each trial's *last seen*
-    result, which can lag or lead the checkpoint, so they are not used.)
+    ``reported[tag]`` lists ``(step, lr)`` of every result the trial reported, in order, where ``step`` is
+    the optimizer-step count after that iteration. After an exploit the target's next result is the first
+    one with the exploit's new lr, reported ``steps_per_iteration`` steps after the copied checkpoint.
+    Steps, not Tune's iteration counter: Tune may restore a *later* checkpoint of the clone than the
+    iteration it records (seen with Ray 2.60 when the clone is still running), and the optimizer-step
+    count travels inside the checkpoint while the iteration counter does not.
     """
     cursor = {tag: 0 for tag in reported}
     resolved = []
@@ -109,28 +110,23 @@ def resume_iterations(
         cursor[event.target] = p + 1
         resolved.append(
             ExploitEvent(event.target, event.clone, event.target_iteration, event.clone_iteration,
-                         event.new_config, resumed_iteration=rows[p][0] - 1)
+                         event.new_config, resumed_step=rows[p][0] - steps_per_iteration)
         )
     return resolved
 
 
-def replay_events(
-    initial_lrs: dict[str, float],
-    events: list[ExploitEvent],
-    steps_per_iteration: int,
-    lr_key: str = "lr",
-) -> dict[str, Segments]:
+def replay_events(initial_lrs: dict[str, float], events: list[ExploitEvent], lr_key: str = "lr") -> dict[str, Segments]:
     """Every trial's lineage schedule (in optimizer steps) after applying the exploit events in order.
 
-    Events must carry ``resumed_iteration`` (see :func:`resume_iterations`).
+    Events must carry ``resumed_step`` (see :func:`resume_steps`).
     """
     histories: dict[str, Segments] = {tag: [(0, float(lr))] for tag, lr in initial_lrs.items()}
     for event in events:
         if event.clone not in histories:
             raise ValueError(f"exploit event clones unknown trial {event.clone!r}; known: {sorted(histories)}")
-        if event.resumed_iteration is None:
-            raise ValueError(f"exploit of {event.clone!r} by {event.target!r} has no resumed iteration")
-        step = event.resumed_iteration * steps_per_iteration
+        if event.resumed_step is None:
+            raise ValueError(f"exploit of {event.clone!r} by {event.target!r} has no resumed step")
+        step = event.resumed_step
         histories[event.target] = record_lr(cut(histories[event.clone], step), step, event.new_config[lr_key])
     return histories
 

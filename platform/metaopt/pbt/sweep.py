@@ -34,6 +34,7 @@ class TrialSummary:
     best_metric: float
     final_lr: float
     iterations: int
+    steps: int
     diverged: bool
     schedule: lineage.Segments
     carried_schedule: lineage.Segments | None
@@ -74,7 +75,10 @@ def task_metric(task: str) -> tuple[str, str]:
 
 
 def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1) -> SweepSummary:
-    """Run the sweep an experiment file describes; return its summary (also printed and logged)."""
+    """Run the sweep an experiment file describes; return its summary (also printed and logged).
+
+    ``verbose``: 0 = summary only, 1 = a compact line per trial result, 2 = Tune's own full output.
+    """
     started = time.time()
     section = exp.section
     resources = runtime.init(exp.ray, address)
@@ -98,8 +102,8 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         mode=mode,
         resources=per_trial,
         max_concurrent_trials=exp.ray.max_concurrent_trials,
-        callbacks=[trial_callback, *(callbacks or [])],
-        verbose=verbose,
+        callbacks=[trial_callback, *progress_callbacks(verbose, metric, mode, section.iterations), *(callbacks or [])],
+        verbose=1 if verbose >= 2 else 0,
     )
     try:
         results = tuner.fit()
@@ -130,6 +134,12 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     return summary
 
 
+def progress_callbacks(verbose: int, metric: str, mode: str, iterations: int) -> list[Any]:
+    from metaopt.progress import ProgressPrinter
+
+    return [ProgressPrinter(metric, mode, iterations)] if verbose == 1 else []
+
+
 def summarise_trials(results, section, metric: str, mode: str, experiment_path: Path) -> list[TrialSummary]:
     """Per final trial: scores, lineage schedule from the PBT log and from its own checkpoint."""
     rows = []
@@ -154,14 +164,15 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
                 schedule=[(0, first_lr)],
                 carried_schedule=carried_history(result),
                 curve=(list(frame["step"].astype(int)), [float(v) for v in frame[metric]]),
-                reported=[(int(i), float(lr)) for i, lr in zip(frame["training_iteration"], frame["lr"])],
+                steps=int(metrics.get("step", 0)),
+                reported=[(int(step), float(lr)) for step, lr in zip(frame["step"], frame["lr"])],
             )
         )
     if section.scheduler in ("pbt", "pb2"):
         events = lineage.read_pbt_global(experiment_path / "pbt_global.txt")
-        events = lineage.resume_iterations(events, {row.tag: row.reported for row in rows})
+        events = lineage.resume_steps(events, {row.tag: row.reported for row in rows}, section.steps_per_iteration)
         initial = {row.tag: row.schedule[0][1] for row in rows}
-        schedules = lineage.replay_events(initial, events, section.steps_per_iteration)
+        schedules = lineage.replay_events(initial, events)
         for row in rows:
             row.schedule = schedules[row.tag]
     return rows
@@ -252,21 +263,21 @@ def log_summary(parent: tracking.ParentRun, summary: SweepSummary, exp: Experime
         path = Path(tmp) / "summary.csv"
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["trial_id", summary.metric, f"best_{summary.metric}", "final_lr", "iterations", "diverged", "schedule"])
+            writer.writerow(["trial_id", summary.metric, f"best_{summary.metric}", "final_lr", "iterations", "steps", "diverged", "schedule"])
             for t in summary.trials:
-                writer.writerow([t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.iterations, t.diverged, lineage.describe(t.schedule)])
+                writer.writerow([t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.iterations, t.steps, t.diverged, lineage.describe(t.schedule)])
         parent.log_file(path)
 
 
 def format_table(summary: SweepSummary) -> str:
     """The end-of-sweep table: one line per trial, best marked."""
-    header = f"{'trial':<14}{summary.metric:>16}{'best':>10}{'final lr':>11}{'iters':>7}  status    schedule (step:lr)"
+    header = f"{'trial':<14}{summary.metric:>16}{'best':>10}{'final lr':>11}{'steps':>7}  status    schedule (step:lr)"
     lines = [header, "-" * len(header)]
     ordered = sorted(summary.trials, key=lambda t: (t.diverged, -t.final_metric if summary.mode == "max" else t.final_metric))
     for t in ordered:
         status = "diverged" if t.diverged else ("BEST" if t.trial_id == summary.best_trial else "ok")
         lines.append(
-            f"{t.trial_id:<14}{t.final_metric:>16.4f}{t.best_metric:>10.4f}{t.final_lr:>11.3g}{t.iterations:>7}  "
+            f"{t.trial_id:<14}{t.final_metric:>16.4f}{t.best_metric:>10.4f}{t.final_lr:>11.3g}{t.steps:>7}  "
             f"{status:<9} {lineage.describe(t.schedule)}"
         )
     return "\n".join(lines)

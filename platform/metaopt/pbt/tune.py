@@ -11,6 +11,7 @@ After a restore the trainable re-reads ``self.config`` for the learning rate: th
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -39,6 +40,10 @@ class LRTrainable(tune.Trainable):
     def setup(self, config: dict[str, Any]) -> None:
         # One torch thread per trial: trials already run in parallel, oversubscription only slows them.
         torch.set_num_threads(max(1, int(os.environ.get("METAOPT_TORCH_THREADS", "1"))))
+        if not config.get("verbose_actors"):
+            # Per-checkpoint INFO lines from every actor drown the progress table on the driver.
+            for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self._start(config)
 
     def _start(self, config: dict[str, Any]) -> None:
@@ -139,7 +144,7 @@ def build_tuner(
     resources: dict[str, float],
     max_concurrent_trials: int | None,
     callbacks: list[Any],
-    verbose: int = 1,
+    verbose: int = 0,
 ) -> tune.Tuner:
     """A Tuner whose trials are LRTrainable over the section's lr space; the whole section rides in config."""
     scheduler = build_scheduler(section, metric, mode)
@@ -147,7 +152,7 @@ def build_tuner(
     trainable = tune.with_resources(LRTrainable, resources)
     return tune.Tuner(
         trainable,
-        param_space={"lr": initial_lrs(section), "exp": section.model_dump(mode="json")},
+        param_space={"lr": initial_lrs(section), "exp": section.model_dump(mode="json"), "verbose_actors": verbose >= 1},
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             num_samples=1 if grid else section.population,
@@ -158,7 +163,9 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=experiment_name,
             storage_path=storage_path,
-            stop={"training_iteration": section.iterations},
+            # Budget in optimizer steps, not Tune iterations: an exploit may copy a checkpoint that is further
+            # along than the iteration Tune records for it, and the step count travels with the checkpoint.
+            stop={"step": section.iterations * section.steps_per_iteration},
             checkpoint_config=tune.CheckpointConfig(
                 checkpoint_frequency=section.checkpoint_every,
                 checkpoint_at_end=True,

@@ -112,7 +112,7 @@ class DigitsTask:
     def train(self, num_steps: int, lr_at: Schedule) -> dict[str, float]:
         self.model.train()
         total = 0.0
-        for _ in range(num_steps):
+        for done in range(1, num_steps + 1):
             set_learning_rate(self.optimizer, lr_at(self._step))
             x, y = self._next_batch()
             loss = nn.functional.cross_entropy(self.model(x), y)
@@ -122,7 +122,9 @@ class DigitsTask:
             self._step += 1
             total += loss.item()
             if not math.isfinite(total):
-                break  # diverged: further steps only spread NaNs
+                # Diverged: further steps only spread NaNs. Count them as spent so step budgets stay exact.
+                self._step += num_steps - done
+                break
         metrics = {"loss": total / max(num_steps, 1), **self.evaluate("val")}
         return metrics
 
