@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from metaopt import tracking
+from metaopt import cli, tracking
 from metaopt.pbt import lineage, replay, sweep
 
 
@@ -51,7 +51,7 @@ def assert_tracked_sweep(uri: str, summary: sweep.SweepSummary, exp, metric: str
         assert client.get_metric_history(run.info.run_id, metric)
 
 
-def test_pbt_sweep_tracks_to_sqlite_and_lineage_agrees(ray_session, tiny):
+def test_pbt_sweep_tracks_to_sqlite_and_lineage_agrees(ray_session, tiny, capsys):
     exp = tiny()
     summary = sweep.run(exp, verbose=0)
 
@@ -74,9 +74,16 @@ def test_pbt_sweep_tracks_to_sqlite_and_lineage_agrees(ray_session, tiny):
     result = replay.replay(payload, progress=False)
     assert result.steps == budget(exp)
     assert abs(result.difference) <= 0.01, result
-    # and also for an exploited (non-trivial) lineage
-    result = replay.replay(payload, exploited[0].trial_id, progress=False)
-    assert abs(result.difference) <= 0.01, result
+    # and for an exploited (non-trivial) lineage, through the CLI, which logs the replay under the sweep
+    trial = exploited[0].trial_id
+    assert cli.main(["replay", summary.parent_run_id, "--trial", trial, "--tracking-uri", exp.tracking.uri]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"replay of trial {trial}: val_accuracy")
+    difference = float(line.split("difference ")[1].split(")")[0])
+    assert abs(difference) <= 0.01, line
+    _, _, children = mlflow_view(exp.tracking.uri, summary, exp.mlflow_experiment)
+    replays = [r for r in children if r.data.tags.get("metaopt.role") == "replay"]
+    assert len(replays) == 1 and replays[0].data.tags["replay_of_trial"] == trial
 
 
 def test_pbt_sweep_against_mlflow_server(ray_session, tiny, mlflow_server):
