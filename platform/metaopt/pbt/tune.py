@@ -109,28 +109,24 @@ def initial_lrs(section: PBTSection) -> Any:
 
 def build_scheduler(section: PBTSection, metric: str, mode: str):
     """PBT / PB2 over ``lr`` with the section's interval, quantile and mutation settings; None for baselines."""
+    shared = dict(
+        time_attr="training_iteration",
+        metric=metric,
+        mode=mode,
+        perturbation_interval=section.perturbation_interval,
+        quantile_fraction=section.quantile_fraction,
+        synch=section.synch,
+    )
     if section.scheduler == "pbt":
         return PopulationBasedTraining(
-            time_attr="training_iteration",
-            metric=metric,
-            mode=mode,
-            perturbation_interval=section.perturbation_interval,
             hyperparam_mutations={"lr": tune.loguniform(section.lr_min, section.lr_max)},
-            quantile_fraction=section.quantile_fraction,
             resample_probability=section.resample_probability,
             perturbation_factors=tuple(section.perturbation_factors),
-            synch=section.synch,
+            **shared,
         )
     if section.scheduler == "pb2":
-        return PB2(
-            time_attr="training_iteration",
-            metric=metric,
-            mode=mode,
-            perturbation_interval=section.perturbation_interval,
-            hyperparam_bounds={"lr": [section.lr_min, section.lr_max]},
-            quantile_fraction=section.quantile_fraction,
-            synch=section.synch,
-        )
+        # PB2 (Parker-Holder et al. 2020) explores with a GP bandit inside the bounds instead of random factors.
+        return PB2(hyperparam_bounds={"lr": [section.lr_min, section.lr_max]}, **shared)
     return None
 
 
