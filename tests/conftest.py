@@ -73,8 +73,10 @@ def tiny(tmp_path):
     from metaopt import config
 
     def load(*overrides: str, uri: str | None = None, name: str | None = None):
-        base = [f"ray.storage_path={tmp_path / 'ray_results'}",
-                f"tracking.uri={uri or 'sqlite:///' + str(tmp_path / 'mlflow.db')}"]
+        """``uri="default"`` keeps the file's default tracking URI (sqlite:///mlflow.db in the cwd)."""
+        base = [f"ray.storage_path={tmp_path / 'ray_results'}"]
+        if uri != "default":
+            base.append(f"tracking.uri={uri or 'sqlite:///' + str(tmp_path / 'mlflow.db')}")
         if name:
             base.append(f"name={name}")
         return config.load(EXPERIMENTS / "quickstart_tiny.yaml", [*base, *overrides])

@@ -8,7 +8,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -95,9 +94,12 @@ def test_pbt_sweep_against_mlflow_server(ray_session, tiny, mlflow_server):
     assert set(payload["trials"]) == {t.trial_id for t in summary.trials}
 
 
-def test_diverging_trial_is_reported_and_the_sweep_goes_on(ray_session, tiny):
-    # grid over two fixed learning rates: 0.05 trains, 1e4 blows SGD up within the first iteration
-    exp = tiny("pbt.scheduler=grid", "pbt.lr_min=0.05", "pbt.lr_max=10000")
+def test_diverging_trial_is_reported_and_the_sweep_goes_on(ray_session, tiny, tmp_path, monkeypatch):
+    # grid over two fixed learning rates: 0.05 trains, 1e4 blows SGD up within the first iteration.
+    # Tracked to the default store, sqlite:///mlflow.db in the working directory.
+    monkeypatch.chdir(tmp_path)
+    exp = tiny("pbt.scheduler=grid", "pbt.lr_min=0.05", "pbt.lr_max=10000", uri="default")
+    assert exp.tracking.uri == "sqlite:///mlflow.db"
     summary = sweep.run(exp, verbose=0)
     by_lr = sorted(summary.trials, key=lambda t: t.schedule[0][1])
     good, bad = by_lr
@@ -108,6 +110,7 @@ def test_diverging_trial_is_reported_and_the_sweep_goes_on(ray_session, tiny):
     client, experiment, children = mlflow_view(exp.tracking.uri, summary, exp.mlflow_experiment)
     tags = {r.data.tags["trial_id"]: r.data.tags.get("metaopt.diverged") for r in children}
     assert tags[bad.trial_id] == "true" and tags[good.trial_id] == "false"
+    assert (tmp_path / "mlflow.db").exists()
 
 
 class KillTrialProcess(Callback):
