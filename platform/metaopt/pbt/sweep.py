@@ -199,7 +199,7 @@ def carried_history(result) -> lineage.Segments | None:
     path = Path(result.checkpoint.path) / STATE_FILE
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     return [(int(s), float(lr)) for s, lr in state["lr_history"]]
 
 

@@ -76,7 +76,7 @@ class LRTrainable(tune.Trainable):
 
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
         path = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"]) / STATE_FILE
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         self.task.restore(state["task"])
         # The checkpoint is the clone's lineage; from here on this trial's config decides the lr.
         self.lr_history = record_lr(state["lr_history"], self.task.step, float(self.config["lr"]))

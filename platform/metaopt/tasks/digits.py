@@ -8,6 +8,7 @@ order comes from a torch generator that is part of the training state, so a run 
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class DigitsOptions:
     split_seed: int = 0
     val_fraction: float = 0.2
     test_fraction: float = 0.2
+    device: str = "auto"  # auto = the trial's GPU when Ray gave it one (gpus_per_trial > 0), else CPU
 
     @classmethod
     def parse(cls, options: dict[str, Any], field: str = "pbt.task_options") -> "DigitsOptions":
@@ -42,6 +44,8 @@ class DigitsOptions:
         if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden):
             raise ConfigError(f"{field}.hidden", f"must be a list of positive layer widths (got {hidden!r})")
         parsed = cls(hidden=tuple(hidden), **{k: v for k, v in options.items() if k != "hidden"})
+        if parsed.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{field}.device", f"must be auto, cpu or cuda (got {parsed.device!r})")
         if not isinstance(parsed.split_seed, int) or isinstance(parsed.split_seed, bool) or parsed.split_seed < 0:
             raise ConfigError(f"{field}.split_seed", f"must be an integer >= 0 (got {parsed.split_seed!r})")
         if not isinstance(parsed.batch_size, int) or isinstance(parsed.batch_size, bool) or parsed.batch_size < 1:
@@ -77,6 +81,15 @@ def build_mlp(in_features: int, hidden: tuple[int, ...], classes: int) -> nn.Seq
     return nn.Sequential(*layers)
 
 
+def pick_device(choice: str) -> torch.device:
+    """``auto``: CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES per trial), else CPU."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("pbt.task_options.device", "cuda requested but torch sees no GPU in this trial")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
 class DigitsTask:
     """TrainingTask: MLP on digits; score = validation accuracy (higher is better)."""
 
@@ -85,9 +98,11 @@ class DigitsTask:
 
     def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
         self.options = DigitsOptions.parse(options)
-        self.data = load_digits_splits(self.options.split_seed, self.options.val_fraction, self.options.test_fraction)
+        self.device = pick_device(self.options.device)
+        splits = load_digits_splits(self.options.split_seed, self.options.val_fraction, self.options.test_fraction)
+        self.data = {name: tensor.to(self.device) for name, tensor in splits.items()}
         torch.manual_seed(seed)
-        self.model = build_mlp(64, self.options.hidden, 10)
+        self.model = build_mlp(64, self.options.hidden, 10).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), optimizer)
         self.batch_order = torch.Generator().manual_seed(seed)
         self._step = 0
@@ -105,7 +120,7 @@ class DigitsTask:
         if self._cursor + self.options.batch_size > len(self._epoch_order):
             self._epoch_order = torch.randperm(n, generator=self.batch_order)
             self._cursor = 0
-        idx = self._epoch_order[self._cursor : self._cursor + self.options.batch_size]
+        idx = self._epoch_order[self._cursor : self._cursor + self.options.batch_size].to(self.device)
         self._cursor += self.options.batch_size
         return self.data["x_train"][idx], self.data["y_train"][idx]
 
@@ -139,9 +154,10 @@ class DigitsTask:
         }
 
     def state(self) -> dict[str, Any]:
+        # Deep copies: torch state dicts alias the live tensors, and a state must not change as training goes on.
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "step": self._step,
             "batch_order": self.batch_order.get_state(),
             "epoch_order": self._epoch_order.clone(),
