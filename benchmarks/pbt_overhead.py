@@ -1,0 +1,473 @@
+"""How much wall time does a PBT sweep spend beyond the training it does?
+
+    .venv/bin/python benchmarks/pbt_overhead.py [--iterations 20] [--steps-per-iteration 500]
+        [--perturbation-interval 4] [--population 4] [--synch true|false] [--naive-steps 100]
+        [--skip-naive] [--no-compare-synch] [--show-sweep-output]
+
+Measured in one process, one run:
+
+* pure compute: the sweep's optimizer steps (population x iterations x steps_per_iteration, with the
+  per-iteration validation the trainable does) on ``DigitsTask`` in this process, 1 torch thread,
+  sequentially, no Ray, no Tune. Measured before and after the sweep (load on a shared machine drifts);
+  the mean is used. The sweep runs on 2 CPUs (``ray.num_cpus: 2``, 1 CPU per trial), i.e. at most
+  min(2, population) trials at once, so the fair reference is ``sequential / min(2, population)``.
+  A measured 2-process run of the same steps is printed too, as a check of that ideal split.
+* ours: ``metaopt.pbt.sweep.run(exp)`` wall time on experiments/quickstart.yaml (population, sizes from the
+  command line, Tune results and the MLflow sqlite store in a temporary directory), with Ray already started
+  (its start-up is printed separately and not counted). Phases of the call (MLflow store/parent run, tune.fit,
+  the MLflow trial callback inside it, lineage/summary, MLflow artifacts) are timed by wrapping functions from
+  outside, no platform code changes; a Tune callback records when trials start, how many trials were inside
+  step() at once, and which worker processes ran them.
+* the same sweep with ``pbt.synch`` flipped (informational; ``--no-compare-synch`` skips it).
+* naive: a function trainable that reports *and checkpoints* after every optimizer step, restoring via
+  ``tune.get_checkpoint()``, same task, population and PBT scheduler (interval scaled to its smaller step
+  budget ``--naive-steps`` per trial), no MLflow. Its wall time is normalised per optimizer step.
+
+The last line is ``ratio: X.XX`` = ours / (sequential pure compute / min(2, population)). Goal <= 1.25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "quickstart.yaml"
+CORES = 2  # the sweep's Ray gets num_cpus=2 and 1 CPU per trial
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--population", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--steps-per-iteration", type=int, default=500)
+    p.add_argument("--perturbation-interval", type=int, default=4)
+    p.add_argument("--naive-steps", type=int, default=100, help="optimizer steps per trial for the naive trainable")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--synch", choices=["true", "false"], default=None,
+                   help="override pbt.synch (default: as in quickstart.yaml)")
+    p.add_argument("--no-compare-synch", dest="compare_synch", action="store_false",
+                   help="skip the informational second sweep with pbt.synch flipped")
+    p.add_argument("--stall-seconds", type=float, default=180.0,
+                   help="abort (error) a sweep after this long without any trial progress")
+    p.add_argument("--show-sweep-output", action="store_true", help="do not hide what sweep.run prints")
+    args = p.parse_args(argv)
+    args.synch = None if args.synch is None else args.synch == "true"
+    return args
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- pure compute
+def baseline_lrs(section) -> list[float]:
+    """Learning rates inside the searched range that do not diverge (a diverged DigitsTask.train stops early,
+    which would make the reference do less work; the cost of a step does not depend on the lr otherwise)."""
+    import numpy as np
+
+    hi = min(section.lr_max, 0.05)
+    lo = min(section.lr_min, hi)
+    return [float(v) for v in np.geomspace(lo, hi, section.population)]
+
+
+def train_trials(section_dict: dict, lrs: list[float]) -> tuple[float, int]:
+    """Train one fresh DigitsTask per lr for the sweep's budget, in this process; (seconds, optimizer steps)."""
+    import torch
+
+    from metaopt.tasks import build_task
+
+    torch.set_num_threads(1)
+    s = section_dict
+    steps = 0
+    started = time.perf_counter()
+    for lr in lrs:
+        task = build_task(s["task"], s["task_options"], s["optimizer"], s["seed"])
+        for _ in range(s["iterations"]):
+            task.train(s["steps_per_iteration"], lambda _step, lr=lr: lr)
+        steps += task.step
+    return time.perf_counter() - started, steps
+
+
+def _worker(args):
+    section_dict, lrs = args
+    return train_trials(section_dict, lrs)
+
+
+def parallel_compute(section_dict: dict, lrs: list[float]) -> float:
+    """The same trials split over CORES fresh processes (spawned before the clock starts)."""
+    groups = [lrs[i::CORES] for i in range(CORES)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(CORES) as pool:
+        pool.map(_warm_worker, range(CORES), chunksize=1)  # imports torch/sklearn/metaopt, loads the data
+        started = time.perf_counter()
+        pool.map(_worker, [(section_dict, g) for g in groups if g], chunksize=1)
+        return time.perf_counter() - started
+
+
+def _warm_worker(_):
+    warm = {"task": "digits", "task_options": {}, "optimizer": {"name": "sgd"}, "seed": 0,
+            "iterations": 1, "steps_per_iteration": 20}
+    import metaopt.tasks.digits as d
+
+    train_trials(warm, [0.01])
+    return d.__name__
+
+
+# --------------------------------------------------------------------------------------------- ours, phased
+class Phases:
+    """Wall time of named phases, accumulated; wraps functions without changing them."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, name, fn):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed
+
+
+def make_counter_callback():
+    from ray.tune import Callback
+
+    class Counter(Callback):
+        """Sums the trainables' own step() time (time_this_iter_s), counts results and checkpoints, and keeps
+        each step() as an interval on the driver's clock (approximate: it ends when the driver sees the result)."""
+
+        def __init__(self):
+            self.step_seconds = 0.0
+            self.results = 0
+            self.checkpoints = 0
+            self.intervals: list[tuple[float, float]] = []
+            self.first_start: float | None = None
+            self.starts = 0
+            self.pids: set[int] = set()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.starts += 1
+            if self.first_start is None:
+                self.first_start = time.perf_counter()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            now = time.perf_counter()
+            seconds = float(result.get("time_this_iter_s", 0.0))
+            self.results += 1
+            self.pids.add(int(result.get("pid", 0)))
+            self.step_seconds += seconds
+            self.intervals.append((now - seconds, now))
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            self.checkpoints += 1
+
+        def busy_profile(self, start: float, end: float) -> dict[int, float]:
+            """Seconds of [start, end] during which 0, 1, 2, ... trials were inside step()."""
+            edges = sorted([(a, 1) for a, _ in self.intervals] + [(b, -1) for _, b in self.intervals])
+            profile: dict[int, float] = {}
+            level, t = 0, start
+            for at, delta in edges:
+                at = min(max(at, start), end)
+                profile[level] = profile.get(level, 0.0) + at - t
+                level, t = level + delta, at
+            profile[level] = profile.get(level, 0.0) + end - t
+            return profile
+
+    return Counter()
+
+
+def make_watchdog(stall_seconds: float):
+    """A Tune callback that aborts a sweep in which no trial has started or reported for ``stall_seconds``
+    (synchronous PBT with the step budget was seen to livelock; see benchmarks/README.md)."""
+    from ray.tune import Callback
+
+    class Watchdog(Callback):
+        def __init__(self):
+            self.last = time.perf_counter()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.last = time.perf_counter()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.perf_counter() - self.last > stall_seconds:
+                states = ", ".join(f"{t.trial_id}:{t.status}@it{(t.last_result or {}).get('training_iteration')}"
+                                   f"/step{(t.last_result or {}).get('step')}" for t in trials)
+                raise RuntimeError(f"sweep stalled: no trial progress for {stall_seconds:.0f} s ({states})")
+
+    return Watchdog()
+
+
+def run_ours(exp, show_output: bool, stall_seconds: float = 180.0):
+    """sweep.run(exp) with its phases timed from outside; (wall seconds, summary, phases, counter, fit window)."""
+    import contextlib
+    import io
+
+    from metaopt import runtime, tracking
+    from metaopt.pbt import sweep
+
+    phases = Phases()
+    window: dict[str, float] = {}
+    saved = {
+        (sweep, "build_tuner"): sweep.build_tuner,
+        (sweep, "summarise_trials"): sweep.summarise_trials,
+        (sweep, "log_summary"): sweep.log_summary,
+        (runtime, "init"): runtime.init,
+        (tracking, "connect"): tracking.connect,
+        (tracking.ParentRun, "__init__"): tracking.ParentRun.__init__,
+        (tracking.ParentRun, "finish"): tracking.ParentRun.finish,
+        (tracking.MLflowTrialCallback, "on_trial_start"): tracking.MLflowTrialCallback.on_trial_start,
+        (tracking.MLflowTrialCallback, "on_trial_result"): tracking.MLflowTrialCallback.on_trial_result,
+        (tracking.MLflowTrialCallback, "on_trial_complete"): tracking.MLflowTrialCallback.on_trial_complete,
+    }
+
+    def build_tuner(*a, **k):
+        tuner = saved[(sweep, "build_tuner")](*a, **k)
+        fit = phases.wrap("tune.fit (incl. MLflow trial callback)", tuner.fit)
+
+        def windowed_fit():
+            window["start"] = time.perf_counter()
+            try:
+                return fit()
+            finally:
+                window["end"] = time.perf_counter()
+
+        tuner.fit = windowed_fit
+        return tuner
+
+    sweep.build_tuner = phases.wrap("build Tuner", build_tuner)
+    sweep.summarise_trials = phases.wrap("summarise trials (progress.csv, lineage, checkpoint reads)", sweep.summarise_trials)
+    sweep.log_summary = phases.wrap("log summary to MLflow (schedules.json, 2 PNG plots, csv)", sweep.log_summary)
+    runtime.init = phases.wrap("connect to Ray (already running)", runtime.init)
+    tracking.connect = phases.wrap("MLflow connect (creates the sqlite store on first use)", tracking.connect)
+    tracking.ParentRun.__init__ = phases.wrap("MLflow parent run: create + log params", tracking.ParentRun.__init__)
+    tracking.ParentRun.finish = phases.wrap("MLflow parent run: finish", tracking.ParentRun.finish)
+    for (owner, name), fn in saved.items():
+        if owner is tracking.MLflowTrialCallback:
+            setattr(owner, name, phases.wrap("  MLflow trial callback (driver, inside tune.fit)", fn))
+    counter = make_counter_callback()
+    sink = io.StringIO()
+    try:
+        with contextlib.ExitStack() as stack:
+            if not show_output:
+                stack.enter_context(contextlib.redirect_stdout(sink))
+            started = time.perf_counter()
+            summary = sweep.run(exp, callbacks=[counter, make_watchdog(stall_seconds)], verbose=0)
+            wall = time.perf_counter() - started
+    finally:
+        for (owner, name), fn in saved.items():
+            setattr(owner, name, fn)
+    return wall, summary, phases, counter, window
+
+
+def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> float:
+    """Run the sweep, print where its wall time went; return the wall time."""
+    from metaopt.pbt import lineage
+
+    section = exp.section
+    wall, summary, phases, counter, window = run_ours(exp, show_output, stall_seconds)
+    exploits = len(lineage.read_pbt_global(Path(summary.experiment_path) / "pbt_global.txt"))
+    diverged = sum(t.diverged for t in summary.trials)
+    steps = sum(getattr(t, "steps", t.iterations * section.steps_per_iteration) for t in summary.trials)
+    log(f"  wall time of sweep.run: {wall:.2f} s  (its own wall_seconds: {summary.wall_seconds:.2f} s)")
+    accounted = 0.0
+    for name, sec in phases.seconds.items():
+        log(f"    {name:<62} {sec:7.2f} s  ({phases.calls[name]} calls)")
+        if not name.startswith("  "):
+            accounted += sec
+    log(f"    {'rest (table, prints, glue)':<62} {wall - accounted:7.2f} s")
+    if "start" in window and counter.first_start is not None:
+        log(f"  inside tune.fit: first trial started after {counter.first_start - window['start']:.2f} s "
+            f"(actor start-up: worker process, imports)")
+        profile = counter.busy_profile(window["start"], window["end"])
+        busy = ", ".join(f"{k} training: {v:.2f} s" for k, v in sorted(profile.items()))
+        log(f"  tune.fit time by number of trials inside step() at once: {busy}")
+    log(f"  trainables' step() time (sum of time_this_iter_s): {counter.step_seconds:.2f} s over {counter.results} results"
+        f" -> /{slots} = {counter.step_seconds / slots:.2f} s if perfectly parallel")
+    log(f"  worker processes that ran trials: {len(counter.pids)} (a sweep that kept its {slots} actors would use {slots}); "
+        f"trial (re)starts: {counter.starts}; checkpoints saved: {counter.checkpoints}; PBT exploits: {exploits}; "
+        f"optimizer steps {steps} (expected {section.population * section.iterations * section.steps_per_iteration}); "
+        f"diverged trials: {diverged}")
+    best = summary.best()
+    if best:
+        log(f"  best trial {best.trial_id}: val_accuracy {best.final_metric:.4f}, schedule {lineage.describe(best.schedule)}")
+    return wall
+
+
+# --------------------------------------------------------------------------------------------- naive
+def naive_trainable(config):
+    """Function trainable: one optimizer step, then report + checkpoint; restores from tune.get_checkpoint()."""
+    import torch
+    from ray import tune
+
+    from metaopt.tasks import build_task
+
+    torch.set_num_threads(1)
+    s = config["exp"]
+    task = build_task(s["task"], s["task_options"], s["optimizer"], s["seed"])
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            task.restore(torch.load(Path(d) / "state.pt", weights_only=False))
+    lr = float(config["lr"])  # after an exploit: the clone's weights, this trial's (perturbed) lr
+    while task.step < config["naive_steps"]:
+        metrics = task.train(1, lambda _step: lr)  # evaluates on val, as the metric PBT needs
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(task.state(), Path(d) / "state.pt")
+            tune.report({**metrics, "lr": lr, "step": task.step}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_naive(exp, naive_steps: int, storage: str, stall_seconds: float = 180.0):
+    from ray import tune
+
+    from metaopt.pbt.tune import build_scheduler, initial_lrs, _seeded_random_search
+
+    section = exp.section
+    # Same PBT settings; its interval counts Tune iterations, which are single steps here: keep the number of
+    # perturbations per trial the same as the sweep's.
+    interval = max(1, round(section.perturbation_interval * naive_steps / section.iterations))
+    naive_section = section.model_copy(update={"perturbation_interval": interval})
+    tuner = tune.Tuner(
+        tune.with_resources(naive_trainable, {"cpu": exp.ray.cpus_per_trial}),
+        param_space={"lr": initial_lrs(naive_section), "exp": naive_section.model_dump(mode="json"),
+                     "naive_steps": naive_steps},
+        tune_config=tune.TuneConfig(
+            scheduler=build_scheduler(naive_section, "val_accuracy", "max"),
+            num_samples=section.population,
+            search_alg=_seeded_random_search(section.seed),
+        ),
+        run_config=tune.RunConfig(name="naive", storage_path=storage, stop={"training_iteration": naive_steps},
+                                  callbacks=[make_watchdog(stall_seconds)], verbose=0),
+    )
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # Tune's configuration box
+        started = time.perf_counter()
+        results = tuner.fit()
+        wall = time.perf_counter() - started
+    steps = sum(int((r.metrics or {}).get("step", 0)) for r in results)
+    errors = sum(1 for r in results if r.error)
+    return wall, steps, interval, errors
+
+
+# --------------------------------------------------------------------------------------------- main
+def load_experiment(args, tmp: Path, synch: bool | None, name: str):
+    from metaopt import config
+
+    overrides = [
+        f"pbt.population={args.population}",
+        f"pbt.iterations={args.iterations}",
+        f"pbt.steps_per_iteration={args.steps_per_iteration}",
+        f"pbt.perturbation_interval={args.perturbation_interval}",
+        "pbt.scheduler=pbt",
+        f"ray.num_cpus={CORES}",
+        f"ray.storage_path={tmp / 'ray_results'}",
+        f"tracking.uri=sqlite:///{tmp / (name + '.db')}",
+        f"name={name}",
+    ]
+    if synch is not None:
+        overrides.append(f"pbt.synch={str(synch).lower()}")
+    return config.load(EXPERIMENT, overrides), overrides
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import logging
+    import warnings
+
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)  # PBT's per-exploit INFO lines
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+
+    tmp = Path(tempfile.mkdtemp(prefix="pbt_overhead_"))
+    exp, overrides = load_experiment(args, tmp, args.synch, "pbt-overhead")
+    section = exp.section
+    s = section.model_dump(mode="json")
+    total_steps = section.population * section.iterations * section.steps_per_iteration
+    slots = min(CORES, section.population)
+    lrs = baseline_lrs(section)
+    log(f"experiment: {EXPERIMENT.relative_to(REPO)} with {' '.join(o for o in overrides if 'tmp' not in o and 'name=' not in o)}")
+    log(f"  task digits {s['task_options']}, optimizer {s['optimizer']}, synch={s['synch']}, "
+        f"checkpoint every {section.checkpoint_every} iterations")
+    log(f"  budget: {section.population} trials x {section.iterations} iterations x {section.steps_per_iteration} steps "
+        f"= {total_steps} optimizer steps; machine: {os.cpu_count()} CPUs"
+        + (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""))
+    log(f"  scratch: {tmp}")
+
+    # warm-up: imports, data load, torch kernels
+    train_trials({**s, "iterations": 2, "steps_per_iteration": 200}, [0.01])
+
+    log("\n[pure compute: this process, 1 torch thread, no Ray/Tune, same steps and per-iteration val]")
+    seq_before, steps = train_trials(s, lrs)
+    assert steps == total_steps, (steps, total_steps)
+    log(f"  sequential, before the sweep: {seq_before:.2f} s  ({seq_before / total_steps * 1e6:.0f} us/step incl. val)")
+
+    import ray
+
+    log("\n[Ray]")
+    t = time.perf_counter()
+    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - t
+    log(f"  ray.init(num_cpus={CORES}) start-up: {ray_start:.2f} s (not counted)")
+
+    log(f"\n[ours: metaopt.pbt.sweep.run, synch={s['synch']}]")
+    wall = report_ours(exp, args.show_sweep_output, slots, args.stall_seconds)
+
+    log("\n[pure compute again, after the sweep]")
+    seq_after, _ = train_trials(s, lrs)
+    log(f"  sequential, after the sweep: {seq_after:.2f} s (Ray idle in the background)")
+    par = parallel_compute(s, lrs)
+    log(f"  same trials in {CORES} processes at once ({slots} groups, measured): {par:.2f} s")
+
+    seq = statistics.mean([seq_before, seq_after])
+    reference = seq / slots
+    log(f"\n  sequential pure compute (mean of before/after): {seq:.2f} s")
+    log(f"  reference = sequential / min({CORES} cores, population {section.population}) = {reference:.2f} s "
+        f"(the sweep's Ray has {CORES} CPUs, 1 per trial)")
+    log(f"  ours / measured {CORES}-process compute: {wall / par:.2f} (informational)")
+
+    if args.compare_synch:
+        other = not s["synch"]
+        exp2, _ = load_experiment(args, tmp, other, "pbt-overhead-alt")
+        log(f"\n[for comparison, not the ratio: the same sweep with pbt.synch={str(other).lower()}]")
+        wall2 = report_ours(exp2, args.show_sweep_output, slots, args.stall_seconds)
+        log(f"  ratio with synch={str(other).lower()}: {wall2 / reference:.2f}")
+
+    if not args.skip_naive:
+        log(f"\n[naive: function trainable, report + checkpoint after every optimizer step, no MLflow]")
+        nwall, nsteps, ninterval, nerrors = run_naive(exp, args.naive_steps, str(tmp / "naive_results"), args.stall_seconds)
+        per_step_naive = nwall / max(nsteps, 1)
+        per_step_ref = reference / total_steps
+        log(f"  smaller budget, normalised per optimizer step: {section.population} trials x {args.naive_steps} steps "
+            f"(not {section.iterations * section.steps_per_iteration}); PBT interval {ninterval} steps (same number of "
+            f"perturbations per trial), synch={s['synch']}")
+        log(f"  wall time of tuner.fit: {nwall:.2f} s for {nsteps} optimizer steps ({nerrors} errored trials)")
+        log(f"  per step: naive {per_step_naive * 1e3:.2f} ms vs reference {per_step_ref * 1e3:.3f} ms "
+            f"(sequential / {slots} / steps)")
+        log(f"  naive ratio: {per_step_naive / per_step_ref:.2f}")
+
+    ratio = wall / reference
+    log(f"\nours: {wall:.2f} s wall of sweep.run / {reference:.2f} s reference "
+        f"(sequential pure compute {seq:.2f} s / {slots}, the {CORES}-core limit)")
+    log(f"ratio: {ratio:.2f}")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
