@@ -90,3 +90,11 @@ def test_same_schedule_tolerates_csv_round_trip_only():
     assert lineage.same_schedule([(0, 0.1), (5, 0.3)], [(0, 0.1 + 1e-17), (5, 0.3)])
     assert not lineage.same_schedule([(0, 0.1), (5, 0.3)], [(0, 0.1), (6, 0.3)])
     assert not lineage.same_schedule([(0, 0.1)], [(0, 0.1001)])
+
+
+def test_an_exploit_overwritten_before_training_is_skipped():
+    # T copies S (lr 0.3) but is exploited again, copying U (lr 0.05), before it reports anything with 0.3
+    rows = {"T": [(10, 0.01), (20, 0.01), (30, 0.05)], "S": [(10, 0.3)], "U": [(10, 0.05)]}
+    events = [event("T", "S", 0.3), event("T", "U", 0.05)]
+    (resolved,) = lineage.resume_steps(events, rows, 10)
+    assert (resolved.clone, resolved.resumed_step) == ("U", 20)

@@ -95,7 +95,7 @@ def resume_steps(
     """
     cursor = {tag: 0 for tag in reported}
     resolved = []
-    for event in events:
+    for index, event in enumerate(events):
         rows = reported.get(event.target)
         if rows is None:
             raise ValueError(f"no results for exploited trial {event.target!r}")
@@ -103,6 +103,9 @@ def resume_steps(
         p = cursor[event.target]
         while p < len(rows) and not (same_lr(rows[p][1], new_lr) and (p == 0 or not same_lr(rows[p - 1][1], new_lr))):
             p += 1
+        if p >= len(rows) and any(later.target == event.target for later in events[index + 1 :]):
+            # Exploited again before it trained a single iteration: the later exploit overwrote this one.
+            continue
         if p >= len(rows):
             raise ValueError(
                 f"trial {event.target!r} exploited {event.clone!r} (new lr {new_lr:g}) but never reported with it"

@@ -112,7 +112,11 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         raise
 
     experiment_path = Path(results.experiment_path)
-    trials = summarise_trials(results, section, metric, mode, experiment_path)
+    try:
+        trials = summarise_trials(results, section, metric, mode, experiment_path)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
     best = pick_best(trials, mode)
     summary = SweepSummary(
         experiment=exp.name, parent_run_id=parent.run_id, tracking_uri=exp.tracking.uri, metric=metric, mode=mode,
@@ -169,10 +173,16 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
             )
         )
     if section.scheduler in ("pbt", "pb2"):
-        events = lineage.read_pbt_global(experiment_path / "pbt_global.txt")
-        events = lineage.resume_steps(events, {row.tag: row.reported for row in rows}, section.steps_per_iteration)
-        initial = {row.tag: row.schedule[0][1] for row in rows}
-        schedules = lineage.replay_events(initial, events)
+        try:
+            events = lineage.read_pbt_global(experiment_path / "pbt_global.txt")
+            events = lineage.resume_steps(events, {row.tag: row.reported for row in rows}, section.steps_per_iteration)
+            initial = {row.tag: row.schedule[0][1] for row in rows}
+            schedules = lineage.replay_events(initial, events)
+        except ValueError as err:
+            # Never lose a finished sweep to the log reader: fall back to the lineage the checkpoints carried.
+            print(f"[metaopt] warning: could not rebuild schedules from Tune's PBT log ({err}); "
+                  "using the histories carried in the trials' checkpoints", flush=True)
+            schedules = {row.tag: row.carried_schedule or row.schedule for row in rows}
         for row in rows:
             row.schedule = schedules[row.tag]
     return rows

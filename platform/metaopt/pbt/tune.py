@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining
-from ray.tune.schedulers.pb2 import PB2
 
 from metaopt.pbt.config import PBTSection
 from metaopt.pbt.lineage import record_lr
@@ -78,6 +77,10 @@ class LRTrainable(tune.Trainable):
         path = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"]) / STATE_FILE
         state = torch.load(path, weights_only=False, map_location="cpu")
         self.task.restore(state["task"])
+        # Tune set our iteration from the result it *associated* with this checkpoint, which can be stale
+        # (Ray 2.60 may hand an exploiting trial a later checkpoint of a still-running clone). The iteration
+        # saved inside the checkpoint is the one that matches the weights and the step count.
+        self._iteration = int(state["iteration"])
         # The checkpoint is the clone's lineage; from here on this trial's config decides the lr.
         self.lr_history = record_lr(state["lr_history"], self.task.step, float(self.config["lr"]))
 
@@ -126,6 +129,8 @@ def build_scheduler(section: PBTSection, metric: str, mode: str):
         )
     if section.scheduler == "pb2":
         # PB2 (Parker-Holder et al. 2020) explores with a GP bandit inside the bounds instead of random factors.
+        from ray.tune.schedulers.pb2 import PB2  # imports GPy/sklearn: only when asked for
+
         return PB2(hyperparam_bounds={"lr": [section.lr_min, section.lr_max]}, **shared)
     return None
 
@@ -159,9 +164,8 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=experiment_name,
             storage_path=storage_path,
-            # Budget in optimizer steps, not Tune iterations: an exploit may copy a checkpoint that is further
-            # along than the iteration Tune records for it, and the step count travels with the checkpoint.
-            stop={"step": section.iterations * section.steps_per_iteration},
+            # Tune's own clock, which synchronous PBT waits on; load_checkpoint keeps it equal to steps / iteration.
+            stop={"training_iteration": section.iterations},
             checkpoint_config=tune.CheckpointConfig(
                 checkpoint_frequency=section.checkpoint_every,
                 checkpoint_at_end=True,
