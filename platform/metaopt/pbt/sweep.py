@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     """
     started = time.time()
     section = exp.section
+    if verbose < 2:
+        # Tune warns "Remote file not found: result.json" each time a reused actor restores a trial whose
+        # result file it has not written yet; harmless (progress.csv is what we read) and it buries the table.
+        logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
     resources = runtime.init(exp.ray, address)
     per_trial = runtime.trial_resources(exp.ray, resources)
     print(f"[metaopt] {resources.describe()}", flush=True)
