@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "show a submitted job's status"), ("logs", "print a submitted job's logs")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job", help="job id printed by metaopt submit")
-        cmd.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+        cmd.add_argument(
+            "--address", default=default_jobs_address(),
+            help="Ray dashboard address (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)",
+        )
         if name == "logs":
             cmd.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--trial", help="trial id (default: the sweep's best)")
     replay.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow URI holding the run")
     return parser
+
+
+def default_jobs_address() -> str:
+    """Where ``status``/``logs`` look when no --address is given: Ray's own variable, else a local head."""
+    import os
+
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
