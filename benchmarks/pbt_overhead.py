@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sweep_watchdog import make_watchdog  # benchmarks/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "quickstart.yaml"
 CORES = 2  # the sweep's Ray gets num_cpus=2 and 1 CPU per trial
@@ -187,30 +189,6 @@ def make_counter_callback():
             return profile
 
     return Counter()
-
-
-def make_watchdog(stall_seconds: float):
-    """A Tune callback that aborts a sweep in which no trial has started or reported for ``stall_seconds``
-    (synchronous PBT with the step budget was seen to livelock; see benchmarks/README.md)."""
-    from ray.tune import Callback
-
-    class Watchdog(Callback):
-        def __init__(self):
-            self.last = time.perf_counter()
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.last = time.perf_counter()
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.last = time.perf_counter()
-
-        def on_step_end(self, iteration, trials, **info):
-            if time.perf_counter() - self.last > stall_seconds:
-                states = ", ".join(f"{t.trial_id}:{t.status}@it{(t.last_result or {}).get('training_iteration')}"
-                                   f"/step{(t.last_result or {}).get('step')}" for t in trials)
-                raise RuntimeError(f"sweep stalled: no trial progress for {stall_seconds:.0f} s ({states})")
-
-    return Watchdog()
 
 
 def run_ours(exp, show_output: bool, stall_seconds: float = 180.0):
@@ -449,7 +427,7 @@ def main(argv=None) -> int:
         log(f"  ratio with synch={str(other).lower()}: {wall2 / reference:.2f}")
 
     if not args.skip_naive:
-        log(f"\n[naive: function trainable, report + checkpoint after every optimizer step, no MLflow]")
+        log("\n[naive: function trainable, report + checkpoint after every optimizer step, no MLflow]")
         nwall, nsteps, ninterval, nerrors = run_naive(exp, args.naive_steps, str(tmp / "naive_results"), args.stall_seconds)
         per_step_naive = nwall / max(nsteps, 1)
         per_step_ref = reference / total_steps
