@@ -38,11 +38,12 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server_log = open(root / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(
         [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'store.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), cwd=root,
+        stdout=subprocess.DEVNULL, stderr=server_log, cwd=root,
         env={**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": "*"},
     )
     uri = f"http://127.0.0.1:{port}"
@@ -65,6 +66,7 @@ def mlflow_server(tmp_path_factory):
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+    server_log.close()
 
 
 @pytest.fixture

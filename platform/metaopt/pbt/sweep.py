@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,8 @@ import torch
 from metaopt import runtime, tracking
 from metaopt.config import Experiment
 from metaopt.pbt import lineage, plots
+from metaopt.pbt.replay import SCHEDULES_ARTIFACT
 from metaopt.pbt.tune import STATE_FILE, build_tuner
-
-SCHEDULES_ARTIFACT = "schedules.json"
 
 
 @dataclass
@@ -272,8 +272,6 @@ def log_summary(parent: tracking.ParentRun, summary: SweepSummary, exp: Experime
             "wall_seconds": summary.wall_seconds,
         }
     )
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "summary.csv"
         with path.open("w", newline="") as handle:
