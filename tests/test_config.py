@@ -45,14 +45,32 @@ BASE: dict[str, Any] = {
     },
 }
 
+# A valid, minimal lpo (learned-objective meta-training) experiment, for the lpo cases below.
+LPO_BASE: dict[str, Any] = {
+    "name": "cfg-lpo",
+    "kind": "lpo",
+    "tracking": {"uri": "sqlite:///mlflow.db"},
+    "lpo": {
+        "drift": "ta_lpo",
+        "envs": [{"env": "CartPole-v1", "total_timesteps": 2048, "ppo": {"num_envs": 4, "num_steps": 64}}],
+        "horizons": [0.5, 1.0],
+        "es": {"population": 4, "generations": 2},
+    },
+}
+LPO_EVAL_BASE: dict[str, Any] = {
+    "name": "cfg-lpo-eval",
+    "kind": "lpo_eval",
+    "lpo_eval": {"objectives": ["ppo", "dpo"], "envs": [{"env": "Acrobot-v1", "total_timesteps": 4096}]},
+}
+
 DELETE = object()
 DIRECTORY = object()  # file content: make a directory where the file should be
 PATH = "{path}"  # stands for the experiment file's path in expected fields/hints
 
 
-def mutate(**changes: Any) -> dict[str, Any]:
-    """A deep copy of BASE with ``a__b=value`` set (or removed with DELETE)."""
-    raw = copy.deepcopy(BASE)
+def mutate(_base: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
+    """A deep copy of BASE (or ``_base``) with ``a__b=value`` set (or removed with DELETE)."""
+    raw = copy.deepcopy(BASE if _base is None else _base)
     for dotted, value in changes.items():
         *parents, last = dotted.split("__")
         node = raw
@@ -169,8 +187,8 @@ MALFORMED = [
     ("max-concurrent-trials-0", mutate(ray__max_concurrent_trials=0), [], "ray.max_concurrent_trials",
      ("greater than or equal to 1",)),
     # kind and name
-    ("unknown-kind", mutate(kind="evolution"), [], "kind", ("unknown kind 'evolution'", "allowed: pbt")),
-    ("missing-kind", mutate(kind=DELETE), [], "kind", ("missing", "allowed: pbt")),
+    ("unknown-kind", mutate(kind="evolution"), [], "kind", ("unknown kind 'evolution'", "allowed: lpo, lpo_eval, pbt")),
+    ("missing-kind", mutate(kind=DELETE), [], "kind", ("missing", "allowed: lpo, lpo_eval, pbt")),
     ("missing-name", mutate(name=DELETE), [], "name", ("missing", "letters, digits, _ . -")),
     ("bad-name-characters", mutate(name="my sweep!"), [], "name", ("letters, digits, _ . -", "'my sweep!'")),
     ("name-with-slash", mutate(name="a/b"), [], "name", ("letters, digits, _ . -",)),
@@ -207,6 +225,36 @@ MALFORMED = [
      ("integer >= 1", "0")),
     ("digits-val-fraction-0.7", mutate(pbt__task_options={"val_fraction": 0.7}), [], "pbt.task_options.val_fraction",
      ("(0, 0.5)", "0.7")),
+    # lpo: learned-objective meta-training (objectives/config.py; PPO overrides checked by PPOConfig)
+    ("lpo-unknown-env", mutate(LPO_BASE, lpo__envs=[{"env": "Pong-v5", "total_timesteps": 100}]), [],
+     "lpo.envs.0.env", ("unknown env 'Pong-v5'", "CartPole-v1", "SpaceInvaders-MinAtar")),
+    ("lpo-unknown-drift", mutate(LPO_BASE, lpo__drift="lion"), [], "lpo.drift", ("'lpo' or 'ta_lpo'", "'lion'")),
+    ("lpo-odd-antithetic-population", mutate(LPO_BASE, lpo__es={"population": 5}), [], "lpo.es.population",
+     ("even with antithetic sampling", "5")),
+    ("lpo-sigma-min-over-init", mutate(LPO_BASE, lpo__es={"sigma_init": 0.01, "sigma_min": 0.1}), [],
+     "lpo.es.sigma_min", ("<= sigma_init",)),
+    ("lpo-no-envs", mutate(LPO_BASE, lpo__envs=[]), [], "lpo.envs", ("at least 1 item",)),
+    ("lpo-env-without-budget", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1"}]), [],
+     "lpo.envs.0.total_timesteps", ("Field required",)),
+    ("lpo-unknown-ppo-field", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 2048,
+                                                            "ppo": {"learning_rate": 0.1}}]), [],
+     "lpo.envs.0.ppo", ("learning_rate", "not a PPOConfig field", "allowed:")),
+    ("lpo-minibatches-do-not-divide", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 2048,
+                                                                   "ppo": {"num_envs": 3, "num_steps": 5, "num_minibatches": 4}}]),
+     [], "lpo.envs.0.ppo", ("num_minibatches", "must divide")),
+    ("lpo-budget-below-one-update", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 100}]), [],
+     "lpo.envs.0.ppo", ("total_timesteps", "one update")),
+    ("lpo-several-horizons-without-time", mutate(LPO_BASE, lpo__drift="lpo"), [], "lpo.horizons",
+     ("only matter for ta_lpo",)),
+    ("lpo-zero-horizon", mutate(LPO_BASE, lpo__horizons=[0.0, 1.0]), [], "lpo.horizons", ("must be > 0",)),
+    ("lpo-workers-do-not-divide", mutate(LPO_BASE, lpo__workers=3), [], "lpo.workers", ("must divide es.population",)),
+    ("lpo-duplicate-meta-seeds", mutate(LPO_BASE, lpo__meta_seeds=[1, 1]), [], "lpo.meta_seeds", ("distinct",)),
+    ("lpo-eval-unknown-objective", mutate(LPO_EVAL_BASE, lpo_eval__objectives=["ppo", "nowhere/drift"]), [],
+     "lpo_eval.objectives", ("'nowhere/drift'", "ppo, dpo, mlflow:RUN_ID")),
+    ("lpo-eval-one-seed", mutate(LPO_EVAL_BASE, lpo_eval__seeds=1), [], "lpo_eval.seeds",
+     ("greater than or equal to 2",)),
+    ("lpo-eval-progress-outside-0-1", mutate(LPO_EVAL_BASE, lpo_eval__heatmap_progress=[0.5, 1.5]), [],
+     "lpo_eval.heatmap_progress", ("[0, 1]",)),
     # the file itself
     ("bad-yaml-unclosed-list", "name: t\nkind: pbt\npbt:\n  population: [2\n", [], PATH,
      ("invalid YAML", "line 5")),
@@ -229,7 +277,7 @@ MALFORMED = [
     ("set-out-of-range", BASE, ["pbt.population=1"], "pbt.population", ("greater than or equal to 2",)),
     ("set-wrong-type", BASE, ["ray.cpus_per_trial=many"], "ray.cpus_per_trial", ("valid number", "'many'")),
     ("set-through-a-scalar", BASE, ["pbt.population.min=2"], "pbt.population", ("cannot set pbt.population.min",)),
-    ("set-unknown-kind", BASE, ["kind=evolution"], "kind", ("unknown kind 'evolution'", "allowed: pbt")),
+    ("set-unknown-kind", BASE, ["kind=evolution"], "kind", ("unknown kind 'evolution'", "allowed: lpo, lpo_eval, pbt")),
     ("set-bad-uri", BASE, ["tracking.uri=mlruns"], "tracking.uri", ("sqlite:///PATH",)),
     ("set-later-wins", BASE, ["pbt.population=8", "pbt.population=1"], "pbt.population",
      ("greater than or equal to 2",)),
@@ -291,10 +339,10 @@ def test_config_error_text_is_the_cli_line(tmp_path, capsys, tripwire):
 
 BUGS = [
     pytest.param(
-        mutate(kind=["pbt"]), [], "kind", ("allowed: pbt",), id="kind-is-a-list",
+        mutate(kind=["pbt"]), [], "kind", ("allowed: lpo, lpo_eval, pbt",), id="kind-is-a-list",
     ),
     pytest.param(
-        mutate(kind={"name": "pbt"}), [], "kind", ("allowed: pbt",), id="kind-is-a-mapping",
+        mutate(kind={"name": "pbt"}), [], "kind", ("allowed: lpo, lpo_eval, pbt",), id="kind-is-a-mapping",
     ),
     pytest.param(
         b"\xff\xfe\x00name: t\nkind: pbt\n", [], PATH, ("UTF-8",), id="file-not-utf8",
@@ -389,8 +437,21 @@ def test_every_experiment_file_loads(path):
     assert exp.source == str(path)
     raw = yaml.safe_load(path.read_text())
     assert exp.name == raw["name"]
-    for key, value in raw[exp.kind].items():
-        assert getattr(exp.section, key) == (tuple(value) if isinstance(value, list) else value), key
+    assert_subset(raw[exp.kind], exp.section.model_dump(mode="json"), exp.kind)
+
+
+def assert_subset(written: Any, resolved: Any, where: str) -> None:
+    """Every value the file wrote is in the resolved config (which also holds the defaults)."""
+    if isinstance(written, dict):
+        for key, value in written.items():
+            assert key in resolved, f"{where}.{key}"
+            assert_subset(value, resolved[key], f"{where}.{key}")
+    elif isinstance(written, list):
+        assert len(written) == len(resolved), where
+        for i, (a, b) in enumerate(zip(written, resolved)):
+            assert_subset(a, b, f"{where}.{i}")
+    else:
+        assert written == resolved, where
 
 
 def test_quickstart_values():
@@ -575,7 +636,7 @@ def test_list_experiments(monkeypatch, capsys):
     for line, path in zip(lines, EXPERIMENT_FILES):
         fields = line.split()
         assert fields[0] == f"experiments/{path.name}"
-        assert fields[1] == config.load(path).kind == "pbt"
+        assert fields[1] == config.load(path).kind in config.kinds()
         assert "INVALID" not in line
         assert config.load(path).description.splitlines()[0] in line
 

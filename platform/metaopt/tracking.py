@@ -153,3 +153,17 @@ def ui_command(uri: str) -> str:
     if uri.startswith("http"):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def progress_rows(trial_path: str):
+    """Every result a trial reported, in order, from Tune's ``progress.csv``.
+
+    (``Result.metrics_dataframe`` reads ``result.json``, which was seen to miss rows reported after a PBT
+    restore; the CSV log is complete.)
+    """
+    import pandas as pd
+
+    path = Path(trial_path) / "progress.csv"
+    if not path.exists():
+        return None
+    return pd.read_csv(path)

@@ -153,7 +153,7 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
     """Per final trial: scores, lineage schedule from the PBT log and from its own checkpoint."""
     rows = []
     for result in results:
-        frame = progress_rows(result.path)
+        frame = tracking.progress_rows(result.path)
         metrics = result.metrics or {}
         if frame is None or frame.empty:
             continue
@@ -191,20 +191,6 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
         for row in rows:
             row.schedule = schedules[row.tag]
     return rows
-
-
-def progress_rows(trial_path: str):
-    """Every result a trial reported, in order, from Tune's ``progress.csv``.
-
-    (``Result.metrics_dataframe`` reads ``result.json``, which was seen to miss rows reported after a PBT
-    restore; the CSV log is complete.)
-    """
-    import pandas as pd
-
-    path = Path(trial_path) / "progress.csv"
-    if not path.exists():
-        return None
-    return pd.read_csv(path)
 
 
 def carried_history(result) -> lineage.Segments | None:

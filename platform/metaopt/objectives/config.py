@@ -1,0 +1,195 @@
+"""The ``lpo:`` and ``lpo_eval:`` sections: meta-training learned RL objectives and evaluating them.
+
+``lpo`` meta-trains a drift function (LPO, Lu et al. 2022; TA-LPO, Jackson et al. ICLR 2024) with OpenAI-ES
+(Salimans et al. 2017) through evosax; every population member is a full JAX PPO run on each meta-training
+env, and its fitness is the final mean return divided by PPO's on the same env and horizon. ``lpo_eval``
+trains PPO with given objectives (built-in ``ppo``/``dpo`` or exported drifts) on held-out envs and horizons.
+Nothing here imports JAX, Ray or torch: loading a file stays cheap; :meth:`check` imports what it validates with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from metaopt.config import StrictModel, register_kind
+from metaopt.errors import ConfigError
+
+#: gymnax environments with a discrete action space that the JAX PPO trains on.
+SUPPORTED_ENVS = (
+    "CartPole-v1",
+    "Acrobot-v1",
+    "MountainCar-v0",
+    "Asterix-MinAtar",
+    "Breakout-MinAtar",
+    "Freeway-MinAtar",
+    "SpaceInvaders-MinAtar",
+)
+
+
+class EnvSpec(StrictModel):
+    """One PPO training problem: a gymnax env, its step budget and PPO settings that differ from the defaults."""
+
+    env: str = Field(description="gymnax environment id.")
+    total_timesteps: int = Field(ge=1, description="Environment steps of one PPO run (the horizon).")
+    ppo: dict[str, Any] = Field(default_factory=dict, description="PPOConfig overrides (num_envs, lr, ...).")
+
+    @field_validator("env")
+    @classmethod
+    def _known_env(cls, env: str) -> str:
+        if env not in SUPPORTED_ENVS:
+            raise ValueError(f"unknown env {env!r}; allowed: {', '.join(SUPPORTED_ENVS)}")
+        return env
+
+
+class ESConfig(StrictModel):
+    """OpenAI-ES settings (evosax ``Open_ES``): antithetic sampling, fitness shaping, Adam on the mean."""
+
+    population: int = Field(default=16, ge=2, le=65536, description="Members per generation (even).")
+    generations: int = Field(default=100, ge=1, description="Generations = Tune iterations.")
+    sigma_init: float = Field(default=0.03, gt=0, description="Initial perturbation std.")
+    sigma_decay: float = Field(default=0.999, gt=0, le=1, description="Multiplicative std decay per generation.")
+    sigma_min: float = Field(default=0.01, gt=0, description="Floor of the std.")
+    lr: float = Field(default=0.01, gt=0, description="Adam learning rate on the ES mean.")
+    lr_decay: float = Field(default=0.999, gt=0, le=1, description="Multiplicative lr decay per generation.")
+    lr_min: float = Field(default=0.001, gt=0, description="Floor of the lr.")
+    antithetic: bool = Field(default=True, description="Mirrored sampling: member i pairs with i + N/2.")
+    fitness_shaping: Literal["centered_rank", "standardize", "raw"] = Field(
+        default="centered_rank", description="How raw fitness becomes ES weights."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ESConfig":
+        if self.antithetic and self.population % 2:
+            raise ConfigError("population", f"must be even with antithetic sampling (got {self.population})")
+        if self.sigma_min > self.sigma_init:
+            raise ConfigError("sigma_min", f"must be <= sigma_init ({self.sigma_min} > {self.sigma_init})")
+        if self.lr_min > self.lr:
+            raise ConfigError("lr_min", f"must be <= lr ({self.lr_min} > {self.lr})")
+        return self
+
+
+def check_ppo_overrides(envs: list[EnvSpec], field: str) -> None:
+    """Build each env's PPOConfig once so a bad override fails at load time, naming the env's entry."""
+    from metaopt.objectives.ppo import ppo_config_for
+
+    for i, spec in enumerate(envs):
+        try:
+            ppo_config_for(spec.env, total_timesteps=spec.total_timesteps, **spec.ppo)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{field}.{i}.ppo", str(err).splitlines()[0]) from None
+
+
+class LPOSection(StrictModel):
+    """Meta-train a drift (learned PPO objective) with evolution strategies, one Tune trial per meta-seed."""
+
+    drift: Literal["lpo", "ta_lpo"] = Field(default="lpo", description="Which learned drift to meta-train.")
+    hidden: int = Field(default=128, ge=1, le=4096, description="Tanh units of the drift network.")
+    envs: list[EnvSpec] = Field(min_length=1, description="Meta-training problems; fitness averages over them.")
+    horizons: list[float] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="Training-horizon multipliers of each env's total_timesteps, one drawn per env per generation.",
+    )
+    es: ESConfig = Field(default_factory=ESConfig)
+    seeds_per_member: int = Field(default=1, ge=1, description="PPO seeds averaged into each member's fitness.")
+    baseline_seeds: int = Field(default=4, ge=1, description="PPO seeds for the reference return per env/horizon.")
+    eval_every: int = Field(default=10, ge=1, description="Generations between evaluations of the ES mean.")
+    eval_seeds: int = Field(default=4, ge=1, description="Seeds of each ES-mean evaluation.")
+    checkpoint_every: int = Field(default=5, ge=1, description="Generations between checkpoints of the ES state.")
+    workers: int = Field(
+        default=0, ge=0, description="Ray actors the population is split over (0: vmap inside the trial)."
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each population worker reserves.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs each population worker reserves.")
+    meta_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="One trial per seed.")
+    max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its checkpoint.")
+
+    @field_validator("horizons")
+    @classmethod
+    def _positive_horizons(cls, horizons: list[float]) -> list[float]:
+        if any(h <= 0 for h in horizons):
+            raise ValueError(f"every horizon multiplier must be > 0 (got {horizons})")
+        return horizons
+
+    @field_validator("meta_seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise ValueError(f"must be distinct non-negative integers (got {seeds})")
+        return seeds
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LPOSection":
+        if self.workers and self.es.population % self.workers:
+            raise ConfigError(
+                "workers", f"must divide es.population ({self.es.population} members over {self.workers} workers)"
+            )
+        envs = [spec.env for spec in self.envs]
+        if len(set(envs)) != len(envs):
+            raise ConfigError("envs", f"each env once (got {envs}); use horizons for several budgets")
+        if self.drift == "lpo" and len(self.horizons) > 1:
+            raise ConfigError(
+                "horizons", "several horizons only matter for ta_lpo (LPO cannot see the horizon); give one"
+            )
+        return self
+
+    def check(self) -> None:
+        check_ppo_overrides(self.envs, "envs")
+
+
+class LPOEvalSection(StrictModel):
+    """Train PPO with each objective on held-out envs and horizons; report mean and confidence interval."""
+
+    objectives: list[str] = Field(
+        default_factory=lambda: ["ppo", "dpo"],
+        min_length=1,
+        description="ppo, dpo, a directory holding an exported drift (drift.json), or mlflow:RUN_ID.",
+    )
+    envs: list[EnvSpec] = Field(min_length=1, description="Held-out problems.")
+    horizons: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="Horizon multipliers.")
+    seeds: int = Field(default=8, ge=2, description="PPO seeds per objective, env and horizon.")
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="Level of the interval on the mean return.")
+    heatmap_progress: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0], description="Training-progress values of the drift heat-maps."
+    )
+    seed: int = Field(default=0, ge=0, description="First PPO seed.")
+
+    @field_validator("horizons")
+    @classmethod
+    def _positive_horizons(cls, horizons: list[float]) -> list[float]:
+        if any(h <= 0 for h in horizons):
+            raise ValueError(f"every horizon multiplier must be > 0 (got {horizons})")
+        return horizons
+
+    @field_validator("heatmap_progress")
+    @classmethod
+    def _unit_interval(cls, values: list[float]) -> list[float]:
+        if any(not 0 <= v <= 1 for v in values):
+            raise ValueError(f"training-progress values must lie in [0, 1] (got {values})")
+        return values
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, objectives: list[str]) -> list[str]:
+        if len(set(objectives)) != len(objectives):
+            raise ValueError(f"each objective once (got {objectives})")
+        return objectives
+
+    def check(self) -> None:
+        from pathlib import Path
+
+        for spec in self.objectives:
+            if spec in ("ppo", "dpo") or spec.startswith("mlflow:"):
+                continue
+            if not (Path(spec).expanduser() / "drift.json").is_file():
+                raise ConfigError(
+                    "objectives",
+                    f"{spec!r} is not ppo, dpo, mlflow:RUN_ID or a directory holding drift.json (an exported drift)",
+                )
+        check_ppo_overrides(self.envs, "envs")
+
+
+register_kind("lpo", LPOSection, "metaopt.objectives.meta_train:run")
+register_kind("lpo_eval", LPOEvalSection, "metaopt.objectives.evaluate:run")

@@ -1,0 +1,226 @@
+"""The ``lpo_eval`` experiment: learned objectives vs PPO and DPO on held-out envs and horizons.
+
+Every (objective, env, horizon) is one Tune trial that trains PPO with that drift on ``seeds`` seeds (vmapped)
+and reports the mean final return with a Student-t confidence interval. The parent MLflow run gets the table
+(CSV + JSON), one metric per cell, a bar chart and the drift heat-maps of every objective at the configured
+training-progress values (Lu et al. 2022, Fig. 2; Jackson et al. ICLR 2024, Fig. 3).
+
+Objectives: ``ppo`` and ``dpo`` (closed forms), a directory holding an exported drift (``drift.json``), or
+``mlflow:RUN_ID`` (the ``drift/`` artifact of an ``lpo`` run, downloaded from the experiment's tracking URI).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metaopt import runtime, tracking
+from metaopt.config import Experiment
+from metaopt.errors import ConfigError
+
+BUILTIN = ("ppo", "dpo")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A drift to evaluate: its display name, drift kind, options and parameters (plain lists, Tune-friendly)."""
+
+    label: str
+    drift: str
+    options: dict[str, Any]
+    params: Any  # nested dict of lists, or {}
+
+    def jax_params(self):
+        import jax.numpy as jnp
+
+        return _map_leaves(self.params, lambda x: jnp.asarray(x, dtype=jnp.float32))
+
+
+def _map_leaves(tree: Any, fn) -> Any:
+    if isinstance(tree, dict):
+        return {k: _map_leaves(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def confidence_interval(values: np.ndarray, level: float) -> tuple[float, float, float]:
+    """Mean and the two-sided Student-t interval of the mean at ``level``."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    return mean, mean - half, mean + half
+
+
+def resolve_objective(spec: str, tracking_uri: str) -> Objective:
+    """``ppo`` / ``dpo`` / a drift directory / ``mlflow:RUN_ID`` -> Objective; ConfigError naming the entry."""
+    if spec in BUILTIN:
+        return Objective(spec, spec, {}, {})
+    if spec.startswith("mlflow:"):
+        run_id = spec.split(":", 1)[1]
+        from metaopt.objectives.sweep import DRIFT_ARTIFACT
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        target = Path(tempfile.mkdtemp(prefix="metaopt-drift-"))
+        try:
+            local = client.download_artifacts(run_id, DRIFT_ARTIFACT, str(target))
+        except Exception as err:  # mlflow raises several types for a missing run / artifact
+            raise ConfigError("lpo_eval.objectives", f"{spec}: no '{DRIFT_ARTIFACT}' artifact at {tracking_uri} "
+                              f"({str(err).splitlines()[0]})") from None
+        return _from_directory(Path(local), spec)
+    path = Path(spec).expanduser()
+    if not (path / "drift.json").exists():
+        raise ConfigError(
+            "lpo_eval.objectives",
+            f"{spec!r} is not ppo, dpo, mlflow:RUN_ID or a directory holding drift.json (exported drift)",
+        )
+    return _from_directory(path, spec)
+
+
+def _from_directory(path: Path, label: str) -> Objective:
+    from metaopt.objectives.export import read_drift
+
+    spec, arrays = read_drift(path)
+    return Objective(label, spec.name, spec.as_dict(), {k: np.asarray(v).tolist() for k, v in arrays.items()})
+
+
+def evaluation_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: PPO with one objective on one problem, ``seeds`` seeds; reports once."""
+    import jax
+    from ray import tune
+
+    from metaopt.objectives.population import PopulationEvaluator, Problem, seed_keys, stack_params
+
+    objective = Objective(**config["objective"])
+    problem = Problem.of(**config["problem"])
+    params = objective.jax_params()
+    batch = stack_params([params]) if jax.tree.leaves(params) else {}
+    keys = seed_keys(jax.random.PRNGKey(config["seed"]), config["seeds"])
+    started = time.perf_counter()
+    returns = PopulationEvaluator().returns(objective.drift, tuple(sorted(objective.options.items())), problem, batch, keys)[0]
+    mean, low, high = confidence_interval(returns, config["confidence"])
+    tune.report({
+        "mean_return": mean, "ci_low": low, "ci_high": high, "std_return": float(np.std(returns, ddof=1)),
+        "returns": json.dumps([float(r) for r in returns]), "seconds": time.perf_counter() - started,
+    })
+
+
+def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
+    """Evaluate every objective on every env x horizon; print the table; log everything to MLflow."""
+    from ray import tune
+
+    from metaopt.objectives.meta_train import horizon_steps
+
+    started = time.time()
+    section = exp.section
+    objectives = [resolve_objective(spec, exp.tracking.uri) for spec in section.objectives]
+    problems = [
+        {"env": spec.env, "total_timesteps": horizon_steps(spec.total_timesteps, h), "ppo": spec.ppo}
+        for spec in section.envs for h in section.horizons
+    ]
+    if verbose < 2:
+        logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
+    resources = runtime.init(exp.ray, address)
+    per_trial = runtime.trial_resources(exp.ray, resources)
+    print(f"[metaopt] {resources.describe()}", flush=True)
+    client, experiment_id = tracking.connect(exp.tracking.uri, exp.mlflow_experiment)
+    parent = tracking.ParentRun(client, experiment_id, f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}", exp.to_dict())
+    print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
+    print(f"[metaopt] {len(objectives)} objectives x {len(problems)} env/horizons x {section.seeds} seeds", flush=True)
+    trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
+    tuner = tune.Tuner(
+        tune.with_resources(evaluation_trial, per_trial),
+        param_space={
+            "objective": tune.grid_search([o.__dict__ for o in objectives]),
+            "problem": tune.grid_search(problems),
+            "seeds": section.seeds, "seed": section.seed, "confidence": section.confidence,
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=exp.ray.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=parent.run_id, storage_path=str(Path(exp.ray.storage_path or "ray_results").expanduser().resolve()),
+            callbacks=[trial_callback, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
+        ),
+    )
+    try:
+        results = tuner.fit()
+        table = [table_row(r) for r in results]
+        log_evaluation(parent, exp, objectives, table, problems)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    failed = any(r.error for r in results)
+    parent.finish("FAILED" if failed else "FINISHED")
+    print(format_table(table, section.confidence), flush=True)
+    print(f"[metaopt] done in {time.time() - started:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+    return table
+
+
+def table_row(result) -> dict[str, Any]:
+    config, metrics = result.config, result.metrics or {}
+    problem = config["problem"]
+    return {
+        "objective": config["objective"]["label"],
+        "problem": f"{problem['env']}@{problem['total_timesteps']}",
+        "mean": float(metrics.get("mean_return", math.nan)),
+        "ci_low": float(metrics.get("ci_low", math.nan)),
+        "ci_high": float(metrics.get("ci_high", math.nan)),
+        "std": float(metrics.get("std_return", math.nan)),
+        "returns": json.loads(metrics["returns"]) if "returns" in metrics else [],
+        "error": str(result.error).splitlines()[0] if result.error else None,
+    }
+
+
+def metric_key(row: dict[str, Any], stat: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["objective"])
+    return f"{safe}.{row['problem'].replace('@', '_')}.{stat}"
+
+
+def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: list[dict], problems: list[dict]) -> None:
+    from metaopt.objectives import plots
+    from metaopt.objectives.drifts import make_drift
+    from metaopt.objectives.sweep import reference_log_horizon
+
+    parent.log_metrics({metric_key(r, s): r[k] for r in table for s, k in (("mean", "mean"), ("ci_low", "ci_low"), ("ci_high", "ci_high"))})
+    parent.log_json("evaluation.json", table)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "evaluation.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["objective", "problem", "mean", "ci_low", "ci_high", "std", "seeds"])
+            for r in table:
+                writer.writerow([r["objective"], r["problem"], r["mean"], r["ci_low"], r["ci_high"], r["std"], len(r["returns"])])
+        parent.log_file(path)
+    parent.log_figure(plots.plot_eval_bars(table, f"{exp.name}: final return, {exp.section.confidence:.0%} interval"), "evaluation.png")
+    drifts = {}
+    for o in objectives:
+        drift_fn, _ = make_drift(o.drift, **o.options)
+        drifts[o.label] = (drift_fn, o.jax_params())
+    first = problems[0]
+    log_horizon = reference_log_horizon(first["env"], first["total_timesteps"], first["ppo"])
+    parent.log_figure(
+        plots.plot_drift_heatmaps(drifts, list(exp.section.heatmap_progress), log_horizon, f"{exp.name}: drift"),
+        "drift_heatmaps.png",
+    )
+
+
+def format_table(table: list[dict[str, Any]], confidence: float) -> str:
+    header = f"{'objective':<28}{'env@steps':<28}{'mean return':>12}{f'{confidence:.0%} interval':>24}{'seeds':>7}"
+    lines = [header, "-" * len(header)]
+    for r in sorted(table, key=lambda r: (r["problem"], -r["mean"] if math.isfinite(r["mean"]) else math.inf)):
+        interval = f"[{r['ci_low']:.1f}, {r['ci_high']:.1f}]"
+        status = f"  FAILED {r['error']}" if r["error"] else ""
+        lines.append(f"{r['objective'][:27]:<28}{r['problem']:<28}{r['mean']:>12.2f}{interval:>24}{len(r['returns']):>7}{status}")
+    return "\n".join(lines)

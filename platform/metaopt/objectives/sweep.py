@@ -1,0 +1,169 @@
+"""The ``lpo`` experiment, top to bottom: Ray -> Tune (a trial per meta-seed, an iteration per ES generation)
+-> the discovered drift of every trial exported -> MLflow (curves, heat-maps, drift artifacts) -> summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaopt import runtime, tracking
+from metaopt.config import Experiment
+
+#: Artifact folder of an exported drift, on the parent run (best trial) and on each trial's run.
+DRIFT_ARTIFACT = "drift"
+
+
+@dataclass
+class MetaTrialSummary:
+    trial_id: str
+    meta_seed: int
+    generations: int
+    fitness_mean: float
+    mean_score: float
+    drift_dir: str | None
+    curves: dict[str, tuple[list[int], list[float]]]
+    error: str | None = None
+
+
+@dataclass
+class MetaSummary:
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    trials: list[MetaTrialSummary]
+    best_trial: str | None
+    wall_seconds: float
+
+    def best(self) -> MetaTrialSummary | None:
+        return next((t for t in self.trials if t.trial_id == self.best_trial), None)
+
+
+def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
+    from metaopt.objectives.tune import build_tuner
+
+    started = time.time()
+    section = exp.section
+    if verbose < 2:
+        logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
+    resources = runtime.init(exp.ray, address)
+    per_trial = runtime.trial_resources(exp.ray, resources)
+    print(f"[metaopt] {resources.describe()}", flush=True)
+    client, experiment_id = tracking.connect(exp.tracking.uri, exp.mlflow_experiment)
+    run_name = f"{exp.name}-{section.drift}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
+    print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
+    print(
+        f"[metaopt] meta-training {section.drift} with OpenAI-ES: population {section.es.population}, "
+        f"{section.es.generations} generations, envs {', '.join(s.env for s in section.envs)}; "
+        "the first generation compiles PPO (tens of seconds)",
+        flush=True,
+    )
+    trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
+    progress = []
+    if verbose == 1:
+        from metaopt.progress import ProgressPrinter
+
+        progress = [ProgressPrinter("fitness_mean", "max", section.es.generations)]
+    tuner = build_tuner(
+        section,
+        experiment_name=run_name,
+        storage_path=str(Path(exp.ray.storage_path or "ray_results").expanduser().resolve()),
+        resources=per_trial,
+        max_concurrent_trials=exp.ray.max_concurrent_trials,
+        callbacks=[trial_callback, *progress, *(callbacks or [])],
+        verbose=1 if verbose >= 2 else 0,
+    )
+    try:
+        results = tuner.fit()
+        trials = [summarise_trial(result) for result in results]
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    scored = [t for t in trials if math.isfinite(t.mean_score)]
+    best = max(scored, key=lambda t: t.mean_score) if scored else None
+    summary = MetaSummary(exp.name, parent.run_id, exp.tracking.uri, trials, best.trial_id if best else None,
+                          time.time() - started)
+    log_summary(parent, summary, exp, trial_callback.trial_runs)
+    parent.finish("FAILED" if any(t.error for t in trials) else "FINISHED")
+    print(format_table(summary), flush=True)
+    print(f"[metaopt] done in {summary.wall_seconds:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+    if best:
+        print(f"[metaopt] discovered drift: artifact '{DRIFT_ARTIFACT}/' of run {parent.run_id}; evaluate it with "
+              f"objectives: [ppo, dpo, mlflow:{parent.run_id}] in an lpo_eval experiment")
+    return summary
+
+
+def summarise_trial(result) -> MetaTrialSummary:
+    from metaopt.objectives.tune import DRIFT_DIR
+
+    metrics = result.metrics or {}
+    frame = tracking.progress_rows(result.path)  # complete even after restores (result.json is not)
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    if frame is not None and not frame.empty:
+        for key in ("fitness_mean", "mean_score"):
+            if key in frame:
+                rows = frame[["generation", key]].dropna()
+                curves[key] = (rows["generation"].astype(int).tolist(), rows[key].astype(float).tolist())
+    drift_dir = None
+    if result.checkpoint is not None and (Path(result.checkpoint.path) / DRIFT_DIR).exists():
+        drift_dir = str(Path(result.checkpoint.path) / DRIFT_DIR)
+    scores = curves.get("mean_score", ([], []))[1]
+    return MetaTrialSummary(
+        trial_id=str(metrics.get("trial_id", result.path)),
+        meta_seed=int(result.config.get("meta_seed", -1)) if result.config else -1,
+        generations=int(metrics.get("generation", 0)),
+        fitness_mean=float(metrics.get("fitness_mean", math.nan)),
+        mean_score=float(scores[-1]) if scores else math.nan,
+        drift_dir=drift_dir,
+        curves=curves,
+        error=str(result.error).splitlines()[0] if result.error else None,
+    )
+
+
+def log_summary(parent: tracking.ParentRun, summary: MetaSummary, exp: Experiment, trial_runs: dict[str, str]) -> None:
+    """Each trial's drift on its own run; the best one, heat-maps and curves on the parent."""
+    from metaopt.objectives import plots
+    from metaopt.objectives.export import load_drift
+
+    for t in summary.trials:
+        if t.drift_dir and t.trial_id in trial_runs:
+            parent.client.log_artifacts(trial_runs[t.trial_id], t.drift_dir, DRIFT_ARTIFACT)
+    curves = {t.trial_id: t.curves for t in summary.trials}
+    parent.log_figure(plots.plot_meta_curves(curves, summary.best_trial, f"{exp.name}: meta-training"), "meta_training.png")
+    best = summary.best()
+    parent.log_metrics({
+        "best_mean_score": best.mean_score if best else math.nan,
+        "failed_trials": sum(bool(t.error) for t in summary.trials),
+        "wall_seconds": summary.wall_seconds,
+    })
+    if best and best.drift_dir:
+        parent.log_file(best.drift_dir, DRIFT_ARTIFACT)
+        drift_fn, params = load_drift(best.drift_dir)
+        section = exp.section
+        log_horizon = reference_log_horizon(section.envs[0].env, section.envs[0].total_timesteps, section.envs[0].ppo)
+        figure = plots.plot_drift_heatmaps(
+            {f"{section.drift} (best)": (drift_fn, params)}, [0.0, 0.5, 1.0], log_horizon, f"{exp.name}: discovered drift"
+        )
+        parent.log_figure(figure, "drift_heatmaps.png")
+
+
+def reference_log_horizon(env: str, total_timesteps: int, ppo: dict[str, Any]) -> float:
+    """log N (N = PPO updates) of a problem, the TA-LPO input used for its heat-maps."""
+    from metaopt.objectives.ppo import ppo_config_for
+
+    return math.log(ppo_config_for(env, total_timesteps=total_timesteps, **ppo).num_updates)
+
+
+def format_table(summary: MetaSummary) -> str:
+    header = f"{'trial':<16}{'meta-seed':>10}{'generations':>12}{'fitness':>10}{'eval score':>12}  status"
+    lines = [header, "-" * len(header)]
+    for t in sorted(summary.trials, key=lambda t: -t.mean_score if math.isfinite(t.mean_score) else math.inf):
+        status = "FAILED " + (t.error or "") if t.error else ("BEST" if t.trial_id == summary.best_trial else "ok")
+        lines.append(f"{t.trial_id:<16}{t.meta_seed:>10}{t.generations:>12}{t.fitness_mean:>10.3f}{t.mean_score:>12.3f}  {status}")
+    lines.append("(scores are final mean return / PPO's on the same env and horizon; 1.0 = PPO)")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""The only place in ``metaopt.objectives`` that knows Ray Tune: one trial = one ES meta-training run.
+
+One Tune iteration is one ES generation. A checkpoint holds the whole ES state (evosax's pytree, serialised with
+flax msgpack), the generation, the cached PPO baselines and the current ES mean exported as a drift artifact
+(``drift/``, see :mod:`metaopt.objectives.export`). Because each generation's randomness comes from the
+generation number, a trial restored from a checkpoint continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from metaopt.objectives.config import LPOSection
+from metaopt.objectives.meta_train import MetaTrainer
+
+STATE_FILE = "es_state.msgpack"
+META_FILE = "meta.json"
+DRIFT_DIR = "drift"
+
+
+class MetaTrainable(tune.Trainable):
+    """``config['exp']``: the resolved ``lpo`` section; ``config['meta_seed']``: this run's seed."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.section = LPOSection.model_validate(config["exp"])
+        evaluator = None
+        if self.section.workers:
+            from metaopt.objectives.population import RayPopulation
+
+            evaluator = RayPopulation(self.section.workers, self.section.cpus_per_worker, self.section.gpus_per_worker)
+        self.trainer = MetaTrainer(self.section, int(config["meta_seed"]), evaluator)
+        self.state = self.trainer.init_state()
+
+    def step(self) -> dict[str, Any]:
+        generation = self.iteration  # generations finished so far
+        self.state, result = self.trainer.generation(self.state, generation)
+        metrics = self.trainer.generation_metrics(self.state, result)
+        done = generation + 1
+        # Every key in every result (NaN when not evaluated): Tune's progress.csv keeps the first row's columns.
+        metrics.update(self.trainer.eval_template())
+        if done % self.section.eval_every == 0 or done == self.section.es.generations:
+            metrics.update(self.trainer.evaluate_mean(self.state, done))
+        metrics["generation"] = done
+        metrics["compile_seconds"] = getattr(self.trainer.evaluator, "compile_seconds", 0.0)
+        return metrics
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        from flax import serialization
+
+        from metaopt.objectives.export import save_drift
+
+        directory = Path(checkpoint_dir)
+        (directory / STATE_FILE).write_bytes(serialization.to_bytes(self.state))
+        meta = {"generation": self.iteration, "baselines": self.trainer.baselines, "meta_seed": self.config["meta_seed"]}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        save_drift(directory / DRIFT_DIR, self.section.drift, self.trainer.mean_params(self.state),
+                   dict(self.trainer.drift_options))
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+        from flax import serialization
+
+        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
+        self.state = serialization.from_bytes(self.trainer.init_state(), (directory / STATE_FILE).read_bytes())
+        meta = json.loads((directory / META_FILE).read_text())
+        self.trainer.baselines = {k: float(v) for k, v in meta["baselines"].items()}
+        self._iteration = int(meta["generation"])
+
+    def cleanup(self) -> None:
+        close = getattr(self.trainer.evaluator, "close", None)
+        if close:
+            close()
+
+
+def trial_resources(section: LPOSection, per_trial: dict[str, float]):
+    """The trial's own slot, plus one bundle per population worker (so a cluster places them together)."""
+    if not section.workers:
+        return per_trial
+    bundles = [{"CPU": per_trial["cpu"], "GPU": per_trial["gpu"]}]
+    bundles += [{"CPU": section.cpus_per_worker, "GPU": section.gpus_per_worker}] * section.workers
+    return tune.PlacementGroupFactory(bundles)
+
+
+def build_tuner(
+    section: LPOSection,
+    *,
+    experiment_name: str,
+    storage_path: str,
+    resources: dict[str, float],
+    max_concurrent_trials: int | None,
+    callbacks: list[Any],
+    verbose: int = 0,
+) -> tune.Tuner:
+    """One trial per meta-seed; stop after ``es.generations``; checkpoints every ``checkpoint_every``."""
+    trainable = tune.with_resources(MetaTrainable, trial_resources(section, resources))
+    return tune.Tuner(
+        trainable,
+        param_space={"exp": section.model_dump(mode="json"), "meta_seed": tune.grid_search(list(section.meta_seeds))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=experiment_name,
+            storage_path=storage_path,
+            stop={"training_iteration": section.es.generations},
+            checkpoint_config=tune.CheckpointConfig(
+                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True, num_to_keep=2
+            ),
+            failure_config=tune.FailureConfig(max_failures=section.max_failures),
+            callbacks=callbacks,
+            verbose=verbose,
+        ),
+    )
