@@ -1,0 +1,374 @@
+"""Drift functions: PPO's clipping and learned RL objectives in the mirror-learning view.
+
+Mirror learning (Kuba et al., "Mirror Learning: A Unifying Framework of Policy
+Optimisation", ICML 2022) writes the PPO actor loss as
+
+    L(theta) = -E[ r * A - D(r, A) ],      r = pi_theta(a|s) / pi_old(a|s),
+
+where ``A`` is the (per-minibatch normalised) advantage and ``D`` a *drift*: a penalty
+that is >= 0 everywhere and exactly 0 at ``r == 1``. Every drift here is a pure JAX
+function of one uniform signature::
+
+    drift(params, ratio, advantage, progress=None) -> penalty   # same shape as ratio
+
+* ``"ppo"`` -- PPO's clipping (Schulman et al. 2017, eq. 7) written as a drift,
+  ``relu((r - clip(r, 1-eps, 1+eps)) * A)``; then ``r*A - D = min(r*A, clip(r)*A)``,
+  the clipped surrogate objective. ``params`` is unused.
+* ``"dpo"`` -- Discovered Policy Optimisation (Lu et al., "Discovered Policy
+  Optimisation", NeurIPS 2022, eq. 6), the closed form distilled from LPO with
+  ``alpha = 2``, ``beta = 0.6``. ``params`` is unused.
+* ``"lpo"`` -- Learned Policy Optimisation (Lu et al. 2022, Sec. 4): a bias-free
+  MLP ``Dense(H) -> tanh -> Dense(1)`` on 8 features of ``(r, A)`` added to the PPO
+  drift, ``relu(net(x) + D_ppo(r, A) - 1e-4)``. With zero weights it *is* PPO (up to
+  the 1e-4 offset), which is where evolution strategies start the search.
+* ``"ta_lpo"`` -- Temporally-Aware LPO (Jackson et al., "Discovering Temporally-Aware
+  Reinforcement Learning Algorithms", ICLR 2024): LPO whose network also sees the
+  training progress ``n/N`` and the horizon ``log N``. So that a bias-free network keeps
+  ``D(r=1) = 0`` exactly, progress enters *multiplicatively* (our variant of the
+  paper's inputs): each of the 8 LPO features ``x`` is followed by ``(n/N)*x`` and
+  ``log(N)*x``, 24 features in all.
+
+The learned drifts carry a parameter pytree ``{"hidden": [F, H], "out": [H, 1]}``
+(float32, no biases); :func:`make_drift` returns it filled with zeros. The drift
+callables are :func:`functools.partial` objects over module-level functions, so they
+pickle (Ray) and can be closed over by ``jax.jit`` / ``jax.vmap`` / ``jax.grad``.
+Bad names or options raise :class:`~metaopt.errors.ConfigError` (a ``ValueError``) with
+one line naming the option and the allowed values.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metaopt.errors import ConfigError
+
+__all__ = [
+    "DRIFT_NAMES",
+    "LPO_OFFSET",
+    "MIN_RATIO",
+    "DriftSpec",
+    "Progress",
+    "dpo_drift",
+    "feature_names",
+    "is_learned",
+    "lpo_drift",
+    "lpo_features",
+    "make_drift",
+    "num_features",
+    "num_params",
+    "ppo_drift",
+    "ta_lpo_drift",
+    "ta_lpo_features",
+    "zero_params",
+]
+
+DRIFT_NAMES = ("ppo", "dpo", "lpo", "ta_lpo")
+LEARNED_DRIFTS = ("lpo", "ta_lpo")
+
+#: Offset subtracted inside LPO's final relu (Lu et al. 2022): relu(net + D_ppo - 1e-4).
+LPO_OFFSET = 1e-4
+#: Ratios are clamped to at least this before ``log`` (PPO ratios are > 0, but a
+#: probability can underflow to 0 in float32).
+MIN_RATIO = 1e-8
+
+#: Defaults per drift; exactly these options are accepted for each name.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "ppo": {"clip_eps": 0.2},
+    "dpo": {"alpha": 2.0, "beta": 0.6},
+    "lpo": {"hidden": 128, "clip_eps": 0.2},
+    "ta_lpo": {"hidden": 128, "clip_eps": 0.2},
+}
+
+_BASE_FEATURES = ("(r-1)", "(r-1)^2", "log(r)", "log(r)^2")
+_LPO_FEATURES = _BASE_FEATURES + tuple(f"A*{name}" for name in _BASE_FEATURES)
+_TA_LPO_FEATURES = (
+    _LPO_FEATURES
+    + tuple(f"fraction*{name}" for name in _LPO_FEATURES)
+    + tuple(f"log_horizon*{name}" for name in _LPO_FEATURES)
+)
+
+
+class Progress(NamedTuple):
+    """Where a PPO run is: the inputs TA-LPO (Jackson et al., ICLR 2024) conditions on.
+
+    Temporary home; :mod:`metaopt.objectives.ppo` owns the canonical definition. The
+    drifts only read ``.fraction`` and ``.log_horizon``, so any object with those two
+    attributes (scalars or arrays broadcastable to the ratio) works.
+    """
+
+    fraction: jax.Array  # n/N, current PPO update index / number of updates
+    log_horizon: jax.Array  # log(N), N = number of PPO updates of the run
+
+
+# ---------------------------------------------------------------------------
+# Drifts. Module-level (not closures) so that partials of them pickle.
+# ---------------------------------------------------------------------------
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+def _log_ratio(ratio: jax.Array) -> jax.Array:
+    return jnp.log(jnp.maximum(ratio, MIN_RATIO))
+
+
+def ppo_drift(
+    params: Any, ratio: Any, advantage: Any, progress: Any = None, *, clip_eps: float = 0.2
+) -> jax.Array:
+    """PPO's clipping as a drift (Schulman et al. 2017, eq. 7; Kuba et al. 2022, Sec. 4).
+
+    ``D = relu((r - clip(r, 1-eps, 1+eps)) * A)``, so ``r*A - D = min(r*A, clip(r)*A)``.
+    ``params`` and ``progress`` are ignored.
+    """
+    ratio, advantage = _f32(ratio), _f32(advantage)
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return jax.nn.relu((ratio - clipped) * advantage)
+
+
+def dpo_drift(
+    params: Any,
+    ratio: Any,
+    advantage: Any,
+    progress: Any = None,
+    *,
+    alpha: float = 2.0,
+    beta: float = 0.6,
+) -> jax.Array:
+    """DPO's closed-form drift (Lu et al., "Discovered Policy Optimisation", 2022, eq. 6).
+
+    ``A >= 0``: ``relu((r-1)*A - alpha*tanh((r-1)*A/alpha))``;
+    ``A < 0``:  ``relu(log(r)*A - beta*tanh(log(r)*A/beta))``.
+    ``params`` and ``progress`` are ignored. ``log`` sees ``max(r, MIN_RATIO)``.
+    """
+    ratio, advantage = _f32(ratio), _f32(advantage)
+    positive = (ratio - 1.0) * advantage
+    negative = _log_ratio(ratio) * advantage
+    drift_pos = jax.nn.relu(positive - alpha * jnp.tanh(positive / alpha))
+    drift_neg = jax.nn.relu(negative - beta * jnp.tanh(negative / beta))
+    return jnp.where(advantage >= 0.0, drift_pos, drift_neg)
+
+
+def lpo_features(ratio: Any, advantage: Any) -> jax.Array:
+    """LPO's 8 network inputs (Lu et al. 2022, Sec. 4), stacked on a new last axis.
+
+    ``[r-1, (r-1)^2, log r, (log r)^2]`` followed by each of those times ``A``. All are
+    exactly 0 at ``r == 1``, so a bias-free network outputs exactly 0 there.
+    """
+    ratio, advantage = _f32(ratio), _f32(advantage)
+    ratio, advantage = jnp.broadcast_arrays(ratio, advantage)
+    delta = ratio - 1.0
+    log_r = _log_ratio(ratio)
+    base = [delta, delta * delta, log_r, log_r * log_r]
+    return jnp.stack(base + [advantage * x for x in base], axis=-1)
+
+
+def ta_lpo_features(ratio: Any, advantage: Any, progress: Any) -> jax.Array:
+    """TA-LPO's 24 network inputs (Jackson et al., ICLR 2024; multiplicative variant).
+
+    The 8 LPO features ``x``, then ``fraction * x``, then ``log_horizon * x``; progress
+    scales features that vanish at ``r == 1``, so ``D(r=1) = 0`` still holds exactly.
+    """
+    if progress is None:
+        raise ConfigError("ta_lpo", "needs progress=Progress(fraction, log_horizon); got None")
+    base = lpo_features(ratio, advantage)
+    fraction = _f32(progress.fraction)[..., None]
+    log_horizon = _f32(progress.log_horizon)[..., None]
+    return jnp.concatenate([base, fraction * base, log_horizon * base], axis=-1)
+
+
+def _network(params: Mapping[str, Any], features: jax.Array) -> jax.Array:
+    hidden = jnp.tanh(features @ _f32(params["hidden"]))
+    return (hidden @ _f32(params["out"]))[..., 0]
+
+
+def lpo_drift(
+    params: Mapping[str, Any],
+    ratio: Any,
+    advantage: Any,
+    progress: Any = None,
+    *,
+    clip_eps: float = 0.2,
+) -> jax.Array:
+    """LPO's drift (Lu et al. 2022, Sec. 4): ``relu(net(x) + D_ppo(r, A) - 1e-4)``.
+
+    ``net`` is ``Dense(H, no bias) -> tanh -> Dense(1, no bias)`` on
+    :func:`lpo_features`; ``params = {"hidden": [8, H], "out": [H, 1]}``. Zero weights
+    give ``relu(D_ppo - 1e-4)``. ``progress`` is ignored.
+    """
+    net = _network(params, lpo_features(ratio, advantage))
+    ppo = ppo_drift(None, ratio, advantage, clip_eps=clip_eps)
+    return jax.nn.relu(net + ppo - LPO_OFFSET)
+
+
+def ta_lpo_drift(
+    params: Mapping[str, Any],
+    ratio: Any,
+    advantage: Any,
+    progress: Any = None,
+    *,
+    clip_eps: float = 0.2,
+) -> jax.Array:
+    """Temporally-aware LPO (Jackson et al., ICLR 2024): LPO on :func:`ta_lpo_features`.
+
+    ``relu(net(x_t) + D_ppo(r, A) - 1e-4)`` with ``params = {"hidden": [24, H],
+    "out": [H, 1]}``; ``progress`` (a :class:`Progress`) is required.
+    """
+    net = _network(params, ta_lpo_features(ratio, advantage, progress))
+    ppo = ppo_drift(None, ratio, advantage, clip_eps=clip_eps)
+    return jax.nn.relu(net + ppo - LPO_OFFSET)
+
+
+_DRIFT_FUNCTIONS: dict[str, Callable[..., jax.Array]] = {
+    "ppo": ppo_drift,
+    "dpo": dpo_drift,
+    "lpo": lpo_drift,
+    "ta_lpo": ta_lpo_drift,
+}
+
+
+# ---------------------------------------------------------------------------
+# Registry.
+# ---------------------------------------------------------------------------
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or name not in DRIFT_NAMES:
+        raise ConfigError("drift", f"must be one of {', '.join(DRIFT_NAMES)}; got {name!r}")
+    return name
+
+
+def _check_real(field: str, value: Any, low: float, high: float) -> float:
+    """A finite float in the open interval (low, high)."""
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    number = float(value) if is_real else math.nan
+    if not (math.isfinite(number) and low < number < high):
+        raise ConfigError(field, f"must be a finite number in ({low:g}, {high:g}), got {value!r}")
+    return number
+
+
+def _check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults for ``name`` overridden by ``options``; unknown keys or bad values raise."""
+    allowed = DEFAULT_OPTIONS[name]
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}", f"unknown option; allowed: {', '.join(allowed)}")
+    resolved = {**allowed, **options}
+    for key, value in resolved.items():
+        field = f"{name}.{key}"
+        if key == "hidden":
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ConfigError(field, f"must be an integer >= 1, got {value!r}")
+            resolved[key] = int(value)
+        elif key == "clip_eps":
+            resolved[key] = _check_real(field, value, 0.0, 1.0)
+        else:  # alpha, beta
+            resolved[key] = _check_real(field, value, 0.0, math.inf)
+    return resolved
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """A drift by name with its resolved options; hashable, so usable as a static jit arg.
+
+    ``options`` is a sorted tuple of ``(key, value)`` pairs holding *every* option of the
+    drift (defaults filled in); :meth:`as_dict` gives it back as a dict. Build one with
+    :meth:`create`, which validates.
+    """
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def create(cls, name: str, **options: Any) -> DriftSpec:
+        """Validate ``name`` and ``options`` (ConfigError on a bad one), fill defaults."""
+        name = _check_name(name)
+        resolved = _check_options(name, options)
+        return cls(name, tuple(sorted(resolved.items())))
+
+    def as_dict(self) -> dict[str, Any]:
+        """All options as a dict (defaults filled in, also for a spec built without :meth:`create`)."""
+        return {**DEFAULT_OPTIONS[_check_name(self.name)], **dict(self.options)}
+
+    @property
+    def learned(self) -> bool:
+        return self.name in LEARNED_DRIFTS
+
+    def drift_fn(self) -> Callable[..., jax.Array]:
+        """``drift(params, ratio, advantage, progress=None)`` with the options bound.
+
+        Equal specs give the *same* callable object, so a ``jax.jit`` that takes it as a
+        static argument (or closes over it) compiles once per distinct drift.
+        """
+        return _bound_drift(self)
+
+    def init_params(self) -> dict[str, jax.Array]:
+        """Zeros for the learned drifts (ES starts at PPO), ``{}`` for ppo/dpo."""
+        if not self.learned:
+            return {}
+        return zero_params(self.name, self.as_dict()["hidden"])
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        if not self.learned:
+            return {}
+        hidden = self.as_dict()["hidden"]
+        return {"hidden": (num_features(self.name), hidden), "out": (hidden, 1)}
+
+    def build(self) -> tuple[Callable[..., jax.Array], dict[str, jax.Array]]:
+        return self.drift_fn(), self.init_params()
+
+
+@functools.cache
+def _bound_drift(spec: DriftSpec) -> Callable[..., jax.Array]:
+    keywords = {k: v for k, v in spec.options if k != "hidden"}
+    return functools.partial(_DRIFT_FUNCTIONS[spec.name], **keywords)
+
+
+def make_drift(name: str, **options: Any) -> tuple[Callable[..., jax.Array], dict[str, Any]]:
+    """``(drift_fn, initial_params)`` for a drift in :data:`DRIFT_NAMES`.
+
+    ``drift_fn(params, ratio, advantage, progress=None)`` is pure and float32. Options:
+    ppo ``clip_eps``; dpo ``alpha``, ``beta``; lpo/ta_lpo ``hidden``, ``clip_eps``.
+    ``initial_params`` is ``{"hidden": zeros[F, H], "out": zeros[H, 1]}`` for
+    lpo (F=8) / ta_lpo (F=24) and ``{}`` for ppo/dpo.
+    """
+    return DriftSpec.create(name, **options).build()
+
+
+def is_learned(name: str) -> bool:
+    """Whether the drift has parameters to meta-learn (lpo, ta_lpo)."""
+    return _check_name(name) in LEARNED_DRIFTS
+
+
+def num_features(name: str) -> int:
+    """Network input width: 8 for lpo, 24 for ta_lpo, 0 for the fixed drifts."""
+    return len(feature_names(name))
+
+
+def feature_names(name: str) -> tuple[str, ...]:
+    """Human-readable names of the network inputs, in order (``()`` for ppo/dpo)."""
+    name = _check_name(name)
+    return {"lpo": _LPO_FEATURES, "ta_lpo": _TA_LPO_FEATURES}.get(name, ())
+
+
+def zero_params(name: str, hidden: int = 128) -> dict[str, jax.Array]:
+    """The all-zero parameter pytree of a learned drift (the drift then equals PPO)."""
+    if not is_learned(name):
+        raise ConfigError("drift", f"{name!r} has no parameters; learned drifts: lpo, ta_lpo")
+    return {
+        "hidden": jnp.zeros((num_features(name), hidden), jnp.float32),
+        "out": jnp.zeros((hidden, 1), jnp.float32),
+    }
+
+
+def num_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (1,152 for LPO with H=128)."""
+    return sum(int(math.prod(jnp.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
