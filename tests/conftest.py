@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ray.tune import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -84,3 +86,16 @@ def tiny(tmp_path):
         return config.load(EXPERIMENTS / "quickstart_tiny.yaml", [*base, *overrides])
 
     return load
+
+
+class KillTrialProcess(Callback):
+    """Kills the worker process of the first trial once it reports ``at_iteration`` (a real crash)."""
+
+    def __init__(self, at_iteration: int):
+        self.at_iteration = at_iteration
+        self.killed: dict[str, int] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.killed and result["training_iteration"] == self.at_iteration:
+            self.killed[trial.trial_id] = result["pid"]
+            os.kill(result["pid"], signal.SIGKILL)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-from ray.tune import Callback
-
+from conftest import KillTrialProcess
 from metaopt import cli, tracking
 from metaopt.pbt import lineage, replay, sweep
+from mlflow.tracking import MlflowClient
 
 
 def budget(exp) -> int:
@@ -111,19 +108,6 @@ def test_diverging_trial_is_reported_and_the_sweep_goes_on(ray_session, tiny, tm
     tags = {r.data.tags["trial_id"]: r.data.tags.get("metaopt.diverged") for r in children}
     assert tags[bad.trial_id] == "true" and tags[good.trial_id] == "false"
     assert (tmp_path / "mlflow.db").exists()
-
-
-class KillTrialProcess(Callback):
-    """Kills the worker process of the first trial once it reports ``at_iteration`` (a real crash)."""
-
-    def __init__(self, at_iteration: int):
-        self.at_iteration = at_iteration
-        self.killed: dict[str, int] = {}
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not self.killed and result["training_iteration"] == self.at_iteration:
-            self.killed[trial.trial_id] = result["pid"]
-            os.kill(result["pid"], signal.SIGKILL)
 
 
 def test_killed_trial_resumes_from_checkpoint_without_lost_iterations(ray_session, tiny):

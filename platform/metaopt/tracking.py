@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -58,8 +59,13 @@ def finite_metrics(result: dict[str, Any], step: int, timestamp_ms: int) -> list
         if isinstance(value, bool):
             value = int(value)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            metrics.append(Metric(key.replace("/", "."), float(value), timestamp_ms, step))
+            metrics.append(Metric(metric_name(key), float(value), timestamp_ms, step))
     return metrics
+
+
+def metric_name(key: str) -> str:
+    """A result key as an MLflow metric name: ``/`` becomes ``.``; characters MLflow rejects become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. :]", "_", key.replace("/", "."))
 
 
 class ParentRun:

@@ -173,7 +173,7 @@ def table_row(result) -> dict[str, Any]:
     problem = config["problem"]
     return {
         "objective": config["objective"]["label"],
-        "problem": f"{problem['env']}@{problem['total_timesteps']}",
+        "problem": f"{problem['env']}_{problem['total_timesteps']}",
         "mean": float(metrics.get("mean_return", math.nan)),
         "ci_low": float(metrics.get("ci_low", math.nan)),
         "ci_high": float(metrics.get("ci_high", math.nan)),
@@ -185,7 +185,7 @@ def table_row(result) -> dict[str, Any]:
 
 def metric_key(row: dict[str, Any], stat: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["objective"])
-    return f"{safe}.{row['problem'].replace('@', '_')}.{stat}"
+    return f"{safe}.{row['problem']}.{stat}"
 
 
 def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: list[dict], problems: list[dict]) -> None:
@@ -217,7 +217,7 @@ def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: 
 
 
 def format_table(table: list[dict[str, Any]], confidence: float) -> str:
-    header = f"{'objective':<28}{'env@steps':<28}{'mean return':>12}{f'{confidence:.0%} interval':>24}{'seeds':>7}"
+    header = f"{'objective':<28}{'env_steps':<28}{'mean return':>12}{f'{confidence:.0%} interval':>24}{'seeds':>7}"
     lines = [header, "-" * len(header)]
     for r in sorted(table, key=lambda r: (r["problem"], -r["mean"] if math.isfinite(r["mean"]) else math.inf)):
         interval = f"[{r['ci_low']:.1f}, {r['ci_high']:.1f}]"

@@ -30,7 +30,7 @@ class Problem:
 
     @property
     def label(self) -> str:
-        return f"{self.env}@{self.total_timesteps}"
+        return f"{self.env}_{self.total_timesteps}"
 
     def config(self):
         from metaopt.objectives.ppo import ppo_config_for
@@ -126,13 +126,14 @@ def shard_members(params_batch: Any) -> Any:
 
 
 def split_members(params_batch: Any, parts: int) -> list[Any]:
-    """Cut a batched pytree into ``parts`` equal member chunks (numpy, ready for the object store)."""
+    """Cut a batched pytree into at most ``parts`` contiguous member chunks, sizes differing by at most one
+    (numpy, ready for the object store); never an empty chunk (one member -> one chunk)."""
     import jax
 
     numpy_batch = jax.tree.map(np.asarray, params_batch)
     size = jax.tree.leaves(numpy_batch)[0].shape[0]
-    step = size // parts
-    return [jax.tree.map(lambda x, i=i: x[i * step : (i + 1) * step], numpy_batch) for i in range(parts)]
+    bounds = np.linspace(0, size, min(parts, size) + 1).astype(int)
+    return [jax.tree.map(lambda x, a=a, b=b: x[a:b], numpy_batch) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class RayPopulation:
@@ -151,9 +152,12 @@ class RayPopulation:
     def returns(self, drift: str, options: tuple, problem: Problem, params_batch: Any, keys) -> np.ndarray:
         import ray
 
-        chunks = split_members(params_batch, len(self.actors))
         keys = np.asarray(keys)
+        if not jax_leaves(params_batch):  # a fixed drift (the PPO baseline): one run set, on one actor
+            return ray.get(self.actors[0].returns.remote(drift, options, problem, params_batch, keys))
+        chunks = split_members(params_batch, len(self.actors))
         futures = [a.returns.remote(drift, options, problem, c, keys) for a, c in zip(self.actors, chunks)]
+        # zip stops at the shorter: a batch smaller than the worker count uses only as many workers as members
         return np.concatenate(ray.get(futures), axis=0)
 
     def close(self) -> None:
@@ -161,6 +165,12 @@ class RayPopulation:
 
         for a in self.actors:
             ray.kill(a)
+
+
+def jax_leaves(tree: Any) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
 
 
 def stack_params(params: Sequence[Any]) -> Any:

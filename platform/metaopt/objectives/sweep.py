@@ -142,7 +142,7 @@ def log_summary(parent: tracking.ParentRun, summary: MetaSummary, exp: Experimen
         "wall_seconds": summary.wall_seconds,
     })
     if best and best.drift_dir:
-        parent.log_file(best.drift_dir, DRIFT_ARTIFACT)
+        parent.client.log_artifacts(parent.run_id, best.drift_dir, DRIFT_ARTIFACT)
         drift_fn, params = load_drift(best.drift_dir)
         section = exp.section
         log_horizon = reference_log_horizon(section.envs[0].env, section.envs[0].total_timesteps, section.envs[0].ppo)

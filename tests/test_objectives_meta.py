@@ -1,0 +1,202 @@
+"""ES meta-training of learned objectives and their evaluation, on real Ray Tune and real MLflow.
+
+The reference is the ES run done directly in this process (no Ray): the Tune run, the Tune run whose trial
+process is killed mid-run, and the run whose population is split over Ray actors must all reach the same
+ES state, bit for bit (or, across actor batch shapes, to float tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import EXPERIMENTS, KillTrialProcess
+from flax import serialization
+from metaopt import config, tracking
+from metaopt.objectives import drifts, export
+from metaopt.objectives.meta_train import MetaTrainer, initial_mean
+from metaopt.objectives.population import RayPopulation
+from mlflow.tracking import MlflowClient
+
+GENERATIONS = 3
+
+
+def load_tiny(tmp_path: Path, *overrides: str):
+    base = [f"ray.storage_path={tmp_path / 'ray_results'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    return config.load(EXPERIMENTS / "lpo_tiny.yaml", [*base, *overrides])
+
+
+@pytest.fixture(scope="module")
+def direct_run(tmp_path_factory):
+    """Three generations in this process; per generation the fitness vector; the final ES state."""
+    exp = load_tiny(tmp_path_factory.mktemp("direct"))
+    trainer = MetaTrainer(exp.section, meta_seed=0)
+    state = trainer.init_state()
+    start_mean = np.asarray(state.mean)
+    fitness = []
+    for generation in range(GENERATIONS):
+        state, result = trainer.generation(state, generation)
+        fitness.append(result.fitness)
+    return {"exp": exp, "trainer": trainer, "state": state, "fitness": fitness, "start_mean": start_mean}
+
+
+def final_mean(params: dict) -> np.ndarray:
+    return np.concatenate([np.asarray(params["hidden"]).ravel(), np.asarray(params["out"]).ravel()])
+
+
+def test_es_starts_exactly_at_ppo_but_off_the_symmetric_point():
+    """Zero output layer: drift == relu(ppo - 1e-4) everywhere; random hidden layer: antithetic pairs differ."""
+    drift_fn, zeros = drifts.make_drift("lpo", hidden=16)
+    params = initial_mean(zeros, jax.random.PRNGKey(0))
+    ratio = jnp.exp(jax.random.normal(jax.random.PRNGKey(1), (256,)) * 0.5)
+    advantage = jax.random.normal(jax.random.PRNGKey(2), (256,)) * 2
+    expected = jax.nn.relu(drifts.ppo_drift({}, ratio, advantage) - drifts.LPO_OFFSET)
+    np.testing.assert_array_equal(drift_fn(params, ratio, advantage), expected)
+    # a member and its antithetic mirror are different drifts (at mean 0 they would be the same function)
+    z = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(3), x.shape), params)
+    plus = jax.tree.map(lambda m, d: m + 0.5 * d, params, z)
+    minus = jax.tree.map(lambda m, d: m - 0.5 * d, params, z)
+    assert not np.allclose(drift_fn(plus, ratio, advantage), drift_fn(minus, ratio, advantage))
+    at_zero_plus = jax.tree.map(lambda d: 0.5 * d, z)
+    at_zero_minus = jax.tree.map(lambda d: -0.5 * d, z)
+    np.testing.assert_array_equal(drift_fn(at_zero_plus, ratio, advantage), drift_fn(at_zero_minus, ratio, advantage))
+
+
+def test_direct_es_moves_the_mean_and_members_differ(direct_run):
+    state = direct_run["state"]
+    assert int(state.generation_counter) == GENERATIONS
+    assert not np.array_equal(np.asarray(state.mean), direct_run["start_mean"])
+    assert all(f.shape == (4,) and np.all(np.isfinite(f)) and np.all(f > 0) for f in direct_run["fitness"])
+    assert any(len(set(np.round(f, 6))) > 1 for f in direct_run["fitness"]), "every member scored the same"
+    assert set(direct_run["trainer"].baselines) == {"CartPole-v1_1024"}
+
+
+def test_restored_es_state_continues_bit_identically(direct_run):
+    exp = direct_run["exp"]
+    trainer = MetaTrainer(exp.section, meta_seed=0)
+    state = trainer.init_state()
+    state, _ = trainer.generation(state, 0)
+    blob = serialization.to_bytes(state)
+    fresh = MetaTrainer(exp.section, meta_seed=0)
+    fresh.baselines = dict(trainer.baselines)
+    state = serialization.from_bytes(fresh.init_state(), blob)
+    fitness = []
+    for generation in range(1, GENERATIONS):
+        state, result = fresh.generation(state, generation)
+        fitness.append(result.fitness)
+    np.testing.assert_array_equal(np.asarray(state.mean), np.asarray(direct_run["state"].mean))
+    for got, want in zip(fitness, direct_run["fitness"][1:]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_population_split_over_ray_actors_matches_in_process(ray_session, direct_run):
+    exp = direct_run["exp"]
+    workers = RayPopulation(2, cpus=0.5)
+    try:
+        trainer = MetaTrainer(exp.section, meta_seed=0, evaluator=workers)
+        state, result = trainer.generation(trainer.init_state(), 0)
+    finally:
+        workers.close()
+    np.testing.assert_allclose(result.fitness, direct_run["fitness"][0], rtol=1e-5)
+
+
+def test_killed_meta_training_trial_resumes_bit_identically(ray_session, tmp_path, direct_run):
+    from metaopt.objectives.sweep import run_meta_training
+
+    exp = load_tiny(tmp_path, "lpo.checkpoint_every=1", "lpo.max_failures=2")
+    killer = KillTrialProcess(at_iteration=2)
+    summary = run_meta_training(exp, callbacks=[killer], verbose=0)
+    assert killer.killed, "the test did not kill anything"
+    (trial,) = summary.trials
+    assert trial.error is None and trial.generations == GENERATIONS
+    # generations 1, 2 reported, the process killed as 2 was reported; the trial resumed from the last
+    # checkpoint on disk (1 or 2) and went on to 3: nothing lost, and a redone generation scores the same
+    generations, fitness = trial.curves["fitness_mean"]
+    assert generations[:2] == [1, 2] and generations[-1] == GENERATIONS and set(generations) == {1, 2, 3}
+    assert generations == sorted(generations) and len(generations) <= 4
+    reference = {g + 1: float(np.mean(f)) for g, f in enumerate(direct_run["fitness"])}
+    for generation, value in zip(generations, fitness):
+        assert value == pytest.approx(reference[generation], rel=1e-6), generation
+    _, params = export.load_drift(trial.drift_dir)
+    want = direct_run["trainer"].mean_params(direct_run["state"])
+    np.testing.assert_array_equal(final_mean(params), final_mean(want))
+
+
+def test_meta_training_tracks_to_mlflow_and_evaluation_reads_it_back(ray_session, tmp_path, direct_run):
+    """lpo run (population split over 2 Ray workers in the trial's placement group) -> MLflow -> lpo_eval."""
+    from metaopt.objectives import evaluate
+    from metaopt.objectives.sweep import DRIFT_ARTIFACT, run_meta_training
+
+    exp = load_tiny(tmp_path, "lpo.workers=2", "lpo.cpus_per_worker=0.5", "ray.cpus_per_trial=0.5")
+    summary = run_meta_training(exp, verbose=0)
+    (trial,) = summary.trials
+    assert trial.error is None and summary.best_trial == trial.trial_id
+    assert math.isfinite(trial.mean_score) and trial.mean_score > 0
+    _, params = export.load_drift(trial.drift_dir)
+    want = direct_run["trainer"].mean_params(direct_run["state"])
+    np.testing.assert_allclose(final_mean(params), final_mean(want), rtol=1e-4, atol=1e-6)
+
+    client = MlflowClient(exp.tracking.uri)
+    parent = client.get_run(summary.parent_run_id)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {DRIFT_ARTIFACT, "drift_heatmaps.png", "meta_training.png"} <= artifacts
+    assert parent.data.metrics["best_mean_score"] == pytest.approx(trial.mean_score)
+    (child,) = tracking.child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    history = client.get_metric_history(child.info.run_id, "fitness_mean")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert "drift" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    # the exported drift, downloaded back from MLflow, runs in torch and agrees with JAX
+    torch_drift = export.load_torch_drift(client.download_artifacts(parent.info.run_id, DRIFT_ARTIFACT, str(tmp_path)))
+    drift_fn, jax_params = export.load_drift(trial.drift_dir)
+    ratio = np.exp(np.random.default_rng(0).normal(0, 0.3, 64)).astype(np.float32)
+    advantage = np.random.default_rng(1).normal(0, 1, 64).astype(np.float32)
+    import torch
+
+    np.testing.assert_allclose(
+        torch_drift(torch.from_numpy(ratio), torch.from_numpy(advantage)).numpy(),
+        np.asarray(drift_fn(jax_params, ratio, advantage)), atol=1e-5,
+    )
+
+    # evaluation: the discovered drift (from MLflow) vs PPO and DPO, 2 seeds, on the same tracking store
+    eval_exp = config.from_dict({
+        "name": "lpo_tiny_eval", "kind": "lpo_eval",
+        "ray": {"num_cpus": 2, "cpus_per_trial": 1, "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"uri": exp.tracking.uri},
+        "lpo_eval": {
+            "objectives": ["ppo", "dpo", f"mlflow:{summary.parent_run_id}"],
+            "envs": [exp.section.envs[0].model_dump()],
+            "seeds": 2,
+            "heatmap_progress": [0.0, 1.0],
+        },
+    })
+    table = evaluate.run(eval_exp, verbose=0)
+    assert {row["objective"] for row in table} == {"ppo", "dpo", f"mlflow:{summary.parent_run_id}"}
+    for row in table:
+        assert row["error"] is None and len(row["returns"]) == 2
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"] and row["mean"] > 5
+    ppo_row = next(r for r in table if r["objective"] == "ppo")
+    assert ppo_row["mean"] == pytest.approx(np.mean(ppo_row["returns"]))
+    eval_run = client.search_runs([client.get_experiment_by_name("lpo_tiny_eval").experiment_id],
+                                  "tags.`metaopt.role` = 'sweep'")[0]
+    assert {"evaluation.csv", "evaluation.json", "evaluation.png", "drift_heatmaps.png"} <= {
+        a.path for a in client.list_artifacts(eval_run.info.run_id)
+    }
+    assert eval_run.data.metrics["ppo.CartPole-v1_1024.mean"] == pytest.approx(ppo_row["mean"])
+    logged = json.loads(Path(client.download_artifacts(eval_run.info.run_id, "evaluation.json", str(tmp_path))).read_text())
+    assert len(logged) == 3
+
+
+def test_confidence_interval_matches_scipy():
+    from scipy import stats
+
+    from metaopt.objectives.evaluate import confidence_interval
+
+    values = np.array([10.0, 12.0, 9.0, 14.0, 11.0])
+    mean, low, high = confidence_interval(values, 0.95)
+    want = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert mean == pytest.approx(11.2) and (low, high) == pytest.approx(want)
