@@ -25,6 +25,7 @@ SUPPORTED_ENVS = (
     "Breakout-MinAtar",
     "Freeway-MinAtar",
     "SpaceInvaders-MinAtar",
+    "Seaquest-MinAtar",
 )
 
 
@@ -60,7 +61,7 @@ class ESConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ESConfig":
+    def _consistent(self) -> ESConfig:
         if self.antithetic and self.population % 2:
             raise ConfigError("population", f"must be even with antithetic sampling (got {self.population})")
         if self.sigma_min > self.sigma_init:
@@ -68,6 +69,13 @@ class ESConfig(StrictModel):
         if self.lr_min > self.lr:
             raise ConfigError("lr_min", f"must be <= lr ({self.lr_min} > {self.lr})")
         return self
+
+
+def positive_horizons(cls, horizons: list[float]) -> list[float]:
+    """Horizon multipliers scale an env's total_timesteps: each must be > 0."""
+    if any(h <= 0 for h in horizons):
+        raise ValueError(f"every horizon multiplier must be > 0 (got {horizons})")
+    return horizons
 
 
 def check_ppo_overrides(envs: list[EnvSpec], field: str) -> None:
@@ -106,12 +114,7 @@ class LPOSection(StrictModel):
     meta_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="One trial per seed.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its checkpoint.")
 
-    @field_validator("horizons")
-    @classmethod
-    def _positive_horizons(cls, horizons: list[float]) -> list[float]:
-        if any(h <= 0 for h in horizons):
-            raise ValueError(f"every horizon multiplier must be > 0 (got {horizons})")
-        return horizons
+    _positive_horizons = field_validator("horizons")(positive_horizons)
 
     @field_validator("meta_seeds")
     @classmethod
@@ -121,7 +124,7 @@ class LPOSection(StrictModel):
         return seeds
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LPOSection":
+    def _consistent(self) -> LPOSection:
         if self.workers and self.es.population % self.workers:
             raise ConfigError(
                 "workers", f"must divide es.population ({self.es.population} members over {self.workers} workers)"
@@ -156,12 +159,7 @@ class LPOEvalSection(StrictModel):
     )
     seed: int = Field(default=0, ge=0, description="First PPO seed.")
 
-    @field_validator("horizons")
-    @classmethod
-    def _positive_horizons(cls, horizons: list[float]) -> list[float]:
-        if any(h <= 0 for h in horizons):
-            raise ValueError(f"every horizon multiplier must be > 0 (got {horizons})")
-        return horizons
+    _positive_horizons = field_validator("horizons")(positive_horizons)
 
     @field_validator("heatmap_progress")
     @classmethod

@@ -99,9 +99,9 @@ _TA_LPO_FEATURES = (
 class Progress(NamedTuple):
     """Where a PPO run is: the inputs TA-LPO (Jackson et al., ICLR 2024) conditions on.
 
-    Temporary home; :mod:`metaopt.objectives.ppo` owns the canonical definition. The
-    drifts only read ``.fraction`` and ``.log_horizon``, so any object with those two
-    attributes (scalars or arrays broadcastable to the ratio) works.
+    :mod:`metaopt.objectives.ppo` builds one per update. The drifts only read ``.fraction``
+    and ``.log_horizon``, so any object with those two attributes (scalars or arrays
+    broadcastable to the ratio) works.
     """
 
     fraction: jax.Array  # n/N, current PPO update index / number of updates

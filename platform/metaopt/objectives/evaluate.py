@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import tempfile
 import time
@@ -23,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from metaopt import runtime, tracking
+from metaopt import tracking
 from metaopt.config import Experiment
 from metaopt.errors import ConfigError
+from metaopt.session import open_session
 
 BUILTIN = ("ppo", "dpo")
 
@@ -69,9 +69,9 @@ def resolve_objective(spec: str, tracking_uri: str) -> Objective:
         return Objective(spec, spec, {}, {})
     if spec.startswith("mlflow:"):
         run_id = spec.split(":", 1)[1]
-        from metaopt.objectives.sweep import DRIFT_ARTIFACT
-
         from mlflow.tracking import MlflowClient
+
+        from metaopt.objectives.sweep import DRIFT_ARTIFACT
 
         client = MlflowClient(tracking_uri=tracking_uri)
         target = Path(tempfile.mkdtemp(prefix="metaopt-drift-"))
@@ -102,7 +102,12 @@ def evaluation_trial(config: dict[str, Any]) -> None:
     import jax
     from ray import tune
 
-    from metaopt.objectives.population import PopulationEvaluator, Problem, seed_keys, stack_params
+    from metaopt.objectives.population import (
+        PopulationEvaluator,
+        Problem,
+        seed_keys,
+        stack_params,
+    )
 
     objective = Objective(**config["objective"])
     problem = Problem.of(**config["problem"])
@@ -131,18 +136,12 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         {"env": spec.env, "total_timesteps": horizon_steps(spec.total_timesteps, h), "ppo": spec.ppo}
         for spec in section.envs for h in section.horizons
     ]
-    if verbose < 2:
-        logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
-    resources = runtime.init(exp.ray, address)
-    per_trial = runtime.trial_resources(exp.ray, resources)
-    print(f"[metaopt] {resources.describe()}", flush=True)
-    client, experiment_id = tracking.connect(exp.tracking.uri, exp.mlflow_experiment)
-    parent = tracking.ParentRun(client, experiment_id, f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}", exp.to_dict())
-    print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
+    session = open_session(exp, address, "eval", verbose)
+    client, experiment_id, parent = session.client, session.experiment_id, session.parent
     print(f"[metaopt] {len(objectives)} objectives x {len(problems)} env/horizons x {section.seeds} seeds", flush=True)
     trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
     tuner = tune.Tuner(
-        tune.with_resources(evaluation_trial, per_trial),
+        tune.with_resources(evaluation_trial, session.per_trial),
         param_space={
             "objective": tune.grid_search([o.__dict__ for o in objectives]),
             "problem": tune.grid_search(problems),
@@ -150,7 +149,7 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         },
         tune_config=tune.TuneConfig(max_concurrent_trials=exp.ray.max_concurrent_trials),
         run_config=tune.RunConfig(
-            name=parent.run_id, storage_path=str(Path(exp.ray.storage_path or "ray_results").expanduser().resolve()),
+            name=session.run_name, storage_path=session.storage_path,
             callbacks=[trial_callback, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
         ),
     )

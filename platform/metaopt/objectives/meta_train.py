@@ -20,8 +20,8 @@ generation g continues bit-identically. ``run`` (the ``lpo`` kind) wraps this in
 from __future__ import annotations
 
 import math
-import zlib
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +83,7 @@ def initial_mean(zero_params: dict[str, Any], key) -> dict[str, Any]:
 
 
 def horizon_steps(total_timesteps: int, multiplier: float) -> int:
-    return max(1, int(round(total_timesteps * multiplier)))
+    return max(1, round(total_timesteps * multiplier))
 
 
 def normalised(returns: np.ndarray, baseline: float) -> np.ndarray:

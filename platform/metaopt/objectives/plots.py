@@ -8,7 +8,8 @@ training (TA-LPO's drift changes with the progress n/N; LPO's, PPO's and DPO's d
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

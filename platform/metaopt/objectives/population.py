@@ -8,10 +8,12 @@ evaluator of its own (one per GPU or CPU slot on a cluster); results are concate
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +27,7 @@ class Problem:
     ppo_json: str = "{}"
 
     @classmethod
-    def of(cls, env: str, total_timesteps: int, ppo: dict[str, Any] | None = None) -> "Problem":
+    def of(cls, env: str, total_timesteps: int, ppo: dict[str, Any] | None = None) -> Problem:
         return cls(env, int(total_timesteps), json.dumps(ppo or {}, sort_keys=True))
 
     @property
@@ -133,7 +135,7 @@ def split_members(params_batch: Any, parts: int) -> list[Any]:
     numpy_batch = jax.tree.map(np.asarray, params_batch)
     size = jax.tree.leaves(numpy_batch)[0].shape[0]
     bounds = np.linspace(0, size, min(parts, size) + 1).astype(int)
-    return [jax.tree.map(lambda x, a=a, b=b: x[a:b], numpy_batch) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [jax.tree.map(lambda x, a=a, b=b: x[a:b], numpy_batch) for a, b in itertools.pairwise(bounds)]
 
 
 class RayPopulation:

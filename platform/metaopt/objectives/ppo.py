@@ -64,11 +64,12 @@ import jax.numpy as jnp
 import optax
 
 from metaopt.errors import ConfigError
+from metaopt.objectives.config import SUPPORTED_ENVS
+from metaopt.objectives.drifts import Progress, make_drift
 
 __all__ = [
     "DISCRETE_ENVS",
     "PPO_REFERENCE_LR",
-    "PPOClipDrift",
     "PPOConfig",
     "Progress",
     "env_dims",
@@ -80,16 +81,7 @@ __all__ = [
 ]
 
 #: gymnax environments with a discrete action space that this PPO trains on.
-DISCRETE_ENVS = (
-    "CartPole-v1",
-    "Acrobot-v1",
-    "MountainCar-v0",
-    "Asterix-MinAtar",
-    "Breakout-MinAtar",
-    "Freeway-MinAtar",
-    "SpaceInvaders-MinAtar",
-    "Seaquest-MinAtar",
-)
+DISCRETE_ENVS = SUPPORTED_ENVS
 
 #: PPO learning rates for MinAtar used by Lu et al. 2022 / Jackson et al. 2024 (tuned for PPO).
 PPO_REFERENCE_LR = {
@@ -105,40 +97,14 @@ MINATAR_DEFAULT_LR = 3e-3
 ACTIVATIONS = ("tanh", "relu")
 
 
-class Progress(NamedTuple):
-    """Training progress handed to the drift (TA-LPO inputs, Jackson et al. 2024, sec. 4).
-
-    ``fraction``: ``n / N``, the index of the current PPO update over the number of updates
-    (0 at the first update, ``< 1`` always). ``log_horizon``: ``log(N)``. Both float32 scalars.
-    """
-
-    fraction: jax.Array
-    log_horizon: jax.Array
-
-
 DriftFn = Callable[[Any, jax.Array, jax.Array, Progress], jax.Array]
 
 
-@dataclass(frozen=True)
-class PPOClipDrift:
-    """PPO's clip as a drift: ``relu((r - clip(r, 1-eps, 1+eps)) * A)`` (Lu et al. 2022, eq. 3).
-
-    ``r * A - drift = min(r * A, clip(r) * A)``, PPO's clipped surrogate (Schulman et al. 2017,
-    eq. 7). Ignores ``drift_params`` and ``progress``. A frozen dataclass, so equal ``clip_eps``
-    give equal, hashable drifts (the :func:`train_many` compile cache keys on it).
-    """
-
-    clip_eps: float = 0.2
-
-    def __call__(self, params, ratio, advantage, progress):
-        del params, progress
-        clipped = jnp.clip(ratio, 1.0 - self.clip_eps, 1.0 + self.clip_eps)
-        return jax.nn.relu((ratio - clipped) * advantage)
-
-
-def ppo_clip_drift(clip_eps: float = 0.2) -> PPOClipDrift:
-    """PPO's clip drift with ``clip_eps`` (see :class:`PPOClipDrift`)."""
-    return PPOClipDrift(float(clip_eps))
+def ppo_clip_drift(clip_eps: float = 0.2) -> Callable:
+    """PPO's clip as a drift, ``relu((r - clip(r, 1-eps, 1+eps)) * A)`` (Lu et al. 2022, eq. 3): the one in
+    :mod:`metaopt.objectives.drifts`. Equal ``clip_eps`` give the same (hashable) function, so the
+    :func:`train_many` compile cache keys on it."""
+    return make_drift("ppo", clip_eps=float(clip_eps))[0]
 
 
 def _freeze_overrides(value: Any, field: str) -> tuple[tuple[str, Any], ...]:

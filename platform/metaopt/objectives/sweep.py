@@ -4,15 +4,15 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metaopt import runtime, tracking
+from metaopt import tracking
 from metaopt.config import Experiment
+from metaopt.session import open_session
 
 #: Artifact folder of an exported drift, on the parent run (best trial) and on each trial's run.
 DRIFT_ARTIFACT = "drift"
@@ -48,15 +48,8 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
 
     started = time.time()
     section = exp.section
-    if verbose < 2:
-        logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
-    resources = runtime.init(exp.ray, address)
-    per_trial = runtime.trial_resources(exp.ray, resources)
-    print(f"[metaopt] {resources.describe()}", flush=True)
-    client, experiment_id = tracking.connect(exp.tracking.uri, exp.mlflow_experiment)
-    run_name = f"{exp.name}-{section.drift}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
-    print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
+    session = open_session(exp, address, section.drift, verbose)
+    client, experiment_id, parent = session.client, session.experiment_id, session.parent
     print(
         f"[metaopt] meta-training {section.drift} with OpenAI-ES: population {section.es.population}, "
         f"{section.es.generations} generations, envs {', '.join(s.env for s in section.envs)}; "
@@ -71,9 +64,9 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
         progress = [ProgressPrinter("fitness_mean", "max", section.es.generations)]
     tuner = build_tuner(
         section,
-        experiment_name=run_name,
-        storage_path=str(Path(exp.ray.storage_path or "ray_results").expanduser().resolve()),
-        resources=per_trial,
+        experiment_name=session.run_name,
+        storage_path=session.storage_path,
+        resources=session.per_trial,
         max_concurrent_trials=exp.ray.max_concurrent_trials,
         callbacks=[trial_callback, *progress, *(callbacks or [])],
         verbose=1 if verbose >= 2 else 0,

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import tempfile
 import time
@@ -20,11 +19,12 @@ from typing import Any
 
 import torch
 
-from metaopt import runtime, tracking
+from metaopt import tracking
 from metaopt.config import Experiment
 from metaopt.pbt import lineage, plots
 from metaopt.pbt.replay import SCHEDULES_ARTIFACT
 from metaopt.pbt.tune import STATE_FILE, build_tuner
+from metaopt.session import open_session
 
 
 @dataclass
@@ -82,30 +82,17 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     """
     started = time.time()
     section = exp.section
-    if verbose < 2:
-        # Tune warns "Remote file not found: result.json" each time a reused actor restores a trial whose
-        # result file it has not written yet; harmless (progress.csv is what we read) and it buries the table.
-        logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
-    resources = runtime.init(exp.ray, address)
-    per_trial = runtime.trial_resources(exp.ray, resources)
-    print(f"[metaopt] {resources.describe()}", flush=True)
+    session = open_session(exp, address, section.scheduler, verbose)
+    client, experiment_id, parent = session.client, session.experiment_id, session.parent
     metric, mode = task_metric(section.task)
-
-    client, experiment_id = tracking.connect(exp.tracking.uri, exp.mlflow_experiment)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_name = f"{exp.name}-{section.scheduler}-{stamp}"
-    parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
-    print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, sweep run {parent.run_id} at {exp.tracking.uri}", flush=True)
-
-    storage = str(Path(exp.ray.storage_path or "ray_results").expanduser().resolve())
     trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
     tuner = build_tuner(
         section,
-        experiment_name=run_name,
-        storage_path=storage,
+        experiment_name=session.run_name,
+        storage_path=session.storage_path,
         metric=metric,
         mode=mode,
-        resources=per_trial,
+        resources=session.per_trial,
         max_concurrent_trials=exp.ray.max_concurrent_trials,
         callbacks=[trial_callback, *progress_callbacks(verbose, metric, mode, section.iterations), *(callbacks or [])],
         verbose=1 if verbose >= 2 else 0,
