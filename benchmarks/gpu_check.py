@@ -5,7 +5,8 @@
 1. torch: the digits task on ``device: cuda`` vs the CPU (same steps; accuracy and steps/s of each);
 2. JAX: the vmapped PPO inner loop (:mod:`metaopt.objectives.ppo`) on the GPU -- CartPole with a large
    population and SpaceInvaders-MinAtar at paper settings -- in env steps/s, with compile time apart;
-3. the ES meta-trainer (:class:`metaopt.objectives.meta_train.MetaTrainer`) for two generations on the GPU;
+3. the ES meta-trainer (:class:`metaopt.objectives.meta_train.MetaTrainer`) for two generations on the GPU
+   (``--experiment experiments/ta_lpo_minatar.yaml`` times a real lpo experiment's generations instead);
 4. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
    when Ray is installed.
 
@@ -87,24 +88,31 @@ def check_meta_trainer(quick: bool) -> dict:
 
     if jax.default_backend() != "gpu" and not DRY_RUN:
         return {"skipped": "JAX has no GPU backend here"}
-    steps = 2048 if DRY_RUN else 100_000
-    exp = config.from_dict({
-        "name": "gpu-check", "kind": "lpo",
-        "lpo": {"drift": "ta_lpo", "envs": [{"env": "CartPole-v1", "total_timesteps": steps}], "horizons": [0.5, 1.0],
-                "es": {"population": 4 if DRY_RUN else 32 if quick else 64, "generations": 2}, "baseline_seeds": 4},
-    })
+    if EXPERIMENT:
+        exp = config.load(EXPERIMENT)
+    else:
+        steps = 2048 if DRY_RUN else 100_000
+        exp = config.from_dict({
+            "name": "gpu-check", "kind": "lpo",
+            "lpo": {"drift": "ta_lpo", "envs": [{"env": "CartPole-v1", "total_timesteps": steps}],
+                    "horizons": [0.5, 1.0], "baseline_seeds": 4,
+                    "es": {"population": 4 if DRY_RUN else 32 if quick else 64, "generations": 2}},
+        })
     trainer = MetaTrainer(exp.section, meta_seed=0)
     state = trainer.init_state()
-    out = {"population": exp.section.es.population, "generations": []}
-    for generation in range(2):
+    out = {"experiment": exp.name, "population": exp.section.es.population, "generations": []}
+    for generation in range(GENERATIONS):
         state, result = trainer.generation(state, generation)
         out["generations"].append({
             "seconds": result.seconds, "fitness_mean": float(result.fitness.mean()),
             "fitness_max": float(result.fitness.max()), "horizons": result.horizons,
             "env_steps_per_second": result.env_steps / result.seconds,
         })
+        print(f"[gpu-check]   generation {generation}: {out['generations'][-1]}", flush=True)
     out["baselines"] = trainer.baselines
-    out["eval"] = trainer.evaluate_mean(state, 2)
+    out["compile_seconds"] = trainer.evaluator.compile_seconds
+    if not EXPERIMENT:
+        out["eval"] = trainer.evaluate_mean(state, GENERATIONS)
     return out
 
 
@@ -128,6 +136,8 @@ def check_ray_gpu(quick: bool) -> dict:
         ray.shutdown()
 
 
+EXPERIMENT = None  # --experiment: an lpo experiment file whose meta-trainer is timed instead of the built-in one
+GENERATIONS = 2
 DRY_RUN = False  # --dry-run-on-cpu: tiny sizes, GPU guards off (checks this script itself without a GPU)
 
 CHECKS = {"torch_digits": check_torch_digits, "jax_ppo": check_jax_ppo, "meta_trainer": check_meta_trainer,
@@ -139,10 +149,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes in all)")
     parser.add_argument("--only", nargs="*", choices=sorted(CHECKS), help="run only these checks")
+    parser.add_argument("--experiment", help="time this lpo experiment's ES generations (e.g. a paper-scale one)")
+    parser.add_argument("--generations", type=int, default=2, help="ES generations the meta_trainer check runs")
     parser.add_argument("--dry-run-on-cpu", action="store_true", help="tiny sizes on the CPU, to test the script")
     args = parser.parse_args(argv)
-    global DRY_RUN
-    DRY_RUN = args.dry_run_on_cpu
+    global DRY_RUN, EXPERIMENT, GENERATIONS
+    DRY_RUN, EXPERIMENT, GENERATIONS = args.dry_run_on_cpu, args.experiment, args.generations
     results, failed = {}, []
     for name, check in CHECKS.items():
         if args.only and name not in args.only:
