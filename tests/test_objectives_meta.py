@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ from conftest import EXPERIMENTS, KillTrialProcess
 from flax import serialization
 from metaopt import config, tracking
 from metaopt.objectives import drifts, export
-from metaopt.objectives.meta_train import MetaTrainer, initial_mean
+from metaopt.objectives.meta_train import MetaTrainer, initial_mean, normalised
 from metaopt.objectives.population import RayPopulation
 from mlflow.tracking import MlflowClient
 
@@ -73,7 +74,62 @@ def test_direct_es_moves_the_mean_and_members_differ(direct_run):
     assert not np.array_equal(np.asarray(state.mean), direct_run["start_mean"])
     assert all(f.shape == (4,) and np.all(np.isfinite(f)) and np.all(f > 0) for f in direct_run["fitness"])
     assert any(len(set(np.round(f, 6))) > 1 for f in direct_run["fitness"]), "every member scored the same"
-    assert set(direct_run["trainer"].baselines) == {"CartPole-v1_1024"}
+    assert set(direct_run["trainer"].baselines) == {"CartPole-v1_1024", "Acrobot-v1_2048"}
+
+
+def test_scores_are_normalised_by_ppo_for_either_sign_of_return():
+    assert normalised(np.array([150.0, 300.0]), 300.0) == pytest.approx([0.5, 1.0])  # R / R_ppo
+    assert normalised(np.array([-500.0, -100.0, -50.0]), -100.0) == pytest.approx([-3.0, 1.0, 1.5])
+
+
+def test_ta_lpo_draws_its_horizons_per_generation_and_trains(tmp_path):
+    """TA-LPO needs several horizons: each generation draws one per env, reproducibly from the seed."""
+    exp = load_tiny(tmp_path, "lpo.drift=ta_lpo", "lpo.horizons=[0.5, 1.0]", "lpo.envs=[{env: CartPole-v1, total_timesteps: 1024,"
+                    " ppo: {num_envs: 4, num_steps: 64, update_epochs: 1, num_minibatches: 2}}]")
+    trainer = MetaTrainer(exp.section, meta_seed=0)
+    drawn = [trainer.draw_problem(jax.random.fold_in(trainer.root, g), 0)[0].total_timesteps for g in range(24)]
+    assert set(drawn) == {512, 1024}
+    assert drawn == [MetaTrainer(exp.section, 0).draw_problem(jax.random.fold_in(trainer.root, g), 0)[0].total_timesteps
+                     for g in range(24)]
+    state = trainer.init_state()
+    assert state.mean.size == 24 * 16 + 16  # time enters as n/N * x and log N * x for each of the 8 inputs
+    for generation in range(2):
+        state, result = trainer.generation(state, generation)
+        assert np.all(np.isfinite(result.fitness))
+    assert set(trainer.baselines) <= {"CartPole-v1_512", "CartPole-v1_1024"}
+
+
+def test_a_baseline_without_finished_episodes_is_a_clear_error(tmp_path):
+    exp = load_tiny(tmp_path,
+                    "lpo.envs=[{env: Acrobot-v1, total_timesteps: 256, ppo: {num_envs: 4, num_steps: 64}}]")
+    with pytest.raises(ValueError, match="no episode finished"):
+        MetaTrainer(exp.section, meta_seed=0).baseline(MetaTrainer(exp.section, 0).problems(0)[0])
+
+
+def test_population_sharded_over_devices_matches_one_device(tmp_path):
+    """With several JAX devices (GPUs; here 2 forced host devices) members are sharded; same returns."""
+    import subprocess
+    import sys
+
+    script = (
+        "import jax, numpy as np\n"
+        "from metaopt.objectives.population import PopulationEvaluator, Problem, seed_keys\n"
+        "from metaopt.objectives.drifts import make_drift\n"
+        "from metaopt.objectives.meta_train import initial_mean\n"
+        "assert len(jax.devices()) == 2, jax.devices()\n"
+        "_, zeros = make_drift('lpo', hidden=8)\n"
+        "mean = initial_mean(zeros, jax.random.PRNGKey(0))\n"
+        "batch = jax.tree.map(lambda m: m + 0.5 * jax.random.normal(jax.random.PRNGKey(1), (4, *m.shape)), mean)\n"
+        "problem = Problem.of('CartPole-v1', 512, {'num_envs': 4, 'num_steps': 64, 'update_epochs': 1})\n"
+        "keys = seed_keys(jax.random.PRNGKey(2), 2)\n"
+        "a = PopulationEvaluator(shard=True).returns('lpo', (('hidden', 8),), problem, batch, keys)\n"
+        "b = PopulationEvaluator(shard=False).returns('lpo', (('hidden', 8),), problem, batch, keys)\n"
+        "np.testing.assert_allclose(a, b, rtol=1e-5)\n"
+        "print('OK', a.shape)\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "OK (4, 2)" in done.stdout, done.stderr[-3000:]
 
 
 def test_restored_es_state_continues_bit_identically(direct_run):

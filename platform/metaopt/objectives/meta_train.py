@@ -6,9 +6,9 @@ One generation (Lu et al. 2022, "Discovered Policy Optimisation"; Jackson et al.
    parameter vectors around the mean;
 2. for every meta-training env, draw this generation's training horizon (TA-LPO needs several, so its
    temporal inputs carry information) and train PPO with each member's drift on the same seeds;
-3. fitness of a member = mean over envs of (final mean return / |PPO's final mean return on that env and
-   horizon|); evosax minimises, so it is told the negated fitness (centered-rank shaped, Adam on the mean,
-   decaying sigma and learning rate);
+3. fitness of a member = mean over envs of its final mean return normalised by PPO's on that env and
+   horizon (:func:`normalised`: return / PPO's return, 1.0 = PPO); evosax minimises, so it is told the
+   negated fitness (centered-rank shaped, Adam on the mean, decaying sigma and learning rate);
 4. every ``eval_every`` generations (and at the last) the ES *mean* is trained on every env and horizon with
    fresh seeds: ``mean_score`` is the quantity to watch.
 
@@ -87,8 +87,9 @@ def horizon_steps(total_timesteps: int, multiplier: float) -> int:
 
 
 def normalised(returns: np.ndarray, baseline: float) -> np.ndarray:
-    """Return divided by |PPO's return|: 1.0 = as good as PPO; monotone in the return for any sign (Acrobot)."""
-    return returns / max(abs(baseline), 1e-8)
+    """``1 + (R - R_ppo) / |R_ppo|``: R / R_ppo when PPO's return is positive (the LPO papers' fitness); for
+    negative returns (Acrobot) still 1.0 = as good as PPO and > 1 = better, so envs of either sign average."""
+    return 1.0 + (returns - baseline) / abs(baseline)
 
 
 @dataclass
@@ -140,8 +141,22 @@ class MetaTrainer:
         if problem.label not in self.baselines:
             keys = seed_keys(jax.random.PRNGKey(BASELINE_SEED), self.section.baseline_seeds)
             returns = self.evaluator.returns("ppo", (), problem, {}, keys)
-            self.baselines[problem.label] = float(np.mean(returns))
+            baseline = float(np.mean(returns))
+            if not np.isfinite(baseline) or abs(baseline) < 1e-6:
+                raise ValueError(
+                    f"PPO's mean final return on {problem.env} with {problem.total_timesteps} steps is {baseline}: "
+                    "no episode finished or no reward to normalise by; raise total_timesteps"
+                )
+            self.baselines[problem.label] = baseline
         return self.baselines[problem.label]
+
+    def draw_problem(self, env_key, env_index: int) -> tuple[Problem, Any]:
+        """This generation's horizon for one env (uniform over ``horizons``) and the key of its PPO seeds."""
+        import jax
+
+        horizon_key, seeds_key = jax.random.split(jax.random.fold_in(env_key, env_index))
+        options = self.problems(env_index)
+        return options[int(jax.random.randint(horizon_key, (), 0, len(options)))], seeds_key
 
     # ---- one generation ----------------------------------------------------------------------------------
     def generation(self, state, generation: int):
@@ -155,9 +170,7 @@ class MetaTrainer:
         population, state = self.strategy.ask(ask_key, state, self.es_params)
         scores, per_env, horizons, env_steps = [], {}, {}, 0
         for i in range(len(self.section.envs)):
-            horizon_key, seeds_key = jax.random.split(jax.random.fold_in(env_key, i))
-            options = self.problems(i)
-            problem = options[int(jax.random.randint(horizon_key, (), 0, len(options)))]
+            problem, seeds_key = self.draw_problem(env_key, i)
             baseline = self.baseline(problem)
             keys = seed_keys(seeds_key, self.section.seeds_per_member)
             returns = self.evaluator.returns(self.section.drift, self.drift_options, problem, population, keys)

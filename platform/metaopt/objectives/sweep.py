@@ -158,5 +158,5 @@ def format_table(summary: MetaSummary) -> str:
     for t in sorted(summary.trials, key=lambda t: -t.mean_score if math.isfinite(t.mean_score) else math.inf):
         status = "FAILED " + (t.error or "") if t.error else ("BEST" if t.trial_id == summary.best_trial else "ok")
         lines.append(f"{t.trial_id:<16}{t.meta_seed:>10}{t.generations:>12}{t.fitness_mean:>10.3f}{t.mean_score:>12.3f}  {status}")
-    lines.append("(scores are final mean return / PPO's on the same env and horizon; 1.0 = PPO)")
+    lines.append("(scores: final mean return normalised by PPO's on the same env and horizon; 1.0 = PPO)")
     return "\n".join(lines)
