@@ -89,7 +89,7 @@ def check_meta_trainer(quick: bool) -> dict:
     if jax.default_backend() != "gpu" and not DRY_RUN:
         return {"skipped": "JAX has no GPU backend here"}
     if EXPERIMENT:
-        exp = config.load(EXPERIMENT)
+        exp = config.load(EXPERIMENT, OVERRIDES)
     else:
         steps = 2048 if DRY_RUN else 100_000
         exp = config.from_dict({
@@ -101,6 +101,7 @@ def check_meta_trainer(quick: bool) -> dict:
     trainer = MetaTrainer(exp.section, meta_seed=0)
     state = trainer.init_state()
     out = {"experiment": exp.name, "population": exp.section.es.population, "generations": []}
+    out["eval_start"] = trainer.evaluate_mean(state, 0)  # the ES mean at generation 0 is PPO's objective
     for generation in range(GENERATIONS):
         state, result = trainer.generation(state, generation)
         out["generations"].append({
@@ -109,10 +110,12 @@ def check_meta_trainer(quick: bool) -> dict:
             "env_steps_per_second": result.env_steps / result.seconds,
         })
         print(f"[gpu-check]   generation {generation}: {out['generations'][-1]}", flush=True)
+        if EVAL_EVERY and (generation + 1) % EVAL_EVERY == 0:
+            out.setdefault("evals", {})[generation + 1] = trainer.evaluate_mean(state, generation + 1)
+            print(f"[gpu-check]   eval of the ES mean: {out['evals'][generation + 1]}", flush=True)
     out["baselines"] = trainer.baselines
     out["compile_seconds"] = trainer.evaluator.compile_seconds
-    if not EXPERIMENT:
-        out["eval"] = trainer.evaluate_mean(state, GENERATIONS)
+    out["eval"] = trainer.evaluate_mean(state, GENERATIONS)
     return out
 
 
@@ -138,6 +141,8 @@ def check_ray_gpu(quick: bool) -> dict:
 
 EXPERIMENT = None  # --experiment: an lpo experiment file whose meta-trainer is timed instead of the built-in one
 GENERATIONS = 2
+OVERRIDES: list[str] = []
+EVAL_EVERY = 0
 DRY_RUN = False  # --dry-run-on-cpu: tiny sizes, GPU guards off (checks this script itself without a GPU)
 
 CHECKS = {"torch_digits": check_torch_digits, "jax_ppo": check_jax_ppo, "meta_trainer": check_meta_trainer,
@@ -151,10 +156,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", choices=sorted(CHECKS), help="run only these checks")
     parser.add_argument("--experiment", help="time this lpo experiment's ES generations (e.g. a paper-scale one)")
     parser.add_argument("--generations", type=int, default=2, help="ES generations the meta_trainer check runs")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in the --experiment file")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate the ES mean every N generations")
     parser.add_argument("--dry-run-on-cpu", action="store_true", help="tiny sizes on the CPU, to test the script")
     args = parser.parse_args(argv)
-    global DRY_RUN, EXPERIMENT, GENERATIONS
+    global DRY_RUN, EXPERIMENT, GENERATIONS, OVERRIDES, EVAL_EVERY
     DRY_RUN, EXPERIMENT, GENERATIONS = args.dry_run_on_cpu, args.experiment, args.generations
+    OVERRIDES, EVAL_EVERY = list(args.set or []), args.eval_every
     results, failed = {}, []
     for name, check in CHECKS.items():
         if args.only and name not in args.only:
