@@ -63,6 +63,13 @@ LPO_EVAL_BASE: dict[str, Any] = {
     "lpo_eval": {"objectives": ["ppo", "dpo"], "envs": [{"env": "Acrobot-v1", "total_timesteps": 4096}]},
 }
 
+SYMBOLIC_BASE: dict[str, Any] = {
+    "name": "cfg-symbolic",
+    "kind": "symbolic",
+    "symbolic": {"start": "adamw", "population": 4, "evaluations": 8, "batch": 2,
+                 "proxy": {"task": "digits", "steps": 10}},
+}
+
 DELETE = object()
 DIRECTORY = object()  # file content: make a directory where the file should be
 PATH = "{path}"  # stands for the experiment file's path in expected fields/hints
@@ -255,6 +262,23 @@ MALFORMED = [
      ("greater than or equal to 2",)),
     ("lpo-eval-progress-outside-0-1", mutate(LPO_EVAL_BASE, lpo_eval__heatmap_progress=[0.5, 1.5]), [],
      "lpo_eval.heatmap_progress", ("[0, 1]",)),
+    # symbolic: optimizer-program search (symbolic/config.py; start programs through the program parser)
+    ("symbolic-unknown-proxy-task", mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "cifar"}), [],
+     "symbolic.proxy.task", ("'digits' or 'tiny_lm'", "'cifar'")),
+    ("symbolic-tournament-over-population", mutate(SYMBOLIC_BASE, symbolic__tournament=5), [], "symbolic.tournament",
+     ("must be <= population",)),
+    ("symbolic-batch-not-multiple-of-workers", mutate(SYMBOLIC_BASE, symbolic__workers=3), [], "symbolic.batch",
+     ("multiple of workers",)),
+    ("symbolic-start-file-missing", mutate(SYMBOLIC_BASE, symbolic__start="no/such/program.txt"), [], "symbolic.start",
+     ("not adamw, lion, program text, or an existing file",)),
+    ("symbolic-start-program-bad-line", mutate(SYMBOLIC_BASE, symbolic__start=(
+        "def train(w, g, m, v, lr):\n    m = interp(g, m, 0.9)\n    update = frobnicate(m)\n    return update, m, v\n")),
+     [], "symbolic.start", ("line 3", "frobnicate")),
+    ("symbolic-tiny-lm-bad-option", mutate(SYMBOLIC_BASE, symbolic__meta_validation={"task": "tiny_lm",
+                                                                                       "task_options": {"heads": 3}}),
+     [], "symbolic.meta_validation.task_options.heads", ("must divide d_model",)),
+    ("symbolic-program-optimizer-bad-program", mutate(pbt__optimizer={"name": "program", "program": "sgd"}), [],
+     "pbt.optimizer.program", ("not adamw, lion, program text, or an existing file",)),
     # the file itself
     ("bad-yaml-unclosed-list", "name: t\nkind: pbt\npbt:\n  population: [2\n", [], PATH,
      ("invalid YAML", "line 5")),

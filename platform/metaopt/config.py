@@ -86,6 +86,7 @@ def _load_builtin_kinds() -> None:
     # Imported for their side effect of registering; kept here so config has one entry point.
     import metaopt.objectives.config  # noqa: F401
     import metaopt.pbt.config  # noqa: F401
+    import metaopt.symbolic.config  # noqa: F401
 
 
 TOP_LEVEL_KEYS = ("name", "kind", "description", "ray", "tracking")

@@ -72,3 +72,15 @@ def trial_resources(config: RayConfig, available: Resources) -> dict[str, float]
             f"{config.cpus_per_trial:g} CPUs per trial requested but the cluster has {available.cpus:g}",
         )
     return {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+
+
+def with_worker_bundles(per_trial: dict[str, float], workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0):
+    """A trial's resources plus one placement-group bundle per helper worker (Ray actors or tasks it starts),
+    so the cluster reserves and co-schedules them with the trial; just ``per_trial`` when there are none."""
+    if not workers:
+        return per_trial
+    from ray import tune
+
+    bundles = [{"CPU": per_trial["cpu"], "GPU": per_trial["gpu"]}]
+    bundles += [{"CPU": cpus_per_worker, "GPU": gpus_per_worker}] * workers
+    return tune.PlacementGroupFactory(bundles)

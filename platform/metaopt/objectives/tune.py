@@ -17,6 +17,7 @@ from ray import tune
 
 from metaopt.objectives.config import LPOSection
 from metaopt.objectives.meta_train import MetaTrainer
+from metaopt.runtime import with_worker_bundles
 
 STATE_FILE = "es_state.msgpack"
 META_FILE = "meta.json"
@@ -81,11 +82,7 @@ class MetaTrainable(tune.Trainable):
 
 def trial_resources(section: LPOSection, per_trial: dict[str, float]):
     """The trial's own slot, plus one bundle per population worker (so a cluster places them together)."""
-    if not section.workers:
-        return per_trial
-    bundles = [{"CPU": per_trial["cpu"], "GPU": per_trial["gpu"]}]
-    bundles += [{"CPU": section.cpus_per_worker, "GPU": section.gpus_per_worker}] * section.workers
-    return tune.PlacementGroupFactory(bundles)
+    return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker, section.gpus_per_worker)
 
 
 def build_tuner(

@@ -8,6 +8,8 @@ A spec names the optimizer and, optionally, its hyperparameters::
 ``sgd``    ``momentum`` 0.9, ``nesterov`` False, ``weight_decay`` 0.0 (L2 added to the grad)
 ``adamw``  ``betas`` (0.9, 0.999), ``eps`` 1e-8, ``weight_decay`` 0.01 (decoupled)
 ``lion``   ``betas`` (0.9, 0.99), ``weight_decay`` 0.0 (decoupled)
+``program`` ``program``: an optimizer program (:mod:`metaopt.symbolic`) as program text, its JSON,
+           a file holding either, or ``adamw`` / ``lion``; ``lr`` 1.0 (programs scale it themselves)
 =========  =================================================================================
 
 ``lr`` defaults to 1e-3 for all. Both builders read the same spec through
@@ -45,7 +47,7 @@ __all__ = [
     "set_optax_learning_rate",
 ]
 
-OPTIMIZER_NAMES = ("sgd", "adamw", "lion")
+OPTIMIZER_NAMES = ("sgd", "adamw", "lion", "program")
 
 # Defaults per optimizer; the keys are also the only hyperparameters a spec may set.
 # SGD/AdamW follow torch.optim; Lion follows Chen et al. 2023 (betas 0.9/0.99).
@@ -53,6 +55,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
     "lion": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0},
+    "program": {"lr": 1.0, "program": None},
 }
 
 
@@ -84,7 +87,20 @@ _CHECKS = {
     "weight_decay": lambda field, value: check_real(field, value, low=0.0),
     "eps": lambda field, value: check_real(field, value, low=0.0, low_open=True),
     "betas": _check_betas,
+    "program": lambda field, value: _check_program(field, value),
 }
+
+
+def _check_program(field: str, value: Any) -> str:
+    """Any accepted program form -> its canonical JSON (so a spec stays plain data for Tune and MLflow)."""
+    from metaopt.symbolic.search import load_start_program
+
+    if value is None:
+        raise ConfigError(field, "missing; give program text, its JSON, a file, or adamw / lion")
+    try:
+        return load_start_program(value).to_json()
+    except ConfigError as err:
+        raise ConfigError(field, err.problem) from None
 
 
 def resolve_optimizer_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,11 +137,20 @@ def _torch_lion(params: Any, **hyperparams: Any) -> torch.optim.Optimizer:
     return Lion(params, **hyperparams)
 
 
+def _torch_program(params: Any, lr: float, program: str) -> torch.optim.Optimizer:
+    """A discovered (or hand-written) optimizer program as a torch optimizer (:mod:`metaopt.symbolic.export`)."""
+    from metaopt.symbolic.export import ProgramOptimizer
+    from metaopt.symbolic.program import Program
+
+    return ProgramOptimizer(params, Program.from_json(program), lr=lr)
+
+
 # The resolved spec's keys are exactly these constructors' keyword arguments.
 _TORCH_FACTORIES = {
     "sgd": torch.optim.SGD,
     "adamw": torch.optim.AdamW,  # Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"
     "lion": _torch_lion,
+    "program": _torch_program,
 }
 
 
@@ -182,6 +207,14 @@ def build_optax(spec: Mapping[str, Any]) -> Any:
 
     hyperparams = resolve_optimizer_spec(spec)
     name = hyperparams.pop("name")
+    if name == "program":
+        from metaopt.symbolic.export import program_optax
+        from metaopt.symbolic.program import Program
+
+        program = Program.from_json(hyperparams.pop("program"))
+        return optax.inject_hyperparams(lambda learning_rate: program_optax(program, learning_rate))(
+            learning_rate=hyperparams["lr"]
+        )
     factory = {"sgd": _optax_sgd, "adamw": optax.adamw, "lion": optax.lion}[name]
     return optax.inject_hyperparams(factory)(**_optax_kwargs(hyperparams))
 

@@ -11,6 +11,7 @@ from metaopt.tasks.base import Schedule, TrainingTask
 TASKS = {
     "digits": "metaopt.tasks.digits:DigitsTask",
     "cartpole_rllib": "metaopt.tasks.rllib_ppo:RLlibPPOTask",
+    "tiny_lm": "metaopt.tasks.tiny_lm:TinyLMTask",
 }
 
 

@@ -1,0 +1,102 @@
+"""The ``symbolic:`` section: regularized evolution of optimizer programs (Chen et al. 2023).
+
+The search starts from the AdamW program (or a program file), mutates programs (insert / delete / modify),
+scores each on a proxy task (validation metric after ``steps`` optimizer steps, best of a few learning-rate
+multipliers), keeps a population with tournament selection and ageing (Real et al. 2019), restarts from the
+start program and from the best, and sends its top programs through a funnel of larger proxies and a held-out
+meta-validation task before accepting them. Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from metaopt.config import StrictModel, register_kind
+from metaopt.errors import ConfigError
+
+PROXY_TASKS = ("digits", "tiny_lm")
+
+
+class ProxySpec(StrictModel):
+    """One proxy: a metaopt task trained with the program for ``steps`` steps at each lr multiplier."""
+
+    task: Literal["digits", "tiny_lm"] = Field(default="digits", description="metaopt task to train.")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="Task settings (model size, batch).")
+    steps: int = Field(default=200, ge=1, description="Optimizer steps per evaluation.")
+    lrs: list[float] = Field(
+        default_factory=lambda: [0.3, 1.0, 3.0], min_length=1,
+        description="lr values tried; the program's own constants scale them (AdamW's lr * 0.001).",
+    )
+    seeds: int = Field(default=1, ge=1, description="Training seeds averaged per lr.")
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive(cls, lrs: list[float]) -> list[float]:
+        if any(lr <= 0 for lr in lrs):
+            raise ValueError(f"every lr must be > 0 (got {lrs})")
+        return lrs
+
+
+class SymbolicSection(StrictModel):
+    """Search optimizer programs by regularized evolution on Ray; one Tune trial per search seed."""
+
+    start: str = Field(default="adamw", description="adamw, lion, or a path to a program text file.")
+    population: int = Field(default=32, ge=2, description="Programs kept alive (paper: 1,000).")
+    tournament: int = Field(default=2, ge=1, description="Tournament size for parent selection (paper: 2).")
+    evaluations: int = Field(default=200, ge=1, description="Programs scored in total (the search budget).")
+    batch: int = Field(default=4, ge=1, description="Children scored in parallel per Tune iteration.")
+    workers: int = Field(default=0, ge=0, description="Ray actors scoring programs (0: in the trial's process).")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each scoring actor reserves.")
+    restart_after: int = Field(
+        default=0, ge=0, description="Iterations without a new best before restarting (0: never)."
+    )
+    restart_from_start_probability: float = Field(
+        default=0.5, ge=0, le=1, description="On a restart: start program (exploration) vs best (exploitation)."
+    )
+    proxy: ProxySpec = Field(default_factory=ProxySpec, description="The search proxy.")
+    funnel: list[ProxySpec] = Field(default_factory=list, description="Larger proxies a top program must pass.")
+    meta_validation: ProxySpec | None = Field(
+        default=None, description="Held-out task (e.g. tiny_lm) an accepted program must also pass."
+    )
+    funnel_top: int = Field(default=3, ge=1, description="Best programs (by proxy score) sent through the funnel.")
+    margin: float = Field(default=0.0, description="Score a program must beat the start program by, per stage.")
+    checkpoint_every: int = Field(default=1, ge=1, description="Iterations between checkpoints of the search.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="One trial per search seed.")
+    max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its checkpoint.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SymbolicSection":
+        if self.tournament > self.population:
+            raise ConfigError("tournament", f"must be <= population ({self.tournament} > {self.population})")
+        if self.workers and self.batch % self.workers:
+            raise ConfigError("batch", f"must be a multiple of workers ({self.batch} over {self.workers} workers)")
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ConfigError("seeds", f"must be distinct non-negative integers (got {self.seeds})")
+        return self
+
+    def check(self) -> None:
+        """Task options through the tasks' own parsers; the start program through the program parser."""
+        from metaopt.symbolic.search import load_start_program
+
+        stages = [("proxy", self.proxy)] + [(f"funnel.{i}", p) for i, p in enumerate(self.funnel)]
+        if self.meta_validation is not None:
+            stages.append(("meta_validation", self.meta_validation))
+        for field, spec in stages:
+            check_task_options(spec, f"{field}.task_options")
+        load_start_program(self.start)
+
+
+def check_task_options(spec: ProxySpec, field: str) -> None:
+    if spec.task == "digits":
+        from metaopt.tasks.digits import DigitsOptions
+
+        DigitsOptions.parse(spec.task_options, field=field)
+    else:
+        from metaopt.tasks.tiny_lm import TinyLMOptions
+
+        TinyLMOptions.parse(spec.task_options, field=field)
+
+
+register_kind("symbolic", SymbolicSection, "metaopt.symbolic.search:run")

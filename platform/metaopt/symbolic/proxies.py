@@ -1,0 +1,74 @@
+"""Scoring a program: train a proxy task with it as the optimizer; score = the task's validation metric.
+
+Chen et al. 2023 (Sec. 3.1) score each program on small proxy tasks after a fixed number of steps and try a
+few learning rates, since a program's constants set its scale. Here a proxy is a metaopt task (digits MLP,
+tiny transformer LM) trained with ``{"name": "program", "program": ...}`` as its optimizer spec; the score
+is the mean over seeds of the final validation metric at the best lr. A program whose training diverges
+(non-finite or exploding loss) scores ``-inf`` at that lr. :class:`RayScorer` scores a batch of programs as
+parallel Ray tasks; :class:`LocalScorer` in the calling process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from metaopt.symbolic.program import Program
+
+
+@dataclass(frozen=True)
+class ProgramScore:
+    score: float  # higher is better; -inf when every lr diverged
+    best_lr: float
+    per_lr: tuple[float, ...]
+
+
+def score_program(program_json: str, proxy: dict[str, Any]) -> ProgramScore:
+    """Train ``proxy['task']`` with the program at each lr; mean over seeds, max over lrs."""
+    import torch
+
+    from metaopt.tasks import build_task
+
+    torch.set_num_threads(1)  # scores must not depend on how many scorers share the machine
+    per_lr = []
+    for lr in proxy["lrs"]:
+        values = []
+        for seed in range(proxy["seeds"]):
+            task = build_task(proxy["task"], proxy["task_options"], {"name": "program", "program": program_json}, seed)
+            metrics = task.train(proxy["steps"], lambda _step, lr=lr: lr)
+            value = float(metrics.get(task.metric, math.nan))
+            loss = float(metrics.get("loss", math.nan))
+            limit = getattr(task, "divergence_loss", None)
+            diverged = not math.isfinite(loss) or not math.isfinite(value) or (limit is not None and loss > limit)
+            values.append(-math.inf if diverged else (value if task.mode == "max" else -value))
+        per_lr.append(sum(values) / len(values))
+    best = max(range(len(per_lr)), key=lambda i: per_lr[i])
+    return ProgramScore(per_lr[best], float(proxy["lrs"][best]), tuple(per_lr))
+
+
+class LocalScorer:
+    """Scores programs one after another in this process."""
+
+    def score(self, programs: list[Program], proxy: dict[str, Any]) -> list[ProgramScore]:
+        return [score_program(p.to_json(), proxy) for p in programs]
+
+    def close(self) -> None:
+        pass
+
+
+class RayScorer:
+    """Scores a batch of programs as parallel Ray tasks (placed in the calling trial's placement group)."""
+
+    def __init__(self, cpus: float = 1.0):
+        import ray
+
+        self._remote = ray.remote(num_cpus=cpus)(score_program)
+
+    def score(self, programs: list[Program], proxy: dict[str, Any]) -> list[ProgramScore]:
+        import ray
+
+        return ray.get([self._remote.remote(p.to_json(), proxy) for p in programs])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,132 @@
+"""The only place in ``metaopt.symbolic`` that knows Ray Tune: one trial = one search, one iteration = one batch.
+
+A checkpoint is the search state as JSON (every scored program, the population, the hash cache and the
+numpy generator state) plus, after the last iteration, ``final.json`` (funnel results and simplified
+accepted programs). Scoring is deterministic on the CPU, so a restored search continues identically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from metaopt.runtime import with_worker_bundles
+from metaopt.symbolic.config import SymbolicSection
+from metaopt.symbolic.search import (
+    SearchState,
+    funnel,
+    init_search,
+    iterations_for,
+    proxy_dict,
+    search_metrics,
+    search_step,
+)
+
+STATE_FILE = "search_state.json"
+FINAL_FILE = "final.json"
+
+
+def make_scorer(section: SymbolicSection):
+    from metaopt.symbolic.proxies import LocalScorer, RayScorer
+
+    return RayScorer(section.cpus_per_worker) if section.workers else LocalScorer()
+
+
+def finish(state: SearchState, section: SymbolicSection, scorer) -> dict[str, Any]:
+    """Funnel the best programs; simplify the accepted ones against the proxy score."""
+    from metaopt.symbolic.program import Program
+    from metaopt.symbolic.simplify import simplify
+    from metaopt.symbolic.text import format_program
+
+    results = funnel(state, section, scorer)
+    proxy = proxy_dict(section.proxy)
+    accepted = []
+    for r in results:
+        if not r.accepted:
+            continue
+        program = Program.from_json(r.program_json)
+        report = simplify(program, score_fn=lambda p: scorer.score([p], proxy)[0].score, tolerance=0.0)
+        accepted.append({
+            "index": r.index, "proxy_score": r.proxy_score, "stages": r.stages,
+            "program": format_program(program), "simplified": format_program(report.after),
+            "simplified_json": report.after.to_json(), "steps": list(report.steps), "report": report.format(),
+        })
+    return {
+        "funnel": [r.__dict__ for r in results],
+        "accepted": accepted,
+        "best": {"index": state.best.index, "score": state.best.score, "program": format_program(state.best.program)},
+        "start": {"score": state.start.score, "program": format_program(state.start.program)},
+    }
+
+
+class SearchTrainable(tune.Trainable):
+    """``config['exp']``: the resolved ``symbolic`` section; ``config['seed']``: this search's seed."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.section = SymbolicSection.model_validate(config["exp"])
+        self.scorer = make_scorer(self.section)
+        self.state: SearchState | None = None
+        self.final: dict[str, Any] | None = None
+
+    def step(self) -> dict[str, Any]:
+        if self.state is None:  # scored here, not in setup: a restored trial never re-scores the start program
+            self.state = init_search(self.section, int(self.config["seed"]), self.scorer)
+        self.state = search_step(self.state, self.section, self.scorer)
+        metrics = search_metrics(self.state)
+        metrics["accepted"] = 0
+        if self.state.iteration >= iterations_for(self.section):
+            self.final = finish(self.state, self.section, self.scorer)
+            metrics["accepted"] = len(self.final["accepted"])
+            metrics["done"] = True
+        return metrics
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        directory = Path(checkpoint_dir)
+        if self.state is not None:
+            (directory / STATE_FILE).write_text(self.state.to_json())
+        if self.final is not None:
+            (directory / FINAL_FILE).write_text(json.dumps(self.final, indent=1))
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
+        if (directory / STATE_FILE).exists():
+            self.state = SearchState.from_json((directory / STATE_FILE).read_text())
+            self._iteration = self.state.iteration
+        if (directory / FINAL_FILE).exists():
+            self.final = json.loads((directory / FINAL_FILE).read_text())
+
+    def cleanup(self) -> None:
+        self.scorer.close()
+
+
+def trial_resources(section: SymbolicSection, per_trial: dict[str, float]):
+    """The trial's own slot plus one bundle per scoring worker."""
+    return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker)
+
+
+def build_tuner(section: SymbolicSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
+                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> tune.Tuner:
+    """One trial per search seed; a checkpoint every ``checkpoint_every`` iterations and at the end."""
+    return tune.Tuner(
+        tune.with_resources(SearchTrainable, trial_resources(section, resources)),
+        param_space={"exp": section.model_dump(mode="json"), "seed": tune.grid_search(list(section.seeds))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=experiment_name,
+            storage_path=storage_path,
+            stop={"training_iteration": iterations_for(section)},
+            checkpoint_config=tune.CheckpointConfig(
+                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True, num_to_keep=2
+            ),
+            failure_config=tune.FailureConfig(max_failures=section.max_failures),
+            callbacks=callbacks,
+            verbose=verbose,
+        ),
+    )

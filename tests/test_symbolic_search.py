@@ -1,0 +1,176 @@
+"""Symbolic optimizer search end to end: the tiny LM proxy, programs as metaopt optimizers, regularized
+evolution (ageing, tournaments, hash cache, restarts), bit-identical resume, and the Tune + Ray + MLflow run
+with its funnel and simplification."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXPERIMENTS, KillTrialProcess
+from metaopt import config, tracking
+from metaopt.optim import build_optimizer, set_learning_rate
+from metaopt.symbolic.program import lion_program
+from metaopt.symbolic.proxies import LocalScorer
+from metaopt.symbolic.search import (
+    SearchState,
+    init_search,
+    iterations_for,
+    load_start_program,
+    search_step,
+)
+from metaopt.tasks import build_task
+from mlflow.tracking import MlflowClient
+
+
+def load_tiny(tmp_path: Path, *overrides: str):
+    base = [f"ray.storage_path={tmp_path / 'ray_results'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    return config.load(EXPERIMENTS / "symbolic_tiny.yaml", [*base, *overrides])
+
+
+def test_tiny_lm_learns_and_resumes_exactly():
+    task = build_task("tiny_lm", {"seq_len": 16, "d_model": 16}, {"name": "adamw", "lr": 3e-3}, seed=0)
+    before = task.evaluate("val")["val_accuracy"]
+    task.train(150, lambda _s: 3e-3)
+    state = task.state()
+    after = task.train(50, lambda _s: 3e-3)
+    assert after["val_accuracy"] > before + 0.05, (before, after)
+    again = build_task("tiny_lm", {"seq_len": 16, "d_model": 16}, {"name": "adamw", "lr": 3e-3}, seed=1)
+    again.restore(state)
+    assert again.train(50, lambda _s: 3e-3) == after
+
+
+def test_program_optimizer_is_a_metaopt_optimizer_choice():
+    """A program (here Lion, as text) in an optimizer spec trains like pytorch-optimizer's Lion."""
+    torch.manual_seed(0)
+    a = torch.nn.Linear(5, 3)
+    b = torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    from metaopt.symbolic.text import format_program
+
+    ours = build_optimizer(a.parameters(), {"name": "program", "program": format_program(lion_program(weight_decay=0.1)),
+                                            "lr": 1e-2})
+    reference = build_optimizer(b.parameters(), {"name": "lion", "lr": 1e-2, "weight_decay": 0.1})
+    x, y = torch.randn(64, 5), torch.randn(64, 3)
+    for step in range(30):
+        if step == 15:  # the outer loop changes the lr without rebuilding the optimizer
+            set_learning_rate(ours, 3e-3)
+            set_learning_rate(reference, 3e-3)
+        for model, opt in ((a, ours), (b, reference)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_malformed_start_program_names_its_line(tmp_path):
+    from metaopt.errors import ConfigError
+
+    path = tmp_path / "bad.txt"
+    path.write_text("def train(w, g, m, v, lr):\n    m = interp(g, m, 0.9)\n    update = frobnicate(m)\n    return update, m, v\n")
+    with pytest.raises(ConfigError, match="line 3"):
+        load_start_program(str(path))
+
+
+@pytest.fixture(scope="module")
+def direct_search(tmp_path_factory):
+    """The tiny search run directly in this process: every iteration's state, as JSON."""
+    exp = load_tiny(tmp_path_factory.mktemp("direct"))
+    scorer = LocalScorer()
+    state = init_search(exp.section, seed=0, scorer=scorer)
+    snapshots = [state.to_json()]
+    for _ in range(iterations_for(exp.section)):
+        state = search_step(state, exp.section, scorer)
+        snapshots.append(state.to_json())
+    return {"exp": exp, "state": state, "snapshots": snapshots}
+
+
+def test_regularized_evolution_ages_out_and_counts(direct_search):
+    exp, state = direct_search["exp"], direct_search["state"]
+    section = exp.section
+    assert len(state.history) == 1 + iterations_for(section) * section.batch
+    assert len(state.population) == min(section.population, len(state.history))
+    # regularized evolution removes the oldest: the survivors are the youngest programs, in order
+    assert [s.index for s in state.population] == [s.index for s in state.history[-section.population:]]
+    assert state.start.score > 0.3 and math.isfinite(state.start.score)
+    assert state.best.score >= state.start.score
+    assert all(s.parent is not None and s.parent < s.index for s in state.history[1:])
+    hashes = {s.hash for s in state.history}
+    assert state.cache_hits == len(state.history) - len(hashes)  # a repeated function is never re-trained
+
+
+def test_search_resumes_from_json_identically(direct_search):
+    exp, snapshots = direct_search["exp"], direct_search["snapshots"]
+    state = SearchState.from_json(snapshots[1])
+    for _ in range(iterations_for(exp.section) - 1):
+        state = search_step(state, exp.section, LocalScorer())
+    assert state.to_json() == snapshots[-1]
+
+
+def test_restart_draws_from_start_or_best(tmp_path):
+    exp = load_tiny(tmp_path, "symbolic.restart_after=1", "symbolic.evaluations=25")
+    scorer = LocalScorer()
+    state = init_search(exp.section, seed=3, scorer=scorer)
+    best_at_restart = []
+    for _ in range(iterations_for(exp.section)):
+        restarting = state.since_best >= 1
+        best_at_restart.append(state.best.index if restarting else None)
+        state = search_step(state, exp.section, scorer)
+    assert state.restarts == sum(b is not None for b in best_at_restart) >= 1
+    batch = exp.section.batch
+    for i, best in enumerate(best_at_restart):
+        children = state.history[1 + i * batch : 1 + (i + 1) * batch]
+        if best is None:
+            assert {c.origin for c in children} == {"tournament"}
+        else:
+            assert all((c.origin, c.parent) in {("restart_start", 0), ("restart_best", best)} for c in children)
+
+
+def test_killed_search_trial_resumes_and_matches_the_direct_run(ray_session, tmp_path, direct_search):
+    from metaopt.symbolic.sweep import run_search
+
+    exp = load_tiny(tmp_path, "symbolic.checkpoint_every=1", "symbolic.max_failures=2")
+    killer = KillTrialProcess(at_iteration=1)
+    (summary,) = run_search(exp, callbacks=[killer], verbose=0)
+    assert killer.killed, "the test did not kill anything"
+    assert summary.error is None
+    want = SearchState.from_json(direct_search["snapshots"][-1])
+    assert [(h.program_json, h.score) for h in summary.state.history] == [(h.program_json, h.score) for h in want.history]
+
+
+def test_search_on_ray_workers_tracks_to_mlflow_with_funnel_and_simplification(ray_session, tmp_path, direct_search):
+    from metaopt.symbolic.export import ProgramOptimizer
+    from metaopt.symbolic.program import Program
+    from metaopt.symbolic.sweep import run_search
+
+    exp = load_tiny(tmp_path, "symbolic.workers=2", "symbolic.cpus_per_worker=0.5", "ray.cpus_per_trial=0.5")
+    (summary,) = run_search(exp, verbose=0)
+    assert summary.error is None and summary.final is not None
+    want = SearchState.from_json(direct_search["snapshots"][-1])
+    assert [h.score for h in summary.state.history] == pytest.approx([h.score for h in want.history])
+    final = summary.final
+    assert final["accepted"], final["funnel"]
+    for accepted in final["accepted"]:
+        assert [s["stage"] for s in accepted["stages"]] == ["funnel_0", "meta_validation"]
+        simplified = Program.from_json(accepted["simplified_json"])
+        assert len(simplified) <= len(load_start_program(accepted["program"]))
+        model = torch.nn.Linear(4, 2)
+        ProgramOptimizer(model.parameters(), simplified, lr=1.0)  # exported: a torch optimizer
+
+    client = MlflowClient(exp.tracking.uri)
+    experiment = client.get_experiment_by_name("symbolic_tiny")
+    parent = client.search_runs([experiment.experiment_id], "tags.`metaopt.role` = 'sweep'")[0]
+    assert "search.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["accepted_programs"] == len(final["accepted"])
+    (child,) = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id)
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"history.csv", "best_program.txt", "accepted"} <= artifacts
+    history = Path(client.download_artifacts(child.info.run_id, "history.csv", str(tmp_path))).read_text().splitlines()
+    assert len(history) == 1 + len(summary.state.history)
+    metrics = client.get_metric_history(child.info.run_id, "best_score")
+    assert len(metrics) == iterations_for(exp.section)
+    assert np.isfinite([m.value for m in metrics]).all()
