@@ -193,6 +193,7 @@ def test_meta_training_tracks_to_mlflow_and_evaluation_reads_it_back(ray_session
     (trial,) = summary.trials
     assert trial.error is None and summary.best_trial == trial.trial_id
     assert math.isfinite(trial.mean_score) and trial.mean_score > 0
+    assert math.isfinite(trial.start_mean_score)  # generation 0 (PPO's objective) on the same evaluation seeds
     _, params = export.load_drift(trial.drift_dir)
     want = direct_run["trainer"].mean_params(direct_run["state"])
     np.testing.assert_allclose(final_mean(params), final_mean(want), rtol=1e-4, atol=1e-6)

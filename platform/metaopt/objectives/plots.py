@@ -64,7 +64,7 @@ def plot_drift_heatmaps(
     return fig
 
 
-def plot_meta_curves(curves: dict[str, dict[str, tuple[list[int], list[float]]]], best: str | None, title: str):
+def plot_meta_curves(curves: dict[str, dict[str, Any]], best: str | None, title: str):
     """Per trial: population mean fitness per generation and the ES-mean evaluation score."""
     import matplotlib
 
@@ -75,10 +75,14 @@ def plot_meta_curves(curves: dict[str, dict[str, tuple[list[int], list[float]]]]
     for trial, series in curves.items():
         width = 2.2 if trial == best else 1.0
         for ax, key in zip(axes, ("fitness_mean", "mean_score")):
-            xs, ys = series.get(key, ([], []))
+            xs, ys = series.get(key) or ([], [])
             points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
             if points:
                 ax.plot(*zip(*points), lw=width, marker="o" if key == "mean_score" else None, ms=3, label=trial)
+    for trial, series in curves.items():
+        start = series.get("start_mean_score")
+        if start is not None and math.isfinite(start):
+            axes[1].axhline(start, color="tab:red", lw=0.8, ls="--", label=f"{trial}: generation 0 (PPO)")
     for ax, label in zip(axes, ("population mean fitness (return / PPO's)", "ES mean: eval score (return / PPO's)")):
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("generation")

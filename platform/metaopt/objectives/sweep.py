@@ -25,6 +25,7 @@ class MetaTrialSummary:
     generations: int
     fitness_mean: float
     mean_score: float
+    start_mean_score: float
     drift_dir: str | None
     curves: dict[str, tuple[list[int], list[float]]]
     error: str | None = None
@@ -112,6 +113,7 @@ def summarise_trial(result) -> MetaTrialSummary:
         generations=int(metrics.get("generation", 0)),
         fitness_mean=float(metrics.get("fitness_mean", math.nan)),
         mean_score=float(scores[-1]) if scores else math.nan,
+        start_mean_score=float(metrics.get("start_mean_score", math.nan)),
         drift_dir=drift_dir,
         curves=curves,
         error=str(result.error).splitlines()[0] if result.error else None,
@@ -126,7 +128,7 @@ def log_summary(parent: tracking.ParentRun, summary: MetaSummary, exp: Experimen
     for t in summary.trials:
         if t.drift_dir and t.trial_id in trial_runs:
             parent.client.log_artifacts(trial_runs[t.trial_id], t.drift_dir, DRIFT_ARTIFACT)
-    curves = {t.trial_id: t.curves for t in summary.trials}
+    curves = {t.trial_id: {**t.curves, "start_mean_score": t.start_mean_score} for t in summary.trials}
     parent.log_figure(plots.plot_meta_curves(curves, summary.best_trial, f"{exp.name}: meta-training"), "meta_training.png")
     best = summary.best()
     parent.log_metrics({
@@ -153,10 +155,12 @@ def reference_log_horizon(env: str, total_timesteps: int, ppo: dict[str, Any]) -
 
 
 def format_table(summary: MetaSummary) -> str:
-    header = f"{'trial':<16}{'meta-seed':>10}{'generations':>12}{'fitness':>10}{'eval score':>12}  status"
+    header = f"{'trial':<16}{'meta-seed':>10}{'generations':>12}{'fitness':>10}{'start score':>12}{'eval score':>12}  status"
     lines = [header, "-" * len(header)]
     for t in sorted(summary.trials, key=lambda t: -t.mean_score if math.isfinite(t.mean_score) else math.inf):
         status = "FAILED " + (t.error or "") if t.error else ("BEST" if t.trial_id == summary.best_trial else "ok")
-        lines.append(f"{t.trial_id:<16}{t.meta_seed:>10}{t.generations:>12}{t.fitness_mean:>10.3f}{t.mean_score:>12.3f}  {status}")
-    lines.append("(scores: final mean return normalised by PPO's on the same env and horizon; 1.0 = PPO)")
+        lines.append(f"{t.trial_id:<16}{t.meta_seed:>10}{t.generations:>12}{t.fitness_mean:>10.3f}"
+                     f"{t.start_mean_score:>12.3f}{t.mean_score:>12.3f}  {status}")
+    lines.append("(scores: final mean return normalised by PPO's on the same env and horizon; 1.0 = PPO's baseline "
+                 "seeds; start score = the ES mean at generation 0, i.e. PPO's objective, on the evaluation seeds)")
     return "\n".join(lines)

@@ -38,9 +38,12 @@ class MetaTrainable(tune.Trainable):
             evaluator = RayPopulation(self.section.workers, self.section.cpus_per_worker, self.section.gpus_per_worker)
         self.trainer = MetaTrainer(self.section, int(config["meta_seed"]), evaluator)
         self.state = self.trainer.init_state()
+        self.start_score: float | None = None  # the ES mean at generation 0 (PPO's objective), same eval seeds
 
     def step(self) -> dict[str, Any]:
         generation = self.iteration  # generations finished so far
+        if self.start_score is None:
+            self.start_score = self.trainer.evaluate_mean(self.state, 0)["mean_score"]
         self.state, result = self.trainer.generation(self.state, generation)
         metrics = self.trainer.generation_metrics(self.state, result)
         done = generation + 1
@@ -49,6 +52,7 @@ class MetaTrainable(tune.Trainable):
         if done % self.section.eval_every == 0 or done == self.section.es.generations:
             metrics.update(self.trainer.evaluate_mean(self.state, done))
         metrics["generation"] = done
+        metrics["start_mean_score"] = self.start_score
         metrics["compile_seconds"] = getattr(self.trainer.evaluator, "compile_seconds", 0.0)
         return metrics
 
@@ -59,7 +63,8 @@ class MetaTrainable(tune.Trainable):
 
         directory = Path(checkpoint_dir)
         (directory / STATE_FILE).write_bytes(serialization.to_bytes(self.state))
-        meta = {"generation": self.iteration, "baselines": self.trainer.baselines, "meta_seed": self.config["meta_seed"]}
+        meta = {"generation": self.iteration, "baselines": self.trainer.baselines, "meta_seed": self.config["meta_seed"],
+                "start_mean_score": self.start_score}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         save_drift(directory / DRIFT_DIR, self.section.drift, self.trainer.mean_params(self.state),
                    dict(self.trainer.drift_options))
@@ -72,6 +77,7 @@ class MetaTrainable(tune.Trainable):
         self.state = serialization.from_bytes(self.trainer.init_state(), (directory / STATE_FILE).read_bytes())
         meta = json.loads((directory / META_FILE).read_text())
         self.trainer.baselines = {k: float(v) for k, v in meta["baselines"].items()}
+        self.start_score = meta.get("start_mean_score")
         self._iteration = int(meta["generation"])
 
     def cleanup(self) -> None:
