@@ -174,3 +174,18 @@ def test_search_on_ray_workers_tracks_to_mlflow_with_funnel_and_simplification(r
     metrics = client.get_metric_history(child.info.run_id, "best_score")
     assert len(metrics) == iterations_for(exp.section)
     assert np.isfinite([m.value for m in metrics]).all()
+
+
+def test_programs_that_raise_or_diverge_score_as_logged_failures():
+    from metaopt.symbolic.program import Program, stmt
+    from metaopt.symbolic.proxies import score_program
+
+    proxy = {"task": "digits", "task_options": {"hidden": [8]}, "steps": 20, "lrs": [1.0], "seeds": 1}
+    unknown = Program((stmt("update", "frobnicate", "g"),)).to_json()  # data that skipped the parser
+    raised = score_program(unknown, proxy)
+    assert raised.score == -math.inf and "raised ConfigError" in raised.failure and "frobnicate" in raised.failure
+    ascent = Program((stmt("update", "mul", "g", -1000.0),)).to_json()  # gradient *ascent*, huge steps
+    diverged = score_program(ascent, proxy)
+    assert diverged.score == -math.inf and ("diverged" in diverged.failure or "non-finite" in diverged.failure)
+    fine = score_program(Program((stmt("update", "mul", "g", 0.1),)).to_json(), {**proxy, "steps": 150})  # SGD
+    assert fine.failure is None and fine.score > 0.5

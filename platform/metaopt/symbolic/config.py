@@ -48,7 +48,8 @@ class SymbolicSection(StrictModel):
     evaluations: int = Field(default=200, ge=1, description="Programs scored in total (the search budget).")
     batch: int = Field(default=4, ge=1, description="Children scored in parallel per Tune iteration.")
     workers: int = Field(default=0, ge=0, description="Ray actors scoring programs (0: in the trial's process).")
-    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each scoring actor reserves.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each scoring worker reserves.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs each scoring worker reserves (GPU proxies).")
     restart_after: int = Field(
         default=0, ge=0, description="Iterations without a new best before restarting (0: never)."
     )

@@ -19,32 +19,48 @@ from metaopt.symbolic.program import Program
 
 @dataclass(frozen=True)
 class ProgramScore:
-    score: float  # higher is better; -inf when every lr diverged
+    score: float  # higher is better; -inf when every lr diverged or raised
     best_lr: float
     per_lr: tuple[float, ...]
+    failure: str | None = None  # why a program scored -inf (diverged / non-finite / the exception), else None
 
 
 def score_program(program_json: str, proxy: dict[str, Any]) -> ProgramScore:
-    """Train ``proxy['task']`` with the program at each lr; mean over seeds, max over lrs."""
+    """Train ``proxy['task']`` with the program at each lr; mean over seeds, max over lrs.
+
+    A program that raises, produces NaN or diverges scores ``-inf`` at that lr with the reason recorded: a bad
+    program is a failed candidate, never a crashed search."""
     import torch
 
     from metaopt.tasks import build_task
 
     torch.set_num_threads(1)  # scores must not depend on how many scorers share the machine
-    per_lr = []
+    per_lr, failures = [], []
     for lr in proxy["lrs"]:
         values = []
         for seed in range(proxy["seeds"]):
-            task = build_task(proxy["task"], proxy["task_options"], {"name": "program", "program": program_json}, seed)
-            metrics = task.train(proxy["steps"], lambda _step, lr=lr: lr)
+            try:
+                task = build_task(proxy["task"], proxy["task_options"], {"name": "program", "program": program_json}, seed)
+                metrics = task.train(proxy["steps"], lambda _step, lr=lr: lr)
+            except Exception as err:  # noqa: BLE001 - any error of a candidate program is its failure
+                failures.append(f"lr {lr:g}: raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                values.append(-math.inf)
+                continue
             value = float(metrics.get(task.metric, math.nan))
             loss = float(metrics.get("loss", math.nan))
             limit = getattr(task, "divergence_loss", None)
-            diverged = not math.isfinite(loss) or not math.isfinite(value) or (limit is not None and loss > limit)
-            values.append(-math.inf if diverged else (value if task.mode == "max" else -value))
+            if not math.isfinite(loss) or not math.isfinite(value):
+                failures.append(f"lr {lr:g}: non-finite loss or {task.metric}")
+                values.append(-math.inf)
+            elif limit is not None and loss > limit:
+                failures.append(f"lr {lr:g}: diverged (loss {loss:.3g} > {limit:.3g})")
+                values.append(-math.inf)
+            else:
+                values.append(value if task.mode == "max" else -value)
         per_lr.append(sum(values) / len(values))
     best = max(range(len(per_lr)), key=lambda i: per_lr[i])
-    return ProgramScore(per_lr[best], float(proxy["lrs"][best]), tuple(per_lr))
+    failed = not math.isfinite(per_lr[best])
+    return ProgramScore(per_lr[best], float(proxy["lrs"][best]), tuple(per_lr), "; ".join(failures) if failed else None)
 
 
 class LocalScorer:
@@ -60,10 +76,10 @@ class LocalScorer:
 class RayScorer:
     """Scores a batch of programs as parallel Ray tasks (placed in the calling trial's placement group)."""
 
-    def __init__(self, cpus: float = 1.0):
+    def __init__(self, cpus: float = 1.0, gpus: float = 0.0):
         import ray
 
-        self._remote = ray.remote(num_cpus=cpus)(score_program)
+        self._remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(score_program)
 
     def score(self, programs: list[Program], proxy: dict[str, Any]) -> list[ProgramScore]:
         import ray

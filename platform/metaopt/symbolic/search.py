@@ -75,6 +75,7 @@ class Scored:
     parent: int | None
     cached: bool = False
     origin: str = "tournament"  # how the parent was chosen: tournament, restart_start, restart_best (start: start)
+    failure: str | None = None  # why the program scored -inf (raised, non-finite, diverged)
 
     @property
     def program(self) -> Program:
@@ -85,7 +86,7 @@ class Scored:
 class SearchState:
     population: list[Scored]
     history: list[Scored]
-    cache: dict[str, list[float]]  # functional hash -> [score, best_lr]
+    cache: dict[str, list[Any]]  # functional hash -> [score, best_lr, failure]
     rng_state: dict[str, Any]
     iteration: int = 0
     best_index: int = 0
@@ -127,9 +128,10 @@ def init_search(section, seed: int, scorer) -> SearchState:
     program = load_start_program(section.start)
     (result,) = scorer.score([program], proxy_dict(section.proxy))
     start = Scored(program.to_json(), _score(result.score), result.best_lr, functional_hash(program), 0, None,
-                   origin="start")
+                   origin="start", failure=result.failure)
     rng = np.random.default_rng(seed)
-    return SearchState([start], [start], {start.hash: [start.score, start.best_lr]}, rng.bit_generator.state)
+    cache = {start.hash: [start.score, start.best_lr, start.failure]}
+    return SearchState([start], [start], cache, rng.bit_generator.state)
 
 
 def tournament(population: list[Scored], size: int, rng: np.random.Generator) -> Scored:
@@ -167,11 +169,11 @@ def search_step(state: SearchState, section, scorer) -> SearchState:
     for (child, parent, origin), h in zip(children, hashes):
         cached = h in state.cache
         if not cached:
-            state.cache[h] = [_score(results[h].score), results[h].best_lr]
+            state.cache[h] = [_score(results[h].score), results[h].best_lr, results[h].failure]
         else:
             state.cache_hits += 1
-        score, best_lr = state.cache[h]
-        scored = Scored(child.to_json(), score, best_lr, h, len(state.history), parent, cached, origin)
+        score, best_lr, failure = state.cache[h]
+        scored = Scored(child.to_json(), score, best_lr, h, len(state.history), parent, cached, origin, failure)
         state.history.append(scored)
         state.population.append(scored)
         if len(state.population) > section.population:
@@ -202,6 +204,7 @@ def search_metrics(state: SearchState) -> dict[str, float]:
         "cache_hits": state.cache_hits,
         "cache_hit_rate": state.cache_hits / max(evaluated - 1, 1),
         "restarts": state.restarts,
+        "failed_programs": sum(1 for s in state.history if s.failure),
         "since_best": state.since_best,
         "best_length": len(state.best.program),
     }

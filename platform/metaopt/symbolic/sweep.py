@@ -102,10 +102,11 @@ def log_search(parent: tracking.ParentRun, summaries: list[SearchSummary], trial
             root = Path(tmp)
             with (root / "history.csv").open("w", newline="") as handle:
                 writer = csv.writer(handle)
-                writer.writerow(["index", "parent", "origin", "score", "best_lr", "hash", "cached", "program"])
+                writer.writerow(["index", "parent", "origin", "score", "best_lr", "hash", "cached", "failure", "program"])
                 for h in s.state.history:
                     text = " ; ".join(format_program(h.program).splitlines()[1:-1]).replace("    ", "")
-                    writer.writerow([h.index, h.parent, h.origin, h.score, h.best_lr, h.hash[:16], h.cached, text])
+                    writer.writerow([h.index, h.parent, h.origin, h.score, h.best_lr, h.hash[:16], h.cached,
+                                     h.failure or "", text])
             (root / "best_program.txt").write_text(format_program(s.state.best.program) + "\n")
             if s.final:
                 accepted = root / "accepted"

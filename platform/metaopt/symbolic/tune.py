@@ -33,7 +33,7 @@ FINAL_FILE = "final.json"
 def make_scorer(section: SymbolicSection):
     from metaopt.symbolic.proxies import LocalScorer, RayScorer
 
-    return RayScorer(section.cpus_per_worker) if section.workers else LocalScorer()
+    return RayScorer(section.cpus_per_worker, section.gpus_per_worker) if section.workers else LocalScorer()
 
 
 def finish(state: SearchState, section: SymbolicSection, scorer) -> dict[str, Any]:
@@ -108,7 +108,7 @@ class SearchTrainable(tune.Trainable):
 
 def trial_resources(section: SymbolicSection, per_trial: dict[str, float]):
     """The trial's own slot plus one bundle per scoring worker."""
-    return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker)
+    return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker, section.gpus_per_worker)
 
 
 def build_tuner(section: SymbolicSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],

@@ -36,6 +36,7 @@ class TinyLMOptions:
     train_sequences: int = 512
     val_sequences: int = 128
     data_seed: int = 0
+    device: str = "auto"  # auto = the GPU Ray gave this process, if any (GPU proxies on a cluster), else CPU
 
     @classmethod
     def parse(cls, options: dict[str, Any], field: str = "task_options") -> "TinyLMOptions":
@@ -43,6 +44,10 @@ class TinyLMOptions:
         for key, value in options.items():
             if key not in allowed:
                 raise ConfigError(f"{field}.{key}", f"unknown option for tiny_lm; allowed: {', '.join(allowed)}")
+            if key == "device":
+                if value not in ("auto", "cpu", "cuda"):
+                    raise ConfigError(f"{field}.device", f"must be auto, cpu or cuda (got {value!r})")
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "data_seed" else 1):
                 raise ConfigError(f"{field}.{key}", f"must be a positive integer (got {value!r})")
         parsed = cls(**options)
@@ -100,10 +105,13 @@ class TinyLMTask:
     mode = "max"
 
     def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
+        from metaopt.tasks.digits import pick_device
+
         self.options = TinyLMOptions.parse(options)
-        self.data = synthetic_corpus(self.options)
+        self.device = pick_device(self.options.device)
+        self.data = {k: v.to(self.device) for k, v in synthetic_corpus(self.options).items()}
         torch.manual_seed(seed)
-        self.model = TinyTransformer(self.options)
+        self.model = TinyTransformer(self.options).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), optimizer)
         self.batch_order = torch.Generator().manual_seed(seed)
         self._step = 0
@@ -127,7 +135,7 @@ class TinyLMTask:
         for done in range(1, num_steps + 1):
             set_learning_rate(self.optimizer, lr_at(self._step))
             idx = torch.randint(0, len(train), (self.options.batch_size,), generator=self.batch_order)
-            loss, _ = self._loss(train[idx])
+            loss, _ = self._loss(train[idx.to(self.device)])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
