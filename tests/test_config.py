@@ -256,6 +256,8 @@ MALFORMED = [
     ("lpo-zero-horizon", mutate(LPO_BASE, lpo__horizons=[0.0, 1.0]), [], "lpo.horizons", ("must be > 0",)),
     ("lpo-workers-do-not-divide", mutate(LPO_BASE, lpo__workers=3), [], "lpo.workers", ("must divide es.population",)),
     ("lpo-duplicate-meta-seeds", mutate(LPO_BASE, lpo__meta_seeds=[1, 1]), [], "lpo.meta_seeds", ("distinct",)),
+    ("lpo-horizon-shorter-than-one-update", mutate(LPO_BASE, lpo__horizons=[0.1, 1.0]), [], "lpo.envs.0.ppo",
+     ("total_timesteps", "one update", "horizon 0.1")),
     ("lpo-eval-unknown-objective", mutate(LPO_EVAL_BASE, lpo_eval__objectives=["ppo", "nowhere/drift"]), [],
      "lpo_eval.objectives", ("'nowhere/drift'", "ppo, dpo, mlflow:RUN_ID")),
     ("lpo-eval-one-seed", mutate(LPO_EVAL_BASE, lpo_eval__seeds=1), [], "lpo_eval.seeds",
@@ -694,3 +696,17 @@ def test_list_empty_directory(tmp_path, capsys):
 def test_list_missing_directory_exits_2(tmp_path, capsys):
     rc, out, err = run_cli(["list", str(tmp_path / "nope")], capsys)
     assert_one_error_line(rc, out, err, str(tmp_path / "nope"), ("no such directory",))
+
+
+def test_lpo_eval_drift_file_of_the_wrong_shape_is_one_error_line(tmp_path, capsys, tripwire):
+    import numpy as np
+
+    from metaopt.objectives.drifts import make_drift
+    from metaopt.objectives.export import save_drift
+
+    _, params = make_drift("lpo", hidden=8)
+    drift_dir = save_drift(tmp_path / "drift", "lpo", params, {"hidden": 8})
+    np.savez(drift_dir / "params.npz", hidden=np.zeros((8, 4), np.float32), out=np.zeros((4, 1), np.float32))
+    path = write_case(tmp_path, mutate(LPO_EVAL_BASE, lpo_eval__objectives=["ppo", str(drift_dir)]))
+    rc, out, err = run_cli(["run", str(path)], capsys)
+    assert_one_error_line(rc, out, err, "lpo_eval.objectives", (str(drift_dir), "params.npz", "expected float32[8, 8]"))

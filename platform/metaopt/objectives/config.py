@@ -78,15 +78,19 @@ def positive_horizons(cls, horizons: list[float]) -> list[float]:
     return horizons
 
 
-def check_ppo_overrides(envs: list[EnvSpec], field: str) -> None:
-    """Build each env's PPOConfig once so a bad override fails at load time, naming the env's entry."""
+def check_ppo_overrides(envs: list[EnvSpec], field: str, horizons: list[float] = (1.0,)) -> None:
+    """Build each env's PPOConfig at every horizon so a bad override, or a horizon shorter than one PPO update,
+    fails at load time naming the env's entry."""
     from metaopt.objectives.ppo import ppo_config_for
 
     for i, spec in enumerate(envs):
-        try:
-            ppo_config_for(spec.env, total_timesteps=spec.total_timesteps, **spec.ppo)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{field}.{i}.ppo", str(err).splitlines()[0]) from None
+        for multiplier in horizons:
+            steps = max(1, round(spec.total_timesteps * multiplier))
+            try:
+                ppo_config_for(spec.env, total_timesteps=steps, **spec.ppo)
+            except (TypeError, ValueError) as err:
+                where = "" if multiplier == 1.0 else f" (horizon {multiplier:g} x {spec.total_timesteps} = {steps} steps)"
+                raise ConfigError(f"{field}.{i}.ppo", str(err).splitlines()[0] + where) from None
 
 
 class LPOSection(StrictModel):
@@ -139,7 +143,7 @@ class LPOSection(StrictModel):
         return self
 
     def check(self) -> None:
-        check_ppo_overrides(self.envs, "envs")
+        check_ppo_overrides(self.envs, "envs", self.horizons)
 
 
 class LPOEvalSection(StrictModel):
@@ -186,7 +190,13 @@ class LPOEvalSection(StrictModel):
                     "objectives",
                     f"{spec!r} is not ppo, dpo, mlflow:RUN_ID or a directory holding drift.json (an exported drift)",
                 )
-        check_ppo_overrides(self.envs, "envs")
+            from metaopt.objectives.export import read_drift
+
+            try:
+                read_drift(Path(spec).expanduser())  # format, shapes and values of the exported drift
+            except (OSError, ValueError) as err:
+                raise ConfigError("objectives", f"{spec!r}: {str(err).splitlines()[0]}") from None
+        check_ppo_overrides(self.envs, "envs", self.horizons)
 
 
 register_kind("lpo", LPOSection, "metaopt.objectives.meta_train:run")
