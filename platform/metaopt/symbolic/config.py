@@ -63,7 +63,7 @@ class SymbolicSection(StrictModel):
     )
     funnel_top: int = Field(default=3, ge=1, description="Best programs (by proxy score) sent through the funnel.")
     margin: float = Field(default=0.0, description="Score a program must beat the start program by, per stage.")
-    checkpoint_every: int = Field(default=1, ge=1, description="Iterations between checkpoints of the search.")
+    checkpoint_every: int = Field(default=5, ge=1, description="Iterations between checkpoints of the search.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="One trial per search seed.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its checkpoint.")
 
