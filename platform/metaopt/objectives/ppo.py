@@ -308,11 +308,13 @@ class _Transition(NamedTuple):
     obs: jax.Array
     action: jax.Array
     log_prob: jax.Array
-    value: jax.Array
-    reward: jax.Array  # reward for GAE (truncation-bootstrapped)
+    value: jax.Array  # V(obs), filled in after the rollout (one batched critic pass)
+    reward: jax.Array  # reward for GAE (truncation-bootstrapped after the rollout)
     done: jax.Array  # terminated | truncated: cut the GAE trace
     ended_return: jax.Array  # return of the episode that ended here, else 0
     ended: jax.Array  # 1.0 where an episode ended on this step
+    cut_short: jax.Array  # truncated by the time limit, not terminated: bootstrap with V(final_obs)
+    final_obs: jax.Array  # the pre-reset observation ([num_envs, 0] when not bootstrapping)
 
 
 def _make_env(config: PPOConfig):
@@ -433,7 +435,6 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
             params, env_state, obs, running_return, rng = carry
             rng, k_act, k_step = jax.random.split(rng, 3)
             logits = policy(params, obs)
-            value = value_fn(params, obs)
             action = jax.random.categorical(k_act, logits)
             log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
             next_obs, env_state, reward, terminated, truncated, info = step_batch(
@@ -441,19 +442,26 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
             )
             reward = reward.astype(jnp.float32)
             done = jnp.logical_or(terminated, truncated)
-            gae_reward = reward
-            if config.bootstrap_truncation:
-                cut_short = jnp.logical_and(truncated, jnp.logical_not(terminated))
-                final_value = value_fn(params, flat(info["final_observation"]))
-                gae_reward = reward + gamma * jnp.where(cut_short, final_value, 0.0)
+            cut_short = jnp.logical_and(truncated, jnp.logical_not(terminated))
+            final_obs = flat(info["final_observation"]) if config.bootstrap_truncation else jnp.zeros((num_envs, 0))
             running_return = running_return + reward
             ended = done.astype(jnp.float32)
+            # Values are not computed here: the critic runs once over the whole rollout afterwards (the params do
+            # not change during a rollout), which is one large matrix product instead of num_steps small ones.
             transition = _Transition(
-                obs=obs, action=action, log_prob=log_prob, value=value, reward=gae_reward,
-                done=ended, ended_return=running_return * ended, ended=ended,
+                obs=obs, action=action, log_prob=log_prob, value=jnp.zeros_like(reward), reward=reward,
+                done=ended, ended_return=running_return * ended, ended=ended, cut_short=cut_short, final_obs=final_obs,
             )
             running_return = jnp.where(done, 0.0, running_return)
             return (params, env_state, flat(next_obs), running_return, rng), transition
+
+        def with_values(params, traj: _Transition) -> _Transition:
+            """V(obs) for every step, and the time-limit bootstrap ``r + gamma * V(final_obs)``, in batched passes."""
+            reward = traj.reward
+            if config.bootstrap_truncation:
+                reward = reward + gamma * jnp.where(traj.cut_short, value_fn(params, traj.final_obs), 0.0)
+            # final_obs is no longer needed: drop it so the minibatch shuffles do not gather it every epoch.
+            return traj._replace(value=value_fn(params, traj.obs), reward=reward, final_obs=traj.final_obs[..., :0])
 
         def gae(traj: _Transition, last_value):
             def back(carry, t: _Transition):
@@ -471,6 +479,7 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
             (params, env_state, obs, running_return, rng), traj = jax.lax.scan(
                 env_step, (params, env_state, obs, running_return, rng), None, length=num_steps
             )
+            traj = with_values(params, traj)
             advantages, targets = gae(traj, value_fn(params, obs))
             progress = Progress(
                 fraction=update_index.astype(jnp.float32) / jnp.float32(num_updates),
