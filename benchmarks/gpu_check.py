@@ -7,7 +7,8 @@
    population and SpaceInvaders-MinAtar at paper settings -- in env steps/s, with compile time apart;
 3. the ES meta-trainer (:class:`metaopt.objectives.meta_train.MetaTrainer`) for two generations on the GPU
    (``--experiment experiments/ta_lpo_minatar.yaml`` times a real lpo experiment's generations instead);
-4. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
+4. optimizer programs scored on the digits and tiny-LM proxies on CUDA vs the CPU (:mod:`metaopt.symbolic`);
+5. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
    when Ray is installed.
 
 Each check runs on its own; a failing one is reported and the others go on. Exit code 0 when every check
@@ -119,6 +120,34 @@ def check_meta_trainer(quick: bool) -> dict:
     return out
 
 
+def check_symbolic_proxies(quick: bool) -> dict:
+    """Optimizer programs (AdamW, Lion) scored on the digits and tiny-LM proxies on CUDA vs the CPU."""
+    import torch
+
+    from metaopt.symbolic.program import adamw_program, lion_program
+    from metaopt.symbolic.proxies import score_program
+
+    if not torch.cuda.is_available() and not DRY_RUN:
+        return {"skipped": "torch sees no CUDA device"}
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    proxies = {
+        "digits": {"task": "digits", "task_options": {"hidden": [128, 128], "batch_size": 64}, "steps": 300},
+        "tiny_lm": {"task": "tiny_lm", "task_options": {"d_model": 64, "layers": 2}, "steps": 200},
+    }
+    out = {}
+    for program_name, program in (("adamw", adamw_program()), ("lion", lion_program(weight_decay=0.1))):
+        for proxy_name, proxy in proxies.items():
+            for device in devices:
+                spec = {**proxy, "task_options": {**proxy["task_options"], "device": device},
+                        "lrs": [1.0] if program_name == "adamw" else [3e-4], "seeds": 1}
+                started = time.perf_counter()
+                result = score_program(program.to_json(), spec)
+                out[f"{program_name}/{proxy_name}/{device}"] = {
+                    "score": result.score, "failure": result.failure, "seconds": time.perf_counter() - started,
+                }
+    return out
+
+
 def check_ray_gpu(quick: bool) -> dict:
     try:
         import ray
@@ -146,7 +175,7 @@ EVAL_EVERY = 0
 DRY_RUN = False  # --dry-run-on-cpu: tiny sizes, GPU guards off (checks this script itself without a GPU)
 
 CHECKS = {"torch_digits": check_torch_digits, "jax_ppo": check_jax_ppo, "meta_trainer": check_meta_trainer,
-          "ray_gpu": check_ray_gpu}
+          "symbolic_proxies": check_symbolic_proxies, "ray_gpu": check_ray_gpu}
 
 
 def main(argv=None) -> int:
