@@ -1,0 +1,1 @@
+"""Federated learning: pure, Ray-free server aggregation strategies (FedAvg, FedOpt, FedExp, FedHyper)."""
