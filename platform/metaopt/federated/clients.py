@@ -1,0 +1,147 @@
+"""Federated clients: local training on a client's own shard, in-process or as a Ray actor.
+
+A client receives the global model (a flat parameter vector), trains ``epochs`` local epochs with its own
+learning rate and optimizer (SGD or Adam), and returns its update Δ_i = local model − global model with its
+sample count (McMahan et al. 2017, FedAvg). With FedHyper-CL (Wang et al. ICLR 2024, client side) the local
+lr is adapted per batch by a hypergradient rule passed in as ``lr_rule``; the lrs actually used come back
+with the update so the server can log them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from metaopt.errors import ConfigError
+from metaopt.federated.data import ClientShard
+
+#: lr_rule(beta_prev, u_k, u_prev, step) -> beta_k: a per-batch multiplier of the local lr (FedHyper-CL).
+LrRule = Callable[[float, torch.Tensor, torch.Tensor | None, int], float]
+
+
+def build_model(in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def set_flat_params(model: nn.Module, vector: torch.Tensor) -> None:
+    # vector_to_parameters makes the parameters *views* of the vector: copy, or training would write into it.
+    torch.nn.utils.vector_to_parameters(vector.detach().clone(), model.parameters())
+
+
+@dataclass
+class LocalResult:
+    delta: torch.Tensor
+    num_samples: int
+    local_lr: float  # the lr the client started the round with
+    lrs_used: list[float] = field(default_factory=list)  # per batch (differs from local_lr under CL)
+    train_loss: float = 0.0
+    client_id: int = -1
+
+
+def local_train(model: nn.Module, global_params: torch.Tensor, shard: ClientShard, *, epochs: int, lr: float,
+                optimizer: str = "sgd", batch_size: int = 32, seed: int = 0, lr_rule: LrRule | None = None) -> LocalResult:
+    """Local epochs from the global model; returns Δ = local − global and the lrs used per batch."""
+    if optimizer not in ("sgd", "adam"):
+        raise ConfigError("client_optimizer", f"unknown optimizer {optimizer!r}; allowed: sgd, adam")
+    set_flat_params(model, global_params)
+    opt = torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    lrs, losses, beta, previous_step = [], [], 1.0, None
+    step = 0
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(shard.num_train, generator=generator)
+        for start in range(0, shard.num_train, batch_size):
+            idx = order[start:start + batch_size]
+            before = flat_params(model) if lr_rule else None
+            for group in opt.param_groups:
+                group["lr"] = lr * beta
+            loss = nn.functional.cross_entropy(model(shard.train_x[idx]), shard.train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lrs.append(lr * beta)
+            losses.append(loss.item())
+            if lr_rule is not None:
+                change = flat_params(model) - before  # u_k: this batch's parameter change
+                beta = lr_rule(beta, change, previous_step, step)
+                previous_step = change
+            step += 1
+    delta = flat_params(model) - global_params
+    return LocalResult(delta, shard.num_train, lr, lrs, sum(losses) / max(len(losses), 1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    set_flat_params(model, params)
+    model.eval()
+    logits = model(x)
+    return {"loss": nn.functional.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(-1) == y).float().mean().item()}
+
+
+class Client:
+    """One client's shard and model; ``train`` is what a round asks of it. Wrapped as a Ray actor by
+    :func:`client_actor_class`; usable directly in a process for tests and debugging."""
+
+    def __init__(self, client_id: int, shard: ClientShard, in_features: int, num_classes: int,
+                 hidden: tuple[int, ...] = (64,)):
+        torch.set_num_threads(1)
+        self.client_id = client_id
+        self.shard = shard
+        self.model = build_model(in_features, num_classes, hidden)
+
+    def train(self, global_params: torch.Tensor, *, round_index: int, epochs: int, lr: float, optimizer: str = "sgd",
+              batch_size: int = 32, lr_rule: LrRule | None = None) -> LocalResult:
+        seed = 1_000_003 * round_index + self.client_id  # different batches per round and client, reproducible
+        result = local_train(self.model, global_params, self.shard, epochs=epochs, lr=lr, optimizer=optimizer,
+                             batch_size=batch_size, seed=seed, lr_rule=lr_rule)
+        result.client_id = self.client_id
+        return result
+
+    def validate(self, params: torch.Tensor) -> dict[str, float]:
+        return {**evaluate(self.model, params, self.shard.val_x, self.shard.val_y), "samples": len(self.shard.val_y)}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def client_actor_class(max_restarts: int = 3) -> Any:
+    """:class:`Client` as a Ray actor that Ray restarts (with its shard) after its process dies."""
+    import ray
+
+    return ray.remote(num_cpus=0.5, max_restarts=max_restarts, max_task_retries=0)(Client)
+
+
+class ClientPool:
+    """One Ray actor per client. The shards live in the object store under references this pool holds, so a
+    client actor that Ray restarts after its process died gets its shard back (restarts re-run the
+    constructor with the same arguments)."""
+
+    def __init__(self, shards: list[ClientShard], in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,),
+                 max_restarts: int = 3):
+        import ray
+
+        actor = client_actor_class(max_restarts)
+        self.shard_refs = [ray.put(shard) for shard in shards]
+        self.actors = [actor.remote(i, ref, in_features, num_classes, hidden) for i, ref in enumerate(self.shard_refs)]
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
