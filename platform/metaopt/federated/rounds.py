@@ -1,0 +1,156 @@
+"""One federated training, round by round (McMahan et al. 2017; FedHyper, Wang et al. ICLR 2024):
+
+1. sample a fraction C of the clients (seeded);
+2. send them the global model and this round's local lr (the strategy's: fixed, decayed, FedHyper-SL's, or
+   lr0 with FedHyper-CL's per-batch multiplier computed on the client);
+3. collect Δ_i from every client that finishes; a client whose actor died mid-round is reported and left
+   out -- the round completes with the others, and Ray restarts the actor (with its shard) for later rounds;
+4. aggregate with the server strategy (:mod:`metaopt.federated.strategies`), evaluate the new global model on
+   the union of the clients' validation shards, and report accuracy, loss, global and local lrs.
+
+:meth:`FederatedRun.state_dict` / :meth:`load_state_dict` hold everything a resumed run needs (global model,
+strategy state, round, sampler state), so a run checkpointed each round resumes with no lost round.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaopt.federated.clients import build_model, evaluate, flat_params
+from metaopt.federated.data import ClientShard
+from metaopt.federated.strategies import ClientUpdate, StrategyState
+
+log = logging.getLogger("metaopt.federated")
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    fraction: float = 1.0  # C: share of clients sampled per round
+    epochs: int = 1  # E: local epochs
+    lr0: float = 0.05  # initial local lr
+    optimizer: str = "sgd"
+    batch_size: int = 32
+    seed: int = 0
+    timeout_s: float = 600.0  # a client that has not answered by then counts as failed for this round
+    restart_wait_s: float = 60.0  # how long a round waits for a client Ray is restarting after a failure
+
+
+def _cl_rule(strategy, state: StrategyState, beta_prev, u_k, u_prev, step):
+    """FedHyper-CL's per-batch lr multiplier, evaluated on the client with this round's server state."""
+    return strategy.client_beta(state, beta_prev, u_k, u_prev)
+
+
+class FederatedRun:
+    """The server side of one federated training; clients are a :class:`ClientPool` or in-process Clients."""
+
+    def __init__(self, shards: list[ClientShard], clients: list[Any], strategy, settings: RoundSettings,
+                 in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,), remote: bool = True):
+        self.clients = clients
+        self.strategy = strategy
+        self.settings = settings
+        self.remote = remote
+        torch.manual_seed(settings.seed)
+        self.model = build_model(in_features, num_classes, hidden)
+        self.global_params = flat_params(self.model)
+        self.state = strategy.init(self.global_params)
+        self.client_lr = settings.lr0
+        self.round = 0
+        self.recovering: set[int] = set()  # clients that failed and that Ray is restarting
+        self.rng = np.random.default_rng(settings.seed)
+        self.val_x = torch.cat([s.val_x for s in shards])
+        self.val_y = torch.cat([s.val_y for s in shards])
+
+    def sample(self) -> list[int]:
+        count = max(1, round(self.settings.fraction * len(self.clients)))
+        return sorted(self.rng.choice(len(self.clients), size=count, replace=False).tolist())
+
+    def _lr_rule(self):
+        if getattr(self.strategy, "client_lr", None) == "cl":
+            return functools.partial(_cl_rule, self.strategy, self.state)
+        return None
+
+    def _collect(self, chosen: list[int], lr: float) -> tuple[list[Any], list[int]]:
+        kwargs = dict(round_index=self.round, epochs=self.settings.epochs, lr=lr, optimizer=self.settings.optimizer,
+                      batch_size=self.settings.batch_size, lr_rule=self._lr_rule())
+        if not self.remote:
+            return [self.clients[i].train(self.global_params, **kwargs) for i in chosen], []
+        import ray
+
+        failed = [i for i in chosen if i in self.recovering and not self._back(i)]
+        futures = {i: self.clients[i].train.remote(self.global_params, **kwargs) for i in chosen if i not in failed}
+        results = []
+        for i, future in futures.items():
+            try:
+                results.append(ray.get(future, timeout=self.settings.timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError) as err:
+                failed.append(i)
+                self.recovering.add(i)
+                log.warning("round %d: client %d failed (%s); the round goes on with the others",
+                            self.round + 1, i, type(err).__name__)
+        return results, failed
+
+    def _back(self, client: int) -> bool:
+        """Has Ray restarted this client's actor? Waits up to ``restart_wait_s`` for it to answer."""
+        import ray
+
+        deadline = time.monotonic() + self.settings.restart_wait_s
+        while True:
+            try:
+                ray.get(self.clients[client].pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again until the deadline
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            log.warning("round %d: client %d is still down; left out of this round", self.round + 1, client)
+            return False
+        self.recovering.discard(client)
+        log.warning("round %d: client %d is back (restarted by Ray)", self.round + 1, client)
+        return True
+
+    def run_round(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        chosen = self.sample()
+        lr = self.client_lr
+        results, failed = self._collect(chosen, lr)
+        if results:
+            updates = [ClientUpdate(r.delta, r.num_samples, r.local_lr) for r in results]
+            self.global_params, self.state, next_lr = self.strategy.aggregate(self.state, self.global_params, updates)
+            self.client_lr = float(next_lr)
+        self.round += 1
+        metrics = evaluate(self.model, self.global_params, self.val_x, self.val_y)
+        used = [x for r in results for x in r.lrs_used]
+        return {
+            "round": self.round,
+            "accuracy": metrics["accuracy"],
+            "loss": metrics["loss"],
+            "global_lr": float(self.state.server_lr),
+            "client_lr": lr,
+            "client_lr_mean_used": float(np.mean(used)) if used else float("nan"),
+            "client_lr_max_used": float(np.max(used)) if used else float("nan"),
+            "participants": len(results),
+            "failed_clients": len(failed),
+            "failed_ids": failed,
+            "train_loss": float(np.mean([r.train_loss for r in results])) if results else float("nan"),
+            "round_seconds": time.perf_counter() - started,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_params": self.global_params.clone(), "strategy": self.state.to_dict(), "round": self.round,
+                "client_lr": self.client_lr, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.global_params = saved["global_params"].clone()
+        self.state = StrategyState.from_dict(saved["strategy"])
+        self.round = int(saved["round"])
+        self.client_lr = float(saved["client_lr"])
+        self.rng.bit_generator.state = saved["rng"]
