@@ -70,6 +70,12 @@ SYMBOLIC_BASE: dict[str, Any] = {
                  "proxy": {"task": "digits", "steps": 10}},
 }
 
+FED_BASE: dict[str, Any] = {
+    "name": "cfg-federated",
+    "kind": "federated",
+    "federated": {"dataset": "digits", "num_clients": 4, "rounds": 2, "strategies": ["fedavg"]},
+}
+
 DELETE = object()
 DIRECTORY = object()  # file content: make a directory where the file should be
 PATH = "{path}"  # stands for the experiment file's path in expected fields/hints
@@ -194,8 +200,8 @@ MALFORMED = [
     ("max-concurrent-trials-0", mutate(ray__max_concurrent_trials=0), [], "ray.max_concurrent_trials",
      ("greater than or equal to 1",)),
     # kind and name
-    ("unknown-kind", mutate(kind="evolution"), [], "kind", ("unknown kind 'evolution'", "allowed: lpo, lpo_eval, pbt")),
-    ("missing-kind", mutate(kind=DELETE), [], "kind", ("missing", "allowed: lpo, lpo_eval, pbt")),
+    ("unknown-kind", mutate(kind="evolution"), [], "kind", ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt")),
+    ("missing-kind", mutate(kind=DELETE), [], "kind", ("missing", "allowed: federated, lpo, lpo_eval, pbt")),
     ("missing-name", mutate(name=DELETE), [], "name", ("missing", "letters, digits, _ . -")),
     ("bad-name-characters", mutate(name="my sweep!"), [], "name", ("letters, digits, _ . -", "'my sweep!'")),
     ("name-with-slash", mutate(name="a/b"), [], "name", ("letters, digits, _ . -",)),
@@ -281,6 +287,17 @@ MALFORMED = [
      [], "symbolic.meta_validation.task_options.heads", ("must divide d_model",)),
     ("symbolic-program-optimizer-bad-program", mutate(pbt__optimizer={"name": "program", "program": "sgd"}), [],
      "pbt.optimizer.program", ("not adamw, lion, program text, or an existing file",)),
+    # federated (federated/config.py)
+    ("federated-alpha-0", mutate(FED_BASE, federated__alpha=0), [], "federated.alpha", ("must be > 0",)),
+    ("federated-fraction-over-1", mutate(FED_BASE, federated__fraction=1.5), [], "federated.fraction",
+     ("(0, 1]",)),
+    ("federated-fraction-0", mutate(FED_BASE, federated__fraction=0), [], "federated.fraction", ("(0, 1]",)),
+    ("federated-unknown-strategy", mutate(FED_BASE, federated__strategies=["fedavg", "fedprox"]), [],
+     "federated.strategies", ("unknown strategy 'fedprox'", "fedhyper_g")),
+    ("federated-more-clients-than-samples", mutate(FED_BASE, federated__num_clients=1000), [], "federated.num_clients",
+     ("need at least 2000 samples", "digits has 1797")),
+    ("federated-cifar-without-root", mutate(FED_BASE, federated__dataset="cifar10"), [], "federated.data_root",
+     ("local directory",)),
     # the file itself
     ("bad-yaml-unclosed-list", "name: t\nkind: pbt\npbt:\n  population: [2\n", [], PATH,
      ("invalid YAML", "line 5")),
@@ -303,7 +320,7 @@ MALFORMED = [
     ("set-out-of-range", BASE, ["pbt.population=1"], "pbt.population", ("greater than or equal to 2",)),
     ("set-wrong-type", BASE, ["ray.cpus_per_trial=many"], "ray.cpus_per_trial", ("valid number", "'many'")),
     ("set-through-a-scalar", BASE, ["pbt.population.min=2"], "pbt.population", ("cannot set pbt.population.min",)),
-    ("set-unknown-kind", BASE, ["kind=evolution"], "kind", ("unknown kind 'evolution'", "allowed: lpo, lpo_eval, pbt")),
+    ("set-unknown-kind", BASE, ["kind=evolution"], "kind", ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt")),
     ("set-bad-uri", BASE, ["tracking.uri=mlruns"], "tracking.uri", ("sqlite:///PATH",)),
     ("set-later-wins", BASE, ["pbt.population=8", "pbt.population=1"], "pbt.population",
      ("greater than or equal to 2",)),
@@ -365,10 +382,10 @@ def test_config_error_text_is_the_cli_line(tmp_path, capsys, tripwire):
 
 BUGS = [
     pytest.param(
-        mutate(kind=["pbt"]), [], "kind", ("allowed: lpo, lpo_eval, pbt",), id="kind-is-a-list",
+        mutate(kind=["pbt"]), [], "kind", ("allowed: federated, lpo, lpo_eval, pbt",), id="kind-is-a-list",
     ),
     pytest.param(
-        mutate(kind={"name": "pbt"}), [], "kind", ("allowed: lpo, lpo_eval, pbt",), id="kind-is-a-mapping",
+        mutate(kind={"name": "pbt"}), [], "kind", ("allowed: federated, lpo, lpo_eval, pbt",), id="kind-is-a-mapping",
     ),
     pytest.param(
         b"\xff\xfe\x00name: t\nkind: pbt\n", [], PATH, ("UTF-8",), id="file-not-utf8",

@@ -84,6 +84,7 @@ def kinds() -> dict[str, tuple[type[StrictModel], str]]:
 
 def _load_builtin_kinds() -> None:
     # Imported for their side effect of registering; kept here so config has one entry point.
+    import metaopt.federated.config  # noqa: F401
     import metaopt.objectives.config  # noqa: F401
     import metaopt.pbt.config  # noqa: F401
     import metaopt.symbolic.config  # noqa: F401

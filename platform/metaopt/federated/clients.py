@@ -120,11 +120,11 @@ class Client:
         return os.getpid()
 
 
-def client_actor_class(max_restarts: int = 3) -> Any:
+def client_actor_class(max_restarts: int = 3, cpus: float = 0.5) -> Any:
     """:class:`Client` as a Ray actor that Ray restarts (with its shard) after its process dies."""
     import ray
 
-    return ray.remote(num_cpus=0.5, max_restarts=max_restarts, max_task_retries=0)(Client)
+    return ray.remote(num_cpus=cpus, max_restarts=max_restarts, max_task_retries=0)(Client)
 
 
 class ClientPool:
@@ -133,10 +133,10 @@ class ClientPool:
     constructor with the same arguments)."""
 
     def __init__(self, shards: list[ClientShard], in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,),
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, cpus: float = 0.5):
         import ray
 
-        actor = client_actor_class(max_restarts)
+        actor = client_actor_class(max_restarts, cpus)
         self.shard_refs = [ray.put(shard) for shard in shards]
         self.actors = [actor.remote(i, ref, in_features, num_classes, hidden) for i, ref in enumerate(self.shard_refs)]
 

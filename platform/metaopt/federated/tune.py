@@ -1,0 +1,86 @@
+"""The only place in ``metaopt.federated`` that knows Ray Tune: one trial = one federated training, one
+iteration = one round. The trial starts its clients as Ray actors in its own placement group (one bundle per
+client) and checkpoints the server side every round, so a crashed trial resumes with no lost round."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from metaopt.federated.config import FederatedSection
+from metaopt.runtime import with_worker_bundles
+
+STATE_FILE = "federated_state.pt"
+
+
+def input_shape(dataset) -> int:
+    return int(math.prod(dataset.x.shape[1:]))
+
+
+class FederatedTrainable(tune.Trainable):
+    """``config``: ``exp`` (the resolved section), ``strategy``, ``lr`` (initial local lr), ``seed``."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        from metaopt.federated.clients import ClientPool
+        from metaopt.federated.data import load_dataset, make_client_shards
+        from metaopt.federated.rounds import FederatedRun, RoundSettings
+        from metaopt.federated.strategies import make_strategy
+
+        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        torch.set_num_threads(1)
+        section = FederatedSection.model_validate(config["exp"])
+        data = load_dataset(section.dataset, section.data_root, seed=int(config["seed"]))
+        shards = make_client_shards(data, section.num_clients, section.partition, section.alpha,
+                                    section.val_fraction, seed=int(config["seed"]))
+        hidden = tuple(section.hidden)
+        self.pool = ClientPool(shards, input_shape(data), data.num_classes, hidden, cpus=section.cpus_per_client)
+        options = {"num_clients_total": section.num_clients, "fraction": section.fraction} if "cl" in config["strategy"] else {}
+        settings = RoundSettings(fraction=section.fraction, epochs=section.local_epochs, lr0=float(config["lr"]),
+                                 optimizer=section.client_optimizer, batch_size=section.batch_size, seed=int(config["seed"]))
+        self.run = FederatedRun(shards, self.pool.actors, make_strategy(config["strategy"], **options), settings,
+                                input_shape(data), data.num_classes, hidden)
+
+    def step(self) -> dict[str, Any]:
+        metrics = self.run.run_round()
+        metrics.pop("failed_ids")
+        return metrics
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        torch.save(self.run.state_dict(), Path(checkpoint_dir) / STATE_FILE)
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
+        self.run.load_state_dict(torch.load(directory / STATE_FILE, weights_only=False))
+        self._iteration = self.run.round
+
+    def cleanup(self) -> None:
+        self.pool.close()
+
+
+def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
+                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> tune.Tuner:
+    """Strategies x initial lrs x seeds as a grid; a checkpoint after every round."""
+    trial_resources = with_worker_bundles(resources, section.num_clients, section.cpus_per_client)
+    return tune.Tuner(
+        tune.with_resources(FederatedTrainable, trial_resources),
+        param_space={
+            "exp": section.model_dump(mode="json"),
+            "strategy": tune.grid_search(list(section.strategies)),
+            "lr": tune.grid_search(list(section.lrs)),
+            "seed": tune.grid_search(list(section.seeds)),
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=experiment_name, storage_path=storage_path, stop={"training_iteration": section.rounds},
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True, num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=section.max_failures),
+            callbacks=callbacks, verbose=verbose,
+        ),
+    )

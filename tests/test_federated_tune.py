@@ -1,0 +1,60 @@
+"""Federated trainings as Tune trials (a round per iteration) with Ray client actors, tracked in MLflow; a killed
+trial resumes from its last round; a missing local dataset is one error line before anything starts."""
+
+from __future__ import annotations
+
+import math
+
+from conftest import EXPERIMENTS, KillTrialProcess
+from metaopt import cli, config, tracking
+from mlflow.tracking import MlflowClient
+
+
+def load_tiny(tmp_path, *overrides: str):
+    base = [f"ray.storage_path={tmp_path / 'ray_results'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    return config.load(EXPERIMENTS / "fedhyper_tiny.yaml", [*base, *overrides])
+
+
+def test_federated_sweep_tracks_rounds_and_plots(ray_session, tmp_path):
+    from metaopt.federated.sweep import run
+
+    exp = load_tiny(tmp_path)
+    rows = run(exp, verbose=0)
+    assert sorted(r["strategy"] for r in rows) == ["fedavg", "fedhyper_g"]
+    for r in rows:
+        assert r["error"] is None and r["curves"]["round"] == [1, 2, 3]
+        assert math.isfinite(r["final_accuracy"]) and r["final_accuracy"] > 0.2
+    hyper = next(r for r in rows if r["strategy"] == "fedhyper_g")
+    assert hyper["curves"]["global_lr"][0] == 1.0  # round 1: no previous Δ, so a = 0
+    client = MlflowClient(exp.tracking.uri)
+    experiment = client.get_experiment_by_name("fedhyper_tiny")
+    parent = client.search_runs([experiment.experiment_id], "tags.`metaopt.role` = 'sweep'")[0]
+    assert {"accuracy.png", "learning_rates.png", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id)
+    assert len(children) == 2
+    history = client.get_metric_history(children[0].info.run_id, "accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_killed_federated_trial_resumes_without_losing_a_round(ray_session, tmp_path):
+    from metaopt.federated.sweep import run
+
+    exp = load_tiny(tmp_path, "federated.strategies=[fedhyper_g]", "federated.rounds=4")
+    killer = KillTrialProcess(at_iteration=2)
+    (row,) = run(exp, callbacks=[killer], verbose=0)
+    assert killer.killed, "the test did not kill anything"
+    assert row["error"] is None
+    rounds = row["curves"]["round"]
+    # rounds 1, 2 reported; killed as round 2 was reported; resumed from the last checkpoint (round 1 or 2)
+    assert rounds[:2] == [1, 2] and rounds[-1] == 4 and set(rounds) == {1, 2, 3, 4} and rounds == sorted(rounds)
+
+
+def test_missing_local_dataset_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "cifar.yaml"
+    path.write_text((EXPERIMENTS / "fedhyper_tiny.yaml").read_text())
+    rc = cli.main(["run", str(path), "--set", "federated.dataset=cifar10", "--set",
+                   f"federated.data_root={tmp_path / 'nowhere'}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("metaopt: error: federated.data_root: ") and str(tmp_path / "nowhere") in err
+    assert len(err.splitlines()) == 1
