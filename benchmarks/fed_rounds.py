@@ -1,0 +1,75 @@
+"""Time per federated round with client Ray actors vs the same clients trained in one process, one after another.
+
+    .venv/bin/python benchmarks/fed_rounds.py [--clients 10] [--rounds 10] [--epochs 1] [--hidden 64]
+
+Both sides run :class:`metaopt.federated.rounds.FederatedRun` with FedAvg on digits (Dirichlet 0.5), the same
+shards, seeds and rounds: once with every client a Ray actor (:class:`ClientPool`, Ray limited to 2 CPUs,
+started beforehand), once with in-process :class:`Client` objects trained sequentially (the limit on 2 cores
+when one client's training cannot use both). One warm-up round each is not timed. The last line is
+``ratio: X.XX`` = actor seconds per round / in-process seconds per round (goal <= 1.3). The final accuracies
+of both are printed as a check that they did the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64])
+    parser.add_argument("--cpus-per-client", type=float, default=0.2)
+    args = parser.parse_args(argv)
+
+    import ray
+    import torch
+
+    from metaopt.federated.clients import Client, ClientPool
+    from metaopt.federated.data import load_dataset, make_client_shards
+    from metaopt.federated.rounds import FederatedRun, RoundSettings
+    from metaopt.federated.strategies import make_strategy
+
+    torch.set_num_threads(1)
+    hidden = tuple(args.hidden)
+    data = load_dataset("digits")
+    shards = make_client_shards(data, args.clients, "dirichlet", 0.5, 0.2, seed=0)
+    settings = RoundSettings(fraction=1.0, epochs=args.epochs, lr0=0.05, seed=0)
+    print(f"digits, {args.clients} clients (Dirichlet 0.5), FedAvg, {args.epochs} local epoch(s), MLP {hidden}, "
+          f"{args.rounds} timed rounds; load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    def timed(run: FederatedRun) -> tuple[float, float]:
+        run.run_round()  # warm-up: actor start-up, imports, first kernels
+        started = time.perf_counter()
+        for _ in range(args.rounds):
+            last = run.run_round()
+        return (time.perf_counter() - started) / args.rounds, last["accuracy"]
+
+    local = FederatedRun(shards, [Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)],
+                         make_strategy("fedavg"), settings, 64, 10, hidden, remote=False)
+    local_s, local_acc = timed(local)
+    print(f"in one process, clients one after another: {local_s * 1e3:.1f} ms per round (final accuracy {local_acc:.4f})")
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    pool = ClientPool(shards, 64, 10, hidden, cpus=args.cpus_per_client)
+    remote = FederatedRun(shards, pool.actors, make_strategy("fedavg"), settings, 64, 10, hidden)
+    remote_s, remote_acc = timed(remote)
+    print(f"{args.clients} Ray client actors on 2 CPUs:          {remote_s * 1e3:.1f} ms per round "
+          f"(final accuracy {remote_acc:.4f})")
+    pool.close()
+    ray.shutdown()
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    print(f"ratio: {remote_s / local_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
