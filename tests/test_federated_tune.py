@@ -58,3 +58,14 @@ def test_missing_local_dataset_is_one_error_line(tmp_path, capsys):
     assert rc == 2 and out == ""
     assert err.startswith("metaopt: error: federated.data_root: ") and str(tmp_path / "nowhere") in err
     assert len(err.splitlines()) == 1
+
+
+def test_pbt_on_top_adapts_the_initial_local_lr(ray_session, tmp_path):
+    from metaopt.federated.sweep import run
+
+    exp = load_tiny(tmp_path, "federated.strategies=[fedavg]", "federated.lrs=[0.003, 0.3]", "federated.rounds=6",
+                    "federated.scheduler=pbt", "federated.pbt_interval=2")
+    rows = run(exp, verbose=0)
+    assert len(rows) == 2 and all(r["error"] is None and r["curves"]["round"][-1] == 6 for r in rows)
+    lrs = [lr for r in rows for lr in r["curves"]["client_lr"]]
+    assert len(set(round(lr, 9) for lr in lrs)) > 2  # PBT explored new initial lrs beyond the two it started with

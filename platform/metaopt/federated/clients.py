@@ -100,19 +100,23 @@ class Client:
                  hidden: tuple[int, ...] = (64,)):
         torch.set_num_threads(1)
         self.client_id = client_id
-        self.shard = shard
-        self.model = build_model(in_features, num_classes, hidden)
+        # The GPU Ray gave this actor (gpus_per_client > 0 on a GPU cluster), else the CPU.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.shard = ClientShard(*(t.to(self.device) for t in (shard.train_x, shard.train_y, shard.val_x, shard.val_y)))
+        self.model = build_model(in_features, num_classes, hidden).to(self.device)
 
     def train(self, global_params: torch.Tensor, *, round_index: int, epochs: int, lr: float, optimizer: str = "sgd",
               batch_size: int = 32, lr_rule: LrRule | None = None) -> LocalResult:
         seed = 1_000_003 * round_index + self.client_id  # different batches per round and client, reproducible
-        result = local_train(self.model, global_params, self.shard, epochs=epochs, lr=lr, optimizer=optimizer,
-                             batch_size=batch_size, seed=seed, lr_rule=lr_rule)
+        result = local_train(self.model, global_params.to(self.device), self.shard, epochs=epochs, lr=lr,
+                             optimizer=optimizer, batch_size=batch_size, seed=seed, lr_rule=lr_rule)
+        result.delta = result.delta.cpu()
         result.client_id = self.client_id
         return result
 
     def validate(self, params: torch.Tensor) -> dict[str, float]:
-        return {**evaluate(self.model, params, self.shard.val_x, self.shard.val_y), "samples": len(self.shard.val_y)}
+        metrics = evaluate(self.model, params.to(self.device), self.shard.val_x, self.shard.val_y)
+        return {**metrics, "samples": len(self.shard.val_y)}
 
     def pid(self) -> int:
         import os
@@ -120,11 +124,11 @@ class Client:
         return os.getpid()
 
 
-def client_actor_class(max_restarts: int = 3, cpus: float = 0.5) -> Any:
+def client_actor_class(max_restarts: int = 3, cpus: float = 0.5, gpus: float = 0.0) -> Any:
     """:class:`Client` as a Ray actor that Ray restarts (with its shard) after its process dies."""
     import ray
 
-    return ray.remote(num_cpus=cpus, max_restarts=max_restarts, max_task_retries=0)(Client)
+    return ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts, max_task_retries=0)(Client)
 
 
 class ClientPool:
@@ -133,10 +137,10 @@ class ClientPool:
     constructor with the same arguments)."""
 
     def __init__(self, shards: list[ClientShard], in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,),
-                 max_restarts: int = 3, cpus: float = 0.5):
+                 max_restarts: int = 3, cpus: float = 0.5, gpus: float = 0.0):
         import ray
 
-        actor = client_actor_class(max_restarts, cpus)
+        actor = client_actor_class(max_restarts, cpus, gpus)
         self.shard_refs = [ray.put(shard) for shard in shards]
         self.actors = [actor.remote(i, ref, in_features, num_classes, hidden) for i, ref in enumerate(self.shard_refs)]
 

@@ -38,6 +38,11 @@ class FederatedSection(StrictModel):
     lrs: list[float] = Field(default_factory=lambda: [0.05], min_length=1, description="Initial local lrs swept.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     cpus_per_client: float = Field(default=0.1, gt=0, description="CPUs each client actor reserves.")
+    gpus_per_client: float = Field(default=0.0, ge=0, description="GPUs each client actor reserves.")
+    scheduler: Literal["grid", "pbt"] = Field(
+        default="grid", description="grid: every strategy x lr x seed; pbt: PBT also adapts the initial local lr."
+    )
+    pbt_interval: int = Field(default=5, ge=1, description="Rounds between PBT exploit/explore steps.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last round.")
 
     @field_validator("alpha")
@@ -71,6 +76,8 @@ class FederatedSection(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "FederatedSection":
+        if self.scheduler == "pbt" and self.pbt_interval >= self.rounds:
+            raise ConfigError("pbt_interval", f"must be < rounds so PBT perturbs at all ({self.pbt_interval} >= {self.rounds})")
         if self.dataset in ("fashion_mnist", "cifar10") and not self.data_root:
             raise ConfigError("data_root", f"{self.dataset} is read from a local directory; set data_root")
         return self

@@ -144,6 +144,13 @@ class FederatedRun:
             "round_seconds": time.perf_counter() - started,
         }
 
+    def set_initial_lr(self, lr: float) -> None:
+        """A new initial local lr (PBT's explore step): the strategy's lr0 and this round's client lr."""
+        import dataclasses
+
+        self.state = dataclasses.replace(self.state, lr0=lr, client_lr=lr)
+        self.client_lr = lr
+
     def state_dict(self) -> dict[str, Any]:
         return {"global_params": self.global_params.clone(), "strategy": self.state.to_dict(), "round": self.round,
                 "client_lr": self.client_lr, "rng": self.rng.bit_generator.state}

@@ -39,7 +39,8 @@ class FederatedTrainable(tune.Trainable):
         shards = make_client_shards(data, section.num_clients, section.partition, section.alpha,
                                     section.val_fraction, seed=int(config["seed"]))
         hidden = tuple(section.hidden)
-        self.pool = ClientPool(shards, input_shape(data), data.num_classes, hidden, cpus=section.cpus_per_client)
+        self.pool = ClientPool(shards, input_shape(data), data.num_classes, hidden, cpus=section.cpus_per_client,
+                               gpus=section.gpus_per_client)
         options = {"num_clients_total": section.num_clients, "fraction": section.fraction} if "cl" in config["strategy"] else {}
         settings = RoundSettings(fraction=section.fraction, epochs=section.local_epochs, lr0=float(config["lr"]),
                                  optimizer=section.client_optimizer, batch_size=section.batch_size, seed=int(config["seed"]))
@@ -59,6 +60,10 @@ class FederatedTrainable(tune.Trainable):
         directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
         self.run.load_state_dict(torch.load(directory / STATE_FILE, weights_only=False))
         self._iteration = self.run.round
+        # After a PBT exploit the clone's state arrives with this trial's perturbed lr in config: the new lr0.
+        lr = float(self.config["lr"])
+        if self.run.state.lr0 is not None and not math.isclose(lr, self.run.state.lr0):
+            self.run.set_initial_lr(lr)
 
     def cleanup(self) -> None:
         self.pool.close()
@@ -67,7 +72,16 @@ class FederatedTrainable(tune.Trainable):
 def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
                 max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> tune.Tuner:
     """Strategies x initial lrs x seeds as a grid; a checkpoint after every round."""
-    trial_resources = with_worker_bundles(resources, section.num_clients, section.cpus_per_client)
+    trial_resources = with_worker_bundles(resources, section.num_clients, section.cpus_per_client,
+                                          section.gpus_per_client)
+    scheduler = None
+    if section.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        scheduler = PopulationBasedTraining(
+            time_attr="training_iteration", metric="accuracy", mode="max", perturbation_interval=section.pbt_interval,
+            hyperparam_mutations={"lr": tune.loguniform(min(section.lrs) / 10, max(section.lrs) * 10)}, synch=True,
+        )
     return tune.Tuner(
         tune.with_resources(FederatedTrainable, trial_resources),
         param_space={
@@ -76,10 +90,14 @@ def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path
             "lr": tune.grid_search(list(section.lrs)),
             "seed": tune.grid_search(list(section.seeds)),
         },
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, reuse_actors=False),
+        # PBT must see the whole population (a concurrency limit would hide the trials not started yet); the
+        # resources still decide how many train at once, and PBT pauses trials at its synchronous boundaries.
+        tune_config=tune.TuneConfig(max_concurrent_trials=None if scheduler else max_concurrent_trials,
+                                    reuse_actors=False, scheduler=scheduler),
         run_config=tune.RunConfig(
             name=experiment_name, storage_path=storage_path, stop={"training_iteration": section.rounds},
-            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True, num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True,
+                                                    num_to_keep=None if scheduler else 2),
             failure_config=tune.FailureConfig(max_failures=section.max_failures),
             callbacks=callbacks, verbose=verbose,
         ),
