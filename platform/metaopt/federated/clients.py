@@ -23,13 +23,10 @@ LrRule = Callable[[float, torch.Tensor, torch.Tensor | None, int], float]
 
 
 def build_model(in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)) -> nn.Module:
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = in_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    """The tasks' MLP (:func:`metaopt.tasks.digits.build_mlp`) behind a Flatten, so images work too."""
+    from metaopt.tasks.digits import build_mlp
+
+    return nn.Sequential(nn.Flatten(), *build_mlp(in_features, tuple(hidden), num_classes))
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
