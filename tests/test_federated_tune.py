@@ -63,9 +63,9 @@ def test_missing_local_dataset_is_one_error_line(tmp_path, capsys):
 def test_pbt_on_top_adapts_the_initial_local_lr(ray_session, tmp_path):
     from metaopt.federated.sweep import run
 
-    exp = load_tiny(tmp_path, "federated.strategies=[fedavg]", "federated.lrs=[0.003, 0.3]", "federated.rounds=6",
-                    "federated.scheduler=pbt", "federated.pbt_interval=2")
+    exp = load_tiny(tmp_path, "federated.strategies=[fedavg]", "federated.lrs=[0.003, 0.3]", "federated.rounds=4",
+                    "federated.scheduler=pbt", "federated.pbt_interval=2", "federated.num_clients=2")
     rows = run(exp, verbose=0)
-    assert len(rows) == 2 and all(r["error"] is None and r["curves"]["round"][-1] == 6 for r in rows)
+    assert len(rows) == 2 and all(r["error"] is None and r["curves"]["round"][-1] == 4 for r in rows)
     lrs = [lr for r in rows for lr in r["curves"]["client_lr"]]
     assert len(set(round(lr, 9) for lr in lrs)) > 2  # PBT explored new initial lrs beyond the two it started with

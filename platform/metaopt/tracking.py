@@ -92,7 +92,10 @@ class ParentRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_figure(self, figure, name: str) -> None:
+        import matplotlib.pyplot as plt
+
         self.client.log_figure(self.run_id, figure, name)
+        plt.close(figure)  # logged: free it (sweeps draw many)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
