@@ -9,6 +9,7 @@ closure, so an outer loop may change it at any time (see DESIGN.md, "Optimizer")
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol, runtime_checkable
 
 Schedule = Callable[[int], float]
@@ -40,3 +41,27 @@ class TrainingTask(Protocol):
 
     def restore(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state`. Learning rates come from the caller's ``lr_at``, not the state."""
+
+
+def optimizer_steps(optimizer: Any, num_steps: int, start_step: int, lr_at: Schedule,
+                    next_loss: Callable[[], Any]) -> tuple[float, int]:
+    """The supervised tasks' inner loop: ``num_steps`` optimizer steps at ``lr_at(step)`` on ``next_loss()``.
+
+    Returns (mean loss over ``num_steps``, the step count after). A diverged run (non-finite loss) stops early,
+    but its remaining steps are counted as spent so step budgets stay exact.
+    """
+    from metaopt.optim import set_learning_rate
+
+    step, total = start_step, 0.0
+    for done in range(1, num_steps + 1):
+        set_learning_rate(optimizer, lr_at(step))
+        loss = next_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        total += loss.item()
+        if not math.isfinite(total):
+            step += num_steps - done
+            break
+    return total / max(num_steps, 1), step

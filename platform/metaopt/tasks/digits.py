@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +18,8 @@ import torch
 from torch import nn
 
 from metaopt.errors import ConfigError
-from metaopt.optim import build_optimizer, set_learning_rate
-from metaopt.tasks.base import Schedule
+from metaopt.optim import build_optimizer
+from metaopt.tasks.base import Schedule, optimizer_steps
 
 
 @dataclass(frozen=True)
@@ -126,22 +125,13 @@ class DigitsTask:
 
     def train(self, num_steps: int, lr_at: Schedule) -> dict[str, float]:
         self.model.train()
-        total = 0.0
-        for done in range(1, num_steps + 1):
-            set_learning_rate(self.optimizer, lr_at(self._step))
+
+        def next_loss():
             x, y = self._next_batch()
-            loss = nn.functional.cross_entropy(self.model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self._step += 1
-            total += loss.item()
-            if not math.isfinite(total):
-                # Diverged: further steps only spread NaNs. Count them as spent so step budgets stay exact.
-                self._step += num_steps - done
-                break
-        metrics = {"loss": total / max(num_steps, 1), **self.evaluate("val")}
-        return metrics
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        loss, self._step = optimizer_steps(self.optimizer, num_steps, self._step, lr_at, next_loss)
+        return {"loss": loss, **self.evaluate("val")}
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict[str, float]:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from metaopt.errors import ConfigError
-from metaopt.optim import build_optimizer, set_learning_rate
-from metaopt.tasks.base import Schedule
+from metaopt.optim import build_optimizer
+from metaopt.tasks.base import Schedule, optimizer_steps
 
 
 @dataclass(frozen=True)
@@ -130,21 +130,14 @@ class TinyLMTask:
 
     def train(self, num_steps: int, lr_at: Schedule) -> dict[str, float]:
         self.model.train()
-        total = 0.0
         train = self.data["train"]
-        for done in range(1, num_steps + 1):
-            set_learning_rate(self.optimizer, lr_at(self._step))
+
+        def next_loss():
             idx = torch.randint(0, len(train), (self.options.batch_size,), generator=self.batch_order)
-            loss, _ = self._loss(train[idx.to(self.device)])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self._step += 1
-            total += loss.item()
-            if not math.isfinite(total):
-                self._step += num_steps - done
-                break
-        return {"loss": total / max(num_steps, 1), **self.evaluate("val")}
+            return self._loss(train[idx.to(self.device)])[0]
+
+        loss, self._step = optimizer_steps(self.optimizer, num_steps, self._step, lr_at, next_loss)
+        return {"loss": loss, **self.evaluate("val")}
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict[str, float]:
