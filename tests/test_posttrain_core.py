@@ -237,6 +237,14 @@ def test_easy_to_hard_moves_mass_to_harder_categories_and_hard_to_easy_mirrors()
     copy_.load_state_dict(json.loads(json.dumps(window.state_dict())))
     assert np.allclose(copy_.probabilities(), window.probabilities())
     assert np.allclose(make_curriculum("uniform", 4).probabilities(), 0.25)
+    by_level = make_curriculum("easy_to_hard", 4, difficulties=[1, 2, 1, 2])  # two tasks, two levels each
+    fronts = []
+    for step in (0, 30, 60, 90):
+        by_level.advance(step, 120)
+        fronts.append(int(by_level.probabilities().argmax()))
+    assert fronts == [0, 2, 1, 3]
+    backwards = make_curriculum("hard_to_easy", 4, difficulties=[1, 2, 1, 2])
+    assert backwards.probabilities().argmax() == 3
 
 
 def test_make_curriculum_rejects_bad_names_and_options():

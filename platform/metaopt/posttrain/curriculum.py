@@ -135,55 +135,69 @@ class SEC(_Curriculum):
 class EasyToHard(_Curriculum):
     """A window of categories sliding from the easiest to the hardest as training progresses.
 
-    With progress x = clip(step / total_steps, 0, 1) and K categories, the *front* is
-    f = min(floor(x·K), K − 1): each category is the front for an equal 1/K share of training, in
-    difficulty order. Categories ``max(0, f − window + 1) .. f`` are sampled uniformly; all others have
-    probability 0. ``window=1`` is the plain ordered curriculum of Chen et al. 2025; ``window=K`` grows a
+    Categories are put in difficulty order: by ``difficulties`` when given (a level per category; ties keep
+    index order, so several tasks interleave level by level), else by index (the task set's order, easy ->
+    hard within each task). With progress x = clip(step / total_steps, 0, 1) and K categories, the *front* is
+    position f = min(floor(x·K), K − 1) of that order: each category is the front for an equal 1/K share of
+    training. The categories at positions ``max(0, f − window + 1) .. f`` are sampled uniformly; all others
+    have probability 0. ``window=1`` is the plain ordered curriculum of Chen et al. 2025; ``window=K`` grows a
     uniform mix over everything seen so far.
     """
 
     name = "easy_to_hard"
 
-    def __init__(self, num_categories: int, window: int = 1):
+    def __init__(self, num_categories: int, window: int = 1, difficulties: Sequence[int] | None = None):
         super().__init__(num_categories)
+        if difficulties is not None and len(difficulties) != num_categories:
+            raise ConfigError("posttrain.curriculum.difficulties", f"needs {num_categories} levels, got {len(difficulties)}")
         self.window = window
+        self.order = list(range(num_categories)) if difficulties is None else [
+            int(i) for i in np.argsort(np.asarray(difficulties), kind="stable")
+        ]
         self.progress = 0.0
 
-    def _active(self) -> np.ndarray:
+    def _ordered_probabilities(self) -> np.ndarray:
+        """Probabilities by position in the easy -> hard order."""
         front = min(int(self.progress * self.num_categories), self.num_categories - 1)
-        return np.arange(max(0, front - self.window + 1), front + 1)
+        probs = np.zeros(self.num_categories)
+        start = max(0, front - self.window + 1)
+        probs[start:front + 1] = 1.0 / (front + 1 - start)
+        return probs
 
     def probabilities(self) -> np.ndarray:
         probs = np.zeros(self.num_categories)
-        active = self._active()
-        probs[active] = 1.0 / len(active)
+        probs[self.order] = self._ordered_probabilities()
         return probs
 
     def advance(self, step: int, total_steps: int) -> None:
         self.progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "window": self.window, "progress": self.progress}
+        return {**super().state_dict(), "window": self.window, "order": self.order, "progress": self.progress}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.window, self.progress = int(state["window"]), float(state["progress"])
+        self.order = [int(i) for i in state["order"]]
 
 
 class HardToEasy(EasyToHard):
-    """:class:`EasyToHard` mirrored: the window starts at the hardest category and slides to the easiest."""
+    """:class:`EasyToHard` run backwards: the window starts at the hardest category and slides to the easiest."""
 
     name = "hard_to_easy"
 
     def probabilities(self) -> np.ndarray:
-        return super().probabilities()[::-1].copy()
+        probs = np.zeros(self.num_categories)
+        probs[self.order] = self._ordered_probabilities()[::-1]
+        return probs
 
 
 _CLASSES: dict[str, type[_Curriculum]] = {
     "sec": SEC, "uniform": Uniform, "easy_to_hard": EasyToHard, "hard_to_easy": HardToEasy,
 }
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "sec": ("alpha", "tau"), "uniform": (), "easy_to_hard": ("window",), "hard_to_easy": ("window",),
+    "sec": ("alpha", "tau"), "uniform": (),
+    "easy_to_hard": ("window", "difficulties"), "hard_to_easy": ("window", "difficulties"),
 }
 
 
@@ -201,12 +215,17 @@ def _check_options(name: str, num_categories: int, options: dict[str, Any]) -> d
             raise ConfigError("posttrain.curriculum.tau", f"must be a number > 0, got {value!r}")
         if key == "window" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ConfigError("posttrain.curriculum.window", f"must be an integer >= 1, got {value!r}")
+        if key == "difficulties" and not (
+            isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError("posttrain.curriculum.difficulties", f"must be a list of integer levels, got {value!r}")
     return options
 
 
 def make_curriculum(name: str, num_categories: int, **options: Any) -> _Curriculum:
     """A curriculum by name (:data:`CURRICULUM_NAMES`): ``sec`` (``alpha`` 0.5, ``tau`` 1.0), ``uniform``,
-    ``easy_to_hard`` / ``hard_to_easy`` (``window`` 1)."""
+    ``easy_to_hard`` / ``hard_to_easy`` (``window`` 1, ``difficulties`` None: index order; pass
+    ``[taskset.difficulty(c) for c in taskset.categories]`` to order several tasks by level)."""
     if name not in _CLASSES:
         raise ConfigError("posttrain.curriculum.name", f"unknown curriculum {name!r}; known: {', '.join(CURRICULUM_NAMES)}")
     if not isinstance(num_categories, int) or num_categories < 1:

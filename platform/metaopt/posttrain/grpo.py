@@ -64,7 +64,7 @@ def token_logprobs(
 
     One forward pass; only the logits that predict those tokens are computed (``logits_to_keep + 1``
     positions, the last of which predicts nothing and is dropped). Positions follow the attention mask, as in
-    sampling, so left padding does not shift them.
+    sampling, so left padding does not shift them. ``temperature`` 0 (greedy sampling) means untempered.
     """
     logits = model(
         input_ids=input_ids,
@@ -241,7 +241,8 @@ class GRPOLearner:
                 for key, value in {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value
         count = self.updates_per_batch * len(minibatches)
-        return {**{key: value / count for key, value in totals.items()}, "lr": float(lr), "optimizer_steps": count}
+        averages = {key: value / count for key, value in totals.items()}
+        return {**averages, "lr": float(lr), "optimizer_steps": float(count)}
 
     def state_dict(self) -> dict[str, Any]:
         return {

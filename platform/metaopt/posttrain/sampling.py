@@ -155,24 +155,32 @@ def _decode_loop(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
+    group_size: int,
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator,
     pad_id: int,
     eos_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode ``group_size`` continuations of each of the N prompt rows; returns [N*G, T] tokens, log-probs, mask.
+
+    The prompts are prefilled once (N rows, not N*G) and the cache repeated G times: the G samples of a group
+    share their prompt's keys and values, which is most of the work for short completions.
+    """
     cache = DynamicCache(config=model.config)
     positions = position_ids(prompt_mask)
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
         cache=cache, use_cache=True, logits_to_keep=1,
     )
-    next_position = positions[:, -1:] + 1
-    mask = prompt_mask
-    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+    mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    next_position = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+    finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
     tokens, logps, alive_columns = [], [], []
     for step in range(max_new_tokens):
-        token, logp = _choose(out.logits[:, -1], temperature, generator)
+        token, logp = _choose(logits, temperature, generator)
         alive = ~finished
         token = torch.where(alive, token, pad_id)
         tokens.append(token)
@@ -182,10 +190,10 @@ def _decode_loop(
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, alive[:, None].to(mask.dtype)], dim=1)
-        out = model(
+        logits = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
             cache=cache, use_cache=True,
-        )
+        ).logits[:, -1]
         next_position = next_position + 1
     return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(alive_columns, 1).to(prompt_mask.dtype)
 
@@ -202,28 +210,30 @@ def sample_completions(
     """``group_size`` sampled completions for each prompt, at most ``max_new_tokens`` tokens each.
 
     ``temperature`` 0 decodes greedily. ``generator`` is a ``torch.Generator`` (advanced in place, so
-    successive calls continue one random stream) or an integer seed. The model is put in eval mode while
+    successive calls continue one random stream; a CPU generator also drives a GPU model, at the cost of a
+    copy per token) or an integer seed (a generator on the model's device). The model is put in eval mode while
     sampling and returned to its previous mode.
     """
     if group_size < 1 or max_new_tokens < 1 or temperature < 0:
         raise ValueError(f"need group_size >= 1, max_new_tokens >= 1, temperature >= 0; got "
                          f"{group_size}, {max_new_tokens}, {temperature}")
-    if not isinstance(generator, torch.Generator):
-        generator = torch.Generator().manual_seed(int(generator))
     device = next(model.parameters()).device
+    if not isinstance(generator, torch.Generator):  # a seed: draw the noise where the logits are
+        generator = torch.Generator(device=device).manual_seed(int(generator))
     encoded = tokenizer(list(prompts), padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
-    prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(device)
-    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0).to(device)
+    prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             completion_ids, logps, completion_mask = _decode_loop(
-                model, prompt_ids, prompt_mask, max_new_tokens, temperature, generator,
+                model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, generator,
                 tokenizer.pad_token_id, tokenizer.eos_token_id,
             )
     finally:
         model.train(was_training)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     # Clone out of inference mode: a learner must be able to use these tensors in an autograd forward.
     completion_ids, logps, completion_mask = completion_ids.clone(), logps.clone(), completion_mask.clone()
     lengths = completion_mask.sum(1) - (completion_ids == tokenizer.eos_token_id).any(1).long()
