@@ -139,13 +139,12 @@ def _choose(
     Returns the tokens and their log-probs at temperature T (at T = 1 when greedy).
     """
     logits = logits.float()
-    scaled = logits / temperature if temperature > 0 else logits
-    logp = scaled - scaled.logsumexp(-1, keepdim=True)
+    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
     if temperature > 0:
-        # argmax(log p + Gumbel) is an exact sample from p; the noise comes from the caller's generator.
-        uniform = torch.rand(logp.shape, generator=generator, device=generator.device).to(logp.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
-        tokens = (logp + gumbel).argmax(-1)
+        # argmax(log p + Gumbel) is an exact sample from p, and −log E with E ~ Exp(1) is Gumbel-distributed;
+        # the noise comes from the caller's generator.
+        noise = torch.empty(logp.shape, device=generator.device).exponential_(generator=generator)
+        tokens = (logp - noise.to(logp.device).log()).argmax(-1)
     else:
         tokens = logits.argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
