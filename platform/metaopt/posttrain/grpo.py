@@ -179,6 +179,8 @@ class GRPOLearner:
             raise ConfigError("posttrain.clip_eps", f"must be > 0, got {clip_eps!r}")
         if not beta >= 0:
             raise ConfigError("posttrain.beta", f"must be >= 0, got {beta!r}")
+        if aggregation not in LOSS_AGGREGATIONS:
+            raise ConfigError("posttrain.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}")
         self.policy = policy.train()
         self.reference = reference
         if reference is not None:

@@ -1,9 +1,10 @@
 """Batched sampling of G completions per prompt with a KV cache: the rollout half of GRPO.
 
 :func:`sample_completions` is our own decoding loop rather than ``model.generate``: one prefill forward over the
-left-padded prompts, then one single-token forward per new token on a ``DynamicCache``, under
-``torch.inference_mode``, stopping as soon as every row has produced ``<eos>``. Besides being faster for tiny
-policies (no per-step logits-processor machinery), it returns the log-probability of each sampled token under
+N distinct left-padded prompts, whose ``DynamicCache`` is then repeated G times, and one single-token forward
+per new token for all N*G rows, under ``torch.inference_mode``, stopping as soon as every row has produced
+``<eos>``. Besides being faster for tiny policies (a G-times smaller prefill, no per-step logits-processor
+machinery), it returns the log-probability of each sampled token under
 the sampling distribution — the π_θold(o_t | q, o_<t) of the GRPO ratio (Shao et al. 2024, Eq. 3) — so a learner
 taking one update per batch needs no extra forward pass. The tests hold it to two oracles: with a vanishing
 temperature it reproduces greedy ``model.generate``, and its log-probs equal a fresh teacher-forced forward
