@@ -87,6 +87,7 @@ def _load_builtin_kinds() -> None:
     import metaopt.federated.config  # noqa: F401
     import metaopt.objectives.config  # noqa: F401
     import metaopt.pbt.config  # noqa: F401
+    import metaopt.posttrain.config  # noqa: F401
     import metaopt.symbolic.config  # noqa: F401
 
 

@@ -130,6 +130,8 @@ class MLflowTrialCallback(Callback):
         step = int(result.get("training_iteration", 0))
         metrics = finite_metrics(_trial_metrics(result), step, int(time.time() * 1000))
         self.client.log_batch(self.run_id_for(trial), metrics=metrics)
+        for key, text in text_results(result).items():  # e.g. sample completions: one text file per iteration
+            self.client.log_text(self.run_id_for(trial), text, f"{key}/iter_{step:04d}.txt")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
@@ -146,6 +148,11 @@ class MLflowTrialCallback(Callback):
 
 
 _RESULT_NOISE = {"config", "hostname", "node_ip", "pid", "date", "trial_id", "experiment_tag", "done", "timestamp"}
+
+
+def text_results(result: dict[str, Any]) -> dict[str, str]:
+    """Result entries named ``*_text`` holding a string: logged as text artifacts of the trial's run."""
+    return {k: v for k, v in result.items() if k.endswith("_text") and isinstance(v, str)}
 
 
 def _trial_metrics(result: dict[str, Any]) -> dict[str, Any]:

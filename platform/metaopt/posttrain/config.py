@@ -1,0 +1,169 @@
+"""The ``posttrain:`` section: GRPO post-training of a language-model policy with a curriculum, as Tune trials.
+
+Each trial is one post-training run (GRPO, Shao et al. 2024) of one curriculum x seed; one Tune iteration is
+``steps_per_iteration`` GRPO steps. The curriculum (uniform, easy->hard, hard->easy, or the Self-Evolving
+Curriculum of Chen et al. 2025) picks the problem category of every prompt. Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from metaopt.config import StrictModel, register_kind
+from metaopt.errors import ConfigError
+
+CURRICULUM_NAMES = ("sec", "uniform", "easy_to_hard", "hard_to_easy")
+
+
+class ModelSpec(StrictModel):
+    """The policy: a local Hugging Face checkpoint (``path``) or a tiny model built from this config."""
+
+    path: str | None = Field(default=None, description="Local directory of a causal LM + tokenizer (no download).")
+    arch: Literal["qwen2", "gpt2"] = Field(default="qwen2", description="Architecture of the tiny model.")
+    hidden: int = Field(default=64, ge=8, description="Hidden width of the tiny model.")
+    layers: int = Field(default=2, ge=1, description="Transformer blocks of the tiny model.")
+    heads: int = Field(default=4, ge=1, description="Attention heads of the tiny model.")
+    max_positions: int = Field(default=128, ge=16, description="Context length of the tiny model.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.path is None and self.hidden % self.heads:
+            raise ConfigError("heads", f"must divide hidden ({self.hidden} % {self.heads} != 0)")
+        return self
+
+
+class TaskSpec(StrictModel):
+    """A task and the difficulty levels used as curriculum categories (task x level)."""
+
+    name: str = Field(description="arithmetic (ours) or a reasoning-gym generator (basic_arithmetic, chain_sum, ...).")
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1, description="Difficulty levels.")
+
+
+class CurriculumSpec(StrictModel):
+    """How categories are drawn: SEC's bandit (alpha = TD(0) step, tau = Boltzmann temperature) or a schedule."""
+
+    alpha: float = Field(default=0.5, gt=0, le=1, description="SEC: TD(0) learning rate of the category values.")
+    tau: float = Field(default=0.2, gt=0, description="SEC: Boltzmann temperature over category values.")
+
+
+class GRPOSpec(StrictModel):
+    """Group Relative Policy Optimization settings (Shao et al. 2024, eq. 3)."""
+
+    group_size: int = Field(default=8, description="G: completions sampled per prompt (>= 2).")
+    prompts_per_step: int = Field(default=8, ge=1, description="Prompts per GRPO step (batch = prompts x G).")
+    max_new_tokens: int = Field(default=8, ge=1, description="Completion length limit.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the rollouts.")
+    clip_eps: float = Field(default=0.2, gt=0, lt=1, description="PPO-style ratio clip.")
+    beta: float = Field(default=0.04, ge=0, description="KL(policy || reference) weight, k3 estimator; 0 = no reference.")
+    updates_per_batch: int = Field(default=1, ge=1, description="mu: optimizer passes over each batch.")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, group_size: int) -> int:
+        if group_size < 2:
+            raise ValueError(f"must be >= 2 (got {group_size}): GRPO's advantage compares completions within a group")
+        return group_size
+
+
+class WarmupSpec(StrictModel):
+    """Supervised warm-up on task demonstrations before RL, so a tiny model starts with some reward signal."""
+
+    steps: int = Field(default=300, ge=0, description="Supervised steps (0 = none, e.g. for a pretrained model).")
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    levels: list[int] | None = Field(default=None, description="Levels used for warm-up (default: all).")
+
+
+class RolesSpec(StrictModel):
+    """Where rollout, learner and reference run."""
+
+    mode: Literal["colocated", "actors"] = Field(
+        default="actors", description="colocated: all in the trial process (debugging); actors: Ray actors."
+    )
+    rollout_workers: int = Field(default=1, ge=1, description="Rollout actors (each samples a share of the prompts).")
+    reference: Literal["rollout", "actor"] = Field(
+        default="rollout", description="Reference model: inside each rollout actor, or its own actor."
+    )
+    overlap: bool = Field(
+        default=True, description="Sample step t+1 while the learner trains on step t (one step off-policy)."
+    )
+    cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs each rollout/learner/reference actor reserves.")
+    gpus_per_rollout: float = Field(default=0.0, ge=0)
+    gpus_per_learner: float = Field(default=0.0, ge=0)
+
+
+class PostTrainSection(StrictModel):
+    """GRPO post-training with curricula over verifiable task categories; each curriculum x seed is a trial."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="arithmetic", levels=[1, 2, 3, 4, 5])],
+                                  min_length=1)
+    curricula: list[str] = Field(default_factory=lambda: ["sec", "uniform"], min_length=1,
+                                 description=f"Curricula swept: {', '.join(CURRICULUM_NAMES)}.")
+    curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
+    grpo: GRPOSpec = Field(default_factory=GRPOSpec)
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+                                      description="metaopt.optim optimizer spec of the learner.")
+    schedule: dict[str, Any] | None = Field(
+        default=None, description="metaopt.optim schedule spec over GRPO steps (default: constant at optimizer.lr)."
+    )
+    roles: RolesSpec = Field(default_factory=RolesSpec)
+    steps: int = Field(default=60, ge=1, description="GRPO steps per trial.")
+    steps_per_iteration: int = Field(default=5, ge=1, description="GRPO steps per Tune iteration (and checkpoint).")
+    eval_per_category: int = Field(default=32, ge=1, description="Greedy evaluation problems per category.")
+    eval_every: int = Field(default=1, ge=1, description="Evaluate every this many iterations (and at the end).")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    scheduler: Literal["grid", "pbt"] = Field(
+        default="grid", description="grid: every curriculum x seed; pbt: PBT also adapts the learner's lr."
+    )
+    pbt_interval: int = Field(default=2, ge=1, description="Iterations between PBT exploit/explore steps.")
+    max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last checkpoint.")
+    samples_to_log: int = Field(default=8, ge=0, description="Sample completions saved as text each iteration.")
+
+    @field_validator("curricula")
+    @classmethod
+    def _known_curricula(cls, curricula: list[str]) -> list[str]:
+        for name in curricula:
+            if name not in CURRICULUM_NAMES:
+                raise ValueError(f"unknown curriculum {name!r}; allowed: {', '.join(CURRICULUM_NAMES)}")
+        return curricula
+
+    @property
+    def iterations(self) -> int:
+        return -(-self.steps // self.steps_per_iteration)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PostTrainSection:
+        if self.scheduler == "pbt" and self.pbt_interval >= self.iterations:
+            raise ConfigError("pbt_interval", f"must be < the {self.iterations} iterations so PBT perturbs at all")
+        return self
+
+    def check(self) -> None:
+        """Checks that need other modules: task names and levels, the optimizer and schedule specs. A model path
+        is checked where the run starts (a file submitted to a cluster names a path on the cluster)."""
+        from metaopt.optim import build_schedule, resolve_optimizer_spec
+        from metaopt.posttrain.tasks import make_taskset
+
+        try:
+            make_taskset([t.model_dump() for t in self.tasks], seed=0)
+        except ConfigError as err:  # it names its fields from the file's top (posttrain.tasks...)
+            raise ConfigError(err.field.removeprefix("posttrain."), err.problem) from None
+        resolve_optimizer_spec(self.optimizer)  # its errors name optimizer.<key>
+        if self.schedule is not None:
+            build_schedule(self.schedule)
+
+
+def check_model_path(section: PostTrainSection) -> None:
+    """A model path that does not exist is one clear error before any trial starts."""
+    path = section.model.path
+    if path is not None and not Path(path).expanduser().is_dir():
+        raise ConfigError("posttrain.model.path", f"{path!r} does not exist or is not a directory "
+                          "(expected a local Hugging Face checkpoint: config.json, weights, tokenizer files)")
+
+
+register_kind("posttrain", PostTrainSection, "metaopt.posttrain.sweep:run")

@@ -1,0 +1,196 @@
+"""The three roles of GRPO post-training, as plain classes that run in-process or as Ray actors.
+
+* :class:`RolloutWorker` samples G completions per prompt with its copy of the policy (weights arrive from the
+  learner through the object store every step) and, when the reference lives with it, the reference model's
+  token log-probs of those completions; it also runs the greedy evaluation.
+* :class:`LearnerWorker` holds the trained policy and its optimizer: supervised warm-up, then GRPO updates.
+* :class:`ReferenceWorker` holds the frozen reference policy on its own (``roles.reference: actor``).
+
+:class:`Roles` puts the same three objects behind one calling convention, so :mod:`metaopt.posttrain.loop`
+does not care whether they are local objects (``roles.mode: colocated``, for debugging) or Ray actors
+(``actors``: each reserves ``cpus_per_actor`` and, on a GPU cluster, ``gpus_per_rollout`` / ``gpus_per_learner``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from metaopt.posttrain.grpo import GRPOLearner, token_logprobs
+from metaopt.posttrain.policy import get_weights, make_policy, set_weights
+from metaopt.posttrain.sampling import RolloutBatch, sample_completions
+from metaopt.posttrain.tasks import make_taskset
+from metaopt.posttrain.warmup import evaluate_accuracy, supervised_warmup
+
+
+def worker_device() -> torch.device:
+    """The GPU Ray gave this process (``num_gpus`` > 0 on a GPU node), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(threads: float) -> None:
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def reference_logprobs(reference: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """log pi_ref of the sampled completion tokens (the k3 KL term's anchor), at the sampling temperature like
+    the policy's log-probs in the learner."""
+    with torch.inference_mode():
+        return token_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1],
+                              batch.temperature)
+
+
+class RolloutWorker:
+    """Batched sampling of G completions per prompt with the latest policy weights."""
+
+    def __init__(self, model_spec: dict[str, Any], tasks: list[dict[str, Any]], seed: int, *, with_reference: bool,
+                 threads: float = 1.0):
+        set_threads(threads)
+        self.device = worker_device()
+        self.model, self.tokenizer = make_policy(model_spec, seed)
+        self.model.to(self.device).eval()
+        self.reference = copy.deepcopy(self.model) if with_reference else None
+        self.taskset = make_taskset(tasks, seed)
+
+    def set_weights(self, weights: dict[str, torch.Tensor], reference: bool = False) -> None:
+        set_weights(self.model, weights)
+        if reference and self.reference is not None:
+            set_weights(self.reference, weights)
+
+    def sample(self, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float,
+               seed: int) -> RolloutBatch:
+        batch = sample_completions(self.model, self.tokenizer, prompts, group_size, max_new_tokens, temperature, seed)
+        if self.reference is not None:
+            batch.ref_logprobs = reference_logprobs(self.reference, batch)
+        return batch.to("cpu")
+
+    def evaluate(self, categories: list[str], per_category: int, seed: int, max_new_tokens: int) -> dict[str, float]:
+        return evaluate_accuracy(self.model, self.tokenizer, self.taskset, categories, per_category, seed,
+                                 max_new_tokens)
+
+
+class ReferenceWorker:
+    """The frozen reference policy pi_ref on its own (its weights are set once, after the warm-up)."""
+
+    def __init__(self, model_spec: dict[str, Any], seed: int, threads: float = 1.0):
+        set_threads(threads)
+        self.device = worker_device()
+        self.model, _ = make_policy(model_spec, seed)
+        self.model.to(self.device).eval()
+
+    def set_weights(self, weights: dict[str, torch.Tensor], reference: bool = True) -> None:
+        set_weights(self.model, weights)
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        return reference_logprobs(self.model, batch.to(self.device)).cpu()
+
+
+class LearnerWorker:
+    """The trained policy: supervised warm-up on demonstrations, then GRPO updates with a metaopt.optim
+    optimizer and schedule."""
+
+    def __init__(self, model_spec: dict[str, Any], tasks: list[dict[str, Any]], seed: int, *, grpo: dict[str, Any],
+                 optimizer: dict[str, Any], schedule: dict[str, Any], threads: float = 1.0):
+        set_threads(threads)
+        torch.manual_seed(seed)
+        self.device = worker_device()
+        self.seed = seed
+        self.model, self.tokenizer = make_policy(model_spec, seed)
+        self.model.to(self.device)
+        self.taskset = make_taskset(tasks, seed)
+        self.learner = GRPOLearner(self.model, None, optimizer_spec=optimizer, schedule_spec=schedule,
+                                   clip_eps=grpo["clip_eps"], beta=grpo["beta"],
+                                   updates_per_batch=grpo["updates_per_batch"], max_grad_norm=grpo["max_grad_norm"])
+
+    def warmup(self, categories: list[str], steps: int, batch_size: int, lr: float) -> dict[str, float]:
+        return supervised_warmup(self.model, self.tokenizer, self.taskset, categories, steps, batch_size, lr,
+                                 self.seed)
+
+    def step(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, float]:
+        return self.learner.step(batch.to(self.device), advantages.to(self.device))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return get_weights(self.model)
+
+    def set_schedule(self, schedule: dict[str, Any]) -> None:
+        """A new lr schedule (PBT's explore step) that keeps the optimizer's moments."""
+        from metaopt.optim import build_schedule
+
+        self.learner.schedule = build_schedule(schedule)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+
+class Roles:
+    """Rollout workers, the learner and the optional reference worker, local or Ray actors, one interface:
+    :meth:`call` starts a method (an ObjectRef for actors, the value itself locally), :meth:`get` waits."""
+
+    def __init__(self, rollout: list[Any], learner: Any, reference: Any | None, remote: bool):
+        self.rollout, self.learner, self.reference, self.remote = rollout, learner, reference, remote
+
+    def call(self, handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        function = getattr(handle, method)
+        return function.remote(*args, **kwargs) if self.remote else function(*args, **kwargs)
+
+    def get(self, value: Any) -> Any:
+        if not self.remote:
+            return value
+        import ray
+
+        return ray.get(value)
+
+    def close(self) -> None:
+        if not self.remote:
+            return
+        import ray
+
+        for actor in [*self.rollout, self.learner, *([self.reference] if self.reference is not None else [])]:
+            ray.kill(actor)
+
+
+def start_roles(section: Any, seed: int) -> Roles:
+    """Build the roles the ``roles:`` block asks for (``section`` is a PostTrainSection)."""
+    roles = section.roles
+    model_spec = section.model.model_dump()
+    tasks = [t.model_dump() for t in section.tasks]
+    reference_in_rollout = section.grpo.beta > 0 and roles.reference == "rollout"
+    separate_reference = section.grpo.beta > 0 and roles.reference == "actor"
+    learner_args = (model_spec, tasks, seed)
+    learner_kwargs = {"grpo": section.grpo.model_dump(), "optimizer": section.optimizer,
+                      "schedule": section.schedule or {"name": "constant", "lr": section.optimizer.get("lr", 1e-3)},
+                      "threads": roles.cpus_per_actor}
+    if roles.mode == "colocated":
+        threads = {"threads": roles.cpus_per_actor}
+        rollout = [RolloutWorker(model_spec, tasks, seed, with_reference=section.grpo.beta > 0, **threads)]
+        return Roles(rollout, LearnerWorker(*learner_args, **learner_kwargs), None, remote=False)
+    import ray
+
+    cpus = roles.cpus_per_actor
+    rollout_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout)(RolloutWorker)
+    learner_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_learner)(LearnerWorker)
+    rollout = [rollout_actor.remote(model_spec, tasks, seed, with_reference=reference_in_rollout, threads=cpus)
+               for _ in range(roles.rollout_workers)]
+    reference = None
+    if separate_reference:
+        reference = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout)(ReferenceWorker).remote(
+            model_spec, seed, threads=cpus)
+    return Roles(rollout, learner_actor.remote(*learner_args, **learner_kwargs), reference, remote=True)
+
+
+def role_bundles(section: Any, per_trial: dict[str, float]) -> list[dict[str, float]]:
+    """Placement-group bundles of one trial: the trial process, then learner, rollout workers, reference."""
+    roles = section.roles
+    bundles = [{"CPU": per_trial["cpu"], "GPU": per_trial["gpu"]}]
+    if roles.mode == "colocated":
+        return bundles
+    bundles.append({"CPU": roles.cpus_per_actor, "GPU": roles.gpus_per_learner})
+    bundles += [{"CPU": roles.cpus_per_actor, "GPU": roles.gpus_per_rollout}] * roles.rollout_workers
+    if section.grpo.beta > 0 and roles.reference == "actor":
+        bundles.append({"CPU": roles.cpus_per_actor, "GPU": roles.gpus_per_rollout})
+    return bundles

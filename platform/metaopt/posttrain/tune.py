@@ -1,0 +1,121 @@
+"""The only place in ``metaopt.posttrain`` that knows Ray Tune: one trial = one post-training run of one
+curriculum x seed; one iteration = ``steps_per_iteration`` GRPO steps, then (every ``eval_every`` iterations)
+the greedy accuracy per category. A checkpoint every iteration holds the learner (model, optimizer, step),
+the curriculum, the RNG and the reference weights, so a crashed trial resumes where it was, and PBT can
+clone a trial and change its learning rate (``lr`` in the trial config) without losing the optimizer's moments.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from metaopt.posttrain.config import PostTrainSection
+
+STATE_FILE = "posttrain_state.pt"
+
+
+class PostTrainTrainable(tune.Trainable):
+    """``config``: ``exp`` (the resolved section), ``curriculum``, ``seed`` and optionally ``lr`` (PBT)."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        from metaopt.posttrain.loop import GRPORun
+        from metaopt.posttrain.roles import start_roles
+
+        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        torch.set_num_threads(1)
+        self.section = PostTrainSection.model_validate(config["exp"])
+        self.roles = start_roles(self.section, int(config["seed"]))
+        self.run = GRPORun(self.section, config["curriculum"], int(config["seed"]), self.roles, lr=config.get("lr"))
+
+    def step(self) -> dict[str, Any]:
+        section = self.section
+        warmup = {} if self.run.warmed_up else self.run.warm_up()
+        if warmup and self.iteration == 0:
+            warmup.update({f"warmup_{k}": v for k, v in self.run.evaluate().items()})
+        metrics: list[dict[str, Any]] = []
+        for _ in range(min(section.steps_per_iteration, section.steps - self.run.steps_done)):
+            metrics.append(self.run.step())
+        result = average(metrics)
+        result.update(warmup)
+        iteration = self.iteration + 1
+        if iteration % section.eval_every == 0 or self.run.steps_done >= section.steps:
+            result.update(self.run.evaluate())
+        if section.samples_to_log:
+            result["samples_text"] = self.run.sample_text(section.samples_to_log)
+        result["lr_config"] = float(self.config.get("lr") or math.nan)
+        result["done"] = self.run.steps_done >= section.steps
+        return result
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        torch.save(self.run.state_dict(), Path(checkpoint_dir) / STATE_FILE)
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+        from metaopt.posttrain.loop import schedule_spec
+
+        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
+        self.run.load_state_dict(torch.load(directory / STATE_FILE, weights_only=False))
+        # After a PBT exploit the clone's state arrives with this trial's perturbed lr in config.
+        if self.config.get("lr") is not None:
+            self.run.lr = float(self.config["lr"])
+            self.roles.get(self.roles.call(self.roles.learner, "set_schedule", schedule_spec(self.section, self.run.lr)))
+
+    def cleanup(self) -> None:
+        self.roles.close()
+
+
+def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each numeric metric over the iteration's GRPO steps; the last value of counters."""
+    if not rows:
+        return {}
+    keys = {k for row in rows for k in row}
+    out: dict[str, Any] = {}
+    for key in sorted(keys):
+        values = [row[key] for row in rows if key in row and isinstance(row[key], (int, float))]
+        if values:
+            out[key] = values[-1] if key in ("grpo_step", "lr") else float(sum(values) / len(values))
+    return out
+
+
+def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
+                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> tune.Tuner:
+    """Curricula x seeds as a grid (or a PBT population over the learner's lr); a checkpoint every iteration."""
+    from metaopt.posttrain.roles import role_bundles
+
+    bundles = role_bundles(section, resources)
+    trial_resources = tune.PlacementGroupFactory(bundles) if len(bundles) > 1 else resources
+    param_space: dict[str, Any] = {
+        "exp": section.model_dump(mode="json"),
+        "curriculum": tune.grid_search(list(section.curricula)),
+        "seed": tune.grid_search(list(section.seeds)),
+    }
+    scheduler = None
+    if section.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        lr = float(section.optimizer.get("lr", 1e-3))
+        param_space["lr"] = lr
+        scheduler = PopulationBasedTraining(
+            time_attr="training_iteration", metric="accuracy", mode="max", perturbation_interval=section.pbt_interval,
+            hyperparam_mutations={"lr": tune.loguniform(lr / 10, lr * 10)}, synch=True,
+        )
+    return tune.Tuner(
+        tune.with_resources(PostTrainTrainable, trial_resources),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=None if scheduler else max_concurrent_trials,
+                                    reuse_actors=False, scheduler=scheduler),
+        run_config=tune.RunConfig(
+            name=experiment_name, storage_path=storage_path, stop={"training_iteration": section.iterations},
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True,
+                                                    num_to_keep=None if scheduler else 2),
+            failure_config=tune.FailureConfig(max_failures=section.max_failures),
+            callbacks=callbacks, verbose=verbose,
+        ),
+    )

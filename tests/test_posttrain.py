@@ -1,0 +1,137 @@
+"""GRPO post-training as Tune trials with rollout / learner / reference roles: colocated and Ray-actor runs agree,
+the curriculum and metrics are tracked in MLflow with sample completions, a killed trial resumes from its last
+checkpoint, PBT adapts the learner's lr, and bad input is one error line with exit code 2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import EXPERIMENTS, KillTrialProcess
+from metaopt import cli, config, tracking
+from mlflow.tracking import MlflowClient
+
+
+def load_tiny(tmp_path, *overrides: str):
+    base = [f"ray.storage_path={tmp_path / 'ray_results'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    return config.load(EXPERIMENTS / "grpo_tiny.yaml", [*base, *overrides])
+
+
+def run_steps(section, roles, steps: int) -> tuple[list[dict], dict]:
+    from metaopt.posttrain.loop import GRPORun
+
+    run = GRPORun(section, "sec", 0, roles)
+    try:
+        metrics = [run.step() for _ in range(steps)]
+        return metrics, roles.get(roles.call(roles.learner, "weights"))
+    finally:
+        roles.close()
+
+
+def test_colocated_and_actor_roles_train_the_same_policy(ray_session, tmp_path):
+    """Without overlap, the same seeds give the same prompts, samples, updates and weights whether the roles are
+    objects in this process or Ray actors (weights travel through the object store)."""
+    from metaopt.posttrain.roles import start_roles
+
+    exp = load_tiny(tmp_path, "posttrain.roles.overlap=false")
+    colocated = exp.section.model_copy(update={"roles": exp.section.roles.model_copy(update={"mode": "colocated"})})
+    local_metrics, local_weights = run_steps(colocated, start_roles(colocated, 0), 3)
+    actor_metrics, actor_weights = run_steps(exp.section, start_roles(exp.section, 0), 3)
+    for a, b in zip(local_metrics, actor_metrics):
+        assert a["reward"] == b["reward"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7)
+    for name, tensor in local_weights.items():
+        torch.testing.assert_close(tensor, actor_weights[name], rtol=1e-5, atol=1e-6)
+
+
+def test_overlapped_rollouts_are_one_step_behind_and_still_train(ray_session, tmp_path):
+    from metaopt.posttrain.roles import start_roles
+
+    exp = load_tiny(tmp_path, "posttrain.roles.overlap=true")
+    metrics, _ = run_steps(exp.section, start_roles(exp.section, 0), 3)
+    assert all(math.isfinite(m["loss"]) and 0 <= m["reward"] <= 1 for m in metrics)
+    assert all(m["completions_per_s"] > 0 for m in metrics)
+
+
+def test_posttrain_sweep_tracks_curriculum_accuracy_and_samples(ray_session, tmp_path):
+    from metaopt.posttrain.sweep import run
+
+    exp = load_tiny(tmp_path, "posttrain.curricula=[sec, uniform]")
+    rows = run(exp, verbose=0)
+    assert sorted(r["curriculum"] for r in rows) == ["sec", "uniform"]
+    for r in rows:
+        assert r["error"] is None, r["error"]
+        assert r["curves"]["grpo_step"] == [2, 4]
+        assert 0 <= r["final_accuracy"] <= 1 and 0 <= r["warmup_accuracy"] <= 1
+        probs = [r["curves"][k][-1] for k in r["curves"] if k.startswith("p/")]
+        assert len(probs) == 2 and math.isclose(sum(probs), 1.0, rel_tol=1e-6)
+    uniform = next(r for r in rows if r["curriculum"] == "uniform")
+    assert uniform["curves"]["p/arithmetic/L1"] == [0.5, 0.5]
+    client = MlflowClient(exp.tracking.uri)
+    experiment = client.get_experiment_by_name("grpo_tiny")
+    parent = client.search_runs([experiment.experiment_id], "tags.`metaopt.role` = 'sweep'")[0]
+    assert {"accuracy.png", "curriculum.png", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id)
+    assert len(children) == 2
+    child = children[0].info.run_id
+    assert [m.step for m in client.get_metric_history(child, "kl")] == [1, 2]
+    assert {"reward", "accuracy", "completions_per_s", "p.arithmetic.L1"} <= set(children[0].data.metrics)
+    samples = [a.path for a in client.list_artifacts(child, "samples_text")]
+    assert samples == ["samples_text/iter_0001.txt", "samples_text/iter_0002.txt"]
+    text = client.download_artifacts(child, samples[0], str(tmp_path))
+    with open(text) as handle:
+        assert "prompt | completion | answer | reward" in handle.read()
+
+
+def test_killed_posttrain_trial_resumes_from_its_checkpoint(ray_session, tmp_path):
+    from metaopt.posttrain.sweep import run
+
+    exp = load_tiny(tmp_path, "posttrain.steps=6")
+    killer = KillTrialProcess(at_iteration=2)
+    (row,) = run(exp, callbacks=[killer], verbose=0)
+    assert killer.killed, "the test did not kill anything"
+    assert row["error"] is None
+    steps = row["curves"]["grpo_step"]
+    assert steps[:2] == [2, 4] and steps[-1] == 6 and set(steps) == {2, 4, 6} and steps == sorted(steps)
+
+
+def test_pbt_adapts_the_learner_lr(ray_session, tmp_path):
+    from metaopt.posttrain.sweep import run
+
+    exp = load_tiny(tmp_path, "posttrain.curricula=[sec, uniform]", "posttrain.scheduler=pbt",
+                    "posttrain.pbt_interval=1", "posttrain.steps=6", "posttrain.samples_to_log=0")
+    rows = run(exp, verbose=0)
+    assert len(rows) == 2 and all(r["error"] is None for r in rows)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("posttrain.grpo.group_size=1", "posttrain.grpo.group_size"),
+    ("posttrain.tasks=[{name: calculus, levels: [1]}]", "posttrain.tasks"),
+    ("posttrain.curricula=[fancy]", "posttrain.curricula"),
+    ("posttrain.model.heads=3", "posttrain.model.heads"),
+    ("posttrain.optimizer={name: adam}", "posttrain.optimizer.name"),
+])
+def test_bad_posttrain_input_is_one_error_line(tmp_path, capsys, override, field):
+    path = tmp_path / "grpo.yaml"
+    path.write_text((EXPERIMENTS / "grpo_tiny.yaml").read_text())
+    rc = cli.main(["run", str(path), "--set", override])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"metaopt: error: {field}"), err
+
+
+def test_missing_model_path_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "grpo.yaml"
+    path.write_text((EXPERIMENTS / "grpo_tiny.yaml").read_text())
+    rc = cli.main(["run", str(path), "--set", f"posttrain.model.path={tmp_path / 'no-model'}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("metaopt: error: posttrain.model.path: ") and "no-model" in err
+
+
+def test_prompts_are_split_evenly_over_rollout_workers():
+    from metaopt.posttrain.loop import split_prompts
+
+    assert split_prompts(5, 2) == [slice(0, 2), slice(2, 5)]
+    assert split_prompts(1, 3) == [slice(0, 1)]
+    assert sum(s.stop - s.start for s in split_prompts(16, 3)) == 16
