@@ -22,35 +22,36 @@ def run_steps(section, roles, steps: int) -> tuple[list[dict], dict]:
     from metaopt.posttrain.loop import GRPORun
 
     run = GRPORun(section, "sec", 0, roles)
+    metrics = [run.step() for _ in range(steps)]
+    return metrics, roles.get(roles.call(roles.learner, "weights"))
+
+
+def with_roles_mode(section, mode: str, overlap: bool):
+    return section.model_copy(update={"roles": section.roles.model_copy(update={"mode": mode, "overlap": overlap})})
+
+
+def test_colocated_and_actor_roles_train_the_same_policy_and_overlap_still_trains(ray_session, tmp_path):
+    """Without overlap, the same seeds give the same prompts, samples, updates and weights whether the roles are
+    objects in this process or Ray actors (weights travel through the object store). With overlap, sampling runs
+    one update behind the learner and training goes on."""
+    from metaopt.posttrain.roles import start_roles
+
+    section = load_tiny(tmp_path).section
+    colocated = with_roles_mode(section, "colocated", overlap=False)
+    local_metrics, local_weights = run_steps(colocated, start_roles(colocated, 0), 3)
+    actors = with_roles_mode(section, "actors", overlap=False)
+    roles = start_roles(actors, 0)
     try:
-        metrics = [run.step() for _ in range(steps)]
-        return metrics, roles.get(roles.call(roles.learner, "weights"))
+        actor_metrics, actor_weights = run_steps(actors, roles, 3)
+        for a, b in zip(local_metrics, actor_metrics):
+            assert a["reward"] == b["reward"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7)
+        for name, tensor in local_weights.items():
+            torch.testing.assert_close(tensor, actor_weights[name], rtol=1e-5, atol=1e-6)
+        overlapped, _ = run_steps(with_roles_mode(section, "actors", overlap=True), roles, 3)
     finally:
         roles.close()
-
-
-def test_colocated_and_actor_roles_train_the_same_policy(ray_session, tmp_path):
-    """Without overlap, the same seeds give the same prompts, samples, updates and weights whether the roles are
-    objects in this process or Ray actors (weights travel through the object store)."""
-    from metaopt.posttrain.roles import start_roles
-
-    exp = load_tiny(tmp_path, "posttrain.roles.overlap=false")
-    colocated = exp.section.model_copy(update={"roles": exp.section.roles.model_copy(update={"mode": "colocated"})})
-    local_metrics, local_weights = run_steps(colocated, start_roles(colocated, 0), 3)
-    actor_metrics, actor_weights = run_steps(exp.section, start_roles(exp.section, 0), 3)
-    for a, b in zip(local_metrics, actor_metrics):
-        assert a["reward"] == b["reward"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7)
-    for name, tensor in local_weights.items():
-        torch.testing.assert_close(tensor, actor_weights[name], rtol=1e-5, atol=1e-6)
-
-
-def test_overlapped_rollouts_are_one_step_behind_and_still_train(ray_session, tmp_path):
-    from metaopt.posttrain.roles import start_roles
-
-    exp = load_tiny(tmp_path, "posttrain.roles.overlap=true")
-    metrics, _ = run_steps(exp.section, start_roles(exp.section, 0), 3)
-    assert all(math.isfinite(m["loss"]) and 0 <= m["reward"] <= 1 for m in metrics)
-    assert all(m["completions_per_s"] > 0 for m in metrics)
+    assert all(math.isfinite(m["loss"]) and 0 <= m["reward"] <= 1 for m in overlapped)
+    assert all(m["completions_per_s"] > 0 for m in overlapped)
 
 
 def test_posttrain_sweep_tracks_curriculum_accuracy_and_samples(ray_session, tmp_path):
@@ -86,7 +87,7 @@ def test_posttrain_sweep_tracks_curriculum_accuracy_and_samples(ray_session, tmp
 def test_killed_posttrain_trial_resumes_from_its_checkpoint(ray_session, tmp_path):
     from metaopt.posttrain.sweep import run
 
-    exp = load_tiny(tmp_path, "posttrain.steps=6")
+    exp = load_tiny(tmp_path, "posttrain.steps=6", "posttrain.roles.mode=colocated")
     killer = KillTrialProcess(at_iteration=2)
     (row,) = run(exp, callbacks=[killer], verbose=0)
     assert killer.killed, "the test did not kill anything"
@@ -99,9 +100,12 @@ def test_pbt_adapts_the_learner_lr(ray_session, tmp_path):
     from metaopt.posttrain.sweep import run
 
     exp = load_tiny(tmp_path, "posttrain.curricula=[sec, uniform]", "posttrain.scheduler=pbt",
-                    "posttrain.pbt_interval=1", "posttrain.steps=6", "posttrain.samples_to_log=0")
+                    "posttrain.pbt_interval=1", "posttrain.samples_to_log=0",
+                    "posttrain.roles.mode=colocated")
     rows = run(exp, verbose=0)
-    assert len(rows) == 2 and all(r["error"] is None for r in rows)
+    assert len(rows) == 2 and all(r["error"] is None and r["curves"]["grpo_step"][-1] == 4 for r in rows)
+    lrs = {round(lr, 12) for r in rows for lr in r["curves"]["lr"]}
+    assert len(lrs) > 1  # both started at optimizer.lr; PBT's explore step gave one of them a new lr
 
 
 @pytest.mark.parametrize("override, field", [

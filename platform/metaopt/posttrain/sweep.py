@@ -64,7 +64,7 @@ def trial_row(result, section) -> dict[str, Any]:
     curves: dict[str, list[float]] = {}
     if frame is not None and not frame.empty:
         for key in frame.columns:
-            if key in ("accuracy", "reward", "grpo_step", "kl", "completions_per_s", "warmup_accuracy") or \
+            if key in ("accuracy", "reward", "grpo_step", "kl", "lr", "completions_per_s", "warmup_accuracy") or \
                     key.startswith(("p/", "accuracy/")):
                 curves[key] = frame[key].astype(float).tolist()
     accuracy = [a for a in curves.get("accuracy", []) if not math.isnan(a)]
