@@ -23,7 +23,9 @@ def run_steps(section, roles, steps: int) -> tuple[list[dict], dict]:
 
     run = GRPORun(section, "sec", 0, roles)
     metrics = [run.step() for _ in range(steps)]
-    return metrics, roles.get(roles.call(roles.learner, "weights"))
+    from metaopt.posttrain.roles import unpack_weights
+
+    return metrics, unpack_weights(roles.get(roles.call(roles.learner, "weights")))
 
 
 def with_roles_mode(section, mode: str, overlap: bool):
@@ -131,6 +133,17 @@ def test_missing_model_path_is_one_error_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and len(err.splitlines()) == 1
     assert err.startswith("metaopt: error: posttrain.model.path: ") and "no-model" in err
+
+
+def test_packed_weights_round_trip_every_dtype():
+    from metaopt.posttrain.roles import pack_weights, unpack_weights
+
+    weights = {"w": torch.randn(3, 4), "b": torch.randn(4).to(torch.bfloat16), "steps": torch.tensor([7, 8]),
+               "empty": torch.zeros(0, 2)}
+    restored = unpack_weights(pack_weights(weights))
+    assert list(restored) == list(weights)
+    for name, tensor in weights.items():
+        assert restored[name].dtype == tensor.dtype and torch.equal(restored[name], tensor)
 
 
 def test_prompts_are_split_evenly_over_rollout_workers():

@@ -24,13 +24,15 @@ import math
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from metaopt.errors import ConfigError
 from metaopt.optim import build_optimizer, build_schedule, set_learning_rate
 from metaopt.posttrain.sampling import RolloutBatch, position_ids
 
-__all__ = ["LOSS_AGGREGATIONS", "GRPOLearner", "group_advantages", "grpo_loss", "k3_kl", "token_logprobs"]
+__all__ = [
+    "LOSS_AGGREGATIONS", "GRPOLearner", "batch_logprobs", "group_advantages", "grpo_loss", "k3_kl", "token_logprobs",
+]
 
 LOSS_AGGREGATIONS = ("sequence_mean", "token_mean")
 
@@ -59,24 +61,105 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     logits_to_keep: int,
     temperature: float = 1.0,
+    *,
+    group_size: int = 1,
 ) -> torch.Tensor:
     """log π(x_t | x_<t) at temperature T for the last ``logits_to_keep`` tokens of each row: [B, T].
 
-    One forward pass; only the logits that predict those tokens are computed (``logits_to_keep + 1``
-    positions, the last of which predicts nothing and is dropped). Positions follow the attention mask, as in
-    sampling, so left padding does not shift them. ``temperature`` 0 (greedy sampling) means untempered.
+    Positions follow the attention mask, as in sampling, so left padding does not shift them. ``temperature``
+    0 (greedy sampling) means untempered. Differentiable: the learner backpropagates through it.
+
+    With ``group_size`` G > 1, rows ``i*G .. i*G+G-1`` are expected to share their first
+    ``L - logits_to_keep`` columns (the prompt, as in a :class:`RolloutBatch`). When they do — checked on the
+    tensors, so a wrong G can only cost speed, never correctness — each prompt is run once and its KV cache
+    repeated G times for the completion tokens (:func:`_shared_prompt_logits`). Otherwise (G = 1, rows that
+    do not group, gradient checkpointing, which turns the cache off) one full forward, computing only the
+    ``logits_to_keep + 1`` last positions' logits (the last predicts nothing and is dropped).
     """
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=logits_to_keep + 1,
-        use_cache=False,
-    ).logits[:, :-1].float()
+    prompt_length = input_ids.shape[1] - logits_to_keep
+    if _prompts_shared(input_ids, attention_mask, prompt_length, group_size) and not _checkpointing(model):
+        logits = _shared_prompt_logits(model, input_ids, attention_mask, prompt_length, group_size)
+    else:
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            logits_to_keep=logits_to_keep + 1,
+            use_cache=False,
+        ).logits[:, :-1]
+    logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
-    targets = input_ids[:, -logits_to_keep:]
+    targets = input_ids[:, prompt_length:]
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def batch_logprobs(model: PreTrainedModel, batch: RolloutBatch, group_size: int | None = None) -> torch.Tensor:
+    """:func:`token_logprobs` of a batch's completion tokens at its sampling temperature: [N*G, T].
+
+    Each prompt is run once per group of ``group_size`` rows (default: the batch's ``group_size``) when its
+    rows share it, as the sampler's rows do; a minibatch from :meth:`RolloutBatch.select` has ``group_size``
+    1, so pass the parent batch's G for one whose rows are whole groups.
+    """
+    return token_logprobs(
+        model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1], batch.temperature,
+        group_size=batch.group_size if group_size is None else group_size,
+    )
+
+
+def _prompts_shared(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, group_size: int
+) -> bool:
+    """Whether rows come in consecutive groups of ``group_size`` > 1 with identical prompt ids and mask."""
+    rows = input_ids.shape[0]
+    if group_size < 2 or rows % group_size or prompt_length < 1 or prompt_length >= input_ids.shape[1]:
+        return False
+    grouped = [t[:, :prompt_length].reshape(rows // group_size, group_size, prompt_length)
+               for t in (input_ids, attention_mask)]
+    return all(bool((g == g[:, :1]).all()) for g in grouped)
+
+
+def _checkpointing(model: PreTrainedModel) -> bool:
+    """Gradient checkpointing in training disables the KV cache, which the shared-prompt path needs."""
+    return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training and torch.is_grad_enabled()
+
+
+def _shared_prompt_logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Logits predicting the completion tokens (columns ``prompt_length ..``), each group's prompt run once.
+
+    Pass 1 runs one row per group (rows 0, G, 2G, …) over the prompt columns into a fresh ``DynamicCache``;
+    its last position predicts the first completion token. The cache's keys and values are then repeated G
+    times along the batch (``repeat_interleave``, whose backward sums the G rows' gradients into the shared
+    prompt), and pass 2 runs the completion tokens but the last (which predicts nothing) against it, with
+    the full attention mask and mask-derived positions — the same attention as one full forward.
+    """
+    positions = position_ids(attention_mask)
+    cache = DynamicCache(config=model.config)
+    first = model(
+        input_ids=input_ids[::group_size, :prompt_length],
+        attention_mask=attention_mask[::group_size, :prompt_length],
+        position_ids=positions[::group_size, :prompt_length],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits.repeat_interleave(group_size, dim=0)
+    if input_ids.shape[1] - prompt_length == 1:
+        return first
+    cache.batch_repeat_interleave(group_size)
+    rest = model(
+        input_ids=input_ids[:, prompt_length:-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[:, prompt_length:-1],
+        cache=cache,
+        use_cache=True,
+    ).logits
+    return torch.cat([first, rest], dim=1)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -154,7 +237,9 @@ class GRPOLearner:
     3. ``updates_per_batch`` passes over the batch, each in minibatches of ``minibatch_size`` rows (all rows
        when None), one optimizer step per minibatch, gradients clipped to ``max_grad_norm`` (None: no clip).
 
-    Log-probs are taken at the batch's sampling temperature, so ρ = 1 exactly before the first update.
+    Log-probs are taken at the batch's sampling temperature, so ρ = 1 exactly before the first update, by
+    :func:`batch_logprobs`: each prompt is run once per group of G rows, also in minibatches of whole groups
+    (``minibatch_size`` a multiple of G); other minibatches take one full forward.
     """
 
     def __init__(
@@ -192,11 +277,6 @@ class GRPOLearner:
         self.max_grad_norm, self.aggregation = max_grad_norm, aggregation
         self.optimizer_steps = 0
 
-    def _logprobs(self, model: PreTrainedModel, batch: RolloutBatch) -> torch.Tensor:
-        return token_logprobs(
-            model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1], batch.temperature
-        )
-
     def _minibatches(self, rows: int) -> list[torch.Tensor]:
         size = self.minibatch_size or rows
         return [torch.arange(start, min(start + size, rows)) for start in range(0, rows, size)]
@@ -210,11 +290,11 @@ class GRPOLearner:
         old_logp = batch.old_logprobs
         if old_logp is None and not single_step:
             with torch.no_grad():
-                old_logp = self._logprobs(self.policy, batch)
+                old_logp = batch_logprobs(self.policy, batch)
         ref_logp = batch.ref_logprobs if self.beta != 0.0 else None
         if ref_logp is None and self.reference is not None and self.beta != 0.0:
             with torch.no_grad():
-                ref_logp = self._logprobs(self.reference, batch)
+                ref_logp = batch_logprobs(self.reference, batch)
         totals: dict[str, float] = {}
         lr = self.optimizer.param_groups[0]["lr"]
         for _ in range(self.updates_per_batch):
@@ -223,7 +303,7 @@ class GRPOLearner:
                     lr = self.schedule(self.optimizer_steps)
                     set_learning_rate(self.optimizer, lr)
                 part = batch.select(rows)
-                logp = self._logprobs(self.policy, part)
+                logp = batch_logprobs(self.policy, part, batch.group_size)  # whole groups iff aligned
                 loss, metrics = grpo_loss(
                     logp,
                     None if old_logp is None else old_logp[rows],

@@ -70,7 +70,7 @@ class GRPORun:
     pending: PendingRollout | None = None
     warmup_metrics: dict[str, float] = field(default_factory=dict)
     # The reference policy's weights when they differ from what make_policy rebuilds (i.e. after a warm-up).
-    reference_weights: dict[str, torch.Tensor] | None = None
+    reference_weights: Any = None  # PackedWeights
 
     def __post_init__(self) -> None:
         tasks = [t.model_dump() for t in self.section.tasks]
@@ -92,20 +92,26 @@ class GRPORun:
             categories = [c for c in self.categories if levels is None or self.taskset.difficulty(c) in levels]
             metrics = self.roles.get(self.roles.call(self.roles.learner, "warmup", categories or self.categories,
                                                      warm.steps, warm.batch_size, warm.lr))
-            self.reference_weights = self.roles.get(self.roles.call(self.roles.learner, "weights"))
-        self.sync_weights(reference=True)
+        weights = self.roles.call(self.roles.learner, "weights")
+        if warm.steps:
+            self.reference_weights = self.roles.get(weights)
+        self.send_weights(weights, reference=True)
         self.warmed_up = True
         self.warmup_metrics = {f"warmup_{k}": float(v) for k, v in (metrics or {}).items()}
         return self.warmup_metrics
 
     def sync_weights(self, reference: bool = False) -> None:
-        """Learner -> rollout workers (and reference) through the object store: one ``put`` of the weights,
-        every worker reads the same object."""
-        weights = self.roles.call(self.roles.learner, "weights")
+        """Learner -> rollout workers (and, with ``reference``, the reference policy)."""
+        self.send_weights(self.roles.call(self.roles.learner, "weights"), reference)
+
+    def send_weights(self, weights: Any, reference: bool = False) -> None:
+        """Through the object store: the learner's packed weights are one object that every worker reads by
+        reference; the driver never holds them. Without overlap, wait until every worker has them."""
         receivers = list(self.roles.rollout) + ([self.roles.reference] if reference and self.roles.reference else [])
         done = [self.roles.call(w, "set_weights", weights, reference) for w in receivers]
         if not self.section.roles.overlap or reference:
-            [self.roles.get(d) for d in done]
+            for receipt in done:
+                self.roles.get(receipt)
 
     # ------------------------------------------------------------------------------------------ one step
     def launch(self) -> PendingRollout:
@@ -138,8 +144,9 @@ class GRPORun:
         self.curriculum.update(gains)
         if self.roles.reference is not None:
             batch.ref_logprobs = self.roles.get(self.roles.call(self.roles.reference, "logprobs", batch))
-        metrics = dict(self.roles.get(self.roles.call(self.roles.learner, "step", batch, advantages)))
-        self.sync_weights()
+        metrics_ref, weights = self.roles.call(self.roles.learner, "step", batch, advantages, num_returns=2)
+        self.send_weights(weights)
+        metrics = dict(self.roles.get(metrics_ref))
         self.steps_done += 1
         self.curriculum.advance(self.steps_done, self.section.steps)
         elapsed = time.perf_counter() - started

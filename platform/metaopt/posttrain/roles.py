@@ -14,8 +14,10 @@ does not care whether they are local objects (``roles.mode: colocated``, for deb
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from metaopt.posttrain.grpo import GRPOLearner, token_logprobs
@@ -23,6 +25,32 @@ from metaopt.posttrain.policy import get_weights, make_policy, set_weights
 from metaopt.posttrain.sampling import RolloutBatch, sample_completions
 from metaopt.posttrain.tasks import make_taskset
 from metaopt.posttrain.warmup import evaluate_accuracy, supervised_warmup
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """A state dict as one byte buffer plus (name, dtype, shape, offset) entries: Ray moves one numpy buffer
+    through the object store (zero-copy reads) instead of pickling one tensor per entry."""
+
+    buffer: np.ndarray
+    entries: tuple[tuple[str, str, tuple[int, ...], int, int], ...]
+
+
+def pack_weights(weights: dict[str, torch.Tensor]) -> PackedWeights:
+    entries, parts, offset = [], [], 0
+    for name, tensor in weights.items():
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        entries.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, raw.numel()))
+        parts.append(raw)
+        offset += raw.numel()
+    buffer = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.uint8)
+    return PackedWeights(buffer, tuple(entries))
+
+
+def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:
+    data = torch.from_numpy(np.asarray(packed.buffer))
+    return {name: data[offset:offset + size].view(getattr(torch, dtype)).reshape(shape)
+            for name, dtype, shape, offset, size in packed.entries}
 
 
 def worker_device() -> torch.device:
@@ -54,10 +82,11 @@ class RolloutWorker:
         self.reference = copy.deepcopy(self.model) if with_reference else None
         self.taskset = make_taskset(tasks, seed)
 
-    def set_weights(self, weights: dict[str, torch.Tensor], reference: bool = False) -> None:
-        set_weights(self.model, weights)
+    def set_weights(self, weights: PackedWeights, reference: bool = False) -> None:
+        state = unpack_weights(weights)
+        set_weights(self.model, state)
         if reference and self.reference is not None:
-            set_weights(self.reference, weights)
+            set_weights(self.reference, state)
 
     def sample(self, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float,
                seed: int) -> RolloutBatch:
@@ -80,8 +109,8 @@ class ReferenceWorker:
         self.model, _ = make_policy(model_spec, seed)
         self.model.to(self.device).eval()
 
-    def set_weights(self, weights: dict[str, torch.Tensor], reference: bool = True) -> None:
-        set_weights(self.model, weights)
+    def set_weights(self, weights: PackedWeights, reference: bool = True) -> None:
+        set_weights(self.model, unpack_weights(weights))
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         return reference_logprobs(self.model, batch.to(self.device)).cpu()
@@ -108,11 +137,14 @@ class LearnerWorker:
         return supervised_warmup(self.model, self.tokenizer, self.taskset, categories, steps, batch_size, lr,
                                  self.seed)
 
-    def step(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, float]:
-        return self.learner.step(batch.to(self.device), advantages.to(self.device))
+    def step(self, batch: RolloutBatch, advantages: torch.Tensor) -> tuple[dict[str, float], PackedWeights]:
+        """One GRPO update; returns its metrics and the new weights (two Ray returns: the weights go on to the
+        rollout workers as an object reference, without passing through the driver)."""
+        metrics = self.learner.step(batch.to(self.device), advantages.to(self.device))
+        return metrics, self.weights()
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        return get_weights(self.model)
+    def weights(self) -> PackedWeights:
+        return pack_weights(get_weights(self.model))
 
     def set_schedule(self, schedule: dict[str, Any]) -> None:
         """A new lr schedule (PBT's explore step) that keeps the optimizer's moments."""
@@ -134,9 +166,13 @@ class Roles:
     def __init__(self, rollout: list[Any], learner: Any, reference: Any | None, remote: bool):
         self.rollout, self.learner, self.reference, self.remote = rollout, learner, reference, remote
 
-    def call(self, handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    def call(self, handle: Any, method: str, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
         function = getattr(handle, method)
-        return function.remote(*args, **kwargs) if self.remote else function(*args, **kwargs)
+        if not self.remote:
+            return function(*args, **kwargs)
+        if num_returns != 1:
+            function = function.options(num_returns=num_returns)
+        return function.remote(*args, **kwargs)
 
     def get(self, value: Any) -> Any:
         if not self.remote:
@@ -172,13 +208,16 @@ def start_roles(section: Any, seed: int) -> Roles:
     import ray
 
     cpus = roles.cpus_per_actor
-    rollout_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout)(RolloutWorker)
-    learner_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_learner)(LearnerWorker)
+    # OpenMP threads that spin while waiting steal the cores the other roles need (measured 15-25x slower
+    # steps with 2 threads on 2 shared cores); passive waiting costs nothing when a role has its cores.
+    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    rollout_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout, runtime_env=env)(RolloutWorker)
+    learner_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_learner, runtime_env=env)(LearnerWorker)
     rollout = [rollout_actor.remote(model_spec, tasks, seed, with_reference=reference_in_rollout, threads=cpus)
                for _ in range(roles.rollout_workers)]
     reference = None
     if separate_reference:
-        reference = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout)(ReferenceWorker).remote(
+        reference = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout, runtime_env=env)(ReferenceWorker).remote(
             model_spec, seed, threads=cpus)
     return Roles(rollout, learner_actor.remote(*learner_args, **learner_kwargs), reference, remote=True)
 
