@@ -111,6 +111,10 @@ class Client:
         result.client_id = self.client_id
         return result
 
+    def train_round(self, global_params: torch.Tensor, settings: dict[str, Any]) -> LocalResult:
+        """:meth:`train` with the round's keyword settings as one object (one object-store read per round)."""
+        return self.train(global_params, **settings)
+
     def validate(self, params: torch.Tensor) -> dict[str, float]:
         metrics = evaluate(self.model, params.to(self.device), self.shard.val_x, self.shard.val_y)
         return {**metrics, "samples": len(self.shard.val_y)}

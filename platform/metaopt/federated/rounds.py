@@ -84,7 +84,10 @@ class FederatedRun:
         import ray
 
         failed = [i for i in chosen if i in self.recovering and not self._back(i)]
-        futures = {i: self.clients[i].train.remote(self.global_params, **kwargs) for i in chosen if i not in failed}
+        # One object-store copy of the global model and the round's settings, read by every sampled client
+        # (instead of serialising them once per call).
+        params, settings = ray.put(self.global_params), ray.put(kwargs)
+        futures = {i: self.clients[i].train_round.remote(params, settings) for i in chosen if i not in failed}
         results = []
         for i, future in futures.items():
             try:
