@@ -27,6 +27,7 @@ from metaopt.posttrain.curriculum import (
 )
 from metaopt.posttrain.grpo import (
     GRPOLearner,
+    batch_logprobs,
     group_advantages,
     grpo_loss,
     k3_kl,
@@ -423,6 +424,119 @@ def test_sampling_logprobs_equal_a_fresh_forward_and_survive_concatenation(arch,
     joined = concat_batches([first, second])
     assert joined.completions == first.completions + second.completions and joined.group_size == 3
     assert joined.prompt_length == max(first.prompt_length, second.prompt_length)
+
+
+# ------------------------------------------------------------------ shared-prompt log-probs
+
+
+class ForwardShapes:
+    """Records the ``input_ids`` shape of every forward of ``model``: which path token_logprobs took."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __enter__(self):
+        def hook(module, args, kwargs):
+            self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+        self.handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return self.shapes
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def logprobs_and_gradients(model, batch, weights, group_size):
+    """Log-probs [B, T] by token_logprobs with ``group_size``, the gradient of mean(weights * logp) w.r.t. every
+    parameter (random weights on every position: any loss's backward is such a vector-Jacobian product), and
+    the forward shapes."""
+    model.zero_grad(set_to_none=True)
+    with ForwardShapes(model) as shapes:
+        logp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1],
+                              batch.temperature, group_size=group_size)
+    (logp * weights).mean().backward()
+    return logp.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, shapes
+
+
+def two_sampled_batches(model, tokenizer, seed):
+    """Prompts of different lengths (left padding), G = 3, and a second batch with shorter completions, so the
+    concatenation has extra left padding and completions right-padded under a zero mask."""
+    gen = torch.Generator().manual_seed(seed)
+    first = sample_completions(model, tokenizer, PROMPTS[:4], 3, 6, 1.0, gen)
+    second = sample_completions(model, tokenizer, PROMPTS[4:], 3, 4, 1.0, gen)
+    return concat_batches([first, second])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_shared_prompt_logprobs_and_gradients_equal_one_full_forward(arch):
+    model, tokenizer = make_policy({"arch": arch, "hidden": 32, "layers": 2, "heads": 2}, seed=3)
+    batch = two_sampled_batches(model, tokenizer, 7)
+    rows, width, prompt_length = len(batch), batch.completion_mask.shape[1], batch.prompt_length
+    assert (batch.attention_mask[:, 0] == 0).any() and (batch.attention_mask[:, prompt_length - 1] == 1).all()
+    assert (batch.completion_mask == 0).any() and width > 1
+    model.train()
+    weights = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
+    full, full_grads, full_shapes = logprobs_and_gradients(model, batch, weights, group_size=1)
+    shared, shared_grads, shared_shapes = logprobs_and_gradients(model, batch, weights, group_size=3)
+    assert full_shapes == [(rows, prompt_length + width)]  # group_size 1: one full forward
+    assert shared_shapes == [(rows // 3, prompt_length), (rows, width - 1)]  # each prompt once, then completions
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)  # every position, padding included
+    assert shared_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+    masked = batch.completion_mask.bool()  # and both are the sampler's own log-probs
+    assert torch.allclose(shared[masked], batch.old_logprobs[masked], atol=1e-4)
+    with torch.inference_mode():  # the reference forward: batch_logprobs, no autograd
+        torch.testing.assert_close(batch_logprobs(model, batch), full, rtol=0, atol=1e-5)
+
+
+def test_grouped_logprobs_fall_back_to_one_full_forward_without_group_structure():
+    model, tokenizer = make_policy({"hidden": 32, "layers": 2, "heads": 2}, seed=4)
+    batch = two_sampled_batches(model, tokenizer, 8)
+
+    def check(part, group_size, expected_shapes):
+        plain = token_logprobs(model, part.input_ids, part.attention_mask, part.completion_mask.shape[1],
+                               part.temperature)
+        with ForwardShapes(model) as shapes:
+            grouped = batch_logprobs(model, part, group_size)
+        assert shapes == expected_shapes
+        torch.testing.assert_close(grouped, plain, rtol=0, atol=1e-5)
+
+    rows, full_row, prompt_length = len(batch), batch.input_ids.shape[1], batch.prompt_length
+    shared = [(rows // 3, prompt_length), (rows, full_row - prompt_length - 1)]
+    swapped = torch.arange(rows)
+    swapped[[2, 3]] = swapped[[3, 2]]  # row 3 (prompt 1) joins the group of prompt 0
+    check(batch.select(swapped), 3, [(rows, full_row)])
+    check(batch.select(torch.arange(5)), 3, [(5, full_row)])  # rows do not split into groups
+    assert batch.select(torch.arange(6)).group_size == 1
+    check(batch.select(torch.arange(6)), None, [(6, full_row)])
+    check(batch.select(torch.arange(6, 12)), 3, [(2, prompt_length), (6, full_row - prompt_length - 1)])
+    one_token = sample_completions(model, tokenizer, PROMPTS, 2, 1, 1.0, 0)  # width 1: the prompt pass alone
+    check(one_token, None, [(len(PROMPTS), one_token.prompt_length)])
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # turns the KV cache off when training with gradients: then one full forward
+    model.train()
+    check(batch, None, [(rows, full_row)])
+    with torch.no_grad():  # without gradients the layers keep their cache
+        check(batch, None, shared)
+    model.eval()
+    check(batch, None, shared)
+
+
+def test_learner_runs_each_prompt_once_in_minibatches_of_whole_groups():
+    model, tokenizer = make_policy({"hidden": 32, "layers": 1, "heads": 2}, seed=5)
+    batch = sample_completions(model, tokenizer, PROMPTS[:4], 4, 3, 1.0, 0)
+    width, prompt_length = batch.completion_mask.shape[1], batch.prompt_length
+    for minibatch_size, expected in [
+        (8, [(2, prompt_length), (8, width - 1)] * 2),  # whole groups: shared prompts
+        (6, [(6, prompt_length + width)] * 2 + [(1, prompt_length), (4, width - 1)]),  # the last one is a group
+    ]:
+        learner = GRPOLearner(model, optimizer_spec={"name": "sgd", "lr": 1e-3}, minibatch_size=minibatch_size,
+                              beta=0.0)
+        with ForwardShapes(model) as shapes:
+            learner.step(batch, torch.linspace(-1, 1, 16))
+        assert shapes == expected, minibatch_size
 
 
 # ------------------------------------------------------------------ learner

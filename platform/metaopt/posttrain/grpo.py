@@ -121,7 +121,9 @@ def _prompts_shared(
 
 def _checkpointing(model: PreTrainedModel) -> bool:
     """Gradient checkpointing in training disables the KV cache, which the shared-prompt path needs."""
-    return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training and torch.is_grad_enabled()
+    if not (model.training and torch.is_grad_enabled()):
+        return False
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def _shared_prompt_logits(
