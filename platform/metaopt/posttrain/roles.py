@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaopt.posttrain.grpo import GRPOLearner, token_logprobs
+from metaopt.posttrain.grpo import GRPOLearner, batch_logprobs
 from metaopt.posttrain.policy import get_weights, make_policy, set_weights
 from metaopt.posttrain.sampling import RolloutBatch, sample_completions
 from metaopt.posttrain.tasks import make_taskset
@@ -66,8 +66,7 @@ def reference_logprobs(reference: torch.nn.Module, batch: RolloutBatch) -> torch
     """log pi_ref of the sampled completion tokens (the k3 KL term's anchor), at the sampling temperature like
     the policy's log-probs in the learner."""
     with torch.inference_mode():
-        return token_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1],
-                              batch.temperature)
+        return batch_logprobs(reference, batch)  # each group's prompt once, at the batch's sampling temperature
 
 
 class RolloutWorker:
