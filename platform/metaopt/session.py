@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
@@ -44,3 +46,31 @@ def open_session(exp: Experiment, address: str | None, run_label: str, verbose: 
     print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
     storage = str(Path(exp.ray.storage_path or "ray_results").expanduser().resolve())
     return Session(resources, per_trial, client, experiment_id, parent, storage, run_name)
+
+
+def fit_tracked(exp: Experiment, session: Session, build_tuner: Callable[..., Any], *, metric: str, iterations: int,
+                trial_row: Callable[[Any], dict[str, Any]], log_results: Callable[..., None],
+                format_table: Callable[[list[dict[str, Any]]], str], callbacks: list[Any] | None, verbose: int,
+                started: float) -> list[dict[str, Any]]:
+    """The part of a grid-style capability's ``run`` after :func:`open_session`: a child MLflow run per trial, a
+    compact progress line per result (``verbose`` 1), ``tuner.fit()``, one row per trial, the parent run's
+    plots and files (``log_results``), the parent's final status, and the summary table."""
+    trial_callback = tracking.MLflowTrialCallback(session.client, session.experiment_id, session.parent.run_id)
+    progress = []
+    if verbose == 1:
+        from metaopt.progress import ProgressPrinter
+
+        progress = [ProgressPrinter(metric, "max", iterations)]
+    tuner = build_tuner(experiment_name=session.run_name, storage_path=session.storage_path,
+                        resources=session.per_trial, max_concurrent_trials=exp.ray.max_concurrent_trials,
+                        callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0)
+    try:
+        rows = [trial_row(result) for result in tuner.fit()]
+        log_results(session.parent, rows, exp)
+    except BaseException:
+        session.parent.finish("FAILED")
+        raise
+    session.parent.finish("FAILED" if any(r["error"] for r in rows) else "FINISHED")
+    print(format_table(rows), flush=True)
+    print(f"[metaopt] done in {time.time() - started:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+    return rows

@@ -8,6 +8,7 @@ per-round metrics (accuracy, loss, global lr, client lrs, participants, failed c
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import tempfile
 import time
@@ -19,7 +20,7 @@ import numpy as np
 
 from metaopt import tracking
 from metaopt.config import Experiment
-from metaopt.session import open_session
+from metaopt.session import fit_tracked, open_session
 
 
 def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
@@ -42,26 +43,10 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     trials = len(section.strategies) * len(section.lrs) * len(section.seeds)
     print(f"[metaopt] {trials} federated trainings ({', '.join(section.strategies)} x lrs {section.lrs} x seeds "
           f"{section.seeds}), {section.num_clients} client actors each, {section.rounds} rounds", flush=True)
-    trial_callback = tracking.MLflowTrialCallback(session.client, session.experiment_id, session.parent.run_id)
-    progress = []
-    if verbose == 1:
-        from metaopt.progress import ProgressPrinter
-
-        progress = [ProgressPrinter("accuracy", "max", section.rounds)]
-    tuner = build_tuner(section, experiment_name=session.run_name, storage_path=session.storage_path,
-                        resources=session.per_trial, max_concurrent_trials=exp.ray.max_concurrent_trials,
-                        callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0)
-    try:
-        results = tuner.fit()
-        rows = [trial_row(r) for r in results]
-        log_results(session.parent, rows, exp)
-    except BaseException:
-        session.parent.finish("FAILED")
-        raise
-    session.parent.finish("FAILED" if any(r["error"] for r in rows) else "FINISHED")
-    print(format_table(rows), flush=True)
-    print(f"[metaopt] done in {time.time() - started:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
-    return rows
+    build = functools.partial(build_tuner, section)
+    return fit_tracked(exp, session, build, metric="accuracy", iterations=section.rounds, trial_row=trial_row,
+                       log_results=log_results, format_table=format_table, callbacks=callbacks, verbose=verbose,
+                       started=started)
 
 
 def trial_row(result) -> dict[str, Any]:

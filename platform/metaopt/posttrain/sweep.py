@@ -9,6 +9,7 @@ completions/s and, as text artifacts, sample completions.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import tempfile
 import time
@@ -20,7 +21,7 @@ import numpy as np
 
 from metaopt import tracking
 from metaopt.config import Experiment
-from metaopt.session import open_session
+from metaopt.session import fit_tracked, open_session
 
 
 def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
@@ -36,29 +37,13 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     print(f"[metaopt] {trials} GRPO post-training runs ({', '.join(section.curricula)} x seeds {section.seeds}) of "
           f"{model}, {section.steps} steps of {section.grpo.prompts_per_step} prompts x G={section.grpo.group_size}, "
           f"roles: {section.roles.mode}", flush=True)
-    trial_callback = tracking.MLflowTrialCallback(session.client, session.experiment_id, session.parent.run_id)
-    progress = []
-    if verbose == 1:
-        from metaopt.progress import ProgressPrinter
-
-        progress = [ProgressPrinter("accuracy", "max", section.iterations)]
-    tuner = build_tuner(section, experiment_name=session.run_name, storage_path=session.storage_path,
-                        resources=session.per_trial, max_concurrent_trials=exp.ray.max_concurrent_trials,
-                        callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0)
-    try:
-        results = tuner.fit()
-        rows = [trial_row(r, section) for r in results]
-        log_results(session.parent, rows, exp)
-    except BaseException:
-        session.parent.finish("FAILED")
-        raise
-    session.parent.finish("FAILED" if any(r["error"] for r in rows) else "FINISHED")
-    print(format_table(rows), flush=True)
-    print(f"[metaopt] done in {time.time() - started:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
-    return rows
+    build = functools.partial(build_tuner, section)
+    return fit_tracked(exp, session, build, metric="accuracy", iterations=section.iterations, trial_row=trial_row,
+                       log_results=log_results, format_table=format_table, callbacks=callbacks, verbose=verbose,
+                       started=started)
 
 
-def trial_row(result, section) -> dict[str, Any]:
+def trial_row(result) -> dict[str, Any]:
     frame = tracking.progress_rows(result.path)
     config = result.config or {}
     curves: dict[str, list[float]] = {}
