@@ -8,7 +8,8 @@
 3. the ES meta-trainer (:class:`metaopt.objectives.meta_train.MetaTrainer`) for two generations on the GPU
    (``--experiment experiments/ta_lpo_minatar.yaml`` times a real lpo experiment's generations instead);
 4. optimizer programs scored on the digits and tiny-LM proxies on CUDA vs the CPU (:mod:`metaopt.symbolic`);
-5. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
+5. GRPO post-training (:mod:`metaopt.posttrain`, roles colocated) on CUDA vs the CPU: completions/s, accuracy;
+6. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
    when Ray is installed.
 
 Each check runs on its own; a failing one is reported and the others go on. Exit code 0 when every check
@@ -148,6 +149,34 @@ def check_symbolic_proxies(quick: bool) -> dict:
     return out
 
 
+def check_posttrain(quick: bool) -> dict:
+    """GRPO post-training (:mod:`metaopt.posttrain`), roles colocated in this process (they put their models on
+    the CUDA device when torch sees one): warm-up, GRPO steps and greedy evaluation of the grpo_sec_arithmetic
+    model; completions/s, reward, accuracy and where the models ran."""
+    import torch
+
+    from metaopt import config
+    from metaopt.posttrain.loop import GRPORun
+    from metaopt.posttrain.roles import start_roles
+
+    if not torch.cuda.is_available() and not DRY_RUN:
+        return {"skipped": "torch sees no CUDA device"}
+    steps = 3 if DRY_RUN else (10 if quick else 40)
+    overrides = ["posttrain.roles.mode=colocated", f"posttrain.warmup.steps={20 if DRY_RUN else 300}"]
+    section = config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
+                          overrides).section
+    started = time.perf_counter()
+    roles = start_roles(section, 0)
+    run = GRPORun(section, "sec", 0, roles)
+    run.warm_up()
+    warm = time.perf_counter() - started
+    metrics = [run.step() for _ in range(steps)]
+    speed = [m["completions_per_s"] for m in metrics[1:]]
+    return {"warmup_s": warm, "completions_per_s": sum(speed) / len(speed), "reward": metrics[-1]["reward"],
+            "accuracy": run.evaluate()["accuracy"], "learner_device": str(roles.learner.device),
+            "rollout_device": str(roles.rollout[0].device)}
+
+
 def check_ray_gpu(quick: bool) -> dict:
     try:
         import ray
@@ -175,7 +204,7 @@ EVAL_EVERY = 0
 DRY_RUN = False  # --dry-run-on-cpu: tiny sizes, GPU guards off (checks this script itself without a GPU)
 
 CHECKS = {"torch_digits": check_torch_digits, "jax_ppo": check_jax_ppo, "meta_trainer": check_meta_trainer,
-          "symbolic_proxies": check_symbolic_proxies, "ray_gpu": check_ray_gpu}
+          "symbolic_proxies": check_symbolic_proxies, "posttrain": check_posttrain, "ray_gpu": check_ray_gpu}
 
 
 def main(argv=None) -> int:
