@@ -14,6 +14,7 @@ from ray import tune
 
 from metaopt.federated.config import FederatedSection
 from metaopt.runtime import with_worker_bundles
+from metaopt.tuning import grid_tuner, lr_pbt
 
 STATE_FILE = "federated_state.pt"
 
@@ -76,29 +77,14 @@ def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path
                                           section.gpus_per_client)
     scheduler = None
     if section.scheduler == "pbt":
-        from ray.tune.schedulers import PopulationBasedTraining
-
-        scheduler = PopulationBasedTraining(
-            time_attr="training_iteration", metric="accuracy", mode="max", perturbation_interval=section.pbt_interval,
-            hyperparam_mutations={"lr": tune.loguniform(min(section.lrs) / 10, max(section.lrs) * 10)}, synch=True,
-        )
-    return tune.Tuner(
-        tune.with_resources(FederatedTrainable, trial_resources),
-        param_space={
-            "exp": section.model_dump(mode="json"),
-            "strategy": tune.grid_search(list(section.strategies)),
-            "lr": tune.grid_search(list(section.lrs)),
-            "seed": tune.grid_search(list(section.seeds)),
-        },
-        # PBT must see the whole population (a concurrency limit would hide the trials not started yet); the
-        # resources still decide how many train at once, and PBT pauses trials at its synchronous boundaries.
-        tune_config=tune.TuneConfig(max_concurrent_trials=None if scheduler else max_concurrent_trials,
-                                    reuse_actors=False, scheduler=scheduler),
-        run_config=tune.RunConfig(
-            name=experiment_name, storage_path=storage_path, stop={"training_iteration": section.rounds},
-            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True,
-                                                    num_to_keep=None if scheduler else 2),
-            failure_config=tune.FailureConfig(max_failures=section.max_failures),
-            callbacks=callbacks, verbose=verbose,
-        ),
-    )
+        scheduler = lr_pbt("accuracy", section.pbt_interval, min(section.lrs) / 10, max(section.lrs) * 10)
+    param_space = {
+        "exp": section.model_dump(mode="json"),
+        "strategy": tune.grid_search(list(section.strategies)),
+        "lr": tune.grid_search(list(section.lrs)),
+        "seed": tune.grid_search(list(section.seeds)),
+    }
+    return grid_tuner(FederatedTrainable, trial_resources, param_space, iterations=section.rounds,
+                      scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
+                      storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
+                      verbose=verbose)

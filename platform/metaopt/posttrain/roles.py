@@ -14,6 +14,7 @@ does not care whether they are local objects (``roles.mode: colocated``, for deb
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,10 @@ def pack_weights(weights: dict[str, torch.Tensor]) -> PackedWeights:
 
 
 def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:
-    data = torch.from_numpy(np.asarray(packed.buffer))
+    """Views into the buffer (read-only when Ray hands it over zero-copy; ``load_state_dict`` copies them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(np.asarray(packed.buffer))
     return {name: data[offset:offset + size].view(getattr(torch, dtype)).reshape(shape)
             for name, dtype, shape, offset, size in packed.entries}
 

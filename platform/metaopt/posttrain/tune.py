@@ -16,6 +16,7 @@ import torch
 from ray import tune
 
 from metaopt.posttrain.config import PostTrainSection
+from metaopt.tuning import grid_tuner, lr_pbt
 
 STATE_FILE = "posttrain_state.pt"
 
@@ -98,24 +99,10 @@ def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path
     }
     scheduler = None
     if section.scheduler == "pbt":
-        from ray.tune.schedulers import PopulationBasedTraining
-
         lr = float(section.optimizer.get("lr", 1e-3))
         param_space["lr"] = lr
-        scheduler = PopulationBasedTraining(
-            time_attr="training_iteration", metric="accuracy", mode="max", perturbation_interval=section.pbt_interval,
-            hyperparam_mutations={"lr": tune.loguniform(lr / 10, lr * 10)}, synch=True,
-        )
-    return tune.Tuner(
-        tune.with_resources(PostTrainTrainable, trial_resources),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=None if scheduler else max_concurrent_trials,
-                                    reuse_actors=False, scheduler=scheduler),
-        run_config=tune.RunConfig(
-            name=experiment_name, storage_path=storage_path, stop={"training_iteration": section.iterations},
-            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True,
-                                                    num_to_keep=None if scheduler else 2),
-            failure_config=tune.FailureConfig(max_failures=section.max_failures),
-            callbacks=callbacks, verbose=verbose,
-        ),
-    )
+        scheduler = lr_pbt("accuracy", section.pbt_interval, lr / 10, lr * 10)
+    return grid_tuner(PostTrainTrainable, trial_resources, param_space, iterations=section.iterations,
+                      scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
+                      storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
+                      verbose=verbose)
