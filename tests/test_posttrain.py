@@ -152,3 +152,13 @@ def test_prompts_are_split_evenly_over_rollout_workers():
     assert split_prompts(5, 2) == [slice(0, 2), slice(2, 5)]
     assert split_prompts(1, 3) == [slice(0, 1)]
     assert sum(s.stop - s.start for s in split_prompts(16, 3)) == 16
+
+
+def test_a_trial_larger_than_the_cluster_is_one_error_line(ray_session, tmp_path, capsys):
+    path = tmp_path / "grpo.yaml"
+    path.write_text((EXPERIMENTS / "grpo_tiny.yaml").read_text())
+    rc = cli.main(["run", str(path), "--set", "posttrain.roles.cpus_per_actor=1.5", "--set",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("metaopt: error: posttrain.roles: one trial needs 3.2 CPUs"), err

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from metaopt import tracking
+from metaopt import runtime, tracking
 from metaopt.config import Experiment
 from metaopt.session import fit_tracked, open_session
 
@@ -31,6 +31,8 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     started = time.time()
     section = exp.section
     check_model_path(section)
+    resources = runtime.init(exp.ray, address)  # open_session reuses this connection
+    check_trial_fits(section, runtime.trial_resources(exp.ray, resources), resources)
     session = open_session(exp, address, "posttrain", verbose)
     trials = len(section.curricula) * len(section.seeds)
     model = section.model.path or f"tiny {section.model.arch} ({section.model.layers}x{section.model.hidden})"
@@ -41,6 +43,21 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     return fit_tracked(exp, session, build, metric="accuracy", iterations=section.iterations, trial_row=trial_row,
                        log_results=log_results, format_table=format_table, callbacks=callbacks, verbose=verbose,
                        started=started)
+
+
+def check_trial_fits(section, per_trial: dict[str, float], resources: runtime.Resources) -> None:
+    """One trial's placement group (trial process + learner + rollout + reference actors) must fit the cluster,
+    or Tune would wait for it forever. Checked before anything is tracked."""
+    from metaopt.errors import ConfigError
+    from metaopt.posttrain.roles import role_bundles
+
+    bundles = role_bundles(section, per_trial)
+    for kind, available in (("CPU", resources.cpus), ("GPU", resources.gpus)):
+        needed = sum(bundle[kind] for bundle in bundles)
+        if needed > available + 1e-9:
+            raise ConfigError("posttrain.roles", f"one trial needs {needed:g} {kind}s (ray.{kind.lower()}s_per_trial + "
+                              f"the learner, {section.roles.rollout_workers} rollout and reference actors) but the "
+                              f"cluster has {available:g}; lower roles.cpus_per_actor or use roles.mode: colocated")
 
 
 def trial_row(result) -> dict[str, Any]:
