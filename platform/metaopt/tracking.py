@@ -8,6 +8,7 @@ rather than one per metric.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -87,6 +88,16 @@ class ParentRun:
             path = Path(tmp) / name
             path.write_text(json.dumps(payload, indent=2, default=str))
             self.client.log_artifact(self.run_id, str(path))
+
+    def log_csv(self, name: str, header: list[str], rows: list[list[Any]]) -> None:
+        """A table as a CSV artifact (e.g. ``summary.csv``, one row per trial)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            with path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(header)
+                writer.writerows(rows)
+            self.log_file(path)
 
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -3,7 +3,26 @@ checkpoint every iteration, a failure budget, and optionally synchronous PBT ove
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+STATE_FILE = "trial_state.pt"
+
+
+def save_state(state: dict[str, Any], checkpoint_dir: str) -> str:
+    """A trainable's state (``torch.save``) into its Tune checkpoint directory."""
+    import torch
+
+    torch.save(state, Path(checkpoint_dir) / STATE_FILE)
+    return checkpoint_dir
+
+
+def load_state(checkpoint: str | dict) -> dict[str, Any]:
+    """What :func:`save_state` wrote; Tune passes the directory, or a dict holding it."""
+    import torch
+
+    directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
+    return torch.load(directory / STATE_FILE, weights_only=False)
 
 
 def lr_pbt(metric: str, interval: int, low: float, high: float) -> Any:

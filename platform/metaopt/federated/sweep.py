@@ -7,13 +7,10 @@ per-round metrics (accuracy, loss, global lr, client lrs, participants, failed c
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,15 +116,10 @@ def log_results(parent: tracking.ParentRun, rows: list[dict[str, Any]], exp: Exp
         metrics[f"{strategy}.lr{lr:g}.final_accuracy"] = float(np.mean([m["final_accuracy"] for m in members]))
     metrics["failed_client_rounds"] = sum(r["failed_clients"] for r in rows)
     parent.log_metrics(metrics)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "summary.csv"
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["trial_id", "strategy", "lr", "seed", "final_accuracy", "best_accuracy", "failed_clients"])
-            for r in rows:
-                writer.writerow([r["trial_id"], r["strategy"], r["lr"], r["seed"], r["final_accuracy"],
-                                 r["best_accuracy"], r["failed_clients"]])
-        parent.log_file(path)
+    parent.log_csv("summary.csv", ["trial_id", "strategy", "lr", "seed", "final_accuracy", "best_accuracy",
+                                   "failed_clients"],
+                   [[r["trial_id"], r["strategy"], r["lr"], r["seed"], r["final_accuracy"], r["best_accuracy"],
+                     r["failed_clients"]] for r in rows])
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,9 +13,7 @@ from ray import tune
 
 from metaopt.federated.config import FederatedSection
 from metaopt.runtime import with_worker_bundles
-from metaopt.tuning import grid_tuner, lr_pbt
-
-STATE_FILE = "federated_state.pt"
+from metaopt.tuning import grid_tuner, load_state, lr_pbt, save_state
 
 
 def input_shape(dataset) -> int:
@@ -54,12 +51,10 @@ class FederatedTrainable(tune.Trainable):
         return metrics
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        torch.save(self.run.state_dict(), Path(checkpoint_dir) / STATE_FILE)
-        return checkpoint_dir
+        return save_state(self.run.state_dict(), checkpoint_dir)
 
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
-        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
-        self.run.load_state_dict(torch.load(directory / STATE_FILE, weights_only=False))
+        self.run.load_state_dict(load_state(checkpoint))
         self._iteration = self.run.round
         # After a PBT exploit the clone's state arrives with this trial's perturbed lr in config: the new lr0.
         lr = float(self.config["lr"])

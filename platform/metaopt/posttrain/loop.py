@@ -165,8 +165,9 @@ class GRPORun:
             "completion_tokens": float(batch.completion_mask.sum(dim=1).float().mean()),
             "grpo_step": self.steps_done,
         }
+        probabilities = self.curriculum.probabilities()
         for index, name in enumerate(self.categories):
-            metrics[f"p/{name}"] = float(self.curriculum.probabilities()[index])
+            metrics[f"p/{name}"] = float(probabilities[index])
             mask = pending.category_ids == index
             if mask.any():
                 metrics[f"train_reward/{name}"] = float(solved[torch.from_numpy(mask)].mean())

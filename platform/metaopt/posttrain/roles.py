@@ -124,7 +124,7 @@ class LearnerWorker:
     optimizer and schedule."""
 
     def __init__(self, model_spec: dict[str, Any], tasks: list[dict[str, Any]], seed: int, *, grpo: dict[str, Any],
-                 optimizer: dict[str, Any], schedule: dict[str, Any], threads: float = 1.0):
+                 optimizer: dict[str, Any], schedule: dict[str, Any] | None, threads: float = 1.0):
         set_threads(threads)
         torch.manual_seed(seed)
         self.device = worker_device()
@@ -202,7 +202,7 @@ def start_roles(section: Any, seed: int) -> Roles:
     separate_reference = section.grpo.beta > 0 and roles.reference == "actor"
     learner_args = (model_spec, tasks, seed)
     learner_kwargs = {"grpo": section.grpo.model_dump(), "optimizer": section.optimizer,
-                      "schedule": section.schedule or {"name": "constant", "lr": section.optimizer.get("lr", 1e-3)},
+                      "schedule": None,  # GRPORun sets it (loop.schedule_spec), also after a PBT explore
                       "threads": roles.cpus_per_actor}
     if roles.mode == "colocated":
         threads = {"threads": roles.cpus_per_actor}

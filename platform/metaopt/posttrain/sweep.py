@@ -8,13 +8,10 @@ completions/s and, as text artifacts, sample completions.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,16 +135,10 @@ def log_results(parent: tracking.ParentRun, rows: list[dict[str, Any]], exp: Exp
     for curriculum, members in groups.items():
         metrics[f"{curriculum}.final_accuracy"] = float(np.nanmean([m["final_accuracy"] for m in members]))
     parent.log_metrics(metrics)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "summary.csv"
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["trial_id", "curriculum", "seed", "warmup_accuracy", "final_accuracy", "best_accuracy",
-                             "completions_per_s"])
-            for r in rows:
-                writer.writerow([r["trial_id"], r["curriculum"], r["seed"], r["warmup_accuracy"], r["final_accuracy"],
-                                 r["best_accuracy"], r["completions_per_s"]])
-        parent.log_file(path)
+    parent.log_csv("summary.csv", ["trial_id", "curriculum", "seed", "warmup_accuracy", "final_accuracy",
+                                   "best_accuracy", "completions_per_s"],
+                   [[r["trial_id"], r["curriculum"], r["seed"], r["warmup_accuracy"], r["final_accuracy"],
+                     r["best_accuracy"], r["completions_per_s"]] for r in rows])
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from ray import tune
 
 from metaopt.posttrain.config import PostTrainSection
-from metaopt.tuning import grid_tuner, lr_pbt
-
-STATE_FILE = "posttrain_state.pt"
+from metaopt.tuning import grid_tuner, load_state, lr_pbt, save_state
 
 
 class PostTrainTrainable(tune.Trainable):
@@ -55,14 +52,12 @@ class PostTrainTrainable(tune.Trainable):
         return result
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        torch.save(self.run.state_dict(), Path(checkpoint_dir) / STATE_FILE)
-        return checkpoint_dir
+        return save_state(self.run.state_dict(), checkpoint_dir)
 
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
         from metaopt.posttrain.loop import schedule_spec
 
-        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
-        self.run.load_state_dict(torch.load(directory / STATE_FILE, weights_only=False))
+        self.run.load_state_dict(load_state(checkpoint))
         # After a PBT exploit the clone's state arrives with this trial's perturbed lr in config.
         if self.config.get("lr") is not None:
             self.run.lr = float(self.config["lr"])
