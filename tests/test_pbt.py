@@ -161,3 +161,31 @@ def test_rllib_ppo_learning_rate_under_pbt(ray_session, tiny):
         assert trial.lineage_agrees, (trial.schedule, trial.carried_schedule)
         assert math.isfinite(trial.final_metric) and trial.final_metric > 10  # CartPole episodes last >= ~10 steps
     assert_tracked_sweep(exp.tracking.uri, summary, exp, metric="episode_return_mean")
+
+
+def test_population_search_is_finished_only_when_every_trial_is():
+    # Tune keeps a paused trial's actor only while the search may still produce trials; PopulationSearch says
+    # so until the last trial has finished (TrialsLeft tells it from Tune's loop), then lets the run end.
+    from metaopt.pbt.tune import PopulationSearch, TrialsLeft
+
+    class Trial:
+        def __init__(self, finished: bool):
+            self.finished = finished
+
+        def is_finished(self) -> bool:
+            return self.finished
+
+    search = PopulationSearch(seed=0)
+    watch = TrialsLeft(search)
+    search.set_finished()  # every trial of the population has been generated
+    trials = [Trial(True), Trial(False)]
+    watch.on_step_begin(0, trials)
+    assert not search.is_finished()
+    assert search.next_trial() is None  # but it generates nothing more, and does not block
+    trials[1].finished = True
+    watch.on_step_end(1, trials)
+    assert search.is_finished()
+    # a restored experiment re-creates the callback: the state it sees is what counts
+    search.trials_left = True
+    TrialsLeft(search).on_step_begin(2, trials)
+    assert search.is_finished()
