@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,10 @@ from ray.tune import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
+
+# Derived copies of packaged data (metaopt.tasks.datasets) go to a directory of this test session, not the
+# user's home; set before any Ray starts, so its worker processes inherit it.
+os.environ.setdefault("METAOPT_CACHE_DIR", tempfile.mkdtemp(prefix="metaopt-cache-"))
 
 
 def free_port() -> int:

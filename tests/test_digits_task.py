@@ -75,3 +75,29 @@ def test_huge_learning_rate_is_flagged_as_diverged_and_spends_its_budget():
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=f"task_options.{field}"):
         build_task("digits", options, SGD, 0)
+
+
+def test_digits_cache_equals_scikit_learn_and_survives_bad_caches(tmp_path, monkeypatch):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from metaopt.tasks import datasets
+
+    oracle = load_digits()
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    cached_file = tmp_path / "cache" / datasets.DIGITS_FILE
+    first = datasets.digits_arrays()  # read through scikit-learn, cache written
+    assert cached_file.exists()
+    second = datasets.digits_arrays()  # read from the cache file
+    for pixels, labels in (first, second):
+        np.testing.assert_array_equal(pixels, oracle.data)
+        np.testing.assert_array_equal(labels, oracle.target)
+        assert pixels.dtype == np.uint8 and labels.dtype == np.int64
+    cached_file.write_bytes(b"not an npz")  # a broken cache: read through scikit-learn and rewrite it
+    np.testing.assert_array_equal(datasets.digits_arrays()[0], oracle.data)
+    np.testing.assert_array_equal(np.load(cached_file)["labels"], oracle.target)
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(blocked / "cache"))  # cannot be created: no cache, same data
+    np.testing.assert_array_equal(datasets.digits_arrays()[1], oracle.target)
+    assert not (blocked / "cache").exists()

@@ -107,10 +107,10 @@ def label_histograms(shards: list[ClientShard], num_classes: int) -> np.ndarray:
 
 def load_dataset(name: str, root: str | None = None, *, synthetic_samples: int = 4000, seed: int = 0) -> Dataset:
     if name == "digits":
-        from sklearn.datasets import load_digits
+        from metaopt.tasks.datasets import digits_arrays
 
-        raw = load_digits()
-        return Dataset(torch.tensor(raw.data / 16.0, dtype=torch.float32), torch.tensor(raw.target), 10)
+        pixels, labels = digits_arrays()
+        return Dataset(torch.tensor(pixels / 16.0, dtype=torch.float32), torch.tensor(labels), 10)
     if name == "synthetic":
         return synthetic_classification(synthetic_samples, seed=seed)
     if name in ("fashion_mnist", "cifar10"):
