@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from metaopt.errors import ConfigError
 from metaopt.optim import piecewise_constant
 from metaopt.pbt.tune import has_diverged
@@ -79,9 +78,8 @@ def test_bad_options_name_the_field(options, field):
 
 def test_digits_cache_equals_scikit_learn_and_survives_bad_caches(tmp_path, monkeypatch):
     import numpy as np
-    from sklearn.datasets import load_digits
-
     from metaopt.tasks import datasets
+    from sklearn.datasets import load_digits
 
     oracle = load_digits()
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
