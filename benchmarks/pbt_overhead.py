@@ -1,25 +1,25 @@
 """How much wall time does a PBT sweep spend beyond the training it does?
 
-    .venv/bin/python benchmarks/pbt_overhead.py [--iterations 20] [--steps-per-iteration 500]
+    .venv/bin/python benchmarks/pbt_overhead.py [--iterations 20] [--steps-per-iteration 5000]
         [--perturbation-interval 4] [--population 4] [--synch true|false] [--naive-steps 100]
-        [--skip-naive] [--no-compare-synch] [--show-sweep-output] [--set KEY=VALUE ...]
+        [--skip-naive] [--compare-synch] [--show-sweep-output] [--set KEY=VALUE ...]
 
 Measured in one process, one run:
 
 * pure compute: the sweep's optimizer steps (population x iterations x steps_per_iteration, with the
   per-iteration validation the trainable does) on ``DigitsTask`` in this process, 1 torch thread,
-  sequentially, no Ray, no Tune. Measured before and after the sweep (load on a shared machine drifts);
-  the mean is used. The same steps are also run in 2 processes at once (the sweep's Ray has 2 CPUs, 1 per
-  trial). The reference is the fastest pure compute measured, ``min(sequential, 2-process)``: on the 2-core
-  development machine two processes were measured at 0.5-1.0x the sequential time, so the ideal
-  ``sequential / 2`` (also printed) is a speed-up this machine does not reliably give.
+  sequentially, no Ray, no Tune, before the sweep. After the sweep the same steps run in 2 processes at once
+  (the sweep's Ray has 2 CPUs, 1 per trial). The reference is the fastest pure compute measured,
+  ``min(sequential, 2-process)``: on the 2-core development machine two processes were measured at
+  0.5-1.0x the sequential time, so the ideal ``sequential / 2`` (also printed) is a speed-up this machine
+  does not reliably give.
 * ours: ``metaopt.pbt.sweep.run(exp)`` wall time on experiments/quickstart.yaml (population, sizes from the
   command line, Tune results and the MLflow sqlite store in a temporary directory), with Ray already started
   (its start-up is printed separately and not counted). Phases of the call (MLflow store/parent run, tune.fit,
   the MLflow trial callback inside it, lineage/summary, MLflow artifacts) are timed by wrapping functions from
   outside, no platform code changes; a Tune callback records when trials start, how many trials were inside
   step() at once, and which worker processes ran them.
-* the same sweep with ``pbt.synch`` flipped (informational; ``--no-compare-synch`` skips it).
+* with ``--compare-synch``: the same sweep with ``pbt.synch`` flipped (informational).
 * naive: a function trainable that reports *and checkpoints* after every optimizer step, restoring via
   ``tune.get_checkpoint()``, same task, population and PBT scheduler (interval scaled to its smaller step
   budget ``--naive-steps`` per trial), no MLflow. Its wall time is normalised per optimizer step.
@@ -34,7 +34,6 @@ import argparse
 import functools
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -51,14 +50,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--population", type=int, default=4)
     p.add_argument("--iterations", type=int, default=20)
-    p.add_argument("--steps-per-iteration", type=int, default=500)
+    # 5,000 digits steps are ~2.5 s: a sweep of ~100 s of compute on 2 cores. The fixed costs (trial processes
+    # importing torch and Ray Tune, a fresh MLflow store) are ~10-15 s whatever the size; see the README.
+    p.add_argument("--steps-per-iteration", type=int, default=5000)
     p.add_argument("--perturbation-interval", type=int, default=4)
     p.add_argument("--naive-steps", type=int, default=100, help="optimizer steps per trial for the naive trainable")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--synch", choices=["true", "false"], default=None,
                    help="override pbt.synch (default: as in quickstart.yaml)")
-    p.add_argument("--no-compare-synch", dest="compare_synch", action="store_false",
-                   help="skip the informational second sweep with pbt.synch flipped")
+    p.add_argument("--compare-synch", action="store_true",
+                   help="also run the sweep with pbt.synch flipped (informational)")
     p.add_argument("--stall-seconds", type=float, default=180.0,
                    help="abort (error) a sweep after this long without any trial progress")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other experiment override (repeatable)")
@@ -411,15 +412,14 @@ def main(argv=None) -> int:
     wall = report_ours(exp, args.show_sweep_output, slots, args.stall_seconds)
 
     log("\n[pure compute again, after the sweep]")
-    seq_after, _ = train_trials(s, lrs)
-    log(f"  sequential, after the sweep: {seq_after:.2f} s (Ray idle in the background)")
     par = parallel_compute(s, lrs)
-    log(f"  same trials in {CORES} processes at once ({slots} groups, measured): {par:.2f} s")
+    log(f"  same trials in {CORES} processes at once ({slots} groups, measured, Ray idle in the background): "
+        f"{par:.2f} s")
 
-    seq = statistics.mean([seq_before, seq_after])
+    seq = seq_before
     ideal = seq / slots
     reference = min(seq, par)
-    log(f"\n  sequential pure compute (mean of before/after): {seq:.2f} s")
+    log(f"\n  sequential pure compute (before the sweep): {seq:.2f} s")
     log(f"  reference = the fastest pure compute measured: min(sequential, {CORES} processes) = {reference:.2f} s")
     log(f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {ideal:.2f} s, "
         f"not always reached on a shared machine): {wall / ideal:.2f} (informational)")
