@@ -184,9 +184,13 @@ def build_tuner(
     )
 
 
-def _seeded_random_search(seed: int):
+def _variant_seed(seed: int) -> int:
     # Seeding the variant generator makes the initial population reproducible from the logged config.
-    return BasicVariantGenerator(random_state=np.random.default_rng(seed).integers(2**31 - 1))
+    return int(np.random.default_rng(seed).integers(2**31 - 1))
+
+
+def _seeded_random_search(seed: int):
+    return BasicVariantGenerator(random_state=_variant_seed(seed))
 
 
 class PopulationSearch(BasicVariantGenerator):
@@ -202,7 +206,7 @@ class PopulationSearch(BasicVariantGenerator):
     """
 
     def __init__(self, seed: int) -> None:
-        super().__init__(random_state=np.random.default_rng(seed).integers(2**31 - 1))
+        super().__init__(random_state=_variant_seed(seed))
         self.trials_left = True
 
     def is_finished(self) -> bool:
