@@ -107,10 +107,9 @@ def label_histograms(shards: list[ClientShard], num_classes: int) -> np.ndarray:
 
 def load_dataset(name: str, root: str | None = None, *, synthetic_samples: int = 4000, seed: int = 0) -> Dataset:
     if name == "digits":
-        from metaopt.tasks.datasets import digits_arrays
+        from metaopt.tasks.datasets import digits_tensors
 
-        pixels, labels = digits_arrays()
-        return Dataset(torch.tensor(pixels / 16.0, dtype=torch.float32), torch.tensor(labels), 10)
+        return Dataset(*digits_tensors(), 10)
     if name == "synthetic":
         return synthetic_classification(synthetic_samples, seed=seed)
     if name in ("fashion_mnist", "cifar10"):

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 DIGITS_FILE = "sklearn_digits_v1.npz"
 
@@ -43,6 +44,12 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     pixels, labels = raw.data.astype(np.uint8), raw.target.astype(np.int64)
     _write_atomically(path, pixels=pixels, labels=labels)
     return pixels, labels
+
+
+def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits as model inputs: ``(features float32 [1797, 64] scaled to [0, 1], labels int64 [1797])``."""
+    pixels, labels = digits_arrays()
+    return torch.tensor(pixels / 16.0, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)
 
 
 def _write_atomically(path: Path, **arrays: np.ndarray) -> None:

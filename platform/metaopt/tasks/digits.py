@@ -20,7 +20,7 @@ from torch import nn
 from metaopt.errors import ConfigError
 from metaopt.optim import build_optimizer
 from metaopt.tasks.base import Schedule, optimizer_steps
-from metaopt.tasks.datasets import digits_arrays
+from metaopt.tasks.datasets import digits_tensors
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,7 @@ class DigitsOptions:
 @functools.lru_cache(maxsize=4)
 def load_digits_splits(split_seed: int, val_fraction: float, test_fraction: float) -> dict[str, torch.Tensor]:
     """Features scaled to [0, 1]; a stratification-free fixed permutation split into train/val/test."""
-    pixels, labels = digits_arrays()
-    x = torch.tensor(pixels / 16.0, dtype=torch.float32)
-    y = torch.tensor(labels, dtype=torch.long)
+    x, y = digits_tensors()
     order = torch.tensor(np.random.default_rng(split_seed).permutation(len(y)))
     n_val, n_test = int(len(y) * val_fraction), int(len(y) * test_fraction)
     val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
