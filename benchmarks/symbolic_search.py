@@ -168,27 +168,6 @@ def redundancy(program, live_statements) -> float:
     return 1.0 - len(live_statements(program)) / n if n else 0.0
 
 
-def update_live(program) -> list[int]:
-    """Statements that affect ``update`` now or in a later step: backwards liveness from ``update`` plus the
-    state outputs (``m``, ``v``) whose incoming value a live statement reads, to a fixpoint. A statement that
-    only feeds an ``m``/``v`` never read on the way to ``update`` changes nothing in training."""
-    from metaopt.symbolic.program import Var
-
-    outputs = {"update"}
-    while True:
-        live, keep = set(outputs), []
-        for index in range(len(program.statements) - 1, -1, -1):
-            statement = program.statements[index]
-            if statement.target in live:
-                keep.append(index)
-                live.discard(statement.target)
-                live.update(a.name for a in statement.args if isinstance(a, Var))
-        needed = outputs | (live & {"m", "v"})
-        if needed == outputs:
-            return sorted(keep)
-        outputs = needed
-
-
 def _canonical(tensor, digits: int) -> str:
     values = tensor.detach().double().numpy().ravel()
     scale = max((abs(x) for x in values if math.isfinite(x)), default=0.0)
@@ -241,7 +220,10 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
 
     from metaopt.symbolic import analysis, mutation
-    from metaopt.symbolic.analysis import functional_hash, live_statements, prune
+    from metaopt.symbolic.analysis import functional_hash, live_statements, prune, training_outputs
+
+    def training_live(program):
+        return live_statements(program, training_outputs(program))
     from metaopt.symbolic.proxies import LocalScorer
     from metaopt.symbolic.search import init_search, search_metrics, search_step
     from metaopt.symbolic.text import format_program
@@ -355,8 +337,8 @@ def main(argv=None) -> int:
     population = [program_cache[s.index] for s in state.population]
     red_pop = statistics.fmean(redundancy(p, live_statements) for p in population)
     red_stmt_pop = 1 - sum(len(live_statements(p)) for p in population) / max(1, sum(len(p) for p in population))
-    eff_all = statistics.fmean(1 - len(update_live(p)) / len(p) for p in everything)
-    eff_pop = statistics.fmean(1 - len(update_live(p)) / len(p) for p in population)
+    eff_all = statistics.fmean(1 - len(training_live(p)) / len(p) for p in everything)
+    eff_pop = statistics.fmean(1 - len(training_live(p)) / len(p) for p in population)
     len_all = statistics.fmean(len(p) for p in everything)
     len_pop = statistics.fmean(len(p) for p in population)
     other = wall - scorer.timer.seconds - hash_timer.seconds

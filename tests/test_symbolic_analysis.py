@@ -15,7 +15,9 @@ from metaopt.symbolic.analysis import (
     is_valid,
     live_statements,
     prune,
+    prune_for_training,
     reaching_definitions,
+    training_outputs,
 )
 from metaopt.symbolic.mutation import (
     MutationConfig,
@@ -158,6 +160,52 @@ def test_live_statements_with_reassignment():
     assert prune(program).statements == tuple(program.statements[i] for i in (1, 3, 4, 6, 8, 9))
     defs = reaching_definitions(program)
     assert defs[3] == (1,) and defs[9] == (4, None) and defs[6] == (-1, -1, None) and defs[2] == (1, -1)
+
+
+def test_training_outputs_follow_state_across_steps():
+    assert training_outputs(adamw_program()) == {"update", "m", "v"}
+    assert training_outputs(lion_program()) == {"update", "m"}  # Lion keeps no v
+    # update reads the incoming v, whose next value reads the incoming m: m matters two steps later
+    chain = P(stmt("update", "mul", "v", "lr"), stmt("v", "mul", "m", "m"), stmt("m", "interp", "g", "m", 0.9))
+    assert training_outputs(chain) == {"update", "m", "v"}
+    # v is read only after this step overwrote it: the incoming v (and so the v carried) never matters
+    fresh = P(stmt("v", "mul", "g", "g"), stmt("update", "mul", "v", "lr"))
+    assert training_outputs(fresh) == {"update"}
+    # m and v are written but update never reads them: they cannot change training
+    unread = P(stmt("m", "interp", "g", "m", 0.9), stmt("v", "square", "m"), stmt("s", "sign", "g"),
+               stmt("update", "mul", "s", "lr"))
+    assert training_outputs(unread) == {"update"}
+    assert live_statements(unread) == [0, 1, 2, 3]  # per-step liveness keeps them: m and v are outputs
+    assert prune_for_training(unread) == P(stmt("s", "sign", "g"), stmt("update", "mul", "s", "lr"))
+    assert prune_for_training(adamw_program()) == adamw_program()
+
+
+@needs_interpreter
+def test_programs_differing_only_in_unread_state_hash_equal_and_train_identically():
+    import torch
+
+    from metaopt.symbolic.export import ProgramOptimizer
+
+    sign_sgd = P(stmt("s", "sign", "g"), stmt("update", "mul", "s", "lr"))
+    with_state = P(stmt("m", "interp", "g", "m", 0.9), stmt("v", "square", "m"), stmt("s", "sign", "g"),
+                   stmt("update", "mul", "s", "lr"), stmt("m", "exp", "m"))  # m overflows; update never reads it
+    reads_state = P(stmt("m", "interp", "g", "m", 0.9), stmt("s", "sign", "m"), stmt("update", "mul", "s", "lr"))
+    assert functional_hash(with_state) == functional_hash(sign_sgd)
+    assert functional_hash(reads_state) != functional_hash(sign_sgd)
+
+    def train(program):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        x, y = torch.randn(32, 6), torch.randn(32, 3)
+        opt = ProgramOptimizer(model.parameters(), program, lr=0.05)
+        for _ in range(30):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().ravel() for p in model.parameters()])
+
+    assert torch.equal(train(with_state), train(sign_sgd))
+    assert not torch.equal(train(reads_state), train(sign_sgd))
 
 
 # ---- functional hash ---------------------------------------------------------------------------------------

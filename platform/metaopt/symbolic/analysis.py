@@ -11,8 +11,11 @@ The search spends its compute on training runs, so every child program is first 
 * :func:`live_statements` / :func:`prune` -- dependency analysis backwards from the outputs. The paper reports
   that about 70% of the statements of evolved programs do not reach an output; they are kept in the population
   (stepping stones for later mutations) but removed before a program is hashed, trained or shown.
+* :func:`training_outputs` / :func:`prune_for_training` -- the same liveness across steps: an ``m`` or ``v``
+  that ``update`` never reads (now or in a later step) cannot change training, nor can what only feeds it.
 * :func:`functional_hash` -- the paper's functional-equivalence cache: run the program on fixed random inputs
-  for a few steps and hash the rounded outputs, so that renamed, reordered or padded programs share one hash.
+  for a few steps and hash the rounded updates and live state, so that renamed, reordered or padded programs
+  share one hash.
   :class:`HashCache` maps that hash to a score; the paper reports an 89% hit rate, i.e. most children are
   semantic duplicates that need no training.
 """
@@ -46,7 +49,9 @@ __all__ = [
     "is_valid",
     "reaching_definitions",
     "live_statements",
+    "training_outputs",
     "prune",
+    "prune_for_training",
     "functional_hash",
     "HashCache",
     "format_statement",
@@ -191,12 +196,11 @@ def reaching_definitions(program: Program) -> list[tuple[int | None, ...]]:
     return out
 
 
-def live_statements(program: Program) -> list[int]:
-    """Indices (ascending) of the statements whose result reaches an output (``update``, ``m``, ``v`` as they
-    are at the end), by backwards liveness: a statement is live when its target is live right after it; it
-    then kills that name (an earlier assignment to the same name is overwritten) and makes its arguments live.
-    """
-    live: set[str] = set(OUTPUTS)
+def _backward_liveness(program: Program, outputs: frozenset[str] | set[str]) -> tuple[list[int], set[str]]:
+    """(indices of the statements whose result reaches one of ``outputs`` as they are at the end, ascending;
+    the names live at program entry). A statement is live when its target is live right after it; it then
+    kills that name (an earlier assignment to the same name is overwritten) and makes its arguments live."""
+    live: set[str] = set(outputs)
     keep: list[int] = []
     for index in range(len(program.statements) - 1, -1, -1):
         statement = program.statements[index]
@@ -206,7 +210,43 @@ def live_statements(program: Program) -> list[int]:
         live.discard(statement.target)
         live.update(a.name for a in statement.args if isinstance(a, Var))
     keep.reverse()
-    return keep
+    return keep, live
+
+
+def live_statements(program: Program, outputs: frozenset[str] | set[str] | tuple[str, ...] = OUTPUTS) -> list[int]:
+    """Indices (ascending) of the statements whose result reaches an output (by default ``update``, ``m``,
+    ``v`` as they are at the end), by backwards liveness."""
+    return _backward_liveness(program, frozenset(outputs))[0]
+
+
+#: The optimizer state a program carries from one step to the next.
+STATE: frozenset[str] = frozenset(OUTPUTS) - {"update"}
+
+
+def training_outputs(program: Program) -> frozenset[str]:
+    """The outputs that can change training: ``update``, plus every state variable (``m``, ``v``) whose
+    incoming value is read on the way to ``update``, now or in a later step (a fixpoint over the step loop).
+
+    A program that computes an ``m`` that ``update`` never reads (directly or through ``v``) trains exactly
+    like one that leaves ``m`` alone: ``p -= update`` is all training sees. Such state is dead code across
+    steps, the part of the paper's redundant statements (Sec. 2.3) that per-step liveness cannot see.
+    """
+    outputs = frozenset({"update"})
+    while True:
+        entry = _backward_liveness(program, outputs)[1]
+        needed = outputs | (entry & STATE)
+        if needed == outputs:
+            return outputs
+        outputs = needed
+
+
+def prune_for_training(program: Program) -> Program:
+    """The program without the statements that cannot change training (see :func:`training_outputs`); a
+    state variable it no longer assigns passes through unchanged. Same updates at every step as ``program``."""
+    keep = live_statements(program, training_outputs(program))
+    if len(keep) == len(program.statements):
+        return program
+    return Program(tuple(program.statements[i] for i in keep))
 
 
 def prune(program: Program) -> Program:
@@ -251,16 +291,17 @@ def _canonical(tensor: Any, digits: int) -> bytes:
 
 def functional_hash(program: Program, *, seed: int = 0, shapes: tuple[tuple[int, ...], ...] = ((3, 4), (5,)),
                     steps: int = 3, lr: float = 0.01, digits: int = 6) -> str:
-    """The paper's functional-equivalence hash (Sec. 2.3): sha256 of the program's rounded outputs on fixed
-    random inputs.
+    """The paper's functional-equivalence hash (Sec. 2.3): sha256 of what training sees of the program on
+    fixed random inputs.
 
     With a torch generator seeded by ``seed``: float64 parameters ``w`` of the given ``shapes``, initial ``m``
-    (normal) and ``v`` (|normal|), and one fresh gradient list per step. The program runs ``steps`` times
-    through :func:`metaopt.symbolic.interpreter.run_program`, feeding ``m``, ``v`` back and applying
-    ``w <- w - update``; every step's ``update``, ``m``, ``v`` (rounded to ``digits`` significant digits) and
-    its ``finite`` flag are hashed. Programs that compute the same function (renamed temporaries, reordered
-    independent statements, dead statements, ``x * 2`` vs ``x + x``) hash equal up to rounding.
-    Raises ValueError for an invalid program.
+    (normal) and ``v`` (|normal|), and one fresh gradient list per step. The program, reduced by
+    :func:`prune_for_training`, runs ``steps`` times through :func:`metaopt.symbolic.interpreter.run_program`,
+    feeding ``m``, ``v`` back and applying ``w <- w - update``; every step's ``update``, ``m``, ``v`` (rounded
+    to ``digits`` significant digits) and its ``finite`` flag are hashed. Programs that compute the same
+    function (renamed temporaries, reordered independent statements, dead statements, ``x * 2`` vs ``x + x``)
+    hash equal up to rounding, and so do programs that differ only in state that ``update`` never reads: the
+    reduced program passes such state through unchanged, and they train identically. Raises ValueError for an invalid program.
     """
     check = infer_types(program)
     if not check.valid:
@@ -268,6 +309,7 @@ def functional_hash(program: Program, *, seed: int = 0, shapes: tuple[tuple[int,
     import torch
 
     run_program = _run_program()
+    program = prune_for_training(program)
     generator = torch.Generator().manual_seed(int(seed))
 
     def draw(shape: tuple[int, ...]) -> torch.Tensor:
@@ -277,7 +319,7 @@ def functional_hash(program: Program, *, seed: int = 0, shapes: tuple[tuple[int,
     m = [draw(s) for s in shapes]
     v = [draw(s).abs() for s in shapes]
     grads = [[draw(s) for s in shapes] for _ in range(steps)]
-    digest = hashlib.sha256(f"metaopt.functional_hash/1 {tuple(map(tuple, shapes))} {steps} {lr!r};".encode())
+    digest = hashlib.sha256(f"metaopt.functional_hash/2 {tuple(map(tuple, shapes))} {steps} {lr!r};".encode())
     for step in range(steps):
         result = run_program(program, [p.clone() for p in params], [g.clone() for g in grads[step]],
                              [t.clone() for t in m], [t.clone() for t in v], lr)
