@@ -56,24 +56,42 @@ def test_resumed_run_continues_identically(shards):
     assert got["accuracy"] == want["accuracy"] and got["global_lr"] == want["global_lr"]
 
 
-def test_a_client_killed_mid_round_is_left_out_and_back_next_round(ray_session, shards):
+@pytest.fixture(scope="module")
+def pool(ray_session, shards):
+    """One actor per shard for the module's Ray tests (Ray restarts a killed one)."""
+    pool = ClientPool(shards, 64, 10, HIDDEN, max_restarts=2)
+    yield pool
+    pool.close()
+
+
+def test_a_client_killed_mid_round_is_left_out_and_back_next_round(pool, shards):
     import ray
 
-    pool = ClientPool(shards, 64, 10, HIDDEN, max_restarts=2)
-    try:
-        run = FederatedRun(shards, pool.actors, make_strategy("fedavg"), RoundSettings(lr0=0.05, epochs=40), 64, 10,
-                           HIDDEN)
-        victim = pool.actors[1]
-        pid = ray.get(victim.pid.remote())
-        timer = threading.Timer(1.0, os.kill, args=(pid, signal.SIGKILL))  # while the round is training
-        timer.start()
-        killed_round = run.run_round()
-        timer.join()
-        assert killed_round["failed_ids"] == [1] and killed_round["participants"] == 3
-        assert math.isfinite(killed_round["accuracy"])
-        run.settings = RoundSettings(lr0=0.05, epochs=1)
-        next_round = run.run_round()
-        assert next_round["failed_clients"] == 0 and next_round["participants"] == 4, next_round
-        assert ray.get(victim.pid.remote()) != pid  # a new process, restarted by Ray
-    finally:
-        pool.close()
+    run = FederatedRun(shards, pool.actors, make_strategy("fedavg"), RoundSettings(lr0=0.05, epochs=40), 64, 10,
+                       HIDDEN)
+    victim = pool.actors[1]
+    pid = ray.get(victim.pid.remote())
+    timer = threading.Timer(1.0, os.kill, args=(pid, signal.SIGKILL))  # while the round is training
+    timer.start()
+    killed_round = run.run_round()
+    timer.join()
+    assert killed_round["failed_ids"] == [1] and killed_round["participants"] == 3
+    assert math.isfinite(killed_round["accuracy"])
+    run.settings = RoundSettings(lr0=0.05, epochs=1)
+    next_round = run.run_round()
+    assert next_round["failed_clients"] == 0 and next_round["participants"] == 4, next_round
+    assert ray.get(victim.pid.remote()) != pid  # a new process, restarted by Ray
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedhyper_cl"])
+def test_rounds_on_client_actors_equal_rounds_in_process(pool, shards, strategy):
+    """The Ray path (numpy vectors on the wire, inline per call) trains exactly what the in-process path does."""
+    remote = FederatedRun(shards, pool.actors, make_strategy(strategy), RoundSettings(lr0=0.1, fraction=0.5),
+                          64, 10, HIDDEN)
+    local = local_run(shards, strategy, lr0=0.1, fraction=0.5)
+    for _ in range(3):
+        got, want = remote.run_round(), local.run_round()
+        assert got["participants"] == want["participants"] == 2 and got["failed_clients"] == 0
+        assert got["client_lr_max_used"] == want["client_lr_max_used"]
+    assert remote.global_params.dtype == local.global_params.dtype == torch.float32
+    torch.testing.assert_close(remote.global_params, local.global_params)

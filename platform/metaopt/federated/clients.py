@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +82,17 @@ def local_train(model: nn.Module, global_params: torch.Tensor, shard: ClientShar
     return LocalResult(delta, shard.num_train, lr, lrs, sum(losses) / max(len(losses), 1))
 
 
+def to_wire(params: torch.Tensor) -> np.ndarray:
+    """The global model as a Ray argument of :meth:`Client.train_round`: a float32 numpy vector."""
+    return params.detach().to("cpu", torch.float32).numpy()
+
+
+def from_wire(result: LocalResult) -> LocalResult:
+    """A :meth:`Client.train_round` result with its delta back as a (writable) torch tensor."""
+    result.delta = torch.from_numpy(np.array(result.delta, dtype=np.float32, copy=True))
+    return result
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     set_flat_params(model, params)
@@ -111,9 +123,13 @@ class Client:
         result.client_id = self.client_id
         return result
 
-    def train_round(self, global_params: torch.Tensor, settings: dict[str, Any]) -> LocalResult:
-        """:meth:`train` with the round's keyword settings as one object (one object-store read per round)."""
-        return self.train(global_params, **settings)
+    def train_round(self, global_params: np.ndarray, settings: dict[str, Any]) -> LocalResult:
+        """:meth:`train` as a Ray call: the global model comes and the delta goes back as numpy arrays
+        (:func:`to_wire` / :func:`from_wire`), which Ray serialises without the ``torch.save`` round trip a
+        pickled tensor takes."""
+        result = self.train(torch.from_numpy(np.array(global_params, dtype=np.float32, copy=True)), **settings)
+        result.delta = result.delta.numpy()
+        return result
 
     def validate(self, params: torch.Tensor) -> dict[str, float]:
         metrics = evaluate(self.model, params.to(self.device), self.shard.val_x, self.shard.val_y)
