@@ -2,29 +2,32 @@
 
     .venv/bin/python benchmarks/pbt_overhead.py [--iterations 20] [--steps-per-iteration 5000]
         [--perturbation-interval 4] [--population 4] [--synch true|false] [--naive-steps 100]
-        [--skip-naive] [--compare-synch] [--show-sweep-output] [--set KEY=VALUE ...]
+        [--skip-naive] [--compare-synch] [--repeats 2] [--sequential] [--show-sweep-output] [--set KEY=VALUE ...]
 
-Measured in one process, one run:
+Measured in one run:
 
 * pure compute: the sweep's optimizer steps (population x iterations x steps_per_iteration, with the
-  per-iteration validation the trainable does) on ``DigitsTask`` in this process, 1 torch thread,
-  sequentially, no Ray, no Tune, before the sweep. After the sweep the same steps run in 2 processes at once
-  (the sweep's Ray has 2 CPUs, 1 per trial). The reference is the fastest pure compute measured,
-  ``min(sequential, 2-process)``: on the 2-core development machine two processes were measured at
-  0.5-1.0x the sequential time, so the ideal ``sequential / 2`` (also printed) is a speed-up this machine
-  does not reliably give.
+  per-iteration validation the trainable does) on ``DigitsTask`` in 2 processes at once (the sweep's Ray has
+  2 CPUs, 1 per trial), 1 torch thread each, no Ray, no Tune -- and no Ray process running: Ray's idle
+  processes wake often enough to slow a neighbour down, which is a cost of the sweep, not of the compute.
+  With ``--sequential`` the same steps also run one after another in this process (on the 2-core development
+  machine two processes were measured at 0.5-1.0x the sequential time).
 * ours: ``metaopt.pbt.sweep.run(exp)`` wall time on experiments/quickstart.yaml (population, sizes from the
-  command line, Tune results and the MLflow sqlite store in a temporary directory), with Ray already started
-  (its start-up is printed separately and not counted). Phases of the call (MLflow store/parent run, tune.fit,
-  the MLflow trial callback inside it, lineage/summary, MLflow artifacts) are timed by wrapping functions from
-  outside, no platform code changes; a Tune callback records when trials start, how many trials were inside
-  step() at once, and which worker processes ran them.
+  command line, Tune results and a fresh MLflow sqlite store in a temporary directory), with Ray started
+  just before (its start-up is printed separately and not counted) and shut down after. Phases of the call
+  (MLflow store/parent run, tune.fit, the MLflow trial callback inside it, lineage/summary, MLflow
+  artifacts) are timed by wrapping functions from outside, no platform code changes; a Tune callback
+  records when trials start and complete, how many trials were inside step() at once, how many iterations
+  ran, and which worker processes ran them.
+* the order: a pure compute pass, then ``--repeats`` times (default 2) a sweep followed by another pure
+  compute pass, so that the shared machine's drifting speed hits both sides. The fastest sweep is compared
+  with the fastest pure compute pass (every pass and the medians are printed).
 * with ``--compare-synch``: the same sweep with ``pbt.synch`` flipped (informational).
 * naive: a function trainable that reports *and checkpoints* after every optimizer step, restoring via
   ``tune.get_checkpoint()``, same task, population and PBT scheduler (interval scaled to its smaller step
   budget ``--naive-steps`` per trial), no MLflow. Its wall time is normalised per optimizer step.
 
-The last line is ``ratio: X.XX`` = ours / min(sequential, 2-process pure compute). Goal <= 1.25.
+The last line is ``ratio: X.XX`` = the fastest sweep / the fastest pure compute pass. Goal <= 1.25.
 ``--set KEY=VALUE`` passes any other override (e.g. ``ray.cpus_per_trial=0.5``).
 """
 
@@ -34,6 +37,7 @@ import argparse
 import functools
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--perturbation-interval", type=int, default=4)
     p.add_argument("--naive-steps", type=int, default=100, help="optimizer steps per trial for the naive trainable")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="sweeps, each followed by a 2-process pure compute pass (one more runs before the first)")
+    p.add_argument("--sequential", action="store_true",
+                   help="also time the pure compute sequentially in this process (a candidate for the reference)")
     # Asynchronous by default: a trial at its boundary pauses while another waits, so the 4 trials take turns on
     # the 2 CPUs with no barrier to wait at (quickstart.yaml itself is synchronous: its 50-step iterations are
     # too short for asynchronous exploits to show on the terminal).
@@ -69,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--show-sweep-output", action="store_true", help="do not hide what sweep.run prints")
     args = p.parse_args(argv)
     args.synch = None if args.synch is None else args.synch == "true"
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     return args
 
 
@@ -407,35 +417,56 @@ def main(argv=None) -> int:
     # warm-up: imports, data load, torch kernels
     train_trials({**s, "iterations": 2, "steps_per_iteration": 200}, [0.01])
 
-    log("\n[pure compute: this process, 1 torch thread, no Ray/Tune, same steps and per-iteration val]")
-    seq_before, steps = train_trials(s, lrs)
-    assert steps == total_steps, (steps, total_steps)
-    log(f"  sequential, before the sweep: {seq_before:.2f} s  ({seq_before / total_steps * 1e6:.0f} us/step incl. val)")
-
     import ray
 
-    log("\n[Ray]")
-    t = time.perf_counter()
-    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
-    ray_start = time.perf_counter() - t
-    log(f"  ray.init(num_cpus={CORES}) start-up: {ray_start:.2f} s (not counted)")
+    def pure_pass(label: str) -> float:
+        seconds = parallel_compute(s, lrs)
+        log(f"\n[pure compute, {label}: the same trials in {CORES} processes at once ({slots} groups), 1 torch thread "
+            f"each, no Ray running] {seconds:.2f} s")
+        return seconds
 
-    log(f"\n[ours: metaopt.pbt.sweep.run, synch={s['synch']}]")
-    wall, ran = report_ours(exp, args.show_sweep_output, slots, args.stall_seconds)
+    def start_ray() -> None:
+        t = time.perf_counter()
+        ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
+        log(f"  ray.init(num_cpus={CORES}) start-up: {time.perf_counter() - t:.2f} s (not counted)")
 
-    log("\n[pure compute again, after the sweep]")
-    par = parallel_compute(s, lrs)
-    log(f"  same trials in {CORES} processes at once ({slots} groups, measured, Ray idle in the background): "
-        f"{par:.2f} s")
+    seq = None
+    if args.sequential:
+        seq, steps = train_trials(s, lrs)
+        assert steps == total_steps, (steps, total_steps)
+        log(f"\n[pure compute, sequential in this process] {seq:.2f} s ({seq / total_steps * 1e6:.0f} us/step incl. val)")
+    pures, walls, rans = [pure_pass("before sweep 1")], [], []
+    for repeat in range(args.repeats):
+        if repeat == 0:
+            run_exp = exp
+        else:
+            (tmp / f"repeat{repeat + 1}").mkdir()
+            run_exp = load_experiment(args, tmp / f"repeat{repeat + 1}", args.synch, "pbt-overhead")[0]
+        log(f"\n[ours, sweep {repeat + 1} of {args.repeats}: metaopt.pbt.sweep.run, synch={s['synch']}, a fresh MLflow "
+            f"store and Ray]")
+        start_ray()
+        wall, ran = report_ours(run_exp, args.show_sweep_output, slots, args.stall_seconds)
+        ray.shutdown()
+        walls.append(wall)
+        rans.append(ran)
+        pures.append(pure_pass(f"after sweep {repeat + 1}"))
 
-    seq = seq_before
-    ideal = seq / slots
-    reference = min(seq, par)
-    log(f"\n  sequential pure compute (before the sweep): {seq:.2f} s")
-    log(f"  reference = the fastest pure compute measured: min(sequential, {CORES} processes) = {reference:.2f} s")
-    log(f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {ideal:.2f} s, "
-        f"not always reached on a shared machine): {wall / ideal:.2f} (informational)")
+    par = min(pures)
+    reference = min([par] + ([seq] if seq is not None else []))
+    wall = min(walls)
+    ran = rans[walls.index(wall)]
+    log(f"\n  sweeps: {', '.join(f'{w:.2f}' for w in walls)} s; pure compute passes in {CORES} processes: "
+        f"{', '.join(f'{x:.2f}' for x in pures)} s" + (f"; sequential {seq:.2f} s" if seq is not None else ""))
+    log(f"  reference = the fastest pure compute measured: {reference:.2f} s; ours = the fastest sweep: {wall:.2f} s")
+    log(f"  medians: sweep {statistics.median(walls):.2f} s / pure {statistics.median(pures):.2f} s = "
+        f"{statistics.median(walls) / statistics.median(pures):.2f}; slowest sweep / fastest pure: "
+        f"{max(walls) / reference:.2f} (informational)")
+    if seq is not None:
+        log(f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {seq / slots:.2f} s, not always reached on a "
+            f"shared machine): {wall / (seq / slots):.2f} (informational)")
 
+    if args.compare_synch or not args.skip_naive:
+        start_ray()
     if args.compare_synch:
         other = not s["synch"]
         exp2, _ = load_experiment(args, tmp, other, "pbt-overhead-alt")
@@ -458,14 +489,14 @@ def main(argv=None) -> int:
 
     ratio = wall / reference
     planned = section.population * section.iterations
-    log(f"\nours: {wall:.2f} s wall of sweep.run / {reference:.2f} s reference "
-        f"(the fastest of sequential {seq:.2f} s and {CORES}-process {par:.2f} s pure compute)")
+    log(f"\nours: {wall:.2f} s wall of the fastest sweep.run / {reference:.2f} s, the fastest pure compute")
     # An exploit restarts a trial from its donor's last checkpoint, which can be ahead of or behind the trial's own
     # iteration: the sweep may train a few iterations more or fewer than population x iterations.
     log(f"  iterations the sweep trained: {ran} of {planned} planned; against the pure compute of the iterations it "
         f"trained ({reference * ran / planned:.2f} s): {wall / (reference * ran / planned):.2f} (informational)")
     log(f"ratio: {ratio:.2f}")
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     return 0
 
 
