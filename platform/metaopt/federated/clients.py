@@ -82,14 +82,19 @@ def local_train(model: nn.Module, global_params: torch.Tensor, shard: ClientShar
     return LocalResult(delta, shard.num_train, lr, lrs, sum(losses) / max(len(losses), 1))
 
 
-def to_wire(params: torch.Tensor) -> np.ndarray:
-    """The global model as a Ray argument of :meth:`Client.train_round`: a float32 numpy vector."""
-    return params.detach().to("cpu", torch.float32).numpy()
+def to_wire(vector: torch.Tensor) -> np.ndarray:
+    """A parameter vector (the global model, a client's delta) as it crosses a Ray call: float32 numpy."""
+    return vector.detach().to("cpu", torch.float32).numpy()
+
+
+def tensor_from_wire(array: np.ndarray) -> torch.Tensor:
+    """:func:`to_wire` undone: a writable torch copy (arrays Ray hands back may be read-only)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
 
 
 def from_wire(result: LocalResult) -> LocalResult:
-    """A :meth:`Client.train_round` result with its delta back as a (writable) torch tensor."""
-    result.delta = torch.from_numpy(np.array(result.delta, dtype=np.float32, copy=True))
+    """A :meth:`Client.train_round` result with its delta back as a torch tensor."""
+    result.delta = tensor_from_wire(result.delta)
     return result
 
 
@@ -127,8 +132,8 @@ class Client:
         """:meth:`train` as a Ray call: the global model comes and the delta goes back as numpy arrays
         (:func:`to_wire` / :func:`from_wire`), which Ray serialises without the ``torch.save`` round trip a
         pickled tensor takes."""
-        result = self.train(torch.from_numpy(np.array(global_params, dtype=np.float32, copy=True)), **settings)
-        result.delta = result.delta.numpy()
+        result = self.train(tensor_from_wire(global_params), **settings)
+        result.delta = to_wire(result.delta)
         return result
 
     def validate(self, params: torch.Tensor) -> dict[str, float]:

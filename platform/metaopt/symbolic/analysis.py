@@ -243,7 +243,11 @@ def training_outputs(program: Program) -> frozenset[str]:
 def prune_for_training(program: Program) -> Program:
     """The program without the statements that cannot change training (see :func:`training_outputs`); a
     state variable it no longer assigns passes through unchanged. Same updates at every step as ``program``."""
-    keep = live_statements(program, training_outputs(program))
+    return _keep(program, live_statements(program, training_outputs(program)))
+
+
+def _keep(program: Program, keep: list[int]) -> Program:
+    """The program with only the statements at ``keep`` (the same object when that is all of them)."""
     if len(keep) == len(program.statements):
         return program
     return Program(tuple(program.statements[i] for i in keep))
@@ -251,10 +255,7 @@ def prune_for_training(program: Program) -> Program:
 
 def prune(program: Program) -> Program:
     """The program without the statements that do not reach an output (paper Sec. 2.3: ~70% of them)."""
-    keep = live_statements(program)
-    if len(keep) == len(program.statements):
-        return program
-    return Program(tuple(program.statements[i] for i in keep))
+    return _keep(program, live_statements(program))
 
 
 # ---- functional hash ---------------------------------------------------------------------------------------
@@ -301,7 +302,8 @@ def functional_hash(program: Program, *, seed: int = 0, shapes: tuple[tuple[int,
     to ``digits`` significant digits) and its ``finite`` flag are hashed. Programs that compute the same
     function (renamed temporaries, reordered independent statements, dead statements, ``x * 2`` vs ``x + x``)
     hash equal up to rounding, and so do programs that differ only in state that ``update`` never reads: the
-    reduced program passes such state through unchanged, and they train identically. Raises ValueError for an invalid program.
+    reduced program passes such state through unchanged, and they train identically.
+    Raises ValueError for an invalid program.
     """
     check = infer_types(program)
     if not check.valid:
