@@ -9,7 +9,8 @@
    (``--experiment experiments/ta_lpo_minatar.yaml`` times a real lpo experiment's generations instead);
 4. optimizer programs scored on the digits and tiny-LM proxies on CUDA vs the CPU (:mod:`metaopt.symbolic`);
 5. GRPO post-training (:mod:`metaopt.posttrain`, roles colocated) on CUDA vs the CPU: completions/s, accuracy;
-6. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
+6. GRPO with Ray actor roles sharing the GPU (fractional ``num_gpus``) in a placement group;
+7. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
    when Ray is installed.
 
 Each check runs on its own; a failing one is reported and the others go on. Exit code 0 when every check
@@ -177,6 +178,70 @@ def check_posttrain(quick: bool) -> dict:
             "rollout_device": str(roles.rollout[0].device)}
 
 
+def check_posttrain_actors(quick: bool) -> dict:
+    """GRPO with Ray actor roles sharing the GPU: two rollout actors, the learner and a reference actor each ask
+    for a quarter of it (``roles.gpus_per_*``), inside a placement group of :func:`role_bundles` whose driver
+    captures its child actors, as a Tune trial does; weights travel learner -> rollout through the object store.
+    Reports where each role ran, completions/s, reward and accuracy."""
+    import torch
+
+    try:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    except ImportError:
+        return {"skipped": "Ray is not installed here"}
+    from metaopt import config
+    from metaopt.posttrain.roles import role_bundles
+
+    gpu = torch.cuda.is_available()
+    if not gpu and not DRY_RUN:
+        return {"skipped": "torch sees no CUDA device"}
+    share = 0.25 if gpu else 0.0
+    steps = 3 if DRY_RUN else (10 if quick else 30)
+    overrides = ["posttrain.roles.mode=actors", "posttrain.roles.rollout_workers=2", "posttrain.roles.reference=actor",
+                 f"posttrain.roles.gpus_per_rollout={share}", f"posttrain.roles.gpus_per_learner={share}",
+                 f"posttrain.roles.cpus_per_actor={0.25 if DRY_RUN else 2}",
+                 f"posttrain.warmup.steps={20 if DRY_RUN else 300}"]
+    section = config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
+                          overrides).section
+    bundles = [{k: v for k, v in b.items() if v > 0} for b in role_bundles(section, {"cpu": 0.25, "gpu": 0.0})]
+
+    def drive() -> dict:
+        from metaopt.posttrain.loop import GRPORun
+        from metaopt.posttrain.roles import start_roles
+
+        started = time.perf_counter()
+        roles = start_roles(section, 0)
+        try:
+            run = GRPORun(section, "sec", 0, roles)
+            run.warm_up()
+            warm = time.perf_counter() - started
+            metrics = [run.step() for _ in range(steps)]
+            speed = [m["completions_per_s"] for m in metrics[1:]]
+            workers = {"learner": roles.learner, "reference": roles.reference,
+                       **{f"rollout{i}": w for i, w in enumerate(roles.rollout)}}
+            return {"warmup_s": warm, "completions_per_s": sum(speed) / len(speed), "reward": metrics[-1]["reward"],
+                    "kl": metrics[-1].get("kl"), "accuracy": run.evaluate()["accuracy"],
+                    "placement": {name: roles.get(roles.call(w, "placement")) for name, w in workers.items()}}
+        finally:
+            roles.close()
+
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4 if DRY_RUN else 10)
+    try:
+        group = placement_group(bundles, strategy="PACK")
+        ray.get(group.ready(), timeout=120)
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0,
+                                                    placement_group_capture_child_tasks=True)
+        out = ray.get(ray.remote(drive).options(num_cpus=0.25, scheduling_strategy=strategy).remote(), timeout=300)
+        out["bundles"] = bundles
+        out["cluster_gpus"] = ray.cluster_resources().get("GPU", 0)
+        remove_placement_group(group)
+        return out
+    finally:
+        ray.shutdown()
+
+
 def check_ray_gpu(quick: bool) -> dict:
     try:
         import ray
@@ -185,6 +250,10 @@ def check_ray_gpu(quick: bool) -> dict:
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         resources = ray.cluster_resources()
+        if not resources.get("GPU"):
+            if not DRY_RUN:
+                raise RuntimeError("Ray sees no GPU on this node")
+            return {"num_gpus": 0, "skipped": "Ray sees no GPU on this node"}
 
         @ray.remote(num_gpus=1)
         def visible():
@@ -204,7 +273,8 @@ EVAL_EVERY = 0
 DRY_RUN = False  # --dry-run-on-cpu: tiny sizes, GPU guards off (checks this script itself without a GPU)
 
 CHECKS = {"torch_digits": check_torch_digits, "jax_ppo": check_jax_ppo, "meta_trainer": check_meta_trainer,
-          "symbolic_proxies": check_symbolic_proxies, "posttrain": check_posttrain, "ray_gpu": check_ray_gpu}
+          "symbolic_proxies": check_symbolic_proxies, "posttrain": check_posttrain,
+          "posttrain_actors": check_posttrain_actors, "ray_gpu": check_ray_gpu}
 
 
 def main(argv=None) -> int:

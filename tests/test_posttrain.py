@@ -44,6 +44,8 @@ def test_colocated_and_actor_roles_train_the_same_policy_and_overlap_still_train
     actors = with_roles_mode(section, "actors", overlap=False)
     roles = start_roles(actors, 0)
     try:
+        places = roles.get([roles.call(w, "placement") for w in [*roles.rollout, roles.learner]])
+        assert [p["device"] for p in places] == ["cpu", "cpu"]  # gpus_per_* = 0: Ray hides every GPU
         actor_metrics, actor_weights = run_steps(actors, roles, 3)
         for a, b in zip(local_metrics, actor_metrics):
             assert a["reward"] == b["reward"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7)

@@ -14,6 +14,7 @@ does not care whether they are local objects (``roles.mode: colocated``, for deb
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,16 @@ def reference_logprobs(reference: torch.nn.Module, batch: RolloutBatch) -> torch
         return batch_logprobs(reference, batch)  # each group's prompt once, at the batch's sampling temperature
 
 
-class RolloutWorker:
+class _Role:
+    device: torch.device
+
+    def placement(self) -> dict[str, Any]:
+        """Where this role runs: its torch device and the GPUs visible to it (Ray sets CUDA_VISIBLE_DEVICES
+        for an actor that asked for ``num_gpus``)."""
+        return {"device": str(self.device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+class RolloutWorker(_Role):
     """Batched sampling of G completions per prompt with the latest policy weights."""
 
     def __init__(self, model_spec: dict[str, Any], tasks: list[dict[str, Any]], seed: int, *, with_reference: bool,
@@ -103,7 +113,7 @@ class RolloutWorker:
                                  max_new_tokens)
 
 
-class ReferenceWorker:
+class ReferenceWorker(_Role):
     """The frozen reference policy pi_ref on its own (its weights are set once, after the warm-up)."""
 
     def __init__(self, model_spec: dict[str, Any], seed: int, threads: float = 1.0):
@@ -119,7 +129,7 @@ class ReferenceWorker:
         return reference_logprobs(self.model, batch.to(self.device)).cpu()
 
 
-class LearnerWorker:
+class LearnerWorker(_Role):
     """The trained policy: supervised warm-up on demonstrations, then GRPO updates with a metaopt.optim
     optimizer and schedule."""
 

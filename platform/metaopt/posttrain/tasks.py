@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import reasoning_gym
 
 from metaopt.errors import ConfigError
 
@@ -180,6 +179,8 @@ class _ArithmeticSource:
 
 class _GymSource:
     def __init__(self, task: str, level: int, seed: int):
+        import reasoning_gym  # only reasoning-gym tasks need it: our own arithmetic runs without it
+
         self.task = task
         self.dataset = reasoning_gym.create_dataset(task, size=_GYM_SIZE, seed=seed, **GYM_LEVELS[task][level])
 
