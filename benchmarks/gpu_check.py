@@ -10,7 +10,8 @@
 4. optimizer programs scored on the digits and tiny-LM proxies on CUDA vs the CPU (:mod:`metaopt.symbolic`);
 5. GRPO post-training (:mod:`metaopt.posttrain`, roles colocated) on CUDA vs the CPU: completions/s, accuracy;
 6. GRPO with Ray actor roles sharing the GPU (fractional ``num_gpus``) in a placement group;
-7. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
+7. GRPO from a 0.5B-shaped checkpoint saved to a local path, colocated and as Ray actors;
+8. Ray: ``ray.init`` sees the GPU (``num_gpus``) and a task asking for ``num_gpus=1`` runs on it,
    when Ray is installed.
 
 Each check runs on its own; a failing one is reported and the others go on. Exit code 0 when every check
@@ -242,6 +243,82 @@ def check_posttrain_actors(quick: bool) -> dict:
         ray.shutdown()
 
 
+def check_posttrain_checkpoint(quick: bool) -> dict:
+    """GRPO from a checkpoint on a local path at a realistic size: a Qwen2 model shaped like a 0.5B one (hidden
+    896, 24 blocks, 14 heads; random weights, the character vocabulary) is saved with ``save_pretrained`` and
+    trained through ``posttrain.model.path``, first with the roles colocated, then as Ray actors (learner and
+    rollout on half the GPU each, the full weights through the object store every step). Reports completions/s,
+    the step time, how long each step waited for rollouts, and the GPU memory peak of the colocated run.
+    The weights are random, so rewards (and with them advantages, loss and KL) are zero: this times the path
+    and the weight traffic, it does not show learning at this size."""
+    import tempfile
+
+    import torch
+
+    from metaopt import config
+    from metaopt.posttrain.loop import GRPORun
+    from metaopt.posttrain.policy import make_policy
+    from metaopt.posttrain.roles import start_roles
+
+    gpu = torch.cuda.is_available()
+    if not gpu and not DRY_RUN:
+        return {"skipped": "torch sees no CUDA device"}
+    shape = {"hidden": 64, "layers": 2, "heads": 4} if DRY_RUN else {"hidden": 896, "layers": 24, "heads": 14}
+    steps = 2 if DRY_RUN else 4
+    model, tokenizer = make_policy({"arch": "qwen2", "max_positions": 256, **shape}, seed=0)
+    out = {"parameters": sum(p.numel() for p in model.parameters()), "modes": {}}
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        del model
+        for mode in ("colocated", "actors"):
+            overrides = [f"posttrain.model={{path: {path}}}", "posttrain.warmup.steps=0",
+                         "posttrain.grpo.group_size=8", "posttrain.grpo.prompts_per_step=32",
+                         "posttrain.grpo.max_new_tokens=24", f"posttrain.roles.mode={mode}",
+                         "posttrain.roles.rollout_workers=1", "posttrain.roles.reference=rollout",
+                         f"posttrain.roles.gpus_per_rollout={0.5 if gpu else 0}",
+                         f"posttrain.roles.gpus_per_learner={0.5 if gpu else 0}",
+                         f"posttrain.roles.cpus_per_actor={0.5 if DRY_RUN else 2}"]
+            section = config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
+                                  overrides).section
+            if mode == "actors":
+                try:
+                    import ray
+                except ImportError:
+                    out["modes"][mode] = {"skipped": "Ray is not installed here"}
+                    continue
+                ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4 if DRY_RUN else 8)
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            roles = start_roles(section, 0)
+            try:
+                run = GRPORun(section, "sec", 0, roles)
+                run.warm_up()
+                ready = time.perf_counter() - started
+                metrics = []
+                for _ in range(steps):
+                    step_started = time.perf_counter()
+                    metrics.append({**run.step(), "step_s": time.perf_counter() - step_started})
+                later = metrics[1:]
+                out["modes"][mode] = {
+                    "load_and_sync_s": ready,
+                    "completions_per_s": sum(m["completions_per_s"] for m in later) / len(later),
+                    "step_s": [round(m["step_s"], 3) for m in metrics],
+                    "rollout_wait_s": [round(m["rollout_wait_s"], 3) for m in metrics],
+                    "loss": metrics[-1].get("loss"), "kl": metrics[-1].get("kl"),
+                    "placement": roles.get(roles.call(roles.learner, "placement")),
+                    # the driver holds the models only when the roles are colocated
+                    "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu and mode == "colocated" else None,
+                }
+            finally:
+                roles.close()
+                if mode == "actors":
+                    ray.shutdown()
+            print(f"[gpu-check]   {mode}: {out['modes'][mode]}", flush=True)
+    return out
+
+
 def check_ray_gpu(quick: bool) -> dict:
     try:
         import ray
@@ -274,7 +351,8 @@ DRY_RUN = False  # --dry-run-on-cpu: tiny sizes, GPU guards off (checks this scr
 
 CHECKS = {"torch_digits": check_torch_digits, "jax_ppo": check_jax_ppo, "meta_trainer": check_meta_trainer,
           "symbolic_proxies": check_symbolic_proxies, "posttrain": check_posttrain,
-          "posttrain_actors": check_posttrain_actors, "ray_gpu": check_ray_gpu}
+          "posttrain_actors": check_posttrain_actors, "posttrain_checkpoint": check_posttrain_checkpoint,
+          "ray_gpu": check_ray_gpu}
 
 
 def main(argv=None) -> int:
