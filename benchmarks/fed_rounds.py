@@ -38,10 +38,12 @@ def main(argv=None) -> int:
     import ray
     import torch
 
+    from metaopt.config import RayConfig
     from metaopt.federated.clients import Client, ClientPool, evaluate
     from metaopt.federated.data import load_dataset, make_client_shards
     from metaopt.federated.rounds import FederatedRun, RoundSettings
     from metaopt.federated.strategies import make_strategy
+    from metaopt.runtime import local_ray_options
 
     torch.set_num_threads(1)
     hidden = tuple(args.hidden)
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         return out
 
     local_blocks = blocks(local, "in-process, no Ray running")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(**local_ray_options(RayConfig(num_cpus=2)), log_to_driver=False)  # as `metaopt run` starts it
     pool = ClientPool(shards, 64, 10, hidden, cpus=args.cpus_per_client)
     remote = FederatedRun(shards, pool.actors, make_strategy("fedavg"), settings, 64, 10, hidden)
     remote.run_round()  # warm-up: actor start-up, imports, first kernels

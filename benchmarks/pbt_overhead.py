@@ -425,10 +425,13 @@ def main(argv=None) -> int:
             f"each, no Ray running] {seconds:.2f} s")
         return seconds
 
-    def start_ray() -> None:
+    from metaopt.runtime import local_ray_options
+
+    def start_ray() -> None:  # as `metaopt run` starts its local Ray (ray.worker_niceness from the experiment)
         t = time.perf_counter()
-        ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
-        log(f"  ray.init(num_cpus={CORES}) start-up: {time.perf_counter() - t:.2f} s (not counted)")
+        ray.init(**local_ray_options(exp.ray), log_to_driver=False)
+        log(f"  ray.init(num_cpus={CORES}, worker niceness {exp.ray.worker_niceness}) start-up: "
+            f"{time.perf_counter() - t:.2f} s (not counted)")
 
     seq = None
     if args.sequential:

@@ -33,9 +33,11 @@ def free_port() -> int:
 def ray_session():
     """One embedded Ray for every test that needs it (Ray start-up costs seconds; do it once)."""
     import ray
+    from metaopt.config import RayConfig
+    from metaopt.runtime import local_ray_options
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # as `metaopt run` starts its local Ray
+        ray.init(**local_ray_options(RayConfig(num_cpus=2)), log_to_driver=False)
     yield ray
 
 

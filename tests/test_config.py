@@ -199,6 +199,8 @@ MALFORMED = [
     ("num-cpus-0", mutate(ray__num_cpus=0), [], "ray.num_cpus", ("greater than or equal to 1",)),
     ("max-concurrent-trials-0", mutate(ray__max_concurrent_trials=0), [], "ray.max_concurrent_trials",
      ("greater than or equal to 1",)),
+    ("worker-niceness-20", mutate(ray__worker_niceness=20), [], "ray.worker_niceness",
+     ("less than or equal to 19",)),
     # kind and name
     ("unknown-kind", mutate(kind="evolution"), [], "kind", ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt")),
     ("missing-kind", mutate(kind=DELETE), [], "kind", ("missing", "allowed: federated, lpo, lpo_eval, pbt")),

@@ -48,6 +48,11 @@ class RayConfig(StrictModel):
     cpus_per_trial: float = Field(default=1.0, gt=0, description="CPUs reserved by each Tune trial.")
     gpus_per_trial: float = Field(default=0.0, ge=0, description="GPUs reserved by each Tune trial (fractions ok).")
     max_concurrent_trials: int | None = Field(default=None, ge=1, description="Cap on trials running at once.")
+    worker_niceness: int = Field(
+        default=0, ge=0, le=19,
+        description="Niceness of the local embedded Ray's worker processes (Ray's own default, 15, lets every "
+        "Ray and system process preempt the trials; ignored on a cluster, whose nodes set their own).",
+    )
     storage_path: str | None = Field(
         default=None, description="Where Tune keeps trial dirs and checkpoints (default ./ray_results)."
     )
