@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,14 @@ def open_session(exp: Experiment, address: str | None, run_label: str, verbose: 
         # Tune warns "Remote file not found: result.json" each time a reused actor restores a trial whose
         # result file it has not written yet; harmless (progress.csv is what we read) and it buries the table.
         logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
-    resources = runtime.init(exp.ray, address)
-    per_trial = runtime.trial_resources(exp.ray, resources)
-    print(f"[metaopt] {resources.describe()}", flush=True)
-    client, experiment_id = tracking.connect(exp.tracking.uri, exp.mlflow_experiment)
+    # MLflow opens its store (on a first run, seconds of creating its tables) while Ray starts: measured
+    # 6.7 s + 3.5 s one after the other on 2 cores for the quickstart.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaopt-mlflow") as pool:
+        connecting = pool.submit(tracking.connect, exp.tracking.uri, exp.mlflow_experiment)
+        resources = runtime.init(exp.ray, address)
+        per_trial = runtime.trial_resources(exp.ray, resources)
+        print(f"[metaopt] {resources.describe()}", flush=True)
+        client, experiment_id = connecting.result()
     run_name = f"{exp.name}-{run_label}-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
     print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
