@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
-from conftest import KillTrialProcess
+from conftest import EXPERIMENTS, KillTrialProcess, free_port
 from metaopt import cli, tracking
 from metaopt.pbt import lineage, replay, sweep
 from mlflow.tracking import MlflowClient
@@ -92,6 +93,17 @@ def test_local_ray_workers_run_at_the_configured_niceness(ray_session):
 
     assert local_ray_options(RayConfig(worker_niceness=7))["_system_config"] == {"worker_niceness": 7}
     assert ray_session.get(ray_session.remote(lambda: os.nice(0)).remote()) == RayConfig().worker_niceness == 0
+
+
+def test_unreachable_tracking_server_is_one_error_line_before_ray(ray_session, capsys):
+    """No MLflow server at the tracking URI: exit 2 and one line naming tracking.uri at once, not MLflow's
+    minutes of retries and a traceback."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    rc = cli.main(["run", str(EXPERIMENTS / "quickstart.yaml"), "--set", f"tracking.uri={uri}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and time.monotonic() - started < 10
+    assert err.splitlines() == [err.strip()] and err.startswith(f"metaopt: error: tracking.uri: no MLflow server answers at {uri}")
 
 
 def test_pbt_sweep_against_mlflow_server(ray_session, tiny, mlflow_server):

@@ -14,6 +14,8 @@ import math
 import re
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,30 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from metaopt.errors import ConfigError
+
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
 
 
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An ``http(s)://`` tracking URI must answer: else one line now, not MLflow's retries for minutes and then
+    a traceback. Any HTTP answer counts (a server behind a login answers 401); only no answer is an error."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError("tracking.uri", f"no MLflow server answers at {uri} ({reason}); start one "
+                          "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlflow.db") from None
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent)."""
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
