@@ -151,27 +151,42 @@ def check_symbolic_proxies(quick: bool) -> dict:
     return out
 
 
+def arithmetic_section(overrides: list[str]):
+    """The posttrain section of experiments/grpo_sec_arithmetic.yaml with ``overrides``."""
+    from metaopt import config
+
+    return config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
+                       overrides).section
+
+
+def warmed_up_run(section):
+    """Roles started and warmed up for seed 0 with SEC: ``(run, roles, seconds it took)``."""
+    from metaopt.posttrain.loop import GRPORun
+    from metaopt.posttrain.roles import start_roles
+
+    started = time.perf_counter()
+    roles = start_roles(section, 0)
+    try:
+        run = GRPORun(section, "sec", 0, roles)
+        run.warm_up()
+    except BaseException:
+        roles.close()
+        raise
+    return run, roles, time.perf_counter() - started
+
+
 def check_posttrain(quick: bool) -> dict:
     """GRPO post-training (:mod:`metaopt.posttrain`), roles colocated in this process (they put their models on
     the CUDA device when torch sees one): warm-up, GRPO steps and greedy evaluation of the grpo_sec_arithmetic
     model; completions/s, reward, accuracy and where the models ran."""
     import torch
 
-    from metaopt import config
-    from metaopt.posttrain.loop import GRPORun
-    from metaopt.posttrain.roles import start_roles
-
     if not torch.cuda.is_available() and not DRY_RUN:
         return {"skipped": "torch sees no CUDA device"}
     steps = 3 if DRY_RUN else (10 if quick else 40)
-    overrides = ["posttrain.roles.mode=colocated", f"posttrain.warmup.steps={20 if DRY_RUN else 300}"]
-    section = config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
-                          overrides).section
-    started = time.perf_counter()
-    roles = start_roles(section, 0)
-    run = GRPORun(section, "sec", 0, roles)
-    run.warm_up()
-    warm = time.perf_counter() - started
+    section = arithmetic_section(["posttrain.roles.mode=colocated",
+                                  f"posttrain.warmup.steps={20 if DRY_RUN else 300}"])
+    run, roles, warm = warmed_up_run(section)
     metrics = [run.step() for _ in range(steps)]
     speed = [m["completions_per_s"] for m in metrics[1:]]
     return {"warmup_s": warm, "completions_per_s": sum(speed) / len(speed), "reward": metrics[-1]["reward"],
@@ -192,7 +207,6 @@ def check_posttrain_actors(quick: bool) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     except ImportError:
         return {"skipped": "Ray is not installed here"}
-    from metaopt import config
     from metaopt.posttrain.roles import role_bundles
 
     gpu = torch.cuda.is_available()
@@ -204,20 +218,12 @@ def check_posttrain_actors(quick: bool) -> dict:
                  f"posttrain.roles.gpus_per_rollout={share}", f"posttrain.roles.gpus_per_learner={share}",
                  f"posttrain.roles.cpus_per_actor={0.25 if DRY_RUN else 2}",
                  f"posttrain.warmup.steps={20 if DRY_RUN else 300}"]
-    section = config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
-                          overrides).section
+    section = arithmetic_section(overrides)
     bundles = [{k: v for k, v in b.items() if v > 0} for b in role_bundles(section, {"cpu": 0.25, "gpu": 0.0})]
 
     def drive() -> dict:
-        from metaopt.posttrain.loop import GRPORun
-        from metaopt.posttrain.roles import start_roles
-
-        started = time.perf_counter()
-        roles = start_roles(section, 0)
+        run, roles, warm = warmed_up_run(section)
         try:
-            run = GRPORun(section, "sec", 0, roles)
-            run.warm_up()
-            warm = time.perf_counter() - started
             metrics = [run.step() for _ in range(steps)]
             speed = [m["completions_per_s"] for m in metrics[1:]]
             workers = {"learner": roles.learner, "reference": roles.reference,
@@ -255,10 +261,7 @@ def check_posttrain_checkpoint(quick: bool) -> dict:
 
     import torch
 
-    from metaopt import config
-    from metaopt.posttrain.loop import GRPORun
     from metaopt.posttrain.policy import make_policy
-    from metaopt.posttrain.roles import start_roles
 
     gpu = torch.cuda.is_available()
     if not gpu and not DRY_RUN:
@@ -279,8 +282,7 @@ def check_posttrain_checkpoint(quick: bool) -> dict:
                          f"posttrain.roles.gpus_per_rollout={0.5 if gpu else 0}",
                          f"posttrain.roles.gpus_per_learner={0.5 if gpu else 0}",
                          f"posttrain.roles.cpus_per_actor={0.5 if DRY_RUN else 2}"]
-            section = config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
-                                  overrides).section
+            section = arithmetic_section(overrides)
             if mode == "actors":
                 try:
                     import ray
@@ -290,12 +292,8 @@ def check_posttrain_checkpoint(quick: bool) -> dict:
                 ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4 if DRY_RUN else 8)
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            roles = start_roles(section, 0)
             try:
-                run = GRPORun(section, "sec", 0, roles)
-                run.warm_up()
-                ready = time.perf_counter() - started
+                run, roles, ready = warmed_up_run(section)
                 metrics = []
                 for _ in range(steps):
                     step_started = time.perf_counter()
@@ -311,10 +309,10 @@ def check_posttrain_checkpoint(quick: bool) -> dict:
                     # the driver holds the models only when the roles are colocated
                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu and mode == "colocated" else None,
                 }
-            finally:
                 roles.close()
+            finally:
                 if mode == "actors":
-                    ray.shutdown()
+                    ray.shutdown()  # also ends the actors of a check that failed midway
             print(f"[gpu-check]   {mode}: {out['modes'][mode]}", flush=True)
     return out
 
