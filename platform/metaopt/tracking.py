@@ -46,8 +46,8 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent)."""
-    check_server(uri)
+    """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent); callers
+    run :func:`check_server` first."""
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)

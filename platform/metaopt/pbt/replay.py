@@ -105,6 +105,7 @@ def log_replay(result: ReplayResult, payload: dict[str, Any], tracking_uri: str)
     """Record the replay as a child of the sweep run it came from."""
     from metaopt import tracking
 
+    tracking.check_server(tracking_uri)
     client, experiment_id = tracking.connect(tracking_uri, payload["experiment"]["tracking"]["experiment"] or payload["experiment"]["name"])
     tags = {"metaopt.role": "replay", "replay_of_trial": result.trial_id}
     if payload.get("parent_run_id"):
