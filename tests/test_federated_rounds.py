@@ -85,7 +85,8 @@ def test_a_client_killed_mid_round_is_left_out_and_back_next_round(pool, shards)
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedhyper_cl"])
 def test_rounds_on_client_actors_equal_rounds_in_process(pool, shards, strategy):
-    """The Ray path (numpy vectors on the wire, inline per call) trains exactly what the in-process path does."""
+    """The Ray path (one packed request per round: numpy model, settings, CL rule) trains exactly what the
+    in-process path does."""
     remote = FederatedRun(shards, pool.actors, make_strategy(strategy), RoundSettings(lr0=0.1, fraction=0.5),
                           64, 10, HIDDEN)
     local = local_run(shards, strategy, lr0=0.1, fraction=0.5)
