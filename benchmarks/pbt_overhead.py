@@ -339,7 +339,8 @@ def naive_trainable(config):
 def run_naive(exp, naive_steps: int, storage: str, stall_seconds: float = 180.0):
     from ray import tune
 
-    from metaopt.pbt.tune import build_scheduler, initial_lrs, _seeded_random_search
+    from metaopt.pbt.tune import build_scheduler, initial_lrs
+    from metaopt.tuning import seeded_random_search
 
     section = exp.section
     # Same PBT settings; its interval counts Tune iterations, which are single steps here: keep the number of
@@ -353,7 +354,7 @@ def run_naive(exp, naive_steps: int, storage: str, stall_seconds: float = 180.0)
         tune_config=tune.TuneConfig(
             scheduler=build_scheduler(naive_section, "val_accuracy", "max"),
             num_samples=section.population,
-            search_alg=_seeded_random_search(section.seed),
+            search_alg=seeded_random_search(section.seed),
         ),
         run_config=tune.RunConfig(name="naive", storage_path=storage, stop={"training_iteration": naive_steps},
                                   callbacks=[make_watchdog(stall_seconds)], verbose=0),
@@ -464,6 +465,11 @@ def main(argv=None) -> int:
     log(f"  medians: sweep {statistics.median(walls):.2f} s / pure {statistics.median(pures):.2f} s = "
         f"{statistics.median(walls) / statistics.median(pures):.2f}; slowest sweep / fastest pure: "
         f"{max(walls) / reference:.2f} (informational)")
+    # Each sweep against the mean of the pure passes just before and just after it: a drift that is linear over the
+    # ~4 minutes of a bracket cancels (informational; the ratio below stays fastest / fastest).
+    bracketed = [w / ((before + after) / 2) for w, before, after in zip(walls, pures, pures[1:])]
+    log(f"  bracketed: each sweep / the mean of the pure passes either side of it: "
+        f"{', '.join(f'{b:.2f}' for b in bracketed)}; median {statistics.median(bracketed):.2f} (informational)")
     if seq is not None:
         log(f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {seq / slots:.2f} s, not always reached on a "
             f"shared machine): {wall / (seq / slots):.2f} (informational)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from conftest import EXPERIMENTS, KillTrialProcess
 from metaopt import cli, config, tracking
 from mlflow.tracking import MlflowClient
@@ -15,15 +16,46 @@ def load_tiny(tmp_path, *overrides: str):
     return config.load(EXPERIMENTS / "fedhyper_tiny.yaml", [*base, *overrides])
 
 
+def client_actors_created() -> int:
+    """Client actors this Ray session has created so far, alive or dead (the GCS actor table; the tests' Ray has
+    no dashboard for the state API)."""
+    from ray._private import state
+
+    return sum(1 for info in state.actors().values() if info["ActorClassName"].endswith("Client"))
+
+
+def in_process_accuracies(exp, strategy: str) -> list[float]:
+    """The same federated training as the trial's, with in-process clients: the reference for the Tune path."""
+    from metaopt.federated.clients import Client
+    from metaopt.federated.data import load_dataset, make_client_shards
+    from metaopt.federated.rounds import FederatedRun, RoundSettings
+    from metaopt.federated.strategies import make_strategy
+
+    s, seed = exp.section, exp.section.seeds[0]
+    data = load_dataset(s.dataset, s.data_root, seed=seed)
+    shards = make_client_shards(data, s.num_clients, s.partition, s.alpha, s.val_fraction, seed=seed)
+    hidden = tuple(s.hidden)
+    settings = RoundSettings(fraction=s.fraction, epochs=s.local_epochs, lr0=s.lrs[0], optimizer=s.client_optimizer,
+                             batch_size=s.batch_size, seed=seed)
+    run = FederatedRun(shards, [Client(i, shard, 64, 10, hidden) for i, shard in enumerate(shards)],
+                       make_strategy(strategy), settings, 64, 10, hidden, remote=False)
+    return [run.run_round()["accuracy"] for _ in range(s.rounds)]
+
+
 def test_federated_sweep_tracks_rounds_and_plots(ray_session, tmp_path):
     from metaopt.federated.sweep import run
 
     exp = load_tiny(tmp_path)
+    created_before = client_actors_created()
     rows = run(exp, verbose=0)
     assert sorted(r["strategy"] for r in rows) == ["fedavg", "fedhyper_g"]
+    # One trial at a time: the second ran on the first one's trainable actor and kept its 4 client actors
+    # (same shards), and they trained it exactly as fresh in-process clients do.
+    assert client_actors_created() - created_before == exp.section.num_clients
     for r in rows:
         assert r["error"] is None and r["curves"]["round"] == [1, 2, 3]
         assert math.isfinite(r["final_accuracy"]) and r["final_accuracy"] > 0.2
+        assert r["curves"]["accuracy"] == pytest.approx(in_process_accuracies(exp, r["strategy"]), abs=1e-9)
     hyper = next(r for r in rows if r["strategy"] == "fedhyper_g")
     assert hyper["curves"]["global_lr"][0] == 1.0  # round 1: no previous Δ, so a = 0
     client = MlflowClient(exp.tracking.uri)

@@ -190,7 +190,7 @@ def test_rllib_ppo_learning_rate_under_pbt(ray_session, tiny):
 def test_population_search_is_finished_only_when_every_trial_is():
     # Tune keeps a paused trial's actor only while the search may still produce trials; PopulationSearch says
     # so until the last trial has finished (TrialsLeft tells it from Tune's loop), then lets the run end.
-    from metaopt.pbt.tune import PopulationSearch, TrialsLeft
+    from metaopt.tuning import PopulationSearch, TrialsLeft
 
     class Trial:
         def __init__(self, finished: bool):

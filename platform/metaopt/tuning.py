@@ -3,8 +3,13 @@ checkpoint every iteration, a failure budget, and optionally synchronous PBT ove
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
 STATE_FILE = "trial_state.pt"
 
@@ -25,10 +30,18 @@ def load_state(checkpoint: str | dict) -> dict[str, Any]:
     return torch.load(directory / STATE_FILE, weights_only=False)
 
 
+def grid_search_alg(reuse_actors: bool, callbacks: list[Any]) -> tuple[Any, list[Any]]:
+    """The search algorithm and callbacks of a grid Tuner: with reused actors, a :class:`PopulationSearch` (so a
+    paused or finished trial's actor waits for the next trial) and its :class:`TrialsLeft` first."""
+    if not reuse_actors:
+        return None, callbacks
+    search = PopulationSearch(0)
+    return search, [TrialsLeft(search), *callbacks]
+
+
 def lr_pbt(metric: str, interval: int, low: float, high: float) -> Any:
     """Synchronous PBT on ``metric`` (max) every ``interval`` iterations; explore draws ``lr`` log-uniformly
     from [low, high] or perturbs it (Jaderberg et al. 2017)."""
-    from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
     return PopulationBasedTraining(time_attr="training_iteration", metric=metric, mode="max",
@@ -38,10 +51,15 @@ def lr_pbt(metric: str, interval: int, low: float, high: float) -> Any:
 
 def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any], *, iterations: int,
                scheduler: Any, max_failures: int, experiment_name: str, storage_path: str,
-               max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> Any:
+               max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
+               reuse_actors: bool = False) -> Any:
     """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint after every iteration (all of
-    them kept under PBT, which restores any peer's; the last two otherwise)."""
-    from ray import tune
+    them kept under PBT, which restores any peer's; the last two otherwise). ``reuse_actors``: the trainable
+    implements ``reset_config`` and Tune hands its actor (and placement group) from trial to trial."""
+    search, callbacks = grid_search_alg(reuse_actors, callbacks)
+    # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, ~10 ms) experiment state every
+    # few iterations, and warn about it each time: with rounds of well under a second that is a warning per round.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     return tune.Tuner(
         tune.with_resources(trainable, trial_resources),
@@ -49,7 +67,7 @@ def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any]
         # PBT must see the whole population (a concurrency limit would hide the trials not started yet); the
         # resources still decide how many train at once, and PBT pauses trials at its synchronous boundaries.
         tune_config=tune.TuneConfig(max_concurrent_trials=None if scheduler else max_concurrent_trials,
-                                    reuse_actors=False, scheduler=scheduler),
+                                    reuse_actors=reuse_actors, scheduler=scheduler, search_alg=search),
         run_config=tune.RunConfig(
             name=experiment_name, storage_path=storage_path, stop={"training_iteration": iterations},
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True,
@@ -58,3 +76,50 @@ def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any]
             callbacks=callbacks, verbose=verbose,
         ),
     )
+
+
+def _variant_seed(seed: int) -> int:
+    # Seeding the variant generator makes the initial population reproducible from the logged config.
+    return int(np.random.default_rng(seed).integers(2**31 - 1))
+
+
+def seeded_random_search(seed: int):
+    return BasicVariantGenerator(random_state=_variant_seed(seed))
+
+
+class PopulationSearch(BasicVariantGenerator):
+    """A seeded trial generator that is finished only when every trial has finished (PBT sweeps, and grids
+    whose trainables are reused across trials).
+
+    Tune (2.60) keeps an idle actor for reuse only while its search algorithm says more trials may come or a
+    trial is staged. Once the population has been generated, a trial PBT pauses (an exploit, a synchronous
+    barrier) therefore loses its actor, and resuming it starts a fresh worker process that imports torch and
+    Ray Tune again (seconds of CPU on a small machine, measured in benchmarks/pbt_overhead.py; a federated
+    trial also restarts its client actors). Reporting
+    "finished" only at the end lets paused trials keep, and resume on, their actors. :class:`TrialsLeft`
+    tells it at every step of Tune's loop whether any trial is left (it survives an experiment restore,
+    where completed trials are not reported again).
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(random_state=_variant_seed(seed))
+        self.trials_left = True
+
+    def is_finished(self) -> bool:
+        return super().is_finished() and not self.trials_left
+
+
+class TrialsLeft(tune.Callback):
+    """Keeps :attr:`PopulationSearch.trials_left` current; registered before every other callback."""
+
+    def __init__(self, search: PopulationSearch) -> None:
+        self.search = search
+
+    def _update(self, trials: list[Any]) -> None:
+        self.search.trials_left = any(not t.is_finished() for t in trials)
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._update(trials)
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._update(trials)

@@ -181,7 +181,12 @@ class ClientPool:
         self.actors = [actor.remote(i, ref, in_features, num_classes, hidden) for i, ref in enumerate(self.shard_refs)]
 
     def close(self) -> None:
+        """Kill the client actors and drop every handle to them now (the list is shared with the run using the
+        pool): a handle left for the garbage collector may be collected while Tune's SIGTERM stops the trial's
+        process, which prints a traceback from ``ActorHandle.__del__``."""
         import ray
 
         for a in self.actors:
             ray.kill(a)
+        self.actors.clear()
+        self.shard_refs.clear()

@@ -4,6 +4,8 @@ client) and checkpoints the server side every round, so a crashed trial resumes 
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import math
 from typing import Any
@@ -21,29 +23,56 @@ def input_shape(dataset) -> int:
 
 
 class FederatedTrainable(tune.Trainable):
-    """``config``: ``exp`` (the resolved section), ``strategy``, ``lr`` (initial local lr), ``seed``."""
+    """``config``: ``exp`` (the resolved section), ``strategy``, ``lr`` (initial local lr), ``seed``.
+
+    Tune reuses this actor from trial to trial (``reuse_actors``): a PBT pause or the next cell of the grid
+    resets it through :meth:`reset_config`, which keeps the client actors when the next trial's clients would
+    hold the same shards -- same section and seed -- instead of starting N new processes that each import
+    torch again.
+    """
 
     def setup(self, config: dict[str, Any]) -> None:
-        from metaopt.federated.clients import ClientPool
-        from metaopt.federated.data import load_dataset, make_client_shards
-        from metaopt.federated.rounds import FederatedRun, RoundSettings
-        from metaopt.federated.strategies import make_strategy
-
         for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
             logging.getLogger(name).setLevel(logging.WARNING)
         torch.set_num_threads(1)
+        self.pool = None
+        self.clients_key = None
+        self._start(config)
+
+    def _start(self, config: dict[str, Any]) -> None:
+        """This trial's server side, on the client actors already running when their shards are this trial's."""
+        from metaopt.federated.rounds import FederatedRun, RoundSettings
+        from metaopt.federated.strategies import make_strategy
+
         section = FederatedSection.model_validate(config["exp"])
-        data = load_dataset(section.dataset, section.data_root, seed=int(config["seed"]))
-        shards = make_client_shards(data, section.num_clients, section.partition, section.alpha,
-                                    section.val_fraction, seed=int(config["seed"]))
-        hidden = tuple(section.hidden)
-        self.pool = ClientPool(shards, input_shape(data), data.num_classes, hidden, cpus=section.cpus_per_client,
-                               gpus=section.gpus_per_client)
+        key = clients_key(config)
+        if key != self.clients_key:
+            self._start_clients(section, int(config["seed"]))
+            self.clients_key = key
+        shards, in_features, num_classes = self.client_data
         options = {"num_clients_total": section.num_clients, "fraction": section.fraction} if "cl" in config["strategy"] else {}
         settings = RoundSettings(fraction=section.fraction, epochs=section.local_epochs, lr0=float(config["lr"]),
                                  optimizer=section.client_optimizer, batch_size=section.batch_size, seed=int(config["seed"]))
         self.run = FederatedRun(shards, self.pool.actors, make_strategy(config["strategy"], **options), settings,
-                                input_shape(data), data.num_classes, hidden)
+                                in_features, num_classes, tuple(section.hidden))
+
+    def _start_clients(self, section: FederatedSection, seed: int) -> None:
+        from metaopt.federated.clients import ClientPool
+        from metaopt.federated.data import load_dataset, make_client_shards
+
+        if self.pool is not None:
+            self.pool.close()
+        data = load_dataset(section.dataset, section.data_root, seed=seed)
+        shards = make_client_shards(data, section.num_clients, section.partition, section.alpha,
+                                    section.val_fraction, seed=seed)
+        self.pool = ClientPool(shards, input_shape(data), data.num_classes, tuple(section.hidden),
+                               cpus=section.cpus_per_client, gpus=section.gpus_per_client)
+        self.client_data = (shards, input_shape(data), data.num_classes)
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        # Another trial on this actor: a fresh server side (Tune loads its checkpoint next, if it has one).
+        self._start(new_config)
+        return True
 
     def step(self) -> dict[str, Any]:
         metrics = self.run.run_round()
@@ -62,7 +91,16 @@ class FederatedTrainable(tune.Trainable):
             self.run.set_initial_lr(lr)
 
     def cleanup(self) -> None:
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = self.run = None
+            gc.collect()  # the handles go now, not under the SIGTERM that ends this process
+
+
+def clients_key(config: dict[str, Any]) -> str:
+    """What decides a trial's client actors: the section (dataset, split, model, client resources) and the seed.
+    Strategy and lr are the server's and the rounds'; they do not touch the clients."""
+    return json.dumps({"exp": config["exp"], "seed": config["seed"]}, sort_keys=True)
 
 
 def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
@@ -82,4 +120,4 @@ def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path
     return grid_tuner(FederatedTrainable, trial_resources, param_space, iterations=section.rounds,
                       scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
                       storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
-                      verbose=verbose)
+                      verbose=verbose, reuse_actors=True)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining
-from ray.tune.search import BasicVariantGenerator
 
 from metaopt.pbt.config import PBTSection
 from metaopt.pbt.lineage import record_lr
 from metaopt.tasks import build_task
+from metaopt.tuning import PopulationSearch, TrialsLeft, seeded_random_search
 
 STATE_FILE = "trainable_state.pt"
 
@@ -155,7 +155,7 @@ def build_tuner(
         search = PopulationSearch(section.seed)
         callbacks = [TrialsLeft(search), *callbacks]
     else:
-        search = None if grid else _seeded_random_search(section.seed)
+        search = None if grid else seeded_random_search(section.seed)
     trainable = tune.with_resources(LRTrainable, resources)
     return tune.Tuner(
         trainable,
@@ -182,48 +182,3 @@ def build_tuner(
             verbose=verbose,
         ),
     )
-
-
-def _variant_seed(seed: int) -> int:
-    # Seeding the variant generator makes the initial population reproducible from the logged config.
-    return int(np.random.default_rng(seed).integers(2**31 - 1))
-
-
-def _seeded_random_search(seed: int):
-    return BasicVariantGenerator(random_state=_variant_seed(seed))
-
-
-class PopulationSearch(BasicVariantGenerator):
-    """The seeded population generator of a PBT sweep; finished only when every trial has finished.
-
-    Tune (2.60) keeps an idle actor for reuse only while its search algorithm says more trials may come or a
-    trial is staged. Once the population has been generated, a trial PBT pauses (an exploit, a synchronous
-    barrier) therefore loses its actor, and resuming it starts a fresh worker process that imports torch and
-    Ray Tune again (seconds of CPU on a small machine, measured in benchmarks/pbt_overhead.py). Reporting
-    "finished" only at the end lets paused trials keep, and resume on, their actors. :class:`TrialsLeft`
-    tells it at every step of Tune's loop whether any trial is left (it survives an experiment restore,
-    where completed trials are not reported again).
-    """
-
-    def __init__(self, seed: int) -> None:
-        super().__init__(random_state=_variant_seed(seed))
-        self.trials_left = True
-
-    def is_finished(self) -> bool:
-        return super().is_finished() and not self.trials_left
-
-
-class TrialsLeft(tune.Callback):
-    """Keeps :attr:`PopulationSearch.trials_left` current; registered before every other callback."""
-
-    def __init__(self, search: PopulationSearch) -> None:
-        self.search = search
-
-    def _update(self, trials: list[Any]) -> None:
-        self.search.trials_left = any(not t.is_finished() for t in trials)
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        self._update(trials)
-
-    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        self._update(trials)
