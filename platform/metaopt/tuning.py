@@ -1,5 +1,6 @@
 """The Tune set-up shared by the capabilities whose trials are a grid (federated, posttrain): one Tuner with a
-checkpoint every iteration, a failure budget, and optionally synchronous PBT over the trial config's ``lr``."""
+checkpoint every iteration, a failure budget, and optionally synchronous PBT over the trial config's ``lr``;
+and the search algorithm that lets trials keep their actors (PBT sweeps of ``metaopt.pbt`` use it too)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,6 @@ def load_state(checkpoint: str | dict) -> dict[str, Any]:
     return torch.load(directory / STATE_FILE, weights_only=False)
 
 
-def grid_search_alg(reuse_actors: bool, callbacks: list[Any]) -> tuple[Any, list[Any]]:
-    """The search algorithm and callbacks of a grid Tuner: with reused actors, a :class:`PopulationSearch` (so a
-    paused or finished trial's actor waits for the next trial) and its :class:`TrialsLeft` first."""
-    if not reuse_actors:
-        return None, callbacks
-    search = PopulationSearch(0)
-    return search, [TrialsLeft(search), *callbacks]
 
 
 def lr_pbt(metric: str, interval: int, low: float, high: float) -> Any:
@@ -56,7 +50,9 @@ def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any]
     """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint after every iteration (all of
     them kept under PBT, which restores any peer's; the last two otherwise). ``reuse_actors``: the trainable
     implements ``reset_config`` and Tune hands its actor (and placement group) from trial to trial."""
-    search, callbacks = grid_search_alg(reuse_actors, callbacks)
+    search = None
+    if reuse_actors:
+        search, callbacks = actor_keeping_search(0, callbacks)
     # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, ~10 ms) experiment state every
     # few iterations, and warn about it each time: with rounds of well under a second that is a warning per round.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -95,10 +91,9 @@ class PopulationSearch(BasicVariantGenerator):
     trial is staged. Once the population has been generated, a trial PBT pauses (an exploit, a synchronous
     barrier) therefore loses its actor, and resuming it starts a fresh worker process that imports torch and
     Ray Tune again (seconds of CPU on a small machine, measured in benchmarks/pbt_overhead.py; a federated
-    trial also restarts its client actors). Reporting
-    "finished" only at the end lets paused trials keep, and resume on, their actors. :class:`TrialsLeft`
-    tells it at every step of Tune's loop whether any trial is left (it survives an experiment restore,
-    where completed trials are not reported again).
+    trial also restarts its client actors). Reporting "finished" only at the end lets paused trials keep, and
+    resume on, their actors. :class:`TrialsLeft` tells it at every step of Tune's loop whether any trial is
+    left (it survives an experiment restore, where completed trials are not reported again).
     """
 
     def __init__(self, seed: int) -> None:
@@ -123,3 +118,10 @@ class TrialsLeft(tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         self._update(trials)
+
+
+def actor_keeping_search(seed: int, callbacks: list[Any]) -> tuple[PopulationSearch, list[Any]]:
+    """The search algorithm of a Tuner whose trials reuse actors -- a :class:`PopulationSearch`, so a paused or
+    finished trial's actor waits for the next trial -- and the callbacks with its :class:`TrialsLeft` first."""
+    search = PopulationSearch(seed)
+    return search, [TrialsLeft(search), *callbacks]

@@ -25,7 +25,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 from metaopt.pbt.config import PBTSection
 from metaopt.pbt.lineage import record_lr
 from metaopt.tasks import build_task
-from metaopt.tuning import PopulationSearch, TrialsLeft, seeded_random_search
+from metaopt.tuning import actor_keeping_search, seeded_random_search
 
 STATE_FILE = "trainable_state.pt"
 
@@ -152,8 +152,7 @@ def build_tuner(
     scheduler = build_scheduler(section, metric, mode)
     grid = section.scheduler == "grid"
     if scheduler is not None:
-        search = PopulationSearch(section.seed)
-        callbacks = [TrialsLeft(search), *callbacks]
+        search, callbacks = actor_keeping_search(section.seed, callbacks)
     else:
         search = None if grid else seeded_random_search(section.seed)
     trainable = tune.with_resources(LRTrainable, resources)
