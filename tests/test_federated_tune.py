@@ -68,6 +68,19 @@ def test_federated_sweep_tracks_rounds_and_plots(ray_session, tmp_path):
     assert [m.step for m in history] == [1, 2, 3]
 
 
+def test_grid_runs_seed_major_so_trials_keep_their_client_actors(ray_session, tmp_path):
+    from metaopt.federated.sweep import run
+
+    # Each trial (its actor and 2 clients) takes both CPUs, as in fedhyper_digits.yaml: one trial actor runs them all.
+    exp = load_tiny(tmp_path, "federated.seeds=[0, 1]", "federated.rounds=1", "federated.num_clients=2",
+                    "ray.cpus_per_trial=1", "federated.cpus_per_client=0.5")
+    created_before = client_actors_created()
+    rows = sorted(run(exp, verbose=0), key=lambda r: r["trial_id"])
+    assert [(r["seed"], r["strategy"]) for r in rows] == [(0, "fedavg"), (0, "fedhyper_g"), (1, "fedavg"), (1, "fedhyper_g")]
+    assert all(r["error"] is None for r in rows)
+    assert client_actors_created() - created_before == 2 * 2  # one set of 2 clients per seed, not per trial
+
+
 def test_killed_federated_trial_resumes_without_losing_a_round(ray_session, tmp_path):
     from metaopt.federated.sweep import run
 

@@ -46,13 +46,15 @@ def lr_pbt(metric: str, interval: int, low: float, high: float) -> Any:
 def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any], *, iterations: int,
                scheduler: Any, max_failures: int, experiment_name: str, storage_path: str,
                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
-               reuse_actors: bool = False) -> Any:
+               reuse_actors: bool = False, cells: list[dict[str, Any]] | None = None) -> Any:
     """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint after every iteration (all of
     them kept under PBT, which restores any peer's; the last two otherwise). ``reuse_actors``: the trainable
-    implements ``reset_config`` and Tune hands its actor (and placement group) from trial to trial."""
+    implements ``reset_config`` and Tune hands its actor (and placement group) from trial to trial.
+    ``cells``: the trials' values of ``param_space``'s sampled keys, one dict per trial, run in this order
+    (instead of ``grid_search`` keys, which Tune orders by name)."""
     search = None
-    if reuse_actors:
-        search, callbacks = actor_keeping_search(0, callbacks)
+    if reuse_actors or cells:
+        search, callbacks = actor_keeping_search(0, callbacks, cells)
     # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, ~10 ms) experiment state every
     # few iterations, and warn about it each time: with rounds of well under a second that is a warning per round.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -63,7 +65,8 @@ def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any]
         # PBT must see the whole population (a concurrency limit would hide the trials not started yet); the
         # resources still decide how many train at once, and PBT pauses trials at its synchronous boundaries.
         tune_config=tune.TuneConfig(max_concurrent_trials=None if scheduler else max_concurrent_trials,
-                                    reuse_actors=reuse_actors, scheduler=scheduler, search_alg=search),
+                                    reuse_actors=reuse_actors, scheduler=scheduler, search_alg=search,
+                                    num_samples=len(cells) if cells else 1),
         run_config=tune.RunConfig(
             name=experiment_name, storage_path=storage_path, stop={"training_iteration": iterations},
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True,
@@ -96,8 +99,8 @@ class PopulationSearch(BasicVariantGenerator):
     left (it survives an experiment restore, where completed trials are not reported again).
     """
 
-    def __init__(self, seed: int) -> None:
-        super().__init__(random_state=_variant_seed(seed))
+    def __init__(self, seed: int, points_to_evaluate: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(random_state=_variant_seed(seed), points_to_evaluate=points_to_evaluate)
         self.trials_left = True
 
     def is_finished(self) -> bool:
@@ -120,8 +123,10 @@ class TrialsLeft(tune.Callback):
         self._update(trials)
 
 
-def actor_keeping_search(seed: int, callbacks: list[Any]) -> tuple[PopulationSearch, list[Any]]:
+def actor_keeping_search(seed: int, callbacks: list[Any],
+                         cells: list[dict[str, Any]] | None = None) -> tuple[PopulationSearch, list[Any]]:
     """The search algorithm of a Tuner whose trials reuse actors -- a :class:`PopulationSearch`, so a paused or
-    finished trial's actor waits for the next trial -- and the callbacks with its :class:`TrialsLeft` first."""
-    search = PopulationSearch(seed)
+    finished trial's actor waits for the next trial, over ``cells`` in order when given -- and the callbacks
+    with its :class:`TrialsLeft` first."""
+    search = PopulationSearch(seed, cells)
     return search, [TrialsLeft(search), *callbacks]

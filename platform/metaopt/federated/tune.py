@@ -111,13 +111,18 @@ def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path
     scheduler = None
     if section.scheduler == "pbt":
         scheduler = lr_pbt("accuracy", section.pbt_interval, min(section.lrs) / 10, max(section.lrs) * 10)
+    # Every strategy x lr x seed, seed-major: consecutive trials then share their clients' shards, and a reused
+    # trial actor keeps its client actors (FederatedTrainable.reset_config). A grid_search would order the cells
+    # by key name, with the seed changing from one trial to the next.
+    cells = [{"seed": seed, "strategy": strategy, "lr": lr}
+             for seed in section.seeds for strategy in section.strategies for lr in section.lrs]
     param_space = {
         "exp": section.model_dump(mode="json"),
-        "strategy": tune.grid_search(list(section.strategies)),
-        "lr": tune.grid_search(list(section.lrs)),
-        "seed": tune.grid_search(list(section.seeds)),
+        "seed": tune.choice(list(section.seeds)),
+        "strategy": tune.choice(list(section.strategies)),
+        "lr": tune.choice(list(section.lrs)),
     }
     return grid_tuner(FederatedTrainable, trial_resources, param_space, iterations=section.rounds,
                       scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
                       storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
-                      verbose=verbose, reuse_actors=True)
+                      verbose=verbose, reuse_actors=True, cells=cells)
