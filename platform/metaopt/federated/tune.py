@@ -65,9 +65,9 @@ class FederatedTrainable(tune.Trainable):
         data = load_dataset(section.dataset, section.data_root, seed=seed)
         shards = make_client_shards(data, section.num_clients, section.partition, section.alpha,
                                     section.val_fraction, seed=seed)
-        self.pool = ClientPool(shards, input_shape(data), data.num_classes, tuple(section.hidden),
-                               cpus=section.cpus_per_client, gpus=section.gpus_per_client)
         self.client_data = (shards, input_shape(data), data.num_classes)
+        self.pool = ClientPool(*self.client_data, tuple(section.hidden), cpus=section.cpus_per_client,
+                               gpus=section.gpus_per_client)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         # Another trial on this actor: a fresh server side (Tune loads its checkpoint next, if it has one).
