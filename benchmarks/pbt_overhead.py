@@ -140,6 +140,55 @@ def _warm_worker(_):
     return d.__name__
 
 
+# --------------------------------------------------------------------------------------------- CPU accounting
+def cpu_seconds_of(pid: int) -> float | None:
+    """User + system CPU seconds a live process has used, or None (gone, or psutil missing)."""
+    try:
+        import psutil
+
+        times = psutil.Process(pid).cpu_times()
+    except Exception:  # noqa: BLE001 -- accounting is informational; a vanished process just has no figure
+        return None
+    return times.user + times.system
+
+
+def process_label(cmdline: list[str]) -> str:
+    """A short name for one of Ray's processes: its ``ray::`` title, the Python script it runs, or its binary."""
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    scripts = [Path(arg).name for arg in cmdline if arg.endswith(".py")]
+    return scripts[0] if scripts else (Path(cmdline[0]).name if cmdline else "?")
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """pid -> (label, CPU seconds) for this process and every process under it (Ray's daemons, live workers)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    me = psutil.Process()
+    snapshot = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            with proc.oneshot():
+                times = proc.cpu_times()
+                label = "driver (this process)" if proc.pid == me.pid else process_label(proc.cmdline())
+        except psutil.Error:
+            continue
+        snapshot[proc.pid] = (label, times.user + times.system)
+    return snapshot
+
+
+def cpu_used_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per label used between two snapshots by the processes alive in both (the driver and Ray's
+    daemons; trial workers start and end inside the sweep and are counted by the Counter callback)."""
+    used: dict[str, float] = {}
+    for pid, (label, seconds) in after.items():
+        if pid in before:
+            used[label] = used.get(label, 0.0) + seconds - before[pid][1]
+    return used
+
+
 # --------------------------------------------------------------------------------------------- ours, phased
 class Phases:
     """Wall time of named phases, accumulated; wraps functions without changing them."""
@@ -176,6 +225,7 @@ def make_counter_callback():
             self.first_start: float | None = None
             self.starts = 0
             self.pids: set[int] = set()
+            self.trial_cpu: dict[int, float] = {}  # pid -> CPU seconds (user + system) at its latest result
             self.completed: list[float] = []  # driver clock when each trial completed
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -187,7 +237,11 @@ def make_counter_callback():
             now = time.perf_counter()
             seconds = float(result.get("time_this_iter_s", 0.0))
             self.results += 1
-            self.pids.add(int(result.get("pid", 0)))
+            pid = int(result.get("pid", 0))
+            self.pids.add(pid)
+            cpu = cpu_seconds_of(pid)  # the trial process's CPU so far; it is gone once the sweep ends
+            if cpu is not None:
+                self.trial_cpu[pid] = cpu
             self.step_seconds += seconds
             self.intervals.append((now - seconds, now))
 
@@ -279,7 +333,9 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
     from metaopt.pbt import lineage
 
     section = exp.section
+    cpu_before = cpu_snapshot()
     wall, summary, phases, counter, window = run_ours(exp, show_output, stall_seconds)
+    cpu_used = cpu_used_between(cpu_before, cpu_snapshot())
     exploits = len(lineage.read_pbt_global(Path(summary.experiment_path) / "pbt_global.txt"))
     diverged = sum(t.diverged for t in summary.trials)
     steps = sum(getattr(t, "steps", t.iterations * section.steps_per_iteration) for t in summary.trials)
@@ -307,6 +363,18 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
         f"trial (re)starts: {counter.starts}; checkpoints saved: {counter.checkpoints}; PBT exploits: {exploits}; "
         f"optimizer steps {steps} (expected {section.population * section.iterations * section.steps_per_iteration}); "
         f"diverged trials: {diverged}")
+    if cpu_used:
+        # Where the 2 cores went: the trial processes' own CPU against their step() time, and what the driver and
+        # Ray's daemons took beside them (on 2 busy cores, every CPU-second they use is one a trial waits for).
+        capacity = slots * wall
+        others = sorted(cpu_used.items(), key=lambda kv: -kv[1])
+        log(f"  CPU-seconds during sweep.run ({slots} cores x {wall:.1f} s = {capacity:.1f} available): "
+            + ", ".join(f"{label} {sec:.1f}" for label, sec in others if sec >= 0.05)
+            + f"; driver and Ray daemons together {sum(cpu_used.values()):.1f} ({sum(cpu_used.values()) / capacity:.1%})")
+        if counter.trial_cpu:
+            trial_cpu = sum(counter.trial_cpu.values())
+            log(f"  trial processes: {trial_cpu:.1f} CPU-s by their last result (start-up imports included) "
+                f"for {counter.step_seconds:.1f} s inside step()")
     best = summary.best()
     if best:
         log(f"  best trial {best.trial_id}: val_accuracy {best.final_metric:.4f}, schedule {lineage.describe(best.schedule)}")
