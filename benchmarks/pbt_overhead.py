@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import multiprocessing as mp
 import os
 import statistics
@@ -189,6 +190,16 @@ def cpu_used_between(before: dict[int, tuple[str, float]], after: dict[int, tupl
     return used
 
 
+def worker_gaps(steps_by_pid: dict[int, list[tuple[float, float]]]) -> list[tuple[float, int]]:
+    """Per worker: (seconds between the end of one step() and the start of its next, number of such gaps)."""
+    gaps = []
+    for intervals in steps_by_pid.values():
+        ordered = sorted(intervals)
+        between = [max(0.0, nxt[0] - prev[1]) for prev, nxt in itertools.pairwise(ordered)]
+        gaps.append((sum(between), len(between)))
+    return gaps
+
+
 # --------------------------------------------------------------------------------------------- ours, phased
 class Phases:
     """Wall time of named phases, accumulated; wraps functions without changing them."""
@@ -222,6 +233,7 @@ def make_counter_callback():
             self.results = 0
             self.checkpoints = 0
             self.intervals: list[tuple[float, float]] = []
+            self.steps_by_pid: dict[int, list[tuple[float, float]]] = {}  # each worker's step() intervals
             self.first_start: float | None = None
             self.starts = 0
             self.pids: set[int] = set()
@@ -244,6 +256,7 @@ def make_counter_callback():
                 self.trial_cpu[pid] = cpu
             self.step_seconds += seconds
             self.intervals.append((now - seconds, now))
+            self.steps_by_pid.setdefault(pid, []).append((now - seconds, now))
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             self.checkpoints += 1
@@ -359,6 +372,10 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
         done = sorted(counter.completed)
         log(f"  end of the sweep: the last trial completed {done[-1] - done[-slots]:.2f} s after the one before it "
             f"(fewer than {slots} trials left to run); tune.fit returned {window['end'] - done[-1]:.2f} s after that")
+    gaps = worker_gaps(counter.steps_by_pid)
+    if gaps:
+        log("  between one step() and the next on the same worker (result, pause, checkpoint, trial switch): "
+            + ", ".join(f"{total:.2f} s over {count} gaps" for total, count in gaps))
     log(f"  worker processes that ran trials: {len(counter.pids)} (a sweep that kept its {slots} actors would use {slots}); "
         f"trial (re)starts: {counter.starts}; checkpoints saved: {counter.checkpoints}; PBT exploits: {exploits}; "
         f"optimizer steps {steps} (expected {section.population * section.iterations * section.steps_per_iteration}); "
