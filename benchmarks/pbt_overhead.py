@@ -18,7 +18,8 @@ Measured in one run:
   (MLflow store/parent run, tune.fit, the MLflow trial callback inside it, lineage/summary, MLflow
   artifacts) are timed by wrapping functions from outside, no platform code changes; a Tune callback
   records when trials start and complete, how many trials were inside step() at once, how many iterations
-  ran, and which worker processes ran them.
+  ran, and which worker processes ran them. Also per sweep: each worker's time between one step() and the
+  next, and the CPU-seconds (psutil) of the driver, Ray's daemons and the trial processes.
 * the order: a pure compute pass, then ``--repeats`` times (default 2) a sweep followed by another pure
   compute pass, so that the shared machine's drifting speed hits both sides. The fastest sweep is compared
   with the fastest pure compute pass (every pass and the medians are printed).
