@@ -30,6 +30,7 @@ def in_process_accuracies(exp, strategy: str) -> list[float]:
     from metaopt.federated.data import load_dataset, make_client_shards
     from metaopt.federated.rounds import FederatedRun, RoundSettings
     from metaopt.federated.strategies import make_strategy
+    from metaopt.federated.tune import input_shape
 
     s, seed = exp.section, exp.section.seeds[0]
     data = load_dataset(s.dataset, s.data_root, seed=seed)
@@ -37,8 +38,9 @@ def in_process_accuracies(exp, strategy: str) -> list[float]:
     hidden = tuple(s.hidden)
     settings = RoundSettings(fraction=s.fraction, epochs=s.local_epochs, lr0=s.lrs[0], optimizer=s.client_optimizer,
                              batch_size=s.batch_size, seed=seed)
-    run = FederatedRun(shards, [Client(i, shard, 64, 10, hidden) for i, shard in enumerate(shards)],
-                       make_strategy(strategy), settings, 64, 10, hidden, remote=False)
+    shape = (input_shape(data), data.num_classes)
+    run = FederatedRun(shards, [Client(i, shard, *shape, hidden) for i, shard in enumerate(shards)],
+                       make_strategy(strategy), settings, *shape, hidden, remote=False)
     return [run.run_round()["accuracy"] for _ in range(s.rounds)]
 
 

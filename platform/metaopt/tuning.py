@@ -31,8 +31,6 @@ def load_state(checkpoint: str | dict) -> dict[str, Any]:
     return torch.load(directory / STATE_FILE, weights_only=False)
 
 
-
-
 def lr_pbt(metric: str, interval: int, low: float, high: float) -> Any:
     """Synchronous PBT on ``metric`` (max) every ``interval`` iterations; explore draws ``lr`` log-uniformly
     from [low, high] or perturbs it (Jaderberg et al. 2017)."""
