@@ -430,9 +430,9 @@ def run_naive(exp, naive_steps: int, storage: str, stall_seconds: float = 180.0)
 
     section = exp.section
     # Same PBT settings; its interval counts Tune iterations, which are single steps here: keep the number of
-    # perturbations per trial the same as the sweep's.
+    # perturbations per trial the same as the sweep's. Tune's own PBT: no end-of-sweep levelling.
     interval = max(1, round(section.perturbation_interval * naive_steps / section.iterations))
-    naive_section = section.model_copy(update={"perturbation_interval": interval})
+    naive_section = section.model_copy(update={"perturbation_interval": interval, "even_finish": False})
     tuner = tune.Tuner(
         tune.with_resources(naive_trainable, {"cpu": exp.ray.cpus_per_trial}),
         param_space={"lr": initial_lrs(naive_section), "exp": naive_section.model_dump(mode="json"),

@@ -11,6 +11,7 @@ from conftest import EXPERIMENTS, KillTrialProcess, free_port
 from metaopt import cli, tracking
 from metaopt.pbt import lineage, replay, sweep
 from mlflow.tracking import MlflowClient
+from ray.tune import Callback
 
 
 def budget(exp) -> int:
@@ -185,6 +186,68 @@ def test_rllib_ppo_learning_rate_under_pbt(ray_session, tiny):
         assert trial.lineage_agrees, (trial.schedule, trial.carried_schedule)
         assert math.isfinite(trial.final_metric) and trial.final_metric > 10  # CartPole episodes last >= ~10 steps
     assert_tracked_sweep(exp.tracking.uri, summary, exp, metric="episode_return_mean")
+
+
+class ResultOrder(Callback):
+    """Every result in the order Tune's loop saw them: (trial id, training_iteration)."""
+
+    def __init__(self):
+        self.results: list[tuple[str, int]] = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.results.append((trial.trial_id, int(result["training_iteration"])))
+
+
+def left_at_first_finish(results: list[tuple[str, int]], iterations: int) -> dict[str, int]:
+    """Iterations each other trial still had to train when the first trial finished."""
+    reached: dict[str, int] = {}
+    for trial_id, it in results:
+        reached[trial_id] = it
+        if it == iterations:
+            return {t: iterations - r for t, r in reached.items() if t != trial_id}
+    raise AssertionError(f"no trial reached iteration {iterations}: {results}")
+
+
+def run_async_population(tiny, monkeypatch, even_finish: bool):
+    from metaopt.pbt import tune as pbt_tune
+
+    monkeypatch.setattr(pbt_tune, "TRIAL_SWITCH_SECONDS", 0.0)  # level even these ~10 ms iterations
+    exp = tiny("pbt.population=4", "pbt.iterations=8", "pbt.perturbation_interval=4", "pbt.synch=false",
+               "pbt.quantile_fraction=0.25", f"pbt.even_finish={str(even_finish).lower()}")
+    order = ResultOrder()
+    return exp, sweep.run(exp, verbose=0, callbacks=[order]), order.results
+
+
+def test_asynchronous_pbt_population_finishes_level(ray_session, tiny, monkeypatch):
+    # 4 trials on 2 workers take turns of 4 iterations. Tune's PBT alone finishes 2 trials while the other 2
+    # still wait with a whole turn (4 iterations) to go, to be trained 2 at a time with nothing else to run.
+    # EvenFinish levels the last stretch: when the first trial finishes, every other one is nearly done.
+    exp, summary, results = run_async_population(tiny, monkeypatch, even_finish=True)
+    left = left_at_first_finish(results, exp.section.iterations)
+    assert len(left) == 3 and max(left.values()) <= 2, (left, results)
+    # the extra pauses lose nothing: full budgets, and the lineage from Tune's log matches the checkpoints'
+    assert len(summary.trials) == 4
+    for trial in summary.trials:
+        assert trial.steps == budget(exp) and trial.iterations == exp.section.iterations
+        assert trial.lineage_agrees, (trial.schedule, trial.carried_schedule)
+
+    exp, summary, results = run_async_population(tiny, monkeypatch, even_finish=False)
+    assert max(left_at_first_finish(results, exp.section.iterations).values()) == exp.section.perturbation_interval
+
+
+def test_levelling_rules():
+    from metaopt.pbt.tune import levelling_pays, yields_in_last_stretch
+
+    # only in the last stretch (fewer than `interval` iterations left), only to a trial with more left
+    assert yields_in_last_stretch(3, [4, 3], interval=4)
+    assert not yields_in_last_stretch(3, [3, 2], interval=4)
+    assert not yields_in_last_stretch(4, [8], interval=4)  # a perturbation is still ahead: PBT's turns decide
+    assert not yields_in_last_stretch(1, [], interval=4)
+    # an iteration must outweigh the switches: 4 trials on 2 workers, 75 ms a switch -> at least 0.3 s
+    assert levelling_pays(2.5, population=4, running=2, switch_seconds=0.075)
+    assert levelling_pays(0.3, population=4, running=2, switch_seconds=0.075)
+    assert not levelling_pays(0.29, population=4, running=2, switch_seconds=0.075)
+    assert not levelling_pays(0.5, population=64, running=2, switch_seconds=0.075)
 
 
 def test_population_search_is_finished_only_when_every_trial_is():

@@ -36,6 +36,9 @@ class PBTSection(StrictModel):
     resample_probability: float = Field(default=0.25, ge=0, le=1, description="Chance to resample lr on explore.")
     perturbation_factors: tuple[float, float] = Field(default=(1.2, 0.8), description="lr multipliers on explore.")
     synch: bool = Field(default=False, description="Synchronous PBT (all trials perturb together).")
+    even_finish: bool = Field(
+        default=True, description="Asynchronous PBT/PB2: level the population in its last stretch so it finishes together."
+    )
     lr_min: float = Field(default=1e-4, gt=0, description="Smallest learning rate searched.")
     lr_max: float = Field(default=1.0, gt=0, description="Largest learning rate searched.")
     seed: int = Field(default=0, ge=0, description="Seed for weights, data order and the search.")

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from ray import tune
-from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
 from metaopt.pbt.config import PBTSection
 from metaopt.pbt.lineage import record_lr
@@ -28,6 +29,9 @@ from metaopt.tasks import build_task
 from metaopt.tuning import actor_keeping_search, seeded_random_search
 
 STATE_FILE = "trainable_state.pt"
+# Handing a reused actor from one trial to another (save, pause, reset_config, restore) took 35-75 ms per
+# worker process on the 2-core development machine (benchmarks/README.md, pbt_overhead.py); the upper end.
+TRIAL_SWITCH_SECONDS = 0.075
 
 
 class LRTrainable(tune.Trainable):
@@ -111,8 +115,87 @@ def initial_lrs(section: PBTSection) -> Any:
     return tune.loguniform(section.lr_min, section.lr_max)
 
 
+def yields_in_last_stretch(left: int, waiting_left: list[int], interval: int) -> bool:
+    """Should a running trial with ``left`` iterations to go hand its worker to a waiting one?
+
+    Only in its last stretch (fewer than ``interval`` iterations left: no perturbation ahead, so the order in
+    which the population trains no longer matters to PBT), and only to a trial with more iterations left:
+    longest-remaining-first, which keeps the population within one iteration of each other at the end.
+    """
+    return left < interval and any(other > left for other in waiting_left)
+
+
+def levelling_pays(iteration_seconds: float, population: int, running: int, switch_seconds: float) -> bool:
+    """Is an iteration long enough for the extra trial switches of levelling to cost less than they save?
+
+    Without levelling, trials take turns of ``interval`` iterations, so the last trial trains alone for up to a
+    turn (on average about half of one, (interval - 1) / 2 iterations). Levelling adds at most
+    ``population x (interval - 1)`` switches, spread over the ``running`` workers. Worth it when
+    (interval - 1) / 2 x iteration_seconds >= population x (interval - 1) x switch_seconds / running.
+    """
+    return iteration_seconds * running >= 2 * population * switch_seconds
+
+
+class EvenFinish:
+    """Asynchronous PBT/PB2 whose population finishes together (a mixin in front of the Tune scheduler).
+
+    Tune's asynchronous PBT pauses a trial only at a perturbation boundary when another trial waits, and resumes
+    the waiting trial with the least training. With more trials than workers the trials take turns of
+    ``perturbation_interval`` iterations, so at the end of a sweep one worker trains the last trial alone for up
+    to a turn while the other idles (0.5-11.5 s, ~5 s on average, in 4 x 20 x 5,000-step sweeps, 2 workers:
+    benchmarks/README.md). Here, in a trial's last stretch (see :func:`yields_in_last_stretch`), it also yields
+    after a plain iteration to a waiting trial with more iterations left; the next trial to run is the one with
+    the most left, counted in iterations actually trained. Exploit and explore are PBT's own; synchronous PBT
+    is left as it is (its boundaries already wait for everyone).
+    """
+
+    def __init__(self, *args: Any, stop_iteration: int, switch_seconds: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop_iteration = stop_iteration
+        self._switch_seconds = TRIAL_SWITCH_SECONDS if switch_seconds is None else switch_seconds
+        self._trained: dict[Trial, int] = {}  # iterations each trial has trained (its restored checkpoint's)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if self._synch or self._time_attr not in result:
+            return decision
+        # An exploited trial (NOOP: PBT paused it onto its donor's checkpoint) resumes at the donor's iteration.
+        exploited = decision == TrialScheduler.NOOP
+        self._trained[trial] = int(self._trial_state[trial].last_train_time if exploited else result[self._time_attr])
+        if decision != TrialScheduler.CONTINUE:
+            return decision
+        trials = tune_controller.get_trials()
+        waiting = [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
+        running = sum(t.status == Trial.RUNNING for t in trials)
+        left = self._stop_iteration - self._trained[trial]
+        if (
+            waiting
+            and levelling_pays(float(result.get("time_this_iter_s", 0.0)), len(trials), max(running, 1), self._switch_seconds)
+            and yields_in_last_stretch(left, [self._stop_iteration - self._trained_by(t) for t in waiting],
+                                       self._perturbation_interval)
+        ):
+            return TrialScheduler.PAUSE
+        return decision
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        if self._synch:
+            return super().choose_trial_to_run(tune_controller)
+        waiting = [t for t in tune_controller.get_trials() if t.status in (Trial.PENDING, Trial.PAUSED)]
+        return min(waiting, key=self._trained_by, default=None)
+
+    def _trained_by(self, trial: Trial) -> int:
+        return self._trained.get(trial, 0)
+
+
+class EvenFinishPBT(EvenFinish, PopulationBasedTraining):
+    """Tune's PBT (Jaderberg et al. 2017) with :class:`EvenFinish`'s end-of-sweep levelling."""
+
+
 def build_scheduler(section: PBTSection, metric: str, mode: str):
-    """PBT / PB2 over ``lr`` with the section's interval, quantile and mutation settings; None for baselines."""
+    """PBT / PB2 over ``lr`` with the section's interval, quantile and mutation settings; None for baselines.
+
+    Asynchronous PBT/PB2 levels the population at the end (:class:`EvenFinish`) unless ``even_finish`` is off.
+    """
     shared = dict(
         time_attr="training_iteration",
         metric=metric,
@@ -121,18 +204,24 @@ def build_scheduler(section: PBTSection, metric: str, mode: str):
         quantile_fraction=section.quantile_fraction,
         synch=section.synch,
     )
+    levelled = {"stop_iteration": section.iterations} if section.even_finish else {}
     if section.scheduler == "pbt":
-        return PopulationBasedTraining(
+        return (EvenFinishPBT if levelled else PopulationBasedTraining)(
             hyperparam_mutations={"lr": tune.loguniform(section.lr_min, section.lr_max)},
             resample_probability=section.resample_probability,
             perturbation_factors=tuple(section.perturbation_factors),
             **shared,
+            **levelled,
         )
     if section.scheduler == "pb2":
         # PB2 (Parker-Holder et al. 2020) explores with a GP bandit inside the bounds instead of random factors.
-        from ray.tune.schedulers.pb2 import PB2  # imports GPy/sklearn: only when asked for
+        # Both modules import GPy/sklearn: only when asked for.
+        from ray.tune.schedulers.pb2 import PB2
 
-        return PB2(hyperparam_bounds={"lr": [section.lr_min, section.lr_max]}, **shared)
+        from metaopt.pbt import pb2
+
+        scheduler_cls = pb2.EvenFinishPB2 if levelled else PB2
+        return scheduler_cls(hyperparam_bounds={"lr": [section.lr_min, section.lr_max]}, **shared, **levelled)
     return None
 
 
