@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -137,21 +138,37 @@ class MLflowTrialCallback(Callback):
 
     Params = the trial's initial config, flattened (PBT changes ``lr`` later; the lr actually used is a metric
     every iteration, and the lineage schedule is an artifact of the parent). One ``log_batch`` per result.
+    ``parent`` may still be opening (a future): the first trial waits for it, so Tune starts its trial
+    processes while MLflow creates its store.
     """
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, extra_tags: dict | None = None):
-        self.client = client
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.extra_tags = extra_tags or {}
+    def __init__(self, parent: ParentRun | Future[ParentRun]):
+        self._parent: ParentRun | Future[ParentRun] | None = parent
         self.trial_runs: dict[str, str] = {}
+
+    @property
+    def parent(self) -> ParentRun:
+        if isinstance(self._parent, Future):
+            self._parent = self._parent.result()
+        if self._parent is None:
+            raise RuntimeError("this copy of the MLflow trial callback was pickled before its parent run was open")
+        return self._parent
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Tuner pickles its callbacks when it is built (for Tuner.restore, which metaopt does not use), which
+        # may be before MLflow has opened the parent run: an open one travels, one still opening does not.
+        state = dict(self.__dict__)
+        if isinstance(self._parent, Future):
+            state["_parent"] = self._parent.result() if self._parent.done() else None
+        return state
 
     def run_id_for(self, trial) -> str:
         if trial.trial_id not in self.trial_runs:
-            tags = {PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "metaopt.role": "trial"}
-            run = self.client.create_run(self.experiment_id, run_name=str(trial), tags={**tags, **self.extra_tags})
+            parent, client = self.parent, self.parent.client
+            tags = {PARENT_TAG: parent.run_id, "trial_id": trial.trial_id, "metaopt.role": "trial"}
+            run = client.create_run(parent.experiment_id, run_name=str(trial), tags=tags)
             self.trial_runs[trial.trial_id] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=as_params(trial.config))
+            client.log_batch(run.info.run_id, params=as_params(trial.config))
         return self.trial_runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -160,9 +177,10 @@ class MLflowTrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("training_iteration", 0))
         metrics = finite_metrics(_trial_metrics(result), step, int(time.time() * 1000))
-        self.client.log_batch(self.run_id_for(trial), metrics=metrics)
+        run_id = self.run_id_for(trial)
+        self.parent.client.log_batch(run_id, metrics=metrics)
         for key, text in text_results(result).items():  # e.g. sample completions: one text file per iteration
-            self.client.log_text(self.run_id_for(trial), text, f"{key}/iter_{step:04d}.txt")
+            self.parent.client.log_text(run_id, text, f"{key}/iter_{step:04d}.txt")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
@@ -174,8 +192,8 @@ class MLflowTrialCallback(Callback):
         run_id = self.run_id_for(trial)
         diverged = bool((trial.last_result or {}).get("diverged"))
         tags = [RunTag("metaopt.diverged", str(diverged).lower())]
-        self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, status=status)
+        self.parent.client.log_batch(run_id, tags=tags)
+        self.parent.client.set_terminated(run_id, status=status)
 
 
 _RESULT_NOISE = {"config", "hostname", "node_ip", "pid", "date", "trial_id", "experiment_tag", "done", "timestamp"}

@@ -137,9 +137,8 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         for spec in section.envs for h in section.horizons
     ]
     session = open_session(exp, address, "eval", verbose)
-    client, experiment_id, parent = session.client, session.experiment_id, session.parent
     print(f"[metaopt] {len(objectives)} objectives x {len(problems)} env/horizons x {section.seeds} seeds", flush=True)
-    trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
+    trial_callback = tracking.MLflowTrialCallback(session.opening)
     tuner = tune.Tuner(
         tune.with_resources(evaluation_trial, session.per_trial),
         param_space={
@@ -156,12 +155,12 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     try:
         results = tuner.fit()
         table = [table_row(r) for r in results]
-        log_evaluation(parent, exp, objectives, table, problems)
+        log_evaluation(session.parent, exp, objectives, table, problems)
     except BaseException:
-        parent.finish("FAILED")
+        session.parent.finish("FAILED")
         raise
     failed = any(r.error for r in results)
-    parent.finish("FAILED" if failed else "FINISHED")
+    session.parent.finish("FAILED" if failed else "FINISHED")
     print(format_table(table, section.confidence), flush=True)
     print(f"[metaopt] done in {time.time() - started:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
     return table

@@ -50,14 +50,13 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
     started = time.time()
     section = exp.section
     session = open_session(exp, address, section.drift, verbose)
-    client, experiment_id, parent = session.client, session.experiment_id, session.parent
     print(
         f"[metaopt] meta-training {section.drift} with OpenAI-ES: population {section.es.population}, "
         f"{section.es.generations} generations, envs {', '.join(s.env for s in section.envs)}; "
         "the first generation compiles PPO (tens of seconds)",
         flush=True,
     )
-    trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
+    trial_callback = tracking.MLflowTrialCallback(session.opening)
     progress = []
     if verbose == 1:
         from metaopt.progress import ProgressPrinter
@@ -76,8 +75,9 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
         results = tuner.fit()
         trials = [summarise_trial(result) for result in results]
     except BaseException:
-        parent.finish("FAILED")
+        session.parent.finish("FAILED")
         raise
+    parent = session.parent
     scored = [t for t in trials if math.isfinite(t.mean_score)]
     best = max(scored, key=lambda t: t.mean_score) if scored else None
     summary = MetaSummary(exp.name, parent.run_id, exp.tracking.uri, trials, best.trial_id if best else None,

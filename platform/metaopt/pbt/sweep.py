@@ -83,9 +83,8 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     started = time.time()
     section = exp.section
     session = open_session(exp, address, section.scheduler, verbose)
-    client, experiment_id, parent = session.client, session.experiment_id, session.parent
     metric, mode = task_metric(section.task)
-    trial_callback = tracking.MLflowTrialCallback(client, experiment_id, parent.run_id)
+    trial_callback = tracking.MLflowTrialCallback(session.opening)
     tuner = build_tuner(
         section,
         experiment_name=session.run_name,
@@ -100,8 +99,9 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     try:
         results = tuner.fit()
     except BaseException:
-        parent.finish("FAILED")
+        session.parent.finish("FAILED")
         raise
+    parent = session.parent
 
     experiment_path = Path(results.experiment_path)
     try:

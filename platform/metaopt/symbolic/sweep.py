@@ -43,7 +43,7 @@ def run_search(exp: Experiment, *, address: str | None = None, callbacks: list[A
         f"proxy {section.proxy.task} ({section.proxy.steps} steps x lrs {section.proxy.lrs})",
         flush=True,
     )
-    trial_callback = tracking.MLflowTrialCallback(session.client, session.experiment_id, session.parent.run_id)
+    trial_callback = tracking.MLflowTrialCallback(session.opening)
     progress = []
     if verbose == 1:
         from metaopt.progress import ProgressPrinter

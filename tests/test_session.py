@@ -1,0 +1,50 @@
+"""open_session: Ray first, MLflow's parent run opened in the background while the Tuner starts."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import pytest
+from metaopt import session as session_module
+from metaopt import tracking
+
+
+def test_session_returns_before_mlflow_is_open_and_the_callback_waits_for_it(ray_session, tiny, monkeypatch):
+    exp = tiny()
+    release = threading.Event()
+    connect = tracking.connect
+
+    def slow_connect(uri, experiment):  # a first run creating its store: seconds
+        assert release.wait(60)
+        return connect(uri, experiment)
+
+    monkeypatch.setattr(tracking, "connect", slow_connect)
+    session = session_module.open_session(exp, None, "pbt", verbose=0)
+    assert not session.opening.done()  # Ray is up, the parent run is still opening
+    callback = tracking.MLflowTrialCallback(session.opening)
+    # the Tuner pickles its callbacks at once: fine while MLflow is still opening
+    early_copy = pickle.loads(pickle.dumps(callback))
+    with pytest.raises(RuntimeError, match="pickled before its parent run was open"):
+        _ = early_copy.parent
+
+    release.set()
+    assert callback.parent.run_id == session.parent.run_id  # the first trial waits for the parent run
+    assert session.client.get_run(session.parent.run_id).data.tags["metaopt.role"] == "sweep"
+    assert session.experiment_id == session.parent.experiment_id
+    assert pickle.loads(pickle.dumps(callback)).parent.run_id == session.parent.run_id  # open: travels whole
+    session.parent.finish()
+
+
+def test_session_raises_mlflow_errors_where_the_parent_is_used(ray_session, tiny, monkeypatch):
+    exp = tiny()
+
+    def broken_connect(uri, experiment):
+        raise PermissionError(f"cannot create {uri}")
+
+    monkeypatch.setattr(tracking, "connect", broken_connect)
+    session = session_module.open_session(exp, None, "pbt", verbose=0)
+    with pytest.raises(PermissionError, match="cannot create"):
+        _ = session.parent
+    with pytest.raises(PermissionError, match="cannot create"):
+        _ = tracking.MLflowTrialCallback(session.opening).parent
