@@ -235,8 +235,15 @@ def test_asynchronous_pbt_population_finishes_level(ray_session, tiny, monkeypat
     assert max(left_at_first_finish(results, exp.section.iterations).values()) == exp.section.perturbation_interval
 
 
-def test_levelling_rules():
-    from metaopt.pbt.tune import levelling_pays, yields_in_last_stretch
+def test_levelling_rules(tiny):
+    from metaopt.pbt.tune import EvenFinishPBT, build_scheduler, levelling_pays, yields_in_last_stretch
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    # asynchronous PBT levels its last stretch; synchronous PBT, or even_finish off, is Tune's own scheduler
+    assert type(build_scheduler(tiny("pbt.synch=false").section, "val_accuracy", "max")) is EvenFinishPBT
+    assert type(build_scheduler(tiny("pbt.synch=true").section, "val_accuracy", "max")) is PopulationBasedTraining
+    off = tiny("pbt.synch=false", "pbt.even_finish=false").section
+    assert type(build_scheduler(off, "val_accuracy", "max")) is PopulationBasedTraining
 
     # only in the last stretch (fewer than `interval` iterations left), only to a trial with more left
     assert yields_in_last_stretch(3, [4, 3], interval=4)

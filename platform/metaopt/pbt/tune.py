@@ -204,7 +204,8 @@ def build_scheduler(section: PBTSection, metric: str, mode: str):
         quantile_fraction=section.quantile_fraction,
         synch=section.synch,
     )
-    levelled = {"stop_iteration": section.iterations} if section.even_finish else {}
+    # Synchronous PBT already waits for every trial at each boundary: Tune's own scheduler, unchanged.
+    levelled = {"stop_iteration": section.iterations} if section.even_finish and not section.synch else {}
     if section.scheduler == "pbt":
         return (EvenFinishPBT if levelled else PopulationBasedTraining)(
             hyperparam_mutations={"lr": tune.loguniform(section.lr_min, section.lr_max)},
