@@ -236,7 +236,12 @@ def test_asynchronous_pbt_population_finishes_level(ray_session, tiny, monkeypat
 
 
 def test_levelling_rules(tiny):
-    from metaopt.pbt.tune import EvenFinishPBT, build_scheduler, levelling_pays, yields_in_last_stretch
+    from metaopt.pbt.tune import (
+        EvenFinishPBT,
+        build_scheduler,
+        levelling_pays,
+        yields_in_last_stretch,
+    )
     from ray.tune.schedulers import PopulationBasedTraining
 
     # asynchronous PBT levels its last stretch; synchronous PBT, or even_finish off, is Tune's own scheduler
