@@ -107,6 +107,22 @@ def test_unreachable_tracking_server_is_one_error_line_before_ray(ray_session, c
     assert err.splitlines() == [err.strip()] and err.startswith(f"metaopt: error: tracking.uri: no MLflow server answers at {uri}")
 
 
+def test_unwritable_sqlite_store_is_one_error_line(ray_session, tmp_path, capsys):
+    """MLflow opens its store in a background thread while the sweep starts: a store that cannot be created is
+    still one line naming tracking.uri and exit 2, up front."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for uri, message in [
+        (f"sqlite:///{blocker}/mlflow.db", f"cannot create the MLflow store {blocker}/mlflow.db"),
+        (f"sqlite:///{tmp_path}", f"sqlite:///{tmp_path} names a folder, not a database file"),
+    ]:
+        rc = cli.main(["run", str(EXPERIMENTS / "quickstart_tiny.yaml"), "--set", f"tracking.uri={uri}"])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "", (out, err)
+        assert err.splitlines() == [err.strip()] and err.startswith(f"metaopt: error: tracking.uri: {message}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left behind
+
+
 def test_pbt_sweep_against_mlflow_server(ray_session, tiny, mlflow_server):
     exp = tiny(uri=mlflow_server, name="tiny-on-server")
     summary = sweep.run(exp, verbose=0)

@@ -55,7 +55,9 @@ def open_session(exp: Experiment, address: str | None, run_label: str, verbose: 
         # Tune warns "Remote file not found: result.json" each time a reused actor restores a trial whose
         # result file it has not written yet; harmless (progress.csv is what we read) and it buries the table.
         logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
-    tracking.check_server(exp.tracking.uri)  # an unreachable server is one error line before anything starts
+    # an unreachable server or an unwritable store is one error line before anything starts
+    tracking.check_server(exp.tracking.uri)
+    tracking.check_sqlite_store(exp.tracking.uri)
     run_name = f"{exp.name}-{run_label}-{time.strftime('%Y%m%d-%H%M%S')}"
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaopt-mlflow")
     try:

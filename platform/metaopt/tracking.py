@@ -46,6 +46,23 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
                           "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlflow.db") from None
 
 
+def check_sqlite_store(uri: str) -> None:
+    """A ``sqlite:///PATH`` store must be creatable where it points: else one line now, not a traceback from the
+    thread that opens MLflow while the sweep starts. Creates the missing parent folders (as MLflow would) and a
+    scratch file beside the database, which it removes."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return
+    path = Path(uri[len("sqlite:///"):].split("?")[0]).expanduser()
+    if path.is_dir():
+        raise ConfigError("tracking.uri", f"{uri} names a folder, not a database file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path.parent, prefix=".metaopt-check-").close()
+    except OSError as err:
+        raise ConfigError("tracking.uri", f"cannot create the MLflow store {path} ({err.strerror or err}); "
+                          "point it somewhere writable, e.g. sqlite:///mlflow.db") from None
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent); callers
     run :func:`check_server` first."""
