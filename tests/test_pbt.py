@@ -121,6 +121,14 @@ def test_unwritable_sqlite_store_is_one_error_line(ray_session, tmp_path, capsys
         assert rc == 2 and out == "", (out, err)
         assert err.splitlines() == [err.strip()] and err.startswith(f"metaopt: error: tracking.uri: {message}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left behind
+    # a file MLflow cannot read as its store is only found by the background opener, once Tune has started
+    rc = cli.main(["run", str(EXPERIMENTS / "quickstart_tiny.yaml"), "--set", f"tracking.uri=sqlite:///{blocker}",
+                   "--set", f"ray.storage_path={tmp_path / 'ray_results'}"])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert err.strip().splitlines()[-1].startswith(f"metaopt: error: tracking.uri: MLflow cannot use sqlite:///{blocker}: "
+                                                   "(sqlite3.DatabaseError) file is not a database"), err
+    assert "Traceback" not in err
 
 
 def test_pbt_sweep_against_mlflow_server(ray_session, tiny, mlflow_server):

@@ -8,6 +8,7 @@ import threading
 import pytest
 from metaopt import session as session_module
 from metaopt import tracking
+from metaopt.errors import ConfigError
 
 
 def test_session_returns_before_mlflow_is_open_and_the_callback_waits_for_it(ray_session, tiny, monkeypatch):
@@ -36,15 +37,19 @@ def test_session_returns_before_mlflow_is_open_and_the_callback_waits_for_it(ray
     session.parent.finish()
 
 
-def test_session_raises_mlflow_errors_where_the_parent_is_used(ray_session, tiny, monkeypatch):
+def test_session_raises_mlflow_errors_as_one_config_error_where_the_parent_is_used(ray_session, tiny, monkeypatch):
     exp = tiny()
 
     def broken_connect(uri, experiment):
-        raise PermissionError(f"cannot create {uri}")
+        raise PermissionError(f"cannot create {uri}\nsecond line of detail")
 
     monkeypatch.setattr(tracking, "connect", broken_connect)
     session = session_module.open_session(exp, None, "pbt", verbose=0)
-    with pytest.raises(PermissionError, match="cannot create"):
+    expected = f"tracking.uri: MLflow cannot use {exp.tracking.uri}: cannot create {exp.tracking.uri}"
+    with pytest.raises(ConfigError) as raised:
         _ = session.parent
-    with pytest.raises(PermissionError, match="cannot create"):
-        _ = tracking.MLflowTrialCallback(session.opening).parent
+    assert str(raised.value) == expected and isinstance(raised.value.__cause__, PermissionError)
+    callback = tracking.MLflowTrialCallback(session.opening)
+    assert pickle.loads(pickle.dumps(callback))._parent is None  # the Tuner pickles it: the failure stays here
+    with pytest.raises(ConfigError, match="MLflow cannot use"):
+        _ = callback.parent

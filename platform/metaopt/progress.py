@@ -21,13 +21,13 @@ class ProgressPrinter(Callback):
         self.metric = metric
         self.mode = mode
         self.total = total_iterations
-        self.out = out or sys.stdout
+        self._out = out  # None: whatever sys.stdout is when a line is printed (the Tuner pickles its callbacks)
         self.started = time.time()
         self.best: tuple[float, str] | None = None
         self.last_lr: dict[str, float] = {}
 
     def _print(self, text: str) -> None:
-        print(f"[{time.time() - self.started:7.1f}s] {text}", file=self.out, flush=True)
+        print(f"[{time.time() - self.started:7.1f}s] {text}", file=self._out or sys.stdout, flush=True)
 
     @staticmethod
     def _short(trial) -> str:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from metaopt import runtime, tracking
 from metaopt.config import Experiment
+from metaopt.errors import ConfigError
 
 
 @dataclass
@@ -74,8 +75,16 @@ def open_session(exp: Experiment, address: str | None, run_label: str, verbose: 
 
 
 def open_parent(connecting: Future[tuple[MlflowClient, str]], exp: Experiment, run_name: str) -> tracking.ParentRun:
-    client, experiment_id = connecting.result()
-    parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
+    """The sweep's parent run, once MLflow is connected; a store MLflow cannot use is a :class:`ConfigError` on
+    ``tracking.uri`` (raised wherever the parent is first needed; capabilities ask for it when a fit fails)."""
+    try:
+        client, experiment_id = connecting.result()
+        parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
+    except ConfigError:
+        raise
+    except Exception as err:  # whatever MLflow or its database driver raised, named in one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("tracking.uri", f"MLflow cannot use {exp.tracking.uri}: {reason}") from err
     print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
     return parent
 

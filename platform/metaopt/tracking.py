@@ -173,10 +173,11 @@ class MLflowTrialCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # The Tuner pickles its callbacks when it is built (for Tuner.restore, which metaopt does not use), which
-        # may be before MLflow has opened the parent run: an open one travels, one still opening does not.
+        # may be before MLflow has opened the parent run: an open one travels, one still opening (or failed) does not.
         state = dict(self.__dict__)
         if isinstance(self._parent, Future):
-            state["_parent"] = self._parent.result() if self._parent.done() else None
+            opened = self._parent.done() and self._parent.exception() is None
+            state["_parent"] = self._parent.result() if opened else None
         return state
 
     def run_id_for(self, trial) -> str:
