@@ -274,11 +274,17 @@ def test_levelling_rules(tiny):
     off = tiny("pbt.synch=false", "pbt.even_finish=false").section
     assert type(build_scheduler(off, "val_accuracy", "max")) is PopulationBasedTraining
 
-    # only in the last stretch (fewer than `interval` iterations left), only to a trial with more left
-    assert yields_in_last_stretch(3, [4, 3], interval=4)
-    assert not yields_in_last_stretch(3, [3, 2], interval=4)
-    assert not yields_in_last_stretch(4, [8], interval=4)  # a perturbation is still ahead: PBT's turns decide
-    assert not yields_in_last_stretch(1, [], interval=4)
+    # only in the last stretch (no perturbation boundary before the end), only to a trial with more left
+    assert yields_in_last_stretch(3, 3, [4, 3])
+    assert not yields_in_last_stretch(3, 3, [3, 2])
+    assert not yields_in_last_stretch(4, 4 - 1, [8])  # a perturbation is still ahead: PBT's turns decide
+    assert not yields_in_last_stretch(3, 1, [4])  # 22 iterations, interval 4: at 19 the boundary at 20 is ahead
+    assert yields_in_last_stretch(1, 3, [2])  # ... and at 21 it is behind
+    assert not yields_in_last_stretch(1, 3, [])
+    # one waiting trial takes one worker: a second trial does not yield to it while the first is handing over
+    assert yields_in_last_stretch(2, 2, [3], yielding=0)
+    assert not yields_in_last_stretch(2, 2, [3], yielding=1)
+    assert yields_in_last_stretch(2, 2, [3, 4], yielding=1)
     # an iteration must outweigh the switches: 4 trials on 2 workers, 75 ms a switch -> at least 0.3 s
     assert levelling_pays(2.5, population=4, running=2, switch_seconds=0.075)
     assert levelling_pays(0.3, population=4, running=2, switch_seconds=0.075)

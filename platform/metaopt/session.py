@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
 from mlflow.tracking import MlflowClient
 
 from metaopt import runtime, tracking
@@ -75,14 +76,15 @@ def open_session(exp: Experiment, address: str | None, run_label: str, verbose: 
 
 
 def open_parent(connecting: Future[tuple[MlflowClient, str]], exp: Experiment, run_name: str) -> tracking.ParentRun:
-    """The sweep's parent run, once MLflow is connected; a store MLflow cannot use is a :class:`ConfigError` on
-    ``tracking.uri`` (raised wherever the parent is first needed; capabilities ask for it when a fit fails)."""
+    """The sweep's parent run, once MLflow is connected. A store MLflow cannot open or read (a file error, not a
+    database) is a :class:`ConfigError` on ``tracking.uri``, raised wherever the parent is first needed
+    (capabilities ask for it when a fit fails); other MLflow errors pass through as they are."""
     try:
         client, experiment_id = connecting.result()
         parent = tracking.ParentRun(client, experiment_id, run_name, exp.to_dict())
-    except ConfigError:
-        raise
-    except Exception as err:  # whatever MLflow or its database driver raised, named in one line
+    except (OSError, sqlalchemy.exc.DatabaseError) as err:
+        if "database is locked" in str(err):  # another process holds the sqlite file: not the configuration
+            raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("tracking.uri", f"MLflow cannot use {exp.tracking.uri}: {reason}") from err
     print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {exp.tracking.uri}", flush=True)
@@ -102,10 +104,10 @@ def fit_tracked(exp: Experiment, session: Session, build_tuner: Callable[..., An
         from metaopt.progress import ProgressPrinter
 
         progress = [ProgressPrinter(metric, "max", iterations)]
-    tuner = build_tuner(experiment_name=session.run_name, storage_path=session.storage_path,
-                        resources=session.per_trial, max_concurrent_trials=exp.ray.max_concurrent_trials,
-                        callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0)
     try:
+        tuner = build_tuner(experiment_name=session.run_name, storage_path=session.storage_path,
+                            resources=session.per_trial, max_concurrent_trials=exp.ray.max_concurrent_trials,
+                            callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0)
         rows = [trial_row(result) for result in tuner.fit()]
         log_results(session.parent, rows, exp)
     except BaseException:

@@ -52,7 +52,7 @@ def check_sqlite_store(uri: str) -> None:
     scratch file beside the database, which it removes."""
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return
-    path = Path(uri[len("sqlite:///"):].split("?")[0]).expanduser()
+    path = Path(uri[len("sqlite:///"):].split("?")[0])  # as MLflow reads it: no ~ expansion
     if path.is_dir():
         raise ConfigError("tracking.uri", f"{uri} names a folder, not a database file")
     try:

@@ -139,20 +139,20 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     session = open_session(exp, address, "eval", verbose)
     print(f"[metaopt] {len(objectives)} objectives x {len(problems)} env/horizons x {section.seeds} seeds", flush=True)
     trial_callback = tracking.MLflowTrialCallback(session.opening)
-    tuner = tune.Tuner(
-        tune.with_resources(evaluation_trial, session.per_trial),
-        param_space={
-            "objective": tune.grid_search([o.__dict__ for o in objectives]),
-            "problem": tune.grid_search(problems),
-            "seeds": section.seeds, "seed": section.seed, "confidence": section.confidence,
-        },
-        tune_config=tune.TuneConfig(max_concurrent_trials=exp.ray.max_concurrent_trials),
-        run_config=tune.RunConfig(
-            name=session.run_name, storage_path=session.storage_path,
-            callbacks=[trial_callback, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
-        ),
-    )
     try:
+        tuner = tune.Tuner(
+            tune.with_resources(evaluation_trial, session.per_trial),
+            param_space={
+                "objective": tune.grid_search([o.__dict__ for o in objectives]),
+                "problem": tune.grid_search(problems),
+                "seeds": section.seeds, "seed": section.seed, "confidence": section.confidence,
+            },
+            tune_config=tune.TuneConfig(max_concurrent_trials=exp.ray.max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name=session.run_name, storage_path=session.storage_path,
+                callbacks=[trial_callback, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
+            ),
+        )
         results = tuner.fit()
         table = [table_row(r) for r in results]
         log_evaluation(session.parent, exp, objectives, table, problems)

@@ -62,16 +62,16 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
         from metaopt.progress import ProgressPrinter
 
         progress = [ProgressPrinter("fitness_mean", "max", section.es.generations)]
-    tuner = build_tuner(
-        section,
-        experiment_name=session.run_name,
-        storage_path=session.storage_path,
-        resources=session.per_trial,
-        max_concurrent_trials=exp.ray.max_concurrent_trials,
-        callbacks=[trial_callback, *progress, *(callbacks or [])],
-        verbose=1 if verbose >= 2 else 0,
-    )
     try:
+        tuner = build_tuner(
+            section,
+            experiment_name=session.run_name,
+            storage_path=session.storage_path,
+            resources=session.per_trial,
+            max_concurrent_trials=exp.ray.max_concurrent_trials,
+            callbacks=[trial_callback, *progress, *(callbacks or [])],
+            verbose=1 if verbose >= 2 else 0,
+        )
         results = tuner.fit()
         trials = [summarise_trial(result) for result in results]
     except BaseException:

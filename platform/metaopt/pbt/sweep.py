@@ -85,18 +85,18 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     session = open_session(exp, address, section.scheduler, verbose)
     metric, mode = task_metric(section.task)
     trial_callback = tracking.MLflowTrialCallback(session.opening)
-    tuner = build_tuner(
-        section,
-        experiment_name=session.run_name,
-        storage_path=session.storage_path,
-        metric=metric,
-        mode=mode,
-        resources=session.per_trial,
-        max_concurrent_trials=exp.ray.max_concurrent_trials,
-        callbacks=[trial_callback, *progress_callbacks(verbose, metric, mode, section.iterations), *(callbacks or [])],
-        verbose=1 if verbose >= 2 else 0,
-    )
     try:
+        tuner = build_tuner(
+            section,
+            experiment_name=session.run_name,
+            storage_path=session.storage_path,
+            metric=metric,
+            mode=mode,
+            resources=session.per_trial,
+            max_concurrent_trials=exp.ray.max_concurrent_trials,
+            callbacks=[trial_callback, *progress_callbacks(verbose, metric, mode, section.iterations), *(callbacks or [])],
+            verbose=1 if verbose >= 2 else 0,
+        )
         results = tuner.fit()
     except BaseException:
         session.parent.finish("FAILED")

@@ -115,14 +115,16 @@ def initial_lrs(section: PBTSection) -> Any:
     return tune.loguniform(section.lr_min, section.lr_max)
 
 
-def yields_in_last_stretch(left: int, waiting_left: list[int], interval: int) -> bool:
+def yields_in_last_stretch(left: int, to_next_boundary: int, waiting_left: list[int], yielding: int = 0) -> bool:
     """Should a running trial with ``left`` iterations to go hand its worker to a waiting one?
 
-    Only in its last stretch (fewer than ``interval`` iterations left: no perturbation ahead, so the order in
-    which the population trains no longer matters to PBT), and only to a trial with more iterations left:
-    longest-remaining-first, which keeps the population within one iteration of each other at the end.
+    Only in its last stretch (its next perturbation boundary, ``to_next_boundary`` iterations away, is at or past
+    its end: no exploit/explore ahead, so the order in which the population trains no longer matters to PBT), and
+    only to a trial with more iterations left: longest-remaining-first, which keeps the population within one
+    iteration of each other at the end. ``yielding`` trials have already been told to hand over their worker
+    and have not yet: each waiting trial needs only one.
     """
-    return left < interval and any(other > left for other in waiting_left)
+    return left <= to_next_boundary and sum(other > left for other in waiting_left) > yielding
 
 
 def levelling_pays(iteration_seconds: float, population: int, running: int, switch_seconds: float) -> bool:
@@ -154,6 +156,13 @@ class EvenFinish:
         self._stop_iteration = stop_iteration
         self._switch_seconds = TRIAL_SWITCH_SECONDS if switch_seconds is None else switch_seconds
         self._trained: dict[Trial, int] = {}  # iterations each trial has trained (its restored checkpoint's)
+        self._yielding: set[Trial] = set()  # told to pause here, not paused yet (saving their checkpoint)
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        # Also a failed trial put back in the queue: it resumes from its last checkpoint, maybe a few iterations
+        # back, so its count is unknown until its next result (0 until then: it is behind, let it run first).
+        self._trained.pop(trial, None)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
@@ -167,13 +176,17 @@ class EvenFinish:
         trials = tune_controller.get_trials()
         waiting = [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
         running = sum(t.status == Trial.RUNNING for t in trials)
-        left = self._stop_iteration - self._trained[trial]
+        self._yielding = {t for t in self._yielding if t.status == Trial.RUNNING and t is not trial}
+        trained = self._trained[trial]
+        left = self._stop_iteration - trained
+        next_boundary = self._trial_state[trial].last_perturbation_time + self._perturbation_interval
         if (
             waiting
             and levelling_pays(float(result.get("time_this_iter_s", 0.0)), len(trials), max(running, 1), self._switch_seconds)
-            and yields_in_last_stretch(left, [self._stop_iteration - self._trained_by(t) for t in waiting],
-                                       self._perturbation_interval)
+            and yields_in_last_stretch(left, next_boundary - trained,
+                                       [self._stop_iteration - self._trained_by(t) for t in waiting], len(self._yielding))
         ):
+            self._yielding.add(trial)
             return TrialScheduler.PAUSE
         return decision
 

@@ -49,12 +49,12 @@ def run_search(exp: Experiment, *, address: str | None = None, callbacks: list[A
         from metaopt.progress import ProgressPrinter
 
         progress = [ProgressPrinter("best_score", "max", iterations_for(section))]
-    tuner = build_tuner(
-        section, experiment_name=session.run_name, storage_path=session.storage_path, resources=session.per_trial,
-        max_concurrent_trials=exp.ray.max_concurrent_trials,
-        callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
-    )
     try:
+        tuner = build_tuner(
+            section, experiment_name=session.run_name, storage_path=session.storage_path, resources=session.per_trial,
+            max_concurrent_trials=exp.ray.max_concurrent_trials,
+            callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
+        )
         results = tuner.fit()
         summaries = [summarise(result) for result in results]
         log_search(session.parent, summaries, trial_callback.trial_runs, exp)
