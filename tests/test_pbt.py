@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import pytest
 from conftest import EXPERIMENTS, KillTrialProcess, free_port
 from metaopt import cli, tracking
 from metaopt.pbt import lineage, replay, sweep
@@ -273,6 +274,8 @@ def test_levelling_rules(tiny):
     assert type(build_scheduler(tiny("pbt.synch=true").section, "val_accuracy", "max")) is PopulationBasedTraining
     off = tiny("pbt.synch=false", "pbt.even_finish=false").section
     assert type(build_scheduler(off, "val_accuracy", "max")) is PopulationBasedTraining
+    with pytest.raises(ValueError, match="asynchronous"):
+        EvenFinishPBT(stop_iteration=8, synch=True, hyperparam_mutations={"lr": [0.1]})
 
     # only in the last stretch (no perturbation boundary before the end), only to a trial with more left
     assert yields_in_last_stretch(3, 3, [4, 3])

@@ -31,8 +31,7 @@ def test_session_returns_before_mlflow_is_open_and_the_callback_waits_for_it(ray
 
     release.set()
     assert callback.parent.run_id == session.parent.run_id  # the first trial waits for the parent run
-    assert session.client.get_run(session.parent.run_id).data.tags["metaopt.role"] == "sweep"
-    assert session.experiment_id == session.parent.experiment_id
+    assert session.parent.client.get_run(session.parent.run_id).data.tags["metaopt.role"] == "sweep"
     assert pickle.loads(pickle.dumps(callback)).parent.run_id == session.parent.run_id  # open: travels whole
     session.parent.finish()
 

@@ -36,14 +36,6 @@ class Session:
         """The sweep's parent run (waits until MLflow has opened it; raises what opening it raised)."""
         return self.opening.result()
 
-    @property
-    def client(self) -> MlflowClient:
-        return self.parent.client
-
-    @property
-    def experiment_id(self) -> str:
-        return self.parent.experiment_id
-
 
 def open_session(exp: Experiment, address: str | None, run_label: str, verbose: int) -> Session:
     """Ray + MLflow + parent run ``<name>-<run_label>-<time>``; ``verbose`` < 2 hides Tune's result-file noise.

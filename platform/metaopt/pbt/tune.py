@@ -138,6 +138,11 @@ def levelling_pays(iteration_seconds: float, population: int, running: int, swit
     return iteration_seconds * running >= 2 * population * switch_seconds
 
 
+def waiting_trials(trials: list[Trial]) -> list[Trial]:
+    """Trials that could take a free worker: not started yet, or paused."""
+    return [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
+
+
 class EvenFinish:
     """Asynchronous PBT/PB2 whose population finishes together (a mixin in front of the Tune scheduler).
 
@@ -147,12 +152,14 @@ class EvenFinish:
     to a turn while the other idles (0.5-11.5 s, ~5 s on average, in 4 x 20 x 5,000-step sweeps, 2 workers:
     benchmarks/README.md). Here, in a trial's last stretch (see :func:`yields_in_last_stretch`), it also yields
     after a plain iteration to a waiting trial with more iterations left; the next trial to run is the one with
-    the most left, counted in iterations actually trained. Exploit and explore are PBT's own; synchronous PBT
-    is left as it is (its boundaries already wait for everyone).
+    the most left, counted in iterations actually trained. Exploit and explore are PBT's own. Asynchronous only:
+    synchronous PBT already waits for everyone at its boundaries.
     """
 
     def __init__(self, *args: Any, stop_iteration: int, switch_seconds: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self._synch:
+            raise ValueError("EvenFinish levels asynchronous PBT/PB2; synchronous PBT waits at its boundaries already")
         self._stop_iteration = stop_iteration
         self._switch_seconds = TRIAL_SWITCH_SECONDS if switch_seconds is None else switch_seconds
         self._trained: dict[Trial, int] = {}  # iterations each trial has trained (its restored checkpoint's)
@@ -166,7 +173,7 @@ class EvenFinish:
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        if self._synch or self._time_attr not in result:
+        if self._time_attr not in result:
             return decision
         # An exploited trial (NOOP: PBT paused it onto its donor's checkpoint) resumes at the donor's iteration.
         exploited = decision == TrialScheduler.NOOP
@@ -174,7 +181,7 @@ class EvenFinish:
         if decision != TrialScheduler.CONTINUE:
             return decision
         trials = tune_controller.get_trials()
-        waiting = [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
+        waiting = waiting_trials(trials)
         running = sum(t.status == Trial.RUNNING for t in trials)
         self._yielding = {t for t in self._yielding if t.status == Trial.RUNNING and t is not trial}
         trained = self._trained[trial]
@@ -191,10 +198,7 @@ class EvenFinish:
         return decision
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
-        if self._synch:
-            return super().choose_trial_to_run(tune_controller)
-        waiting = [t for t in tune_controller.get_trials() if t.status in (Trial.PENDING, Trial.PAUSED)]
-        return min(waiting, key=self._trained_by, default=None)
+        return min(waiting_trials(tune_controller.get_trials()), key=self._trained_by, default=None)
 
     def _trained_by(self, trial: Trial) -> int:
         return self._trained.get(trial, 0)
