@@ -20,6 +20,7 @@ Measured in one run:
   records when trials start and complete, how many trials were inside step() at once, how many iterations
   ran, and which worker processes ran them. Also per sweep: each worker's time between one step() and the
   next, and the CPU-seconds (psutil) of the driver, Ray's daemons and the trial processes.
+  Every pure pass and sweep also prints the hypervisor's steal over its span (``/proc/stat``, Linux).
 * the order: a pure compute pass, then ``--repeats`` times (default 2) a sweep followed by another pure
   compute pass, so that the shared machine's drifting speed hits both sides. The fastest sweep is compared
   with the fastest pure compute pass (every pass and the medians are printed).
@@ -179,6 +180,26 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
             continue
         snapshot[proc.pid] = (label, times.user + times.system)
     return snapshot
+
+
+def machine_cpu_times() -> tuple[float, ...] | None:
+    """The machine's aggregate CPU times from ``/proc/stat`` (user nice system idle iowait irq softirq steal),
+    in clock ticks; None where there is no ``/proc`` (not Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    return tuple(float(v) for v in fields[1:9]) if fields and fields[0] == "cpu" and len(fields) >= 9 else None
+
+
+def steal_share(before: tuple[float, ...] | None, after: tuple[float, ...] | None) -> str:
+    """The share of the CPUs' time the hypervisor gave to other guests (steal) between two readings, as text:
+    a noisy neighbour shows here, and it slows whatever runs then (both sides of the ratio alike)."""
+    if before is None or after is None:
+        return ""
+    deltas = [b - a for a, b in zip(before, after)]
+    total = sum(deltas)
+    return f"; steal {deltas[7] / total:.1%} of CPU time" if total > 0 else ""
 
 
 def cpu_used_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
@@ -349,13 +370,13 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
     from metaopt.pbt import lineage
 
     section = exp.section
-    cpu_before = cpu_snapshot()
+    cpu_before, ticks = cpu_snapshot(), machine_cpu_times()
     wall, summary, phases, counter, window = run_ours(exp, show_output, stall_seconds)
-    cpu_used = cpu_used_between(cpu_before, cpu_snapshot())
+    cpu_used, steal = cpu_used_between(cpu_before, cpu_snapshot()), steal_share(ticks, machine_cpu_times())
     exploits = len(lineage.read_pbt_global(Path(summary.experiment_path) / "pbt_global.txt"))
     diverged = sum(t.diverged for t in summary.trials)
     steps = sum(getattr(t, "steps", t.iterations * section.steps_per_iteration) for t in summary.trials)
-    log(f"  wall time of sweep.run: {wall:.2f} s  (its own wall_seconds: {summary.wall_seconds:.2f} s)")
+    log(f"  wall time of sweep.run: {wall:.2f} s  (its own wall_seconds: {summary.wall_seconds:.2f} s){steal}")
     accounted = 0.0
     for name, sec in phases.seconds.items():
         log(f"    {name:<62} {sec:7.2f} s  ({phases.calls[name]} calls)")
@@ -510,9 +531,10 @@ def main(argv=None) -> int:
     import ray
 
     def pure_pass(label: str) -> float:
+        ticks = machine_cpu_times()
         seconds = parallel_compute(s, lrs)
         log(f"\n[pure compute, {label}: the same trials in {CORES} processes at once ({slots} groups), 1 torch thread "
-            f"each, no Ray running] {seconds:.2f} s")
+            f"each, no Ray running] {seconds:.2f} s{steal_share(ticks, machine_cpu_times())}")
         return seconds
 
     from metaopt.runtime import local_ray_options

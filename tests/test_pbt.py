@@ -93,7 +93,8 @@ def test_local_ray_workers_run_at_the_configured_niceness(ray_session):
     from metaopt.config import RayConfig
     from metaopt.runtime import local_ray_options
 
-    assert local_ray_options(RayConfig(worker_niceness=7))["_system_config"] == {"worker_niceness": 7}
+    assert local_ray_options(RayConfig(worker_niceness=7))["_system_config"] == {
+        "worker_niceness": 7, "prestart_worker_first_driver": False}
     assert ray_session.get(ray_session.remote(lambda: os.nice(0)).remote()) == RayConfig().worker_niceness == 0
 
 

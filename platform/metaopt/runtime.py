@@ -38,12 +38,19 @@ def local_ray_options(config: RayConfig) -> dict:
     niceness. Ray starts workers at niceness 15 so that its control plane stays responsive on a loaded node;
     on a 2-core machine that also lets the raylet, the GCS, the driver and every idle actor's timers preempt the
     trials. Side by side with a plain process doing the same digits steps (benchmarks/worker_niceness.py, 7 runs
-    each), a Ray worker kept a median 0.81 of its throughput at niceness 15 (0.74-1.13) and 0.96 at 0 (0.75-1.04)."""
+    each), a Ray worker kept a median 0.81 of its throughput at niceness 15 (0.74-1.13) and 0.96 at 0 (0.75-1.04).
+
+    No prestarted workers: Ray starts one idle Python worker per CPU when the driver connects, for the driver's
+    first tasks and actors. metaopt's trials never land on them: Tune creates every trainable actor with its own
+    ``runtime_env`` (``PL_DISABLE_FORK`` in ``ray.tune.execution.class_cache``), and actors created inside a trial
+    inherit it, so the raylet starts fresh workers for them. The prestarted ones only imported Ray while the
+    first trials start, on the same cores, then woke up idle for the whole sweep (``ray::IDLE``; measured ~600
+    context switches and ~0.6 CPU-s each in a 43 s sweep on 2 cores, see benchmarks/README.md)."""
     return {
         "num_cpus": config.num_cpus,
         "num_gpus": config.num_gpus,
         "include_dashboard": False,
-        "_system_config": {"worker_niceness": config.worker_niceness},
+        "_system_config": {"worker_niceness": config.worker_niceness, "prestart_worker_first_driver": False},
     }
 
 
