@@ -34,8 +34,8 @@ def resolve_address(cli_address: str | None, config: RayConfig) -> str | None:
 
 
 def local_ray_options(config: RayConfig) -> dict:
-    """``ray.init`` arguments that start the local embedded Ray: its size, no dashboard, and the workers'
-    niceness. Ray starts workers at niceness 15 so that its control plane stays responsive on a loaded node;
+    """``ray.init`` arguments that start the local embedded Ray: its size, no dashboard, the workers'
+    niceness, and no prestarted workers. Ray starts workers at niceness 15 so that its control plane stays responsive on a loaded node;
     on a 2-core machine that also lets the raylet, the GCS, the driver and every idle actor's timers preempt the
     trials. Side by side with a plain process doing the same digits steps (benchmarks/worker_niceness.py, 7 runs
     each), a Ray worker kept a median 0.81 of its throughput at niceness 15 (0.74-1.13) and 0.96 at 0 (0.75-1.04).
