@@ -52,3 +52,58 @@ def test_session_raises_mlflow_errors_as_one_config_error_where_the_parent_is_us
     assert pickle.loads(pickle.dumps(callback))._parent is None  # the Tuner pickles it: the failure stays here
     with pytest.raises(ConfigError, match="MLflow cannot use"):
         _ = callback.parent
+
+
+def sqlite_schema(path) -> tuple[list, list]:
+    """Every table, index and trigger with the lines of its SQL, and the alembic revision: what makes two stores
+    the same. The lines are compared as a set: MLflow's own migrations write a table's CHECK constraints in an
+    order that differs from one process to the next."""
+    import sqlite3
+
+    def lines(sql):
+        return sorted(line.strip().rstrip(",") for line in (sql or "").splitlines())
+
+    with sqlite3.connect(path) as con:
+        rows = con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
+        objects = sorted((kind, name, table, lines(sql)) for kind, name, table, sql in rows)
+        return objects, con.execute("SELECT version_num FROM alembic_version").fetchall()
+
+
+def test_a_new_sqlite_store_is_seeded_with_the_store_mlflow_would_make(tmp_path, monkeypatch):
+    import mlflow.store.db.utils
+
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # MLflow puts the Default experiment's artifacts under the working directory
+    oracle = tmp_path / "made-by-mlflow.db"
+    oracle_client = tracking.MlflowClient(tracking_uri=f"sqlite:///{oracle}")
+    expected = oracle_client.get_experiment("0")  # MLflow creates its store on first use
+    assert tracking.seed_sqlite_store(f"sqlite:///{tmp_path / 'first.db'}")  # builds the template, then copies it
+    assert len(list((tmp_path / "cache").glob("mlflow-*-empty-store.db"))) == 1
+
+    def no_migrations(engine):
+        raise AssertionError("a seeded store must not be created again by MLflow")
+
+    monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", no_migrations)
+    client, experiment_id = tracking.connect(f"sqlite:///{tmp_path / 'second.db'}", "seeded")
+    assert sqlite_schema(tmp_path / "second.db") == sqlite_schema(oracle)
+    default = client.get_experiment("0")
+    assert (default.name, default.artifact_location) == (expected.name, expected.artifact_location)
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "loss", 0.5, step=3)
+    assert [(m.value, m.step) for m in client.get_metric_history(run.info.run_id, "loss")] == [(0.5, 3)]
+
+
+def test_seeding_leaves_existing_stores_alone_and_rebuilds_a_broken_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    existing = tmp_path / "existing.db"
+    existing.write_bytes(b"someone's data")
+    assert not tracking.seed_sqlite_store(f"sqlite:///{existing}")
+    assert existing.read_bytes() == b"someone's data"
+    assert not tracking.seed_sqlite_store(f"sqlite:///{tmp_path / 'opts.db'}?mode=rw")  # options: MLflow's way
+    assert not tracking.seed_sqlite_store("http://127.0.0.1:5000") and not tracking.seed_sqlite_store("sqlite:///:memory:")
+    template = tracking.empty_store_template()
+    template.write_bytes(b"truncated")
+    assert tracking.empty_store_template() == template and tracking.is_sqlite_file(template)  # made again
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(existing / "not-a-folder"))  # a cache that cannot be written
+    assert tracking.empty_store_template() is None and not tracking.seed_sqlite_store(f"sqlite:///{tmp_path / 'n.db'}")
+    assert not (tmp_path / "n.db").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "existing.db"]

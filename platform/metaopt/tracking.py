@@ -9,9 +9,12 @@ rather than one per metric.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
 import re
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -25,6 +28,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from metaopt.cache import cache_dir, write_atomically
 from metaopt.errors import ConfigError
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -50,9 +54,9 @@ def check_sqlite_store(uri: str) -> None:
     """A ``sqlite:///PATH`` store must be creatable where it points: else one line now, not a traceback from the
     thread that opens MLflow while the sweep starts. Creates the missing parent folders (as MLflow would) and a
     scratch file beside the database, which it removes."""
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+    path = sqlite_path(uri)
+    if path is None:
         return
-    path = Path(uri[len("sqlite:///"):].split("?")[0])  # as MLflow reads it: no ~ expansion
     if path.is_dir():
         raise ConfigError("tracking.uri", f"{uri} names a folder, not a database file")
     try:
@@ -63,9 +67,81 @@ def check_sqlite_store(uri: str) -> None:
                           "point it somewhere writable, e.g. sqlite:///mlflow.db") from None
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI, as MLflow reads it (no ``~`` expansion); None for other
+    stores and for an in-memory database."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?")[0])
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def empty_store_template() -> Path | None:
+    """An MLflow sqlite store with every table at this MLflow's schema and nothing in it (not even the Default
+    experiment), made once per MLflow release and migration set in the cache directory; None if it cannot be.
+
+    MLflow makes a store by creating its first tables and then running every schema migration since
+    (``mlflow.store.db.utils._initialize_tables``, ~70 migrations): 0.9-1.6 CPU-s, and 2.4-5.3 s of wall time
+    next to a sweep's trial processes starting on 2 cores (benchmarks/README.md). The template is made by that
+    same function, so a copy of it is the store MLflow would have made, less what it adds on opening."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+    migrations = sorted(p.name for p in versions.glob("*.py"))
+    schema = hashlib.sha1("\n".join(migrations).encode()).hexdigest()[:12]
+    path = cache_dir() / f"mlflow-{mlflow.__version__}-{schema}-empty-store.db"
+    if is_sqlite_file(path):
+        return path
+
+    def build(tmp: Path) -> None:
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            _initialize_tables(engine)
+        except Exception as err:  # noqa: BLE001 -- only a shortcut: MLflow's own creation follows, and says what is wrong
+            raise OSError(f"cannot build an empty MLflow store: {err}") from err
+        finally:
+            engine.dispose()
+
+    return path if write_atomically(path, build) else None
+
+
+def is_sqlite_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def seed_sqlite_store(uri: str) -> bool:
+    """A ``sqlite:///`` store that does not exist yet starts as a copy of :func:`empty_store_template` (~0.04 s).
+    MLflow then opens it as an existing store, checks its schema, and adds the Default experiment itself, with
+    this store's artifact location. True when the store was seeded; False, and MLflow creates the store as
+    usual, for an existing file, a URI with options, another kind of store, or a cache that cannot be used."""
+    path = sqlite_path(uri)
+    if path is None or "?" in uri or path.exists():
+        return False
+    template = empty_store_template()
+    if template is None:
+        return False
+    seed = path.with_name(f".{path.name}.{os.getpid()}.seed")
+    try:
+        shutil.copyfile(template, seed)
+        os.link(seed, path)  # never over a store another process created meanwhile
+    except OSError:
+        return False
+    finally:
+        seed.unlink(missing_ok=True)
+    return True
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent); callers
-    run :func:`check_server` first."""
+    run :func:`check_server` first. A new sqlite store is seeded from the cached empty one."""
+    seed_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)

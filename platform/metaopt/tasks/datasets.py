@@ -6,28 +6,20 @@ process, almost all of it ``import sklearn`` (scipy.stats among others); a PBT s
 process it starts. So the arrays are read through scikit-learn once and kept as a small ``.npz`` file
 (≈ 120 kB) in the cache directory; later processes read that with numpy alone.
 
-Cache directory: ``$METAOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/metaopt``, else ``~/.cache/metaopt``. A cache
-that cannot be written (read-only home) or read (a broken file) only costs the scikit-learn read.
+The cache directory is :func:`metaopt.cache.cache_dir`. A cache that cannot be written (read-only home) or read
+(a broken file) only costs the scikit-learn read.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from metaopt.cache import cache_dir, write_atomically
+
 DIGITS_FILE = "sklearn_digits_v1.npz"
-
-
-def cache_dir() -> Path:
-    """Where metaopt keeps derived copies of packaged data."""
-    if os.environ.get("METAOPT_CACHE_DIR"):
-        return Path(os.environ["METAOPT_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "metaopt"
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +34,12 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
     raw = load_digits()
     pixels, labels = raw.data.astype(np.uint8), raw.target.astype(np.int64)
-    _write_atomically(path, pixels=pixels, labels=labels)
+
+    def write_npz(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez(handle, pixels=pixels, labels=labels)
+
+    write_atomically(path, write_npz)  # no cache: the next process reads through scikit-learn again
     return pixels, labels
 
 
@@ -50,18 +47,3 @@ def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     """Digits as model inputs: ``(features float32 [1797, 64] scaled to [0, 1], labels int64 [1797])``."""
     pixels, labels = digits_arrays()
     return torch.tensor(pixels / 16.0, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)
-
-
-def _write_atomically(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez`` to a temporary file next to ``path``, then rename: concurrent readers see all or nothing."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        # no cache: the next process reads through scikit-learn again
