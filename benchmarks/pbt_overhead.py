@@ -13,7 +13,9 @@ Measured in one run:
   With ``--sequential`` the same steps also run one after another in this process (on the 2-core development
   machine two processes were measured at 0.5-1.0x the sequential time).
 * ours: ``metaopt.pbt.sweep.run(exp)`` wall time on experiments/quickstart.yaml (population, sizes from the
-  command line, Tune results and a fresh MLflow sqlite store in a temporary directory), with Ray started
+  command line, Tune results and a fresh MLflow sqlite store in a temporary directory: as every new store, a copy
+  of the empty store in metaopt's cache once the first store on the machine has made it; each sweep's header
+  says which), with Ray started
   just before (its start-up is printed separately and not counted) and shut down after. Phases of the call
   (MLflow store/parent run, tune.fit, the MLflow trial callback inside it, lineage/summary, MLflow
   artifacts) are timed by wrapping functions from outside, no platform code changes; a Tune callback
@@ -141,6 +143,16 @@ def _warm_worker(_):
 
     train_trials(warm, [0.01])
     return d.__name__
+
+
+def store_origin() -> str:
+    """How the sweep's new MLflow store will be made: copied from the empty store in metaopt's cache (made once per
+    MLflow release, by the first store on a machine), or built by MLflow's migrations when there is none yet."""
+    from metaopt.cache import cache_dir
+
+    if any(cache_dir().glob("mlflow-*-empty-store.db")):
+        return "a copy of the cached empty store"
+    return "no cached empty store yet: MLflow's migrations build it"
 
 
 # --------------------------------------------------------------------------------------------- CPU accounting
@@ -558,7 +570,7 @@ def main(argv=None) -> int:
             (tmp / f"repeat{repeat + 1}").mkdir()
             run_exp = load_experiment(args, tmp / f"repeat{repeat + 1}", args.synch, "pbt-overhead")[0]
         log(f"\n[ours, sweep {repeat + 1} of {args.repeats}: metaopt.pbt.sweep.run, synch={s['synch']}, a fresh MLflow "
-            f"store and Ray]")
+            f"store ({store_origin()}) and Ray]")
         start_ray()
         wall, ran = report_ours(run_exp, args.show_sweep_output, slots, args.stall_seconds)
         ray.shutdown()
