@@ -91,6 +91,7 @@ def test_a_new_sqlite_store_is_seeded_with_the_store_mlflow_would_make(tmp_path,
     run = client.create_run(experiment_id)
     client.log_metric(run.info.run_id, "loss", 0.5, step=3)
     assert [(m.value, m.step) for m in client.get_metric_history(run.info.run_id, "loss")] == [(0.5, 3)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".db") == ["cache"]  # no seed copy left behind
 
 
 def test_seeding_leaves_existing_stores_alone_and_rebuilds_a_broken_template(tmp_path, monkeypatch):

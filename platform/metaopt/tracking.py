@@ -127,14 +127,17 @@ def seed_sqlite_store(uri: str) -> bool:
     template = empty_store_template()
     if template is None:
         return False
-    seed = path.with_name(f".{path.name}.{os.getpid()}.seed")
+    seed = None
     try:
+        fd, seed = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".seed")
+        os.close(fd)
         shutil.copyfile(template, seed)
-        os.link(seed, path)  # never over a store another process created meanwhile
+        os.link(seed, path)  # never over a store another process or thread created meanwhile
     except OSError:
         return False
     finally:
-        seed.unlink(missing_ok=True)
+        if seed is not None:
+            Path(seed).unlink(missing_ok=True)
     return True
 
 
