@@ -148,9 +148,9 @@ def _warm_worker(_):
 def store_origin() -> str:
     """How the sweep's new MLflow store will be made: copied from the empty store in metaopt's cache (made once per
     MLflow release, by the first store on a machine), or built by MLflow's migrations when there is none yet."""
-    from metaopt.cache import cache_dir
+    from metaopt.tracking import empty_store_template_path
 
-    if any(cache_dir().glob("mlflow-*-empty-store.db")):
+    if empty_store_template_path().exists():
         return "a copy of the cached empty store"
     return "no cached empty store yet: MLflow's migrations build it"
 

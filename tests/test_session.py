@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
+from pathlib import Path
 
 import pytest
 from metaopt import session as session_module
@@ -92,6 +94,8 @@ def test_a_new_sqlite_store_is_seeded_with_the_store_mlflow_would_make(tmp_path,
     client.log_metric(run.info.run_id, "loss", 0.5, step=3)
     assert [(m.value, m.step) for m in client.get_metric_history(run.info.run_id, "loss")] == [(0.5, 3)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".db") == ["cache"]  # no seed copy left behind
+    mode = os.stat(tmp_path / "second.db").st_mode & 0o777
+    assert mode == os.stat(oracle).st_mode & 0o777  # the permissions sqlite gives a new file, not mkstemp's 0600
 
 
 def test_seeding_leaves_existing_stores_alone_and_rebuilds_a_broken_template(tmp_path, monkeypatch):
@@ -102,6 +106,20 @@ def test_seeding_leaves_existing_stores_alone_and_rebuilds_a_broken_template(tmp
     assert existing.read_bytes() == b"someone's data"
     assert not tracking.seed_sqlite_store(f"sqlite:///{tmp_path / 'opts.db'}?mode=rw")  # options: MLflow's way
     assert not tracking.seed_sqlite_store("http://127.0.0.1:5000") and not tracking.seed_sqlite_store("sqlite:///:memory:")
+    spaced = tmp_path / "my runs.db"
+    assert tracking.seed_sqlite_store(f"sqlite:///{tmp_path}/my%20runs.db") and tracking.is_sqlite_file(spaced)
+    spaced.unlink()  # the file SQLAlchemy opens for that URI, not one named with the %20
+    real_link = os.link
+
+    def another_process_was_first(source, target):
+        Path(target).write_bytes(b"the other process's store")
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", another_process_was_first)
+    assert not tracking.seed_sqlite_store(f"sqlite:///{tmp_path / 'raced.db'}")
+    assert (tmp_path / "raced.db").read_bytes() == b"the other process's store"
+    (tmp_path / "raced.db").unlink()
+    monkeypatch.setattr(os, "link", real_link)
     template = tracking.empty_store_template()
     template.write_bytes(b"truncated")
     assert tracking.empty_store_template() == template and tracking.is_sqlite_file(template)  # made again

@@ -31,8 +31,10 @@ def write_atomically(path: Path, build: Callable[[Path], None]) -> bool:
         os.close(fd)
         build(Path(tmp))
         os.replace(tmp, path)
+        tmp = None
         return True
     except OSError:
+        return False
+    finally:  # also on Ctrl-C in the middle of a slow build
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        return False

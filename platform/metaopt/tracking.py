@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,42 +69,57 @@ def check_sqlite_store(uri: str) -> None:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///PATH`` URI, as MLflow reads it (no ``~`` expansion); None for other
-    stores and for an in-memory database."""
+    """The database file of a ``sqlite:///PATH`` URI as SQLAlchemy, and so MLflow, reads it (``%20`` decoded, no
+    ``~`` expansion, options after ``?`` apart); None for other stores and for an in-memory database."""
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
-    return Path(uri[len("sqlite:///"):].split("?")[0])
+    from sqlalchemy.engine import make_url
+
+    return Path(make_url(uri).database)
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def empty_store_template() -> Path | None:
-    """An MLflow sqlite store with every table at this MLflow's schema and nothing in it (not even the Default
-    experiment), made once per MLflow release and migration set in the cache directory; None if it cannot be.
-
-    MLflow makes a store by creating its first tables and then running every schema migration since
-    (``mlflow.store.db.utils._initialize_tables``, ~70 migrations): 0.9-1.6 CPU-s, and 2.4-5.3 s of wall time
-    next to a sweep's trial processes starting on 2 cores (benchmarks/README.md). The template is made by that
-    same function, so a copy of it is the store MLflow would have made, less what it adds on opening."""
+def empty_store_template_path() -> Path:
+    """Where the cached empty store of this MLflow release, migration set and SQLAlchemy lives (it may not yet)."""
     import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables
 
     versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
     migrations = sorted(p.name for p in versions.glob("*.py"))
     schema = hashlib.sha1("\n".join(migrations).encode()).hexdigest()[:12]
-    path = cache_dir() / f"mlflow-{mlflow.__version__}-{schema}-empty-store.db"
+    return cache_dir() / f"mlflow-{mlflow.__version__}-{schema}-sqlalchemy-{sqlalchemy.__version__}-empty-store.db"
+
+
+def empty_store_template() -> Path | None:
+    """An MLflow sqlite store with every table at this MLflow's schema and nothing in it (not even the Default
+    experiment), made once in the cache directory (:func:`empty_store_template_path`); None if it cannot be.
+
+    MLflow makes a store by creating its first tables and then running every schema migration since
+    (``mlflow.store.db.utils._initialize_tables``, ~70 migrations): 0.9-1.6 CPU-s, and 2.4-5.3 s of wall time
+    next to a sweep's trial processes starting on 2 cores (benchmarks/README.md). The template is made by that
+    same function and checked to be at the newest revision MLflow knows, so a copy of it is the store MLflow
+    would have made, less what it adds on opening."""
+    path = empty_store_template_path()
     if is_sqlite_file(path):
         return path
 
     def build(tmp: Path) -> None:
-        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        import sqlalchemy
+        from mlflow.store.db import utils
+
+        engine = sqlalchemy.create_engine(sqlalchemy.engine.URL.create("sqlite", database=str(tmp)))
         try:
-            _initialize_tables(engine)
+            utils._initialize_tables(engine)
+            built, newest = utils._get_schema_version(engine), utils._get_latest_schema_revision()
+            if built != newest:
+                raise RuntimeError(f"the new store is at revision {built}, MLflow's newest is {newest}")
         except Exception as err:  # noqa: BLE001 -- only a shortcut: MLflow's own creation follows, and says what is wrong
             raise OSError(f"cannot build an empty MLflow store: {err}") from err
         finally:
             engine.dispose()
+        with tmp.open("rb+") as handle:  # on disk before it is renamed into place
+            os.fsync(handle.fileno())
 
     return path if write_atomically(path, build) else None
 
@@ -120,31 +136,36 @@ def seed_sqlite_store(uri: str) -> bool:
     """A ``sqlite:///`` store that does not exist yet starts as a copy of :func:`empty_store_template` (~0.04 s).
     MLflow then opens it as an existing store, checks its schema, and adds the Default experiment itself, with
     this store's artifact location. True when the store was seeded; False, and MLflow creates the store as
-    usual, for an existing file, a URI with options, another kind of store, or a cache that cannot be used."""
+    usual, for an existing file, a URI with options, another kind of store, a missing folder, or a cache that
+    cannot be used. The file gets the permissions sqlite would give it (0666 less the umask)."""
     path = sqlite_path(uri)
-    if path is None or "?" in uri or path.exists():
+    if path is None or "?" in uri or path.exists() or path.is_symlink():
         return False
     template = empty_store_template()
     if template is None:
         return False
-    seed = None
+    seed = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.seed")
     try:
-        fd, seed = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".seed")
-        os.close(fd)
+        os.close(os.open(seed, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as for sqlite
+    except OSError:
+        return False
+    try:
         shutil.copyfile(template, seed)
         os.link(seed, path)  # never over a store another process or thread created meanwhile
     except OSError:
         return False
     finally:
-        if seed is not None:
-            Path(seed).unlink(missing_ok=True)
+        seed.unlink(missing_ok=True)
     return True
 
 
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent); callers
     run :func:`check_server` first. A new sqlite store is seeded from the cached empty one."""
-    seed_sqlite_store(uri)
+    try:
+        seed_sqlite_store(uri)
+    except Exception:  # noqa: BLE001 -- seeding is only a shortcut (a cache that cannot be found, say): MLflow makes the store
+        pass
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
