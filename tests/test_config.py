@@ -201,6 +201,9 @@ MALFORMED = [
      ("greater than or equal to 1",)),
     ("worker-niceness-20", mutate(ray__worker_niceness=20), [], "ray.worker_niceness",
      ("less than or equal to 19",)),
+    ("worker-preload-not-a-module", mutate(ray__worker_preload=["torch", "my-lib"]), [], "ray.worker_preload",
+     ("Python module names", "'my-lib'")),
+    ("worker-preload-a-string", mutate(ray__worker_preload="torch"), [], "ray.worker_preload", ("valid list",)),
     # kind and name
     ("unknown-kind", mutate(kind="evolution"), [], "kind", ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt")),
     ("missing-kind", mutate(kind=DELETE), [], "kind", ("missing", "allowed: federated, lpo, lpo_eval, pbt")),

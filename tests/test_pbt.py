@@ -85,19 +85,6 @@ def test_pbt_sweep_tracks_to_sqlite_and_lineage_agrees(ray_session, tiny, capsys
     assert len(replays) == 1 and replays[0].data.tags["replay_of_trial"] == trial
 
 
-def test_local_ray_workers_run_at_the_configured_niceness(ray_session):
-    """The embedded Ray (started like `metaopt run` starts it) runs its workers at ``ray.worker_niceness``
-    (default 0), not at Ray's own 15."""
-    import os
-
-    from metaopt.config import RayConfig
-    from metaopt.runtime import local_ray_options
-
-    assert local_ray_options(RayConfig(worker_niceness=7))["_system_config"] == {
-        "worker_niceness": 7, "prestart_worker_first_driver": False}
-    assert ray_session.get(ray_session.remote(lambda: os.nice(0)).remote()) == RayConfig().worker_niceness == 0
-
-
 def test_unreachable_tracking_server_is_one_error_line_before_ray(ray_session, capsys):
     """No MLflow server at the tracking URI: exit 2 and one line naming tracking.uri at once, not MLflow's
     minutes of retries and a traceback."""

@@ -8,6 +8,8 @@ embedded Ray sized by ``ray.num_cpus``/``ray.num_gpus``.
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -35,10 +37,17 @@ def resolve_address(cli_address: str | None, config: RayConfig) -> str | None:
 
 def local_ray_options(config: RayConfig) -> dict:
     """``ray.init`` arguments that start the local embedded Ray: its size, no dashboard, the workers'
-    niceness, and no prestarted workers. Ray starts workers at niceness 15 so that its control plane stays responsive on a loaded node;
+    niceness, no prestarted workers, and the modules its workers import before they connect to Ray.
+
+    Niceness: Ray starts workers at niceness 15 so that its control plane stays responsive on a loaded node;
     on a 2-core machine that also lets the raylet, the GCS, the driver and every idle actor's timers preempt the
-    trials. Side by side with a plain process doing the same digits steps (benchmarks/worker_niceness.py, 7 runs
+    trials. Side by side with a plain process doing the same digits steps (benchmarks/worker_speed.py, 7 runs
     each), a Ray worker kept a median 0.81 of its throughput at niceness 15 (0.74-1.13) and 0.96 at 0 (0.75-1.04).
+
+    Preload (``ray.worker_preload``, default torch; not on Windows, where Ray does not start workers through a
+    POSIX shell): every worker is started by :mod:`metaopt.worker_start`, which imports torch before the worker
+    script connects to Ray; torch imported after that trains slower (see there). Job-wide, so Tune's trainables,
+    which get a ``runtime_env`` of their own, keep it.
 
     No prestarted workers: Ray starts one idle Python worker per CPU when the driver connects, for the driver's
     first tasks and actors. metaopt's trials never land on them: Tune creates every trainable actor with its own
@@ -46,12 +55,22 @@ def local_ray_options(config: RayConfig) -> dict:
     inherit it, so the raylet starts fresh workers for them. The prestarted ones only imported Ray while the
     first trials start, on the same cores, then woke up idle for the whole sweep (``ray::IDLE``; measured ~600
     context switches and ~0.6 CPU-s each in a 43 s sweep on 2 cores, see benchmarks/README.md)."""
-    return {
+    options = {
         "num_cpus": config.num_cpus,
         "num_gpus": config.num_gpus,
         "include_dashboard": False,
         "_system_config": {"worker_niceness": config.worker_niceness, "prestart_worker_first_driver": False},
     }
+    if config.worker_preload and sys.platform != "win32":
+        options["runtime_env"] = {"py_executable": worker_start_command(config.worker_preload)}
+    return options
+
+
+def worker_start_command(modules: list[str]) -> str:
+    """The shell command Ray starts each local worker with (``runtime_env`` ``py_executable``; Ray appends the
+    worker script and its arguments): this Python, importing ``modules`` before the worker connects to Ray.
+    See :mod:`metaopt.worker_start` for why."""
+    return f"{shlex.quote(sys.executable)} -m metaopt.worker_start {shlex.quote(','.join(modules))}"
 
 
 def init(config: RayConfig, cli_address: str | None = None) -> Resources:
