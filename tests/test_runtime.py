@@ -33,7 +33,7 @@ def test_local_ray_starts_its_workers_with_torch_imported_before_ray(ray_session
 
     assert "runtime_env" not in local_ray_options(RayConfig(worker_preload=[]))
     command = local_ray_options(RayConfig())["runtime_env"]["py_executable"]
-    assert command.endswith("-m metaopt.worker_start torch") and sys.executable in command
+    assert command.endswith("/metaopt/worker_start.py torch") and command.startswith(sys.executable)
     assert ray_session.get(ray_session.remote(import_order).remote()) == ("torch", True)
 
     def trainable(config):
@@ -44,19 +44,53 @@ def test_local_ray_starts_its_workers_with_torch_imported_before_ray(ray_session
     assert result.error is None and (result.metrics["preloaded"], result.metrics["torch_first"]) == ("torch", True)
 
 
+def test_preloaded_torch_takes_the_thread_count_ray_gives_each_task(ray_session):
+    """torch loads before Ray sets OMP_NUM_THREADS for a task; worker_start passes Ray's count on to torch, so
+    a 1-CPU task or actor gets 1 torch thread (not one per core) and a 2-CPU task 2, as without the preload."""
+
+    def torch_threads():
+        import torch
+
+        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+    @ray_session.remote(num_cpus=1)
+    class OneCPU:
+        def __init__(self):
+            self.at_creation = torch_threads()
+
+        def threads(self):
+            return self.at_creation, torch_threads()
+
+    one, two = (ray_session.remote(num_cpus=n)(torch_threads) for n in (1, 2))
+    assert ray_session.get(one.remote()) == (1, "1")
+    assert ray_session.get(two.remote()) == (2, "2")
+    actor = OneCPU.remote()
+    assert ray_session.get(actor.threads.remote()) == ((1, "1"), (1, "1"))
+    ray_session.kill(actor)
+
+
 def test_worker_start_preloads_then_runs_the_worker_script_as_python_would(tmp_path):
-    """Modules first (one that cannot be imported is reported and skipped), then the script with its own
-    arguments and its directory first on sys.path."""
+    """Modules first (one that cannot be imported is reported and skipped; the working directory cannot shadow
+    them), then the script with its own arguments and its directory first on sys.path."""
+    from metaopt import worker_start
+
     script = tmp_path / "worker.py"
     script.write_text(
-        "import json, os, sys\n"
-        f"print(json.dumps({{'argv': sys.argv, 'path0': sys.path[0], 'preloaded': os.environ['{PRELOADED_ENV}'],"
-        " 'colorsys_loaded': 'colorsys' in sys.modules, 'name': __name__}))\n"
+        "import colorsys, json, os, sys\n"
+        f"print(json.dumps({{'argv': sys.argv, 'path': sys.path, 'preloaded': os.environ['{PRELOADED_ENV}'],"
+        " 'colorsys_from_stdlib': not colorsys.__file__.startswith(os.getcwd()), 'name': __name__}))\n"
     )
-    run = subprocess.run([sys.executable, "-m", "metaopt.worker_start", "colorsys,no_such_module_xyz", str(script),
-                          "--node-ip-address=127.0.0.1", "two words"], capture_output=True, text=True, timeout=60)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "colorsys.py").write_text("raise RuntimeError('the working directory shadowed colorsys')\n")
+    run = subprocess.run([sys.executable, worker_start.__file__, "colorsys,no_such_module_xyz", str(script),
+                          "--node-ip-address=127.0.0.1", "two words"], capture_output=True, text=True, timeout=60,
+                         cwd=elsewhere)
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout)
-    assert seen == {"argv": [str(script), "--node-ip-address=127.0.0.1", "two words"], "path0": str(tmp_path),
-                    "preloaded": "colorsys", "colorsys_loaded": True, "name": "__main__"}
+    path = seen.pop("path")  # importing Ray (worker_start wraps one of its functions) puts its vendored folder first
+    assert seen == {"argv": [str(script), "--node-ip-address=127.0.0.1", "two words"],
+                    "preloaded": "colorsys", "colorsys_from_stdlib": True, "name": "__main__"}
+    assert str(tmp_path) in path and str(elsewhere) not in path and os.path.dirname(worker_start.__file__) not in path
+    assert path.index(str(tmp_path)) < min(i for i, p in enumerate(path) if p.endswith("site-packages"))
     assert "worker preload: cannot import no_such_module_xyz: ModuleNotFoundError" in run.stderr

@@ -70,7 +70,10 @@ def worker_start_command(modules: list[str]) -> str:
     """The shell command Ray starts each local worker with (``runtime_env`` ``py_executable``; Ray appends the
     worker script and its arguments): this Python, importing ``modules`` before the worker connects to Ray.
     See :mod:`metaopt.worker_start` for why."""
-    return f"{shlex.quote(sys.executable)} -m metaopt.worker_start {shlex.quote(','.join(modules))}"
+    from metaopt import worker_start
+
+    script = shlex.quote(os.path.abspath(worker_start.__file__))
+    return f"{shlex.quote(sys.executable)} {script} {shlex.quote(','.join(modules))}"
 
 
 def init(config: RayConfig, cli_address: str | None = None) -> Resources:

@@ -1,11 +1,21 @@
 """Start a Ray worker process with the trials' heavy libraries imported before Ray connects it.
 
-    python -m metaopt.worker_start MODULES WORKER_SCRIPT [ARGS ...]
+    python PATH/TO/metaopt/worker_start.py MODULES WORKER_SCRIPT [ARGS ...]
 
 ``MODULES`` is a comma-separated list (``torch``); ``WORKER_SCRIPT`` and ``ARGS`` are what Ray would have run
 (its ``default_worker.py`` and the raylet's arguments). The local embedded Ray starts its workers this way
 (``runtime_env={"py_executable": ...}``, :func:`metaopt.runtime.local_ray_options`) when ``ray.worker_preload``
-names modules.
+names modules. Run by its path, not ``-m``: it needs only the standard library, so a worker starts even where
+``metaopt`` is importable only through the driver's own ``sys.path``, and the working directory never lands
+on ``sys.path``. Before the preload, ``sys.path[0]`` is already the worker script's directory, as
+``python WORKER_SCRIPT`` has it, so nothing in this folder or the working directory shadows what torch imports.
+
+Threads: torch's OpenMP reads ``OMP_NUM_THREADS`` when it loads, and Ray sets that variable only when a task
+starts (to the task's CPUs, if unset), which is now after the preload. So Ray's own per-task step,
+``ray._private.utils.set_omp_num_threads_if_unset``, is wrapped here to pass the count it sets on to
+``torch.set_num_threads``: a worker's torch threads are what Ray would have given it. Where a Ray release
+lacks that function, torch gets 1 thread unless ``OMP_NUM_THREADS`` is set: Ray's value for a 1-CPU task.
+Ray's ``uv run`` hook replaces ``py_executable``, so under ``uv run`` nothing is preloaded.
 
 Why: in a process where Ray's core worker started *before* torch was imported, the digits MLP's forward +
 backward ran 10-20% slower than where torch came first (measured on the 2-core development machine: a plain
@@ -42,14 +52,41 @@ def preload(modules: list[str]) -> list[str]:
     return done
 
 
+def follow_rays_thread_count() -> bool:
+    """Make torch use the OpenMP thread count Ray sets for each task (see the module docstring); False where
+    this Ray has no such step to wrap."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
+        return False
+    ray_default = getattr(ray_utils, "set_omp_num_threads_if_unset", None)
+    if ray_default is None:
+        return False
+
+    def set_omp_num_threads_and_torch_threads(*args, **kwargs):
+        changed = ray_default(*args, **kwargs)
+        torch = sys.modules.get("torch")
+        if changed and torch is not None:
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return changed
+
+    ray_utils.set_omp_num_threads_if_unset = set_omp_num_threads_and_torch_threads
+    return True
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
-        raise SystemExit("usage: python -m metaopt.worker_start MODULES WORKER_SCRIPT [ARGS ...]")
+        raise SystemExit("usage: python worker_start.py MODULES WORKER_SCRIPT [ARGS ...]")
     modules, script = [m for m in argv[0].split(",") if m], argv[1]
-    os.environ[PRELOADED_ENV] = ",".join(preload(modules))
-    # As `python WORKER_SCRIPT ARGS` would have it: the script's arguments and its directory first on the path.
+    # As `python WORKER_SCRIPT ARGS` would have it, before anything is imported: the script's arguments, and
+    # its directory in place of this one first on the path (unless -P / PYTHONSAFEPATH keeps it off).
     sys.argv = [script, *argv[2:]]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    if not sys.flags.safe_path:
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
+    os.environ[PRELOADED_ENV] = ",".join(preload(modules))  # before anything imports Ray
+    torch = sys.modules.get("torch")
+    if not follow_rays_thread_count() and torch is not None and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # what Ray would give a 1-CPU task
     runpy.run_path(script, run_name="__main__")
 
 
