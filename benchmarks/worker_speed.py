@@ -46,10 +46,10 @@ def train_for(seconds: float, start_at: float) -> dict[str, float]:
         task.train(250, lambda _step: 0.05)
         steps += 250
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    modules = list(sys.modules)  # in import order: was torch imported before Ray's core worker?
-    torch_first = modules.index("torch") < modules.index("ray._raylet") if "ray._raylet" in modules else None
+    from metaopt.worker_start import imported_before_ray
+
     return {"steps_per_s": steps / wall, "steps_per_cpu_s": steps / cpu, "niceness": os.nice(0),
-            "torch_first": torch_first}
+            "torch_first": imported_before_ray("torch")}
 
 
 def parse_setting(text: str) -> dict:

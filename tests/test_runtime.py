@@ -25,11 +25,11 @@ def test_local_ray_starts_its_workers_with_torch_imported_before_ray(ray_session
     runtime_env of their own, which must keep the job's ``py_executable``) imported torch before Ray."""
     from ray import tune
 
-    def import_order() -> tuple[str | None, bool]:  # nested: Ray ships it by value (tests/ is not importable there)
+    def import_order() -> tuple[str | None, bool | None]:  # nested: Ray ships it by value
         """In a Ray worker: what metaopt.worker_start preloaded, and whether torch was imported before Ray."""
-        modules = list(sys.modules)  # in import order
-        torch_first = "torch" in modules and modules.index("torch") < modules.index("ray._raylet")
-        return os.environ.get(PRELOADED_ENV), torch_first
+        from metaopt.worker_start import imported_before_ray
+
+        return os.environ.get(PRELOADED_ENV), imported_before_ray("torch")
 
     assert "runtime_env" not in local_ray_options(RayConfig(worker_preload=[]))
     command = local_ray_options(RayConfig())["runtime_env"]["py_executable"]

@@ -39,6 +39,15 @@ import sys
 PRELOADED_ENV = "METAOPT_WORKER_PRELOADED"  # set in the worker: the modules it imported before Ray
 
 
+def imported_before_ray(module: str = "torch") -> bool | None:
+    """In a running process: was ``module`` imported before Ray's core (``ray._raylet``)? None where Ray is not
+    imported; False where ``module`` is not (``sys.modules`` keeps import order). What the preload is for."""
+    modules = list(sys.modules)
+    if "ray._raylet" not in modules:
+        return None
+    return module in modules and modules.index(module) < modules.index("ray._raylet")
+
+
 def preload(modules: list[str]) -> list[str]:
     """Import each module; the ones that imported."""
     done = []
