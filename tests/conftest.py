@@ -34,10 +34,10 @@ def ray_session():
     """One embedded Ray for every test that needs it (Ray start-up costs seconds; do it once)."""
     import ray
     from metaopt.config import RayConfig
-    from metaopt.runtime import local_ray_options
+    from metaopt.runtime import start_local
 
-    if not ray.is_initialized():  # as `metaopt run` starts its local Ray
-        ray.init(**local_ray_options(RayConfig(num_cpus=2)), log_to_driver=False)
+    if not ray.is_initialized():  # as `metaopt run` starts its local Ray: on loopback only
+        start_local(RayConfig(num_cpus=2), log_to_driver=False)
     yield ray
 
 
@@ -96,13 +96,30 @@ def tiny(tmp_path):
 
 
 class KillTrialProcess(Callback):
-    """Kills the worker process of the first trial once it reports ``at_iteration`` (a real crash)."""
+    """Kills the worker process of the first trial once it reports ``at_iteration`` (a real crash); ``when``
+    (trial -> bool) picks which trial, e.g. one PBT has just made exploit another."""
 
-    def __init__(self, at_iteration: int):
+    def __init__(self, at_iteration: int, when=None):
         self.at_iteration = at_iteration
+        self.when = when
         self.killed: dict[str, int] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not self.killed and result["training_iteration"] == self.at_iteration:
+        if self.killed or result["training_iteration"] != self.at_iteration:
+            return
+        if self.when is None or self.when(trial):
             self.killed[trial.trial_id] = result["pid"]
             os.kill(result["pid"], signal.SIGKILL)
+
+
+def assert_runs_finished(uri: str, experiment_name: str, at_least: int) -> None:
+    """Every MLflow run of the experiment -- sweep parents and trial children -- ended FINISHED (none left
+    RUNNING, none FAILED): what a sweep that recovered from a crashed trial must leave behind."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment is not None, f"no MLflow experiment {experiment_name!r}"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    statuses = {f"{r.data.tags.get('metaopt.role')}:{r.info.run_name}": r.info.status for r in runs}
+    assert len(runs) >= at_least and set(statuses.values()) == {"FINISHED"}, statuses

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,11 @@ from metaopt.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_FILES = sorted((REPO / "experiments").glob("*.yaml")) + sorted((REPO / "experiments").glob("*.yml"))
+
+
+def load_example(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> config.Experiment:
+    """An experiment file of the repo; the *_cluster ones name paths on a cluster (/data/...), not here."""
+    return config.load(path, overrides, check_paths="cluster" not in path.name)
 
 # A valid, minimal pbt experiment; every malformed case below is one mutation of it.
 BASE: dict[str, Any] = {
@@ -470,6 +476,129 @@ def test_exponent_notation_in_nested_specs_is_accepted(tmp_path, text):
     assert exp.section.lr_min == pytest.approx(1e-4)
 
 
+# ------------------------------------------------------------- hostile inputs: one line, exit 2, quickly, bounded
+#
+# Each of these once cost a traceback, a hang, unbounded memory or an error line quoting 10 kB of input (issue 20).
+
+def _billion_laughs() -> str:
+    lines = ["name: t", "kind: pbt", 'description: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 10):
+        lines.append(f"x{level}: &{chr(97 + level)} [" + ", ".join([f"*{chr(96 + level)}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+HUGE = "x" * 10_000
+LPO_ENV = {"env": "CartPole-v1", "total_timesteps": 2048, "ppo": {"num_envs": 4, "num_steps": 64}}
+POSTTRAIN_BASE: dict[str, Any] = {"name": "cfg-posttrain", "kind": "posttrain", "posttrain": {"steps": 4}}
+
+HOSTILE = [
+    # the YAML itself
+    pytest.param(_billion_laughs(), [], PATH, ("invalid YAML", "100000 values", "aliases"), id="yaml-billion-laughs"),
+    pytest.param("name: t\nkind: pbt\npbt: " + "[" * 10_000 + "\n", [], PATH, ("invalid YAML", "nested deeper than 64"),
+                 id="yaml-10000-brackets"),
+    pytest.param("name: t\nkind: pbt\npbt: " + "{a: " * 5_000 + "\n", [], PATH, ("invalid YAML", "nested deeper"),
+                 id="yaml-deep-mappings"),
+    pytest.param("name: t\nkind: pbt\npbt: &p {task_options: *p}\n", [], PATH, ("invalid YAML", "alias *p", "contains it"),
+                 id="yaml-recursive-alias"),
+    pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", [], PATH, ("not a UTF-8 text file",), id="binary-file"),
+    pytest.param("name: t\nkind: pbt\npbt:\n  <<: {population: 2}\n  population: 3\n  population: 4\n", [], PATH,
+                 ("duplicate key 'population'",), id="merge-key-with-a-real-duplicate"),
+    pytest.param("name: t\nkind: pbt\npbt:\n  <<: 5\n", [], PATH, ("invalid YAML", "merging"), id="merge-key-of-a-scalar"),
+    # names
+    pytest.param(mutate(name="quickstart\n"), [], "name", ("letters, digits", "'quickstart\\n'"), id="name-trailing-newline"),
+    pytest.param(mutate(name="a" * 101), [], "name", ("at most 100 characters", "got 101"), id="name-101-characters"),
+    pytest.param(mutate(name=HUGE), [], "name", ("at most 100 characters", "..."), id="name-10kB"),
+    pytest.param(mutate(tracking__experiment="shared\n"), [], "tracking.experiment", ("newlines",),
+                 id="mlflow-experiment-newline"),
+    pytest.param(mutate(tracking__experiment="   "), [], "tracking.experiment", ("non-blank",), id="mlflow-experiment-blank"),
+    pytest.param(mutate(tracking__experiment="e" * 101), [], "tracking.experiment", ("at most 100",),
+                 id="mlflow-experiment-101-characters"),
+    # user input is quoted shortened, never whole
+    pytest.param(mutate(pbt__scheduler=HUGE), [], "pbt.scheduler", ("'xxxxxxxx", "...",), id="10kB-string-value"),
+    pytest.param(mutate(pbt__optimizer={"name": "sgd", "lr": HUGE}), [], "pbt.optimizer.lr", ("finite number", "..."),
+                 id="10kB-string-in-optimizer-spec"),
+    pytest.param(mutate(**{"pbt__bad\nkey": 1}), [], "pbt.'bad\\nkey'", ("unknown key",), id="key-with-newline"),
+    pytest.param(mutate(**{f"pbt__{HUGE}": 1}), [], "pbt.'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx'",
+                 ("unknown key",), id="10kB-key"),
+    pytest.param(mutate(FED_BASE, federated__strategies=[HUGE]), [], "federated.strategies",
+                 ("unknown strategy 'xxxxxxxx", "..."), id="10kB-strategy-name"),
+    # seeds: 0 <= seed < 2**32 in every section
+    pytest.param(mutate(pbt__seed=-1), [], "pbt.seed", ("greater than or equal to 0",), id="pbt-seed-negative"),
+    pytest.param(mutate(pbt__seed=2**32), [], "pbt.seed", ("less than 4294967296",), id="pbt-seed-2-32"),
+    pytest.param(mutate(FED_BASE, federated__seeds=[0, -1]), [], "federated.seeds.1", ("greater than or equal to 0",),
+                 id="federated-seed-negative"),
+    pytest.param(mutate(FED_BASE, federated__seeds=[2**40]), [], "federated.seeds.0", ("less than 4294967296",),
+                 id="federated-seed-too-big"),
+    pytest.param(mutate(SYMBOLIC_BASE, symbolic__seeds=[2**32]), [], "symbolic.seeds.0", ("less than 4294967296",),
+                 id="symbolic-seed-too-big"),
+    pytest.param(mutate(POSTTRAIN_BASE, posttrain__seeds=[-5]), [], "posttrain.seeds.0", ("greater than or equal to 0",),
+                 id="posttrain-seed-negative"),
+    pytest.param(mutate(LPO_BASE, lpo__meta_seeds=[2**32]), [], "lpo.meta_seeds.0", ("less than 4294967296",),
+                 id="lpo-meta-seed-too-big"),
+    pytest.param(mutate(LPO_EVAL_BASE, lpo_eval__seed=-1), [], "lpo_eval.seed", ("greater than or equal to 0",),
+                 id="lpo-eval-seed-negative"),
+    # true/false inside numeric lists
+    pytest.param(mutate(pbt__perturbation_factors=[True, 0.8]), [], "pbt.perturbation_factors.0",
+                 ("must be a number, not true",), id="bool-in-perturbation-factors"),
+    pytest.param(mutate(FED_BASE, federated__lrs=[0.1, True]), [], "federated.lrs.1", ("must be a number, not true",),
+                 id="bool-in-lrs"),
+    pytest.param(mutate(FED_BASE, federated__seeds=[False]), [], "federated.seeds.0", ("must be an integer, not false",),
+                 id="bool-in-seeds"),
+    pytest.param(mutate(FED_BASE, federated__hidden=[16, True]), [], "federated.hidden.1", ("integer",),
+                 id="bool-in-hidden-widths"),
+    pytest.param(mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "digits", "lrs": [1.0, True]}), [], "symbolic.proxy.lrs.1",
+                 ("must be a number",), id="bool-in-proxy-lrs"),
+    pytest.param(mutate(LPO_BASE, lpo__horizons=[True]), [], "lpo.horizons.0", ("must be a number",),
+                 id="bool-in-horizons"),
+    # NaN / inf anywhere, also inside free-form option mappings
+    pytest.param(mutate(pbt__task_options={"val_fraction": float("nan")}), [], "pbt.task_options.val_fraction",
+                 ("finite",), id="nan-in-task-options"),
+    pytest.param(mutate(pbt__optimizer={"name": "sgd", "lr": float("inf")}), [], "pbt.optimizer.lr", ("finite",),
+                 id="inf-in-optimizer-spec"),
+    pytest.param(mutate(FED_BASE, federated__lrs=[0.1, float("nan")]), [], "federated.lrs.1", ("finite",),
+                 id="nan-in-lrs"),
+    pytest.param(mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "digits", "task_options": {"hidden": [8, float("inf")]}}),
+                 [], "symbolic.proxy.task_options.hidden.1", ("finite",), id="inf-deep-in-task-options"),
+    pytest.param(mutate(LPO_BASE, lpo__envs=[{**LPO_ENV, "ppo": {"lr": float("nan")}}]), [], "lpo.envs.0.ppo.lr",
+                 ("finite",), id="nan-in-ppo-overrides"),
+    pytest.param(mutate(POSTTRAIN_BASE, posttrain__schedule={"name": "constant", "lr": float("-inf")}), [],
+                 "posttrain.schedule.lr", ("finite",), id="inf-in-schedule-spec"),
+    pytest.param(mutate(SYMBOLIC_BASE, symbolic__margin=float("nan")), [], "symbolic.margin", ("finite",), id="nan-margin"),
+    pytest.param(BASE, ["pbt.lr_max=.inf"], "pbt.lr_max", ("finite",), id="set-inf"),
+    # Ray addresses that are not addresses (ray.init would retry for minutes)
+    pytest.param(mutate(ray__address="localhost"), [], "ray.address", ("HOST:PORT", "'localhost'"), id="address-no-port"),
+    pytest.param(mutate(ray__address="head:70000"), [], "ray.address", ("port in 1-65535",), id="address-port-out-of-range"),
+    pytest.param(mutate(ray__address="http://head:8265"), [], "ray.address", ("ray://HOST:PORT",), id="address-http"),
+    pytest.param(mutate(ray__address="ray://"), [], "ray.address", ("ray://HOST:PORT",), id="address-ray-no-host"),
+    pytest.param(mutate(ray__address="my head:6379"), [], "ray.address", ("HOST:PORT",), id="address-space"),
+]
+
+
+@pytest.mark.parametrize("content, overrides, field, hints", HOSTILE)
+def test_hostile_input_is_one_short_error_line_quickly(tmp_path, capsys, tripwire, content, overrides, field, hints):
+    started = time.monotonic()
+    test_malformed_experiment_is_one_error_line_and_exit_2(tmp_path, capsys, tripwire, content, overrides, field, hints)
+    assert time.monotonic() - started < 20
+    assert len(run_cli(["run", str(tmp_path / "experiment.yaml"), *[a for o in overrides for a in ("--set", o)]],
+                       capsys)[2]) < 700, "the error line quotes user input whole"
+
+
+def test_yaml_merge_keys_merge_and_own_keys_win(tmp_path):
+    text = ("name: t\nkind: pbt\ndescription: &common {population: 2, iterations: 4, perturbation_interval: 2}\n"
+            "pbt:\n  <<: *common\n  population: 3\n  task_options:\n    <<: {hidden: [8]}\n    batch_size: 16\n")
+    raw = config.parse_yaml(text)
+    assert raw["pbt"] == {"population": 3, "iterations": 4, "perturbation_interval": 2,
+                          "task_options": {"hidden": [8], "batch_size": 16}}
+    exp = config.from_dict({**raw, "description": "merged"})
+    assert (exp.section.population, exp.section.iterations, exp.section.task_options["hidden"]) == (3, 4, [8])
+
+
+def test_seeds_at_the_edges_are_accepted():
+    exp = config.from_dict(mutate(FED_BASE, federated__seeds=[0, 2**32 - 1]))
+    assert exp.section.seeds == [0, 2**32 - 1]
+    assert config.from_dict(mutate(pbt__seed=2**32 - 1)).section.seed == 2**32 - 1
+
+
 # ------------------------------------------------------------------------------------------------------ positive
 
 
@@ -479,7 +608,7 @@ def test_experiment_files_exist():
 
 @pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=[p.name for p in EXPERIMENT_FILES])
 def test_every_experiment_file_loads(path):
-    exp = config.load(path)
+    exp = load_example(path)
     assert exp.kind in config.kinds()
     assert exp.name and exp.description
     assert exp.source == str(path)
@@ -562,17 +691,17 @@ def _round_trip_cases():
     yield pytest.param(config.from_dict(copy.deepcopy(BASE)), id="base")
     yield pytest.param(config.from_dict({"name": "minimal", "kind": "pbt"}), id="minimal")
     for path in EXPERIMENT_FILES:
-        yield pytest.param(config.load(path), id=path.name)
+        yield pytest.param(load_example(path), id=path.name)
 
 
 @pytest.mark.parametrize("exp", list(_round_trip_cases()))
 def test_to_dict_round_trips(exp):
     as_dict = exp.to_dict()
     assert set(as_dict) == {"name", "kind", "description", "ray", "tracking", exp.kind}
-    assert config.from_dict(as_dict, source=exp.source) == exp
+    assert config.from_dict(as_dict, source=exp.source, check_paths=False) == exp
     # also through the forms it is logged in (JSON payload, YAML file)
-    assert config.from_dict(json.loads(json.dumps(as_dict)), source=exp.source) == exp
-    assert config.from_dict(yaml.safe_load(yaml.safe_dump(as_dict)), source=exp.source) == exp
+    assert config.from_dict(json.loads(json.dumps(as_dict)), source=exp.source, check_paths=False) == exp
+    assert config.from_dict(yaml.safe_load(yaml.safe_dump(as_dict)), source=exp.source, check_paths=False) == exp
     assert exp.to_dict() == as_dict  # to_dict does not mutate
 
 
@@ -611,7 +740,9 @@ def test_mlflow_experiment_name_can_be_set():
     "file:./mlruns", "/abs/mlruns", "databricks", "postgresql://u:p@h/db", "mysql://u:p@h/db",
 ])
 def test_accepted_tracking_uris(uri):
-    assert config.from_dict({"name": "u", "kind": "pbt", "tracking": {"uri": uri}}).tracking.uri == uri
+    # check_paths=False: the form only (whether a database driver is installed here is tested in test_inputs.py)
+    raw = {"name": "u", "kind": "pbt", "tracking": {"uri": uri}}
+    assert config.from_dict(raw, check_paths=False).tracking.uri == uri
 
 
 def test_empty_blocks_mean_defaults():
@@ -684,9 +815,9 @@ def test_list_experiments(monkeypatch, capsys):
     for line, path in zip(lines, EXPERIMENT_FILES):
         fields = line.split()
         assert fields[0] == f"experiments/{path.name}"
-        assert fields[1] == config.load(path).kind in config.kinds()
+        assert fields[1] == load_example(path).kind in config.kinds()
         assert "INVALID" not in line
-        assert config.load(path).description.splitlines()[0] in line
+        assert load_example(path).description.splitlines()[0] in line
 
 
 def test_list_defaults_to_experiments_directory(monkeypatch, capsys):

@@ -10,7 +10,15 @@ import time
 import pytest
 import torch
 from metaopt.errors import ConfigError
-from metaopt.federated.clients import Client, ClientPool, build_model, evaluate, flat_params
+from metaopt.federated.clients import (
+    Client,
+    ClientPool,
+    RoundCancelled,
+    build_model,
+    evaluate,
+    flat_params,
+    ray_cancel_check,
+)
 from metaopt.federated.data import load_dataset, make_client_shards
 
 
@@ -60,6 +68,21 @@ def test_per_batch_lr_rule_changes_the_lrs_used(digits_clients):
     result = client.train(params, round_index=0, epochs=1, lr=0.01, lr_rule=grow)
     assert result.lrs_used[0] == pytest.approx(0.01) and result.lrs_used[1] == pytest.approx(0.011)
     assert max(result.lrs_used) <= 0.1 + 1e-12
+
+
+def test_local_training_stops_between_batches_once_cancelled(digits_clients):
+    """How a client honours the server's ray.cancel of a late round (Ray only raises a flag in a sync actor)."""
+    _, shards = digits_clients
+    asked = []
+
+    def cancelled_after_three_batches() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(RoundCancelled, match="after 3 batches"):
+        Client(0, shards[0], 64, 10, hidden=(16,)).train(flat_params(build_model(64, 10, (16,))), round_index=0,
+                                                         epochs=50, lr=0.1, should_stop=cancelled_after_three_batches)
+    assert ray_cancel_check() is None  # in this process (no Ray task) there is nothing to cancel
 
 
 def test_unknown_client_optimizer_is_a_clear_error(digits_clients):

@@ -1,5 +1,6 @@
 """Federated rounds on Ray client actors: strategies learn digits, a client killed mid-round does not stop the
-round and is back for later rounds, and a run restored from its per-round state continues identically."""
+round and is back for later rounds, clients late for the round's one deadline are left out and cancelled, and a
+run restored from its per-round state continues identically."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import threading
 
 import pytest
 import torch
+from conftest import EXPERIMENTS
+from metaopt import config
+from metaopt.errors import ConfigError
 from metaopt.federated.clients import Client, ClientPool
 from metaopt.federated.data import load_dataset, make_client_shards
 from metaopt.federated.rounds import FederatedRun, RoundSettings
-from metaopt.federated.strategies import make_strategy
+from metaopt.federated.strategies import ClientUpdate, make_strategy
 
 HIDDEN = (16,)
 
@@ -96,3 +100,47 @@ def test_rounds_on_client_actors_equal_rounds_in_process(pool, shards, strategy)
         assert got["client_lr_max_used"] == want["client_lr_max_used"]
     assert remote.global_params.dtype == local.global_params.dtype == torch.float32
     torch.testing.assert_close(remote.global_params, local.global_params)
+
+
+def test_clients_late_for_the_round_deadline_are_left_out_cancelled_and_back_next_round(pool, shards):
+    """Two stragglers: the round ends at its one deadline (not one timeout per straggler in turn), aggregates
+    exactly the punctual clients' updates, and the cancelled stragglers stop, so the next round has them all."""
+    import ray
+
+    class Straggler(Client):  # defined here so Ray ships it by value to the actor
+        def train(self, global_params, *, round_index, epochs, **settings):
+            slow = 10_000 if round_index == 1 else 1  # about a minute of local epochs, in the second round only
+            return super().train(global_params, round_index=round_index, epochs=epochs * slow, **settings)
+
+    stragglers = [ray.remote(num_cpus=0, max_restarts=0)(Straggler).remote(i, shards[i], 64, 10, HIDDEN) for i in (1, 2)]
+    try:
+        run = FederatedRun(shards, [pool.actors[0], *stragglers, pool.actors[3]], make_strategy("fedavg"),
+                           RoundSettings(lr0=0.05, timeout_s=120), 64, 10, HIDDEN)
+        # a first round warms the actors up (a fresh actor's first local training takes seconds: torch's lazy set-up)
+        assert run.run_round()["participants"] == 4
+        deadline = 2.0
+        run.settings = RoundSettings(lr0=0.05, timeout_s=deadline)
+        start, lr = run.global_params.clone(), run.client_lr
+        late = run.run_round()
+        assert late["failed_ids"] == [1, 2] and late["participants"] == 2, late
+        assert deadline * 0.9 <= late["round_seconds"] < deadline * 1.5, late
+        fedavg = make_strategy("fedavg")
+        punctual = [Client(i, shards[i], 64, 10, HIDDEN).train(start, round_index=1, epochs=1, lr=lr) for i in (0, 3)]
+        want, _, _ = fedavg.aggregate(fedavg.init(start), start, [ClientUpdate(r.delta, r.num_samples, r.local_lr)
+                                                                  for r in punctual])
+        torch.testing.assert_close(run.global_params, want)
+        following = run.run_round()
+        assert following["participants"] == 4 and following["failed_clients"] == 0, following
+        assert following["round_seconds"] < deadline
+    finally:
+        for s in stragglers:
+            ray.kill(s)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_round_timeout_must_be_a_finite_positive_number_of_seconds(value):
+    with pytest.raises(ConfigError, match="federated.round_timeout_s"):
+        config.load(EXPERIMENTS / "fedhyper_tiny.yaml", [f"federated.round_timeout_s={value}"])
+    with pytest.raises(ConfigError, match="round_timeout_s: must be a finite number of seconds > 0"):
+        RoundSettings(timeout_s=float(value))
+    assert config.load(EXPERIMENTS / "fedhyper_tiny.yaml", ["federated.round_timeout_s=2.5"]).section.round_timeout_s == 2.5

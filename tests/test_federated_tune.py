@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import EXPERIMENTS, KillTrialProcess
+from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import cli, config, tracking
 from mlflow.tracking import MlflowClient
 
@@ -26,6 +26,11 @@ def client_actors_created() -> int:
 
 def in_process_accuracies(exp, strategy: str) -> list[float]:
     """The same federated training as the trial's, with in-process clients: the reference for the Tune path."""
+    return [row["accuracy"] for row in in_process_rounds(exp, strategy)]
+
+
+def in_process_rounds(exp, strategy: str) -> list[dict]:
+    """Every round's metrics of :func:`in_process_accuracies`' training."""
     from metaopt.federated.clients import Client
     from metaopt.federated.data import load_dataset, make_client_shards
     from metaopt.federated.rounds import FederatedRun, RoundSettings
@@ -41,7 +46,7 @@ def in_process_accuracies(exp, strategy: str) -> list[float]:
     shape = (input_shape(data), data.num_classes)
     run = FederatedRun(shards, [Client(i, shard, *shape, hidden) for i, shard in enumerate(shards)],
                        make_strategy(strategy), settings, *shape, hidden, remote=False)
-    return [run.run_round()["accuracy"] for _ in range(s.rounds)]
+    return [run.run_round() for _ in range(s.rounds)]
 
 
 def test_federated_sweep_tracks_rounds_and_plots(ray_session, tmp_path):
@@ -94,6 +99,11 @@ def test_killed_federated_trial_resumes_without_losing_a_round(ray_session, tmp_
     rounds = row["curves"]["round"]
     # rounds 1, 2 reported; killed as round 2 was reported; resumed from the last checkpoint (round 1 or 2)
     assert rounds[:2] == [1, 2] and rounds[-1] == 4 and set(rounds) == {1, 2, 3, 4} and rounds == sorted(rounds)
+    # and every round, redone or not, is the uninterrupted training's: accuracy, server lr, client lr
+    want = in_process_rounds(exp, "fedhyper_g")
+    for key in ("accuracy", "global_lr", "client_lr"):
+        assert row["curves"][key] == pytest.approx([want[r - 1][key] for r in rounds], abs=1e-9), key
+    assert_runs_finished(exp.tracking.uri, "fedhyper_tiny", at_least=2)
 
 
 def test_missing_local_dataset_is_one_error_line(tmp_path, capsys):

@@ -321,6 +321,15 @@ def test_cluster_yaml_is_a_valid_launcher_config_with_gpu_workers():
     assert config["cluster_name"] == "metaopt" and config["docker"]["image"]
 
 
+def test_cluster_yaml_keeps_the_dashboard_on_the_heads_loopback():
+    """The Jobs API (and the token it checks) is reached through `ray dashboard cluster.yaml`'s SSH tunnel only."""
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert "ray dashboard cluster.yaml" in (REPO / "cluster.yaml").read_text()
+    assert {".git", ".env", "*.pem", "mlflow.db", "mlruns"} <= set(config["rsync_exclude"])
+
+
 def test_dockerfile_builds_on_a_ray_gpu_image_and_installs_the_package():
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"rayproject/ray:[\d.]+-py311-(gpu|cu\d+)", text)
@@ -358,7 +367,6 @@ def _wait_via_cli(job_id: str, address: str) -> str:
 
 
 @pytest.mark.cluster
-@pytest.mark.skipif(not (PLATFORM / "metaopt" / "cli.py").exists(), reason="platform/metaopt/cli.py is not written yet")
 def test_metaopt_submit_quickstart_tiny_records_a_finished_mlflow_run(cluster, tmp_path):
     from mlflow import MlflowClient
 
@@ -379,3 +387,27 @@ def test_metaopt_submit_quickstart_tiny_records_a_finished_mlflow_run(cluster, t
     assert experiment is not None, f"no MLflow experiment {name!r} in {tracking_uri}"
     finished = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'")
     assert finished, f"no finished run in MLflow experiment {name!r}"
+
+
+@pytest.mark.cluster
+def test_ray_job_stop_of_a_submitted_sweep_leaves_every_mlflow_run_killed(cluster, tmp_path):
+    """`ray job stop` sends SIGTERM: the sweep stops its trials and ends its runs KILLED before Ray's SIGKILL."""
+    from mlflow import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    submitted = _cli("submit", "experiments/quickstart_tiny.yaml", "--address", cluster, "--set", f"tracking.uri={tracking_uri}",
+                     "--set", "pbt.iterations=400", "--set", "pbt.steps_per_iteration=10", "--set", "pbt.synch=false")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    deadline = time.monotonic() + 240
+    while "iter   2/400" not in (log := _cli("logs", job_id, "--address", cluster).stdout):  # trials are training
+        assert time.monotonic() < deadline and jobs.status(job_id, cluster) in ("PENDING", "RUNNING"), log[-3000:]
+        time.sleep(2)
+    assert jobs.stop(job_id, cluster)
+    assert jobs.wait(job_id, cluster, timeout_s=120, poll_s=1) in ("STOPPED", "FAILED")
+    log = _cli("logs", job_id, "--address", cluster).stdout
+    assert "stopped by SIGTERM" in log and "PARTIAL" in log, log[-3000:]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("quickstart-tiny")
+    runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 3 and set(runs.values()) == {"KILLED"}, runs

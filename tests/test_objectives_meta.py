@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import EXPERIMENTS, KillTrialProcess
+from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from flax import serialization
 from metaopt import config, tracking
 from metaopt.objectives import drifts, export
@@ -181,6 +181,7 @@ def test_killed_meta_training_trial_resumes_bit_identically(ray_session, tmp_pat
     _, params = export.load_drift(trial.drift_dir)
     want = direct_run["trainer"].mean_params(direct_run["state"])
     np.testing.assert_array_equal(final_mean(params), final_mean(want))
+    assert_runs_finished(exp.tracking.uri, exp.mlflow_experiment, at_least=2)
 
 
 def test_meta_training_tracks_to_mlflow_and_evaluation_reads_it_back(ray_session, tmp_path, direct_run):

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXPERIMENTS, KillTrialProcess, free_port
+from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished, free_port
 from metaopt import cli, tracking
 from metaopt.pbt import lineage, replay, sweep
 from mlflow.tracking import MlflowClient
@@ -166,14 +166,15 @@ def test_killed_trial_resumes_from_checkpoint_without_lost_iterations(ray_sessio
     state = _final_task_state(summary, victim_id)
     assert state["step"] == 6 * exp.section.steps_per_iteration
     assert math.isfinite(victim.final_metric) and victim.final_metric > 0.3
+    assert_runs_finished(exp.tracking.uri, exp.mlflow_experiment, at_least=3)
 
 
 def _final_task_state(summary, trial_id: str):
     import torch
 
-    trial_dir = next(p for p in Path(summary.experiment_path).iterdir() if trial_id in p.name)
+    trial_dir = next(p for p in Path(summary.experiment_path).iterdir() if p.is_dir() and trial_id in p.name)
     last = sorted(trial_dir.glob("checkpoint_*"))[-1]
-    return torch.load(last / "trainable_state.pt", weights_only=False)["task"]
+    return torch.load(last / "trainable_state.pt", weights_only=True)["task"]
 
 
 def test_pb2_sweep_runs_and_rebuilds_schedules(ray_session, tiny):
@@ -255,13 +256,14 @@ def test_levelling_rules(tiny):
         levelling_pays,
         yields_in_last_stretch,
     )
-    from ray.tune.schedulers import PopulationBasedTraining
+    from metaopt.tuning import SeededPBT
 
     # asynchronous PBT levels its last stretch; synchronous PBT, or even_finish off, is Tune's own scheduler
+    # (with its random choices seeded: test_faults.py)
     assert type(build_scheduler(tiny("pbt.synch=false").section, "val_accuracy", "max")) is EvenFinishPBT
-    assert type(build_scheduler(tiny("pbt.synch=true").section, "val_accuracy", "max")) is PopulationBasedTraining
+    assert type(build_scheduler(tiny("pbt.synch=true").section, "val_accuracy", "max")) is SeededPBT
     off = tiny("pbt.synch=false", "pbt.even_finish=false").section
-    assert type(build_scheduler(off, "val_accuracy", "max")) is PopulationBasedTraining
+    assert type(build_scheduler(off, "val_accuracy", "max")) is SeededPBT
     with pytest.raises(ValueError, match="asynchronous"):
         EvenFinishPBT(stop_iteration=8, synch=True, hyperparam_mutations={"lr": [0.1]})
 

@@ -5,10 +5,11 @@ checkpoint, PBT adapts the learner's lr, and bad input is one error line with ex
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXPERIMENTS, KillTrialProcess
+from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import cli, config, tracking
 from mlflow.tracking import MlflowClient
 
@@ -88,16 +89,44 @@ def test_posttrain_sweep_tracks_curriculum_accuracy_and_samples(ray_session, tmp
         assert "prompt | completion | answer | reward" in handle.read()
 
 
-def test_killed_posttrain_trial_resumes_from_its_checkpoint(ray_session, tmp_path):
+def final_policy_sum(storage: Path) -> float:
+    """The sum of the learner's weights in the (only) trial's last checkpoint."""
+    from metaopt.tuning import load_state
+
+    last = sorted(storage.glob("*/PostTrainTrainable*/checkpoint_*"))[-1]
+    return float(sum(t.double().sum() for t in load_state(str(last))["learner"]["policy"].values()))
+
+
+def test_killed_posttrain_trial_in_actor_mode_ends_as_the_uninterrupted_run(ray_session, tmp_path):
+    """Rollout, learner and reference as Ray actors with overlap (sampling one update behind): the process of the
+    trial is killed mid-run, its actors die with it, and the resumed trial trains on exactly what the
+    uninterrupted one does (the checkpoint holds the rollout in flight), to the same weights."""
     from metaopt.posttrain.sweep import run
 
-    exp = load_tiny(tmp_path, "posttrain.steps=6", "posttrain.roles.mode=colocated")
+    def load(name: str):
+        # a warm-up long enough that some completions are right: rewards differ, so every update matters
+        return load_tiny(tmp_path, "posttrain.steps=6", "posttrain.roles.mode=actors", "posttrain.roles.overlap=true",
+                         "posttrain.warmup.steps=150", "posttrain.warmup.lr=0.01", "posttrain.samples_to_log=0",
+                         "posttrain.tasks=[{name: arithmetic, levels: [1]}]", f"ray.storage_path={tmp_path / name}")
+
+    (want,) = run(load("reference"), verbose=0)
     killer = KillTrialProcess(at_iteration=2)
+    exp = load("killed")
     (row,) = run(exp, callbacks=[killer], verbose=0)
     assert killer.killed, "the test did not kill anything"
-    assert row["error"] is None
+    assert row["error"] is None and want["error"] is None
     steps = row["curves"]["grpo_step"]
     assert steps[:2] == [2, 4] and steps[-1] == 6 and set(steps) == {2, 4, 6} and steps == sorted(steps)
+    assert any(r > 0 for r in want["curves"]["reward"]), "no reward at all: the comparison is empty"
+    reference = {key: dict(zip(want["curves"]["grpo_step"], values)) for key, values in want["curves"].items()}
+    compared = ["reward", "kl", "accuracy", "lr", *(k for k in want["curves"] if k.startswith("p/"))]
+    for key in compared:
+        got = [(step, value) for step, value in zip(steps, row["curves"][key]) if not math.isnan(value)]
+        want_values = [reference[key][step] for step, _ in got]
+        assert got and [v for _, v in got] == pytest.approx(want_values, rel=1e-5, abs=1e-7), (key, got, want_values)
+    assert row["final_accuracy"] == want["final_accuracy"]
+    assert final_policy_sum(tmp_path / "killed") == pytest.approx(final_policy_sum(tmp_path / "reference"), rel=1e-6)
+    assert_runs_finished(exp.tracking.uri, "grpo_tiny", at_least=2 * 2)
 
 
 def test_pbt_adapts_the_learner_lr(ray_session, tmp_path):

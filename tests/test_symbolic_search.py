@@ -4,13 +4,14 @@ with its funnel and simplification."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import EXPERIMENTS, KillTrialProcess
+from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import config, tracking
 from metaopt.optim import build_optimizer, set_learning_rate
 from metaopt.symbolic.program import lion_program
@@ -140,6 +141,7 @@ def test_killed_search_trial_resumes_and_matches_the_direct_run(ray_session, tmp
     assert summary.error is None
     want = SearchState.from_json(direct_search["snapshots"][-1])
     assert [(h.program_json, h.score) for h in summary.state.history] == [(h.program_json, h.score) for h in want.history]
+    assert_runs_finished(exp.tracking.uri, exp.mlflow_experiment, at_least=2)
 
 
 def test_search_on_ray_workers_tracks_to_mlflow_with_funnel_and_simplification(ray_session, tmp_path, direct_search):
@@ -171,6 +173,10 @@ def test_search_on_ray_workers_tracks_to_mlflow_with_funnel_and_simplification(r
     assert {"history.csv", "best_program.txt", "accepted"} <= artifacts
     history = Path(client.download_artifacts(child.info.run_id, "history.csv", str(tmp_path))).read_text().splitlines()
     assert len(history) == 1 + len(summary.state.history)
+    rows = list(csv.DictReader(history))
+    # every -inf program carries its reason (this search meets one: m = arccosh(wd), NaN at step 1)
+    assert [bool(r["failure"]) for r in rows] == [float(r["score"]) == -math.inf for r in rows]
+    assert any("non-finite m at step 1" in r["failure"] for r in rows), [r["failure"] for r in rows]
     metrics = client.get_metric_history(child.info.run_id, "best_score")
     assert len(metrics) == iterations_for(exp.section)
     assert np.isfinite([m.value for m in metrics]).all()
@@ -189,3 +195,63 @@ def test_programs_that_raise_or_diverge_score_as_logged_failures():
     assert diverged.score == -math.inf and ("diverged" in diverged.failure or "non-finite" in diverged.failure)
     fine = score_program(Program((stmt("update", "mul", "g", 0.1),)).to_json(), {**proxy, "steps": 150})  # SGD
     assert fine.failure is None and fine.score > 0.5
+
+
+PROXY = {"task": "digits", "task_options": {"hidden": [8]}, "steps": 20, "lrs": [1.0], "seeds": 1}
+
+
+@pytest.mark.parametrize("statements, failure", [
+    # always NaN: arcsin of a value > 1 (log and sqrt of the DSL take abs, so they cannot make NaN)
+    ([("a", "abs", "g"), ("b", "add", "a", 2.0), ("update", "arcsin", "b")], "lr 1: non-finite update at step 1"),
+    # inf: division by zero wherever the gradient is not 0
+    ([("z", "sub", "g", "g"), ("update", "div", "g", "z")], "lr 1: non-finite update at step 1"),
+    # finite SGD for two steps, then exp(90) overflows float32 and 0 * inf = NaN: strict, any step fails
+    ([("v", "add", "v", 1.0), ("x", "mul", "v", 30.0), ("t", "exp", "x"), ("t", "mul", "t", 0.0),
+      ("u", "mul", "g", 0.01), ("update", "add", "u", "t")], "lr 1: non-finite update at step 3"),
+    # a NaN state is a failure too, even though the update itself stays finite (arccosh of |w| < 1)
+    ([("update", "mul", "g", 0.01), ("m", "arccosh", "w")],
+     "lr 1: non-finite m at step 1"),
+])
+def test_programs_with_nonfinite_outputs_score_minus_inf_with_the_step(statements, failure):
+    """The interpreter's guard zeroes NaN/inf outputs; scoring must not let it pass a broken program off as one
+    that just makes no (or fewer) updates."""
+    from metaopt.symbolic.program import Program, stmt
+    from metaopt.symbolic.proxies import score_program
+
+    program = Program(tuple(stmt(*s) for s in statements)).to_json()
+    result = score_program(program, {**PROXY, "lrs": [1.0, 0.5], "seeds": 2})
+    assert result.score == -math.inf and result.per_lr == (-math.inf, -math.inf)
+    assert result.failure == f"{failure}; {failure.replace('lr 1:', 'lr 0.5:')}"
+
+
+def test_adamw_and_lion_score_finitely_though_adamw_makes_0_over_0():
+    """AdamW without epsilon (the search's start) computes 0/0 = NaN for weights that never had a gradient
+    (always-blank pixels of digits): that is no fault of the program, and it must still score."""
+    from metaopt.symbolic.export import NonFiniteProgramError, ProgramOptimizer, raise_on_nonfinite
+    from metaopt.symbolic.program import adamw_program
+    from metaopt.symbolic.proxies import score_program
+
+    adamw = score_program(adamw_program().to_json(), {**PROXY, "steps": 30, "lrs": [1.0, 10.0]})
+    assert adamw.failure is None and adamw.score > 0.3
+    lion = score_program(lion_program().to_json(), {**PROXY, "steps": 30, "lrs": [1e-3, 3e-3]})
+    assert lion.failure is None and math.isfinite(lion.score)
+    lm = {"task": "tiny_lm", "task_options": {"seq_len": 16, "d_model": 16, "train_sequences": 64, "val_sequences": 32},
+          "steps": 10, "lrs": [1.0], "seeds": 1}
+    assert score_program(adamw_program().to_json(), lm).failure is None  # embedding rows of unseen tokens
+    task = build_task("digits", {"hidden": [8]}, {"name": "program", "program": adamw_program().to_json()}, seed=0)
+    with raise_on_nonfinite():
+        task.train(3, lambda _s: 1.0)
+    assert task.optimizer.nonfinite_steps == 3  # the guard did see NaN (and zeroed it): the 0/0 entries
+
+    # outside the search the guard stays a safety net; inside raise_on_nonfinite the same step raises
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    user = ProgramOptimizer(model.parameters(), "def train(w, g, m, v, lr):\n    u = w + 5\n"
+                                                "    update = arcsin(u)\n    return update, m, v\n")
+    before = [p.detach().clone() for p in model.parameters()]
+    user.step()
+    assert user.last_finite is False and user.nonfinite_steps == 1 and user.steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with raise_on_nonfinite(), pytest.raises(NonFiniteProgramError, match="non-finite update at step 2"):
+        user.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

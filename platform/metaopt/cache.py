@@ -21,20 +21,47 @@ def cache_dir() -> Path:
     return Path(base) / "metaopt"
 
 
-def write_atomically(path: Path, build: Callable[[Path], None]) -> bool:
-    """``build`` writes a temporary file next to ``path``, which is then renamed to it, so concurrent readers
-    see all of it or nothing. False (and nothing left behind) when the folder cannot be written."""
-    tmp = None
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temporary file next to ``path``; it is flushed to disk (fsync) and renamed over ``path``
+    (``os.replace``), and the folder's entry is flushed too. A crash, a kill or an exception at any point leaves
+    ``path`` as it was or wholly new, never half written: what checkpoints need. Errors propagate (a checkpoint
+    that cannot be written must fail loudly); the temporary never stays behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp: Path | None = Path(name)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        build(Path(tmp))
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
         tmp = None
+        _fsync_folder(path.parent)
+    finally:  # also on Ctrl-C in the middle of a slow write
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; a platform or file system that cannot open folders skips it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, build: Callable[[Path], None]) -> bool:
+    """:func:`replace_atomically` for the cache: False (and nothing left behind) when the folder cannot be
+    written, since a missing cache entry only costs making the thing again."""
+    try:
+        replace_atomically(path, build)
         return True
     except OSError:
         return False
-    finally:  # also on Ctrl-C in the middle of a slow build
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from metaopt.errors import ConfigError
+from metaopt.redact import REDACTED
 
 EXIT_USAGE = 2
 
@@ -69,29 +70,44 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    from metaopt import config
+    """Exit status: 0 complete, 1 when a trial failed, 128 + the signal when stopped (130 Ctrl-C, 143 SIGTERM)."""
+    from metaopt import config, session, stopping
 
     experiment = config.load(args.file, args.overrides)
     runner = config.runner_for(experiment.kind)
-    runner(experiment, address=args.address, verbose=0 if args.quiet else 2 if args.verbose else 1)
-    return 0
+    stopping.enable()
+    before = len(session.ended_sweeps())
+    try:
+        runner(experiment, address=args.address, verbose=0 if args.quiet else 2 if args.verbose else 1)
+    except KeyboardInterrupt as stop:
+        signum = stopping.received() or getattr(getattr(stop, "outcome", None), "stop_signal", None)
+        print(f"metaopt: stopped by {stopping.signal_name(signum)}", file=sys.stderr)
+        return stopping.exit_code(signum)
+    finally:
+        stopping.disable()  # the handlers go back to what they were
+    ended = session.ended_sweeps()[before:]
+    return max((outcome.exit_code for outcome in ended), default=0)
 
 
 def cmd_submit(args) -> int:
     from metaopt import config, jobs
+    from metaopt.redact import redact_uri
 
-    experiment = config.load(args.file, args.overrides)  # fail here, before anything reaches the cluster
+    # fail here, before anything reaches the cluster; paths and database drivers are the cluster's to have
+    experiment = config.load(args.file, args.overrides, check_paths=False)
     overrides = list(args.overrides)
     uri, warning = jobs.resolve_tracking_uri_for_cluster(experiment.tracking.uri, args.address)
     if warning:
         print(f"metaopt: warning: {warning}", file=sys.stderr)
     if uri != experiment.tracking.uri:
         overrides.append(f"tracking.uri={uri}")
-    job_id = jobs.submit(args.file, args.address, overrides, working_dir=args.working_dir)
+    # Credentials in --set values travel in the job's environment, not its command line (see jobs.submit).
+    job_id = jobs.submit(args.file, args.address, overrides, working_dir=args.working_dir, tracking_uri=uri)
+    address = redact_uri(args.address)  # printed: no credentials on screen or in shell logs
     print(f"submitted {experiment.name} as job {job_id}")
-    print(f"  status: metaopt status {job_id} --address {args.address}")
-    print(f"  logs:   metaopt logs {job_id} --address {args.address} --follow")
-    print(f"  runs:   MLflow experiment {experiment.mlflow_experiment!r} at {uri}")
+    print(f"  status: metaopt status {job_id} --address {address}")
+    print(f"  logs:   metaopt logs {job_id} --address {address} --follow")
+    print(f"  runs:   MLflow experiment {experiment.mlflow_experiment!r} at {redact_uri(uri)}")
     if args.wait:
         jobs.logs(job_id, args.address, follow=True)
         final = jobs.status(job_id, args.address)
@@ -125,19 +141,27 @@ def cmd_list(args) -> int:
         print(f"no experiment files in {directory}/")
     for path in files:
         try:
-            exp = config.load(path)
-            print(f"{str(path):<44} {exp.kind:<8} {exp.description.strip().splitlines()[0] if exp.description else ''}")
+            exp = config.load(path, check_paths=False)  # a *_cluster file names the cluster's paths, not ours
+            print(f"{str(path):<44} {exp.kind:<8} {first_line(exp.description)}")
         except ConfigError as err:
             print(f"{str(path):<44} INVALID  {err}")
     return 0
 
 
+def first_line(text: str) -> str:
+    """The first non-blank line of a description ('' for a blank one): what ``metaopt list`` shows."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def cmd_replay(args) -> int:
+    from metaopt import config
     from metaopt.pbt import replay
 
     payload = replay.load_payload(args.source, args.tracking_uri)
     result = replay.replay(payload, args.trial)
-    uri = payload["experiment"]["tracking"]["uri"] if Path(args.source).exists() else args.tracking_uri
+    uri = payload["experiment"]["tracking"]["uri"] if config.exists(Path(args.source)) else args.tracking_uri
+    if f"{REDACTED}@" in uri:  # schedules.json never holds credentials: the replay goes where --tracking-uri says
+        uri = args.tracking_uri
     run_id = replay.log_replay(result, payload, uri)
     print(
         f"replay of trial {result.trial_id}: {result.metric} {result.replay_metric:.4f} "

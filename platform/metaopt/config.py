@@ -9,16 +9,211 @@ and what is allowed; the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import reprlib
+import stat
+import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from metaopt.errors import ConfigError
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # used with re.fullmatch: ``$`` would let a trailing newline in
+NAME_MAX = 100  # experiment and MLflow experiment names: they become run names, folder names and table cells
+MAX_FILE_BYTES = 1 << 20  # experiment files, program files, schedules.json: what we read, at most
+MAX_YAML_DEPTH = 64  # nesting of YAML collections; real files use < 10, PyYAML's composer recurses per level
+MAX_YAML_NODES = 100_000  # values in a YAML document with every alias expanded (a "billion laughs" has 10^9)
+SEED_LIMIT = 2**32  # numpy, JAX (uint32 keys) and Tune all take seeds in [0, 2**32)
+
+#: A seed: what numpy's, torch's and JAX's generators all accept.
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict, _QUOTE.maxlevel = 60, 60, 8, 8, 6, 3
+
+
+_QUOTE_PATH = reprlib.Repr()
+_QUOTE_PATH.maxstring = 240
+
+
+def quote(value: Any) -> str:
+    """``repr`` of user input, shortened (``'aaaa...aaa'``): an error line quotes what was written, never all of it."""
+    return _QUOTE.repr(value)
+
+
+def quote_path(path: str | Path) -> str:
+    """A path quoted in an error line: whole up to a few lines' length (most are), shortened beyond."""
+    return _QUOTE_PATH.repr(str(path))
+
+
+def read_text_capped(path: str | Path, field: str, what: str = "file") -> str:
+    """The UTF-8 text of a regular file of at most :data:`MAX_FILE_BYTES`, or one ConfigError on ``field``.
+
+    A FIFO would block forever and ``/dev/zero`` never ends, so only regular files are opened, and no more than
+    the cap (plus one byte, to tell a larger file) is ever read."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(field, "file not found") from None
+    except OSError as err:
+        raise ConfigError(field, f"cannot read {what}: {err.strerror or type(err).__name__}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(field, f"is a directory, expected {_a(what)}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(field, f"not a regular file (a device, FIFO or socket), expected {_a(what)}")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(field, f"cannot read {what}: {err.strerror or type(err).__name__}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(field, f"larger than {MAX_FILE_BYTES // (1 << 20)} MiB, too large for {_a(what)}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(field, f"not a UTF-8 text file (byte {err.start}); expected {_a(what)}") from None
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
+
+
+def _where(info: ValidationInfo | None) -> tuple[Path, bool]:
+    """(directory relative paths mean, whether to check that paths exist) for the validation under way.
+
+    :func:`from_dict` passes the directory the user ran from; without it (a model built in code, a trial
+    rebuilding its section from already absolute paths) paths are made absolute against the current directory
+    and not checked."""
+    context = (info.context if info is not None else None) or {}
+    return Path(context.get("base") or os.getcwd()), bool(context.get("check_paths"))
+
+
+def absolute_path(value: str, info: ValidationInfo | None, *, directory: bool, what: str, check: bool = True) -> str:
+    """``value`` with ``~`` expanded, made absolute against the directory the user ran from (Tune runs each
+    trial in its own folder, where a relative path means nothing); when paths are checked (and ``check``), one
+    that is missing is a ConfigError with no field of its own (pydantic's location of the validator names it)."""
+    base, check_paths = _where(info)
+    path = Path(os.path.normpath(base / os.path.expanduser(value)))
+    if check and check_paths and directory and not is_dir(path):
+        raise ConfigError("", f"{quote_path(path)} does not exist or is not a directory; expected {what}")
+    if check and check_paths and not directory:
+        try:
+            read_text_capped(path, "", what)  # exists, a regular file, at most 1 MiB, UTF-8
+        except ConfigError as err:
+            raise ConfigError("", f"{quote_path(path)}: {err.problem}") from None
+    return str(path)
+
+
+def is_dir(path: Path) -> bool:
+    """``Path.is_dir`` that answers False, not OSError, for a name the OS refuses (too long, ...)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def is_file(path: Path) -> bool:
+    """``Path.is_file`` that answers False, not OSError, for a name the OS refuses (too long, ...)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def exists(path: Path) -> bool:
+    """``Path.exists`` that answers False, not OSError, for a name the OS refuses (too long, ...)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+PROGRAM_BUILTINS = ("adamw", "lion")  # the built-in programs metaopt.symbolic.search.BUILTIN_PROGRAMS names
+
+
+def names_program_file(value: Any) -> bool:
+    """Whether an optimizer-program value names a file rather than holding the program: the rule of
+    :func:`metaopt.symbolic.search.load_start_program` (one line, not JSON, not ``def ...``, not a built-in)."""
+    return (isinstance(value, str) and bool(value.strip()) and value not in PROGRAM_BUILTINS and "\n" not in value
+            and not value.lstrip().startswith(("{", "def ")))
+
+
+def absolute_program(value: Any, info: ValidationInfo | None) -> Any:
+    """A program value (``symbolic.start``, an optimizer spec's ``program``) with a file name made absolute and
+    the file checked (regular, <= 1 MiB, UTF-8): the sections' checks read it at load time whether or not paths
+    are checked, and reading a FIFO, ``/dev/zero`` or a binary file must not hang or crash there."""
+    if not names_program_file(value):
+        return value
+    base, check = _where(info)
+    path = Path(os.path.normpath(base / os.path.expanduser(value)))
+    if exists(path):
+        try:
+            read_text_capped(path, "", "program file")
+        except ConfigError as err:
+            raise ConfigError("", f"{quote_path(path)}: {err.problem}") from None
+    elif check:
+        raise ConfigError("", f"{quote(value)} is not adamw, lion, program text, or an existing file (relative "
+                          f"paths are read from {quote_path(base)})")
+    return str(path)
+
+
+def absolute_program_spec(spec: Any, info: ValidationInfo | None) -> Any:
+    """An optimizer spec ``{"name": "program", "program": FILE}`` with FILE absolute (see :func:`absolute_program`);
+    any other spec unchanged (its own validator reports what is wrong with it)."""
+    if isinstance(spec, dict) and spec.get("name") == "program" and names_program_file(spec.get("program")):
+        try:
+            return {**spec, "program": absolute_program(spec["program"], info)}
+        except ConfigError as err:
+            raise ConfigError("program", err.problem) from None
+    return spec
+
+
+def _numeric_kind(annotation: Any) -> str | None:
+    """``"integer"`` / ``"number"`` when a field (or the items of a list/tuple field) holds ints / floats."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _numeric_kind(args[0])
+    if annotation is int:
+        return "integer"
+    if annotation is float:
+        return "number"
+    if args and origin not in (dict,):
+        kinds = {_numeric_kind(arg) for arg in args if arg is not type(None) and arg is not Ellipsis}
+        kinds.discard(None)
+        if len(kinds) == 1:
+            return kinds.pop()
+    return None
+
+
+def _bad_number(value: Any, kind: str | None, where: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """(position, problem) of the first true/false where a number belongs, or of a NaN/inf anywhere in ``value``
+    (also inside free-form mappings such as task_options): no config value means either."""
+    if isinstance(value, bool):
+        if kind is not None:
+            return where, f"must be {'an integer' if kind == 'integer' else 'a number'}, not {str(value).lower()}"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, f"must be a finite number (got {value})"
+    if len(where) > MAX_YAML_DEPTH:
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+        kind = None
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _bad_number(item, kind, (*where, key))
+        if found:
+            return found
+    return None
 
 
 class StrictModel(BaseModel):
@@ -29,11 +224,13 @@ class StrictModel(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: Any, info) -> Any:
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation in (int, int | None):
-            raise ValueError(f"must be an integer, not {str(value).lower()}")
-        if isinstance(value, bool) and annotation in (float, float | None):
-            raise ValueError(f"must be a number, not {str(value).lower()}")
+        # pydantic's lax mode reads true as 1, also inside lists; and a free-form mapping takes NaN as it is
+        found = _bad_number(value, _numeric_kind(cls.model_fields[info.field_name].annotation))
+        if found:
+            where, problem = found
+            if not where:
+                raise ValueError(problem)
+            raise ConfigError(".".join(map(field_part, where)), problem)
         return value
 
 
@@ -48,6 +245,11 @@ class RayConfig(StrictModel):
     cpus_per_trial: float = Field(default=1.0, gt=0, description="CPUs reserved by each Tune trial.")
     gpus_per_trial: float = Field(default=0.0, ge=0, description="GPUs reserved by each Tune trial (fractions ok).")
     max_concurrent_trials: int | None = Field(default=None, ge=1, description="Cap on trials running at once.")
+    checkpoints_to_keep: int = Field(
+        default=2, ge=1,
+        description="Checkpoints kept per trial, the newest (under PBT also any a trial may still exploit), so "
+        "a long sweep cannot fill the disk.",
+    )
     worker_niceness: int = Field(
         default=0, ge=0, le=19,
         description="Niceness of the local embedded Ray's worker processes (Ray's own default, 15, lets every "
@@ -63,12 +265,19 @@ class RayConfig(StrictModel):
         default=None, description="Where Tune keeps trial dirs and checkpoints (default ./ray_results)."
     )
 
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, address: str | None) -> str | None:
+        if address is not None:
+            parse_ray_address(address)
+        return address
+
     @field_validator("worker_preload")
     @classmethod
     def _module_names(cls, modules: list[str]) -> list[str]:
         for name in modules:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
-                raise ValueError(f"must be Python module names such as torch (got {name!r})")
+                raise ValueError(f"must be Python module names such as torch (got {quote(name)})")
         return modules
 
 
@@ -78,12 +287,106 @@ class TrackingConfig(StrictModel):
     uri: str = Field(default="sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or http server).")
     experiment: str | None = Field(default=None, description="MLflow experiment name (default: the experiment's name).")
 
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            problem = name_problem(name, pattern=None)
+            if problem:
+                raise ConfigError("", problem)
+        return name
+
     @field_validator("uri")
     @classmethod
     def _known_scheme(cls, uri: str) -> str:
         if not re.match(r"^(sqlite:///|https?://|file:|databricks|postgresql|mysql)", uri) and not uri.startswith("/"):
             raise ValueError("must be sqlite:///PATH, http(s)://HOST:PORT, file:PATH or a database URI")
         return uri
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"(?:\[[0-9A-Fa-f:.]+\]|{_LABEL}(?:\.{_LABEL})*)"  # [IPv6], IPv4 or a DNS name
+ADDRESS_FORMS = "auto, local, HOST:PORT or ray://HOST:PORT"
+
+
+def parse_ray_address(address: str, field: str = "") -> tuple[str, int] | None:
+    """(host, port) of a ``HOST:PORT`` / ``ray://HOST:PORT`` address, None for ``auto`` / ``local``; anything
+    else is an error (``ray.init`` given a malformed address retries for minutes before it gives up)."""
+    if address in ("auto", "local"):
+        return None
+    match = re.fullmatch(rf"(?:ray://)?({_HOST}):([0-9]{{1,5}})", address) if isinstance(address, str) else None
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise ConfigError(field, f"must be {ADDRESS_FORMS} with a port in 1-65535 (got {quote(address)})")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def check_ray_address(cli_address: str | None, ray: RayConfig, timeout: float = 2.0) -> None:
+    """Before Ray or MLflow start: the address ``metaopt run`` will connect to (``--address``, else
+    ``ray.address``) has a valid form and, for HOST:PORT, something accepts a TCP connection there within
+    ``timeout`` seconds. (``RAY_ADDRESS``, set by Ray Jobs on the cluster, is Ray's to check.)"""
+    import socket
+
+    if cli_address is not None:
+        parse_ray_address(cli_address, "--address")
+    for field, address in (("--address", cli_address), ("ray.address", ray.address)):
+        if address and address != "local":
+            break
+    else:
+        return
+    host_port = parse_ray_address(address, field)
+    if host_port is None:
+        return
+    try:
+        socket.create_connection(host_port, timeout=timeout).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise ConfigError(field, f"nothing answers at {quote(address)} ({reason} within {timeout:g} s); start the "
+                          "Ray head there (ray start --head) or fix the address") from None
+
+
+# pip packages of the database drivers SQLAlchemy imports (module -> package) where the names differ
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                    "pymysql": "PyMySQL", "mysql": "mysql-connector-python"}
+
+
+def check_tracking_driver(uri: str) -> None:
+    """A database tracking URI (``postgresql://``, ``mysql+pymysql://`` ...) whose driver is not installed is one
+    line naming the package to install, not MLflow's traceback once the run has started. SQLAlchemy itself says
+    which module a URI needs (its default driver for ``postgresql`` has changed between versions)."""
+    if not re.match(r"(postgresql|mysql|mssql|oracle)(\+\w+)?://", uri):
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(uri)
+    except (ArgumentError, ValueError) as err:  # e.g. a port that is not a number; the URI may hold a password
+        raise ConfigError("tracking.uri", f"not a valid {quote(uri.split('://')[0])}:// URI: "
+                          f"{one_line(str(err), 200)}") from None
+    try:
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError) as err:
+        raise ConfigError("tracking.uri", f"SQLAlchemy cannot use {quote(uri.split('://')[0])}:// URIs: "
+                          f"{one_line(str(err), 200)}") from None
+    except ImportError as err:
+        module = (err.name or "").split(".")[0] or "its driver"
+        package = _DRIVER_PACKAGES.get(module, module)
+        raise ConfigError("tracking.uri", f"{quote(uri.split(':')[0])} needs the Python module {module!r}, which "
+                          f"is not installed: pip install '{package}'") from None
+
+
+def name_problem(name: Any, pattern: str | None = NAME_PATTERN) -> str | None:
+    """What is wrong with an experiment name (None: nothing): a string of at most :data:`NAME_MAX` characters,
+    matching ``pattern`` in full, or (no pattern: MLflow experiment names) without control characters."""
+    if not isinstance(name, str):
+        return f"must be a string (got {type(name).__name__} {quote(name)})"
+    if len(name) > NAME_MAX:
+        return f"must be at most {NAME_MAX} characters (got {len(name)}: {quote(name)})"
+    if pattern is not None and not re.fullmatch(pattern, name):
+        return f"must be a string of letters, digits, _ . - (got {quote(name)})"
+    if pattern is None and (not name.strip() or any(not ch.isprintable() for ch in name)):
+        return f"must be a non-blank name without control characters such as newlines (got {quote(name)})"
+    return None
 
 
 # kind -> (section model, "module:function" that runs it). Sections register themselves from their own
@@ -150,16 +453,21 @@ _FLOAT = re.compile(
 
 
 class ExperimentLoader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, except: ``1e-4`` is a float (not a string), duplicate keys are errors."""
+    """YAML 1.1 as PyYAML reads it, except: ``1e-4`` is a float (not a string), duplicate keys are errors.
+
+    Merge keys (``<<: *defaults``) work as in YAML 1.1: the mapping's own keys override merged ones, which is
+    not a duplicate; a key written twice in the mapping itself is."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # SafeConstructor.flatten_mapping merges it below
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (list, dict)):
                 raise yaml.constructor.ConstructorError(None, None, "mapping keys must be plain values", key_node.start_mark)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {quote(key)}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -173,32 +481,67 @@ ExperimentLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("
 
 
 def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, refusing documents that would cost a crash or unbounded memory."""
+    check_yaml_size(text)
     return yaml.load(text, Loader=ExperimentLoader)
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Read, override and validate an experiment file. Raises ConfigError (one line) on any problem."""
+def check_yaml_size(text: str) -> None:
+    """Walk the YAML event stream (no recursion, nothing built) and refuse, as a YAMLError with its position,
+    collections nested deeper than :data:`MAX_YAML_DEPTH` (PyYAML's composer recurses per level) and documents
+    whose aliases expand to more than :data:`MAX_YAML_NODES` values ("billion laughs": a few lines of anchors
+    that every consumer walking the result would expand to 10^9 values), or an alias inside its own anchor."""
+    sizes: dict[str, int] = {}  # anchor -> values under it, aliases expanded
+    open_: list[list[Any]] = []  # per open collection: [anchor, values so far]
+    total = 0
+    for event in yaml.parse(text, Loader=ExperimentLoader):
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_):
+                raise yaml.YAMLError(f"alias *{event.anchor} refers to a node that contains it "
+                                     f"(line {event.start_mark.line + 1})")
+            size = sizes.get(event.anchor, 1)
+        elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            open_.append([event.anchor, 1])
+            if len(open_) > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels (line {event.start_mark.line + 1})")
+            continue
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, size = open_.pop()
+            if anchor is not None:
+                sizes[anchor] = size
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        else:
+            continue
+        if open_:
+            open_[-1][1] += size
+        total += size if not open_ else 0
+        if (open_ and open_[-1][1] > MAX_YAML_NODES) or total > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES} values through its aliases "
+                                 f"(line {event.start_mark.line + 1}); write the values out or use fewer aliases")
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> Experiment:
+    """Read, override and validate an experiment file. Raises ConfigError (one line) on any problem.
+    ``check_paths``: see :func:`from_dict`."""
     raw = read_yaml(path)
     for override in overrides:
         apply_override(raw, override)
-    return from_dict(raw, source=str(path))
+    return from_dict(raw, source=str(path), check_paths=check_paths)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(str(path), "file not found")
-    if path.is_dir():
-        raise ConfigError(str(path), "is a directory, expected an experiment .yaml file")
+    text = read_text_capped(path, str(path), "experiment .yaml file")
     try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(str(path), f"not a UTF-8 text file (byte {err.start}); expected an experiment .yaml file") from None
+        raw = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(str(path), f"invalid YAML at {where}{problem}") from None
+        raise ConfigError(str(path), f"invalid YAML{where}: {problem}") from None
     if raw is None:
         raise ConfigError(str(path), "file is empty; expected a mapping with name, kind and a section for the kind")
     if not isinstance(raw, dict):
@@ -210,10 +553,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML: numbers, bools, lists) to the raw mapping in place."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError("--set", f"expected KEY=VALUE like pbt.population=8, got {override!r}")
+        raise ConfigError("--set", f"expected KEY=VALUE like pbt.population=8, got {quote(override)}")
     parts = key.strip().split(".")
     if any(not p for p in parts):
-        raise ConfigError("--set", f"bad key {key!r}: use dotted names like pbt.population")
+        raise ConfigError("--set", f"bad key {quote(key)}: use dotted names like pbt.population")
     try:
         value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
@@ -229,40 +572,50 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(raw: dict[str, Any], source: str | None = None) -> Experiment:
-    """Validate a raw mapping (as read from YAML) into an Experiment."""
+def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool = True) -> Experiment:
+    """Validate a raw mapping (as read from YAML) into an Experiment.
+
+    Relative paths (and ``~``) in the file are made absolute against the current directory, the one the user ran
+    from: Tune runs every trial in a folder of its own. ``check_paths`` (what runs here: ``metaopt run``) also
+    checks that they exist here and that a database tracking URI's driver is installed; ``metaopt list`` and
+    ``metaopt submit`` (whose paths are the cluster's) pass False."""
     registry = kinds()
     name = raw.get("name")
     if name is None:
         raise ConfigError("name", "missing; give the experiment a name (letters, digits, _ . -)")
-    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
-        raise ConfigError("name", f"must be a string of letters, digits, _ . - (got {name!r})")
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError("name", problem)
     kind = raw.get("kind")
     if kind is None:
         raise ConfigError("kind", f"missing; allowed: {', '.join(sorted(registry))}")
     if not isinstance(kind, str) or kind not in registry:
-        raise ConfigError("kind", f"unknown kind {kind!r}; allowed: {', '.join(sorted(registry))}")
+        raise ConfigError("kind", f"unknown kind {quote(kind)}; allowed: {', '.join(sorted(registry))}")
     allowed = (*TOP_LEVEL_KEYS, kind)
     for key in raw:
         if key not in allowed:
-            raise ConfigError(str(key), f"unknown key; allowed at top level: {', '.join(allowed)}")
+            raise ConfigError(field_part(key), f"unknown key; allowed at top level: {', '.join(allowed)}")
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError("description", f"must be a string (got {type(description).__name__})")
+    context = {"base": os.getcwd(), "check_paths": check_paths}
     section_model, _ = registry[kind]
-    section = _validate_block(kind, section_model, raw.get(kind))
+    section = _validate_block(kind, section_model, raw.get(kind), context)
     check = getattr(section, "check", None)
     if check:
         try:
             check()  # checks that need other modules (optimizer specs, task options)
         except ConfigError as err:
-            raise ConfigError(f"{kind}.{err.field}", err.problem) from None
+            raise ConfigError(f"{kind}.{one_line(err.field, 200)}", one_line(err.problem, 500)) from None
+    tracking = _validate_block("tracking", TrackingConfig, raw.get("tracking"), context)
+    if check_paths:
+        check_tracking_driver(tracking.uri)
     return Experiment(
         name=name,
         kind=kind,
         description=description,
-        ray=_validate_block("ray", RayConfig, raw.get("ray")),
-        tracking=_validate_block("tracking", TrackingConfig, raw.get("tracking")),
+        ray=_validate_block("ray", RayConfig, raw.get("ray"), context),
+        tracking=tracking,
         section=section,
         source=source,
     )
@@ -277,25 +630,26 @@ def runner_for(kind: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), func)
 
 
-def _validate_block(field: str, model: type[StrictModel], value: Any) -> StrictModel:
+def _validate_block(field: str, model: type[StrictModel], value: Any,
+                    context: dict[str, Any] | None = None) -> StrictModel:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError(field, f"must be a mapping of settings, got {type(value).__name__} {value!r}")
+        raise ConfigError(field, f"must be a mapping of settings, got {type(value).__name__} {quote(value)}")
     try:
-        return model.model_validate(value)
+        return model.model_validate(value, context=context)
     except ValidationError as err:
-        raise _first_error(field, model, err) from None
+        raise first_error(field, model, err) from None
 
 
-def _first_error(prefix: str, model: type[BaseModel], err: ValidationError) -> ConfigError:
+def first_error(prefix: str, model: type[BaseModel], err: ValidationError) -> ConfigError:
     """Turn pydantic's first error into one line: ``pbt.population: must be >= 2 (got 1)``."""
     first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    field = ".".join([prefix, *loc])
+    loc = [field_part(p) for p in first["loc"]]
+    field = ".".join(part for part in (prefix, *loc) if part)
     original = first.get("ctx", {}).get("error")
-    if isinstance(original, ConfigError):  # a cross-field check that names its own field
-        return ConfigError(".".join([field, original.field]), original.problem)
+    if isinstance(original, ConfigError):  # a check that names its own field (or "": the field itself, quoted)
+        return ConfigError(".".join(part for part in (field, original.field) if part), original.problem)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, first["loc"][:-1])
         return ConfigError(field, f"unknown key; allowed: {', '.join(allowed)}")
@@ -303,8 +657,22 @@ def _first_error(prefix: str, model: type[BaseModel], err: ValidationError) -> C
     for noise in ("Value error, ", "Assertion failed, "):
         message = message.replace(noise, "")
     if "input" in first and first["type"] != "missing":
-        message = f"{message} (got {first['input']!r})"
+        message = f"{message} (got {quote(first['input'])})"
     return ConfigError(field, message)
+
+
+def one_line(text: str, limit: int) -> str:
+    """A message from another module's check as part of the one error line: newlines escaped, at most ``limit``
+    characters (it may quote user input whole)."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-17:]}"
+
+
+def field_part(part: Any) -> str:
+    """One step of a field path as written in an error line: a plain key or index as is, anything else quoted
+    (a key with a newline or 10 kB long must not break the one-line error)."""
+    text = str(part)
+    return text if re.fullmatch(r"[\w.+-]{1,60}", text) else quote(part)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

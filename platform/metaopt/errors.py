@@ -14,3 +14,8 @@ class ConfigError(ValueError):
         self.field = field
         self.problem = problem
         super().__init__(f"{field}: {problem}" if field else problem)
+
+    def __reduce__(self):
+        # Rebuilt from (field, problem), not from ``args``: a trial's ConfigError crosses Ray by pickling, and
+        # the default (``ConfigError(message)``) fails to unpickle, hiding the message behind a TypeError.
+        return type(self), (self.field, self.problem)

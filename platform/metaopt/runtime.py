@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -76,6 +78,41 @@ def worker_start_command(modules: list[str]) -> str:
     return f"{shlex.quote(sys.executable)} {script} {shlex.quote(','.join(modules))}"
 
 
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """While Ray starts inside this block, its node address is this machine's loopback, so the embedded Ray's
+    GCS, raylet, agents and workers listen on 127.0.0.1 (``::1`` on IPv6-only hosts), not on every interface.
+
+    Why this way: on Linux Ray takes the node address from the routable interface and binds its servers there
+    or to the wildcard, and ``ray.init(_node_ip_address="127.0.0.1")`` does not help: Ray turns a loopback
+    address back into the routable one (``services.resolve_ip_for_localhost``). Its one switch is the one it
+    uses on macOS and Windows: with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` ``get_node_ip_address`` answers
+    the loopback address. Ray reads that variable into a constant when imported, so both the constant (this
+    process) and the variable (the processes ``ray.init`` starts, and the workers they start) are set; both are
+    restored afterwards, so a later ``ray.init(address=...)`` to a real cluster sees Ray's normal behaviour.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_constant = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+
+
+def start_local(config: RayConfig, log_to_driver: bool = True) -> None:
+    """Start the embedded local Ray (:func:`local_ray_options`), reachable only from this machine
+    (:func:`loopback_only`)."""
+    with loopback_only():
+        ray.init(**local_ray_options(config), log_to_driver=log_to_driver)
+
+
 def init(config: RayConfig, cli_address: str | None = None) -> Resources:
     """Connect to (or start) Ray once per process and report what it offers."""
     address = resolve_address(cli_address, config)
@@ -83,7 +120,7 @@ def init(config: RayConfig, cli_address: str | None = None) -> Resources:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(**local_ray_options(config), log_to_driver=True)
+            start_local(config)
     total = ray.cluster_resources()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     return Resources(

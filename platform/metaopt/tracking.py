@@ -31,6 +31,7 @@ from ray.tune import Callback
 
 from metaopt.cache import cache_dir, write_atomically
 from metaopt.errors import ConfigError
+from metaopt.redact import redact_config, redact_text, redact_uri, strip_userinfo
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
@@ -42,12 +43,13 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        # urllib reads no user:password@ in a URL; /health needs no login anyway
+        urllib.request.urlopen(f"{strip_userinfo(uri).rstrip('/')}/health", timeout=timeout_s).close()
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise ConfigError("tracking.uri", f"no MLflow server answers at {uri} ({reason}); start one "
+        raise ConfigError("tracking.uri", f"no MLflow server answers at {redact_uri(uri)} ({reason}); start one "
                           "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlflow.db") from None
 
 
@@ -159,20 +161,151 @@ def seed_sqlite_store(uri: str) -> bool:
     return True
 
 
-def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+#: Seconds to wait before each retry of an MLflow call that failed for a reason that may pass (a 5xx answer, a
+#: sqlite store another driver holds locked, a full disk being cleared): ~15 s in all, then a write is given up.
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+#: MLflow error codes that no retry can mend: the request itself is wrong.
+_PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+#: Client methods that only write what a sweep reports: given up after the retries (a warning, and the write is
+#: counted in :attr:`ResilientClient.unlogged`) rather than ending a sweep whose trials are healthy.
+_WRITES = frozenset({"log_batch", "log_artifact", "log_artifacts", "log_text", "log_dict", "log_figure", "log_metric",
+                     "log_param", "set_tag", "set_terminated", "update_run"})
+
+#: What a given-up write returns instead of MLflow's answer (callers that must know, such as ending a run, check).
+GIVEN_UP = object()
+
+
+def is_transient(err: BaseException) -> bool:
+    """May the same MLflow call succeed if made again? MLflow errors unless they name a bad request; I/O and
+    network errors (``OSError``: a full disk, a refused or reset connection, requests' errors); SQLAlchemy's
+    operational errors (a locked sqlite store). A ``TypeError`` or the like is a bug, not weather."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code not in _PERMANENT_CODES
+    return isinstance(err, (OSError, sqlalchemy.exc.OperationalError))
+
+
+def call_with_retries(call, *args, delays: tuple[float, ...] | None = None, **kwargs):
+    """``call(*args, **kwargs)``, made again after each of ``delays`` (default :data:`RETRY_DELAYS_S`) while it
+    fails for a transient reason; the last failure is raised."""
+    for delay in (*(RETRY_DELAYS_S if delays is None else delays), None):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 -- sorted by is_transient; the last failure is raised
+            if delay is None or not is_transient(err):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def first_line(err: BaseException) -> str:
+    """An exception in one line, credentials in any URI it quotes replaced by ``***``."""
+    text = redact_text(str(err).strip())
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+
+
+class ResilientClient:
+    """An :class:`MlflowClient` whose calls retry with backoff (:data:`RETRY_DELAYS_S`) on errors that may pass.
+
+    Writes (:data:`_WRITES`) that still fail, or that MLflow refuses outright, are given up: one warning line,
+    the write recorded in :attr:`unlogged`, :data:`GIVEN_UP` returned, and the sweep goes on -- a busy or full
+    tracking store must not end trials that train well. Once a write has been given up, later writes get one try
+    each until one succeeds again, so an outage costs the sweep one retry budget, not one per metric batch.
+    Reads and run creation raise after the retries, as MLflow would have at once; errors that are bugs
+    (:func:`is_transient` false and not MLflow's) raise at once."""
+
+    def __init__(self, client: MlflowClient, delays: tuple[float, ...] | None = None):
+        self.client = client
+        self.delays = delays
+        self.unlogged: list[str] = []
+        self.degraded = False  # a write was given up and none has succeeded since
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.client.tracking_uri
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("client", "delays", "unlogged", "degraded"):  # unpickling: not yet set
+            raise AttributeError(name)
+        method = getattr(self.client, name)
+        if not callable(method):
+            return method
+        if name not in _WRITES:
+            return lambda *args, **kwargs: call_with_retries(method, *args, delays=self.delays, **kwargs)
+
+        def write(*args, **kwargs):
+            from mlflow.exceptions import MlflowException
+
+            try:
+                answer = call_with_retries(method, *args, delays=() if self.degraded else self.delays, **kwargs)
+            except Exception as err:
+                if not (isinstance(err, MlflowException) or is_transient(err)):
+                    raise
+                what = f"{name} on run {args[0] if args else kwargs.get('run_id', '?')}"
+                self.unlogged.append(f"{what}: {first_line(err)}")
+                self.degraded = True
+                print(f"[metaopt] warning: MLflow did not take {what} ({first_line(err)}); training goes on",
+                      flush=True)
+                return GIVEN_UP
+            self.degraded = False
+            return answer
+
+        return write
+
+
+def create_run_once(client: ResilientClient, experiment_id: str, run_name: str, tags: dict[str, str],
+                    identity: str | None = None):
+    """``client.create_run``, retried like other calls, but never twice: a request that timed out may have
+    created the run on the server, so before each retry the run is looked up by ``identity`` (an MLflow filter
+    that only this run matches; default: its name, unique per sweep)."""
+    identity = identity or f"attributes.run_name = '{run_name}'"
+
+    def attempt():
+        if attempt.tried:
+            found = client.client.search_runs([experiment_id], filter_string=identity, max_results=1)
+            if found:
+                return found[0]
+        attempt.tried = True
+        return client.client.create_run(experiment_id, run_name=run_name, tags=tags)
+
+    attempt.tried = False
+    return call_with_retries(attempt, delays=client.delays)
+
+
+def connect(uri: str, experiment: str) -> tuple[ResilientClient, str]:
     """Point MLflow at ``uri`` and return a client and the id of ``experiment`` (created if absent); callers
-    run :func:`check_server` first. A new sqlite store is seeded from the cached empty one."""
+    run :func:`check_server` first. A new sqlite store is seeded from the cached empty one. Two drivers that
+    create the same experiment at once both get it (the loser of the race reads the winner's)."""
+    from mlflow.exceptions import MlflowException
+
     try:
         seed_sqlite_store(uri)
     except Exception:  # noqa: BLE001 -- seeding is only a shortcut (a cache that cannot be found, say): MLflow makes the store
         pass
+    # MLflow's HTTP client retries a failing request 7 times with doubling waits (minutes); ours retries every
+    # call a few times and then gives writes up, so the sweep is not held for minutes per metric batch.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    # MLflow prints a run's URL, credentials and all, each time a run ends on a server; metaopt says where the
+    # runs are once, redacted.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = ResilientClient(call_with_retries(MlflowClient, tracking_uri=uri))
     found = client.get_experiment_by_name(experiment)
     if found is not None and found.lifecycle_stage == "deleted":
         client.restore_experiment(found.experiment_id)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-    return client, experiment_id
+    if found is not None:
+        return client, found.experiment_id
+    try:
+        return client, client.create_experiment(experiment)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client, client.get_experiment_by_name(experiment).experiment_id
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -188,7 +321,8 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def as_params(config: dict[str, Any]) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
+    """A config as MLflow params, credentials in URIs (``user:password@``) replaced by ``***``."""
+    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(redact_config(config)).items()]
 
 
 def finite_metrics(result: dict[str, Any], step: int, timestamp_ms: int) -> list[Metric]:
@@ -212,7 +346,7 @@ class ParentRun:
 
     def __init__(self, client: MlflowClient, experiment_id: str, run_name: str, config: dict[str, Any]):
         self.client = client
-        run = client.create_run(experiment_id, run_name=run_name, tags={"metaopt.role": "sweep"})
+        run = create_run_once(client, experiment_id, run_name, tags={"metaopt.role": "sweep"})
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
         client.log_batch(self.run_id, params=as_params(config))
@@ -246,8 +380,14 @@ class ParentRun:
         self.client.log_figure(self.run_id, figure, name)
         plt.close(figure)  # logged: free it (sweeps draw many)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED"):
+        """End the run with ``status``; :data:`GIVEN_UP` if MLflow would not take it."""
+        return self.client.set_terminated(self.run_id, status=status)
+
+    @property
+    def unlogged(self) -> list[str]:
+        """Writes to MLflow given up after retries during this sweep (see :class:`ResilientClient`)."""
+        return getattr(self.client, "unlogged", [])
 
 
 class MLflowTrialCallback(Callback):
@@ -261,7 +401,8 @@ class MLflowTrialCallback(Callback):
 
     def __init__(self, parent: ParentRun | Future[ParentRun]):
         self._parent: ParentRun | Future[ParentRun] | None = parent
-        self.trial_runs: dict[str, str] = {}
+        self.trial_runs: dict[str, str | None] = {}
+        self.open_runs: set[str] = set()  # child runs created and not yet ended
 
     @property
     def parent(self) -> ParentRun:
@@ -280,12 +421,23 @@ class MLflowTrialCallback(Callback):
             state["_parent"] = self._parent.result() if opened else None
         return state
 
-    def run_id_for(self, trial) -> str:
+    def run_id_for(self, trial) -> str | None:
+        """The trial's child run, created on first use; None if MLflow could not create it (then what the trial
+        reports is not logged, counted in the parent client's ``unlogged``, and the trial trains on)."""
         if trial.trial_id not in self.trial_runs:
             parent, client = self.parent, self.parent.client
             tags = {PARENT_TAG: parent.run_id, "trial_id": trial.trial_id, "metaopt.role": "trial"}
-            run = client.create_run(parent.experiment_id, run_name=str(trial), tags=tags)
+            try:
+                identity = f"tags.`{PARENT_TAG}` = '{parent.run_id}' and tags.trial_id = '{trial.trial_id}'"
+                run = create_run_once(client, parent.experiment_id, str(trial), tags, identity)
+            except Exception as err:  # noqa: BLE001 -- after the client's retries: tracking trouble, not the trial's
+                client.unlogged.append(f"the run of trial {trial.trial_id}: {first_line(err)}")
+                print(f"[metaopt] warning: MLflow could not create the run of trial {trial.trial_id} "
+                      f"({first_line(err)}); it trains on untracked", flush=True)
+                self.trial_runs[trial.trial_id] = None
+                return None
             self.trial_runs[trial.trial_id] = run.info.run_id
+            self.open_runs.add(run.info.run_id)
             client.log_batch(run.info.run_id, params=as_params(trial.config))
         return self.trial_runs[trial.trial_id]
 
@@ -296,6 +448,11 @@ class MLflowTrialCallback(Callback):
         step = int(result.get("training_iteration", 0))
         metrics = finite_metrics(_trial_metrics(result), step, int(time.time() * 1000))
         run_id = self.run_id_for(trial)
+        if run_id is None:
+            return
+        if run_id not in self.open_runs:  # a trial resumed after it was ended (PBT restarts, restores)
+            self.parent.client.update_run(run_id, status="RUNNING")
+            self.open_runs.add(run_id)
         self.parent.client.log_batch(run_id, metrics=metrics)
         for key, text in text_results(result).items():  # e.g. sample completions: one text file per iteration
             self.parent.client.log_text(run_id, text, f"{key}/iter_{step:04d}.txt")
@@ -308,10 +465,24 @@ class MLflowTrialCallback(Callback):
 
     def _end(self, trial, status: str) -> None:
         run_id = self.run_id_for(trial)
+        if run_id is None:
+            return
         diverged = bool((trial.last_result or {}).get("diverged"))
         tags = [RunTag("metaopt.diverged", str(diverged).lower())]
         self.parent.client.log_batch(run_id, tags=tags)
-        self.parent.client.set_terminated(run_id, status=status)
+        if self.parent.client.set_terminated(run_id, status=status) is not GIVEN_UP:
+            self.open_runs.discard(run_id)  # else close_open_runs tries again at the sweep's end
+
+    def close_open_runs(self, status: str) -> list[str]:
+        """End every trial run still open (a sweep stopped or failed before its trials ended) with ``status``;
+        returns their ids. Safe to call when the parent never opened."""
+        closing = sorted(self.open_runs)
+        if not closing or not isinstance(self._parent, ParentRun):
+            return closing
+        for run_id in closing:
+            if self._parent.client.set_terminated(run_id, status=status) is not GIVEN_UP:
+                self.open_runs.discard(run_id)
+        return closing
 
 
 _RESULT_NOISE = {"config", "hostname", "node_ip", "pid", "date", "trial_id", "experiment_tag", "done", "timestamp"}
@@ -333,6 +504,7 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
 
 def ui_command(uri: str) -> str:
     """The command a user types to look at the runs."""
+    uri = redact_uri(uri)  # printed: never the credentials
     if uri.startswith("http"):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"

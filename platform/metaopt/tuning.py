@@ -1,58 +1,212 @@
 """The Tune set-up shared by the capabilities whose trials are a grid (federated, posttrain): one Tuner with a
 checkpoint every iteration, a failure budget, and optionally synchronous PBT over the trial config's ``lr``;
-and the search algorithm that lets trials keep their actors (PBT sweeps of ``metaopt.pbt`` use it too)."""
+the search algorithm that lets trials keep their actors (PBT sweeps of ``metaopt.pbt`` use it too); and the
+checkpoint files of every capability: written atomically, read without running pickled code, the last few kept."""
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from ray import tune
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator
 
+from metaopt.cache import replace_atomically
+
 STATE_FILE = "trial_state.pt"
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
-def save_state(state: dict[str, Any], checkpoint_dir: str) -> str:
-    """A trainable's state (``torch.save``) into its Tune checkpoint directory."""
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that is missing, truncated, corrupt or holds objects ``weights_only`` refuses."""
+
+
+def save_state(state: dict[str, Any], checkpoint_dir: str, name: str = STATE_FILE) -> str:
+    """A trainable's state (``torch.save``) into its Tune checkpoint directory, atomically: a trial killed in
+    the middle of the write leaves the previous file whole."""
     import torch
 
-    torch.save(state, Path(checkpoint_dir) / STATE_FILE)
+    replace_atomically(Path(checkpoint_dir) / name, lambda tmp: torch.save(state, tmp))
     return checkpoint_dir
 
 
-def load_state(checkpoint: str | dict) -> dict[str, Any]:
-    """What :func:`save_state` wrote; Tune passes the directory, or a dict holding it."""
+def checkpoint_dir(checkpoint: str | dict) -> Path:
+    """The folder of the checkpoint Tune hands ``load_checkpoint``: the path, or a dict holding it."""
+    return Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
+
+
+def load_state(checkpoint: str | dict, name: str = STATE_FILE) -> dict[str, Any]:
+    """What :func:`save_state` wrote (see :func:`read_state`)."""
+    return read_state(checkpoint_dir(checkpoint) / name)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A ``torch.save`` state loaded with ``weights_only=True``: tensors, primitive containers and numpy arrays
+    only, so a tampered checkpoint cannot run code when it is loaded. :class:`UnreadableCheckpoint` otherwise."""
     import torch
 
-    directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
-    return torch.load(directory / STATE_FILE, weights_only=False)
+    def parse(handle_path: Path) -> dict[str, Any]:
+        with torch.serialization.safe_globals(numpy_globals()):
+            return torch.load(handle_path, weights_only=True, map_location="cpu")
+
+    return read_checkpoint_file(path, parse)
 
 
-def lr_pbt(metric: str, interval: int, low: float, high: float) -> Any:
+def read_checkpoint_file(path: Path, parse: Callable[[Path], T]) -> T:
+    """``parse(path)``, or :class:`UnreadableCheckpoint` with one line naming the file and what is wrong."""
+    if not path.is_file():
+        raise UnreadableCheckpoint(f"checkpoint file {path} is missing")
+    try:
+        return parse(path)
+    except Exception as err:  # any parser's error: truncated zip, bad JSON/msgpack, a refused global
+        raise UnreadableCheckpoint(f"checkpoint file {path} cannot be read: {gist(err)}") from err
+
+
+def gist(err: Exception) -> str:
+    """The line of a parser's error that says what is wrong (torch's weights_only refusal is a page long and
+    names the refused global on its ``WeightsUnpickler error`` line), without terminal colour codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line] or [type(err).__name__]
+    line = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def numpy_globals() -> list[Any]:
+    """What pickled numpy arrays and scalars need under ``weights_only`` (RLlib's state holds them): array and
+    scalar reconstruction from raw bytes and the numeric dtypes -- none of them calls anything else."""
+    from numpy._core.multiarray import _reconstruct, scalar
+
+    dtypes = {type(np.dtype(code)) for code in "?bhilqpBHILQPefdgFDGUS"}
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+
+
+class KeepLastCheckpoints(tune.Callback):
+    """Deletes a trial's checkpoints older than its last ``keep`` ones, except any PBT may still restore.
+
+    Used instead of Tune's ``num_to_keep`` under PBT, where a trial that exploits a peer restores the checkpoint
+    PBT recorded at the peer's perturbation boundary, possibly after the peer saved several more (a trial that
+    waits for a free worker). Tune's ``num_to_keep`` would delete it; here a checkpoint stays while the
+    scheduler still records it as a trial's last (boundary) checkpoint or any trial's latest points at it (an
+    exploiting trial not restored yet, a failed trial to restart). So a trial keeps at most ``keep`` + 1 of its
+    own checkpoints at the end of a sweep, however many iterations it ran.
+    """
+
+    def __init__(self, keep: int, scheduler: Any = None) -> None:
+        self.keep = keep
+        self.scheduler = scheduler
+        self.saved: dict[str, list[Any]] = {}  # trial id -> its checkpoints seen, oldest first
+
+    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+        saved = [c for c in self.saved.get(trial.trial_id, []) if c.path != checkpoint.path] + [checkpoint]
+        older, recent = saved[: -self.keep], saved[-self.keep :]
+        if older:
+            # This trial's latest is about to be ``checkpoint`` (Tune registers it after its callbacks).
+            wanted = restorable_paths([t for t in trials if t is not trial], self.scheduler)
+            older = [c for c in older if c.path in wanted or not delete_checkpoint(c)]
+        self.saved[trial.trial_id] = older + recent
+
+
+def restorable_paths(trials: list[Any], scheduler: Any) -> set[str]:
+    """Checkpoint paths Tune may still restore: every trial's latest, and PBT's recorded boundary checkpoints."""
+    paths = {t.checkpoint.path for t in trials if t.checkpoint is not None}
+    for state in getattr(scheduler, "_trial_state", {}).values():
+        recorded = getattr(state, "last_checkpoint", None)
+        if recorded is not None and not hasattr(recorded, "path") and hasattr(recorded, "resolve"):
+            resolved = recorded.resolve(block=False)  # a save PBT asked for; not done yet = not one we hold
+            recorded = resolved.checkpoint if resolved is not None else None
+        if recorded is not None and getattr(recorded, "path", None):
+            paths.add(recorded.path)
+    return paths
+
+
+def delete_checkpoint(checkpoint: Any) -> bool:
+    """Remove a checkpoint folder from its (local or remote) file system; False if it could not be removed."""
+    try:
+        checkpoint.filesystem.delete_dir(checkpoint.path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as err:
+        logger.warning("could not delete old checkpoint %s: %s", checkpoint.path, err)
+        return False
+
+
+def checkpoint_config(frequency: int, keep: int, scheduler: Any, callbacks: list[Any]) -> tuple[Any, list[Any]]:
+    """Tune's checkpoint config keeping ``keep`` checkpoints per trial, and the callbacks: under PBT the
+    deleting is :class:`KeepLastCheckpoints`' (which knows what PBT may restore), otherwise Tune's own."""
+    pbt = scheduler is not None and hasattr(scheduler, "_trial_state")
+    config = tune.CheckpointConfig(checkpoint_frequency=frequency, checkpoint_at_end=True,
+                                   num_to_keep=None if pbt else keep)
+    return config, [*callbacks, KeepLastCheckpoints(keep, scheduler)] if pbt else callbacks
+
+
+@contextmanager
+def seeded_randomness(*key: Any) -> Iterator[None]:
+    """Python's and numpy's global generators seeded from ``key`` inside the block, and put back after it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    text = "|".join(map(str, key))
+    random.seed(text)
+    np.random.seed(random.getrandbits(32))
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+class SeededDecisions:
+    """PBT (a mixin in front of Tune's scheduler) whose random choices -- which top trial a weak one clones, how
+    it perturbs or resamples the hyperparameters -- follow from the sweep's ``seed``, the trial and the
+    iteration, instead of the driver's global ``random``/``numpy`` state, which Ray and Tune also draw from.
+    So a synchronous PBT sweep is reproducible from its seed, and one with a crashed and restored trial ends
+    as the uninterrupted one does."""
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._decision_seed = seed
+
+    def _checkpoint_or_exploit(self, trial: Any, tune_controller: Any, upper_quantile: list[Any],
+                               lower_quantile: list[Any]) -> None:
+        tag = str(trial.experiment_tag).split("@")[0]  # the trial's original tag, the same in every rerun
+        with seeded_randomness(self._decision_seed, tag, self._trial_state[trial].last_train_time):
+            super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+
+
+class SeededPBT(SeededDecisions, PopulationBasedTraining):
+    """Tune's PBT (Jaderberg et al. 2017) whose exploit/explore choices follow from the sweep's seed."""
+
+
+def lr_pbt(metric: str, interval: int, low: float, high: float, seed: int = 0) -> Any:
     """Synchronous PBT on ``metric`` (max) every ``interval`` iterations; explore draws ``lr`` log-uniformly
-    from [low, high] or perturbs it (Jaderberg et al. 2017)."""
-    from ray.tune.schedulers import PopulationBasedTraining
-
-    return PopulationBasedTraining(time_attr="training_iteration", metric=metric, mode="max",
-                                   perturbation_interval=interval,
-                                   hyperparam_mutations={"lr": tune.loguniform(low, high)}, synch=True)
+    from [low, high] or perturbs it (Jaderberg et al. 2017), its choices seeded by ``seed``."""
+    return SeededPBT(time_attr="training_iteration", metric=metric, mode="max",
+                              perturbation_interval=interval, hyperparam_mutations={"lr": tune.loguniform(low, high)},
+                              synch=True, seed=seed)
 
 
 def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any], *, iterations: int,
                scheduler: Any, max_failures: int, experiment_name: str, storage_path: str,
                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
-               reuse_actors: bool = False, cells: list[dict[str, Any]] | None = None) -> Any:
-    """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint after every iteration (all of
-    them kept under PBT, which restores any peer's; the last two otherwise). ``reuse_actors``: the trainable
+               reuse_actors: bool = False, cells: list[dict[str, Any]] | None = None,
+               checkpoints_to_keep: int = 2) -> Any:
+    """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint after every iteration (the
+    last ``checkpoints_to_keep`` kept, see :func:`checkpoint_config`). ``reuse_actors``: the trainable
     implements ``reset_config`` and Tune hands its actor (and placement group) from trial to trial.
     ``cells``: the trials' values of ``param_space``'s sampled keys, one dict per trial, run in this order
     (instead of ``grid_search`` keys, which Tune orders by name)."""
     search = None
     if reuse_actors or cells:
         search, callbacks = actor_keeping_search(0, callbacks, cells)
+    checkpoints, callbacks = checkpoint_config(1, checkpoints_to_keep, scheduler, callbacks)
     # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, ~10 ms) experiment state every
     # few iterations, and warn about it each time: with rounds of well under a second that is a warning per round.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -67,8 +221,7 @@ def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any]
                                     num_samples=len(cells) if cells else 1),
         run_config=tune.RunConfig(
             name=experiment_name, storage_path=storage_path, stop={"training_iteration": iterations},
-            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True,
-                                                    num_to_keep=None if scheduler else 2),
+            checkpoint_config=checkpoints,
             failure_config=tune.FailureConfig(max_failures=max_failures),
             callbacks=callbacks, verbose=verbose,
         ),

@@ -5,6 +5,11 @@ learning rate and optimizer (SGD or Adam), and returns its update Δ_i = local m
 sample count (McMahan et al. 2017, FedAvg). With FedHyper-CL (Wang et al. ICLR 2024, client side) the local
 lr is adapted per batch by a hypergradient rule passed in as ``lr_rule``; the lrs actually used come back
 with the update so the server can log them.
+
+A round has one deadline (:mod:`metaopt.federated.rounds`): the server cancels the round task of a client that
+has not answered by then. Ray cannot interrupt a running task of a (non-async) actor; it only raises a flag,
+so a client on Ray checks it between batches and stops with :class:`RoundCancelled`. The actor is then free for
+the next round's request at once, instead of training on for a round whose answer nobody will read.
 """
 
 from __future__ import annotations
@@ -22,6 +27,25 @@ from metaopt.federated.data import ClientShard
 
 #: lr_rule(beta_prev, u_k, u_prev, step) -> beta_k: a per-batch multiplier of the local lr (FedHyper-CL).
 LrRule = Callable[[float, torch.Tensor, torch.Tensor | None, int], float]
+
+
+class RoundCancelled(Exception):
+    """The server gave up on this round's answer (its deadline passed) and cancelled the round task."""
+
+
+def ray_cancel_check() -> Callable[[], bool] | None:
+    """In a Ray actor task: a function saying whether the server has ``ray.cancel``-ed it (looked up once per
+    round, asked once per batch); None outside a Ray worker, where nothing can cancel the call."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    try:
+        context.is_canceled()
+    except RuntimeError:  # the driver, or an async actor: nothing to check
+        return None
+    return context.is_canceled
 
 
 def build_model(in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)) -> nn.Module:
@@ -51,8 +75,10 @@ class LocalResult:
 
 
 def local_train(model: nn.Module, global_params: torch.Tensor, shard: ClientShard, *, epochs: int, lr: float,
-                optimizer: str = "sgd", batch_size: int = 32, seed: int = 0, lr_rule: LrRule | None = None) -> LocalResult:
-    """Local epochs from the global model; returns Δ = local − global and the lrs used per batch."""
+                optimizer: str = "sgd", batch_size: int = 32, seed: int = 0, lr_rule: LrRule | None = None,
+                should_stop: Callable[[], bool] | None = None) -> LocalResult:
+    """Local epochs from the global model; returns Δ = local − global and the lrs used per batch.
+    ``should_stop()`` is asked before every batch; when it says yes, :class:`RoundCancelled` is raised."""
     if optimizer not in ("sgd", "adam"):
         raise ConfigError("client_optimizer", f"unknown optimizer {optimizer!r}; allowed: sgd, adam")
     set_flat_params(model, global_params)
@@ -64,6 +90,8 @@ def local_train(model: nn.Module, global_params: torch.Tensor, shard: ClientShar
     for _ in range(epochs):
         order = torch.randperm(shard.num_train, generator=generator)
         for start in range(0, shard.num_train, batch_size):
+            if should_stop is not None and should_stop():
+                raise RoundCancelled(f"cancelled after {step} batches")
             idx = order[start:start + batch_size]
             before = flat_params(model) if lr_rule else None
             for group in opt.param_groups:
@@ -133,20 +161,27 @@ class Client:
         self.model = build_model(in_features, num_classes, hidden).to(self.device)
 
     def train(self, global_params: torch.Tensor, *, round_index: int, epochs: int, lr: float, optimizer: str = "sgd",
-              batch_size: int = 32, lr_rule: LrRule | None = None) -> LocalResult:
+              batch_size: int = 32, lr_rule: LrRule | None = None,
+              should_stop: Callable[[], bool] | None = None) -> LocalResult:
         seed = 1_000_003 * round_index + self.client_id  # different batches per round and client, reproducible
         result = local_train(self.model, global_params.to(self.device), self.shard, epochs=epochs, lr=lr,
-                             optimizer=optimizer, batch_size=batch_size, seed=seed, lr_rule=lr_rule)
+                             optimizer=optimizer, batch_size=batch_size, seed=seed, lr_rule=lr_rule,
+                             should_stop=should_stop)
         result.delta = result.delta.cpu()
         result.client_id = self.client_id
         return result
 
-    def train_round(self, request: bytes) -> bytes:
+    def train_round(self, request: bytes) -> bytes | None:
         """:meth:`train` as a Ray call: a :func:`pack_round_request` in, the pickled :class:`LocalResult`
         (delta as float32 numpy) out, read back by :func:`unpack_round_result`. Plain bytes both ways: numpy
-        skips the ``torch.save`` round trip a pickled tensor takes, and Ray does not pickle bytes again."""
+        skips the ``torch.save`` round trip a pickled tensor takes, and Ray does not pickle bytes again.
+        Stops between batches once the server has cancelled it (:func:`ray_cancel_check`) and returns None:
+        nobody reads that answer, and an exception would be logged by Ray as an unhandled error."""
         global_params, settings = pickle.loads(request)
-        result = self.train(tensor_from_wire(global_params), **settings)
+        try:
+            result = self.train(tensor_from_wire(global_params), **settings, should_stop=ray_cancel_check())
+        except RoundCancelled:
+            return None
         result.delta = to_wire(result.delta)
         return pickle.dumps(result, protocol=5)
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import StrictModel, register_kind
+from metaopt.config import Seed, StrictModel, absolute_path, quote, register_kind
 from metaopt.errors import ConfigError
 
 STRATEGY_NAMES = (
@@ -36,7 +36,7 @@ class FederatedSection(StrictModel):
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each client's data for validation.")
     strategies: list[str] = Field(default_factory=lambda: ["fedavg", "fedhyper_g"], min_length=1)
     lrs: list[float] = Field(default_factory=lambda: [0.05], min_length=1, description="Initial local lrs swept.")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     cpus_per_client: float = Field(default=0.1, gt=0, description="CPUs each client actor reserves.")
     gpus_per_client: float = Field(default=0.0, ge=0, description="GPUs each client actor reserves.")
     scheduler: Literal["grid", "pbt"] = Field(
@@ -44,6 +44,16 @@ class FederatedSection(StrictModel):
     )
     pbt_interval: int = Field(default=5, ge=1, description="Rounds between PBT exploit/explore steps.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last round.")
+    round_timeout_s: float = Field(
+        default=600.0, gt=0, allow_inf_nan=False,
+        description="One deadline per round (s): clients that have not answered by then are left out of it.",
+    )
+
+    @field_validator("data_root")
+    @classmethod
+    def _absolute_data_root(cls, root: str | None, info) -> str | None:
+        # made absolute against where the user ran (trials run in folders of their own) and checked there
+        return None if root is None else absolute_path(root, info, directory=True, what="the dataset's files")
 
     @field_validator("alpha")
     @classmethod
@@ -64,7 +74,7 @@ class FederatedSection(StrictModel):
     def _known_strategies(cls, strategies: list[str]) -> list[str]:
         for name in strategies:
             if name not in STRATEGY_NAMES:
-                raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGY_NAMES)}")
+                raise ValueError(f"unknown strategy {quote(name)}; allowed: {', '.join(STRATEGY_NAMES)}")
         return strategies
 
     @field_validator("lrs")

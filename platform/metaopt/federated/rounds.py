@@ -3,8 +3,12 @@
 1. sample a fraction C of the clients (seeded);
 2. send them the global model and this round's local lr (the strategy's: fixed, decayed, FedHyper-SL's, or
    lr0 with FedHyper-CL's per-batch multiplier computed on the client);
-3. collect Δ_i from every client that finishes; a client whose actor died mid-round is reported and left
-   out -- the round completes with the others, and Ray restarts the actor (with its shard) for later rounds;
+3. collect Δ_i from every client that answers by the round's one deadline (``timeout_s``, from the round's
+   start, for all clients at once); a client whose actor died mid-round is reported and left out -- the round
+   completes with the others, and Ray restarts the actor (with its shard) for later rounds; a client that is
+   merely late is left out the same way and its round task cancelled (the client stops at its next batch, so
+   its next round is not stuck behind the stale one; results travel by each round's own object refs, so a
+   stale answer can never be read as a later round's);
 4. aggregate with the server strategy (:mod:`metaopt.federated.strategies`), evaluate the new global model on
    the union of the clients' validation shards, and report accuracy, loss, global and local lrs.
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metaopt.errors import ConfigError
 from metaopt.federated.clients import (
     build_model,
     evaluate,
@@ -44,8 +50,29 @@ class RoundSettings:
     optimizer: str = "sgd"
     batch_size: int = 32
     seed: int = 0
-    timeout_s: float = 600.0  # a client that has not answered by then counts as failed for this round
+    timeout_s: float = 600.0  # the round's deadline: clients that have not answered by then are left out of it
     restart_wait_s: float = 60.0  # how long a round waits for a client Ray is restarting after a failure
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError("round_timeout_s", f"must be a finite number of seconds > 0 (got {self.timeout_s!r})")
+
+
+def wait_round(futures: dict[int, Any], timeout_s: float) -> tuple[dict[int, Any], list[int]]:
+    """``(answered, late)``: one ``ray.wait`` over every client's round task with the round's deadline (not a
+    timeout per client in turn, which would let k slow clients stretch a round to k deadlines). The late
+    clients' tasks are cancelled: ``force=False``, the only kind Ray allows for actor tasks -- a queued task is
+    dropped, a running one sees the flag (:func:`metaopt.federated.clients.ray_cancel_check`)."""
+    import ray
+
+    if not futures:
+        return {}, []
+    ready, _ = ray.wait(list(futures.values()), num_returns=len(futures), timeout=timeout_s)
+    ready = set(ready)
+    late = [i for i, ref in futures.items() if ref not in ready]
+    for i in late:
+        ray.cancel(futures[i], force=False)
+    return {i: ref for i, ref in futures.items() if ref in ready}, late
 
 
 def _cl_rule(strategy, state: StrategyState, beta_prev, u_k, u_prev, step):
@@ -97,16 +124,20 @@ class FederatedRun:
         # numpy (benchmarks/README.md).
         request = pack_round_request(self.global_params, kwargs)
         futures = {i: self.clients[i].train_round.remote(request) for i in chosen if i not in failed}
+        answered, late = wait_round(futures, self.settings.timeout_s)
+        for i in late:  # alive but slow: not "recovering" (asking it for its pid would queue behind the round)
+            log.warning("round %d: client %d did not answer within the round's %gs; left out, its task cancelled",
+                        self.round + 1, i, self.settings.timeout_s)
         results = []
-        for i, future in futures.items():
+        for i, future in answered.items():
             try:
-                results.append(unpack_round_result(ray.get(future, timeout=self.settings.timeout_s)))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError) as err:
+                results.append(unpack_round_result(ray.get(future)))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 failed.append(i)
                 self.recovering.add(i)
                 log.warning("round %d: client %d failed (%s); the round goes on with the others",
                             self.round + 1, i, type(err).__name__)
-        return results, failed
+        return results, sorted(failed + late)
 
     def _back(self, client: int) -> bool:
         """Has Ray restarted this client's actor? Waits up to ``restart_wait_s`` for it to answer."""

@@ -52,7 +52,8 @@ class FederatedTrainable(tune.Trainable):
         shards, in_features, num_classes = self.client_data
         options = {"num_clients_total": section.num_clients, "fraction": section.fraction} if "cl" in config["strategy"] else {}
         settings = RoundSettings(fraction=section.fraction, epochs=section.local_epochs, lr0=float(config["lr"]),
-                                 optimizer=section.client_optimizer, batch_size=section.batch_size, seed=int(config["seed"]))
+                                 optimizer=section.client_optimizer, batch_size=section.batch_size, seed=int(config["seed"]),
+                                 timeout_s=section.round_timeout_s)
         self.run = FederatedRun(shards, self.pool.actors, make_strategy(config["strategy"], **options), settings,
                                 in_features, num_classes, tuple(section.hidden))
 
@@ -104,8 +105,10 @@ def clients_key(config: dict[str, Any]) -> str:
 
 
 def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
-                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> tune.Tuner:
-    """Strategies x initial lrs x seeds as a grid; a checkpoint after every round."""
+                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
+                checkpoints_to_keep: int = 2) -> tune.Tuner:
+    """Strategies x initial lrs x seeds as a grid; a checkpoint after every round, the last
+    ``checkpoints_to_keep`` kept."""
     trial_resources = with_worker_bundles(resources, section.num_clients, section.cpus_per_client,
                                           section.gpus_per_client)
     scheduler = None
@@ -125,4 +128,4 @@ def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path
     return grid_tuner(FederatedTrainable, trial_resources, param_space, iterations=section.rounds,
                       scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
                       storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
-                      verbose=verbose, reuse_actors=True, cells=cells)
+                      verbose=verbose, reuse_actors=True, cells=cells, checkpoints_to_keep=checkpoints_to_keep)

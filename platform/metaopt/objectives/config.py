@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import StrictModel, register_kind
+from metaopt.config import Seed, StrictModel, is_file, quote, quote_path, register_kind
 from metaopt.errors import ConfigError
 
 #: gymnax environments with a discrete action space that the JAX PPO trains on.
@@ -40,7 +40,7 @@ class EnvSpec(StrictModel):
     @classmethod
     def _known_env(cls, env: str) -> str:
         if env not in SUPPORTED_ENVS:
-            raise ValueError(f"unknown env {env!r}; allowed: {', '.join(SUPPORTED_ENVS)}")
+            raise ValueError(f"unknown env {quote(env)}; allowed: {', '.join(SUPPORTED_ENVS)}")
         return env
 
 
@@ -115,7 +115,7 @@ class LPOSection(StrictModel):
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each population worker reserves.")
     gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs each population worker reserves.")
-    meta_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="One trial per seed.")
+    meta_seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="One trial per seed.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its checkpoint.")
 
     _positive_horizons = field_validator("horizons")(positive_horizons)
@@ -161,7 +161,7 @@ class LPOEvalSection(StrictModel):
     heatmap_progress: list[float] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0], description="Training-progress values of the drift heat-maps."
     )
-    seed: int = Field(default=0, ge=0, description="First PPO seed.")
+    seed: Seed = Field(default=0, description="First PPO seed.")
 
     _positive_horizons = field_validator("horizons")(positive_horizons)
 
@@ -175,8 +175,10 @@ class LPOEvalSection(StrictModel):
     @field_validator("objectives")
     @classmethod
     def _distinct(cls, objectives: list[str]) -> list[str]:
+        # exported drift directories stay as written: the driver reads them (evaluate.resolve_objective), and
+        # they are the objectives' labels in tables and metrics
         if len(set(objectives)) != len(objectives):
-            raise ValueError(f"each objective once (got {objectives})")
+            raise ValueError("each objective once")
         return objectives
 
     def check(self) -> None:
@@ -185,17 +187,17 @@ class LPOEvalSection(StrictModel):
         for spec in self.objectives:
             if spec in ("ppo", "dpo") or spec.startswith("mlflow:"):
                 continue
-            if not (Path(spec).expanduser() / "drift.json").is_file():
+            if not is_file(Path(spec).expanduser() / "drift.json"):
                 raise ConfigError(
                     "objectives",
-                    f"{spec!r} is not ppo, dpo, mlflow:RUN_ID or a directory holding drift.json (an exported drift)",
+                    f"{quote_path(spec)} is not ppo, dpo, mlflow:RUN_ID or a directory holding drift.json (an exported drift)",
                 )
             from metaopt.objectives.export import read_drift
 
             try:
                 read_drift(Path(spec).expanduser())  # format, shapes and values of the exported drift
             except (OSError, ValueError) as err:
-                raise ConfigError("objectives", f"{spec!r}: {str(err).splitlines()[0]}") from None
+                raise ConfigError("objectives", f"{quote_path(spec)}: {str(err).splitlines()[0]}") from None
         check_ppo_overrides(self.envs, "envs", self.horizons)
 
 

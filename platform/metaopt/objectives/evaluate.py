@@ -25,7 +25,7 @@ import numpy as np
 from metaopt import tracking
 from metaopt.config import Experiment
 from metaopt.errors import ConfigError
-from metaopt.session import open_session
+from metaopt.session import SweepEnd, open_session
 
 BUILTIN = ("ppo", "dpo")
 
@@ -78,8 +78,10 @@ def resolve_objective(spec: str, tracking_uri: str) -> Objective:
         try:
             local = client.download_artifacts(run_id, DRIFT_ARTIFACT, str(target))
         except Exception as err:  # mlflow raises several types for a missing run / artifact
-            raise ConfigError("lpo_eval.objectives", f"{spec}: no '{DRIFT_ARTIFACT}' artifact at {tracking_uri} "
-                              f"({str(err).splitlines()[0]})") from None
+            from metaopt.redact import redact_text
+
+            raise ConfigError("lpo_eval.objectives", redact_text(f"{spec}: no '{DRIFT_ARTIFACT}' artifact at "
+                              f"{tracking_uri} ({str(err).splitlines()[0]})")) from None
         return _from_directory(Path(local), spec)
     path = Path(spec).expanduser()
     if not (path / "drift.json").exists():
@@ -139,7 +141,7 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     session = open_session(exp, address, "eval", verbose)
     print(f"[metaopt] {len(objectives)} objectives x {len(problems)} env/horizons x {section.seeds} seeds", flush=True)
     trial_callback = tracking.MLflowTrialCallback(session.opening)
-    try:
+    with SweepEnd(exp, session, trial_callback, 1, started) as end:
         tuner = tune.Tuner(
             tune.with_resources(evaluation_trial, session.per_trial),
             param_space={
@@ -154,15 +156,10 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
             ),
         )
         results = tuner.fit()
+        end.conclude(results)
         table = [table_row(r) for r in results]
         log_evaluation(session.parent, exp, objectives, table, problems)
-    except BaseException:
-        session.parent.finish("FAILED")
-        raise
-    failed = any(r.error for r in results)
-    session.parent.finish("FAILED" if failed else "FINISHED")
-    print(format_table(table, section.confidence), flush=True)
-    print(f"[metaopt] done in {time.time() - started:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+        print(format_table(table, section.confidence), flush=True)
     return table
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from metaopt import tracking
 from metaopt.config import Experiment
-from metaopt.session import open_session
+from metaopt.session import SweepEnd, open_session
 
 #: Artifact folder of an exported drift, on the parent run (best trial) and on each trial's run.
 DRIFT_ARTIFACT = "drift"
@@ -62,7 +62,7 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
         from metaopt.progress import ProgressPrinter
 
         progress = [ProgressPrinter("fitness_mean", "max", section.es.generations)]
-    try:
+    with SweepEnd(exp, session, trial_callback, section.es.generations, started) as end:
         tuner = build_tuner(
             section,
             experiment_name=session.run_name,
@@ -73,19 +73,15 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
             verbose=1 if verbose >= 2 else 0,
         )
         results = tuner.fit()
+        end.conclude(results)
         trials = [summarise_trial(result) for result in results]
-    except BaseException:
-        session.parent.finish("FAILED")
-        raise
-    parent = session.parent
-    scored = [t for t in trials if math.isfinite(t.mean_score)]
-    best = max(scored, key=lambda t: t.mean_score) if scored else None
-    summary = MetaSummary(exp.name, parent.run_id, exp.tracking.uri, trials, best.trial_id if best else None,
-                          time.time() - started)
-    log_summary(parent, summary, exp, trial_callback.trial_runs)
-    parent.finish("FAILED" if any(t.error for t in trials) else "FINISHED")
-    print(format_table(summary), flush=True)
-    print(f"[metaopt] done in {summary.wall_seconds:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+        parent = session.parent
+        scored = [t for t in trials if math.isfinite(t.mean_score)]
+        best = max(scored, key=lambda t: t.mean_score) if scored else None
+        summary = MetaSummary(exp.name, parent.run_id, exp.tracking.uri, trials, best.trial_id if best else None,
+                              time.time() - started)
+        log_summary(parent, summary, exp, trial_callback.trial_runs)
+        print(format_table(summary), flush=True)
     if best:
         print(f"[metaopt] discovered drift: artifact '{DRIFT_ARTIFACT}/' of run {parent.run_id}; evaluate it with "
               f"objectives: [ppo, dpo, mlflow:{parent.run_id}] in an lpo_eval experiment")
@@ -126,7 +122,7 @@ def log_summary(parent: tracking.ParentRun, summary: MetaSummary, exp: Experimen
     from metaopt.objectives.export import load_drift
 
     for t in summary.trials:
-        if t.drift_dir and t.trial_id in trial_runs:
+        if t.drift_dir and trial_runs.get(t.trial_id):
             parent.client.log_artifacts(trial_runs[t.trial_id], t.drift_dir, DRIFT_ARTIFACT)
     curves = {t.trial_id: {**t.curves, "start_mean_score": t.start_mean_score} for t in summary.trials}
     parent.log_figure(plots.plot_meta_curves(curves, summary.best_trial, f"{exp.name}: meta-training"), "meta_training.png")

@@ -17,7 +17,9 @@ from ray import tune
 
 from metaopt.objectives.config import LPOSection
 from metaopt.objectives.meta_train import MetaTrainer
+from metaopt.cache import replace_atomically
 from metaopt.runtime import with_worker_bundles
+from metaopt.tuning import checkpoint_dir, read_checkpoint_file
 
 STATE_FILE = "es_state.msgpack"
 META_FILE = "meta.json"
@@ -62,10 +64,11 @@ class MetaTrainable(tune.Trainable):
         from metaopt.objectives.export import save_drift
 
         directory = Path(checkpoint_dir)
-        (directory / STATE_FILE).write_bytes(serialization.to_bytes(self.state))
+        state = serialization.to_bytes(self.state)
+        replace_atomically(directory / STATE_FILE, lambda tmp: tmp.write_bytes(state))
         meta = {"generation": self.iteration, "baselines": self.trainer.baselines, "meta_seed": self.config["meta_seed"],
                 "start_mean_score": self.start_score}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        replace_atomically(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         save_drift(directory / DRIFT_DIR, self.section.drift, self.trainer.mean_params(self.state),
                    dict(self.trainer.drift_options))
         return checkpoint_dir
@@ -73,9 +76,10 @@ class MetaTrainable(tune.Trainable):
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
         from flax import serialization
 
-        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
-        self.state = serialization.from_bytes(self.trainer.init_state(), (directory / STATE_FILE).read_bytes())
-        meta = json.loads((directory / META_FILE).read_text())
+        directory, template = checkpoint_dir(checkpoint), self.trainer.init_state()
+        self.state = read_checkpoint_file(directory / STATE_FILE,
+                                          lambda path: serialization.from_bytes(template, path.read_bytes()))
+        meta = read_checkpoint_file(directory / META_FILE, lambda path: json.loads(path.read_text()))
         self.trainer.baselines = {k: float(v) for k, v in meta["baselines"].items()}
         self.start_score = meta.get("start_mean_score")
         self._iteration = int(meta["generation"])
@@ -100,8 +104,10 @@ def build_tuner(
     max_concurrent_trials: int | None,
     callbacks: list[Any],
     verbose: int = 0,
+    checkpoints_to_keep: int = 2,
 ) -> tune.Tuner:
-    """One trial per meta-seed; stop after ``es.generations``; checkpoints every ``checkpoint_every``."""
+    """One trial per meta-seed; stop after ``es.generations``; checkpoints every ``checkpoint_every``, the last
+    ``checkpoints_to_keep`` kept."""
     trainable = tune.with_resources(MetaTrainable, trial_resources(section, resources))
     return tune.Tuner(
         trainable,
@@ -112,7 +118,8 @@ def build_tuner(
             storage_path=storage_path,
             stop={"training_iteration": section.es.generations},
             checkpoint_config=tune.CheckpointConfig(
-                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True, num_to_keep=2
+                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True,
+                num_to_keep=checkpoints_to_keep,
             ),
             failure_config=tune.FailureConfig(max_failures=section.max_failures),
             callbacks=callbacks,

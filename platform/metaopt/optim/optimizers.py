@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from metaopt.config import quote
 from metaopt.errors import ConfigError
 from metaopt.optim.schedules import (
     check_choice,
@@ -71,12 +72,12 @@ def _check_betas(field: str, value: Any) -> tuple[float, float]:
             return (_check_unit(field, pair[0]), _check_unit(field, pair[1]))
     except ConfigError:
         pass  # reported below with the whole pair, which is what the user wrote
-    raise ConfigError(field, f"must be a pair [beta1, beta2], each in [0, 1), got {value!r}")
+    raise ConfigError(field, f"must be a pair [beta1, beta2], each in [0, 1), got {quote(value)}")
 
 
 def _check_bool(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(field, f"must be true or false, got {value!r}")
+        raise ConfigError(field, f"must be true or false, got {quote(value)}")
     return value
 
 
@@ -112,7 +113,7 @@ def resolve_optimizer_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     spec = check_mapping("optimizer", spec)
     name = check_choice("optimizer.name", spec.get("name"), OPTIMIZER_NAMES)
     defaults = _DEFAULTS[name]
-    check_keys("optimizer", spec, ("name", *defaults), owner=f"optimizer {name!r}")
+    check_keys("optimizer", spec, ("name", *defaults), owner=f"optimizer {quote(name)}")
     resolved = {
         key: _CHECKS[key](f"optimizer.{key}", spec.get(key, default))
         for key, default in defaults.items()

@@ -30,6 +30,7 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from metaopt.config import quote
 from metaopt.errors import ConfigError
 from metaopt.tasks.base import Schedule
 
@@ -126,7 +127,7 @@ def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
     ``warmup_steps == 0`` returns ``schedule`` unchanged.
     """
     if not callable(schedule):
-        raise ConfigError("schedule", f"must be a callable step -> lr, got {schedule!r}")
+        raise ConfigError("schedule", f"must be a callable step -> lr, got {quote(schedule)}")
     warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
     if warmup_steps == 0:
         return schedule
@@ -145,16 +146,16 @@ def piecewise_constant(boundaries_and_lrs: Iterable[Sequence[float]]) -> Schedul
     segments = list(boundaries_and_lrs) if isinstance(boundaries_and_lrs, Iterable) else None
     if not segments:
         raise ConfigError(
-            field, f"must be a non-empty list of (start_step, lr) pairs, got {boundaries_and_lrs!r}"
+            field, f"must be a non-empty list of (start_step, lr) pairs, got {quote(boundaries_and_lrs)}"
         )
     starts: list[int] = []
     lrs: list[float] = []
     for i, segment in enumerate(segments):
         if isinstance(segment, str) or not isinstance(segment, Sequence) or len(segment) != 2:
-            raise ConfigError(f"{field}[{i}]", f"must be a (start_step, lr) pair, got {segment!r}")
+            raise ConfigError(f"{field}[{i}]", f"must be a (start_step, lr) pair, got {quote(segment)}")
         start = segment[0]
         if i == 0 and (isinstance(start, bool) or start != 0):
-            problem = f"must be 0 (the first segment opens the schedule), got {start!r}"
+            problem = f"must be 0 (the first segment opens the schedule), got {quote(start)}"
             raise ConfigError(f"{field}[0].start_step", problem)
         if i > 0:
             # Strictly increasing, so the segments are sorted and none is empty.
@@ -188,7 +189,7 @@ def build_schedule(spec: Mapping[str, Any]) -> Schedule:
     factory, required, optional = _SCHEDULE_SPECS[name]
     with_warmup = name != "piecewise_constant"
     allowed = ("name", *required, *optional) + (("warmup_steps",) if with_warmup else ())
-    check_keys("schedule", spec, allowed, required=required, owner=f"schedule {name!r}")
+    check_keys("schedule", spec, allowed, required=required, owner=f"schedule {quote(name)}")
     kwargs = {key: spec[key] for key in (*required, *optional) if key in spec}
     try:
         warmup_steps = check_int("warmup_steps", spec.get("warmup_steps", 0), low=0)
@@ -234,7 +235,7 @@ def check_real(
     )
     if not inside:
         span = _interval(low, high, low_open or low == -math.inf, high_open or high == math.inf)
-        raise ConfigError(field, f"must be a finite number in {span}, got {value!r}")
+        raise ConfigError(field, f"must be a finite number in {span}, got {quote(value)}")
     return number
 
 
@@ -248,7 +249,7 @@ def check_int(field: str, value: Any, low: int, high: int | None = None) -> int:
     is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not is_int or value < low or (high is not None and value > high):
         span = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(field, f"must be an integer {span}, got {value!r}")
+        raise ConfigError(field, f"must be an integer {span}, got {quote(value)}")
     return int(value)
 
 
@@ -262,7 +263,7 @@ def check_mapping(field: str, value: Any) -> Mapping[str, Any]:
 def check_choice(field: str, value: Any, allowed: Sequence[str]) -> str:
     """``value`` if it is one of ``allowed``, else ConfigError listing them."""
     if value not in allowed:
-        got = "missing" if value is None else f"got {value!r}"
+        got = "missing" if value is None else f"got {quote(value)}"
         raise ConfigError(field, f"must be one of {', '.join(allowed)}; {got}")
     return value
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import StrictModel, register_kind
+from metaopt.config import Seed, StrictModel, absolute_program_spec, register_kind
 from metaopt.errors import ConfigError
 
 TASKS = ("digits", "cartpole_rllib")
@@ -41,11 +41,16 @@ class PBTSection(StrictModel):
     )
     lr_min: float = Field(default=1e-4, gt=0, description="Smallest learning rate searched.")
     lr_max: float = Field(default=1.0, gt=0, description="Largest learning rate searched.")
-    seed: int = Field(default=0, ge=0, description="Seed for weights, data order and the search.")
+    seed: Seed = Field(default=0, description="Seed for weights, data order and the search.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last checkpoint.")
     checkpoint_interval: int | None = Field(
         default=None, ge=1, description="Iterations between checkpoints (default: perturbation_interval)."
     )
+
+    @field_validator("optimizer")
+    @classmethod
+    def _absolute_program_file(cls, spec: dict[str, Any], info) -> dict[str, Any]:
+        return absolute_program_spec(spec, info)  # trials run in folders of their own
 
     @field_validator("perturbation_factors", mode="before")
     @classmethod

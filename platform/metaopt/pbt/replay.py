@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from metaopt.config import quote
 from metaopt.errors import ConfigError
 from metaopt.optim import piecewise_constant
+from metaopt.redact import redact_text
 from metaopt.tasks import build_task
 
 SCHEDULES_ARTIFACT = "schedules.json"
@@ -38,25 +42,80 @@ class ReplayResult:
 
 
 def load_payload(ref: str, tracking_uri: str | None) -> dict[str, Any]:
-    """A schedules.json path, or an MLflow sweep run id whose artifact it is."""
+    """A schedules.json path, or an MLflow sweep run id whose artifact it is; checked to be what a PBT sweep
+    writes (:func:`metaopt.pbt.sweep.schedules_payload`), so replaying it cannot fail halfway with a traceback."""
+    from metaopt.config import exists, is_dir
+
     path = Path(ref)
-    if path.is_dir():
+    if is_dir(path):
         path = path / SCHEDULES_ARTIFACT
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(str(path), f"not a schedules JSON file ({err.msg} at line {err.lineno})") from None
+    if exists(path):
+        return _checked_payload(path, str(path))
     if not tracking_uri:
-        raise ConfigError("RUN_OR_FILE", f"{ref!r} is not a file; to use an MLflow run id pass --tracking-uri")
+        raise ConfigError("RUN_OR_FILE", f"{quote(ref)} is not a file; to use an MLflow run id pass --tracking-uri")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
         local = MlflowClient(tracking_uri).download_artifacts(ref, SCHEDULES_ARTIFACT)
     except MlflowException as err:
-        raise ConfigError("RUN_OR_FILE", f"{ref!r} is neither a schedules.json file nor a sweep run at {tracking_uri} ({err.message.splitlines()[0]})") from None
-    return json.loads(Path(local).read_text())
+        raise ConfigError("RUN_OR_FILE", redact_text(f"{quote(ref)} is neither a schedules.json file nor a sweep run at {quote(tracking_uri)} ({err.message.splitlines()[0]})")) from None
+    return _checked_payload(Path(local), f"run {ref} {SCHEDULES_ARTIFACT}")
+
+
+class _Trial(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    schedule: list[tuple[StrictInt, StrictFloat | StrictInt]]  # empty for a trial that never reported
+    final_metric: StrictFloat | StrictInt  # NaN (json writes NaN) for a diverged trial
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    experiment: dict[str, Any]
+    steps_per_iteration: StrictInt = Field(ge=1)
+    total_steps: StrictInt = Field(ge=1)
+    best_trial: str | None = None
+    parent_run_id: str | None = None
+    trials: dict[str, _Trial] = Field(min_length=1)
+
+
+def _checked_payload(path: Path, field: str) -> dict[str, Any]:
+    """The JSON at ``path`` (a regular file of at most 1 MiB) if it is a PBT sweep's schedules payload: its
+    experiment a valid pbt experiment, every trial's schedule a valid piecewise-constant schedule."""
+    from pydantic import ValidationError
+
+    from metaopt import config
+
+    text = config.read_text_capped(path, field, "schedules.json file")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(field, f"not a schedules JSON file ({err.msg} at line {err.lineno})") from None
+    what = "not a PBT sweep's schedules.json"
+    if not isinstance(payload, dict):
+        raise ConfigError(field, f"{what}: expected a JSON object, got {type(payload).__name__} {quote(payload)}")
+    try:
+        checked = _Payload.model_validate(payload)
+    except ValidationError as err:
+        raise ConfigError(field, f"{what}: {config.first_error('', _Payload, err)}") from None
+    try:
+        experiment = config.from_dict(checked.experiment, check_paths=False)
+    except ConfigError as err:
+        raise ConfigError(field, f"{what}: experiment.{err}") from None
+    if experiment.kind != "pbt":
+        raise ConfigError(field, f"{what}: its experiment is a {quote(experiment.kind)} experiment, not pbt")
+    for trial_id, trial in checked.trials.items():
+        if not trial.schedule:
+            continue
+        try:
+            piecewise_constant(trial.schedule)
+        except ConfigError as err:
+            raise ConfigError(field, f"{what}: trials.{quote(trial_id)}.schedule: {err.problem}") from None
+    if checked.best_trial is not None and checked.best_trial not in checked.trials:
+        raise ConfigError(field, f"{what}: best_trial {quote(checked.best_trial)} is not one of its trials")
+    return {**payload, "experiment": experiment.to_dict()}  # defaults filled in (tracking, seed ...)
 
 
 def choose_trial(payload: dict[str, Any], trial_id: str | None) -> str:

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from metaopt import tracking
 from metaopt.config import Experiment
 from metaopt.pbt import lineage, plots
 from metaopt.pbt.replay import SCHEDULES_ARTIFACT
 from metaopt.pbt.tune import STATE_FILE, build_tuner
-from metaopt.session import open_session
+from metaopt.redact import redact_config, redact_uri
+from metaopt.session import SweepEnd, open_session
+from metaopt.tuning import UnreadableCheckpoint, read_state
 
 
 @dataclass
@@ -82,10 +82,10 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     """
     started = time.time()
     section = exp.section
-    session = open_session(exp, address, section.scheduler, verbose)
     metric, mode = task_metric(section.task)
+    session = open_session(exp, address, section.scheduler, verbose)
     trial_callback = tracking.MLflowTrialCallback(session.opening)
-    try:
+    with SweepEnd(exp, session, trial_callback, section.iterations, started) as end:
         tuner = build_tuner(
             section,
             experiment_name=session.run_name,
@@ -98,35 +98,25 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
             verbose=1 if verbose >= 2 else 0,
         )
         results = tuner.fit()
-    except BaseException:
-        session.parent.finish("FAILED")
-        raise
-    parent = session.parent
-
-    experiment_path = Path(results.experiment_path)
-    try:
+        end.conclude(results)
+        parent = session.parent
+        experiment_path = Path(results.experiment_path)
         trials = summarise_trials(results, section, metric, mode, experiment_path)
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    best = pick_best(trials, mode)
-    summary = SweepSummary(
-        experiment=exp.name, parent_run_id=parent.run_id, tracking_uri=exp.tracking.uri, metric=metric, mode=mode,
-        best_trial=best.trial_id if best else None, trials=trials, experiment_path=str(experiment_path),
-        wall_seconds=time.time() - started,
-    )
-    for t in trials:
-        if t.lineage_agrees is False:
-            print(f"[metaopt] warning: trial {t.trial_id}: schedule from Tune's PBT log {lineage.describe(t.schedule)} "
-                  f"differs from the one its checkpoints carried {lineage.describe(t.carried_schedule)}", flush=True)
-    log_summary(parent, summary, exp)
-    failed = any(r.error for r in results)
-    parent.finish("FAILED" if failed else "FINISHED")
-    print(format_table(summary), flush=True)
-    print(f"[metaopt] done in {summary.wall_seconds:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+        best = pick_best(trials, mode)
+        summary = SweepSummary(
+            experiment=exp.name, parent_run_id=parent.run_id, tracking_uri=exp.tracking.uri, metric=metric, mode=mode,
+            best_trial=best.trial_id if best else None, trials=trials, experiment_path=str(experiment_path),
+            wall_seconds=time.time() - started,
+        )
+        for t in trials:
+            if t.lineage_agrees is False:
+                print(f"[metaopt] warning: trial {t.trial_id}: schedule from Tune's PBT log {lineage.describe(t.schedule)} "
+                      f"differs from the one its checkpoints carried {lineage.describe(t.carried_schedule)}", flush=True)
+        log_summary(parent, summary, exp)
+        print(format_table(summary), flush=True)
     if best:
         print(f"[metaopt] best trial {best.trial_id}: {metric}={best.final_metric:.4f}; schedule {lineage.describe(best.schedule)}")
-        print(f"[metaopt] replay it: metaopt replay {parent.run_id} --tracking-uri {exp.tracking.uri}")
+        print(f"[metaopt] replay it: metaopt replay {parent.run_id} --tracking-uri {redact_uri(exp.tracking.uri)}")
     return summary
 
 
@@ -158,7 +148,7 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
                 iterations=int(metrics.get("training_iteration", 0)),
                 diverged=bool(metrics.get("diverged", 0)),
                 schedule=[(0, first_lr)],
-                carried_schedule=carried_history(result),
+                carried_schedule=carried_history(result, str(metrics.get("trial_id"))),
                 curve=(list(frame["step"].astype(int)), [float(v) for v in frame[metric]]),
                 steps=int(metrics.get("step", 0)),
                 reported=[(int(step), float(lr)) for step, lr in zip(frame["step"], frame["lr"])],
@@ -180,15 +170,23 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
     return rows
 
 
-def carried_history(result) -> lineage.Segments | None:
-    """The lineage history the trial carried through its checkpoints (independent of Tune's log)."""
+def carried_history(result, trial_id: str) -> lineage.Segments | None:
+    """The lineage history the trial carried through its checkpoints (independent of Tune's log). None, with a
+    warning naming the trial and the file, when its last checkpoint cannot be read: one broken file must not
+    cost the sweep its summary of the other trials."""
     if result.checkpoint is None:
         return None
     path = Path(result.checkpoint.path) / STATE_FILE
-    if not path.exists():
-        return None
-    state = torch.load(path, weights_only=False, map_location="cpu")
-    return [(int(s), float(lr)) for s, lr in state["lr_history"]]
+    try:
+        state = read_state(path)
+        return [(int(s), float(lr)) for s, lr in state["lr_history"]]
+    except UnreadableCheckpoint as err:
+        problem = str(err)
+    except (KeyError, TypeError, ValueError):
+        problem = f"checkpoint file {path} holds no lineage history"
+    print(f"[metaopt] warning: trial {trial_id}: {problem}; its carried schedule is unknown, its other results stand",
+          flush=True)
+    return None
 
 
 def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
@@ -202,7 +200,7 @@ def schedules_payload(summary: SweepSummary, exp: Experiment) -> dict[str, Any]:
     """What ``metaopt replay`` needs: the experiment, and per trial its schedule and final score."""
     section = exp.section
     return {
-        "experiment": exp.to_dict(),
+        "experiment": redact_config(exp.to_dict()),  # an artifact anyone with the store can read
         "metric": summary.metric,
         "mode": summary.mode,
         "steps_per_iteration": section.steps_per_iteration,

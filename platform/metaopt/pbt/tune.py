@@ -14,19 +14,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from ray import tune
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 
 from metaopt.pbt.config import PBTSection
 from metaopt.pbt.lineage import record_lr
 from metaopt.tasks import build_task
-from metaopt.tuning import actor_keeping_search, seeded_random_search
+from metaopt.tuning import (
+    SeededPBT,
+    actor_keeping_search,
+    checkpoint_config,
+    load_state,
+    save_state,
+    seeded_random_search,
+)
 
 STATE_FILE = "trainable_state.pt"
 # Handing a reused actor from one trial to another (save, pause, reset_config, restore) took 35-75 ms per
@@ -72,15 +78,11 @@ class LRTrainable(tune.Trainable):
         return result
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        torch.save(
-            {"task": self.task.state(), "lr_history": self.lr_history, "iteration": self.iteration},
-            Path(checkpoint_dir) / STATE_FILE,
-        )
-        return checkpoint_dir
+        state = {"task": self.task.state(), "lr_history": self.lr_history, "iteration": self.iteration}
+        return save_state(state, checkpoint_dir, STATE_FILE)
 
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
-        path = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"]) / STATE_FILE
-        state = torch.load(path, weights_only=False, map_location="cpu")
+        state = load_state(checkpoint, STATE_FILE)
         self.task.restore(state["task"])
         # Tune set our iteration from the result it *associated* with this checkpoint, which can be stale
         # (Ray 2.60 may hand an exploiting trial a later checkpoint of a still-running clone). The iteration
@@ -204,8 +206,8 @@ class EvenFinish:
         return self._trained.get(trial, 0)
 
 
-class EvenFinishPBT(EvenFinish, PopulationBasedTraining):
-    """Tune's PBT (Jaderberg et al. 2017) with :class:`EvenFinish`'s end-of-sweep levelling."""
+class EvenFinishPBT(EvenFinish, SeededPBT):
+    """:class:`SeededPBT` with :class:`EvenFinish`'s end-of-sweep levelling."""
 
 
 def build_scheduler(section: PBTSection, metric: str, mode: str):
@@ -221,13 +223,14 @@ def build_scheduler(section: PBTSection, metric: str, mode: str):
         quantile_fraction=section.quantile_fraction,
         synch=section.synch,
     )
-    # Synchronous PBT already waits for every trial at each boundary: Tune's own scheduler, unchanged.
+    # Synchronous PBT already waits for every trial at each boundary: Tune's own scheduler, its draws seeded.
     levelled = {"stop_iteration": section.iterations} if section.even_finish and not section.synch else {}
     if section.scheduler == "pbt":
-        return (EvenFinishPBT if levelled else PopulationBasedTraining)(
+        return (EvenFinishPBT if levelled else SeededPBT)(
             hyperparam_mutations={"lr": tune.loguniform(section.lr_min, section.lr_max)},
             resample_probability=section.resample_probability,
             perturbation_factors=tuple(section.perturbation_factors),
+            seed=section.seed,
             **shared,
             **levelled,
         )
@@ -254,14 +257,17 @@ def build_tuner(
     max_concurrent_trials: int | None,
     callbacks: list[Any],
     verbose: int = 0,
+    checkpoints_to_keep: int = 2,
 ) -> tune.Tuner:
-    """A Tuner whose trials are LRTrainable over the section's lr space; the whole section rides in config."""
+    """A Tuner whose trials are LRTrainable over the section's lr space; the whole section rides in config.
+    Each trial keeps its last ``checkpoints_to_keep`` checkpoints (and any PBT may still restore)."""
     scheduler = build_scheduler(section, metric, mode)
     grid = section.scheduler == "grid"
     if scheduler is not None:
         search, callbacks = actor_keeping_search(section.seed, callbacks)
     else:
         search = None if grid else seeded_random_search(section.seed)
+    checkpoints, callbacks = checkpoint_config(section.checkpoint_every, checkpoints_to_keep, scheduler, callbacks)
     trainable = tune.with_resources(LRTrainable, resources)
     return tune.Tuner(
         trainable,
@@ -278,11 +284,7 @@ def build_tuner(
             storage_path=storage_path,
             # Tune's own clock, which synchronous PBT waits on; load_checkpoint keeps it equal to steps / iteration.
             stop={"training_iteration": section.iterations},
-            checkpoint_config=tune.CheckpointConfig(
-                checkpoint_frequency=section.checkpoint_every,
-                checkpoint_at_end=True,
-                num_to_keep=None,
-            ),
+            checkpoint_config=checkpoints,
             failure_config=tune.FailureConfig(max_failures=section.max_failures),
             callbacks=callbacks,
             verbose=verbose,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import StrictModel, register_kind
+from metaopt.config import Seed, StrictModel, absolute_path, absolute_program_spec, quote, quote_path, register_kind
 from metaopt.errors import ConfigError
 
 CURRICULUM_NAMES = ("sec", "uniform", "easy_to_hard", "hard_to_easy")
@@ -27,6 +27,13 @@ class ModelSpec(StrictModel):
     layers: int = Field(default=2, ge=1, description="Transformer blocks of the tiny model.")
     heads: int = Field(default=4, ge=1, description="Attention heads of the tiny model.")
     max_positions: int = Field(default=128, ge=16, description="Context length of the tiny model.")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, path: str | None, info) -> str | None:
+        # made absolute against where the user ran (trials run in folders of their own) and checked there
+        return None if path is None else absolute_path(
+            path, info, directory=True, what="a local Hugging Face checkpoint (config.json, weights, tokenizer files)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:
@@ -117,7 +124,7 @@ class PostTrainSection(StrictModel):
     steps_per_iteration: int = Field(default=5, ge=1, description="GRPO steps per Tune iteration (and checkpoint).")
     eval_per_category: int = Field(default=32, ge=1, description="Greedy evaluation problems per category.")
     eval_every: int = Field(default=1, ge=1, description="Evaluate every this many iterations (and at the end).")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     scheduler: Literal["grid", "pbt"] = Field(
         default="grid", description="grid: every curriculum x seed; pbt: PBT also adapts the learner's lr."
     )
@@ -125,12 +132,17 @@ class PostTrainSection(StrictModel):
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last checkpoint.")
     samples_to_log: int = Field(default=8, ge=0, description="Sample completions saved as text each iteration.")
 
+    @field_validator("optimizer")
+    @classmethod
+    def _absolute_program_file(cls, spec: dict[str, Any], info) -> dict[str, Any]:
+        return absolute_program_spec(spec, info)  # trials run in folders of their own
+
     @field_validator("curricula")
     @classmethod
     def _known_curricula(cls, curricula: list[str]) -> list[str]:
         for name in curricula:
             if name not in CURRICULUM_NAMES:
-                raise ValueError(f"unknown curriculum {name!r}; allowed: {', '.join(CURRICULUM_NAMES)}")
+                raise ValueError(f"unknown curriculum {quote(name)}; allowed: {', '.join(CURRICULUM_NAMES)}")
         return curricula
 
     @property
@@ -162,7 +174,7 @@ def check_model_path(section: PostTrainSection) -> None:
     """A model path that does not exist is one clear error before any trial starts."""
     path = section.model.path
     if path is not None and not Path(path).expanduser().is_dir():
-        raise ConfigError("posttrain.model.path", f"{path!r} does not exist or is not a directory "
+        raise ConfigError("posttrain.model.path", f"{quote_path(path)} does not exist or is not a directory "
                           "(expected a local Hugging Face checkpoint: config.json, weights, tokenizer files)")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch
 
 from metaopt.posttrain.curriculum import category_rewards, make_curriculum
 from metaopt.posttrain.grpo import group_advantages
-from metaopt.posttrain.roles import Roles
+from metaopt.posttrain.roles import PackedWeights, Roles
 from metaopt.posttrain.sampling import RolloutBatch, concat_batches
 from metaopt.posttrain.tasks import Problem, make_taskset
 
@@ -206,22 +206,47 @@ class GRPORun:
             "curriculum": self.curriculum.state_dict(),
             "rng": self.rng.bit_generator.state,
             "learner": self.roles.get(self.roles.call(self.roles.learner, "state_dict")),
-            "reference": self.reference_weights,
+            "reference": None if self.reference_weights is None else asdict(self.reference_weights),
             "warmup_metrics": self.warmup_metrics,
+            "pending": self.pending_state(),
         }
+
+    def pending_state(self) -> dict[str, Any] | None:
+        """The rollout in flight (overlap: step t+1's batch, sampled with the weights before update t from prompts
+        the RNG has already drawn), waited for and stored as plain data, so a resumed run trains on the very
+        batch an uninterrupted one would instead of drawing another with different weights and prompts."""
+        if self.pending is None:
+            return None
+        return {"problems": [asdict(p) for p in self.pending.problems],
+                "category_ids": [int(c) for c in self.pending.category_ids],
+                "batches": [asdict(self.roles.get(h)) for h in self.pending.handles]}
+
+    def restore_pending(self, saved: dict[str, Any] | None) -> PendingRollout | None:
+        """Inverse of :meth:`pending_state`: the stored batches stand in for the rollout workers' answers."""
+        if saved is None:
+            return None
+        batches = [RolloutBatch(**b) for b in saved["batches"]]
+        if self.roles.remote:
+            import ray
+
+            batches = [ray.put(b) for b in batches]
+        return PendingRollout([Problem(**p) for p in saved["problems"]], np.asarray(saved["category_ids"]),
+                              batches, time.perf_counter())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: learner (model, optimizer, step), curriculum, RNG; rollout workers get the learner's weights
-        and the reference its saved weights. Rollouts in flight when the checkpoint was taken are drawn anew."""
+        and the reference its saved weights; the rollout in flight when the checkpoint was taken is the saved one."""
         self.steps_done = int(state["steps_done"])
         self.curriculum.load_state_dict(state["curriculum"])
         self.rng.bit_generator.state = state["rng"]
         self.warmup_metrics = dict(state.get("warmup_metrics", {}))
         self.roles.get(self.roles.call(self.roles.learner, "load_state_dict", state["learner"]))
-        self.pending = None
+        self.pending = self.restore_pending(state.get("pending"))
         self.warmed_up = bool(state["warmed_up"])
         if self.warmed_up:
-            self.reference_weights = state.get("reference")
+            saved = state.get("reference")
+            self.reference_weights = None if saved is None else PackedWeights(
+                saved["buffer"], tuple((n, d, tuple(shape), o, z) for n, d, shape, o, z in saved["entries"]))
             self.restore_reference()
             self.sync_weights()
 

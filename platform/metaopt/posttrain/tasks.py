@@ -13,7 +13,14 @@ Tasks (:data:`TASK_NAMES`):
   (``reasoning_gym.create_dataset(name, size, seed, **level_kwargs)``); the level picks the generator's
   difficulty arguments (:data:`GYM_LEVELS`), the long question is rewritten into the short form above, and
   the reward is reasoning-gym's own ``dataset.score_answer(answer, entry)``, counted as correct only at
-  full score (reasoning-gym gives small partial credit for well-formed wrong answers).
+  full score (reasoning-gym gives small partial credit for well-formed wrong answers) -- except ``countdown``.
+
+Model-written text is never evaluated: reasoning-gym's countdown scorer runs the completion through sympy's
+``parse_expr`` (Python ``eval``), so countdown answers are scored by
+:func:`metaopt.posttrain.arithmetic.score_countdown`, a bounded exact evaluator with reasoning-gym's rules.
+The other three scorers only compare strings (``basic_arithmetic``) or ``Decimal`` values (``chain_sum``,
+``products``); answers longer than :data:`~metaopt.posttrain.arithmetic.MAX_CHARS` score 0 before any scorer
+sees them.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from metaopt.errors import ConfigError
+from metaopt.posttrain.arithmetic import MAX_CHARS, score_countdown
 
 __all__ = [
     "ARITHMETIC_LEVELS",
@@ -189,6 +197,12 @@ class _GymSource:
         return _short_question(self.task, entry), entry["answer"].replace(" ", ""), entry
 
     def score(self, answer: str, problem: Problem) -> float:
+        """Full score or nothing; countdown through our safe evaluator, never reasoning-gym's sympy ``eval``."""
+        if len(answer) > MAX_CHARS:  # no correct answer is this long; keeps every scorer's work bounded
+            return 0.0
+        if self.task == "countdown":
+            metadata = problem.entry["metadata"]
+            return score_countdown(answer, metadata["numbers"], metadata["target"])
         return float(self.dataset.score_answer(answer, problem.entry) >= 1.0)
 
 

@@ -81,8 +81,10 @@ def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
-                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> tune.Tuner:
-    """Curricula x seeds as a grid (or a PBT population over the learner's lr); a checkpoint every iteration."""
+                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
+                checkpoints_to_keep: int = 2) -> tune.Tuner:
+    """Curricula x seeds as a grid (or a PBT population over the learner's lr); a checkpoint every iteration,
+    the last ``checkpoints_to_keep`` kept."""
     from metaopt.posttrain.roles import role_bundles
 
     bundles = role_bundles(section, resources)
@@ -100,4 +102,4 @@ def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path
     return grid_tuner(PostTrainTrainable, trial_resources, param_space, iterations=section.iterations,
                       scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
                       storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
-                      verbose=verbose)
+                      verbose=verbose, checkpoints_to_keep=checkpoints_to_keep)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import StrictModel, register_kind
+from metaopt.config import Seed, StrictModel, absolute_program, register_kind
 from metaopt.errors import ConfigError
 
 PROXY_TASKS = ("digits", "tiny_lm")
@@ -64,8 +64,13 @@ class SymbolicSection(StrictModel):
     funnel_top: int = Field(default=3, ge=1, description="Best programs (by proxy score) sent through the funnel.")
     margin: float = Field(default=0.0, description="Score a program must beat the start program by, per stage.")
     checkpoint_every: int = Field(default=5, ge=1, description="Iterations between checkpoints of the search.")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="One trial per search seed.")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="One trial per search seed.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its checkpoint.")
+
+    @field_validator("start")
+    @classmethod
+    def _absolute_start_file(cls, start: str, info) -> str:
+        return absolute_program(start, info)  # trials run in folders of their own
 
     @model_validator(mode="after")
     def _consistent(self) -> "SymbolicSection":

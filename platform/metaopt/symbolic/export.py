@@ -7,12 +7,19 @@ Algorithms": a discovered program such as Lion, Program 1, is used as a drop-in 
 * :func:`program_optax` -- an ``optax.GradientTransformation`` running the same primitive table
   (:data:`metaopt.symbolic.interpreter.ELEMENTWISE` / :data:`~metaopt.symbolic.interpreter.GLOBAL`) on
   ``jax.numpy``, with ``global_norm`` taken over the whole pytree.
+
+Both keep the interpreter's non-finite guard (non-finite entries become 0) as a safety net for training with
+an exported program. The search must not train through that net: inside :func:`raise_on_nonfinite` a
+:class:`ProgramOptimizer` step whose program is at fault (:func:`metaopt.symbolic.interpreter.faulty_entries`)
+raises :class:`NonFiniteProgramError` instead, and the program scores ``-inf``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -20,7 +27,7 @@ from metaopt.symbolic.interpreter import run_backend, run_program
 from metaopt.symbolic.program import Program, Var
 from metaopt.symbolic.text import check_program, parse_program
 
-__all__ = ["ProgramOptaxState", "ProgramOptimizer", "program_optax"]
+__all__ = ["NonFiniteProgramError", "ProgramOptaxState", "ProgramOptimizer", "program_optax", "raise_on_nonfinite"]
 
 
 def _as_program(program: Program | str) -> Program:
@@ -35,6 +42,30 @@ def _as_program(program: Program | str) -> Program:
     return result
 
 
+class NonFiniteProgramError(FloatingPointError):
+    """A program's outputs were non-finite by its own fault at optimizer step ``step`` (1 = the first step)."""
+
+    def __init__(self, step: int, outputs: tuple[str, ...]):
+        self.step = step
+        self.outputs = outputs
+        super().__init__(f"non-finite {' and '.join(outputs)} at step {step}")
+
+
+_RAISE_ON_NONFINITE = contextvars.ContextVar("metaopt_raise_on_nonfinite", default=False)
+
+
+@contextlib.contextmanager
+def raise_on_nonfinite() -> Iterator[None]:
+    """Within this block :class:`ProgramOptimizer` raises :class:`NonFiniteProgramError` where it would zero a
+    faulty output. A context rather than a constructor flag: the search scores programs through tasks that
+    build their optimizer from a plain spec (:func:`metaopt.optim.build_optimizer`), out of its reach."""
+    token = _RAISE_ON_NONFINITE.set(True)
+    try:
+        yield
+    finally:
+        _RAISE_ON_NONFINITE.reset(token)
+
+
 @functools.lru_cache(maxsize=256)
 def _program_from_json(text: str) -> Program:
     return _as_program(text)
@@ -46,8 +77,10 @@ class ProgramOptimizer(torch.optim.Optimizer):
     ``lr``; ``group["program"]`` holds the program as JSON (a group may set its own program).
 
     ``last_finite`` says whether the last step's outputs were all finite (non-finite entries are replaced by
-    0 by the interpreter's guard); ``nonfinite_steps`` counts the steps where they were not. Both travel in
-    :meth:`state_dict` under ``"program_optimizer"``.
+    0 by the interpreter's guard); ``nonfinite_steps`` counts the steps where they were not; ``steps`` counts
+    all steps. They travel in :meth:`state_dict` under ``"program_optimizer"``. Inside
+    :func:`raise_on_nonfinite` a step whose program is at fault raises :class:`NonFiniteProgramError` before
+    touching that group's parameters.
     """
 
     def __init__(self, params: Iterable[Any], program: Program | str, lr: float | torch.Tensor = 1e-3):
@@ -57,6 +90,7 @@ class ProgramOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.last_finite = True
         self.nonfinite_steps = 0
+        self.steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("program") is not None:  # a Program, JSON or text: stored as checked JSON
@@ -75,6 +109,8 @@ class ProgramOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         finite = True
+        self.steps += 1
+        strict = _RAISE_ON_NONFINITE.get()
         for group in self.param_groups:
             params, grads, ms, vs = [], [], [], []
             for p in group["params"]:
@@ -93,6 +129,8 @@ class ProgramOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             result = run_program(_program_from_json(group["program"]), params, grads, ms, vs, group["lr"])
+            if strict and result.faulty:
+                raise NonFiniteProgramError(self.steps, result.faulty)
             for p, update, m, v in zip(params, result.updates, result.m, result.v):
                 p.sub_(update)
                 state = self.state[p]
@@ -106,7 +144,8 @@ class ProgramOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["program_optimizer"] = {"last_finite": self.last_finite, "nonfinite_steps": self.nonfinite_steps}
+        state["program_optimizer"] = {"last_finite": self.last_finite, "nonfinite_steps": self.nonfinite_steps,
+                                      "steps": self.steps}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -115,6 +154,7 @@ class ProgramOptimizer(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "program_optimizer"})
         self.last_finite = bool(extra.get("last_finite", True))
         self.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
+        self.steps = int(extra.get("steps", 0))
 
 
 # ---- optax -------------------------------------------------------------------------------------------------
@@ -172,7 +212,7 @@ def program_optax(program: Program | str, learning_rate: float | Callable[[Any],
         weights = treedef.flatten_up_to(params)
         ms = treedef.flatten_up_to(state.m)
         vs = treedef.flatten_up_to(state.v)
-        new_updates, new_m, new_v, finite = run_backend(program, backend, weights, grads, ms, vs, lr)
+        new_updates, new_m, new_v, finite, _ = run_backend(program, backend, weights, grads, ms, vs, lr)
         return treedef.unflatten([-u for u in new_updates]), ProgramOptaxState(
             count=optax.safe_increment(state.count),
             m=treedef.unflatten(new_m),

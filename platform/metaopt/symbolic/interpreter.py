@@ -10,7 +10,14 @@ array namespace ``xp`` (``torch`` or ``jax.numpy``: both provide every function 
 is the torch interpreter; :func:`metaopt.symbolic.export.program_optax` runs the same table on ``jax.numpy``.
 
 Non-finite guard: an output (``update``, ``m``, ``v``) entry that is inf or nan is replaced by 0, so a bad
-program cannot blow up training, and the result reports ``finite=False``.
+program cannot blow up training, and the result reports ``finite=False``. The guard alone would hide a broken
+program (an always-NaN update makes no updates and scores like an untrained model), so the result also names
+the outputs that were non-finite *by the program's fault* (:func:`faulty_entries`): inf anywhere, or NaN
+where the parameter had a gradient or optimizer state. NaN at an entry whose ``g``, ``m`` and ``v`` are all 0
+(a weight that never had a gradient, e.g. a first-layer weight of an always-blank pixel) is the 0/0 of
+``m / sqrt(v)`` in AdamW without epsilon (Chen et al. 2023's start program): there the guard's 0 is the
+update, as an epsilon would make it. The symbolic search fails a program on a faulty output at any step
+(:func:`metaopt.symbolic.export.raise_on_nonfinite`).
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ import torch
 from metaopt.symbolic.program import OUTPUTS, Const, Program, Var
 from metaopt.symbolic.text import check_program
 
-__all__ = ["ELEMENTWISE", "GLOBAL", "ProgramResult", "TORCH", "TorchBackend", "evaluate", "run_backend",
-           "run_program"]
+__all__ = ["ELEMENTWISE", "GLOBAL", "ProgramResult", "TORCH", "TorchBackend", "evaluate", "faulty_entries",
+           "run_backend", "run_program"]
 
 
 # ---- primitive semantics (shared by every backend) ---------------------------------------------------------
@@ -142,29 +149,40 @@ def evaluate(program: Program, backend: Backend, inputs: dict[str, list[Any]]) -
     return env
 
 
+def faulty_entries(xp: Any, x: Any, silent: Any) -> Any:
+    """Entries of an output that are non-finite by the program's fault: inf anywhere, NaN unless ``silent``
+    (the parameter entry has ``g == m == v == 0``: no information, so 0/0 there is indeterminate, not wrong)."""
+    return xp.logical_not(xp.isfinite(x) | (xp.isnan(x) & silent))
+
+
 def run_backend(
     program: Program, backend: Backend, params: Sequence[Any], grads: Sequence[Any], m: Sequence[Any],
     v: Sequence[Any], lr: Any,
-) -> tuple[list[Any], list[Any], list[Any], Any]:
-    """Backend-neutral core of :func:`run_program`: ``(updates, m, v, finite)``, with ``finite`` a 0-dim bool
-    array; outputs are shaped and typed like the parameters, non-finite entries replaced by 0."""
+) -> tuple[list[Any], list[Any], list[Any], Any, Any]:
+    """Backend-neutral core of :func:`run_program`: ``(updates, m, v, finite, faulty)``, with ``finite`` a 0-dim
+    bool array (every output entry finite) and ``faulty`` a bool array with one entry per name in
+    :data:`~metaopt.symbolic.program.OUTPUTS` (that output has :func:`faulty_entries`); outputs are shaped and
+    typed like the parameters, non-finite entries replaced by 0."""
     n = len(params)
     if not len(grads) == len(m) == len(v) == n:
         raise ValueError(f"params, grads, m, v must have equal lengths, got {n}, {len(grads)}, {len(m)}, {len(v)}")
     inputs = {"w": list(params), "g": list(grads), "m": list(m), "v": list(v), "lr": backend.constants(lr, params)}
     env = evaluate(program, backend, inputs)
     xp = backend.xp
+    silent = [(g_ == 0) & (m_ == 0) & (v_ == 0) for g_, m_, v_ in zip(grads, m, v)]
     outputs: list[list[Any]] = []
-    flags = []
+    flags, faults = [], []
     for name in OUTPUTS:
-        fixed = []
-        for x, p in zip(env[name], params):
+        fixed, output_faults = [], []
+        for x, p, quiet in zip(env[name], params, silent):
             x = xp.broadcast_to(backend.cast(x, p), p.shape)
             flags.append(xp.all(xp.isfinite(x)))
+            output_faults.append(xp.any(faulty_entries(xp, x, quiet)))
             fixed.append(xp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
         outputs.append(fixed)
+        faults.append(xp.any(xp.stack(output_faults)) if output_faults else xp.asarray(False))
     finite = xp.all(xp.stack(flags)) if flags else xp.asarray(True)
-    return outputs[0], outputs[1], outputs[2], finite
+    return outputs[0], outputs[1], outputs[2], finite, xp.stack(faults)
 
 
 class TorchBackend:
@@ -196,7 +214,8 @@ class ProgramResult(NamedTuple):
     updates: list[torch.Tensor]
     m: list[torch.Tensor]
     v: list[torch.Tensor]
-    finite: bool
+    finite: bool  # every output entry was finite (before the guard replaced the others by 0)
+    faulty: tuple[str, ...] = ()  # outputs non-finite by the program's fault (:func:`faulty_entries`)
 
 
 def run_program(
@@ -211,5 +230,6 @@ def run_program(
     and the new ``m`` and ``v``. Works in the parameters' dtype and device; inputs are not modified.
     Raises :class:`~metaopt.symbolic.text.ProgramSyntaxError` (a ``ValueError``) for an invalid program."""
     with torch.no_grad():
-        updates, new_m, new_v, finite = run_backend(program, TORCH, params, grads, m, v, lr)
-        return ProgramResult(updates, new_m, new_v, bool(finite))
+        updates, new_m, new_v, finite, faulty = run_backend(program, TORCH, params, grads, m, v, lr)
+        named = tuple(name for name, bad in zip(OUTPUTS, faulty.tolist()) if bad)
+        return ProgramResult(updates, new_m, new_v, bool(finite), named)

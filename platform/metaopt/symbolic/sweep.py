@@ -18,7 +18,7 @@ from typing import Any
 
 from metaopt import tracking
 from metaopt.config import Experiment
-from metaopt.session import open_session
+from metaopt.session import SweepEnd, open_session
 
 
 @dataclass
@@ -49,38 +49,31 @@ def run_search(exp: Experiment, *, address: str | None = None, callbacks: list[A
         from metaopt.progress import ProgressPrinter
 
         progress = [ProgressPrinter("best_score", "max", iterations_for(section))]
-    try:
+    with SweepEnd(exp, session, trial_callback, iterations_for(section), started) as end:
         tuner = build_tuner(
             section, experiment_name=session.run_name, storage_path=session.storage_path, resources=session.per_trial,
             max_concurrent_trials=exp.ray.max_concurrent_trials,
             callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
         )
         results = tuner.fit()
+        end.conclude(results)
         summaries = [summarise(result) for result in results]
         log_search(session.parent, summaries, trial_callback.trial_runs, exp)
-    except BaseException:
-        session.parent.finish("FAILED")
-        raise
-    session.parent.finish("FAILED" if any(s.error for s in summaries) else "FINISHED")
-    print(format_summary(summaries), flush=True)
-    print(f"[metaopt] done in {time.time() - started:.1f}s. Look at the runs: {tracking.ui_command(exp.tracking.uri)}")
+        print(format_summary(summaries), flush=True)
     return summaries
 
 
 def summarise(result) -> SearchSummary:
-    from metaopt.symbolic.search import SearchState
-    from metaopt.symbolic.tune import FINAL_FILE, STATE_FILE
+    from metaopt.symbolic.tune import read_search_checkpoint
+    from metaopt.tuning import UnreadableCheckpoint
 
     state = final = None
-    if result.checkpoint is not None:
-        directory = Path(result.checkpoint.path)
-        if (directory / STATE_FILE).exists():
-            state = SearchState.from_json((directory / STATE_FILE).read_text())
-        if (directory / FINAL_FILE).exists():
-            import json
-
-            final = json.loads((directory / FINAL_FILE).read_text())
     metrics = result.metrics or {}
+    if result.checkpoint is not None:
+        try:  # one broken checkpoint must not cost the sweep its summary of the other searches
+            state, final = read_search_checkpoint(Path(result.checkpoint.path))
+        except UnreadableCheckpoint as err:
+            print(f"[metaopt] warning: trial {metrics.get('trial_id', result.path)}: {err}", flush=True)
     return SearchSummary(
         trial_id=str(metrics.get("trial_id", result.path)),
         seed=int((result.config or {}).get("seed", -1)),

@@ -14,6 +14,7 @@ from typing import Any
 
 from ray import tune
 
+from metaopt.cache import replace_atomically
 from metaopt.runtime import with_worker_bundles
 from metaopt.symbolic.config import SymbolicSection
 from metaopt.symbolic.search import (
@@ -25,6 +26,7 @@ from metaopt.symbolic.search import (
     search_metrics,
     search_step,
 )
+from metaopt.tuning import checkpoint_dir, read_checkpoint_file
 
 STATE_FILE = "search_state.json"
 FINAL_FILE = "final.json"
@@ -89,21 +91,34 @@ class SearchTrainable(tune.Trainable):
     def save_checkpoint(self, checkpoint_dir: str) -> str:
         directory = Path(checkpoint_dir)
         if self.state is not None:
-            (directory / STATE_FILE).write_text(self.state.to_json())
+            state = self.state.to_json()
+            replace_atomically(directory / STATE_FILE, lambda tmp: tmp.write_text(state))
         if self.final is not None:
-            (directory / FINAL_FILE).write_text(json.dumps(self.final, indent=1))
+            final = json.dumps(self.final, indent=1)
+            replace_atomically(directory / FINAL_FILE, lambda tmp: tmp.write_text(final))
         return checkpoint_dir
 
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
-        directory = Path(checkpoint if isinstance(checkpoint, str) else checkpoint["checkpoint_dir"])
-        if (directory / STATE_FILE).exists():
-            self.state = SearchState.from_json((directory / STATE_FILE).read_text())
+        state, final = read_search_checkpoint(checkpoint_dir(checkpoint))
+        if state is not None:
+            self.state = state
             self._iteration = self.state.iteration
-        if (directory / FINAL_FILE).exists():
-            self.final = json.loads((directory / FINAL_FILE).read_text())
+        if final is not None:
+            self.final = final
 
     def cleanup(self) -> None:
         self.scorer.close()
+
+
+def read_search_checkpoint(directory: Path) -> tuple[SearchState | None, dict[str, Any] | None]:
+    """The search state and final results a checkpoint folder holds (None for a file it does not have);
+    :class:`~metaopt.tuning.UnreadableCheckpoint` naming the file when one is truncated or corrupt."""
+    state = final = None
+    if (directory / STATE_FILE).exists():
+        state = read_checkpoint_file(directory / STATE_FILE, lambda path: SearchState.from_json(path.read_text()))
+    if (directory / FINAL_FILE).exists():
+        final = read_checkpoint_file(directory / FINAL_FILE, lambda path: json.loads(path.read_text()))
+    return state, final
 
 
 def trial_resources(section: SymbolicSection, per_trial: dict[str, float]):
@@ -112,8 +127,10 @@ def trial_resources(section: SymbolicSection, per_trial: dict[str, float]):
 
 
 def build_tuner(section: SymbolicSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
-                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0) -> tune.Tuner:
-    """One trial per search seed; a checkpoint every ``checkpoint_every`` iterations and at the end."""
+                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
+                checkpoints_to_keep: int = 2) -> tune.Tuner:
+    """One trial per search seed; a checkpoint every ``checkpoint_every`` iterations and at the end, the last
+    ``checkpoints_to_keep`` kept."""
     return tune.Tuner(
         tune.with_resources(SearchTrainable, trial_resources(section, resources)),
         param_space={"exp": section.model_dump(mode="json"), "seed": tune.grid_search(list(section.seeds))},
@@ -123,7 +140,8 @@ def build_tuner(section: SymbolicSection, *, experiment_name: str, storage_path:
             storage_path=storage_path,
             stop={"training_iteration": iterations_for(section)},
             checkpoint_config=tune.CheckpointConfig(
-                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True, num_to_keep=2
+                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True,
+                num_to_keep=checkpoints_to_keep,
             ),
             failure_config=tune.FailureConfig(max_failures=section.max_failures),
             callbacks=callbacks,
