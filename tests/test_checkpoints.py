@@ -4,7 +4,6 @@ last ``ray.checkpoints_to_keep`` kept per trial without breaking PBT's exploits 
 from __future__ import annotations
 
 import csv
-import functools
 import os
 from pathlib import Path
 
@@ -144,21 +143,15 @@ def test_retention_keeps_the_last_k_and_what_pbt_may_still_restore(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["donor_6", "donor_7", "target_1"]
 
 
-def keep_checkpoints(monkeypatch, keep: int) -> None:
-    """Sweeps of this module keep ``keep`` checkpoints per trial (also while ``run`` does not pass the field)."""
-    monkeypatch.setattr(sweep, "build_tuner", functools.partial(pbt_tune.build_tuner, checkpoints_to_keep=keep))
-
-
 def checkpoint_folders(experiment_path: str) -> dict[str, list[str]]:
     trials = [p for p in Path(experiment_path).iterdir() if p.is_dir() and list(p.glob("checkpoint_*"))]
     return {p.name: sorted(c.name for c in p.glob("checkpoint_*")) for p in trials}
 
 
-def test_pbt_trials_keep_k_checkpoints_and_still_exploit_and_agree_on_lineage(ray_session, tiny, monkeypatch):
+def test_pbt_trials_keep_k_checkpoints_and_still_exploit_and_agree_on_lineage(ray_session, tiny):
     # 3 trials on 2 CPUs: one always waits, so an exploited trial may restore its donor's boundary checkpoint
     # after the donor saved more; a checkpoint every iteration, 1 kept.
     exp = tiny("pbt.population=3", "pbt.iterations=8", "pbt.checkpoint_interval=1", "ray.checkpoints_to_keep=1")
-    keep_checkpoints(monkeypatch, 1)
     summary = sweep.run(exp, verbose=0)
 
     assert len(summary.trials) == 3
@@ -171,9 +164,8 @@ def test_pbt_trials_keep_k_checkpoints_and_still_exploit_and_agree_on_lineage(ra
     assert folders and all(len(kept) <= 2 for kept in folders.values()), folders  # k + PBT's boundary record
 
 
-def test_fixed_lr_trials_keep_k_checkpoints(ray_session, tiny, monkeypatch):
+def test_fixed_lr_trials_keep_k_checkpoints(ray_session, tiny):
     exp = tiny("pbt.scheduler=random", "pbt.iterations=6", "pbt.checkpoint_interval=1", "ray.checkpoints_to_keep=2")
-    keep_checkpoints(monkeypatch, 2)
     summary = sweep.run(exp, verbose=0)
     folders = checkpoint_folders(summary.experiment_path)
     assert len(folders) == 2 and all(len(kept) == 2 for kept in folders.values()), folders

@@ -305,6 +305,7 @@ def fit_tracked(exp: Experiment, session: Session, build_tuner: Callable[..., An
     with SweepEnd(exp, session, trial_callback, iterations, started) as end:
         tuner = build_tuner(experiment_name=session.run_name, storage_path=session.storage_path,
                             resources=session.per_trial, max_concurrent_trials=exp.ray.max_concurrent_trials,
+                            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
                             callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0)
         results = tuner.fit()
         end.conclude(results)

@@ -69,6 +69,7 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
             storage_path=session.storage_path,
             resources=session.per_trial,
             max_concurrent_trials=exp.ray.max_concurrent_trials,
+            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
             callbacks=[trial_callback, *progress, *(callbacks or [])],
             verbose=1 if verbose >= 2 else 0,
         )

@@ -94,6 +94,7 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
             mode=mode,
             resources=session.per_trial,
             max_concurrent_trials=exp.ray.max_concurrent_trials,
+            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
             callbacks=[trial_callback, *progress_callbacks(verbose, metric, mode, section.iterations), *(callbacks or [])],
             verbose=1 if verbose >= 2 else 0,
         )

@@ -52,7 +52,7 @@ def run_search(exp: Experiment, *, address: str | None = None, callbacks: list[A
     with SweepEnd(exp, session, trial_callback, iterations_for(section), started) as end:
         tuner = build_tuner(
             section, experiment_name=session.run_name, storage_path=session.storage_path, resources=session.per_trial,
-            max_concurrent_trials=exp.ray.max_concurrent_trials,
+            max_concurrent_trials=exp.ray.max_concurrent_trials, checkpoints_to_keep=exp.ray.checkpoints_to_keep,
             callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
         )
         results = tuner.fit()
