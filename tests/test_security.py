@@ -340,3 +340,13 @@ def test_upload_leaves_out_keys_credentials_vcs_and_local_tracking_stores(tmp_pa
     # A store elsewhere, or a server, adds nothing.
     assert jobs.runtime_env(root, tracking_uri="sqlite:////elsewhere/m.db")["excludes"] == jobs.EXCLUDES
     assert jobs.runtime_env(root, tracking_uri="http://mlflow:5000")["excludes"] == jobs.EXCLUDES
+
+
+def test_redact_text_hides_credentials_anywhere_in_a_message_even_with_slashes_or_at_signs():
+    from metaopt.redact import redact_text
+
+    message = ("API request to http://alice:s3cret@127.0.0.1:9/api failed; db postgresql://u:pa/ss@db/x; "
+               "odd http://u:p@ss@host/x; quoted 'https://tok@b/c'")
+    redacted = redact_text(message)
+    assert not any(secret in redacted for secret in ("s3cret", "pa/ss", "p@ss", "tok@"))
+    assert "http://***@127.0.0.1:9/api" in redacted and "postgresql://***@db/x" in redacted

@@ -77,7 +77,8 @@ def test_outcome_status_and_exit_code():
 # --- a real signal to a real `metaopt run` ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM takes the same path, through `ray job stop`: tests/test_jobs.py::test_ray_job_stop_of_a_submitted_sweep_*
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130)])
 def test_signal_to_metaopt_run_marks_every_run_killed_and_exits_128_plus_signal(tmp_path, signum, code):
     args = tiny_args(tmp_path, "pbt.iterations=400", "pbt.steps_per_iteration=10", "pbt.synch=false")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from metaopt.errors import ConfigError
+from metaopt.redact import redact_text
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # used with re.fullmatch: ``$`` would let a trailing newline in
 NAME_MAX = 100  # experiment and MLflow experiment names: they become run names, folder names and table cells
@@ -43,7 +44,7 @@ _QUOTE_PATH.maxstring = 240
 
 def quote(value: Any) -> str:
     """``repr`` of user input, shortened (``'aaaa...aaa'``): an error line quotes what was written, never all of it."""
-    return _QUOTE.repr(value)
+    return _QUOTE.repr(redact_text(value) if isinstance(value, str) else value)  # never a URI's password
 
 
 def quote_path(path: str | Path) -> str:
@@ -483,14 +484,18 @@ ExperimentLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("
 def parse_yaml(text: str) -> Any:
     """YAML text -> Python values, refusing documents that would cost a crash or unbounded memory."""
     check_yaml_size(text)
-    return yaml.load(text, Loader=ExperimentLoader)
+    try:
+        return yaml.load(text, Loader=ExperimentLoader)
+    except (ValueError, OverflowError, RecursionError) as err:  # e.g. an integer past Python's 4300 digits
+        raise yaml.YAMLError(str(err).splitlines()[0][:200]) from None
 
 
 def check_yaml_size(text: str) -> None:
     """Walk the YAML event stream (no recursion, nothing built) and refuse, as a YAMLError with its position,
     collections nested deeper than :data:`MAX_YAML_DEPTH` (PyYAML's composer recurses per level) and documents
     whose aliases expand to more than :data:`MAX_YAML_NODES` values ("billion laughs": a few lines of anchors
-    that every consumer walking the result would expand to 10^9 values), or an alias inside its own anchor."""
+    that every consumer walking the result would expand to 10^9 values; a scalar counts once per 100
+    characters, so aliases to one long string are bounded too), or an alias inside its own anchor."""
     sizes: dict[str, int] = {}  # anchor -> values under it, aliases expanded
     open_: list[list[Any]] = []  # per open collection: [anchor, values so far]
     total = 0
@@ -510,9 +515,9 @@ def check_yaml_size(text: str) -> None:
             if anchor is not None:
                 sizes[anchor] = size
         elif isinstance(event, yaml.ScalarEvent):
-            size = 1
+            size = 1 + len(event.value) // 100  # a long string costs like many values once aliases repeat it
             if event.anchor is not None:
-                sizes[event.anchor] = 1
+                sizes[event.anchor] = size
         else:
             continue
         if open_:

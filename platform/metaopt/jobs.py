@@ -48,7 +48,8 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 # sqlite file is added per job, see runtime_env).
 EXCLUDES = [
     ".venv", "*.egg-info", "__pycache__",
-    ".git", ".ssh", ".aws", ".env", "*.pem", ".ray",
+    ".git", ".ssh", ".aws", ".env", ".env.*", ".envrc", "*.pem", "*.key", "*.p12", "id_rsa*", "id_ed25519*",
+    ".netrc", ".pgpass", ".pypirc", ".npmrc", ".kube", ".docker", ".gnupg", ".config/gcloud", ".ray",
     "mlruns", "mlartifacts", "mlflow.db",
 ]
 # MLflow's HTTP client reads basic-auth credentials from these variables (mlflow.environment_variables).
@@ -214,10 +215,10 @@ def _working_dir(working_dir: str) -> Path:
     root = Path(working_dir).expanduser().resolve()
     if not root.is_dir():
         raise ConfigError("working_dir", f"{_quoted(working_dir)} is not a directory")
-    if root == Path(root.anchor) or root == Path.home().resolve():
+    if root == Path(root.anchor) or root == Path.home().resolve() or root in Path.home().resolve().parents:
         raise ConfigError(
             "working_dir",
-            f"refusing to upload {root} (the filesystem root or your home directory) to the cluster; "
+            f"refusing to upload {root} (the filesystem root, your home directory or a folder above it) to the cluster; "
             "submit from your project's directory or pass --working-dir PROJECT",
         )
     return root

@@ -55,9 +55,10 @@ def strip_userinfo(uri: str) -> str:
     return uri if span is None else uri[: span[0]] + uri[span[1]:]
 
 
-# A URI with userinfo anywhere in a text (an error message quoting the URL it called): up to the first "@"
-# after the scheme that comes before any "/", whitespace or quote.
-_USERINFO_IN_TEXT = re.compile(rf"({_SCHEME})[^\s/?#@'\"]*@")
+# A URI with userinfo anywhere in a text (an error message quoting the URL it called): up to the last "@"
+# before whitespace or a quote, so a password holding "/" or "@" is hidden whole (a path holding "@" is hidden
+# too: erring on the safe side).
+_USERINFO_IN_TEXT = re.compile(rf"({_SCHEME})[^\s'\"]*@")
 
 
 def redact_text(text: str) -> str:

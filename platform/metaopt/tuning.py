@@ -83,7 +83,10 @@ def gist(err: Exception) -> str:
 def numpy_globals() -> list[Any]:
     """What pickled numpy arrays and scalars need under ``weights_only`` (RLlib's state holds them): array and
     scalar reconstruction from raw bytes and the numeric dtypes -- none of them calls anything else."""
-    from numpy._core.multiarray import _reconstruct, scalar
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
 
     dtypes = {type(np.dtype(code)) for code in "?bhilqpBHILQPefdgFDGUS"}
     return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
@@ -143,9 +146,14 @@ def delete_checkpoint(checkpoint: Any) -> bool:
 def checkpoint_config(frequency: int, keep: int, scheduler: Any, callbacks: list[Any]) -> tuple[Any, list[Any]]:
     """Tune's checkpoint config keeping ``keep`` checkpoints per trial, and the callbacks: under PBT the
     deleting is :class:`KeepLastCheckpoints`' (which knows what PBT may restore), otherwise Tune's own."""
-    pbt = scheduler is not None and hasattr(scheduler, "_trial_state")
+    pbt = isinstance(scheduler, PopulationBasedTraining)  # PB2 too
+    knows_pbt_state = hasattr(scheduler, "_trial_state")  # Tune 2.60's PBT bookkeeping (private)
     config = tune.CheckpointConfig(checkpoint_frequency=frequency, checkpoint_at_end=True,
                                    num_to_keep=None if pbt else keep)
+    if pbt and not knows_pbt_state:
+        # Plain fallback where a Tune release renamed it: keep every checkpoint (disk, not results, is at stake).
+        logger.warning("this Ray Tune's PBT has no _trial_state: keeping every checkpoint of the sweep")
+        return config, callbacks
     return config, [*callbacks, KeepLastCheckpoints(keep, scheduler)] if pbt else callbacks
 
 
@@ -183,6 +191,12 @@ class SeededDecisions:
 
 class SeededPBT(SeededDecisions, PopulationBasedTraining):
     """Tune's PBT (Jaderberg et al. 2017) whose exploit/explore choices follow from the sweep's seed."""
+
+
+# SeededDecisions wraps a private method of Tune 2.60's PBT; a release without it would leave the choices unseeded
+# without a word, so say so once, here (the sweep still runs, as plain PBT).
+if not callable(getattr(PopulationBasedTraining, "_checkpoint_or_exploit", None)):
+    logger.warning("this Ray Tune's PBT has no _checkpoint_or_exploit: PBT's choices are not seeded")
 
 
 def lr_pbt(metric: str, interval: int, low: float, high: float, seed: int = 0) -> Any:

@@ -113,7 +113,8 @@ def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path
                                           section.gpus_per_client)
     scheduler = None
     if section.scheduler == "pbt":
-        scheduler = lr_pbt("accuracy", section.pbt_interval, min(section.lrs) / 10, max(section.lrs) * 10)
+        scheduler = lr_pbt("accuracy", section.pbt_interval, min(section.lrs) / 10, max(section.lrs) * 10,
+                           seed=section.seeds[0])
     # Every strategy x lr x seed, seed-major: consecutive trials then share their clients' shards, and a reused
     # trial actor keeps its client actors (FederatedTrainable.reset_config). A grid_search would order the cells
     # by key name, with the seed changing from one trial to the next.

@@ -39,7 +39,8 @@ __all__ = [
 MAX_CHARS = 256  # countdown answers are ~20 characters; chain_sum's longest ~30
 MAX_DEPTH = 32  # nesting of parentheses and unary signs (also bounds the parser's recursion)
 MAX_MAGNITUDE = 10**30  # bound on |numerator| and denominator of every literal and intermediate value
-BUDGET_S = 0.05  # wall-clock seconds per answer; the bounds above make this unreachable in practice
+BUDGET_S = 1.0  # wall-clock seconds per answer: a last resort the bounds above make unreachable (a tight one
+# would make rewards depend on the machine's load)
 
 _TOKEN = re.compile(r"\s*(?:([0-9]+)|([-+*/()]))")  # ASCII digits only: no Unicode numerals
 

@@ -98,7 +98,7 @@ def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path
     if section.scheduler == "pbt":
         lr = float(section.optimizer.get("lr", 1e-3))
         param_space["lr"] = lr
-        scheduler = lr_pbt("accuracy", section.pbt_interval, lr / 10, lr * 10)
+        scheduler = lr_pbt("accuracy", section.pbt_interval, lr / 10, lr * 10, seed=section.seeds[0])
     return grid_tuner(PostTrainTrainable, trial_resources, param_space, iterations=section.iterations,
                       scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
                       storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
