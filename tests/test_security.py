@@ -350,3 +350,15 @@ def test_redact_text_hides_credentials_anywhere_in_a_message_even_with_slashes_o
     redacted = redact_text(message)
     assert not any(secret in redacted for secret in ("s3cret", "pa/ss", "p@ss", "tok@"))
     assert "http://***@127.0.0.1:9/api" in redacted and "postgresql://***@db/x" in redacted
+
+
+def test_loopback_switch_falls_back_to_rays_default_when_a_release_drops_it(monkeypatch, capsys):
+    from ray._private import ray_constants
+
+    from metaopt.runtime import loopback_only
+
+    monkeypatch.delattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    entered = False
+    with loopback_only():
+        entered = True
+    assert entered and "no single-node switch" in capsys.readouterr().err

@@ -91,9 +91,16 @@ def loopback_only() -> Iterator[None]:
     process) and the variable (the processes ``ray.init`` starts, and the workers they start) are set; both are
     restored afterwards, so a later ``ray.init(address=...)`` to a real cluster sees Ray's normal behaviour.
     """
-    from ray._private import ray_constants
+    try:  # Ray's private single-node switch, checked: a release without it gets Ray's default binding, said once
+        from ray._private import ray_constants
 
-    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+        name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+        ray_constants.ENABLE_RAY_CLUSTER  # noqa: B018 -- present, or the fallback below
+    except (ImportError, AttributeError):
+        print(f"[metaopt] warning: Ray {ray.__version__} has no single-node switch; the local Ray listens on "
+              "Ray's default addresses", file=sys.stderr, flush=True)
+        yield
+        return
     saved_env, saved_constant = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
