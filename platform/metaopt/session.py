@@ -203,10 +203,6 @@ class SweepEnd:
         self.outcome = SweepOutcome(tuple(trial_end(r) for r in results), self.iterations, stopping.received())
         return self.outcome
 
-    @property
-    def complete(self) -> bool:
-        return self.outcome is not None and not self.outcome.stopped
-
     def __exit__(self, exc_type, exc, tb) -> bool:
         with stopping.deferred():  # a second Ctrl-C must not leave the runs half-ended
             outcome, status, parent = self._end_runs(exc)
