@@ -108,7 +108,10 @@ def test_signal_to_metaopt_run_marks_every_run_killed_and_exits_128_plus_signal(
     assert returncode == code, output
     assert "PARTIAL" in output and f"stopped by {signal.Signals(signum).name}" in output, output
     assert "replay it" not in output and "done in" not in output, output
-    assert "Traceback" not in output, output
+    # metaopt's own output has no traceback; lines a trial's Ray worker forwards ("(LRTrainable pid=...)") may
+    # carry Ray's own SystemExit noise when Tune terminates the actor, which is not ours to hide
+    driver = [line for line in lines if "pid=" not in line.split(")")[0]]
+    assert not any("Traceback" in line for line in driver), output
     runs = statuses(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart-tiny")
     parents = {name: status for name, status in runs.items() if name.startswith("quickstart-tiny-pbt-")}
     assert list(parents.values()) == ["KILLED"], runs
