@@ -15,9 +15,10 @@ WORKDIR /home/ray/metaopt
 RUN pip install --no-cache-dir "torch==2.13.0"
 
 # Only what `pip install .` needs, so edits to tests or docs do not invalidate the install layer.
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml README.md constraints.txt ./
 COPY --chown=ray:users platform ./platform
-# The `gpu` extra brings jax[cuda12]; Ray is already in the base image at the pinned version.
-RUN pip install --no-cache-dir ".[gpu]"
+# Every capability's extras plus `gpu` (jax[cuda12]) at the versions CI tests; Ray is already in the base image at
+# the pinned version.
+RUN pip install --no-cache-dir -c constraints.txt ".[all,gpu]"
 
 COPY --chown=ray:users experiments ./experiments

@@ -3,7 +3,7 @@ the initial lr is 10x too small (Wang et al. ICLR 2024, Sec. 5: faster convergen
 
     .venv/bin/python benchmarks/fed_convergence.py [--clients 10] [--rounds 40] [--seeds 0 1 2] [--target 0.8]
 
-In-process clients (:class:`metaopt.federated.rounds.FederatedRun` with ``remote=False``: the algorithms, not Ray,
+In-process clients (:class:`metaopt.federated.rounds.FederatedRun` over ``InProcessClients``: the algorithms, not Ray,
 are measured), digits with a Dirichlet(0.5) label skew, all clients every round, 1 local epoch of SGD.
 Strategies: fedavg, fedhyper_g, fedhyper_gm, fedhyper_g_cl. Prints per strategy the mean and per-seed rounds to
 reach ``--target`` validation accuracy (``>rounds`` when never) at ``--lr``, and the final accuracy at
@@ -17,13 +17,15 @@ import statistics
 import sys
 from pathlib import Path
 
+from results import append, command_line  # benchmarks/ is on sys.path when a script here runs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 STRATEGIES = ("fedavg", "fedhyper_g", "fedhyper_gm", "fedhyper_g_cl")
 
 
 def run_curve(strategy: str, lr: float, seed: int, args) -> list[float]:
-    from metaopt.federated.clients import Client
+    from metaopt.federated.clients import Client, InProcessClients
     from metaopt.federated.data import load_dataset, make_client_shards
     from metaopt.federated.rounds import FederatedRun, RoundSettings
     from metaopt.federated.strategies import make_strategy
@@ -32,8 +34,8 @@ def run_curve(strategy: str, lr: float, seed: int, args) -> list[float]:
     shards = make_client_shards(data, args.clients, "dirichlet", 0.5, 0.2, seed=seed)
     hidden = tuple(args.hidden)
     options = {"num_clients_total": args.clients, "fraction": 1.0} if "cl" in strategy else {}
-    run = FederatedRun(shards, [Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)],
-                       make_strategy(strategy, **options), RoundSettings(lr0=lr, seed=seed), 64, 10, hidden, remote=False)
+    run = FederatedRun(shards, InProcessClients([Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)]),
+                       make_strategy(strategy, **options), RoundSettings(lr0=lr, seed=seed), 64, 10, hidden)
     return [run.run_round()["accuracy"] for _ in range(args.rounds)]
 
 
@@ -66,6 +68,9 @@ def main(argv=None) -> int:
         per_seed = ", ".join(str(h) if h is not None else f">{args.rounds}" for h in hits)
         print(f"{strategy:<16}{f'{mean_rounds[strategy]:.1f}; {per_seed}':<40}"
               f"{statistics.mean(lows):.4f}; {', '.join(f'{x:.3f}' for x in lows)}", flush=True)
+    for strategy, rounds in mean_rounds.items():
+        append("fed_convergence", f"{strategy} mean rounds to {args.target}", rounds, command_line(argv))
+    append("fed_convergence", "ratio", mean_rounds["fedavg"] / mean_rounds["fedhyper_g"], command_line(argv))
     print(f"ratio: {mean_rounds['fedavg'] / mean_rounds['fedhyper_g']:.2f}")
     return 0
 

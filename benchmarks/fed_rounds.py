@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from results import append, command_line  # benchmarks/ is on sys.path when a script here runs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     import torch
 
     from metaopt.config import RayConfig
-    from metaopt.federated.clients import Client, ClientPool, evaluate
+    from metaopt.federated.clients import Client, ClientPool, InProcessClients, evaluate
     from metaopt.federated.data import load_dataset, make_client_shards
     from metaopt.federated.rounds import FederatedRun, RoundSettings
     from metaopt.federated.strategies import make_strategy
@@ -64,8 +66,8 @@ def main(argv=None) -> int:
             run.run_round()
         return (time.perf_counter() - started) / args.rounds
 
-    local = FederatedRun(shards, [Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)],
-                         make_strategy("fedavg"), settings, 64, 10, hidden, remote=False)
+    local = FederatedRun(shards, InProcessClients([Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)]),
+                         make_strategy("fedavg"), settings, 64, 10, hidden)
     local.run_round()  # warm-up: first kernels
 
     def blocks(run: FederatedRun, label: str, count: int) -> list[float]:
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     no_ray_blocks = blocks(local, "in-process, no Ray running", args.repeats)
     ray.init(**local_ray_options(RayConfig(num_cpus=2)), log_to_driver=False)  # as `metaopt run` starts it
     pool = ClientPool(shards, 64, 10, hidden, cpus=args.cpus_per_client)
-    remote = FederatedRun(shards, pool.actors, make_strategy("fedavg"), settings, 64, 10, hidden)
+    remote = FederatedRun(shards, pool, make_strategy("fedavg"), settings, 64, 10, hidden)
     remote.run_round()  # warm-up: actor start-up, imports, first kernels
     remote_blocks, local_blocks = [], []
     for pair in range(args.pairs):
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     pool.close()
     ray.shutdown()
     print(f"load average at end {os.getloadavg()[0]:.1f}")
+    append("fed_rounds", "ratio", statistics.median(paired), command_line(argv))
     print(f"ratio: {statistics.median(paired):.2f}")
     return 0
 

@@ -27,6 +27,8 @@ import time
 import traceback
 from pathlib import Path
 
+from results import append, command_line  # benchmarks/ is on sys.path when a script here runs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
@@ -382,6 +384,11 @@ def main(argv=None) -> int:
         print(json.dumps({name: {k: v for k, v in results[name].items() if k != "traceback"}}, indent=1, default=str), flush=True)
         if args.out:
             args.out.write_text(json.dumps(results, indent=1, default=str))
+    if not DRY_RUN:  # headline figures: completions/s of each post-training check, per mode where it has modes
+        for name, result in results.items():
+            for label, part in [(name, result), *((f"{name} {m}", p) for m, p in result.get("modes", {}).items())]:
+                if isinstance(part.get("completions_per_s"), float):
+                    append("gpu_check", f"{label} completions/s", part["completions_per_s"], command_line(argv))
     print(f"[gpu-check] failed: {failed or 'none'}")
     return 1 if failed else 0
 

@@ -74,6 +74,8 @@ import time
 import warnings
 from pathlib import Path
 
+from results import append, command_line  # benchmarks/ is on sys.path when a script here runs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 # Nothing may come from the Hugging Face hub: the model and tokenizer are written to a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,6 +168,7 @@ def build_section(raw: dict, mode: str, colocated_threads: int = 1):
     colocated mode's threads); every other key is as given."""
     import copy
 
+    from metaopt.config import first_error
     from metaopt.posttrain.config import PostTrainSection
     from pydantic import ValidationError
 
@@ -178,8 +181,7 @@ def build_section(raw: dict, mode: str, colocated_threads: int = 1):
     try:
         section = PostTrainSection.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise SystemExit(f"posttrain.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise SystemExit(str(first_error("posttrain", PostTrainSection, err))) from None
     return section
 
 
@@ -361,8 +363,8 @@ def breakdown_ours(common, model_dir: Path, args: argparse.Namespace, repeats: i
     torch.set_num_threads(1)
     grpo, tasks, model_spec = common.grpo, [t.model_dump() for t in common.tasks], {"path": str(model_dir)}
     rollout = RolloutWorker(model_spec, tasks, args.seed, with_reference=True, threads=1)
-    learner = LearnerWorker(model_spec, tasks, args.seed, grpo=grpo.model_dump(), optimizer=common.optimizer,
-                            schedule={"name": "constant", "lr": common.optimizer.get("lr", 1e-3)}, threads=1)
+    learner = LearnerWorker(model_spec, tasks, args.seed, grpo=grpo.model_dump(), optimizer=common.optimizer.model_dump(),
+                            schedule={"name": "constant", "lr": common.optimizer.lr}, threads=1)
     problems = sample_problems(tasks, grpo.prompts_per_step, args.seed + 1)
     prompts = [p.prompt for p in problems]
     group, new_tokens, temperature = grpo.group_size, grpo.max_new_tokens, grpo.temperature
@@ -479,7 +481,7 @@ def main(argv=None) -> int:
     print(f"GRPO throughput: tiny {model.arch} hidden {model.hidden} x {model.layers} layers x {model.heads} heads, "
           f"{', '.join(f'{t.name} {t.levels}' for t in common.tasks)}, {grpo.prompts_per_step} prompts x "
           f"G={grpo.group_size} = {grpo.prompts_per_step * grpo.group_size} completions/step, <= "
-          f"{grpo.max_new_tokens} new tokens, beta {grpo.beta}, lr {common.optimizer.get('lr')}; "
+          f"{grpo.max_new_tokens} new tokens, beta {grpo.beta}, lr {common.optimizer.lr}; "
           f"{args.untimed_steps} untimed + {args.steps} timed steps per run, {args.repeats} repeat(s)", flush=True)
     print(f"load average at start: {load_text()}", flush=True)
     capacity = [parallel_capacity()]
@@ -552,6 +554,9 @@ def main(argv=None) -> int:
         for name, r in results.items():
             if not name.startswith("trl"):
                 print(f"{name} / {best}: {r['completions_per_s'] / peer:.2f}x")
+        for name, r in results.items():
+            append("grpo_throughput", f"{name} completions/s", r["completions_per_s"], command_line(argv))
+        append("grpo_throughput", "ratio", results[headline]["completions_per_s"] / peer, command_line(argv))
         print(f"ratio: {results[headline]['completions_per_s'] / peer:.2f}")
     return 0
 

@@ -48,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import append, command_line
 from sweep_watchdog import make_watchdog  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -618,6 +619,7 @@ def main(argv=None) -> int:
         log(f"  per step: naive {per_step_naive * 1e3:.2f} ms vs reference {per_step_ref * 1e3:.3f} ms "
             f"(reference / steps)")
         log(f"  naive ratio: {per_step_naive / per_step_ref:.2f}")
+        append("pbt_overhead", "naive ratio", per_step_naive / per_step_ref, command_line(argv))
 
     ratio = wall / reference
     planned = section.population * section.iterations
@@ -626,6 +628,8 @@ def main(argv=None) -> int:
     # iteration: the sweep may train a few iterations more or fewer than population x iterations.
     log(f"  iterations the sweep trained: {ran} of {planned} planned; against the pure compute of the iterations it "
         f"trained ({reference * ran / planned:.2f} s): {wall / (reference * ran / planned):.2f} (informational)")
+    append("pbt_overhead", "bracketed median", statistics.median(bracketed), command_line(argv))
+    append("pbt_overhead", "ratio", ratio, command_line(argv))
     log(f"ratio: {ratio:.2f}")
     if ray.is_initialized():
         ray.shutdown()

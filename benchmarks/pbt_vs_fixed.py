@@ -36,6 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
+from results import append, command_line
 from sweep_watchdog import make_watchdog  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +203,9 @@ def main(argv=None) -> int:
     val_p = finite_mean(results[(s, "pbt")]["val"] for s in args.seeds)
     val_r = finite_mean(results[(s, "random")]["val"] for s in args.seeds)
     log(f"val ratio (mean pbt / mean random), 4 decimals: {val_p / val_r:.4f}")
+    append("pbt_vs_fixed", "pbt best val mean", val_p, command_line(argv))
+    append("pbt_vs_fixed", "random best val mean", val_r, command_line(argv))
+    append("pbt_vs_fixed", "ratio", val_p / val_r, command_line(argv))
     log(f"ratio: {val_p / val_r:.2f}")
     return 0
 

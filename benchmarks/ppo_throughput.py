@@ -48,6 +48,7 @@ import optax
 
 from metaopt.objectives.drifts import make_drift
 from metaopt.objectives.ppo import make_train, ppo_config_for
+from results import append, command_line  # benchmarks/ is on sys.path when a script here runs
 
 ENVS = ("CartPole-v1", "SpaceInvaders-MinAtar")
 VARIANTS = ("ours-ppo", "ours-lpo", "reference")
@@ -301,6 +302,10 @@ def main(argv=None) -> int:
             print(f"WARNING: {variant} CartPole final return {final:.1f} is not clearly above random (~20)")
     print(f"load average (1/5/15 min) at end: {loadavg()}")
     ratio = rows["CartPole-v1", "ours-lpo"][2] / rows["CartPole-v1", "reference"][2]
+    for env_name in ENVS:
+        append("ppo_throughput", f"{env_name} ours-ppo/reference",
+               rows[env_name, "ours-ppo"][2] / rows[env_name, "reference"][2], command_line(argv))
+    append("ppo_throughput", "ratio", ratio, command_line(argv))
     print(f"ratio: {ratio:.2f}", flush=True)
     return 0
 

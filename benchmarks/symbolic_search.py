@@ -46,6 +46,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from results import append, command_line  # benchmarks/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
@@ -416,6 +418,7 @@ def main(argv=None) -> int:
 
     print("\nbest program (pruned):")
     print(format_program(prune(state.best.program)))
+    append("symbolic_search", "hit_rate", hit_rate, command_line(argv))
     print(f"hit_rate: {hit_rate:.2f}")
     return 0
 

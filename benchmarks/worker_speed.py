@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from results import append, command_line  # benchmarks/ is on sys.path when a script here runs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
                   f"{sides['ray']['steps_per_cpu_s']:.0f}; load average {os.getloadavg()[0]:.1f}", flush=True)
     for text, ratios in kept.items():
         print(f"{text}: Ray / plain {', '.join(f'{r:.3f}' for r in ratios)}; mean {statistics.mean(ratios):.3f}")
+    for text, ratios in kept.items():
+        append("worker_speed", f"Ray / plain, {text}", statistics.mean(ratios), command_line(argv))
     print(f"ratio: {statistics.mean(kept[args.setting[0]]):.2f}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Federated rounds on Ray client actors: strategies learn digits, a client killed mid-round does not stop the
+"""Federated rounds over a client pool, in-process or Ray client actors: strategies learn digits, the loop
+aggregates exactly what its pool brings back, a client killed mid-round does not stop the
 round and is back for later rounds, clients late for the round's one deadline are left out and cancelled, and a
 run restored from its per-round state continues identically."""
 
@@ -14,7 +15,7 @@ import torch
 from conftest import EXPERIMENTS
 from metaopt import config
 from metaopt.errors import ConfigError
-from metaopt.federated.clients import Client, ClientPool
+from metaopt.federated.clients import Client, ClientPool, InProcessClients, RayClients
 from metaopt.federated.data import load_dataset, make_client_shards
 from metaopt.federated.rounds import FederatedRun, RoundSettings
 from metaopt.federated.strategies import ClientUpdate, make_strategy
@@ -28,8 +29,8 @@ def shards():
 
 
 def local_run(shards, strategy: str, **settings) -> FederatedRun:
-    clients = [Client(i, s, 64, 10, HIDDEN) for i, s in enumerate(shards)]
-    return FederatedRun(shards, clients, make_strategy(strategy), RoundSettings(**settings), 64, 10, HIDDEN, remote=False)
+    clients = InProcessClients([Client(i, s, 64, 10, HIDDEN) for i, s in enumerate(shards)])
+    return FederatedRun(shards, clients, make_strategy(strategy), RoundSettings(**settings), 64, 10, HIDDEN)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedhyper_g", "fedhyper_sl", "fedhyper_cl"])
@@ -60,6 +61,38 @@ def test_resumed_run_continues_identically(shards):
     assert got["accuracy"] == want["accuracy"] and got["global_lr"] == want["global_lr"]
 
 
+def test_the_server_loop_takes_only_what_its_client_pool_brings_back(shards):
+    """The loop knows no Ray (its module imports none): a pool that reports a client left out gives the round
+    exactly the other clients' updates, and the left-out client in ``failed_ids``."""
+    import ast
+    import inspect
+
+    from metaopt.federated import rounds
+    from metaopt.federated.clients import RoundAnswers
+
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(inspect.getsource(rounds)))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in getattr(node, "names", [])}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(inspect.getsource(rounds)))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert "ray" not in imported
+
+    class ClientTwoDown(InProcessClients):
+        def train_round(self, chosen, global_params, settings, **deadline):
+            answers = super().train_round([i for i in chosen if i != 2], global_params, settings, **deadline)
+            return RoundAnswers(answers.results, {2: "failed (RayActorError)"})
+
+    clients = [Client(i, s, 64, 10, HIDDEN) for i, s in enumerate(shards)]
+    run = FederatedRun(shards, ClientTwoDown(clients), make_strategy("fedavg"), RoundSettings(lr0=0.05), 64, 10, HIDDEN)
+    start = run.global_params.clone()
+    got = run.run_round()
+    assert got["failed_ids"] == [2] and got["failed_clients"] == 1 and got["participants"] == 3
+    fedavg = make_strategy("fedavg")
+    updates = [ClientUpdate(r.delta, r.num_samples, r.local_lr)
+               for r in (clients[i].train(start, round_index=0, epochs=1, lr=0.05) for i in (0, 1, 3))]
+    want, _, _ = fedavg.aggregate(fedavg.init(start), start, updates)
+    torch.testing.assert_close(run.global_params, want)
+
+
 @pytest.fixture(scope="module")
 def pool(ray_session, shards):
     """One actor per shard for the module's Ray tests (Ray restarts a killed one)."""
@@ -71,7 +104,7 @@ def pool(ray_session, shards):
 def test_a_client_killed_mid_round_is_left_out_and_back_next_round(pool, shards):
     import ray
 
-    run = FederatedRun(shards, pool.actors, make_strategy("fedavg"), RoundSettings(lr0=0.05, epochs=40), 64, 10,
+    run = FederatedRun(shards, pool, make_strategy("fedavg"), RoundSettings(lr0=0.05, epochs=40), 64, 10,
                        HIDDEN)
     victim = pool.actors[1]
     pid = ray.get(victim.pid.remote())
@@ -91,7 +124,7 @@ def test_a_client_killed_mid_round_is_left_out_and_back_next_round(pool, shards)
 def test_rounds_on_client_actors_equal_rounds_in_process(pool, shards, strategy):
     """The Ray path (one packed request per round: numpy model, settings, CL rule) trains exactly what the
     in-process path does."""
-    remote = FederatedRun(shards, pool.actors, make_strategy(strategy), RoundSettings(lr0=0.1, fraction=0.5),
+    remote = FederatedRun(shards, pool, make_strategy(strategy), RoundSettings(lr0=0.1, fraction=0.5),
                           64, 10, HIDDEN)
     local = local_run(shards, strategy, lr0=0.1, fraction=0.5)
     for _ in range(3):
@@ -114,7 +147,7 @@ def test_clients_late_for_the_round_deadline_are_left_out_cancelled_and_back_nex
 
     stragglers = [ray.remote(num_cpus=0, max_restarts=0)(Straggler).remote(i, shards[i], 64, 10, HIDDEN) for i in (1, 2)]
     try:
-        run = FederatedRun(shards, [pool.actors[0], *stragglers, pool.actors[3]], make_strategy("fedavg"),
+        run = FederatedRun(shards, RayClients([pool.actors[0], *stragglers, pool.actors[3]]), make_strategy("fedavg"),
                            RoundSettings(lr0=0.05, timeout_s=120), 64, 10, HIDDEN)
         # a first round warms the actors up (a fresh actor's first local training takes seconds: torch's lazy set-up)
         assert run.run_round()["participants"] == 4

@@ -264,7 +264,7 @@ def test_aggregate_is_pure():
 def test_registry_errors():
     with pytest.raises(ConfigError) as err:
         make_strategy("fedprox")
-    assert "allowed: fedavg" in str(err.value) and "\n" not in str(err.value)
+    assert "strategy.name: must be one of fedavg" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError) as err:
         make_strategy("fedadam", momentum=0.9)
     assert "beta1" in str(err.value) and "\n" not in str(err.value)
@@ -272,12 +272,38 @@ def test_registry_errors():
         make_strategy("fedyogi", variant="adam")  # fixed by the name
     with pytest.raises(ConfigError) as err:
         make_strategy("fedhyper", server="sgd")
-    assert "avg, g, gm" in str(err.value)
+    assert "'avg', 'g' or 'gm'" in str(err.value)
     with pytest.raises(ConfigError):
         make_strategy("fedhyper", client_lr="cosine")
     with pytest.raises(ConfigError):
         make_strategy("fedadam", beta2=1.0)
     assert make_strategy("fedhyper", server="gm", client_lr="sl").name == "fedhyper_gm_sl"
+
+
+def test_constructors_validate_plain_input_and_trust_models():
+    """A strategy built from keywords or a plain dict is validated by its options model on the way in; one built
+    from a validated model runs it as is. Presets fix FedHyper's rules by name, so they are not options."""
+    from metaopt.federated.config import STRATEGY_NAMES, STRATEGY_OPTIONS, FederatedSection
+    from metaopt.federated.strategies import FedAvg, FedHyper, FedOpt
+
+    with pytest.raises(ConfigError, match=r"^strategy\.server_lr: Input should be greater than 0"):
+        FedAvg({"server_lr": -1.0})
+    with pytest.raises(ConfigError, match=r"^strategy\.beta1: Input should be less than 1"):
+        FedOpt(beta1=1.0)
+    with pytest.raises(ConfigError, match=r"^strategy\.server: unknown key"):
+        make_strategy({"name": "fedhyper_g", "server": "gm"})
+    with pytest.raises(ConfigError, match=r"^strategy\.sl_bounds: must be a pair \[low, high\] with low <= high"):
+        FedHyper(client_lr="sl", sl_bounds=[0.1, 0.001])
+    with pytest.raises(TypeError, match="FedAvg runs FedAvgOptions"):
+        FedAvg(STRATEGY_OPTIONS.parse({"name": "fedyogi"}))
+    assert FedOpt({"name": "fedyogi"}).name == "fedyogi" and FedOpt().name == "fedadam"
+    preset = make_strategy(STRATEGY_OPTIONS.parse({"name": "fedhyper_g_cl", "fraction": 0.5}))
+    assert preset.name == "fedhyper_g_cl" and preset.options.fraction == 0.5
+    assert make_strategy("fedhyper_gm").alpha_bounds == (-0.2, 4.0)
+    assert make_strategy("fedhyper", server="gm", alpha_bounds=[-1, 1]).alpha_bounds == (-1.0, 1.0)
+    # one list of names: the section accepts exactly what make_strategy builds
+    assert STRATEGIES == STRATEGY_NAMES == STRATEGY_OPTIONS.names()
+    assert FederatedSection(strategies=list(STRATEGY_NAMES)).strategies == list(STRATEGY_NAMES)
 
 
 # ------------------------------------------------------------------ end to end

@@ -31,7 +31,7 @@ def in_process_accuracies(exp, strategy: str) -> list[float]:
 
 def in_process_rounds(exp, strategy: str) -> list[dict]:
     """Every round's metrics of :func:`in_process_accuracies`' training."""
-    from metaopt.federated.clients import Client
+    from metaopt.federated.clients import Client, InProcessClients
     from metaopt.federated.data import load_dataset, make_client_shards
     from metaopt.federated.rounds import FederatedRun, RoundSettings
     from metaopt.federated.strategies import make_strategy
@@ -44,8 +44,8 @@ def in_process_rounds(exp, strategy: str) -> list[dict]:
     settings = RoundSettings(fraction=s.fraction, epochs=s.local_epochs, lr0=s.lrs[0], optimizer=s.client_optimizer,
                              batch_size=s.batch_size, seed=seed)
     shape = (input_shape(data), data.num_classes)
-    run = FederatedRun(shards, [Client(i, shard, *shape, hidden) for i, shard in enumerate(shards)],
-                       make_strategy(strategy), settings, *shape, hidden, remote=False)
+    run = FederatedRun(shards, InProcessClients([Client(i, shard, *shape, hidden) for i, shard in enumerate(shards)]),
+                       make_strategy(strategy), settings, *shape, hidden)
     return [run.run_round() for _ in range(s.rounds)]
 
 

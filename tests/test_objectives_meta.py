@@ -247,14 +247,3 @@ def test_meta_training_tracks_to_mlflow_and_evaluation_reads_it_back(ray_session
     assert eval_run.data.metrics["ppo.CartPole-v1_1024.mean"] == pytest.approx(ppo_row["mean"])
     logged = json.loads(Path(client.download_artifacts(eval_run.info.run_id, "evaluation.json", str(tmp_path))).read_text())
     assert len(logged) == 3
-
-
-def test_confidence_interval_matches_scipy():
-    from scipy import stats
-
-    from metaopt.objectives.evaluate import confidence_interval
-
-    values = np.array([10.0, 12.0, 9.0, 14.0, 11.0])
-    mean, low, high = confidence_interval(values, 0.95)
-    want = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
-    assert mean == pytest.approx(11.2) and (low, high) == pytest.approx(want)

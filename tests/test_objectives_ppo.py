@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pydantic import ValidationError
+
 from metaopt.objectives.ppo import (
     DISCRETE_ENVS,
     PPO_REFERENCE_LR,
@@ -253,6 +255,43 @@ def test_bad_env_lists_allowed_and_ppo_config_for_rejects_unknown_fields():
         ppo_config_for("CartPole-v1", learning_rate=1e-3)
     with pytest.raises(ValueError, match="^seeds_per_member"):
         train_many(TINY, member_drift, jax.random.key(0), MEMBERS, 0)
+
+
+def test_equal_configs_are_one_static_jit_argument_and_one_train_many_program(monkeypatch):
+    """PPOConfig is a frozen pydantic model: equal settings (however written) hash and compare equal, so a jit
+    that takes it as a static argument traces once, and train_many's compile cache (keyed on the config) hits."""
+    from metaopt.objectives import ppo
+
+    first = ppo_config_for("Acrobot-v1", num_envs=4, num_steps=32, total_timesteps=256,
+                           env_params={"max_steps_in_episode": 50})
+    again = ppo_config_for("Acrobot-v1", total_timesteps=256, num_steps=32, num_envs=4,
+                           env_params=[("max_steps_in_episode", 50)])
+    assert first is not again and first == again and hash(first) == hash(again)
+    with pytest.raises(ValidationError, match="frozen"):  # a config cannot change under a compiled program
+        first.lr = 1.0
+    traces = []
+
+    @jax.jit
+    def scaled(x):
+        return x
+
+    step = jax.jit(lambda config, x: traces.append(config.num_envs) or scaled(x) * config.lr, static_argnums=0)
+    step(first, 1.0)
+    step(again, 2.0)
+    step(first.model_copy(), 3.0)
+    assert traces == [4]
+    step(ppo_config_for("Acrobot-v1", num_envs=8, num_steps=32, total_timesteps=256), 1.0)
+    assert traces == [4, 8]
+
+    built = []
+    monkeypatch.setattr(ppo, "make_train",
+                        lambda config, drift_fn: built.append(config) or (lambda rng, p: {"final_return": p["x"]}))
+    ppo._population_fn.cache_clear()
+    members = {"x": jnp.arange(2.0)}
+    assert train_many(first, member_drift, jax.random.key(0), members, 1).shape == (2, 1)
+    train_many(again, member_drift, jax.random.key(1), members, 1)
+    assert built == [first] and ppo._population_fn.cache_info().hits == 1
+    ppo._population_fn.cache_clear()
 
 
 def test_ppo_clip_drift_matches_the_clipped_surrogate():

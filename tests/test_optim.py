@@ -15,7 +15,6 @@ import torch
 
 from metaopt.errors import ConfigError
 from metaopt.optim import (
-    OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
     build_optax,
     build_optimizer,
@@ -29,6 +28,9 @@ from metaopt.optim import (
     set_optax_learning_rate,
     warmup,
 )
+from metaopt.optim import optimizer_names as registered_optimizers
+
+OPTIMIZER_NAMES = registered_optimizers()  # the built-ins and the program optimizer symbolic registers
 
 STEPS = np.arange(0, 1500, 7)  # crosses every boundary used below and runs past the end
 
@@ -168,14 +170,15 @@ BAD_FACTORY_CALLS = [
     (lambda: warmup(0.1, 10), "schedule"),
     (lambda: piecewise_constant([]), "boundaries_and_lrs"),
     (lambda: piecewise_constant(None), "boundaries_and_lrs"),
-    (lambda: piecewise_constant([(5, 0.1)]), "boundaries_and_lrs[0].start_step"),
-    (lambda: piecewise_constant([(0, 0.1), (0, 0.2)]), "boundaries_and_lrs[1].start_step"),
+    (lambda: piecewise_constant([(5, 0.1)]), "boundaries_and_lrs.0.0"),
+    (lambda: piecewise_constant([(0, 0.1), (0, 0.2)]), "boundaries_and_lrs.1.0"),
     (
         lambda: piecewise_constant([(0, 0.1), (9, 0.2), (3, 0.3)]),
-        "boundaries_and_lrs[2].start_step",
+        "boundaries_and_lrs.2.0",
     ),
-    (lambda: piecewise_constant([(0, 0.1), (9, 0.0)]), "boundaries_and_lrs[1].lr"),
-    (lambda: piecewise_constant([(0, 0.1, 3)]), "boundaries_and_lrs[0]"),
+    (lambda: piecewise_constant([(0, 0.1), (9, 0.0)]), "boundaries_and_lrs.1.1"),
+    (lambda: piecewise_constant([(0, 0.1, 3)]), "boundaries_and_lrs.0"),
+    (lambda: piecewise_constant([(0, "0.1")]), "boundaries_and_lrs.0.1"),
 ]
 
 
@@ -202,7 +205,7 @@ BAD_SCHEDULE_SPECS = [
     ),
     (
         {"name": "piecewise_constant", "boundaries_and_lrs": [[1, 0.1]]},
-        "schedule.boundaries_and_lrs[0].start_step",
+        "schedule.boundaries_and_lrs.0.0",
     ),
     (["cosine"], "schedule"),
 ]
@@ -262,7 +265,7 @@ def test_build_optimizer_uses_the_documented_classes_and_defaults():
     assert {key: sgd.defaults[key] for key in expected_sgd} == expected_sgd
     assert adamw.defaults["betas"] == (0.9, 0.999) and adamw.defaults["weight_decay"] == 0.01
     assert lion.defaults["betas"] == (0.9, 0.99) and lion.defaults["weight_decay"] == 0.0
-    assert OPTIMIZER_NAMES == ("sgd", "adamw", "lion", "program")
+    assert OPTIMIZER_NAMES == ("sgd", "adamw", "lion", "program")  # built-ins, then what providers register
 
 
 # A badly conditioned quadratic 0.5 p'Ap - b'p: gradients of mixed sign and size.
@@ -398,9 +401,9 @@ BAD_OPTIMIZER_SPECS = [
     ({"name": "sgd", "lr": -1e-3}, "optimizer.lr"),
     ({"name": "adamw", "lr": 0}, "optimizer.lr"),
     ({"name": "adamw", "lr": math.nan}, "optimizer.lr"),
-    ({"name": "adamw", "betas": (0.9, 1.0)}, "optimizer.betas"),
-    ({"name": "lion", "betas": (-0.1, 0.99)}, "optimizer.betas"),
-    ({"name": "lion", "betas": (0.9,)}, "optimizer.betas"),
+    ({"name": "adamw", "betas": (0.9, 1.0)}, "optimizer.betas.1"),
+    ({"name": "lion", "betas": (-0.1, 0.99)}, "optimizer.betas.0"),
+    ({"name": "lion", "betas": (0.9,)}, "optimizer.betas.1"),
     ({"name": "lion", "betas": "0.9,0.99"}, "optimizer.betas"),
     ({"name": "sgd", "momentum": 1.0}, "optimizer.momentum"),
     ({"name": "sgd", "momentum": -0.5}, "optimizer.momentum"),
@@ -408,6 +411,9 @@ BAD_OPTIMIZER_SPECS = [
     ({"name": "sgd", "nesterov": True, "momentum": 0.0}, "optimizer.nesterov"),
     ({"name": "adamw", "eps": 0.0}, "optimizer.eps"),
     ({"name": "adamw", "weight_decay": -0.01}, "optimizer.weight_decay"),
+    ({"name": "adamw", "lr": "0.1"}, "optimizer.lr"),
+    ({"name": "program"}, "optimizer.program"),
+    ({"name": "program", "program": "def broken"}, "optimizer.program"),
     ("adamw", "optimizer"),
 ]
 
@@ -426,5 +432,5 @@ def test_optimizer_builders_reject_bad_specs_naming_the_key(builder, spec, field
 def test_unknown_optimizer_name_and_key_list_the_allowed_values():
     with pytest.raises(ConfigError, match="sgd, adamw, lion"):
         build_optimizer([torch.zeros(1)], {"name": "adam"})
-    with pytest.raises(ConfigError, match="name, lr, betas, eps, weight_decay"):
+    with pytest.raises(ConfigError, match="betas, eps, lr, name, weight_decay"):
         build_optimizer([torch.zeros(1)], {"name": "adamw", "momentum": 0.9})

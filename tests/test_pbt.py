@@ -43,7 +43,7 @@ def assert_tracked_sweep(uri: str, summary: sweep.SweepSummary, exp, metric: str
     reported = {t.trial_id: t.reported for t in summary.trials}
     for run in trial_runs:
         assert run.info.status == "FINISHED"
-        assert run.data.params["exp.optimizer.name"] == exp.section.optimizer["name"]
+        assert run.data.params["exp.optimizer.name"] == exp.section.optimizer.name
         # every result Tune saw is a metric point of the trial's run
         history = client.get_metric_history(run.info.run_id, "step")
         assert sorted(int(m.value) for m in history) == sorted(s for s, _ in reported[run.data.tags["trial_id"]])
@@ -223,9 +223,9 @@ def left_at_first_finish(results: list[tuple[str, int]], iterations: int) -> dic
 
 
 def run_async_population(tiny, monkeypatch, even_finish: bool):
-    from metaopt.pbt import tune as pbt_tune
+    from metaopt import even_finish as levelling
 
-    monkeypatch.setattr(pbt_tune, "TRIAL_SWITCH_SECONDS", 0.0)  # level even these ~10 ms iterations
+    monkeypatch.setattr(levelling, "TRIAL_SWITCH_SECONDS", 0.0)  # level even these ~10 ms iterations
     exp = tiny("pbt.population=4", "pbt.iterations=8", "pbt.perturbation_interval=4", "pbt.synch=false",
                "pbt.quantile_fraction=0.25", f"pbt.even_finish={str(even_finish).lower()}")
     order = ResultOrder()
@@ -250,12 +250,8 @@ def test_asynchronous_pbt_population_finishes_level(ray_session, tiny, monkeypat
 
 
 def test_levelling_rules(tiny):
-    from metaopt.pbt.tune import (
-        EvenFinishPBT,
-        build_scheduler,
-        levelling_pays,
-        yields_in_last_stretch,
-    )
+    from metaopt.even_finish import EvenFinishPBT, levelling_pays, yields_in_last_stretch
+    from metaopt.pbt.tune import build_scheduler
     from metaopt.tuning import SeededPBT
 
     # asynchronous PBT levels its last stretch; synchronous PBT, or even_finish off, is Tune's own scheduler

@@ -10,12 +10,12 @@ import itertools
 import json
 import math
 import string
-from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from metaopt.compat.trl import grpo_oracle
 from metaopt.errors import ConfigError
 from metaopt.posttrain.curriculum import (
     CURRICULUM_NAMES,
@@ -176,9 +176,9 @@ def test_categories_ordered_easy_to_hard_and_bad_specs_fail():
     taskset = make_taskset([{"name": "chain_sum", "levels": [3, 1]}, {"name": "arithmetic", "levels": [2, 1]}], 0)
     assert taskset.categories == ["chain_sum/L1", "chain_sum/L3", "arithmetic/L1", "arithmetic/L2"]
     assert [taskset.difficulty(c) for c in taskset.categories] == [1, 3, 1, 2]
-    with pytest.raises(ConfigError, match="posttrain.tasks: unknown task 'nope'; known: arithmetic"):
+    with pytest.raises(ConfigError, match=r"^posttrain\.tasks\.0\.name: unknown task 'nope'; allowed: arithmetic"):
         make_taskset([{"name": "nope", "levels": [1]}], 0)
-    with pytest.raises(ConfigError, match="has no level 9"):
+    with pytest.raises(ConfigError, match=r"^posttrain\.tasks\.0\.levels: task 'arithmetic' has no level 9; levels"):
         make_taskset([{"name": "arithmetic", "levels": [1, 9]}], 0)
     with pytest.raises(ConfigError, match="posttrain.tasks"):
         make_taskset([], 0)
@@ -248,9 +248,35 @@ def test_easy_to_hard_moves_mass_to_harder_categories_and_hard_to_easy_mirrors()
     assert backwards.probabilities().argmax() == 3
 
 
+def test_curriculum_and_task_options_are_validated_once_by_their_models():
+    """Curricula and task sets built from plain keywords or mappings are validated by their options models on
+    the way in; a validated model is run as is. The section's names come from the same registries."""
+    from metaopt.posttrain.config import PostTrainSection
+    from metaopt.posttrain.curriculum import CURRICULA, EasyToHardOptions, SECOptions
+    from metaopt.posttrain.tasks import TASK_LEVELS, TaskSpec
+
+    with pytest.raises(ConfigError, match=r"^posttrain.curriculum.alpha: Input should be less than or equal to 1"):
+        SEC(3, {"alpha": 2.0})
+    with pytest.raises(ConfigError, match=r"^posttrain.curriculum.window: Input should be a valid integer"):
+        EasyToHard(3, window=1.5)
+    with pytest.raises(TypeError, match="HardToEasy runs 'hard_to_easy' options"):
+        HardToEasy(3, EasyToHardOptions())
+    assert make_curriculum(SECOptions(tau=0.3), 2).tau == 0.3
+    assert make_curriculum({"name": "easy_to_hard", "window": 2}, 3).window == 2
+    with pytest.raises(ConfigError, match=r"^posttrain.tasks.1: task 'arithmetic' is listed twice"):
+        make_taskset([{"name": "arithmetic", "levels": [1]}, TaskSpec(name="arithmetic", levels=[2])], 0)
+    with pytest.raises(ConfigError, match=r"^posttrain.tasks.0.levels.0: must be an integer, not true"):
+        make_taskset([{"name": "arithmetic", "levels": [True]}], 0)
+    products = make_taskset([TaskSpec(name="products")], 0)
+    assert products.categories == [f"products/L{i}" for i in TASK_LEVELS["products"]]
+    assert CURRICULA.names() == CURRICULUM_NAMES and tuple(TASK_LEVELS) == TASK_NAMES
+    section = PostTrainSection(curricula=list(CURRICULUM_NAMES), tasks=[{"name": "chain_sum"}])
+    assert section.tasks[0].levels == [1, 2, 3]  # the section's default levels; make_taskset's default is all
+
+
 def test_make_curriculum_rejects_bad_names_and_options():
     assert CURRICULUM_NAMES == ("sec", "uniform", "easy_to_hard", "hard_to_easy")
-    with pytest.raises(ConfigError, match="unknown curriculum 'x'; known: sec, uniform"):
+    with pytest.raises(ConfigError, match=r"^posttrain\.curriculum\.name: must be one of sec, uniform, easy_to_hard"):
         make_curriculum("x", 3)
     with pytest.raises(ConfigError, match="posttrain.curriculum.alpha"):
         make_curriculum("sec", 3, alpha=0.0)
@@ -340,35 +366,17 @@ def test_grpo_loss_matches_token_by_token_reference(aggregation):
     assert math.isclose(loss.item(), expected, rel_tol=1e-10)
 
 
-@pytest.mark.parametrize(("aggregation", "trl_loss_type"), [("sequence_mean", "grpo"), ("token_mean", "bnpo")])
-def test_grpo_loss_matches_trl_grpo_trainer_loss(aggregation, trl_loss_type):
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+def test_grpo_loss_matches_trl_grpo_trainer_loss(aggregation):
     """TRL's GRPOTrainer._compute_loss run on the same per-token log-probs is the oracle (its own code path,
-    with the model forward stubbed to return our log-probs)."""
-    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    with the model forward stubbed to return our log-probs: metaopt.compat.trl). Fails, never skips, when TRL's
+    internals change."""
     logp, old, ref, adv, mask = random_loss_inputs(2)
-    identity = SimpleNamespace(reduce=lambda x, reduction="sum": x, gather=lambda x: x)
-    trainer = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, torch.zeros_like(logp), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=0.04, loss_type=trl_loss_type, epsilon_low=0.2, epsilon_high=0.2,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), use_vllm=False,
-        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=False),
-        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, aux_loss_enabled=False,
-        _metrics={"eval": defaultdict(list), "train": defaultdict(list)}, accelerator=identity,
-    )
-    inputs = {
-        "prompt_ids": torch.zeros(6, 2, dtype=torch.long), "prompt_mask": torch.ones(6, 2, dtype=torch.long),
-        "completion_ids": torch.zeros(6, 7, dtype=torch.long), "completion_mask": mask.long(),
-        "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
-    }
-    try:
-        trl_loss = grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
-    except (AttributeError, KeyError, TypeError) as err:  # TRL internals moved: fall back to the tests above
-        pytest.skip(f"TRL's loss code path changed: {err!r}")
+    trl_loss, trl_metrics = grpo_oracle(logp, old, ref, adv, mask, beta=0.04, epsilon=0.2, aggregation=aggregation)
     loss, metrics = grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.04, aggregation=aggregation)
-    assert math.isclose(loss.item(), trl_loss.item(), rel_tol=1e-10)
-    assert math.isclose(metrics["kl"], trainer._metrics["eval"]["kl"][0], rel_tol=1e-10)
-    assert math.isclose(metrics["clip_fraction"], trainer._metrics["eval"]["clip_ratio/region_mean"][0], rel_tol=1e-6)
+    assert math.isclose(loss.item(), trl_loss, rel_tol=1e-10)
+    assert math.isclose(metrics["kl"], trl_metrics["kl"], rel_tol=1e-10)
+    assert math.isclose(metrics["clip_fraction"], trl_metrics["clip_fraction"], rel_tol=1e-6)
 
 
 def test_group_advantages_match_trl_nanstd():

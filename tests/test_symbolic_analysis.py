@@ -40,17 +40,6 @@ from metaopt.symbolic.program import (
 from metaopt.symbolic.simplify import replace_with_copy, rewrite, simplify
 
 
-def _has_interpreter() -> bool:
-    try:
-        import metaopt.symbolic.interpreter  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_interpreter = pytest.mark.skipif(not _has_interpreter(), reason="metaopt.symbolic.interpreter not present")
-
-
 def P(*statements: Statement) -> Program:
     return Program(tuple(statements))
 
@@ -180,7 +169,6 @@ def test_training_outputs_follow_state_across_steps():
     assert prune_for_training(adamw_program()) == adamw_program()
 
 
-@needs_interpreter
 def test_programs_differing_only_in_unread_state_hash_equal_and_train_identically():
     import torch
 
@@ -211,7 +199,6 @@ def test_programs_differing_only_in_unread_state_hash_equal_and_train_identicall
 # ---- functional hash ---------------------------------------------------------------------------------------
 
 
-@needs_interpreter
 def test_functional_hash_equal_for_equivalent_programs():
     base = functional_hash(adamw_program())
     assert len(base) == 64 and functional_hash(adamw_program()) == base
@@ -232,7 +219,6 @@ def test_functional_hash_equal_for_equivalent_programs():
     assert functional_hash(twice) == functional_hash(doubled)
 
 
-@needs_interpreter
 def test_functional_hash_differs_for_different_programs():
     hashes = {
         functional_hash(adamw_program()),
@@ -247,7 +233,6 @@ def test_functional_hash_differs_for_different_programs():
         functional_hash(P(stmt("update", "norm", "g")))
 
 
-@needs_interpreter
 def test_hash_cache_counts_hits():
     cache = HashCache()
     calls = []
@@ -369,7 +354,6 @@ def _ops(program: Program) -> list[str]:
     return [s.op for s in program.statements]
 
 
-@needs_interpreter
 def test_simplify_adamw_with_junk():
     junk = adamw_with_junk()
     report = simplify(junk)
@@ -380,7 +364,6 @@ def test_simplify_adamw_with_junk():
     assert "before" in text and "after" in text and "|" in text and "prune" in text
 
 
-@needs_interpreter
 @pytest.mark.parametrize("denominator", [
     (stmt("s", "square", "m"), stmt("r", "sqrt", "s")),
     (stmt("s", "mul", "m", "m"), stmt("r", "sqrt", "s")),
@@ -400,7 +383,6 @@ def test_simplify_x_over_its_magnitude_is_sign(denominator):
     assert rewrite(stale, verify=False)[0] == stale
 
 
-@needs_interpreter
 def test_nested_interp_constant():
     import torch
 
@@ -427,7 +409,6 @@ def test_nested_interp_constant():
     assert rewrite(moved, verify=False)[0] == moved
 
 
-@needs_interpreter
 def test_identity_negation_and_folding_rewrites():
     cases = [
         (P(stmt("t", "mul", "g", 1.0), stmt("u", "add", "t", 0.0), stmt("update", "mul", "u", "lr")),
@@ -457,7 +438,6 @@ def test_identity_negation_and_folding_rewrites():
     assert rewrite(typed, verify=False)[0] == typed
 
 
-@needs_interpreter
 def test_rewrites_preserve_the_function_of_mutated_programs():
     rng = np.random.default_rng(123)
     checked = 0
@@ -472,7 +452,6 @@ def test_rewrites_preserve_the_function_of_mutated_programs():
     assert checked == 25
 
 
-@needs_interpreter
 def test_score_based_removal():
     lion = lion_program(weight_decay=0.0)  # wd = w * 0; u = s + wd is just s
     reference = functional_hash(lion)

@@ -1,23 +1,29 @@
-"""``metaopt run | submit | status | logs | list | replay`` — parse, load, dispatch. Nothing else lives here.
+"""``metaopt run | submit | status | logs | list`` plus the verbs capabilities add — parse, load, dispatch.
 
-User mistakes (a bad experiment file, a bad ``--set``, an unreachable cluster) print one line
-``metaopt: error: <field>: <problem>`` on stderr and exit with code 2.
+Nothing else lives here, and no capability is named here: a capability's extra verbs (pbt's ``replay``) come
+from its :class:`~metaopt.registry.Command` entries. User mistakes (a bad experiment file, a bad ``--set``, an
+unreachable cluster) print one line ``metaopt: error: <field>: <problem>`` on stderr and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from metaopt import registry
 from metaopt.errors import ConfigError
-from metaopt.redact import REDACTED
 
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metaopt", description="Adapt the learning process itself, on Ray, tracked in MLflow.")
+def build_parser(commands: list[registry.Command] | None = None) -> argparse.ArgumentParser:
+    """The whole command line: the platform's verbs, then every capability's (``commands``; default: those of
+    every installed capability)."""
+    parser = argparse.ArgumentParser(
+        prog="metaopt", description="Adapt the learning process itself, on Ray, tracked in MLflow."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run an experiment file (local Ray by default, or --address)")
@@ -39,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job", help="job id printed by metaopt submit")
         cmd.add_argument(
-            "--address", default=default_jobs_address(),
+            "--address",
+            default=default_jobs_address(),
             help="Ray dashboard address (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)",
         )
         if name == "logs":
@@ -48,11 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the experiment files under experiments/")
     lst.add_argument("directory", nargs="?", default="experiments")
 
-    replay = sub.add_parser("replay", help="train one model with a learning-rate schedule a PBT sweep discovered")
-    replay.add_argument("source", metavar="RUN_OR_FILE", help="MLflow sweep run id, or a schedules.json file")
-    replay.add_argument("--trial", help="trial id (default: the sweep's best)")
-    replay.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow URI holding the run")
+    for command in capability_commands() if commands is None else commands:
+        if command.name in sub.choices:
+            raise ConfigError(command.name, "a capability's command has the name of another command; rename it")
+        verb = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(verb)
+        verb.set_defaults(capability_handler=command.run)
     return parser
+
+
+def capability_commands() -> list[registry.Command]:
+    """Every installed capability's extra verbs, in kind order."""
+    return [command for capability in registry.capabilities() for command in capability.commands]
 
 
 def default_jobs_address() -> str:
@@ -64,7 +78,11 @@ def default_jobs_address() -> str:
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a field, e.g. --set pbt.population=8 (repeatable)",
     )
 
@@ -142,9 +160,9 @@ def cmd_list(args) -> int:
     for path in files:
         try:
             exp = config.load(path, check_paths=False)  # a *_cluster file names the cluster's paths, not ours
-            print(f"{str(path):<44} {exp.kind:<8} {first_line(exp.description)}")
+            print(f"{path!s:<44} {exp.kind:<8} {first_line(exp.description)}")
         except ConfigError as err:
-            print(f"{str(path):<44} INVALID  {err}")
+            print(f"{path!s:<44} INVALID  {err}")
     return 0
 
 
@@ -153,38 +171,25 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def cmd_replay(args) -> int:
-    from metaopt import config
-    from metaopt.pbt import replay
-
-    payload = replay.load_payload(args.source, args.tracking_uri)
-    result = replay.replay(payload, args.trial)
-    uri = payload["experiment"]["tracking"]["uri"] if config.exists(Path(args.source)) else args.tracking_uri
-    if f"{REDACTED}@" in uri:  # schedules.json never holds credentials: the replay goes where --tracking-uri says
-        uri = args.tracking_uri
-    run_id = replay.log_replay(result, payload, uri)
-    print(
-        f"replay of trial {result.trial_id}: {result.metric} {result.replay_metric:.4f} "
-        f"(PBT trial: {result.pbt_metric:.4f}, difference {result.difference:+.4f}) "
-        f"after {result.steps} steps in {result.seconds:.1f}s; MLflow run {run_id}"
-    )
-    return 0
-
-
 COMMANDS = {
     "run": cmd_run,
     "submit": cmd_submit,
     "status": cmd_status,
     "logs": cmd_logs,
     "list": cmd_list,
-    "replay": cmd_replay,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        parser = build_parser()  # loads every capability: a broken one is an error line too
+    except ConfigError as err:
+        print(f"metaopt: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = getattr(args, "capability_handler", None) or COMMANDS[args.command]
+    try:
+        return handler(args)
     except ConfigError as err:
         print(f"metaopt: error: {err}", file=sys.stderr)
         return EXIT_USAGE

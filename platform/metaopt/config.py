@@ -14,13 +14,16 @@ import os
 import re
 import reprlib
 import stat
+import types
 import typing
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Generic, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from metaopt import extras, registry
 from metaopt.errors import ConfigError
 from metaopt.redact import redact_text
 
@@ -141,8 +144,13 @@ PROGRAM_BUILTINS = ("adamw", "lion")  # the built-in programs metaopt.symbolic.s
 def names_program_file(value: Any) -> bool:
     """Whether an optimizer-program value names a file rather than holding the program: the rule of
     :func:`metaopt.symbolic.search.load_start_program` (one line, not JSON, not ``def ...``, not a built-in)."""
-    return (isinstance(value, str) and bool(value.strip()) and value not in PROGRAM_BUILTINS and "\n" not in value
-            and not value.lstrip().startswith(("{", "def ")))
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and value not in PROGRAM_BUILTINS
+        and "\n" not in value
+        and not value.lstrip().startswith(("{", "def "))
+    )
 
 
 def absolute_program(value: Any, info: ValidationInfo | None) -> Any:
@@ -159,8 +167,11 @@ def absolute_program(value: Any, info: ValidationInfo | None) -> Any:
         except ConfigError as err:
             raise ConfigError("", f"{quote_path(path)}: {err.problem}") from None
     elif check:
-        raise ConfigError("", f"{quote(value)} is not adamw, lion, program text, or an existing file (relative "
-                          f"paths are read from {quote_path(base)})")
+        raise ConfigError(
+            "",
+            f"{quote(value)} is not adamw, lion, program text, or an existing file (relative "
+            f"paths are read from {quote_path(base)})",
+        )
     return str(path)
 
 
@@ -203,6 +214,7 @@ def _bad_number(value: Any, kind: str | None, where: tuple[Any, ...] = ()) -> tu
         return where, f"must be a finite number (got {value})"
     if len(where) > MAX_YAML_DEPTH:
         return None
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
         kind = None
@@ -247,12 +259,15 @@ class RayConfig(StrictModel):
     gpus_per_trial: float = Field(default=0.0, ge=0, description="GPUs reserved by each Tune trial (fractions ok).")
     max_concurrent_trials: int | None = Field(default=None, ge=1, description="Cap on trials running at once.")
     checkpoints_to_keep: int = Field(
-        default=2, ge=1,
+        default=2,
+        ge=1,
         description="Checkpoints kept per trial, the newest (under PBT also any a trial may still exploit), so "
         "a long sweep cannot fill the disk.",
     )
     worker_niceness: int = Field(
-        default=0, ge=0, le=19,
+        default=0,
+        ge=0,
+        le=19,
         description="Niceness of the local embedded Ray's worker processes (Ray's own default, 15, lets every "
         "Ray and system process preempt the trials; ignored on a cluster, whose nodes set their own).",
     )
@@ -329,11 +344,11 @@ def check_ray_address(cli_address: str | None, ray: RayConfig, timeout: float = 
 
     if cli_address is not None:
         parse_ray_address(cli_address, "--address")
-    for field, address in (("--address", cli_address), ("ray.address", ray.address)):
-        if address and address != "local":
-            break
-    else:
+    given = (("--address", cli_address), ("ray.address", ray.address))
+    chosen = next(((field, address) for field, address in given if address and address != "local"), None)
+    if chosen is None:
         return
+    field, address = chosen
     host_port = parse_ray_address(address, field)
     if host_port is None:
         return
@@ -341,13 +356,21 @@ def check_ray_address(cli_address: str | None, ray: RayConfig, timeout: float = 
         socket.create_connection(host_port, timeout=timeout).close()
     except OSError as err:
         reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
-        raise ConfigError(field, f"nothing answers at {quote(address)} ({reason} within {timeout:g} s); start the "
-                          "Ray head there (ray start --head) or fix the address") from None
+        raise ConfigError(
+            field,
+            f"nothing answers at {quote(address)} ({reason} within {timeout:g} s); start the "
+            "Ray head there (ray start --head) or fix the address",
+        ) from None
 
 
 # pip packages of the database drivers SQLAlchemy imports (module -> package) where the names differ
-_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
-                    "pymysql": "PyMySQL", "mysql": "mysql-connector-python"}
+_DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "mysql": "mysql-connector-python",
+}
 
 
 def check_tracking_driver(uri: str) -> None:
@@ -362,18 +385,23 @@ def check_tracking_driver(uri: str) -> None:
     try:
         url = make_url(uri)
     except (ArgumentError, ValueError) as err:  # e.g. a port that is not a number; the URI may hold a password
-        raise ConfigError("tracking.uri", f"not a valid {quote(uri.split('://')[0])}:// URI: "
-                          f"{one_line(str(err), 200)}") from None
+        raise ConfigError(
+            "tracking.uri", f"not a valid {quote(uri.split('://')[0])}:// URI: {one_line(str(err), 200)}"
+        ) from None
     try:
         url.get_dialect().import_dbapi()
     except (ArgumentError, NoSuchModuleError) as err:
-        raise ConfigError("tracking.uri", f"SQLAlchemy cannot use {quote(uri.split('://')[0])}:// URIs: "
-                          f"{one_line(str(err), 200)}") from None
+        raise ConfigError(
+            "tracking.uri", f"SQLAlchemy cannot use {quote(uri.split('://')[0])}:// URIs: {one_line(str(err), 200)}"
+        ) from None
     except ImportError as err:
         module = (err.name or "").split(".")[0] or "its driver"
         package = _DRIVER_PACKAGES.get(module, module)
-        raise ConfigError("tracking.uri", f"{quote(uri.split(':')[0])} needs the Python module {module!r}, which "
-                          f"is not installed: pip install '{package}'") from None
+        raise ConfigError(
+            "tracking.uri",
+            f"{quote(uri.split(':')[0])} needs the Python module {module!r}, which "
+            f"is not installed: pip install '{package}'",
+        ) from None
 
 
 def name_problem(name: Any, pattern: str | None = NAME_PATTERN) -> str | None:
@@ -390,35 +418,19 @@ def name_problem(name: Any, pattern: str | None = NAME_PATTERN) -> str | None:
     return None
 
 
-# kind -> (section model, "module:function" that runs it). Sections register themselves from their own
-# packages' config modules, which import nothing heavy, so loading a file never imports Ray or torch.
-_KINDS: dict[str, tuple[type[StrictModel], str]] = {}
-
-
-def register_kind(kind: str, section: type[StrictModel], runner: str) -> None:
-    """Make ``kind`` valid in experiment files, with ``section`` as its typed config block."""
-    _KINDS[kind] = (section, runner)
-
-
-def kinds() -> dict[str, tuple[type[StrictModel], str]]:
-    _load_builtin_kinds()
-    return dict(_KINDS)
-
-
-def _load_builtin_kinds() -> None:
-    # Imported for their side effect of registering; kept here so config has one entry point.
-    import metaopt.federated.config  # noqa: F401
-    import metaopt.objectives.config  # noqa: F401
-    import metaopt.pbt.config  # noqa: F401
-    import metaopt.posttrain.config  # noqa: F401
-    import metaopt.symbolic.config  # noqa: F401
-
-
 TOP_LEVEL_KEYS = ("name", "kind", "description", "ray", "tracking")
 
 
-class Experiment(BaseModel):
-    """A validated experiment: the common blocks plus the capability's own section."""
+SectionT = TypeVar("SectionT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class Experiment(BaseModel, Generic[SectionT]):
+    """A validated experiment: the common blocks plus the capability's own section.
+
+    Generic in the section, so a runner declares what it runs (``def run(exp: Experiment[PBTSection], ...)``)
+    and ``exp.section.population`` is typed. :func:`from_dict` builds ``Experiment[<the kind's section>]``,
+    which checks that the section is an instance of that model."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -427,8 +439,14 @@ class Experiment(BaseModel):
     description: str = ""
     ray: RayConfig
     tracking: TrackingConfig
-    section: Any
+    section: SectionT
     source: str | None = None
+
+    def __reduce__(self):
+        # A parametrized class (``Experiment[PBTSection]``) is not a module attribute pickle could look up by
+        # name: pickle the origin class and the section's class (both importable) and parametrize again on load.
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return _rebuild_experiment, (type(self.section), fields)
 
     @property
     def mlflow_experiment(self) -> str:
@@ -444,6 +462,15 @@ class Experiment(BaseModel):
             "tracking": self.tracking.model_dump(),
             self.kind: self.section.model_dump(),
         }
+
+
+def experiment_class(section_model: type[SectionT]) -> type[Experiment[SectionT]]:
+    """``Experiment[section_model]`` for a section model known only at run time (the kind's)."""
+    return Experiment[section_model]  # type: ignore[valid-type]  # a type checker cannot index by a variable
+
+
+def _rebuild_experiment(section_model: type[BaseModel], fields: dict[str, Any]) -> Experiment:
+    return experiment_class(section_model)(**fields)
 
 
 _FLOAT = re.compile(
@@ -466,7 +493,9 @@ class ExperimentLoader(yaml.SafeLoader):
                 continue  # SafeConstructor.flatten_mapping merges it below
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (list, dict)):
-                raise yaml.constructor.ConstructorError(None, None, "mapping keys must be plain values", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, "mapping keys must be plain values", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {quote(key)}", key_node.start_mark)
             seen.add(key)
@@ -476,7 +505,9 @@ class ExperimentLoader(yaml.SafeLoader):
 ExperimentLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _first in list("-+0123456789."):
     ExperimentLoader.yaml_implicit_resolvers[_first] = [
-        (tag, regexp) for tag, regexp in ExperimentLoader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+        (tag, regexp)
+        for tag, regexp in ExperimentLoader.yaml_implicit_resolvers.get(_first, [])
+        if tag != "tag:yaml.org,2002:float"
     ]
 ExperimentLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
@@ -502,13 +533,12 @@ def check_yaml_size(text: str) -> None:
     for event in yaml.parse(text, Loader=ExperimentLoader):
         if isinstance(event, yaml.AliasEvent):
             if any(anchor == event.anchor for anchor, _ in open_):
-                raise yaml.YAMLError(f"alias *{event.anchor} refers to a node that contains it "
-                                     f"(line {event.start_mark.line + 1})")
-            size = sizes.get(event.anchor, 1)
+                raise yaml.YAMLError(f"alias *{event.anchor} refers to a node that contains it ({_line(event)})")
+            size = sizes.get(event.anchor or "", 1)
         elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             open_.append([event.anchor, 1])
             if len(open_) > MAX_YAML_DEPTH:
-                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels (line {event.start_mark.line + 1})")
+                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels ({_line(event)})")
             continue
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             anchor, size = open_.pop()
@@ -524,8 +554,15 @@ def check_yaml_size(text: str) -> None:
             open_[-1][1] += size
         total += size if not open_ else 0
         if (open_ and open_[-1][1] > MAX_YAML_NODES) or total > MAX_YAML_NODES:
-            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES} values through its aliases "
-                                 f"(line {event.start_mark.line + 1}); write the values out or use fewer aliases")
+            raise yaml.YAMLError(
+                f"expands to more than {MAX_YAML_NODES} values through its aliases "
+                f"({_line(event)}); write the values out or use fewer aliases"
+            )
+
+
+def _line(event: yaml.Event) -> str:
+    """Where an event starts, as an error line says it (PyYAML's parser always sets the mark)."""
+    return f"line {event.start_mark.line + 1}" if event.start_mark is not None else "position unknown"
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> Experiment:
@@ -584,7 +621,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool 
     from: Tune runs every trial in a folder of its own. ``check_paths`` (what runs here: ``metaopt run``) also
     checks that they exist here and that a database tracking URI's driver is installed; ``metaopt list`` and
     ``metaopt submit`` (whose paths are the cluster's) pass False."""
-    registry = kinds()
+    allowed_kinds = ", ".join(registry.kinds()) or "none; no capability is installed (pip install -e . installs them)"
     name = raw.get("name")
     if name is None:
         raise ConfigError("name", "missing; give the experiment a name (letters, digits, _ . -)")
@@ -593,9 +630,10 @@ def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool 
         raise ConfigError("name", problem)
     kind = raw.get("kind")
     if kind is None:
-        raise ConfigError("kind", f"missing; allowed: {', '.join(sorted(registry))}")
-    if not isinstance(kind, str) or kind not in registry:
-        raise ConfigError("kind", f"unknown kind {quote(kind)}; allowed: {', '.join(sorted(registry))}")
+        raise ConfigError("kind", f"missing; allowed: {allowed_kinds}")
+    if not isinstance(kind, str) or kind not in registry.kinds():
+        raise ConfigError("kind", f"unknown kind {quote(kind)}; allowed: {allowed_kinds}")
+    capability = registry.get(kind)
     allowed = (*TOP_LEVEL_KEYS, kind)
     for key in raw:
         if key not in allowed:
@@ -603,9 +641,10 @@ def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool 
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError("description", f"must be a string (got {type(description).__name__})")
+    if capability.extra is not None:
+        extras.require(capability.extra, kind)  # before the section, whose checks may import the extra's modules
     context = {"base": os.getcwd(), "check_paths": check_paths}
-    section_model, _ = registry[kind]
-    section = _validate_block(kind, section_model, raw.get(kind), context)
+    section = _validate_block(kind, capability.section, raw.get(kind), context)
     check = getattr(section, "check", None)
     if check:
         try:
@@ -615,7 +654,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool 
     tracking = _validate_block("tracking", TrackingConfig, raw.get("tracking"), context)
     if check_paths:
         check_tracking_driver(tracking.uri)
-    return Experiment(
+    return experiment_class(capability.section)(
         name=name,
         kind=kind,
         description=description,
@@ -627,16 +666,11 @@ def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool 
 
 
 def runner_for(kind: str) -> Callable[..., Any]:
-    """Import the run function of a capability lazily (so `metaopt list` never imports Ray)."""
-    import importlib
-
-    _, target = kinds()[kind]
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+    """The run function of a kind, imported only now (so `metaopt list` never imports Ray)."""
+    return registry.get(kind).load_runner()
 
 
-def _validate_block(field: str, model: type[StrictModel], value: Any,
-                    context: dict[str, Any] | None = None) -> StrictModel:
+def _validate_block(field: str, model: type[ModelT], value: Any, context: dict[str, Any] | None = None) -> ModelT:
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -661,7 +695,7 @@ def first_error(prefix: str, model: type[BaseModel], err: ValidationError) -> Co
     message = first["msg"]
     for noise in ("Value error, ", "Assertion failed, "):
         message = message.replace(noise, "")
-    if "input" in first and first["type"] != "missing":
+    if "input" in first and first["type"] != "missing" and "(got " not in message:
         message = f"{message} (got {quote(first['input'])})"
     return ConfigError(field, message)
 
@@ -670,7 +704,7 @@ def one_line(text: str, limit: int) -> str:
     """A message from another module's check as part of the one error line: newlines escaped, at most ``limit``
     characters (it may quote user input whole)."""
     text = text.replace("\r", "\\r").replace("\n", "\\n")
-    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-17:]}"
+    return text if len(text) <= limit else f"{text[: limit - 20]}...{text[-17:]}"
 
 
 def field_part(part: Any) -> str:
@@ -681,11 +715,43 @@ def field_part(part: Any) -> str:
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where pydantic found an unknown one: the fields of the model at ``loc``, walking into
+    lists, mappings, optionals and discriminated unions (whose tag is a step of pydantic's location)."""
     current: Any = model
     for part in loc:
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            break
-        current = field.annotation
-    fields = getattr(current, "model_fields", None)
+        current = _step_into(current, part)
+        if current is None:
+            return []
+    fields = getattr(_unwrap(current), "model_fields", None)
     return sorted(fields) if fields else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _step_into(annotation: Any, part: Any) -> Any:
+    """The annotation one step of an error location below ``annotation`` (None: not found)."""
+    annotation = _unwrap(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(part)
+        return field.annotation if field is not None else None
+    if origin in (list, tuple, set, frozenset) and isinstance(part, int) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin in (typing.Union, types.UnionType):
+        members = [_unwrap(arg) for arg in args if arg is not type(None)]
+        for member in members:  # a discriminated union's tag: the member whose literal field equals it
+            fields = getattr(member, "model_fields", {})
+            if any(typing.get_origin(f.annotation) is typing.Literal and part in typing.get_args(f.annotation)
+                   for f in fields.values()):
+                return member
+        for member in members:
+            found = _step_into(member, part)
+            if found is not None:
+                return found
+    return None

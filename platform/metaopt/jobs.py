@@ -368,14 +368,13 @@ def enable_token_auth_if_available() -> bool:
     mode = os.environ.get(AUTH_MODE_ENV)
     if mode is not None:
         return mode.strip().lower() == "token"
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from metaopt.compat import ray as compat_ray
 
-    # Same lookup as Ray's own (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), in C++.
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+    # Same lookup as Ray's own (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
+    if not compat_ray.auth_token_exists():
         return False
     os.environ[AUTH_MODE_ENV] = "token"
-    # Ray caches RAY_AUTH_MODE in its C++ config on first read; re-read it the way ray.init does.
-    Config.initialize("")
+    compat_ray.reload_auth_mode()  # Ray caches RAY_AUTH_MODE in its C++ config on first read
     return True
 
 

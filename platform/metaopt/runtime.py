@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import ray
 
+from metaopt.compat import ray as compat_ray
 from metaopt.config import RayConfig
 
 
@@ -61,7 +62,7 @@ def local_ray_options(config: RayConfig) -> dict:
         "num_cpus": config.num_cpus,
         "num_gpus": config.num_gpus,
         "include_dashboard": False,
-        "_system_config": {"worker_niceness": config.worker_niceness, "prestart_worker_first_driver": False},
+        **compat_ray.system_config(config.worker_niceness),
     }
     if config.worker_preload and sys.platform != "win32":
         options["runtime_env"] = {"py_executable": worker_start_command(config.worker_preload)}
@@ -91,26 +92,8 @@ def loopback_only() -> Iterator[None]:
     process) and the variable (the processes ``ray.init`` starts, and the workers they start) are set; both are
     restored afterwards, so a later ``ray.init(address=...)`` to a real cluster sees Ray's normal behaviour.
     """
-    try:  # Ray's private single-node switch, checked: a release without it gets Ray's default binding, said once
-        from ray._private import ray_constants
-
-        name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-        ray_constants.ENABLE_RAY_CLUSTER  # noqa: B018 -- present, or the fallback below
-    except (ImportError, AttributeError):
-        print(f"[metaopt] warning: Ray {ray.__version__} has no single-node switch; the local Ray listens on "
-              "Ray's default addresses", file=sys.stderr, flush=True)
+    with compat_ray.single_node_switch():  # a Ray release without it: Ray's default binding, said once
         yield
-        return
-    saved_env, saved_constant = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
-        if saved_env is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved_env
 
 
 def start_local(config: RayConfig, log_to_driver: bool = True) -> None:

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from metaopt.cache import cache_dir, write_atomically
+from metaopt.compat import mlflow as compat_mlflow
 from metaopt.errors import ConfigError
 from metaopt.redact import redact_config, redact_text, redact_uri, strip_userinfo
 
@@ -97,25 +98,23 @@ def empty_store_template() -> Path | None:
     """An MLflow sqlite store with every table at this MLflow's schema and nothing in it (not even the Default
     experiment), made once in the cache directory (:func:`empty_store_template_path`); None if it cannot be.
 
-    MLflow makes a store by creating its first tables and then running every schema migration since
-    (``mlflow.store.db.utils._initialize_tables``, ~70 migrations): 0.9-1.6 CPU-s, and 2.4-5.3 s of wall time
-    next to a sweep's trial processes starting on 2 cores (benchmarks/README.md). The template is made by that
-    same function and checked to be at the newest revision MLflow knows, so a copy of it is the store MLflow
-    would have made, less what it adds on opening."""
+    MLflow makes a store by creating its first tables and then running every schema migration since (~70):
+    0.9-1.6 CPU-s, and 2.4-5.3 s of wall time next to a sweep's trial processes starting on 2 cores
+    (benchmarks/README.md). The template is made by that same private function (:mod:`metaopt.compat.mlflow`;
+    on an MLflow version it does not know, no template) and checked to be at the newest revision MLflow knows,
+    so a copy of it is the store MLflow would have made, less what it adds on opening."""
     path = empty_store_template_path()
     if is_sqlite_file(path):
         return path
+    if not compat_mlflow.can_build_empty_store():  # another MLflow version: it makes its stores itself
+        return None
 
     def build(tmp: Path) -> None:
         import sqlalchemy
-        from mlflow.store.db import utils
 
         engine = sqlalchemy.create_engine(sqlalchemy.engine.URL.create("sqlite", database=str(tmp)))
         try:
-            utils._initialize_tables(engine)
-            built, newest = utils._get_schema_version(engine), utils._get_latest_schema_revision()
-            if built != newest:
-                raise RuntimeError(f"the new store is at revision {built}, MLflow's newest is {newest}")
+            compat_mlflow.build_empty_store(engine)
         except Exception as err:  # noqa: BLE001 -- only a shortcut: MLflow's own creation follows, and says what is wrong
             raise OSError(f"cannot build an empty MLflow store: {err}") from err
         finally:

@@ -10,7 +10,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator
 
 from metaopt.cache import replace_atomically
+from metaopt.compat import tune as compat_tune
 
 STATE_FILE = "trial_state.pt"
 T = TypeVar("T")
@@ -121,13 +122,8 @@ class KeepLastCheckpoints(tune.Callback):
 def restorable_paths(trials: list[Any], scheduler: Any) -> set[str]:
     """Checkpoint paths Tune may still restore: every trial's latest, and PBT's recorded boundary checkpoints."""
     paths = {t.checkpoint.path for t in trials if t.checkpoint is not None}
-    for state in getattr(scheduler, "_trial_state", {}).values():
-        recorded = getattr(state, "last_checkpoint", None)
-        if recorded is not None and not hasattr(recorded, "path") and hasattr(recorded, "resolve"):
-            resolved = recorded.resolve(block=False)  # a save PBT asked for; not done yet = not one we hold
-            recorded = resolved.checkpoint if resolved is not None else None
-        if recorded is not None and getattr(recorded, "path", None):
-            paths.add(recorded.path)
+    if scheduler is not None and compat_tune.pbt_state_readable(scheduler):
+        paths |= {recorded.path for recorded in compat_tune.pbt_recorded_checkpoints(scheduler)}
     return paths
 
 
@@ -147,12 +143,10 @@ def checkpoint_config(frequency: int, keep: int, scheduler: Any, callbacks: list
     """Tune's checkpoint config keeping ``keep`` checkpoints per trial, and the callbacks: under PBT the
     deleting is :class:`KeepLastCheckpoints`' (which knows what PBT may restore), otherwise Tune's own."""
     pbt = isinstance(scheduler, PopulationBasedTraining)  # PB2 too
-    knows_pbt_state = hasattr(scheduler, "_trial_state")  # Tune 2.60's PBT bookkeeping (private)
     config = tune.CheckpointConfig(checkpoint_frequency=frequency, checkpoint_at_end=True,
                                    num_to_keep=None if pbt else keep)
-    if pbt and not knows_pbt_state:
-        # Plain fallback where a Tune release renamed it: keep every checkpoint (disk, not results, is at stake).
-        logger.warning("this Ray Tune's PBT has no _trial_state: keeping every checkpoint of the sweep")
+    if pbt and not compat_tune.pbt_state_readable(scheduler):
+        # Plain fallback where a Tune release changed it: keep every checkpoint (disk, not results, is at stake).
         return config, callbacks
     return config, [*callbacks, KeepLastCheckpoints(keep, scheduler)] if pbt else callbacks
 
@@ -171,32 +165,25 @@ def seeded_randomness(*key: Any) -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-class SeededDecisions:
+class SeededDecisions(compat_tune.ExploitHook):
     """PBT (a mixin in front of Tune's scheduler) whose random choices -- which top trial a weak one clones, how
     it perturbs or resamples the hyperparameters -- follow from the sweep's ``seed``, the trial and the
     iteration, instead of the driver's global ``random``/``numpy`` state, which Ray and Tune also draw from.
     So a synchronous PBT sweep is reproducible from its seed, and one with a crashed and restored trial ends
-    as the uninterrupted one does."""
+    as the uninterrupted one does. (Tune's exploit step is private: :class:`metaopt.compat.tune.ExploitHook`
+    reaches it, and on a Tune version it does not know the choices are plain PBT's, unseeded, said once.)"""
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._decision_seed = seed
 
-    def _checkpoint_or_exploit(self, trial: Any, tune_controller: Any, upper_quantile: list[Any],
-                               lower_quantile: list[Any]) -> None:
+    def exploit_context(self, trial: Any, iteration: int) -> AbstractContextManager[None]:
         tag = str(trial.experiment_tag).split("@")[0]  # the trial's original tag, the same in every rerun
-        with seeded_randomness(self._decision_seed, tag, self._trial_state[trial].last_train_time):
-            super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+        return seeded_randomness(self._decision_seed, tag, iteration)
 
 
 class SeededPBT(SeededDecisions, PopulationBasedTraining):
     """Tune's PBT (Jaderberg et al. 2017) whose exploit/explore choices follow from the sweep's seed."""
-
-
-# SeededDecisions wraps a private method of Tune 2.60's PBT; a release without it would leave the choices unseeded
-# without a word, so say so once, here (the sweep still runs, as plain PBT).
-if not callable(getattr(PopulationBasedTraining, "_checkpoint_or_exploit", None)):
-    logger.warning("this Ray Tune's PBT has no _checkpoint_or_exploit: PBT's choices are not seeded")
 
 
 def lr_pbt(metric: str, interval: int, low: float, high: float, seed: int = 0) -> Any:
@@ -211,16 +198,17 @@ def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any]
                scheduler: Any, max_failures: int, experiment_name: str, storage_path: str,
                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
                reuse_actors: bool = False, cells: list[dict[str, Any]] | None = None,
-               checkpoints_to_keep: int = 2) -> Any:
-    """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint after every iteration (the
-    last ``checkpoints_to_keep`` kept, see :func:`checkpoint_config`). ``reuse_actors``: the trainable
-    implements ``reset_config`` and Tune hands its actor (and placement group) from trial to trial.
+               checkpoints_to_keep: int = 2, checkpoint_every: int = 1) -> Any:
+    """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint every ``checkpoint_every``
+    iterations and at the end (the last ``checkpoints_to_keep`` kept, see :func:`checkpoint_config`).
+    ``reuse_actors``: the trainable implements ``reset_config`` and Tune hands its actor (and placement group)
+    from trial to trial.
     ``cells``: the trials' values of ``param_space``'s sampled keys, one dict per trial, run in this order
     (instead of ``grid_search`` keys, which Tune orders by name)."""
     search = None
     if reuse_actors or cells:
         search, callbacks = actor_keeping_search(0, callbacks, cells)
-    checkpoints, callbacks = checkpoint_config(1, checkpoints_to_keep, scheduler, callbacks)
+    checkpoints, callbacks = checkpoint_config(checkpoint_every, checkpoints_to_keep, scheduler, callbacks)
     # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, ~10 ms) experiment state every
     # few iterations, and warn about it each time: with rounds of well under a second that is a warning per round.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

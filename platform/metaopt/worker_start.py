@@ -5,16 +5,17 @@
 ``MODULES`` is a comma-separated list (``torch``); ``WORKER_SCRIPT`` and ``ARGS`` are what Ray would have run
 (its ``default_worker.py`` and the raylet's arguments). The local embedded Ray starts its workers this way
 (``runtime_env={"py_executable": ...}``, :func:`metaopt.runtime.local_ray_options`) when ``ray.worker_preload``
-names modules. Run by its path, not ``-m``: it needs only the standard library, so a worker starts even where
-``metaopt`` is importable only through the driver's own ``sys.path``, and the working directory never lands
-on ``sys.path``. Before the preload, ``sys.path[0]`` is already the worker script's directory, as
-``python WORKER_SCRIPT`` has it, so nothing in this folder or the working directory shadows what torch imports.
+names modules. Run by its path, not ``-m``: it needs only the standard library (and, after the preload,
+:mod:`metaopt.compat.ray`, loaded from this file's own package where ``metaopt`` is importable only through the
+driver's ``sys.path``), and the working directory never lands on ``sys.path``. Before the preload,
+``sys.path[0]`` is already the worker script's directory, as ``python WORKER_SCRIPT`` has it, so nothing in
+this folder or the working directory shadows what torch imports.
 
 Threads: torch's OpenMP reads ``OMP_NUM_THREADS`` when it loads, and Ray sets that variable only when a task
-starts (to the task's CPUs, if unset), which is now after the preload. So Ray's own per-task step,
-``ray._private.utils.set_omp_num_threads_if_unset``, is wrapped here to pass the count it sets on to
-``torch.set_num_threads``: a worker's torch threads are what Ray would have given it. Where a Ray release
-lacks that function, torch gets 1 thread unless ``OMP_NUM_THREADS`` is set: Ray's value for a 1-CPU task.
+starts (to the task's CPUs, if unset), which is now after the preload. So Ray's own per-task step (private:
+:func:`metaopt.compat.ray.follow_omp_thread_count` wraps it) passes the count it sets on to
+``torch.set_num_threads``: a worker's torch threads are what Ray would have given it. On a Ray release where
+that step is not usable, torch gets 1 thread unless ``OMP_NUM_THREADS`` is set: Ray's value for a 1-CPU task.
 Ray's ``uv run`` hook replaces ``py_executable``, so under ``uv run`` nothing is preloaded.
 
 Why: in a process where Ray's core worker started *before* torch was imported, the digits MLP's forward +
@@ -32,9 +33,11 @@ skipped: the worker still starts, and the trial's own import raises the real err
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import runpy
 import sys
+from types import ModuleType
 
 PRELOADED_ENV = "METAOPT_WORKER_PRELOADED"  # set in the worker: the modules it imported before Ray
 
@@ -64,23 +67,30 @@ def preload(modules: list[str]) -> list[str]:
 def follow_rays_thread_count() -> bool:
     """Make torch use the OpenMP thread count Ray sets for each task (see the module docstring); False where
     this Ray has no such step to wrap."""
-    try:
-        import ray._private.utils as ray_utils
-    except ImportError:
-        return False
-    ray_default = getattr(ray_utils, "set_omp_num_threads_if_unset", None)
-    if ray_default is None:
-        return False
 
-    def set_omp_num_threads_and_torch_threads(*args, **kwargs):
-        changed = ray_default(*args, **kwargs)
+    def set_torch_threads(count: int) -> None:
         torch = sys.modules.get("torch")
-        if changed and torch is not None:
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        return changed
+        if torch is not None:
+            torch.set_num_threads(count)
 
-    ray_utils.set_omp_num_threads_if_unset = set_omp_num_threads_and_torch_threads
-    return True
+    return compat_ray_module().follow_omp_thread_count(set_torch_threads)
+
+
+def compat_ray_module() -> ModuleType:
+    """:mod:`metaopt.compat.ray`; where ``metaopt`` is not on this worker's path, from the package this file is in
+    (found by this file's location, not by adding its folder to ``sys.path``)."""
+    try:
+        return importlib.import_module("metaopt.compat.ray")
+    except ModuleNotFoundError as err:
+        if err.name != "metaopt":
+            raise
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("metaopt", os.path.join(package_dir, "__init__.py"),
+                                                  submodule_search_locations=[package_dir])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["metaopt"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("metaopt.compat.ray")
 
 
 def main(argv: list[str]) -> None:

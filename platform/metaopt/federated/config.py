@@ -2,21 +2,149 @@
 
 Each trial is one federated training (Wang et al. ICLR 2024, FedHyper, and its baselines) with its clients as
 Ray actors; one Tune iteration is one round. Nothing here imports torch or Ray.
+
+The server strategies' options are here too, one model per strategy chosen by ``name`` (:data:`STRATEGY_OPTIONS`,
+the one list of strategy names): the section validates its ``strategies`` against it, and
+:func:`metaopt.federated.strategies.make_strategy` builds a strategy from a validated model.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, create_model, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, absolute_path, quote, register_kind
+from metaopt.config import Seed, StrictModel, absolute_path, quote
 from metaopt.errors import ConfigError
+from metaopt.optim.specs import LearningRate, NamedSpec, NamedSpecs, Number, literal_name
+from metaopt.registry import Capability
 
-STRATEGY_NAMES = (
-    "fedavg", "fedadam", "fedadagrad", "fedyogi", "fedexp", "decay", "fedhyper_g", "fedhyper_gm", "fedhyper_sl",
-    "fedhyper_cl", "fedhyper_g_cl",
-)
+# ------------------------------------------------------------------------------------ server strategies
+
+
+def _ordered(pair: tuple[float, float]) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError("must be a pair [low, high] with low <= high")
+    return pair
+
+
+#: ``[low, high]`` with low <= high.
+Bounds = Annotated[tuple[Number, Number], AfterValidator(_ordered)]
+
+
+class StrategyOptions(NamedSpec):
+    """What every server strategy takes: the base client lr."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lr0: LearningRate | None = Field(
+        default=None, description="Base client lr (None: the first round's mean local_lr)."
+    )
+
+
+class FedAvgOptions(StrategyOptions):
+    """FedAvg with a server lr (McMahan et al. 2017; Reddi et al. 2021, Alg. 1 with an SGD server)."""
+
+    name: Literal["fedavg"] = "fedavg"
+    server_lr: LearningRate = Field(default=1.0, description="eta_g in x_{t+1} = x_t + eta_g Delta_t.")
+
+
+class FedOptOptions(StrategyOptions):
+    """FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2); the name picks the second moment."""
+
+    server_lr: LearningRate = Field(default=1e-2, description="eta, the server's step size.")
+    beta1: Number = Field(default=0.9, ge=0, lt=1, description="First-moment decay.")
+    beta2: Number = Field(default=0.99, ge=0, lt=1, description="Second-moment decay (FedAdam, FedYogi).")
+    tau: Number = Field(default=1e-3, gt=0, description="Adaptivity: the denominator's offset.")
+    initial_v: Number | None = Field(default=None, ge=0, description="v_{-1} (None: tau^2, the paper's minimum).")
+
+    @property
+    def variant(self) -> str:
+        """``adagrad``, ``adam`` or ``yogi``: the name without its ``fed``."""
+        return self.name.removeprefix("fed")
+
+
+class FedAdamOptions(FedOptOptions):
+    name: Literal["fedadam"] = "fedadam"
+
+
+class FedAdagradOptions(FedOptOptions):
+    name: Literal["fedadagrad"] = "fedadagrad"
+
+
+class FedYogiOptions(FedOptOptions):
+    name: Literal["fedyogi"] = "fedyogi"
+
+
+class FedExpOptions(StrategyOptions):
+    """FedExP (Jhunjhunwala, Wang, Joshi, ICLR 2023, eq. 9)."""
+
+    name: Literal["fedexp"] = "fedexp"
+    eps: Number = Field(default=0.0, ge=0, description="epsilon guarding ||mean delta|| = 0 in eta_g's denominator.")
+
+
+class FedHyperBase(StrategyOptions):
+    """FedHyper (Wang, Wang, Li, ICLR 2024): the constants of its schedulers; ``server`` and ``client_lr`` pick
+    which ones run (free in :class:`FedHyperOptions`, fixed by the name in the presets)."""
+
+    alpha_bounds: Bounds | None = Field(
+        default=None, description="Clip of the server offset a (None: the paper's bounds for the server rule)."
+    )
+    momentum: Number = Field(default=0.9, ge=0, lt=1, description="mu of the server-global momentum rule (gm).")
+    sl_bounds: Bounds = Field(default=(0.001, 0.1), description="Clip of the server-local client lr (sl).")
+    decay_gamma: Number = Field(default=0.995, gt=0, le=1, description="gamma of the decay baseline: lr0 gamma^t.")
+    num_clients_total: int = Field(default=1, ge=1, description="N of the client-local rule (cl).")
+    fraction: Number = Field(default=1.0, gt=0, le=1, description="C, share of clients per round (cl).")
+    cl_gamma_max: Number = Field(default=1.1, gt=0, description="Cap of the client-local factor gamma_k (cl).")
+    cl_global_scale: Number = Field(default=0.1, ge=0, description="Weight of <u_k, Delta_{t-1}> in gamma_k (cl).")
+    cl_bounds: Bounds = Field(default=(0.1, 10.0), description="Clip of the client-local beta_k (cl).")
+
+    def rules(self) -> tuple[str, str]:
+        """(server rule, client-lr rule): a preset's, fixed by its name (:data:`FEDHYPER_PRESETS`)."""
+        return FEDHYPER_PRESETS[self.name]
+
+
+class FedHyperOptions(FedHyperBase):
+    """FedHyper with free flags: any server rule with any client-lr rule."""
+
+    name: Literal["fedhyper"] = "fedhyper"
+    server: Literal["avg", "g", "gm"] = Field(default="g", description="avg, server-global (g) or with momentum (gm).")
+    client_lr: Literal["fixed", "sl", "cl", "decay"] = Field(
+        default="fixed", description="fixed lr0, server-local (sl), client-local (cl) or exponential decay."
+    )
+
+    def rules(self) -> tuple[str, str]:
+        return self.server, self.client_lr
+
+
+#: FedHyper presets: name -> (server rule, client-lr rule), the combinations of Wang, Wang, Li 2024's tables.
+FEDHYPER_PRESETS: dict[str, tuple[str, str]] = {
+    "decay": ("avg", "decay"),
+    "fedhyper_g": ("g", "fixed"),
+    "fedhyper_gm": ("gm", "fixed"),
+    "fedhyper_sl": ("avg", "sl"),
+    "fedhyper_cl": ("avg", "cl"),
+    "fedhyper_g_cl": ("g", "cl"),
+}
+
+
+def _fedhyper_preset(name: str) -> type[FedHyperBase]:
+    """The options model of one preset: FedHyper's constants; its two rules are fixed by the name, not options."""
+    server, client_lr = FEDHYPER_PRESETS[name]
+    return create_model(
+        f"FedHyperPreset_{name}", __base__=FedHyperBase, __doc__=f"FedHyper, server {server}, client lr {client_lr}.",
+        name=(Literal[name], name),  # type: ignore[arg-type]  # a Literal of a runtime value
+    )
+
+
+#: The server strategies: name -> options model. The one list of strategy names.
+STRATEGY_OPTIONS: NamedSpecs[StrategyOptions] = NamedSpecs("strategy")
+for _model in (FedAvgOptions, FedAdamOptions, FedAdagradOptions, FedYogiOptions, FedExpOptions):
+    STRATEGY_OPTIONS.register(literal_name(_model), _model)
+for _name in FEDHYPER_PRESETS:
+    STRATEGY_OPTIONS.register(_name, _fedhyper_preset(_name))
+STRATEGY_OPTIONS.register("fedhyper", FedHyperOptions)
+STRATEGY_NAMES = STRATEGY_OPTIONS.names()
 
 
 class FederatedSection(StrictModel):
@@ -85,9 +213,11 @@ class FederatedSection(StrictModel):
         return lrs
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FederatedSection":
+    def _consistent(self) -> FederatedSection:
         if self.scheduler == "pbt" and self.pbt_interval >= self.rounds:
-            raise ConfigError("pbt_interval", f"must be < rounds so PBT perturbs at all ({self.pbt_interval} >= {self.rounds})")
+            raise ConfigError(
+                "pbt_interval", f"must be < rounds so PBT perturbs at all ({self.pbt_interval} >= {self.rounds})"
+            )
         if self.dataset in ("fashion_mnist", "cifar10") and not self.data_root:
             raise ConfigError("data_root", f"{self.dataset} is read from a local directory; set data_root")
         return self
@@ -101,4 +231,4 @@ class FederatedSection(StrictModel):
                               f"samples (train + validation each); {self.dataset} has {samples}")
 
 
-register_kind("federated", FederatedSection, "metaopt.federated.sweep:run")
+CAPABILITY = Capability(kind="federated", section=FederatedSection, runner="metaopt.federated.sweep:run")

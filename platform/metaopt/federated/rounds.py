@@ -4,11 +4,9 @@
 2. send them the global model and this round's local lr (the strategy's: fixed, decayed, FedHyper-SL's, or
    lr0 with FedHyper-CL's per-batch multiplier computed on the client);
 3. collect Δ_i from every client that answers by the round's one deadline (``timeout_s``, from the round's
-   start, for all clients at once); a client whose actor died mid-round is reported and left out -- the round
-   completes with the others, and Ray restarts the actor (with its shard) for later rounds; a client that is
-   merely late is left out the same way and its round task cancelled (the client stops at its next batch, so
-   its next round is not stuck behind the stale one; results travel by each round's own object refs, so a
-   stale answer can never be read as a later round's);
+   start, for all clients at once); a client that failed or was late is left out and the round completes with
+   the others. The clients are a pool (:class:`metaopt.federated.clients.Clients`): in-process objects, or Ray
+   actors whose deaths, restarts and cancelled round tasks the pool handles -- this loop knows no Ray;
 4. aggregate with the server strategy (:mod:`metaopt.federated.strategies`), evaluate the new global model on
    the union of the clients' validation shards, and report accuracy, loss, global and local lrs.
 
@@ -19,7 +17,6 @@ strategy state, round, sampler state), so a run checkpointed each round resumes 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -29,17 +26,9 @@ import numpy as np
 import torch
 
 from metaopt.errors import ConfigError
-from metaopt.federated.clients import (
-    build_model,
-    evaluate,
-    flat_params,
-    pack_round_request,
-    unpack_round_result,
-)
+from metaopt.federated.clients import Clients, LocalResult, build_model, evaluate, flat_params
 from metaopt.federated.data import ClientShard
 from metaopt.federated.strategies import ClientUpdate, StrategyState
-
-log = logging.getLogger("metaopt.federated")
 
 
 @dataclass(frozen=True)
@@ -58,44 +47,25 @@ class RoundSettings:
             raise ConfigError("round_timeout_s", f"must be a finite number of seconds > 0 (got {self.timeout_s!r})")
 
 
-def wait_round(futures: dict[int, Any], timeout_s: float) -> tuple[dict[int, Any], list[int]]:
-    """``(answered, late)``: one ``ray.wait`` over every client's round task with the round's deadline (not a
-    timeout per client in turn, which would let k slow clients stretch a round to k deadlines). The late
-    clients' tasks are cancelled: ``force=False``, the only kind Ray allows for actor tasks -- a queued task is
-    dropped, a running one sees the flag (:func:`metaopt.federated.clients.ray_cancel_check`)."""
-    import ray
-
-    if not futures:
-        return {}, []
-    ready, _ = ray.wait(list(futures.values()), num_returns=len(futures), timeout=timeout_s)
-    ready = set(ready)
-    late = [i for i, ref in futures.items() if ref not in ready]
-    for i in late:
-        ray.cancel(futures[i], force=False)
-    return {i: ref for i, ref in futures.items() if ref in ready}, late
-
-
 def _cl_rule(strategy, state: StrategyState, beta_prev, u_k, u_prev, step):
     """FedHyper-CL's per-batch lr multiplier, evaluated on the client with this round's server state."""
     return strategy.client_beta(state, beta_prev, u_k, u_prev)
 
 
 class FederatedRun:
-    """The server side of one federated training; clients are a :class:`ClientPool` or in-process Clients."""
+    """The server side of one federated training over a pool of ``clients`` (in-process or Ray actors)."""
 
-    def __init__(self, shards: list[ClientShard], clients: list[Any], strategy, settings: RoundSettings,
-                 in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,), remote: bool = True):
+    def __init__(self, shards: list[ClientShard], clients: Clients, strategy, settings: RoundSettings,
+                 in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)):
         self.clients = clients
         self.strategy = strategy
         self.settings = settings
-        self.remote = remote
         torch.manual_seed(settings.seed)
         self.model = build_model(in_features, num_classes, hidden)
         self.global_params = flat_params(self.model)
         self.state = strategy.init(self.global_params)
         self.client_lr = settings.lr0
         self.round = 0
-        self.recovering: set[int] = set()  # clients that failed and that Ray is restarting
         self.rng = np.random.default_rng(settings.seed)
         self.val_x = torch.cat([s.val_x for s in shards])
         self.val_y = torch.cat([s.val_y for s in shards])
@@ -105,60 +75,17 @@ class FederatedRun:
         return sorted(self.rng.choice(len(self.clients), size=count, replace=False).tolist())
 
     def _lr_rule(self):
-        if getattr(self.strategy, "client_lr", None) == "cl":
+        if getattr(getattr(self.strategy, "options", None), "client_lr", None) == "cl":  # FedHyper-CL
             return functools.partial(_cl_rule, self.strategy, self.state)
         return None
 
-    def _collect(self, chosen: list[int], lr: float) -> tuple[list[Any], list[int]]:
-        kwargs = dict(round_index=self.round, epochs=self.settings.epochs, lr=lr, optimizer=self.settings.optimizer,
-                      batch_size=self.settings.batch_size, lr_rule=self._lr_rule())
-        if not self.remote:
-            return [self.clients[i].train(self.global_params, **kwargs) for i in chosen], []
-        import ray
-
-        failed = [i for i in chosen if i in self.recovering and not self._back(i)]
-        # The model travels as a numpy vector (a pickled tensor goes through torch.save / torch.load on both ends),
-        # inline in each call rather than through ray.put, and packed once for all clients: on 2 cores with 10
-        # client actors, inline numpy measured 49 ms per round against 65-70 ms for tensors through one ray.put
-        # and 55 ms for numpy through ray.put; one packed request for all 10 clients 0.92-0.94x of inline
-        # numpy (benchmarks/README.md).
-        request = pack_round_request(self.global_params, kwargs)
-        futures = {i: self.clients[i].train_round.remote(request) for i in chosen if i not in failed}
-        answered, late = wait_round(futures, self.settings.timeout_s)
-        for i in late:  # alive but slow: not "recovering" (asking it for its pid would queue behind the round)
-            log.warning("round %d: client %d did not answer within the round's %gs; left out, its task cancelled",
-                        self.round + 1, i, self.settings.timeout_s)
-        results = []
-        for i, future in answered.items():
-            try:
-                results.append(unpack_round_result(ray.get(future)))
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                failed.append(i)
-                self.recovering.add(i)
-                log.warning("round %d: client %d failed (%s); the round goes on with the others",
-                            self.round + 1, i, type(err).__name__)
-        return results, sorted(failed + late)
-
-    def _back(self, client: int) -> bool:
-        """Has Ray restarted this client's actor? Waits up to ``restart_wait_s`` for it to answer."""
-        import ray
-
-        deadline = time.monotonic() + self.settings.restart_wait_s
-        while True:
-            try:
-                ray.get(self.clients[client].pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except ray.exceptions.ActorUnavailableError:  # restarting: ask again until the deadline
-                if time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    continue
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
-            log.warning("round %d: client %d is still down; left out of this round", self.round + 1, client)
-            return False
-        self.recovering.discard(client)
-        log.warning("round %d: client %d is back (restarted by Ray)", self.round + 1, client)
-        return True
+    def _collect(self, chosen: list[int], lr: float) -> tuple[list[LocalResult], list[int]]:
+        settings = {"round_index": self.round, "epochs": self.settings.epochs, "lr": lr,
+                    "optimizer": self.settings.optimizer, "batch_size": self.settings.batch_size,
+                    "lr_rule": self._lr_rule()}
+        answers = self.clients.train_round(chosen, self.global_params, settings, timeout_s=self.settings.timeout_s,
+                                           restart_wait_s=self.settings.restart_wait_s)
+        return answers.results, answers.failed
 
     def run_round(self) -> dict[str, Any]:
         started = time.perf_counter()

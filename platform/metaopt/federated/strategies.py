@@ -26,32 +26,45 @@ Strategies (see each class docstring for its equation):
   server-global with momentum (GM), server-local (SL) and client-local (CL) schedulers and
   their combinations, plus the exponential-decay client-lr baseline.
 
-Names for :func:`make_strategy` are in :data:`STRATEGIES`.
+Names for :func:`make_strategy` are in :data:`STRATEGIES`. Each strategy's options are a pydantic model of
+:mod:`metaopt.federated.config` (:data:`~metaopt.federated.config.STRATEGY_OPTIONS`, the one list of names);
+a strategy holds its validated ``options`` and checks nothing again. Built from a name, a mapping or keywords,
+the options are validated on the way in, so a bad one is one ConfigError naming ``strategy.<option>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from metaopt.errors import ConfigError
+from metaopt.federated.config import (
+    STRATEGY_NAMES,
+    STRATEGY_OPTIONS,
+    FedAvgOptions,
+    FedExpOptions,
+    FedHyperBase,
+    FedOptOptions,
+    StrategyOptions,
+)
 
 __all__ = [
+    "STRATEGIES",
     "ClientUpdate",
-    "StrategyState",
-    "weighted_delta",
-    "mean_delta",
-    "cl_beta",
     "FedAvg",
-    "FedOpt",
     "FedExp",
     "FedHyper",
-    "STRATEGIES",
+    "FedOpt",
+    "StrategyState",
+    "cl_beta",
     "make_strategy",
+    "mean_delta",
+    "weighted_delta",
 ]
 
 
@@ -94,7 +107,7 @@ class StrategyState:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StrategyState":
+    def from_dict(cls, data: dict[str, Any]) -> StrategyState:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -183,18 +196,43 @@ def cl_beta(
 # --------------------------------------------------------------------------- strategies
 
 
-class _Strategy:
-    name = "strategy"
+def strategy_options(spec: StrategyOptions | Mapping[str, Any] | str, **options: Any) -> StrategyOptions:
+    """The validated options model of a strategy given as a model, a mapping with a ``name``, or a name (plus
+    ``options``); anything bad is one ConfigError naming ``strategy.<option>``."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    elif isinstance(spec, StrategyOptions) and options:
+        spec = {**spec.model_dump(exclude_unset=True), "name": spec.name}
+    return STRATEGY_OPTIONS.parse({**spec, **options} if isinstance(spec, Mapping) else spec)
 
-    def __init__(self, lr0: float | None = None):
-        self.lr0 = None if lr0 is None else float(lr0)
+
+class _Strategy:
+    """A server strategy over its validated options (``self.options``); subclasses set which options they run
+    and the name a bare constructor means."""
+
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    default_name: ClassVar[str] = ""
+
+    def __init__(self, options: StrategyOptions | Mapping[str, Any] | None = None, **settings: Any):
+        if isinstance(options, Mapping) or options is None:
+            options = {"name": self.default_name, **(options or {})}
+        self.options = strategy_options(options, **settings)
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"{type(self).__name__} runs {self.Options.__name__}, not {type(self.options).__name__}")
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    @property
+    def lr0(self) -> float | None:
+        return self.options.lr0
 
     def init(self, global_params: torch.Tensor) -> StrategyState:
         return StrategyState(lr0=self.lr0, client_lr=self.lr0)
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({opts})"
+        return f"{type(self).__name__}({self.options!r})"
 
 
 class FedAvg(_Strategy):
@@ -205,20 +243,19 @@ class FedAvg(_Strategy):
     Client lr is unchanged (``lr0``, else the clients' own ``local_lr``).
     """
 
-    name = "fedavg"
-
-    def __init__(self, server_lr: float = 1.0, lr0: float | None = None):
-        super().__init__(lr0)
-        self.server_lr = float(server_lr)
+    Options = FedAvgOptions
+    default_name = "fedavg"
+    options: FedAvgOptions
 
     def aggregate(self, state, global_params, client_updates):
         _check(global_params, client_updates)
         delta = weighted_delta(client_updates)
         lr0 = _resolve_lr0(state, client_updates)
         new = dataclasses.replace(
-            state, round=state.round + 1, lr0=lr0, client_lr=lr0, server_lr=self.server_lr, last_delta=delta.clone()
+            state, round=state.round + 1, lr0=lr0, client_lr=lr0, server_lr=self.options.server_lr,
+            last_delta=delta.clone(),
         )
-        return global_params + self.server_lr * delta, new, lr0
+        return global_params + self.options.server_lr * delta, new, lr0
 
 
 class FedOpt(_Strategy):
@@ -235,39 +272,20 @@ class FedOpt(_Strategy):
     the paper's v_{−1} ≥ τ²). Defaults β1 = 0.9, β2 = 0.99, τ = 1e-3, η = 1e-2.
     """
 
-    VARIANTS = ("adagrad", "adam", "yogi")
+    Options = FedOptOptions
+    default_name = "fedadam"
+    options: FedOptOptions
 
-    def __init__(
-        self,
-        variant: str = "adam",
-        server_lr: float = 1e-2,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-3,
-        initial_v: float | None = None,
-        lr0: float | None = None,
-    ):
-        super().__init__(lr0)
-        if variant not in self.VARIANTS:
-            raise ConfigError("variant", f"unknown {variant!r}; allowed: {', '.join(self.VARIANTS)}")
-        for field, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= float(value) < 1.0:
-                raise ConfigError(field, f"must be in [0, 1), got {value!r}")
-        if float(tau) <= 0:
-            raise ConfigError("tau", f"must be > 0, got {tau!r}")
-        self.variant = variant
-        self.server_lr = float(server_lr)
-        self.beta1 = float(beta1)
-        self.beta2 = float(beta2)
-        self.tau = float(tau)
-        self.initial_v = self.tau**2 if initial_v is None else float(initial_v)
-        self.name = "fed" + variant
+    @property
+    def initial_v(self) -> float:
+        """v_{-1}: the option, else tau^2."""
+        return self.options.tau**2 if self.options.initial_v is None else self.options.initial_v
 
     def init(self, global_params):
         return StrategyState(
             lr0=self.lr0,
             client_lr=self.lr0,
-            server_lr=self.server_lr,
+            server_lr=self.options.server_lr,
             m=torch.zeros_like(global_params),
             v=torch.full_like(global_params, self.initial_v),
         )
@@ -277,18 +295,19 @@ class FedOpt(_Strategy):
         delta = weighted_delta(client_updates)
         m_prev = torch.zeros_like(global_params) if state.m is None else state.m
         v_prev = torch.full_like(global_params, self.initial_v) if state.v is None else state.v
-        m = self.beta1 * m_prev + (1.0 - self.beta1) * delta
+        o = self.options
+        m = o.beta1 * m_prev + (1.0 - o.beta1) * delta
         d2 = delta * delta
-        if self.variant == "adagrad":
+        if o.variant == "adagrad":
             v = v_prev + d2
-        elif self.variant == "adam":
-            v = self.beta2 * v_prev + (1.0 - self.beta2) * d2
+        elif o.variant == "adam":
+            v = o.beta2 * v_prev + (1.0 - o.beta2) * d2
         else:
-            v = v_prev - (1.0 - self.beta2) * d2 * torch.sign(v_prev - d2)
-        new_global = global_params + self.server_lr * m / (torch.sqrt(v) + self.tau)
+            v = v_prev - (1.0 - o.beta2) * d2 * torch.sign(v_prev - d2)
+        new_global = global_params + o.server_lr * m / (torch.sqrt(v) + o.tau)
         lr0 = _resolve_lr0(state, client_updates)
         new = dataclasses.replace(
-            state, round=state.round + 1, lr0=lr0, client_lr=lr0, server_lr=self.server_lr,
+            state, round=state.round + 1, lr0=lr0, client_lr=lr0, server_lr=o.server_lr,
             m=m, v=v, last_delta=delta.clone(),
         )
         return new_global, new, lr0
@@ -305,13 +324,9 @@ class FedExp(_Strategy):
     The paper's optional averaging of the last two iterates for evaluation is not applied.
     """
 
-    name = "fedexp"
-
-    def __init__(self, eps: float = 0.0, lr0: float | None = None):
-        super().__init__(lr0)
-        if float(eps) < 0:
-            raise ConfigError("eps", f"must be >= 0, got {eps!r}")
-        self.eps = float(eps)
+    Options = FedExpOptions
+    default_name = "fedexp"
+    options: FedExpOptions
 
     @staticmethod
     def server_lr_for(client_updates: Sequence[ClientUpdate], eps: float = 0.0) -> float:
@@ -325,7 +340,7 @@ class FedExp(_Strategy):
 
     def aggregate(self, state, global_params, client_updates):
         _check(global_params, client_updates)
-        eta = self.server_lr_for(client_updates, self.eps)
+        eta = self.server_lr_for(client_updates, self.options.eps)
         mean = mean_delta(client_updates)
         lr0 = _resolve_lr0(state, client_updates)
         new = dataclasses.replace(
@@ -362,48 +377,33 @@ class FedHyper(_Strategy):
     ``lr0`` is the base client lr; if None, the first round's mean ``local_lr``.
     """
 
-    SERVERS = ("avg", "g", "gm")
-    CLIENT_LRS = ("fixed", "sl", "cl", "decay")
-    DEFAULT_ALPHA_BOUNDS = {"avg": (-math.inf, math.inf), "g": (-0.8, 4.0), "gm": (-0.2, 4.0)}
+    Options = FedHyperBase
+    default_name = "fedhyper"
+    options: FedHyperBase
+    DEFAULT_ALPHA_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
+        "avg": (-math.inf, math.inf), "g": (-0.8, 4.0), "gm": (-0.2, 4.0),
+    }
 
-    def __init__(
-        self,
-        server: str = "g",
-        client_lr: str = "fixed",
-        lr0: float | None = None,
-        alpha_bounds: tuple[float, float] | None = None,
-        momentum: float = 0.9,
-        sl_bounds: tuple[float, float] = (0.001, 0.1),
-        decay_gamma: float = 0.995,
-        num_clients_total: int = 1,
-        fraction: float = 1.0,
-        cl_gamma_max: float = 1.1,
-        cl_global_scale: float = 0.1,
-        cl_bounds: tuple[float, float] = (0.1, 10.0),
-    ):
-        super().__init__(lr0)
-        if server not in self.SERVERS:
-            raise ConfigError("server", f"unknown {server!r}; allowed: {', '.join(self.SERVERS)}")
-        if client_lr not in self.CLIENT_LRS:
-            raise ConfigError("client_lr", f"unknown {client_lr!r}; allowed: {', '.join(self.CLIENT_LRS)}")
-        self.server = server
-        self.client_lr = client_lr
-        self.alpha_bounds = tuple(float(b) for b in (alpha_bounds or self.DEFAULT_ALPHA_BOUNDS[server]))
-        self.momentum = float(momentum)
-        self.sl_bounds = tuple(float(b) for b in sl_bounds)
-        self.decay_gamma = float(decay_gamma)
-        self.num_clients_total = int(num_clients_total)
-        self.fraction = float(fraction)
-        self.cl_gamma_max = float(cl_gamma_max)
-        self.cl_global_scale = float(cl_global_scale)
-        self.cl_bounds = tuple(float(b) for b in cl_bounds)
-        for field, pair in (("alpha_bounds", self.alpha_bounds), ("sl_bounds", self.sl_bounds), ("cl_bounds", self.cl_bounds)):
-            if len(pair) != 2 or pair[0] > pair[1]:
-                raise ConfigError(field, f"must be a pair [low, high] with low <= high, got {pair!r}")
-        if self.num_clients_total <= 0 or not 0.0 < self.fraction <= 1.0:
-            raise ConfigError("num_clients_total/fraction", "need num_clients_total >= 1 and 0 < fraction <= 1")
-        parts = {"avg": "", "g": "_g", "gm": "_gm"}[server]
-        self.name = "fedhyper" + parts + ("" if client_lr == "fixed" else f"_{client_lr}")
+    @property
+    def server(self) -> str:
+        """The server rule: avg, g or gm."""
+        return self.options.rules()[0]
+
+    @property
+    def client_lr(self) -> str:
+        """The client-lr rule: fixed, sl, cl or decay."""
+        return self.options.rules()[1]
+
+    @property
+    def name(self) -> str:
+        """``fedhyper`` + the server rule + the client-lr rule (``fedhyper_g``, ``fedhyper_gm_sl``, ...)."""
+        server = {"avg": "", "g": "_g", "gm": "_gm"}[self.server]
+        return "fedhyper" + server + ("" if self.client_lr == "fixed" else f"_{self.client_lr}")
+
+    @property
+    def alpha_bounds(self) -> tuple[float, float]:
+        """The clip of the server offset a: the option, else the paper's bounds for the server rule."""
+        return self.options.alpha_bounds or self.DEFAULT_ALPHA_BOUNDS[self.server]
 
     def init(self, global_params):
         m = torch.zeros_like(global_params) if self.server == "gm" else None
@@ -412,6 +412,7 @@ class FedHyper(_Strategy):
     def aggregate(self, state, global_params, client_updates):
         _check(global_params, client_updates)
         delta = weighted_delta(client_updates)
+        o = self.options
         lo, hi = self.alpha_bounds
         alpha = state.alpha
         m_new = state.m
@@ -426,17 +427,17 @@ class FedHyper(_Strategy):
             m_prev = torch.zeros_like(global_params) if state.m is None else state.m
             alpha = _clip(alpha + _dot(delta, m_prev), lo, hi)
             server_lr = 1.0 + alpha
-            new_global = global_params + server_lr * delta + self.momentum * alpha * m_prev
-            m_new = delta + self.momentum * m_prev
+            new_global = global_params + server_lr * delta + o.momentum * alpha * m_prev
+            m_new = delta + o.momentum * m_prev
 
         lr0 = _resolve_lr0(state, client_updates)
         rounds = state.round + 1
         alpha_sl = state.alpha_sl
         if self.client_lr == "sl":
             alpha_sl = alpha_sl + _dot(delta, state.last_delta)
-            next_lr = _clip(lr0 * (1.0 + alpha_sl), *self.sl_bounds)
+            next_lr = _clip(lr0 * (1.0 + alpha_sl), *o.sl_bounds)
         elif self.client_lr == "decay":
-            next_lr = lr0 * self.decay_gamma**rounds
+            next_lr = lr0 * o.decay_gamma**rounds
         else:  # fixed, cl (cl clients rescale lr0 per batch themselves)
             next_lr = lr0
         new = dataclasses.replace(
@@ -445,51 +446,29 @@ class FedHyper(_Strategy):
         )
         return new_global, new, next_lr
 
-    def client_beta(self, state: StrategyState, beta_prev: float, u_k: torch.Tensor, u_prev: torch.Tensor | None) -> float:
+    def client_beta(
+        self, state: StrategyState, beta_prev: float, u_k: torch.Tensor, u_prev: torch.Tensor | None
+    ) -> float:
         """:func:`cl_beta` with this strategy's N, C, constants and Δ_{t−1} = ``state.last_delta``."""
+        o = self.options
         return cl_beta(
-            beta_prev, u_k, u_prev, state.last_delta, self.num_clients_total, self.fraction,
-            gamma_max=self.cl_gamma_max, global_scale=self.cl_global_scale, bounds=self.cl_bounds,
+            beta_prev, u_k, u_prev, state.last_delta, o.num_clients_total, o.fraction,
+            gamma_max=o.cl_gamma_max, global_scale=o.cl_global_scale, bounds=o.cl_bounds,
         )
 
 
 # --------------------------------------------------------------------------- registry
 
-#: name -> (class, fixed options). Options listed here cannot be overridden by make_strategy.
-STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
-    "fedavg": (FedAvg, {}),
-    "fedadam": (FedOpt, {"variant": "adam"}),
-    "fedadagrad": (FedOpt, {"variant": "adagrad"}),
-    "fedyogi": (FedOpt, {"variant": "yogi"}),
-    "fedexp": (FedExp, {}),
-    "decay": (FedHyper, {"server": "avg", "client_lr": "decay"}),
-    "fedhyper_g": (FedHyper, {"server": "g", "client_lr": "fixed"}),
-    "fedhyper_gm": (FedHyper, {"server": "gm", "client_lr": "fixed"}),
-    "fedhyper_sl": (FedHyper, {"server": "avg", "client_lr": "sl"}),
-    "fedhyper_cl": (FedHyper, {"server": "avg", "client_lr": "cl"}),
-    "fedhyper_g_cl": (FedHyper, {"server": "g", "client_lr": "cl"}),
-    "fedhyper": (FedHyper, {}),  # free flags: server in {avg, g, gm}, client_lr in {fixed, sl, cl, decay}
-}
+#: The names :func:`make_strategy` builds (those of :data:`~metaopt.federated.config.STRATEGY_OPTIONS`).
+STRATEGIES = STRATEGY_NAMES
+
+#: Which class runs which options: a strategy's options model (or a base of it) -> the class.
+_CLASSES: tuple[type[_Strategy], ...] = (FedAvg, FedOpt, FedExp, FedHyper)
 
 
-def _option_names(cls: type) -> list[str]:
-    import inspect
-
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-
-def make_strategy(name: str, **options: Any):
-    """Build a strategy from :data:`STRATEGIES` by name; unknown names or options raise ConfigError."""
-    if name not in STRATEGIES:
-        raise ConfigError("strategy", f"unknown {name!r}; allowed: {', '.join(STRATEGIES)}")
-    cls, fixed = STRATEGIES[name]
-    allowed = [p for p in _option_names(cls) if p not in fixed]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(f"strategy.{unknown[0]}", f"unknown option for {name!r}; allowed: {', '.join(allowed)}")
-    try:
-        return cls(**fixed, **options)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"strategy.{name}", str(err).splitlines()[0]) from None
+def make_strategy(spec: StrategyOptions | Mapping[str, Any] | str, **options: Any) -> _Strategy:
+    """A strategy from its name and options (``make_strategy("fedadam", beta1=0.0)``), a mapping with a ``name``,
+    or a validated options model; unknown names or options, and bad values, raise one ConfigError."""
+    validated = strategy_options(spec, **options)
+    cls = next(c for c in _CLASSES if isinstance(validated, c.Options))
+    return cls(validated)

@@ -10,14 +10,18 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
-from metaopt import tracking
+from metaopt import report, tracking
 from metaopt.config import Experiment
 from metaopt.session import fit_tracked, open_session
+
+CURVES = ("accuracy", "global_lr", "client_lr", "client_lr_mean_used", "failed_clients", "round")
+SUMMARY_COLUMNS = ["trial_id", "strategy", "lr", "seed", "final_accuracy", "best_accuracy", "failed_clients"]
+TABLE = (report.Column("strategy", 16, align="<"), report.Column("lr0", 8, "g"), report.Column("seeds", 7),
+         report.Column("final acc", 11, ".4f"), report.Column("± std", 8, ".4f"), report.Column("best acc", 10, ".4f"))
 
 
 def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
@@ -47,87 +51,62 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
 
 
 def trial_row(result) -> dict[str, Any]:
-    frame = tracking.progress_rows(result.path)
+    curves: dict[str, list] = report.progress_curves(result, CURVES.__contains__)
+    if curves:
+        curves["round"] = [int(r) for r in curves["round"]]
     config = result.config or {}
-    curves = {}
-    if frame is not None and not frame.empty:
-        for key in ("accuracy", "global_lr", "client_lr", "client_lr_mean_used", "failed_clients"):
-            if key in frame:
-                curves[key] = frame[key].astype(float).tolist()
-        curves["round"] = frame["round"].astype(int).tolist()
     accuracy = curves.get("accuracy", [])
     return {
-        "trial_id": str((result.metrics or {}).get("trial_id", result.path)),
+        "trial_id": report.trial_id(result),
         "strategy": config.get("strategy"), "lr": config.get("lr"), "seed": config.get("seed"),
         "final_accuracy": accuracy[-1] if accuracy else math.nan,
         "best_accuracy": max(accuracy) if accuracy else math.nan,
         "failed_clients": int(sum(curves.get("failed_clients", []))),
         "curves": curves,
-        "error": str(result.error).splitlines()[0] if result.error else None,
+        "error": report.error_line(result),
     }
 
 
-def grouped(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[(r["strategy"], r["lr"])].append(r)
-    return dict(sorted(groups.items()))
+def setting(row: dict[str, Any]) -> tuple[str, float]:
+    """The seeds of one strategy and initial lr form a group."""
+    return row["strategy"], row["lr"]
 
 
-def mean_curve(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    curves = [r["curves"][key] for r in rows if key in r["curves"]]
-    if not curves:
-        return [], []
-    length = min(len(c) for c in curves)
-    return list(range(1, length + 1)), np.mean([c[:length] for c in curves], axis=0).tolist()
+def per_round(members: list[dict[str, Any]], key: str) -> report.Curve:
+    """A curve's mean over the seeds, against rounds 1, 2, ..."""
+    curves = [m["curves"][key] for m in members if key in m["curves"]]
+    return report.mean_curve([(range(1, len(c) + 1), c) for c in curves])
 
 
 def log_results(parent: tracking.ParentRun, rows: list[dict[str, Any]], exp: Experiment) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = grouped(rows)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    groups = report.grouped(rows, setting)
+    fig, ax = report.figure(size=(8, 4.5))
     for (strategy, lr), members in groups.items():
-        ax.plot(*mean_curve(members, "accuracy"), label=f"{strategy}, lr0 {lr:g} ({len(members)} seeds)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("validation accuracy (global model)")
-    ax.set_title(f"{exp.name}: accuracy per strategy", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.plot(*per_round(members, "accuracy"), label=f"{strategy}, lr0 {lr:g} ({len(members)} seeds)")
+    report.label_axes(ax, x="round", y="validation accuracy (global model)", title=f"{exp.name}: accuracy per strategy",
+                      title_size=10, legend=7)
     fig.tight_layout()
     parent.log_figure(fig, "accuracy.png")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = report.figure(1, 2, size=(11, 4))
     for (strategy, lr), members in groups.items():
-        axes[0].plot(*mean_curve(members, "global_lr"), label=f"{strategy}, lr0 {lr:g}")
-        axes[1].plot(*mean_curve(members, "client_lr_mean_used"), label=f"{strategy}, lr0 {lr:g}")
-    for ax, label in zip(axes, ("global (server) lr", "local lr (mean over clients and batches)")):
-        ax.set_xlabel("round")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+        axes[0].plot(*per_round(members, "global_lr"), label=f"{strategy}, lr0 {lr:g}")
+        axes[1].plot(*per_round(members, "client_lr_mean_used"), label=f"{strategy}, lr0 {lr:g}")
+    report.label_axes(axes[0], x="round", y="global (server) lr", log_y=True)
+    report.label_axes(axes[1], x="round", y="local lr (mean over clients and batches)", log_y=True, legend=7)
     fig.tight_layout()
     parent.log_figure(fig, "learning_rates.png")
-    metrics = {}
-    for (strategy, lr), members in groups.items():
-        metrics[f"{strategy}.lr{lr:g}.final_accuracy"] = float(np.mean([m["final_accuracy"] for m in members]))
+    metrics = {f"{strategy}.lr{lr:g}.final_accuracy": float(np.mean([m["final_accuracy"] for m in members]))
+               for (strategy, lr), members in groups.items()}
     metrics["failed_client_rounds"] = sum(r["failed_clients"] for r in rows)
     parent.log_metrics(metrics)
-    parent.log_csv("summary.csv", ["trial_id", "strategy", "lr", "seed", "final_accuracy", "best_accuracy",
-                                   "failed_clients"],
-                   [[r["trial_id"], r["strategy"], r["lr"], r["seed"], r["final_accuracy"], r["best_accuracy"],
-                     r["failed_clients"]] for r in rows])
+    parent.log_csv("summary.csv", SUMMARY_COLUMNS, report.csv_rows(rows, SUMMARY_COLUMNS))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'strategy':<16}{'lr0':>8}{'seeds':>7}{'final acc':>11}{'± std':>8}{'best acc':>10}"
-    lines = [header, "-" * len(header)]
-    for (strategy, lr), members in grouped(rows).items():
+    """Per strategy and initial lr: the final accuracy's mean and spread over seeds, the best accuracy's mean."""
+    lines = []
+    for (strategy, lr), members in report.grouped(rows, setting).items():
         finals = [m["final_accuracy"] for m in members]
-        lines.append(f"{strategy:<16}{lr:>8g}{len(members):>7}{np.mean(finals):>11.4f}"
-                     f"{(np.std(finals, ddof=1) if len(finals) > 1 else 0.0):>8.4f}"
-                     f"{np.mean([m['best_accuracy'] for m in members]):>10.4f}")
-    return "\n".join(lines)
+        lines.append([strategy, lr, len(members), np.mean(finals), report.seed_std(finals),
+                      np.mean([m["best_accuracy"] for m in members])])
+    return report.format_table(TABLE, lines)

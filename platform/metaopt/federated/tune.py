@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import math
 from typing import Any
 
-import torch
 from ray import tune
 
 from metaopt.federated.config import FederatedSection
 from metaopt.runtime import with_worker_bundles
-from metaopt.tuning import grid_tuner, load_state, lr_pbt, save_state
+from metaopt.trainable import Trainable
+from metaopt.tuning import grid_tuner, lr_pbt
 
 
 def input_shape(dataset) -> int:
     return int(math.prod(dataset.x.shape[1:]))
 
 
-class FederatedTrainable(tune.Trainable):
+class FederatedTrainable(Trainable):
     """``config``: ``exp`` (the resolved section), ``strategy``, ``lr`` (initial local lr), ``seed``.
 
     Tune reuses this actor from trial to trial (``reuse_actors``): a PBT pause or the next cell of the grid
@@ -31,15 +30,11 @@ class FederatedTrainable(tune.Trainable):
     torch again.
     """
 
-    def setup(self, config: dict[str, Any]) -> None:
-        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        torch.set_num_threads(1)
-        self.pool = None
-        self.clients_key = None
-        self._start(config)
+    uses_torch = True
+    pool = None  # the client actors (a ClientPool), started by the first trial on this actor
+    clients_key: str | None = None  # what decides them (:func:`clients_key`)
 
-    def _start(self, config: dict[str, Any]) -> None:
+    def start(self, config: dict[str, Any]) -> None:
         """This trial's server side, on the client actors already running when their shards are this trial's."""
         from metaopt.federated.rounds import FederatedRun, RoundSettings
         from metaopt.federated.strategies import make_strategy
@@ -54,7 +49,7 @@ class FederatedTrainable(tune.Trainable):
         settings = RoundSettings(fraction=section.fraction, epochs=section.local_epochs, lr0=float(config["lr"]),
                                  optimizer=section.client_optimizer, batch_size=section.batch_size, seed=int(config["seed"]),
                                  timeout_s=section.round_timeout_s)
-        self.run = FederatedRun(shards, self.pool.actors, make_strategy(config["strategy"], **options), settings,
+        self.run = FederatedRun(shards, self.pool, make_strategy(config["strategy"], **options), settings,
                                 in_features, num_classes, tuple(section.hidden))
 
     def _start_clients(self, section: FederatedSection, seed: int) -> None:
@@ -72,7 +67,7 @@ class FederatedTrainable(tune.Trainable):
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         # Another trial on this actor: a fresh server side (Tune loads its checkpoint next, if it has one).
-        self._start(new_config)
+        self.start(new_config)
         return True
 
     def step(self) -> dict[str, Any]:
@@ -80,16 +75,16 @@ class FederatedTrainable(tune.Trainable):
         metrics.pop("failed_ids")
         return metrics
 
-    def save_checkpoint(self, checkpoint_dir: str) -> str:
-        return save_state(self.run.state_dict(), checkpoint_dir)
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict()
 
-    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
-        self.run.load_state_dict(load_state(checkpoint))
-        self._iteration = self.run.round
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        self.run.load_state_dict(state)
         # After a PBT exploit the clone's state arrives with this trial's perturbed lr in config: the new lr0.
         lr = float(self.config["lr"])
         if self.run.state.lr0 is not None and not math.isclose(lr, self.run.state.lr0):
             self.run.set_initial_lr(lr)
+        return self.run.round
 
     def cleanup(self) -> None:
         if self.pool is not None:

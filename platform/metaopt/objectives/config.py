@@ -4,44 +4,54 @@
 (Salimans et al. 2017) through evosax; every population member is a full JAX PPO run on each meta-training
 env, and its fitness is the final mean return divided by PPO's on the same env and horizon. ``lpo_eval``
 trains PPO with given objectives (built-in ``ppo``/``dpo`` or exported drifts) on held-out envs and horizons.
-Nothing here imports JAX, Ray or torch: loading a file stays cheap; :meth:`check` imports what it validates with.
+Nothing here imports JAX, Ray or torch: loading a file stays cheap. Each env's PPO settings are validated by the
+models of :mod:`metaopt.objectives.ppo_settings` (the env list, the defaults, :class:`PPOConfig`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, is_file, quote, quote_path, register_kind
+from metaopt.config import Seed, StrictModel, is_file, quote_path
 from metaopt.errors import ConfigError
-
-#: gymnax environments with a discrete action space that the JAX PPO trains on.
-SUPPORTED_ENVS = (
-    "CartPole-v1",
-    "Acrobot-v1",
-    "MountainCar-v0",
-    "Asterix-MinAtar",
-    "Breakout-MinAtar",
-    "Freeway-MinAtar",
-    "SpaceInvaders-MinAtar",
-    "Seaquest-MinAtar",
-)
+from metaopt.objectives.ppo_settings import EnvName, PPOConfig, PPOOverrides, ppo_config_for
+from metaopt.registry import Capability
 
 
 class EnvSpec(StrictModel):
     """One PPO training problem: a gymnax env, its step budget and PPO settings that differ from the defaults."""
 
-    env: str = Field(description="gymnax environment id.")
+    env: EnvName = Field(description="gymnax environment id.")
     total_timesteps: int = Field(ge=1, description="Environment steps of one PPO run (the horizon).")
-    ppo: dict[str, Any] = Field(default_factory=dict, description="PPOConfig overrides (num_envs, lr, ...).")
+    ppo: PPOOverrides = Field(
+        default_factory=dict, description="PPOSettings that differ from the env's defaults (num_envs, lr, ...)."
+    )
 
-    @field_validator("env")
-    @classmethod
-    def _known_env(cls, env: str) -> str:
-        if env not in SUPPORTED_ENVS:
-            raise ValueError(f"unknown env {quote(env)}; allowed: {', '.join(SUPPORTED_ENVS)}")
-        return env
+    def ppo_config(self, multiplier: float = 1.0) -> PPOConfig:
+        """This problem's PPO settings at ``multiplier`` x its budget (a training-horizon multiplier)."""
+        return ppo_config_for(self.env, total_timesteps=horizon_steps(self.total_timesteps, multiplier), **self.ppo)
+
+    @model_validator(mode="after")
+    def _one_run_fits(self) -> EnvSpec:
+        # what spans settings (minibatches dividing the batch, a budget of at least one update) needs the env's
+        # defaults too: build the run's PPOConfig once
+        try:
+            self.ppo_config()
+        except ConfigError as err:
+            raise ConfigError(ppo_field(err.field), err.problem) from None
+        return self
+
+
+def horizon_steps(total_timesteps: int, multiplier: float) -> int:
+    """Environment steps of a run at a training-horizon multiplier (at least one)."""
+    return max(1, round(total_timesteps * multiplier))
+
+
+def ppo_field(field: str) -> str:
+    """Where a PPOConfig error points inside an env entry: the budget is the entry's own, the rest its ``ppo``."""
+    return field if field == "total_timesteps" else f"ppo.{field}"
 
 
 class ESConfig(StrictModel):
@@ -78,19 +88,19 @@ def positive_horizons(cls, horizons: list[float]) -> list[float]:
     return horizons
 
 
-def check_ppo_overrides(envs: list[EnvSpec], field: str, horizons: list[float] = (1.0,)) -> None:
-    """Build each env's PPOConfig at every horizon so a bad override, or a horizon shorter than one PPO update,
-    fails at load time naming the env's entry."""
-    from metaopt.objectives.ppo import ppo_config_for
-
+def check_horizons(envs: list[EnvSpec], horizons: list[float]) -> None:
+    """Every env's PPO run at every horizon multiplier must hold at least one update: a ConfigError naming the
+    env's entry and the horizon otherwise (multiplier 1 is each EnvSpec's own check)."""
     for i, spec in enumerate(envs):
         for multiplier in horizons:
-            steps = max(1, round(spec.total_timesteps * multiplier))
+            if multiplier == 1.0:
+                continue
             try:
-                ppo_config_for(spec.env, total_timesteps=steps, **spec.ppo)
-            except (TypeError, ValueError) as err:
-                where = "" if multiplier == 1.0 else f" (horizon {multiplier:g} x {spec.total_timesteps} = {steps} steps)"
-                raise ConfigError(f"{field}.{i}.ppo", str(err).splitlines()[0] + where) from None
+                spec.ppo_config(multiplier)
+            except ConfigError as err:
+                steps = horizon_steps(spec.total_timesteps, multiplier)
+                raise ConfigError(f"envs.{i}.{ppo_field(err.field)}", f"{err.problem} "
+                                  f"(horizon {multiplier:g} x {spec.total_timesteps} = {steps} steps)") from None
 
 
 class LPOSection(StrictModel):
@@ -140,10 +150,8 @@ class LPOSection(StrictModel):
             raise ConfigError(
                 "horizons", "several horizons only matter for ta_lpo (LPO cannot see the horizon); give one"
             )
+        check_horizons(self.envs, self.horizons)
         return self
-
-    def check(self) -> None:
-        check_ppo_overrides(self.envs, "envs", self.horizons)
 
 
 class LPOEvalSection(StrictModel):
@@ -181,6 +189,11 @@ class LPOEvalSection(StrictModel):
             raise ValueError("each objective once")
         return objectives
 
+    @model_validator(mode="after")
+    def _runs_fit(self) -> LPOEvalSection:
+        check_horizons(self.envs, self.horizons)
+        return self
+
     def check(self) -> None:
         from pathlib import Path
 
@@ -190,7 +203,8 @@ class LPOEvalSection(StrictModel):
             if not is_file(Path(spec).expanduser() / "drift.json"):
                 raise ConfigError(
                     "objectives",
-                    f"{quote_path(spec)} is not ppo, dpo, mlflow:RUN_ID or a directory holding drift.json (an exported drift)",
+                    f"{quote_path(spec)} is not ppo, dpo, mlflow:RUN_ID or a directory holding drift.json "
+                    "(an exported drift)",
                 )
             from metaopt.objectives.export import read_drift
 
@@ -198,8 +212,7 @@ class LPOEvalSection(StrictModel):
                 read_drift(Path(spec).expanduser())  # format, shapes and values of the exported drift
             except (OSError, ValueError) as err:
                 raise ConfigError("objectives", f"{quote_path(spec)}: {str(err).splitlines()[0]}") from None
-        check_ppo_overrides(self.envs, "envs", self.horizons)
 
 
-register_kind("lpo", LPOSection, "metaopt.objectives.meta_train:run")
-register_kind("lpo_eval", LPOEvalSection, "metaopt.objectives.evaluate:run")
+CAPABILITY = Capability(kind="lpo", section=LPOSection, runner="metaopt.objectives.sweep:run_meta_training")
+EVAL_CAPABILITY = Capability(kind="lpo_eval", section=LPOEvalSection, runner="metaopt.objectives.evaluate:run")

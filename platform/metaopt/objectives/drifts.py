@@ -32,25 +32,28 @@ The learned drifts carry a parameter pytree ``{"hidden": [F, H], "out": [H, 1]}`
 (float32, no biases); :func:`make_drift` returns it filled with zeros. The drift
 callables are :func:`functools.partial` objects over module-level functions, so they
 pickle (Ray) and can be closed over by ``jax.jit`` / ``jax.vmap`` / ``jax.grad``.
-Bad names or options raise :class:`~metaopt.errors.ConfigError` (a ``ValueError``) with
-one line naming the option and the allowed values.
+Each drift's options are a pydantic model chosen by ``name`` (:data:`DRIFTS`, the one list of drift
+names); bad names or options raise :class:`~metaopt.errors.ConfigError` (a ``ValueError``) with
+one line naming the option (``lpo.clip_eps: ...``) and the allowed values.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from pydantic import ConfigDict, Field, Strict
 
 from metaopt.errors import ConfigError
+from metaopt.optim.specs import NamedSpec, NamedSpecs, Number, literal_name
 
 __all__ = [
+    "DRIFTS",
     "DRIFT_NAMES",
     "LPO_OFFSET",
     "MIN_RATIO",
@@ -70,7 +73,6 @@ __all__ = [
     "zero_params",
 ]
 
-DRIFT_NAMES = ("ppo", "dpo", "lpo", "ta_lpo")
 LEARNED_DRIFTS = ("lpo", "ta_lpo")
 
 #: Offset subtracted inside LPO's final relu (Lu et al. 2022): relu(net + D_ppo - 1e-4).
@@ -79,13 +81,51 @@ LPO_OFFSET = 1e-4
 #: probability can underflow to 0 in float32).
 MIN_RATIO = 1e-8
 
-#: Defaults per drift; exactly these options are accepted for each name.
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "ppo": {"clip_eps": 0.2},
-    "dpo": {"alpha": 2.0, "beta": 0.6},
-    "lpo": {"hidden": 128, "clip_eps": 0.2},
-    "ta_lpo": {"hidden": 128, "clip_eps": 0.2},
-}
+#: PPO's clip range epsilon: in (0, 1).
+ClipEps = Annotated[Number, Field(gt=0, lt=1)]
+
+
+class DriftOptions(NamedSpec):
+    """A drift's options; a subclass per drift fixes ``name``."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class PPODriftOptions(DriftOptions):
+    """PPO's clip (Schulman et al. 2017, eq. 7)."""
+
+    name: Literal["ppo"] = "ppo"
+    clip_eps: ClipEps = Field(default=0.2, description="Clip range epsilon.")
+
+
+class DPODriftOptions(DriftOptions):
+    """Discovered Policy Optimisation's closed form (Lu et al. 2022, eq. 5)."""
+
+    name: Literal["dpo"] = "dpo"
+    alpha: Number = Field(default=2.0, gt=0, description="alpha of the positive-advantage branch.")
+    beta: Number = Field(default=0.6, gt=0, description="beta of the negative-advantage branch.")
+
+
+class LearnedDriftOptions(DriftOptions):
+    """A drift network (no biases) over features of (r, A): its width and the PPO clip its output is added to."""
+
+    hidden: Annotated[int, Strict()] = Field(default=128, ge=1, description="Tanh units of the network.")
+    clip_eps: ClipEps = Field(default=0.2, description="Clip range of the PPO drift inside the network's relu.")
+
+
+class LPODriftOptions(LearnedDriftOptions):
+    name: Literal["lpo"] = "lpo"
+
+
+class TALPODriftOptions(LearnedDriftOptions):
+    name: Literal["ta_lpo"] = "ta_lpo"
+
+
+#: The drifts: name -> options model. The one list of drift names.
+DRIFTS: NamedSpecs[DriftOptions] = NamedSpecs("drift")
+for _model in (PPODriftOptions, DPODriftOptions, LPODriftOptions, TALPODriftOptions):
+    DRIFTS.register(literal_name(_model), _model)
+DRIFT_NAMES = DRIFTS.names()
 
 _BASE_FEATURES = ("(r-1)", "(r-1)^2", "log(r)", "log(r)^2")
 _LPO_FEATURES = _BASE_FEATURES + tuple(f"A*{name}" for name in _BASE_FEATURES)
@@ -241,38 +281,13 @@ _DRIFT_FUNCTIONS: dict[str, Callable[..., jax.Array]] = {
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or name not in DRIFT_NAMES:
-        raise ConfigError("drift", f"must be one of {', '.join(DRIFT_NAMES)}; got {name!r}")
+    DRIFTS.model(name)  # a ConfigError on drift.name listing the drift names
     return name
 
 
-def _check_real(field: str, value: Any, low: float, high: float) -> float:
-    """A finite float in the open interval (low, high)."""
-    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    number = float(value) if is_real else math.nan
-    if not (math.isfinite(number) and low < number < high):
-        raise ConfigError(field, f"must be a finite number in ({low:g}, {high:g}), got {value!r}")
-    return number
-
-
-def _check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults for ``name`` overridden by ``options``; unknown keys or bad values raise."""
-    allowed = DEFAULT_OPTIONS[name]
-    for key in options:
-        if key not in allowed:
-            raise ConfigError(f"{name}.{key}", f"unknown option; allowed: {', '.join(allowed)}")
-    resolved = {**allowed, **options}
-    for key, value in resolved.items():
-        field = f"{name}.{key}"
-        if key == "hidden":
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ConfigError(field, f"must be an integer >= 1, got {value!r}")
-            resolved[key] = int(value)
-        elif key == "clip_eps":
-            resolved[key] = _check_real(field, value, 0.0, 1.0)
-        else:  # alpha, beta
-            resolved[key] = _check_real(field, value, 0.0, math.inf)
-    return resolved
+def drift_options(name: Any, options: Mapping[str, Any]) -> DriftOptions:
+    """The validated options of drift ``name``; a ConfigError naming ``<name>.<option>`` otherwise."""
+    return DRIFTS.parse({**options, "name": _check_name(name)}, field=name)
 
 
 @dataclass(frozen=True)
@@ -289,14 +304,14 @@ class DriftSpec:
 
     @classmethod
     def create(cls, name: str, **options: Any) -> DriftSpec:
-        """Validate ``name`` and ``options`` (ConfigError on a bad one), fill defaults."""
-        name = _check_name(name)
-        resolved = _check_options(name, options)
+        """Validate ``name`` and ``options`` with the drift's options model (ConfigError on a bad one), fill
+        defaults."""
+        resolved = drift_options(name, options).model_dump(exclude={"name"})
         return cls(name, tuple(sorted(resolved.items())))
 
     def as_dict(self) -> dict[str, Any]:
         """All options as a dict (defaults filled in, also for a spec built without :meth:`create`)."""
-        return {**DEFAULT_OPTIONS[_check_name(self.name)], **dict(self.options)}
+        return {**drift_options(self.name, {}).model_dump(exclude={"name"}), **dict(self.options)}
 
     @property
     def learned(self) -> bool:

@@ -1,7 +1,8 @@
 """The ``lpo_eval`` experiment: learned objectives vs PPO and DPO on held-out envs and horizons.
 
 Every (objective, env, horizon) is one Tune trial that trains PPO with that drift on ``seeds`` seeds (vmapped)
-and reports the mean final return with a Student-t confidence interval. The parent MLflow run gets the table
+and reports the mean final return with a Student-t confidence interval. This module is the Tune/MLflow driver;
+the statistics and the table live in :mod:`metaopt.objectives.eval_stats` (no Ray, no MLflow). The parent MLflow run gets the table
 (CSV + JSON), one metric per cell, a bar chart and the drift heat-maps of every objective at the configured
 training-progress values (Lu et al. 2022, Fig. 2; Jackson et al. ICLR 2024, Fig. 3).
 
@@ -12,8 +13,6 @@ Objectives: ``ppo`` and ``dpo`` (closed forms), a directory holding an exported 
 from __future__ import annotations
 
 import csv
-import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 from metaopt import tracking
 from metaopt.config import Experiment
 from metaopt.errors import ConfigError
+from metaopt.objectives.eval_stats import cell_metrics, csv_rows, evaluation_row, format_table, return_summary
 from metaopt.session import SweepEnd, open_session
 
 BUILTIN = ("ppo", "dpo")
@@ -49,18 +49,6 @@ def _map_leaves(tree: Any, fn) -> Any:
     if isinstance(tree, dict):
         return {k: _map_leaves(v, fn) for k, v in tree.items()}
     return fn(tree)
-
-
-def confidence_interval(values: np.ndarray, level: float) -> tuple[float, float, float]:
-    """Mean and the two-sided Student-t interval of the mean at ``level``."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
-    return mean, mean - half, mean + half
 
 
 def resolve_objective(spec: str, tracking_uri: str) -> Objective:
@@ -118,11 +106,7 @@ def evaluation_trial(config: dict[str, Any]) -> None:
     keys = seed_keys(jax.random.PRNGKey(config["seed"]), config["seeds"])
     started = time.perf_counter()
     returns = PopulationEvaluator().returns(objective.drift, tuple(sorted(objective.options.items())), problem, batch, keys)[0]
-    mean, low, high = confidence_interval(returns, config["confidence"])
-    tune.report({
-        "mean_return": mean, "ci_low": low, "ci_high": high, "std_return": float(np.std(returns, ddof=1)),
-        "returns": json.dumps([float(r) for r in returns]), "seconds": time.perf_counter() - started,
-    })
+    tune.report({**return_summary(returns, config["confidence"]), "seconds": time.perf_counter() - started})
 
 
 def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
@@ -164,23 +148,8 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
 
 
 def table_row(result) -> dict[str, Any]:
-    config, metrics = result.config, result.metrics or {}
-    problem = config["problem"]
-    return {
-        "objective": config["objective"]["label"],
-        "problem": f"{problem['env']}_{problem['total_timesteps']}",
-        "mean": float(metrics.get("mean_return", math.nan)),
-        "ci_low": float(metrics.get("ci_low", math.nan)),
-        "ci_high": float(metrics.get("ci_high", math.nan)),
-        "std": float(metrics.get("std_return", math.nan)),
-        "returns": json.loads(metrics["returns"]) if "returns" in metrics else [],
-        "error": str(result.error).splitlines()[0] if result.error else None,
-    }
-
-
-def metric_key(row: dict[str, Any], stat: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["objective"])
-    return f"{safe}.{row['problem']}.{stat}"
+    """A Tune result's row of the table (:func:`metaopt.objectives.eval_stats.evaluation_row`)."""
+    return evaluation_row(result.config, result.metrics, result.error)
 
 
 def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: list[dict], problems: list[dict]) -> None:
@@ -188,15 +157,12 @@ def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: 
     from metaopt.objectives.drifts import make_drift
     from metaopt.objectives.sweep import reference_log_horizon
 
-    parent.log_metrics({metric_key(r, s): r[k] for r in table for s, k in (("mean", "mean"), ("ci_low", "ci_low"), ("ci_high", "ci_high"))})
+    parent.log_metrics(cell_metrics(table))
     parent.log_json("evaluation.json", table)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "evaluation.csv"
         with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["objective", "problem", "mean", "ci_low", "ci_high", "std", "seeds"])
-            for r in table:
-                writer.writerow([r["objective"], r["problem"], r["mean"], r["ci_low"], r["ci_high"], r["std"], len(r["returns"])])
+            csv.writer(handle).writerows(csv_rows(table))
         parent.log_file(path)
     parent.log_figure(plots.plot_eval_bars(table, f"{exp.name}: final return, {exp.section.confidence:.0%} interval"), "evaluation.png")
     drifts = {}
@@ -209,13 +175,3 @@ def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: 
         plots.plot_drift_heatmaps(drifts, list(exp.section.heatmap_progress), log_horizon, f"{exp.name}: drift"),
         "drift_heatmaps.png",
     )
-
-
-def format_table(table: list[dict[str, Any]], confidence: float) -> str:
-    header = f"{'objective':<28}{'env_steps':<28}{'mean return':>12}{f'{confidence:.0%} interval':>24}{'seeds':>7}"
-    lines = [header, "-" * len(header)]
-    for r in sorted(table, key=lambda r: (r["problem"], -r["mean"] if math.isfinite(r["mean"]) else math.inf)):
-        interval = f"[{r['ci_low']:.1f}, {r['ci_high']:.1f}]"
-        status = f"  FAILED {r['error']}" if r["error"] else ""
-        lines.append(f"{r['objective'][:27]:<28}{r['problem']:<28}{r['mean']:>12.2f}{interval:>24}{len(r['returns']):>7}{status}")
-    return "\n".join(lines)

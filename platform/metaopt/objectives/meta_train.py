@@ -13,8 +13,9 @@ One generation (Lu et al. 2022, "Discovered Policy Optimisation"; Jackson et al.
    fresh seeds: ``mean_score`` is the quantity to watch.
 
 Each generation's randomness is ``fold_in(root_key, generation)``, so a run restored from a checkpoint of
-generation g continues bit-identically. ``run`` (the ``lpo`` kind) wraps this in a Tune experiment
-(:mod:`metaopt.objectives.tune`), logs every trial to MLflow and exports the discovered drift.
+generation g continues bit-identically. :func:`metaopt.objectives.sweep.run_meta_training` (the ``lpo`` kind)
+runs this in a Tune experiment (:mod:`metaopt.objectives.tune`), logs every trial to MLflow and exports the
+discovered drift.
 """
 
 from __future__ import annotations
@@ -230,10 +231,3 @@ class MetaTrainer:
             metrics[f"score/{env}"] = score
             metrics[f"horizon/{env}"] = result.horizons[env]
         return metrics
-
-
-def run(exp, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
-    """The ``lpo`` kind: meta-train on Ray Tune (one trial per meta-seed), log to MLflow, export the drift."""
-    from metaopt.objectives.sweep import run_meta_training
-
-    return run_meta_training(exp, address=address, callbacks=callbacks, verbose=verbose)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from metaopt import report
+
 RATIO_RANGE = (0.0, 2.0)
 ADVANTAGE_RANGE = (-3.0, 3.0)
 
@@ -37,13 +39,8 @@ def plot_drift_heatmaps(
     objectives: dict[str, tuple[Callable, Any]], fractions: list[float], log_horizon: float, title: str
 ):
     """One row per objective, one column per training-progress value; a shared colour scale per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, cols = len(objectives), max(1, len(fractions))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 2.8 * rows + 0.6), squeeze=False)
+    fig, axes = report.figure(rows, cols, size=(3.2 * cols + 1, 2.8 * rows + 0.6), squeeze=False)
     for row, (name, (drift_fn, params)) in enumerate(objectives.items()):
         grids = [drift_grid(drift_fn, params, f, log_horizon) for f in fractions]
         top = max(float(np.nanmax(g[2])) for g in grids) or 1.0
@@ -66,12 +63,7 @@ def plot_drift_heatmaps(
 
 def plot_meta_curves(curves: dict[str, dict[str, Any]], best: str | None, title: str):
     """Per trial: population mean fitness per generation and the ES-mean evaluation score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = report.figure(1, 2, size=(10, 3.6))
     for trial, series in curves.items():
         width = 2.2 if trial == best else 1.0
         for ax, key in zip(axes, ("fitness_mean", "mean_score")):
@@ -96,13 +88,8 @@ def plot_meta_curves(curves: dict[str, dict[str, Any]], best: str | None, title:
 
 def plot_eval_bars(table: list[dict[str, Any]], title: str):
     """Mean final return with its confidence interval, per objective, one panel per env/horizon."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     problems = sorted({row["problem"] for row in table})
-    fig, axes = plt.subplots(1, len(problems), figsize=(3.4 * len(problems) + 0.5, 3.4), squeeze=False)
+    fig, axes = report.figure(1, len(problems), size=(3.4 * len(problems) + 0.5, 3.4), squeeze=False)
     for ax, problem in zip(axes[0], problems):
         rows = [r for r in table if r["problem"] == problem]
         names = [r["objective"] for r in rows]

@@ -35,7 +35,7 @@ class Problem:
         return f"{self.env}_{self.total_timesteps}"
 
     def config(self):
-        from metaopt.objectives.ppo import ppo_config_for
+        from metaopt.objectives.ppo_settings import ppo_config_for
 
         return ppo_config_for(self.env, total_timesteps=self.total_timesteps, **json.loads(self.ppo_json))
 

@@ -43,6 +43,9 @@ single-file JAX PPO layout of Lu et al. 2022's PureJaxRL):
 * Advantages are normalised per minibatch (the drift sees the normalised advantage);
   the value loss is PPO2's clipped value loss with ``clip_eps`` (``clip_value=True``).
 
+Settings are a :class:`~metaopt.objectives.ppo_settings.PPOConfig` (validated, frozen, hashable; no JAX in that
+module, so experiment files are checked with it without importing this one).
+
 Episode logging: a per-env running return is kept in the scan carry; an episode's return
 is recorded on the step it ends (``terminated | truncated``). ``episode_returns[n]`` is the
 mean return of the episodes completed during update ``n``; where none completed, it
@@ -51,12 +54,10 @@ mean return of the episodes completed during update ``n``; where none completed,
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -64,11 +65,18 @@ import jax.numpy as jnp
 import optax
 
 from metaopt.errors import ConfigError
-from metaopt.objectives.config import SUPPORTED_ENVS
 from metaopt.objectives.drifts import Progress, make_drift
+from metaopt.objectives.ppo_settings import (
+    MINATAR_DEFAULT_LR,
+    PPO_REFERENCE_LR,
+    SUPPORTED_ENVS,
+    PPOConfig,
+    ppo_config_for,
+)
 
 __all__ = [
     "DISCRETE_ENVS",
+    "MINATAR_DEFAULT_LR",
     "PPO_REFERENCE_LR",
     "PPOConfig",
     "Progress",
@@ -80,21 +88,8 @@ __all__ = [
     "train_many",
 ]
 
-#: gymnax environments with a discrete action space that this PPO trains on.
+#: gymnax environments with a discrete action space that this PPO trains on (the list lives in ppo_settings).
 DISCRETE_ENVS = SUPPORTED_ENVS
-
-#: PPO learning rates for MinAtar used by Lu et al. 2022 / Jackson et al. 2024 (tuned for PPO).
-PPO_REFERENCE_LR = {
-    "Asterix-MinAtar": 3e-3,
-    "Breakout-MinAtar": 1e-2,
-    "Freeway-MinAtar": 1e-3,
-    "SpaceInvaders-MinAtar": 7e-3,
-}
-
-#: Learning rate for MinAtar games without a reference value (not tuned).
-MINATAR_DEFAULT_LR = 3e-3
-
-ACTIVATIONS = ("tanh", "relu")
 
 
 DriftFn = Callable[[Any, jax.Array, jax.Array, Progress], jax.Array]
@@ -105,164 +100,6 @@ def ppo_clip_drift(clip_eps: float = 0.2) -> Callable:
     :mod:`metaopt.objectives.drifts`. Equal ``clip_eps`` give the same (hashable) function, so the
     :func:`train_many` compile cache keys on it."""
     return make_drift("ppo", clip_eps=float(clip_eps))[0]
-
-
-def _freeze_overrides(value: Any, field: str) -> tuple[tuple[str, Any], ...]:
-    if value is None:
-        return ()
-    if isinstance(value, Mapping):
-        items = value.items()
-    else:
-        try:
-            items = [tuple(item) for item in value]
-        except TypeError:
-            raise ConfigError(field, "expected a mapping of name -> value") from None
-    out = []
-    for item in items:
-        if len(item) != 2 or not isinstance(item[0], str):
-            raise ConfigError(field, "expected a mapping of name -> value")
-        out.append((item[0], item[1]))
-    return tuple(sorted(out))
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """PPO hyperparameters (defaults: PureJaxRL-style CartPole settings).
-
-    ``env_kwargs`` go to ``gymnax.make(env_name, **env_kwargs)``; ``env_params`` replace fields
-    of the env's default ``EnvParams`` (e.g. ``{"max_steps_in_episode": 200}``). Both are
-    stored as sorted tuples of pairs so the config stays hashable.
-    ``clip_eps`` is used only by the value-function clipping; the actor's trust region is
-    the drift's job. Bad values raise :class:`~metaopt.errors.ConfigError` (a ``ValueError``)
-    with one line naming the field.
-    """
-
-    env_name: str = "CartPole-v1"
-    env_kwargs: Any = ()
-    env_params: Any = ()
-    num_envs: int = 8
-    num_steps: int = 128
-    total_timesteps: int = 100_000
-    update_epochs: int = 4
-    num_minibatches: int = 4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    clip_value: bool = True
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    lr: float = 2.5e-4
-    anneal_lr: bool = True
-    hidden: int = 64
-    layers: int = 2
-    activation: str = "tanh"
-    normalize_advantages: bool = True
-    bootstrap_truncation: bool = True
-
-    def __post_init__(self):
-        object.__setattr__(self, "env_kwargs", _freeze_overrides(self.env_kwargs, "env_kwargs"))
-        object.__setattr__(self, "env_params", _freeze_overrides(self.env_params, "env_params"))
-        self._validate()
-
-    @property
-    def batch_size(self) -> int:
-        """Transitions per PPO update: ``num_envs * num_steps``."""
-        return self.num_envs * self.num_steps
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
-    def num_updates(self) -> int:
-        """``total_timesteps // (num_envs * num_steps)``: the horizon ``N`` of the run."""
-        return self.total_timesteps // self.batch_size
-
-    def _validate(self) -> None:
-        if self.env_name not in DISCRETE_ENVS:
-            raise ConfigError("env_name", f"{self.env_name!r} is not supported; allowed: {', '.join(DISCRETE_ENVS)}")
-        ints = ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches", "hidden", "layers")
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
-        if self.batch_size % self.num_minibatches:
-            raise ConfigError(
-                "num_minibatches",
-                f"must divide num_envs * num_steps = {self.batch_size}, got {self.num_minibatches}",
-            )
-        if self.num_updates < 1:
-            raise ConfigError(
-                "total_timesteps",
-                f"must be >= num_envs * num_steps = {self.batch_size} (one update), got {self.total_timesteps}",
-            )
-        ranges = {
-            "gamma": (0.0, 1.0, True),
-            "gae_lambda": (0.0, 1.0, True),
-            "clip_eps": (0.0, math.inf, False),
-            "ent_coef": (0.0, math.inf, True),
-            "vf_coef": (0.0, math.inf, True),
-            "max_grad_norm": (0.0, math.inf, False),
-            "lr": (0.0, math.inf, False),
-        }
-        for name, (low, high, low_ok) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(name, f"must be a finite number, got {value!r}")
-            if value < low or value > high or (value == low and not low_ok):
-                bound = f">= {low}" if low_ok else f"> {low}"
-                upper = f" and <= {high}" if math.isfinite(high) else ""
-                raise ConfigError(name, f"must be {bound}{upper}, got {value!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        for name in ("clip_value", "anneal_lr", "normalize_advantages", "bootstrap_truncation"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
-        if self.env_params:
-            import gymnax
-
-            _, defaults = gymnax.make(self.env_name, **dict(self.env_kwargs))
-            known = {f.name for f in dataclasses.fields(defaults)}
-            for key, _ in self.env_params:
-                if key not in known:
-                    raise ConfigError("env_params", f"{key!r} is not a field of {self.env_name}'s EnvParams; allowed: {', '.join(sorted(known))}")
-
-
-def ppo_config_for(env_name: str, **overrides: Any) -> PPOConfig:
-    """Default PPO settings for ``env_name``, with ``overrides`` applied.
-
-    MinAtar (Lu et al. 2022; Jackson et al. 2024, appendix): 64 envs x 128 steps, 4 epochs,
-    8 minibatches, relu 64x2, annealed lr from :data:`PPO_REFERENCE_LR` (3e-3 where the game
-    has no reference value), 1e7 steps.
-    Classic control (CartPole-v1, Acrobot-v1, MountainCar-v0): 8 envs x 128 steps, 4 epochs,
-    4 minibatches, tanh 64x2, annealed lr 2.5e-3, 1e5 steps. On CartPole this PPO (clip drift)
-    reached final returns of 177-500 (mean ~410) over 8 seeds with it, against 233-313
-    (mean ~280) with :class:`PPOConfig`'s PureJaxRL default lr 2.5e-4.
-    Unknown override names raise :class:`~metaopt.errors.ConfigError`.
-    """
-    if env_name not in DISCRETE_ENVS:
-        raise ConfigError("env_name", f"{env_name!r} is not supported; allowed: {', '.join(DISCRETE_ENVS)}")
-    if env_name.endswith("-MinAtar"):
-        base = {
-            "num_envs": 64, "num_steps": 128, "total_timesteps": 10_000_000, "update_epochs": 4, "num_minibatches": 8,
-            "gamma": 0.99, "gae_lambda": 0.95, "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
-            "lr": PPO_REFERENCE_LR.get(env_name, MINATAR_DEFAULT_LR), "anneal_lr": True,
-            "hidden": 64, "layers": 2, "activation": "relu",
-        }
-    else:
-        base = {
-            "num_envs": 8, "num_steps": 128, "total_timesteps": 100_000, "update_epochs": 4, "num_minibatches": 4,
-            "gamma": 0.99, "gae_lambda": 0.95, "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
-            "lr": 2.5e-3, "anneal_lr": True, "hidden": 64, "layers": 2, "activation": "tanh",
-        }
-    known = {f.name for f in dataclasses.fields(PPOConfig)}
-    for key in overrides:
-        if key not in known:
-            raise ConfigError(key, f"is not a PPOConfig field; allowed: {', '.join(sorted(known))}")
-    base.update(overrides)
-    base["env_name"] = env_name
-    return PPOConfig(**base)
 
 
 # --------------------------------------------------------------------------- networks
@@ -279,7 +116,7 @@ def init_network(key: jax.Array, obs_dim: int, num_actions: int, config: PPOConf
     """
     hidden_scale = 2.0 if config.activation == "relu" else 1.0
     trunk = [obs_dim] + [config.hidden] * config.layers
-    shapes = {"actor": trunk + [num_actions], "critic": trunk + [1]}
+    shapes = {"actor": [*trunk, num_actions], "critic": [*trunk, 1]}
     head_scale = {"actor": 1e-4, "critic": 1.0}
     total = sum(a * b for sizes in shapes.values() for a, b in itertools.pairwise(sizes))
     noise = jax.random.normal(key, (total,), jnp.float32)
@@ -487,14 +324,14 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
             )
             lr_now = lr_at(update_index * steps_per_update)
             data = (traj, advantages, targets)
-            data = jax.tree.map(lambda x: x.reshape((batch_size,) + x.shape[2:]), data)
+            data = jax.tree.map(lambda x: x.reshape((batch_size, *x.shape[2:])), data)
 
             def epoch(carry, _):
                 params, opt_state, rng = carry
                 rng, k_perm = jax.random.split(rng)
                 perm = jax.random.permutation(k_perm, batch_size)
                 shuffled = jax.tree.map(
-                    lambda x: x[perm].reshape((num_minibatches, minibatch_size) + x.shape[1:]), data
+                    lambda x: x[perm].reshape((num_minibatches, minibatch_size, *x.shape[1:])), data
                 )
 
                 def minibatch(carry, mb):

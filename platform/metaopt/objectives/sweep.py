@@ -10,12 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metaopt import tracking
+from metaopt import report, tracking
 from metaopt.config import Experiment
 from metaopt.session import SweepEnd, open_session
 
 #: Artifact folder of an exported drift, on the parent run (best trial) and on each trial's run.
 DRIFT_ARTIFACT = "drift"
+TABLE = (report.Column("trial", 16, align="<"), report.Column("meta-seed", 10), report.Column("generations", 12),
+         report.Column("fitness", 10, ".3f"), report.Column("start score", 12, ".3f"),
+         report.Column("eval score", 12, ".3f"), report.Column("status", align="<", gap="  "))
+TABLE_NOTE = ("(scores: final mean return normalised by PPO's on the same env and horizon; 1.0 = PPO's baseline "
+              "seeds; start score = the ES mean at generation 0, i.e. PPO's objective, on the evaluation seeds)")
 
 
 @dataclass
@@ -45,6 +50,7 @@ class MetaSummary:
 
 
 def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
+    """The ``lpo`` kind: meta-train on Ray Tune (one trial per meta-seed), log to MLflow, export the drift."""
     from metaopt.objectives.tune import build_tuner
 
     started = time.time()
@@ -93,19 +99,18 @@ def summarise_trial(result) -> MetaTrialSummary:
     from metaopt.objectives.tune import DRIFT_DIR
 
     metrics = result.metrics or {}
-    frame = tracking.progress_rows(result.path)  # complete even after restores (result.json is not)
+    reported = report.progress_curves(result, {"generation", "fitness_mean", "mean_score"}.__contains__)
     curves: dict[str, tuple[list[int], list[float]]] = {}
-    if frame is not None and not frame.empty:
-        for key in ("fitness_mean", "mean_score"):
-            if key in frame:
-                rows = frame[["generation", key]].dropna()
-                curves[key] = (rows["generation"].astype(int).tolist(), rows[key].astype(float).tolist())
+    for key in ("fitness_mean", "mean_score"):
+        if key in reported:
+            generations, values = report.measured(reported["generation"], reported[key])
+            curves[key] = ([int(g) for g in generations], values)
     drift_dir = None
     if result.checkpoint is not None and (Path(result.checkpoint.path) / DRIFT_DIR).exists():
         drift_dir = str(Path(result.checkpoint.path) / DRIFT_DIR)
     scores = curves.get("mean_score", ([], []))[1]
     return MetaTrialSummary(
-        trial_id=str(metrics.get("trial_id", result.path)),
+        trial_id=report.trial_id(result),
         meta_seed=int(result.config.get("meta_seed", -1)) if result.config else -1,
         generations=int(metrics.get("generation", 0)),
         fitness_mean=float(metrics.get("fitness_mean", math.nan)),
@@ -113,7 +118,7 @@ def summarise_trial(result) -> MetaTrialSummary:
         start_mean_score=float(metrics.get("start_mean_score", math.nan)),
         drift_dir=drift_dir,
         curves=curves,
-        error=str(result.error).splitlines()[0] if result.error else None,
+        error=report.error_line(result),
     )
 
 
@@ -152,12 +157,9 @@ def reference_log_horizon(env: str, total_timesteps: int, ppo: dict[str, Any]) -
 
 
 def format_table(summary: MetaSummary) -> str:
-    header = f"{'trial':<16}{'meta-seed':>10}{'generations':>12}{'fitness':>10}{'start score':>12}{'eval score':>12}  status"
-    lines = [header, "-" * len(header)]
+    """One line per trial, best evaluation score first."""
+    lines = []
     for t in sorted(summary.trials, key=lambda t: -t.mean_score if math.isfinite(t.mean_score) else math.inf):
         status = "FAILED " + (t.error or "") if t.error else ("BEST" if t.trial_id == summary.best_trial else "ok")
-        lines.append(f"{t.trial_id:<16}{t.meta_seed:>10}{t.generations:>12}{t.fitness_mean:>10.3f}"
-                     f"{t.start_mean_score:>12.3f}{t.mean_score:>12.3f}  {status}")
-    lines.append("(scores: final mean return normalised by PPO's on the same env and horizon; 1.0 = PPO's baseline "
-                 "seeds; start score = the ES mean at generation 0, i.e. PPO's objective, on the evaluation seeds)")
-    return "\n".join(lines)
+        lines.append([t.trial_id, t.meta_seed, t.generations, t.fitness_mean, t.start_mean_score, t.mean_score, status])
+    return report.format_table(TABLE, lines, notes=[TABLE_NOTE])

@@ -9,29 +9,27 @@ generation number, a trial restored from a checkpoint continues bit-identically.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from metaopt.cache import replace_atomically
 from metaopt.objectives.config import LPOSection
 from metaopt.objectives.meta_train import MetaTrainer
-from metaopt.cache import replace_atomically
 from metaopt.runtime import with_worker_bundles
-from metaopt.tuning import checkpoint_dir, read_checkpoint_file
+from metaopt.trainable import Trainable
+from metaopt.tuning import grid_tuner, read_checkpoint_file
 
 STATE_FILE = "es_state.msgpack"
 META_FILE = "meta.json"
 DRIFT_DIR = "drift"
 
 
-class MetaTrainable(tune.Trainable):
+class MetaTrainable(Trainable):
     """``config['exp']``: the resolved ``lpo`` section; ``config['meta_seed']``: this run's seed."""
 
-    def setup(self, config: dict[str, Any]) -> None:
-        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    def start(self, config: dict[str, Any]) -> None:
         self.section = LPOSection.model_validate(config["exp"])
         evaluator = None
         if self.section.workers:
@@ -58,12 +56,11 @@ class MetaTrainable(tune.Trainable):
         metrics["compile_seconds"] = getattr(self.trainer.evaluator, "compile_seconds", 0.0)
         return metrics
 
-    def save_checkpoint(self, checkpoint_dir: str) -> str:
+    def write_checkpoint(self, directory: Path) -> None:
         from flax import serialization
 
         from metaopt.objectives.export import save_drift
 
-        directory = Path(checkpoint_dir)
         state = serialization.to_bytes(self.state)
         replace_atomically(directory / STATE_FILE, lambda tmp: tmp.write_bytes(state))
         meta = {"generation": self.iteration, "baselines": self.trainer.baselines, "meta_seed": self.config["meta_seed"],
@@ -71,18 +68,17 @@ class MetaTrainable(tune.Trainable):
         replace_atomically(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         save_drift(directory / DRIFT_DIR, self.section.drift, self.trainer.mean_params(self.state),
                    dict(self.trainer.drift_options))
-        return checkpoint_dir
 
-    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+    def read_checkpoint(self, directory: Path) -> int:
         from flax import serialization
 
-        directory, template = checkpoint_dir(checkpoint), self.trainer.init_state()
+        template = self.trainer.init_state()
         self.state = read_checkpoint_file(directory / STATE_FILE,
                                           lambda path: serialization.from_bytes(template, path.read_bytes()))
         meta = read_checkpoint_file(directory / META_FILE, lambda path: json.loads(path.read_text()))
         self.trainer.baselines = {k: float(v) for k, v in meta["baselines"].items()}
         self.start_score = meta.get("start_mean_score")
-        self._iteration = int(meta["generation"])
+        return int(meta["generation"])
 
     def cleanup(self) -> None:
         close = getattr(self.trainer.evaluator, "close", None)
@@ -95,34 +91,14 @@ def trial_resources(section: LPOSection, per_trial: dict[str, float]):
     return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker, section.gpus_per_worker)
 
 
-def build_tuner(
-    section: LPOSection,
-    *,
-    experiment_name: str,
-    storage_path: str,
-    resources: dict[str, float],
-    max_concurrent_trials: int | None,
-    callbacks: list[Any],
-    verbose: int = 0,
-    checkpoints_to_keep: int = 2,
-) -> tune.Tuner:
+def build_tuner(section: LPOSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
+                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
+                checkpoints_to_keep: int = 2) -> tune.Tuner:
     """One trial per meta-seed; stop after ``es.generations``; checkpoints every ``checkpoint_every``, the last
     ``checkpoints_to_keep`` kept."""
-    trainable = tune.with_resources(MetaTrainable, trial_resources(section, resources))
-    return tune.Tuner(
-        trainable,
-        param_space={"exp": section.model_dump(mode="json"), "meta_seed": tune.grid_search(list(section.meta_seeds))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, reuse_actors=False),
-        run_config=tune.RunConfig(
-            name=experiment_name,
-            storage_path=storage_path,
-            stop={"training_iteration": section.es.generations},
-            checkpoint_config=tune.CheckpointConfig(
-                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True,
-                num_to_keep=checkpoints_to_keep,
-            ),
-            failure_config=tune.FailureConfig(max_failures=section.max_failures),
-            callbacks=callbacks,
-            verbose=verbose,
-        ),
-    )
+    param_space = {"exp": section.model_dump(mode="json"), "meta_seed": tune.grid_search(list(section.meta_seeds))}
+    return grid_tuner(MetaTrainable, trial_resources(section, resources), param_space,
+                      iterations=section.es.generations, scheduler=None, max_failures=section.max_failures,
+                      experiment_name=experiment_name, storage_path=storage_path,
+                      max_concurrent_trials=max_concurrent_trials, callbacks=callbacks, verbose=verbose,
+                      checkpoints_to_keep=checkpoints_to_keep, checkpoint_every=section.checkpoint_every)

@@ -1,4 +1,4 @@
-"""Optimizers from a spec dict, for torch and for optax, with the learning rate kept mutable.
+"""Optimizers from a spec, for torch and for optax, with the learning rate kept mutable; and their registry.
 
 A spec names the optimizer and, optionally, its hyperparameters::
 
@@ -8,175 +8,230 @@ A spec names the optimizer and, optionally, its hyperparameters::
 ``sgd``    ``momentum`` 0.9, ``nesterov`` False, ``weight_decay`` 0.0 (L2 added to the grad)
 ``adamw``  ``betas`` (0.9, 0.999), ``eps`` 1e-8, ``weight_decay`` 0.01 (decoupled)
 ``lion``   ``betas`` (0.9, 0.99), ``weight_decay`` 0.0 (decoupled)
-``program`` ``program``: an optimizer program (:mod:`metaopt.symbolic`) as program text, its JSON,
-           a file holding either, or ``adamw`` / ``lion``; ``lr`` 1.0 (programs scale it themselves)
 =========  =================================================================================
 
-``lr`` defaults to 1e-3 for all. Both builders read the same spec through
-:func:`resolve_optimizer_spec`, so the torch and optax versions of one spec run the same
-algorithm with the same hyperparameters (the tests check them step by step).
+``lr`` defaults to 1e-3. Each optimizer is a pydantic model (:class:`SGDSpec`, ...) registered with
+:func:`register_optimizer` together with its torch and optax builders; other packages register more through
+the entry-point group ``metaopt.optimizers`` (``symbolic`` registers ``program``, an optimizer program), loaded
+by :func:`load_optimizer_providers` the first time a name is looked up. Both builders read the same validated
+spec, so the torch and optax versions of one spec run the same algorithm with the same hyperparameters (the
+tests check them step by step).
 
 Outer loops (PBT, schedule replay) change the learning rate between steps without
 rebuilding the optimizer, which would lose its moments: in torch with
 :func:`set_learning_rate`, in optax through ``optax.inject_hyperparams``, which keeps
 ``learning_rate`` in ``state.hyperparams`` (see :func:`set_optax_learning_rate`).
+
+torch, optax and jax are imported inside the builders: validating a spec (loading an experiment file)
+imports none of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import torch
+from pydantic import Field, StrictBool, ValidationError, model_validator
 
-from metaopt.config import quote
+from metaopt.config import StrictModel, first_error
 from metaopt.errors import ConfigError
-from metaopt.optim.schedules import (
-    check_choice,
-    check_keys,
-    check_lr,
-    check_mapping,
-    check_real,
-)
+from metaopt.optim.specs import Decay, LearningRate, NamedSpec, NamedSpecs, Number
 
 __all__ = [
-    "OPTIMIZER_NAMES",
+    "OPTIMIZERS",
+    "OPTIMIZER_PROVIDERS",
+    "OptimizerSpec",
+    "OptimizerSpecModel",
     "build_optax",
     "build_optimizer",
+    "load_optimizer_providers",
+    "optimizer_names",
+    "register_optimizer",
     "resolve_optimizer_spec",
     "set_learning_rate",
     "set_optax_learning_rate",
 ]
 
-OPTIMIZER_NAMES = ("sgd", "adamw", "lion", "program")
+#: Entry-point group of packages that register optimizers: each entry point is a function called once,
+#: with no arguments, that calls :func:`register_optimizer`.
+OPTIMIZER_PROVIDERS = "metaopt.optimizers"
 
-# Defaults per optimizer; the keys are also the only hyperparameters a spec may set.
+
+class OptimizerSpecModel(NamedSpec):
+    """An optimizer spec; every optimizer has a learning rate (what outer loops adapt)."""
+
+    lr: LearningRate = 1e-3
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec as plain data with every default filled in and every reference read (a program file ->
+        the program), what :func:`resolve_optimizer_spec` returns."""
+        return self.model_dump()
+
+
 # SGD/AdamW follow torch.optim; Lion follows Chen et al. 2023 (betas 0.9/0.99).
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
-    "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
-    "lion": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0},
-    "program": {"lr": 1.0, "program": None},
-}
 
 
-def _check_unit(field: str, value: Any) -> float:
-    # Momentum-like coefficients: 1 would never forget, so the range is open at 1.
-    return check_real(field, value, low=0.0, high=1.0, high_open=True)
+class SGDSpec(OptimizerSpecModel):
+    """SGD with (Nesterov) momentum; weight decay is L2 added to the gradient, as in ``torch.optim.SGD``."""
+
+    name: Literal["sgd"] = "sgd"
+    momentum: Decay = 0.9
+    nesterov: StrictBool = False
+    weight_decay: Number = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGDSpec:
+        # Nesterov's look-ahead is defined through the momentum buffer; torch refuses it too.
+        if self.nesterov and self.momentum == 0.0:
+            raise ConfigError("nesterov", "true needs optimizer.momentum in (0, 1), got momentum 0")
+        return self
 
 
-def _check_betas(field: str, value: Any) -> tuple[float, float]:
-    pair = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else ()
-    try:
-        if len(pair) == 2:
-            return (_check_unit(field, pair[0]), _check_unit(field, pair[1]))
-    except ConfigError:
-        pass  # reported below with the whole pair, which is what the user wrote
-    raise ConfigError(field, f"must be a pair [beta1, beta2], each in [0, 1), got {quote(value)}")
+class AdamWSpec(OptimizerSpecModel):
+    """AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"."""
+
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[Decay, Decay] = (0.9, 0.999)
+    eps: Number = Field(default=1e-8, gt=0)
+    weight_decay: Number = Field(default=0.01, ge=0)
 
 
-def _check_bool(field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(field, f"must be true or false, got {quote(value)}")
-    return value
+class LionSpec(OptimizerSpecModel):
+    """Lion: Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms" (decoupled weight decay)."""
+
+    name: Literal["lion"] = "lion"
+    betas: tuple[Decay, Decay] = (0.9, 0.99)
+    weight_decay: Number = Field(default=0.0, ge=0)
 
 
-_CHECKS = {
-    "lr": check_lr,
-    "momentum": _check_unit,
-    "nesterov": _check_bool,
-    "weight_decay": lambda field, value: check_real(field, value, low=0.0),
-    "eps": lambda field, value: check_real(field, value, low=0.0, low_open=True),
-    "betas": _check_betas,
-    "program": lambda field, value: _check_program(field, value),
-}
+@dataclass(frozen=True)
+class OptimizerBuilders:
+    """How to build one registered optimizer from its validated spec.
+
+    ``torch(params, spec)`` returns a ``torch.optim.Optimizer`` whose ``param_groups`` hold ``lr``;
+    ``optax(spec)`` returns an ``optax.GradientTransformation`` built through ``optax.inject_hyperparams``,
+    so ``state.hyperparams["learning_rate"]`` exists; None when the optimizer has no optax version."""
+
+    torch: Callable[[Any, Any], Any]
+    optax: Callable[[Any], Any] | None = None
 
 
-def _check_program(field: str, value: Any) -> str:
-    """Any accepted program form -> its canonical JSON (so a spec stays plain data for Tune and MLflow)."""
-    from metaopt.symbolic.search import load_start_program
-
-    if value is None:
-        raise ConfigError(field, "missing; give program text, its JSON, a file, or adamw / lion")
-    try:
-        return load_start_program(value).to_json()
-    except ConfigError as err:
-        raise ConfigError(field, err.problem) from None
+_providers_loaded = False
 
 
-def resolve_optimizer_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate an optimizer spec and fill in defaults: ``{"name": ..., <every hyperparameter>}``.
+def load_optimizer_providers() -> None:
+    """Call every ``metaopt.optimizers`` entry point once per process (they register their optimizers)."""
+    global _providers_loaded
+    if _providers_loaded:
+        return
+    _providers_loaded = True  # first: a provider that looks a name up while registering must not recurse
+    for entry_point in importlib.metadata.entry_points(group=OPTIMIZER_PROVIDERS):
+        entry_point.load()()
+
+
+#: The optimizers, by name: the one list of their names (providers add theirs when it is first read).
+OPTIMIZERS: NamedSpecs[Any] = NamedSpecs("optimizer", load_optimizer_providers)
+_BUILDERS: dict[str, OptimizerBuilders] = {}
+
+#: A config field holding an optimizer spec (stored as its model; dumped as plain data).
+OptimizerSpec = OPTIMIZERS.field_type()
+
+
+def register_optimizer(
+    name: str,
+    spec: type[OptimizerSpecModel],
+    build_torch: Callable[[Any, Any], Any],
+    build_optax: Callable[[Any], Any] | None = None,
+) -> None:
+    """Make ``name`` an optimizer choice everywhere a spec is accepted.
+
+    ``spec`` is its pydantic model (a subclass of :class:`OptimizerSpecModel` with ``name: Literal[name]``);
+    the builders get the validated model (see :class:`OptimizerBuilders`)."""
+    OPTIMIZERS.register(name, spec)
+    _BUILDERS[name] = OptimizerBuilders(build_torch, build_optax)
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """Every registered optimizer name, providers' included."""
+    return OPTIMIZERS.names()
+
+
+def resolve_optimizer_spec(spec: Any) -> dict[str, Any]:
+    """Validate an optimizer spec (a mapping or its model) and fill in defaults: ``{"name": ..., <every
+    hyperparameter>}``.
 
     Raises ConfigError naming ``optimizer.<key>`` for an unknown name or key, or a value
     outside its range (lr > 0; momentum and betas in [0, 1); eps > 0; weight_decay >= 0).
     """
-    spec = check_mapping("optimizer", spec)
-    name = check_choice("optimizer.name", spec.get("name"), OPTIMIZER_NAMES)
-    defaults = _DEFAULTS[name]
-    check_keys("optimizer", spec, ("name", *defaults), owner=f"optimizer {quote(name)}")
-    resolved = {
-        key: _CHECKS[key](f"optimizer.{key}", spec.get(key, default))
-        for key, default in defaults.items()
-    }
-    if resolved.get("nesterov") and resolved["momentum"] == 0.0:
-        # Nesterov's look-ahead is defined through the momentum buffer; torch refuses it too.
-        raise ConfigError(
-            "optimizer.nesterov", "true needs optimizer.momentum in (0, 1), got momentum 0"
-        )
-    return {"name": name, **resolved}
+    return OPTIMIZERS.parse(spec).resolved()
 
 
-def _torch_lion(params: Any, **hyperparams: Any) -> torch.optim.Optimizer:
-    """Lion: Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms".
+def _hyperparams(spec: OptimizerSpecModel) -> dict[str, Any]:
+    """The spec's fields but ``name``: the keyword arguments of the torch constructors."""
+    return {key: value for key, value in spec.model_dump().items() if key != "name"}
 
-    The implementation is ``pytorch_optimizer.Lion``; its decoupled weight decay
-    (``p *= 1 - lr * wd``) matches the paper and ``optax.lion``.
-    """
+
+def _torch_sgd(params: Any, spec: SGDSpec) -> Any:
+    import torch
+
+    return torch.optim.SGD(params, **_hyperparams(spec))
+
+
+def _torch_adamw(params: Any, spec: AdamWSpec) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, **_hyperparams(spec))
+
+
+def _torch_lion(params: Any, spec: LionSpec) -> Any:
+    """The implementation is ``pytorch_optimizer.Lion``; its decoupled weight decay
+    (``p *= 1 - lr * wd``) matches the paper and ``optax.lion``."""
     # Imported here: pytorch_optimizer costs ~2 s at import, paid only by Lion users.
     from pytorch_optimizer import Lion
 
-    return Lion(params, **hyperparams)
+    return Lion(params, **_hyperparams(spec))
 
 
-def _torch_program(params: Any, lr: float, program: str) -> torch.optim.Optimizer:
-    """A discovered (or hand-written) optimizer program as a torch optimizer (:mod:`metaopt.symbolic.export`)."""
-    from metaopt.symbolic.export import ProgramOptimizer
-    from metaopt.symbolic.program import Program
-
-    return ProgramOptimizer(params, Program.from_json(program), lr=lr)
-
-
-# The resolved spec's keys are exactly these constructors' keyword arguments.
-_TORCH_FACTORIES = {
-    "sgd": torch.optim.SGD,
-    "adamw": torch.optim.AdamW,  # Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"
-    "lion": _torch_lion,
-    "program": _torch_program,
-}
-
-
-def build_optimizer(params: Any, spec: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """A torch optimizer over ``params`` (tensors or param groups) as ``spec`` describes.
+def build_optimizer(params: Any, spec: Any) -> Any:
+    """A ``torch.optim.Optimizer`` over ``params`` (tensors or param groups) as ``spec`` describes.
 
     SGD and AdamW are ``torch.optim``'s; Lion is ``pytorch_optimizer.Lion``.
     """
-    hyperparams = resolve_optimizer_spec(spec)
-    name = hyperparams.pop("name")
-    return _TORCH_FACTORIES[name](params, **hyperparams)
+    model = OPTIMIZERS.parse(spec)
+    return _BUILDERS[model.name].torch(params, model)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_learning_rate(optimizer: Any, lr: float) -> None:
     """Write ``lr`` into every param group, keeping the optimizer's state (moments, step).
 
     ``lr`` may be 0 (a schedule's ``end_lr``) but not negative or non-finite. Per-group
     learning rates are overwritten: one outer loop owns the learning rate.
     """
-    lr = check_real("lr", lr, low=0.0)
+    lr = _checked_lr(lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def _optax_sgd(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: Any) -> Any:
+class _NewLearningRate(StrictModel):
+    lr: Number = Field(ge=0)  # 0 is a schedule's end_lr
+
+
+def _checked_lr(lr: Any) -> float:
+    try:
+        return _NewLearningRate(lr=lr).lr
+    except ValidationError as err:
+        raise first_error("", _NewLearningRate, err) from None
+
+
+def _inject(factory: Callable[..., Any], **hyperparams: Any) -> Any:
+    import optax
+
+    return optax.inject_hyperparams(factory)(**hyperparams)
+
+
+def _optax_sgd_chain(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: Any) -> Any:
     """``torch.optim.SGD`` in optax: L2 decay is added to the gradient *before* momentum."""
     import optax
 
@@ -186,16 +241,31 @@ def _optax_sgd(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: 
     )
 
 
-def _optax_kwargs(hyperparams: dict[str, Any]) -> dict[str, Any]:
-    # optax spells lr "learning_rate" and splits betas into b1/b2.
-    kwargs = dict(hyperparams)
-    kwargs["learning_rate"] = kwargs.pop("lr")
-    if "betas" in kwargs:
-        kwargs["b1"], kwargs["b2"] = kwargs.pop("betas")
-    return kwargs
+def _optax_sgd(spec: SGDSpec) -> Any:
+    return _inject(
+        _optax_sgd_chain,
+        learning_rate=spec.lr,
+        momentum=spec.momentum,
+        nesterov=spec.nesterov,
+        weight_decay=spec.weight_decay,
+    )
 
 
-def build_optax(spec: Mapping[str, Any]) -> Any:
+def _optax_adamw(spec: AdamWSpec) -> Any:
+    import optax
+
+    b1, b2 = spec.betas
+    return _inject(optax.adamw, learning_rate=spec.lr, b1=b1, b2=b2, eps=spec.eps, weight_decay=spec.weight_decay)
+
+
+def _optax_lion(spec: LionSpec) -> Any:
+    import optax
+
+    b1, b2 = spec.betas
+    return _inject(optax.lion, learning_rate=spec.lr, b1=b1, b2=b2, weight_decay=spec.weight_decay)
+
+
+def build_optax(spec: Any) -> Any:
     """The optax ``GradientTransformation`` for ``spec``, with its hyperparameters in its state.
 
     Wrapped in ``optax.inject_hyperparams``, so ``state.hyperparams["learning_rate"]``
@@ -203,21 +273,11 @@ def build_optax(spec: Mapping[str, Any]) -> Any:
     ``params`` to ``update`` since weight decay reads them. ``weight_decay`` is always set
     explicitly, because optax's own defaults (adamw 1e-4, lion 1e-3) differ from torch's.
     """
-    # Imported here: torch-only workers need not pay for importing jax.
-    import optax
-
-    hyperparams = resolve_optimizer_spec(spec)
-    name = hyperparams.pop("name")
-    if name == "program":
-        from metaopt.symbolic.export import program_optax
-        from metaopt.symbolic.program import Program
-
-        program = Program.from_json(hyperparams.pop("program"))
-        return optax.inject_hyperparams(lambda learning_rate: program_optax(program, learning_rate))(
-            learning_rate=hyperparams["lr"]
-        )
-    factory = {"sgd": _optax_sgd, "adamw": optax.adamw, "lion": optax.lion}[name]
-    return optax.inject_hyperparams(factory)(**_optax_kwargs(hyperparams))
+    model = OPTIMIZERS.parse(spec)
+    build = _BUILDERS[model.name].optax
+    if build is None:
+        raise ConfigError("optimizer.name", f"{model.name} has no optax version; it runs with torch only")
+    return build(model)
 
 
 def set_optax_learning_rate(opt_state: Any, lr: float) -> Any:
@@ -227,9 +287,14 @@ def set_optax_learning_rate(opt_state: Any, lr: float) -> Any:
     """
     import jax.numpy as jnp
 
-    lr = check_real("lr", lr, low=0.0)
+    lr = _checked_lr(lr)
     if not hasattr(opt_state, "hyperparams") or "learning_rate" not in opt_state.hyperparams:
         raise TypeError("opt_state has no injected learning_rate; build it with build_optax")
     hyperparams = dict(opt_state.hyperparams)
     hyperparams["learning_rate"] = jnp.asarray(lr, dtype=hyperparams["learning_rate"].dtype)
     return opt_state._replace(hyperparams=hyperparams)
+
+
+register_optimizer("sgd", SGDSpec, _torch_sgd, _optax_sgd)
+register_optimizer("adamw", AdamWSpec, _torch_adamw, _optax_adamw)
+register_optimizer("lion", LionSpec, _torch_lion, _optax_lion)

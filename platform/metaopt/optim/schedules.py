@@ -1,11 +1,10 @@
-"""Learning-rate schedules: plain ``step -> lr`` functions (:data:`metaopt.tasks.base.Schedule`).
+"""Learning-rate schedules: plain ``step -> lr`` functions (:data:`Schedule`), and the specs that name them.
 
-Every factory checks its arguments when the schedule is *built*, so a bad experiment
-file fails before any training starts, with a one-line :class:`~metaopt.errors.ConfigError`
-naming the argument and the allowed range. The returned schedules are
-:func:`functools.partial` objects over module-level functions: they are pure, cheap to
-call once per optimizer step, and picklable with the standard library (Ray checkpoints,
-multiprocessing) without cloudpickle.
+Every schedule is built from a validated pydantic model (one per schedule, its own fields, bounds and
+defaults), so a bad experiment file or a bad factory argument fails before any training starts, with a
+one-line :class:`~metaopt.errors.ConfigError` naming the field. The returned schedules are
+:func:`functools.partial` objects over module-level functions: they are pure, cheap to call once per
+optimizer step, and picklable with the standard library (Ray checkpoints, multiprocessing) without cloudpickle.
 
 Semantics follow optax (``optax.linear_schedule``, ``optax.cosine_decay_schedule``,
 ``optax.warmup_cosine_decay_schedule``, ``optax.piecewise_constant_schedule``), which
@@ -16,9 +15,6 @@ the tests use as the oracle:
 * :func:`warmup` ramps linearly from 0 to the wrapped schedule's *first* value over
   ``warmup_steps`` steps and then plays the wrapped schedule from its step 0, i.e.
   shifted right by ``warmup_steps`` (``optax.join_schedules`` semantics).
-
-The small ``check_*`` validators at the bottom are shared with
-:mod:`metaopt.optim.optimizers`, so both kinds of spec report errors the same way.
 """
 
 from __future__ import annotations
@@ -26,16 +22,20 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, NamedTuple
 
-from metaopt.config import quote
+from pydantic import Field, ValidationError, model_validator
+
+from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
-from metaopt.tasks.base import Schedule
+from metaopt.optim.specs import LearningRate, NamedSpec, NamedSpecs, Number, StepCount
 
 __all__ = [
+    "SCHEDULES",
     "SCHEDULE_NAMES",
+    "Schedule",
+    "ScheduleSpec",
     "build_schedule",
     "constant",
     "cosine",
@@ -44,7 +44,8 @@ __all__ = [
     "warmup",
 ]
 
-SCHEDULE_NAMES = ("constant", "linear_decay", "cosine", "piecewise_constant")
+#: A learning-rate schedule: optimizer step -> learning rate.
+Schedule = Callable[[int], float]
 
 
 # ---------------------------------------------------------------------------
@@ -79,13 +80,137 @@ def _piecewise_value(starts: tuple[int, ...], lrs: tuple[float, ...], step: int)
 
 
 # ---------------------------------------------------------------------------
-# Factories
+# Specs: one model per schedule. ``build`` returns the schedule the spec describes.
 # ---------------------------------------------------------------------------
+
+
+class _WithWarmup(NamedSpec):
+    warmup_steps: StepCount = Field(
+        default=0, description="Linear warm-up from 0 to lr over this many steps, counted inside total_steps."
+    )
+
+
+class ConstantSchedule(_WithWarmup):
+    """The same learning rate at every step (``optax.constant_schedule``)."""
+
+    name: Literal["constant"] = "constant"
+    lr: LearningRate
+
+    def build(self) -> Schedule:
+        return warmup(functools.partial(_constant_value, self.lr), self.warmup_steps)
+
+
+class _Decay(_WithWarmup):
+    """From ``lr`` at step 0 to ``end_lr`` at ``total_steps`` (the warm-up included), then flat."""
+
+    lr: LearningRate
+    total_steps: int = Field(ge=1, strict=True, description="Steps to reach end_lr, the warm-up included.")
+    end_lr: Number = Field(default=0.0, ge=0, description="Learning rate from total_steps on.")
+
+    @model_validator(mode="after")
+    def _warmup_inside_total(self) -> _Decay:
+        # Warm-up is part of the total (optax.warmup_cosine_decay_schedule), so the decay keeps at least one step.
+        if self.warmup_steps >= self.total_steps:
+            raise ConfigError(
+                "warmup_steps", f"must be < total_steps ({self.total_steps}), got {quote(self.warmup_steps)}"
+            )
+        return self
+
+
+class LinearDecaySchedule(_Decay):
+    """Linear interpolation (``optax.linear_schedule``)."""
+
+    name: Literal["linear_decay"] = "linear_decay"
+
+    def build(self) -> Schedule:
+        decay = functools.partial(_linear_value, self.lr, self.total_steps - self.warmup_steps, self.end_lr)
+        return warmup(decay, self.warmup_steps)
+
+
+class CosineSchedule(_Decay):
+    """Half-cosine decay (Loshchilov & Hutter 2017, "SGDR", one cycle, no restart)."""
+
+    name: Literal["cosine"] = "cosine"
+
+    def build(self) -> Schedule:
+        decay = functools.partial(_cosine_value, self.lr, self.total_steps - self.warmup_steps, self.end_lr)
+        return warmup(decay, self.warmup_steps)
+
+
+class Segment(NamedTuple):
+    """``lr`` holds from ``start_step`` until the next segment starts."""
+
+    start_step: StepCount
+    lr: LearningRate
+
+
+class PiecewiseConstantSchedule(NamedSpec):
+    """Constant segments, replayed literally (no warm-up): a schedule discovered by PBT."""
+
+    name: Literal["piecewise_constant"] = "piecewise_constant"
+    boundaries_and_lrs: list[Segment] = Field(min_length=1, description="[[start_step, lr], ...], first start 0.")
+
+    @model_validator(mode="after")
+    def _increasing_from_zero(self) -> PiecewiseConstantSchedule:
+        # Strictly increasing from 0, so the segments are sorted, none is empty, and every step has one lr.
+        starts = [segment.start_step for segment in self.boundaries_and_lrs]
+        if starts[0] != 0:
+            raise ConfigError(
+                "boundaries_and_lrs.0.0", f"must be 0 (the first segment opens the schedule), got {quote(starts[0])}"
+            )
+        for i in range(1, len(starts)):
+            if starts[i] <= starts[i - 1]:
+                raise ConfigError(
+                    f"boundaries_and_lrs.{i}.0",
+                    f"must be > {starts[i - 1]} (start steps strictly increase), got {starts[i]}",
+                )
+        return self
+
+    def build(self) -> Schedule:
+        starts, lrs = zip(*self.boundaries_and_lrs)
+        return functools.partial(_piecewise_value, tuple(starts), tuple(lrs))
+
+
+#: The schedules, by name: the one list of their names.
+SCHEDULES: NamedSpecs[Any] = NamedSpecs("schedule")
+for _model in (ConstantSchedule, LinearDecaySchedule, CosineSchedule, PiecewiseConstantSchedule):
+    SCHEDULES.register(_model.model_fields["name"].default, _model)
+
+SCHEDULE_NAMES = SCHEDULES.names()
+
+#: A config field holding a schedule spec (``ScheduleSpec | None`` is spelled ``OptionalScheduleSpec``).
+ScheduleSpec = SCHEDULES.field_type()
+OptionalScheduleSpec = SCHEDULES.field_type(optional=True)
+
+
+def build_schedule(spec: Any) -> Schedule:
+    """Build a schedule from a spec such as ``{"name": "cosine", "lr": 0.1, "total_steps": 1000}`` (a mapping
+    or its model).
+
+    Keys are the schedule model's fields: ``name`` (one of :data:`SCHEDULE_NAMES`), the factory's arguments
+    and an optional ``warmup_steps`` (not for ``piecewise_constant``, which replays literally). With warm-up,
+    ``total_steps`` is the *whole* length including the warm-up, as in ``optax.warmup_cosine_decay_schedule``:
+    the decay takes ``total_steps - warmup_steps`` steps and every step from ``total_steps`` on gets
+    ``end_lr``. Errors name the field as ``schedule.<key>``.
+    """
+    return SCHEDULES.parse(spec).build()
+
+
+# ---------------------------------------------------------------------------
+# Factories: the same models, called with arguments; errors name the argument.
+# ---------------------------------------------------------------------------
+
+
+def _checked(model: type[StrictModel], **arguments: Any) -> Any:
+    try:
+        return model(**arguments)
+    except ValidationError as err:
+        raise first_error("", model, err) from None
 
 
 def constant(lr: float) -> Schedule:
     """The same learning rate at every step (``optax.constant_schedule``)."""
-    return functools.partial(_constant_value, check_lr("lr", lr))
+    return _checked(ConstantSchedule, lr=lr).build()
 
 
 def linear_decay(lr: float, total_steps: int, end_lr: float = 0.0) -> Schedule:
@@ -93,12 +218,7 @@ def linear_decay(lr: float, total_steps: int, end_lr: float = 0.0) -> Schedule:
 
     Same values as ``optax.linear_schedule(lr, end_lr, total_steps)``.
     """
-    return functools.partial(
-        _linear_value,
-        check_lr("lr", lr),
-        check_int("total_steps", total_steps, low=1),
-        check_real("end_lr", end_lr, low=0.0),
-    )
+    return _checked(LinearDecaySchedule, lr=lr, total_steps=total_steps, end_lr=end_lr).build()
 
 
 def cosine(lr: float, total_steps: int, end_lr: float = 0.0) -> Schedule:
@@ -108,12 +228,11 @@ def cosine(lr: float, total_steps: int, end_lr: float = 0.0) -> Schedule:
     (one cycle, no restart). Same values as
     ``optax.cosine_decay_schedule(lr, total_steps, alpha=end_lr / lr)``.
     """
-    return functools.partial(
-        _cosine_value,
-        check_lr("lr", lr),
-        check_int("total_steps", total_steps, low=1),
-        check_real("end_lr", end_lr, low=0.0),
-    )
+    return _checked(CosineSchedule, lr=lr, total_steps=total_steps, end_lr=end_lr).build()
+
+
+class _Warmup(StrictModel):
+    warmup_steps: StepCount
 
 
 def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
@@ -128,7 +247,7 @@ def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
     """
     if not callable(schedule):
         raise ConfigError("schedule", f"must be a callable step -> lr, got {quote(schedule)}")
-    warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
+    warmup_steps = _checked(_Warmup, warmup_steps=warmup_steps).warmup_steps
     if warmup_steps == 0:
         return schedule
     return functools.partial(_warmup_value, schedule, warmup_steps, float(schedule(0)))
@@ -142,145 +261,5 @@ def piecewise_constant(boundaries_and_lrs: Iterable[Sequence[float]]) -> Schedul
     (Jaderberg et al. 2017, "Population Based Training of Neural Networks"). Same values
     as ``optax.piecewise_constant_schedule`` with the jumps written as ratios.
     """
-    field = "boundaries_and_lrs"
-    segments = list(boundaries_and_lrs) if isinstance(boundaries_and_lrs, Iterable) else None
-    if not segments:
-        raise ConfigError(
-            field, f"must be a non-empty list of (start_step, lr) pairs, got {quote(boundaries_and_lrs)}"
-        )
-    starts: list[int] = []
-    lrs: list[float] = []
-    for i, segment in enumerate(segments):
-        if isinstance(segment, str) or not isinstance(segment, Sequence) or len(segment) != 2:
-            raise ConfigError(f"{field}[{i}]", f"must be a (start_step, lr) pair, got {quote(segment)}")
-        start = segment[0]
-        if i == 0 and (isinstance(start, bool) or start != 0):
-            problem = f"must be 0 (the first segment opens the schedule), got {quote(start)}"
-            raise ConfigError(f"{field}[0].start_step", problem)
-        if i > 0:
-            # Strictly increasing, so the segments are sorted and none is empty.
-            start = check_int(f"{field}[{i}].start_step", start, low=starts[-1] + 1)
-        starts.append(int(start))
-        lrs.append(check_lr(f"{field}[{i}].lr", segment[1]))
-    return functools.partial(_piecewise_value, tuple(starts), tuple(lrs))
-
-
-# name -> (factory, required keys, optional keys); "name" and "warmup_steps" come on top.
-_SCHEDULE_SPECS: dict[str, tuple[Callable[..., Schedule], tuple[str, ...], tuple[str, ...]]] = {
-    "constant": (constant, ("lr",), ()),
-    "linear_decay": (linear_decay, ("lr", "total_steps"), ("end_lr",)),
-    "cosine": (cosine, ("lr", "total_steps"), ("end_lr",)),
-    "piecewise_constant": (piecewise_constant, ("boundaries_and_lrs",), ()),
-}
-
-
-def build_schedule(spec: Mapping[str, Any]) -> Schedule:
-    """Build a schedule from a spec such as ``{"name": "cosine", "lr": 0.1, "total_steps": 1000}``.
-
-    Keys are the factory's arguments plus ``name`` (one of :data:`SCHEDULE_NAMES`) and an
-    optional ``warmup_steps`` (not for ``piecewise_constant``, which replays literally).
-    With warm-up, ``total_steps`` is the *whole* length including the warm-up, as in
-    ``optax.warmup_cosine_decay_schedule``: the decay takes ``total_steps - warmup_steps``
-    steps and every step from ``total_steps`` on gets ``end_lr``. Errors name the field
-    as ``schedule.<key>``.
-    """
-    spec = check_mapping("schedule", spec)
-    name = check_choice("schedule.name", spec.get("name"), SCHEDULE_NAMES)
-    factory, required, optional = _SCHEDULE_SPECS[name]
-    with_warmup = name != "piecewise_constant"
-    allowed = ("name", *required, *optional) + (("warmup_steps",) if with_warmup else ())
-    check_keys("schedule", spec, allowed, required=required, owner=f"schedule {quote(name)}")
-    kwargs = {key: spec[key] for key in (*required, *optional) if key in spec}
-    try:
-        warmup_steps = check_int("warmup_steps", spec.get("warmup_steps", 0), low=0)
-        if warmup_steps and "total_steps" in kwargs:
-            total_steps = check_int("total_steps", kwargs["total_steps"], low=1)
-            # Warm-up is part of the total, so the decay must keep at least one step.
-            if warmup_steps >= total_steps:
-                problem = f"must be an integer in [0, total_steps) = [0, {total_steps}), got"
-                raise ConfigError("warmup_steps", f"{problem} {warmup_steps}")
-            kwargs["total_steps"] = total_steps - warmup_steps
-        return warmup(factory(**kwargs), warmup_steps)
-    except ConfigError as err:
-        raise ConfigError(f"schedule.{err.field}", err.problem) from None
-
-
-# ---------------------------------------------------------------------------
-# Validators shared by schedule and optimizer specs. Each returns the clean value or
-# raises a one-line ConfigError naming the field and the allowed values.
-# ---------------------------------------------------------------------------
-
-
-def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
-    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def check_real(
-    field: str,
-    value: Any,
-    low: float = -math.inf,
-    high: float = math.inf,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """``value`` as a float if it is a finite real number in the interval, else ConfigError."""
-    # bool is an int subclass; ``lr: true`` in a YAML file is a typo, not 1.0.
-    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    number = float(value) if is_real else math.nan
-    inside = (
-        math.isfinite(number)
-        and (number > low if low_open else number >= low)
-        and (number < high if high_open else number <= high)
-    )
-    if not inside:
-        span = _interval(low, high, low_open or low == -math.inf, high_open or high == math.inf)
-        raise ConfigError(field, f"must be a finite number in {span}, got {quote(value)}")
-    return number
-
-
-def check_lr(field: str, value: Any) -> float:
-    """A learning rate: finite and > 0."""
-    return check_real(field, value, low=0.0, low_open=True)
-
-
-def check_int(field: str, value: Any, low: int, high: int | None = None) -> int:
-    """``value`` if it is an integer in ``[low, high]`` (``high=None``: open), else ConfigError."""
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not is_int or value < low or (high is not None and value > high):
-        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(field, f"must be an integer {span}, got {quote(value)}")
-    return int(value)
-
-
-def check_mapping(field: str, value: Any) -> Mapping[str, Any]:
-    """``value`` if it is a mapping (a dict from YAML/JSON), else ConfigError."""
-    if not isinstance(value, Mapping):
-        raise ConfigError(field, f"must be a mapping of settings, got {type(value).__name__}")
-    return value
-
-
-def check_choice(field: str, value: Any, allowed: Sequence[str]) -> str:
-    """``value`` if it is one of ``allowed``, else ConfigError listing them."""
-    if value not in allowed:
-        got = "missing" if value is None else f"got {quote(value)}"
-        raise ConfigError(field, f"must be one of {', '.join(allowed)}; {got}")
-    return value
-
-
-def check_keys(
-    prefix: str,
-    spec: Mapping[str, Any],
-    allowed: Sequence[str],
-    required: Sequence[str] = (),
-    owner: str = "",
-) -> None:
-    """Reject keys outside ``allowed`` and missing ``required`` keys, naming ``prefix.key``."""
-    owner = f" for {owner}" if owner else ""
-    for key in spec:
-        if key not in allowed:
-            problem = f"unknown key{owner}; allowed: {', '.join(allowed)}"
-            raise ConfigError(f"{prefix}.{key}", problem)
-    for key in required:
-        if key not in spec:
-            raise ConfigError(f"{prefix}.{key}", f"required{owner}")
+    segments = list(boundaries_and_lrs) if isinstance(boundaries_and_lrs, Iterable) else boundaries_and_lrs
+    return _checked(PiecewiseConstantSchedule, boundaries_and_lrs=segments).build()

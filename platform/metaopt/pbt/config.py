@@ -12,20 +12,24 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, absolute_program_spec, register_kind
+from metaopt.config import Seed, StrictModel
 from metaopt.errors import ConfigError
-
-TASKS = ("digits", "cartpole_rllib")
-SCHEDULERS = ("pbt", "pb2", "random", "grid")
+from metaopt.extras import require
+from metaopt.pbt.commands import REPLAY
+from metaopt.registry import Capability
+from metaopt.tasks import TaskName, TaskOptimizerSpec, TaskOptions
 
 
 class PBTSection(StrictModel):
     """Population-based learning-rate adaptation on Ray Tune."""
 
-    task: Literal["digits", "cartpole_rllib"] = Field(default="digits", description="Learning problem.")
-    task_options: dict[str, Any] = Field(default_factory=dict, description="Task settings (model size, batch ...).")
-    optimizer: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "sgd", "momentum": 0.9}, description="metaopt.optim optimizer spec."
+    task: TaskName = Field(default="digits", description="Learning problem (metaopt.tasks).")
+    task_options: TaskOptions = Field(
+        default_factory=dict, validate_default=True, description="Task settings (model size, batch ...)."
+    )
+    optimizer: TaskOptimizerSpec = Field(
+        default_factory=lambda: {"name": "sgd", "momentum": 0.9}, validate_default=True,
+        description="Optimizer spec the task trains with (metaopt.optim; RLlib tasks: {name: adam}).",
     )
     scheduler: Literal["pbt", "pb2", "random", "grid"] = Field(default="pbt", description="Tune scheduler/search.")
     population: int = Field(default=4, ge=2, le=4096, description="Trials in the population.")
@@ -47,10 +51,12 @@ class PBTSection(StrictModel):
         default=None, ge=1, description="Iterations between checkpoints (default: perturbation_interval)."
     )
 
-    @field_validator("optimizer")
+    @field_validator("scheduler")
     @classmethod
-    def _absolute_program_file(cls, spec: dict[str, Any], info) -> dict[str, Any]:
-        return absolute_program_spec(spec, info)  # trials run in folders of their own
+    def _pb2_installed(cls, scheduler: str) -> str:
+        if scheduler == "pb2":
+            require("pb2", "")  # the field is the scheduler itself
+        return scheduler
 
     @field_validator("perturbation_factors", mode="before")
     @classmethod
@@ -72,25 +78,10 @@ class PBTSection(StrictModel):
             raise ConfigError("perturbation_factors", f"both must be > 0 (got {list(self.perturbation_factors)})")
         return self
 
-    def check(self) -> None:
-        """Validate the optimizer spec and the task's options with the code that will use them."""
-        # Field names are relative to this section; config.from_dict prefixes "pbt.".
-        if self.task == "digits":
-            from metaopt.optim import resolve_optimizer_spec
-            from metaopt.tasks.digits import DigitsOptions
-
-            DigitsOptions.parse(self.task_options, field="task_options")
-            resolve_optimizer_spec(self.optimizer)
-        elif self.task == "cartpole_rllib":
-            from metaopt.tasks.rllib_ppo import PPOOptions, check_optimizer
-
-            PPOOptions.parse(self.task_options, field="task_options")
-            check_optimizer(self.optimizer, field="optimizer")
-
     @property
     def checkpoint_every(self) -> int:
         # Checkpoint at perturbation boundaries, not every step (Tune PBT guide): exploit needs exactly those.
         return self.checkpoint_interval or self.perturbation_interval
 
 
-register_kind("pbt", PBTSection, "metaopt.pbt.sweep:run")
+CAPABILITY = Capability(kind="pbt", section=PBTSection, runner="metaopt.pbt.sweep:run", commands=(REPLAY,))

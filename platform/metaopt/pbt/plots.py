@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures go to MLflow and files, never to a screen
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from metaopt.pbt.lineage import Segments  # noqa: E402
+from metaopt import report
+from metaopt.pbt.lineage import Segments
 
 
 def step_curve(history: Segments, total_steps: int) -> tuple[list[int], list[float]]:
@@ -23,7 +18,7 @@ def step_curve(history: Segments, total_steps: int) -> tuple[list[int], list[flo
 
 def plot_schedules(schedules: dict[str, Segments], best: str | None, total_steps: int, title: str):
     """Every final trial's lineage learning rate vs optimizer step (log scale), the best one highlighted."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = report.figure(size=(7, 4))
     for trial_id, history in sorted(schedules.items()):
         xs, ys = step_curve(history, total_steps)
         is_best = trial_id == best
@@ -31,29 +26,17 @@ def plot_schedules(schedules: dict[str, Segments], best: str | None, total_steps
             xs, ys, lw=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.5,
             color="C3" if is_best else None, label=f"{trial_id} (best)" if is_best else trial_id, zorder=3 if is_best else 2,
         )
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+    report.label_axes(ax, x="optimizer step", y="learning rate", title=title, legend=7, grid=False, log_y=True)
     fig.tight_layout()
     return fig
 
 
 def plot_learning_curves(curves: dict[str, tuple[list[int], list[float]]], metric: str, best: str | None, title: str):
     """The sweep's metric per iteration for every trial (as reported, including exploit jumps)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = report.figure(size=(7, 4))
     for trial_id, (xs, ys) in sorted(curves.items()):
         is_best = trial_id == best
         ax.plot(xs, ys, marker=".", lw=2.0 if is_best else 1.0, alpha=1.0 if is_best else 0.6, label=trial_id)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+    report.label_axes(ax, x="optimizer step", y=metric, title=title, legend=7, grid=False)
     fig.tight_layout()
     return fig
-
-
-def save(fig, path) -> None:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -9,15 +9,13 @@
 
 from __future__ import annotations
 
-import csv
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metaopt import tracking
+from metaopt import report, tracking
 from metaopt.config import Experiment
 from metaopt.pbt import lineage, plots
 from metaopt.pbt.replay import SCHEDULES_ARTIFACT
@@ -66,12 +64,9 @@ class SweepSummary:
 
 def task_metric(task: str) -> tuple[str, str]:
     """The score a task reports and its direction, without building the task."""
-    import importlib
+    from metaopt.tasks import task_class
 
-    from metaopt.tasks import TASKS
-
-    module, cls = TASKS[task].split(":")
-    task_cls = getattr(importlib.import_module(module), cls)
+    task_cls = task_class(task)
     return task_cls.metric, task_cls.mode
 
 
@@ -131,14 +126,14 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
     """Per final trial: scores, lineage schedule from the PBT log and from its own checkpoint."""
     rows = []
     for result in results:
-        frame = tracking.progress_rows(result.path)
+        curves = report.progress_curves(result, {"lr", "step", metric}.__contains__)
         metrics = result.metrics or {}
-        if frame is None or frame.empty:
+        if not curves:
             continue
         # PBT names trials by their original tag; Tune appends "@perturbed[...]" after each exploit.
         tag = str(metrics.get("experiment_tag", "")).split("@")[0]
-        first_lr = float(frame["lr"].iloc[0])
-        finite = [v for v in frame[metric] if isinstance(v, (int, float)) and math.isfinite(v)]
+        steps = [int(step) for step in curves["step"]]
+        finite = [v for v in curves[metric] if math.isfinite(v)]
         rows.append(
             TrialSummary(
                 trial_id=str(metrics.get("trial_id")),
@@ -148,11 +143,11 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
                 final_lr=float(metrics.get("lr", math.nan)),
                 iterations=int(metrics.get("training_iteration", 0)),
                 diverged=bool(metrics.get("diverged", 0)),
-                schedule=[(0, first_lr)],
+                schedule=[(0, curves["lr"][0])],
                 carried_schedule=carried_history(result, str(metrics.get("trial_id"))),
-                curve=(list(frame["step"].astype(int)), [float(v) for v in frame[metric]]),
+                curve=(steps, curves[metric]),
                 steps=int(metrics.get("step", 0)),
-                reported=[(int(step), float(lr)) for step, lr in zip(frame["step"], frame["lr"])],
+                reported=list(zip(steps, curves["lr"])),
             )
         )
     if section.scheduler in ("pbt", "pb2"):
@@ -244,25 +239,24 @@ def log_summary(parent: tracking.ParentRun, summary: SweepSummary, exp: Experime
             "wall_seconds": summary.wall_seconds,
         }
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "summary.csv"
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["trial_id", summary.metric, f"best_{summary.metric}", "final_lr", "iterations", "steps", "diverged", "schedule"])
-            for t in summary.trials:
-                writer.writerow([t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.iterations, t.steps, t.diverged, lineage.describe(t.schedule)])
-        parent.log_file(path)
+    parent.log_csv("summary.csv",
+                   ["trial_id", summary.metric, f"best_{summary.metric}", "final_lr", "iterations", "steps", "diverged",
+                    "schedule"],
+                   [[t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.iterations, t.steps, t.diverged,
+                     lineage.describe(t.schedule)] for t in summary.trials])
 
 
 def format_table(summary: SweepSummary) -> str:
-    """The end-of-sweep table: one line per trial, best marked."""
-    header = f"{'trial':<14}{summary.metric:>16}{'best':>10}{'final lr':>11}{'steps':>7}  status    schedule (step:lr)"
-    lines = [header, "-" * len(header)]
-    ordered = sorted(summary.trials, key=lambda t: (t.diverged, -t.final_metric if summary.mode == "max" else t.final_metric))
-    for t in ordered:
-        status = "diverged" if t.diverged else ("BEST" if t.trial_id == summary.best_trial else "ok")
-        lines.append(
-            f"{t.trial_id:<14}{t.final_metric:>16.4f}{t.best_metric:>10.4f}{t.final_lr:>11.3g}{t.steps:>7}  "
-            f"{status:<9} {lineage.describe(t.schedule)}"
-        )
-    return "\n".join(lines)
+    """The end-of-sweep table: one line per trial, best first, diverged trials last."""
+    columns = (report.Column("trial", 14, align="<"), report.Column(summary.metric, 16, ".4f"),
+               report.Column("best", 10, ".4f"), report.Column("final lr", 11, ".3g"), report.Column("steps", 7),
+               report.Column("status", 9, align="<", gap="  "), report.Column("schedule (step:lr)", align="<", gap=" "))
+    sign = -1 if summary.mode == "max" else 1
+    ordered = sorted(summary.trials, key=lambda t: (t.diverged, sign * t.final_metric))
+    return report.format_table(columns, [
+        [t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.steps, status(t, summary.best_trial),
+         lineage.describe(t.schedule)] for t in ordered])
+
+
+def status(trial: TrialSummary, best_trial: str | None) -> str:
+    return "diverged" if trial.diverged else "BEST" if trial.trial_id == best_trial else "ok"

@@ -8,14 +8,16 @@ Curriculum of Chen et al. 2025) picks the problem category of every prompt. Noth
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, absolute_path, absolute_program_spec, quote, quote_path, register_kind
+from metaopt.config import Seed, StrictModel, absolute_path, quote, quote_path
 from metaopt.errors import ConfigError
-
-CURRICULUM_NAMES = ("sec", "uniform", "easy_to_hard", "hard_to_easy")
+from metaopt.optim import OptimizerSpec, OptionalScheduleSpec
+from metaopt.posttrain.curriculum import CURRICULUM_NAMES, SECAlpha, SECTau
+from metaopt.posttrain.tasks import Levels, TaskSpec, each_task_once
+from metaopt.registry import Capability
 
 
 class ModelSpec(StrictModel):
@@ -42,18 +44,18 @@ class ModelSpec(StrictModel):
         return self
 
 
-class TaskSpec(StrictModel):
-    """A task and the difficulty levels used as curriculum categories (task x level)."""
+class SectionTask(TaskSpec):
+    """A task of the section (:class:`~metaopt.posttrain.tasks.TaskSpec`); levels 1-3 where none are written."""
 
-    name: str = Field(description="arithmetic (ours) or a reasoning-gym generator (basic_arithmetic, chain_sum, ...).")
-    levels: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1, description="Difficulty levels.")
+    levels: Levels | None = Field(default_factory=lambda: [1, 2, 3], min_length=1, description="Difficulty levels.")
 
 
 class CurriculumSpec(StrictModel):
-    """How categories are drawn: SEC's bandit (alpha = TD(0) step, tau = Boltzmann temperature) or a schedule."""
+    """SEC's options for the ``sec`` trials (alpha = TD(0) step, tau = Boltzmann temperature; bounds from
+    :class:`~metaopt.posttrain.curriculum.SECOptions`); the other curricula take none from the file."""
 
-    alpha: float = Field(default=0.5, gt=0, le=1, description="SEC: TD(0) learning rate of the category values.")
-    tau: float = Field(default=0.2, gt=0, description="SEC: Boltzmann temperature over category values.")
+    alpha: SECAlpha = Field(default=0.5, description="SEC: TD(0) learning rate of the category values.")
+    tau: SECTau = Field(default=0.2, description="SEC: Boltzmann temperature over category values.")
 
 
 class GRPOSpec(StrictModel):
@@ -107,16 +109,17 @@ class PostTrainSection(StrictModel):
     """GRPO post-training with curricula over verifiable task categories; each curriculum x seed is a trial."""
 
     model: ModelSpec = Field(default_factory=ModelSpec)
-    tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="arithmetic", levels=[1, 2, 3, 4, 5])],
-                                  min_length=1)
+    tasks: Annotated[list[SectionTask], AfterValidator(each_task_once)] = Field(
+        default_factory=lambda: [SectionTask(name="arithmetic", levels=[1, 2, 3, 4, 5])], min_length=1,
+        description="Tasks and levels: the curriculum's categories.")
     curricula: list[str] = Field(default_factory=lambda: ["sec", "uniform"], min_length=1,
                                  description=f"Curricula swept: {', '.join(CURRICULUM_NAMES)}.")
     curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
     grpo: GRPOSpec = Field(default_factory=GRPOSpec)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
-    optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
-                                      description="metaopt.optim optimizer spec of the learner.")
-    schedule: dict[str, Any] | None = Field(
+    optimizer: OptimizerSpec = Field(default_factory=lambda: {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+                                     validate_default=True, description="metaopt.optim optimizer spec of the learner.")
+    schedule: OptionalScheduleSpec = Field(
         default=None, description="metaopt.optim schedule spec over GRPO steps (default: constant at optimizer.lr)."
     )
     roles: RolesSpec = Field(default_factory=RolesSpec)
@@ -131,11 +134,6 @@ class PostTrainSection(StrictModel):
     pbt_interval: int = Field(default=2, ge=1, description="Iterations between PBT exploit/explore steps.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last checkpoint.")
     samples_to_log: int = Field(default=8, ge=0, description="Sample completions saved as text each iteration.")
-
-    @field_validator("optimizer")
-    @classmethod
-    def _absolute_program_file(cls, spec: dict[str, Any], info) -> dict[str, Any]:
-        return absolute_program_spec(spec, info)  # trials run in folders of their own
 
     @field_validator("curricula")
     @classmethod
@@ -155,20 +153,6 @@ class PostTrainSection(StrictModel):
             raise ConfigError("pbt_interval", f"must be < the {self.iterations} iterations so PBT perturbs at all")
         return self
 
-    def check(self) -> None:
-        """Checks that need other modules: task names and levels, the optimizer and schedule specs. A model path
-        is checked where the run starts (a file submitted to a cluster names a path on the cluster)."""
-        from metaopt.optim import build_schedule, resolve_optimizer_spec
-        from metaopt.posttrain.tasks import make_taskset
-
-        try:
-            make_taskset([t.model_dump() for t in self.tasks], seed=0)
-        except ConfigError as err:  # it names its fields from the file's top (posttrain.tasks...)
-            raise ConfigError(err.field.removeprefix("posttrain."), err.problem) from None
-        resolve_optimizer_spec(self.optimizer)  # its errors name optimizer.<key>
-        if self.schedule is not None:
-            build_schedule(self.schedule)
-
 
 def check_model_path(section: PostTrainSection) -> None:
     """A model path that does not exist is one clear error before any trial starts."""
@@ -178,4 +162,6 @@ def check_model_path(section: PostTrainSection) -> None:
                           "(expected a local Hugging Face checkpoint: config.json, weights, tokenizer files)")
 
 
-register_kind("posttrain", PostTrainSection, "metaopt.posttrain.sweep:run")
+CAPABILITY = Capability(
+    kind="posttrain", section=PostTrainSection, runner="metaopt.posttrain.sweep:run", extra="posttrain"
+)

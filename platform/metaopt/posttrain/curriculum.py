@@ -13,29 +13,104 @@ Every curriculum has the same small interface, so the training loop takes any of
 each category is an arm of a non-stationary bandit whose reward is the mean absolute GRPO advantage of its
 rollouts (:func:`category_rewards`). With 0/1 rewards a group's E|Â| is largest at 50% success, so SEC
 drifts to the categories at the frontier of what the policy can learn.
+
+Each curriculum's options are a pydantic model chosen by ``name`` (:data:`CURRICULA`, the one list of curriculum
+names, which the ``posttrain:`` section validates against). Options given as keywords or a mapping are validated
+on the way in (one ConfigError naming ``posttrain.curriculum.<option>``); a curriculum then trusts them. This
+module imports numpy only, so the section can use its models without torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
-import torch
+from pydantic import ConfigDict, Field, Strict
 
 from metaopt.errors import ConfigError
+from metaopt.optim.specs import NamedSpec, NamedSpecs, Number, literal_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
+    "CURRICULA",
     "CURRICULUM_NAMES",
     "SEC",
+    "CurriculumOptions",
     "EasyToHard",
+    "EasyToHardOptions",
     "HardToEasy",
+    "HardToEasyOptions",
+    "SECAlpha",
+    "SECOptions",
+    "SECTau",
     "Uniform",
+    "UniformOptions",
     "category_rewards",
+    "curriculum_options",
     "make_curriculum",
 ]
 
-CURRICULUM_NAMES = ("sec", "uniform", "easy_to_hard", "hard_to_easy")
+#: SEC's TD(0) step size alpha: in (0, 1] (1 keeps only the latest reward).
+SECAlpha = Annotated[Number, Field(gt=0, le=1)]
+#: SEC's Boltzmann temperature tau: > 0 (large: uniform; small: greedy).
+SECTau = Annotated[Number, Field(gt=0)]
+
+
+class CurriculumOptions(NamedSpec):
+    """A curriculum's options; a subclass per curriculum fixes ``name``."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class SECOptions(CurriculumOptions):
+    """Self-Evolving Curriculum (Chen et al. 2025): TD(0) values, Boltzmann sampling."""
+
+    name: Literal["sec"] = "sec"
+    alpha: SECAlpha = Field(default=0.5, description="TD(0) learning rate of the category values.")
+    tau: SECTau = Field(default=1.0, description="Boltzmann temperature over category values.")
+
+
+class UniformOptions(CurriculumOptions):
+    """Every category with probability 1/K (no options)."""
+
+    name: Literal["uniform"] = "uniform"
+
+
+class OrderedOptions(CurriculumOptions):
+    """A window sliding over the categories in difficulty order."""
+
+    window: Annotated[int, Strict()] = Field(default=1, ge=1, description="Categories sampled at once.")
+    difficulties: tuple[Annotated[int, Strict()], ...] | None = Field(
+        default=None, description="A level per category to order by (None: index order, easy -> hard)."
+    )
+
+
+class EasyToHardOptions(OrderedOptions):
+    name: Literal["easy_to_hard"] = "easy_to_hard"
+
+
+class HardToEasyOptions(OrderedOptions):
+    name: Literal["hard_to_easy"] = "hard_to_easy"
+
+
+#: The curricula: name -> options model. The one list of curriculum names.
+CURRICULA: NamedSpecs[CurriculumOptions] = NamedSpecs("posttrain.curriculum")
+for _model in (SECOptions, UniformOptions, EasyToHardOptions, HardToEasyOptions):
+    CURRICULA.register(literal_name(_model), _model)
+CURRICULUM_NAMES = CURRICULA.names()
+
+
+def curriculum_options(spec: CurriculumOptions | Mapping[str, Any] | str, **options: Any) -> CurriculumOptions:
+    """The validated options of a curriculum given as a model, a mapping with a ``name``, or a name (plus
+    ``options``); anything bad is one ConfigError naming ``posttrain.curriculum.<option>``."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    elif isinstance(spec, CurriculumOptions) and options:
+        spec = {**spec.model_dump(exclude_unset=True), "name": spec.name}
+    return CURRICULA.parse({**spec, **options} if isinstance(spec, Mapping) else spec)
 
 
 def category_rewards(
@@ -47,7 +122,9 @@ def category_rewards(
     as rows ``i*G .. i*G+G-1`` for prompt ``i`` (the :func:`metaopt.posttrain.grpo.group_advantages` layout).
     Chen et al. 2025: r(c) = mean over the problems of category c of mean_i |Â_i|.
     """
-    magnitudes = np.abs(np.asarray(torch.as_tensor(advantages).detach().cpu(), dtype=np.float64))
+    if hasattr(advantages, "detach"):  # a torch tensor (this module does not import torch)
+        advantages = advantages.detach().cpu()
+    magnitudes = np.abs(np.asarray(advantages, dtype=np.float64))
     magnitudes = magnitudes.reshape(len(prompt_categories), group_size).mean(axis=1)
     totals: dict[int, list[float]] = {}
     for category, value in zip(prompt_categories, magnitudes):
@@ -56,9 +133,19 @@ def category_rewards(
 
 
 class _Curriculum:
-    name = ""
+    """A curriculum over ``num_categories`` categories with its validated ``options``."""
 
-    def __init__(self, num_categories: int):
+    name: ClassVar[str] = ""
+
+    def __init__(self, num_categories: int, options: CurriculumOptions | Mapping[str, Any] | None = None,
+                 **settings: Any):
+        if isinstance(options, Mapping) or options is None:
+            options = {"name": self.name, **(options or {})}
+        self.options = curriculum_options(options, **settings)
+        if self.options.name != self.name:
+            raise TypeError(f"{type(self).__name__} runs {self.name!r} options, not {self.options.name!r}")
+        if isinstance(num_categories, bool) or not isinstance(num_categories, int) or num_categories < 1:
+            raise ConfigError("posttrain.tasks", f"need at least one category, got {num_categories!r}")
         self.num_categories = num_categories
 
     def probabilities(self) -> np.ndarray:
@@ -89,6 +176,7 @@ class Uniform(_Curriculum):
     """Every category with probability 1/K at every step (the "random" baseline of Chen et al. 2025)."""
 
     name = "uniform"
+    options: UniformOptions
 
     def probabilities(self) -> np.ndarray:
         return np.full(self.num_categories, 1.0 / self.num_categories)
@@ -105,11 +193,12 @@ class SEC(_Curriculum):
     """
 
     name = "sec"
+    options: SECOptions
 
-    def __init__(self, num_categories: int, alpha: float = 0.5, tau: float = 1.0):
-        super().__init__(num_categories)
-        self.alpha = alpha
-        self.tau = tau
+    def __init__(self, num_categories: int, options: SECOptions | Mapping[str, Any] | None = None, **settings: Any):
+        super().__init__(num_categories, options, **settings)
+        self.alpha = self.options.alpha
+        self.tau = self.options.tau
         self.q = np.zeros(num_categories)
 
     def probabilities(self) -> np.ndarray:
@@ -145,12 +234,17 @@ class EasyToHard(_Curriculum):
     """
 
     name = "easy_to_hard"
+    options: OrderedOptions
 
-    def __init__(self, num_categories: int, window: int = 1, difficulties: Sequence[int] | None = None):
-        super().__init__(num_categories)
+    def __init__(self, num_categories: int, options: OrderedOptions | Mapping[str, Any] | None = None,
+                 **settings: Any):
+        super().__init__(num_categories, options, **settings)
+        difficulties = self.options.difficulties
         if difficulties is not None and len(difficulties) != num_categories:
-            raise ConfigError("posttrain.curriculum.difficulties", f"needs {num_categories} levels, got {len(difficulties)}")
-        self.window = window
+            raise ConfigError(
+                "posttrain.curriculum.difficulties", f"needs {num_categories} levels, got {len(difficulties)}"
+            )
+        self.window = self.options.window
         self.order = list(range(num_categories)) if difficulties is None else [
             int(i) for i in np.argsort(np.asarray(difficulties), kind="stable")
         ]
@@ -192,42 +286,13 @@ class HardToEasy(EasyToHard):
         return probs
 
 
-_CLASSES: dict[str, type[_Curriculum]] = {
-    "sec": SEC, "uniform": Uniform, "easy_to_hard": EasyToHard, "hard_to_easy": HardToEasy,
-}
-_OPTIONS: dict[str, tuple[str, ...]] = {
-    "sec": ("alpha", "tau"), "uniform": (),
-    "easy_to_hard": ("window", "difficulties"), "hard_to_easy": ("window", "difficulties"),
-}
+_CLASSES: dict[str, type[_Curriculum]] = {cls.name: cls for cls in (SEC, Uniform, EasyToHard, HardToEasy)}
 
 
-def _check_options(name: str, num_categories: int, options: dict[str, Any]) -> dict[str, Any]:
-    allowed = _OPTIONS[name]
-    for key in options:
-        if key not in allowed:
-            listed = ", ".join(allowed) if allowed else "none"
-            raise ConfigError(f"posttrain.curriculum.{key}", f"not an option of curriculum {name!r}; options: {listed}")
-    for key, value in options.items():
-        number_ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-        if key == "alpha" and not (number_ok and 0 < value <= 1):
-            raise ConfigError("posttrain.curriculum.alpha", f"must be a number in (0, 1], got {value!r}")
-        if key == "tau" and not (number_ok and value > 0):
-            raise ConfigError("posttrain.curriculum.tau", f"must be a number > 0, got {value!r}")
-        if key == "window" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ConfigError("posttrain.curriculum.window", f"must be an integer >= 1, got {value!r}")
-        if key == "difficulties" and not (
-            isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        ):
-            raise ConfigError("posttrain.curriculum.difficulties", f"must be a list of integer levels, got {value!r}")
-    return options
-
-
-def make_curriculum(name: str, num_categories: int, **options: Any) -> _Curriculum:
-    """A curriculum by name (:data:`CURRICULUM_NAMES`): ``sec`` (``alpha`` 0.5, ``tau`` 1.0), ``uniform``,
-    ``easy_to_hard`` / ``hard_to_easy`` (``window`` 1, ``difficulties`` None: index order; pass
+def make_curriculum(spec: CurriculumOptions | Mapping[str, Any] | str, num_categories: int,
+                    **options: Any) -> _Curriculum:
+    """A curriculum by name (:data:`CURRICULUM_NAMES`), mapping or options model: ``sec`` (``alpha`` 0.5, ``tau``
+    1.0), ``uniform``, ``easy_to_hard`` / ``hard_to_easy`` (``window`` 1, ``difficulties`` None: index order; pass
     ``[taskset.difficulty(c) for c in taskset.categories]`` to order several tasks by level)."""
-    if name not in _CLASSES:
-        raise ConfigError("posttrain.curriculum.name", f"unknown curriculum {name!r}; known: {', '.join(CURRICULUM_NAMES)}")
-    if not isinstance(num_categories, int) or num_categories < 1:
-        raise ConfigError("posttrain.tasks", f"need at least one category, got {num_categories!r}")
-    return _CLASSES[name](num_categories, **_check_options(name, num_categories, options))
+    validated = curriculum_options(spec, **options)
+    return _CLASSES[validated.name](num_categories, validated)

@@ -36,7 +36,7 @@ from metaopt.posttrain.tasks import Problem, make_taskset
 
 def schedule_spec(section: Any, lr: float | None) -> dict[str, Any]:
     """The learner's lr schedule over GRPO steps; ``lr`` (a PBT-chosen value) replaces the schedule's peak."""
-    spec = dict(section.schedule or {"name": "constant", "lr": section.optimizer.get("lr", 1e-3)})
+    spec = section.schedule.model_dump() if section.schedule else {"name": "constant", "lr": section.optimizer.lr}
     if lr is not None:
         spec["lr"] = float(lr)
     return spec

@@ -211,7 +211,7 @@ def start_roles(section: Any, seed: int) -> Roles:
     reference_in_rollout = section.grpo.beta > 0 and roles.reference == "rollout"
     separate_reference = section.grpo.beta > 0 and roles.reference == "actor"
     learner_args = (model_spec, tasks, seed)
-    learner_kwargs = {"grpo": section.grpo.model_dump(), "optimizer": section.optimizer,
+    learner_kwargs = {"grpo": section.grpo.model_dump(), "optimizer": section.optimizer.model_dump(),
                       "schedule": None,  # GRPORun sets it (loop.schedule_spec), also after a PBT explore
                       "threads": roles.cpus_per_actor}
     if roles.mode == "colocated":

@@ -21,25 +21,36 @@ Model-written text is never evaluated: reasoning-gym's countdown scorer runs the
 The other three scorers only compare strings (``basic_arithmetic``) or ``Decimal`` values (``chain_sum``,
 ``products``); answers longer than :data:`~metaopt.posttrain.arithmetic.MAX_CHARS` score 0 before any scorer
 sees them.
+
+Which tasks exist and which levels each has is :data:`TASK_LEVELS` (the one list of task names); a task set is
+validated by :class:`TaskSpec` models (the ``posttrain:`` section's ``tasks`` use them too), so a bad name or
+level is one ConfigError naming ``posttrain.tasks.<i>.<field>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import AfterValidator, Field, Strict, ValidationError, model_validator
 
+from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
 from metaopt.posttrain.arithmetic import MAX_CHARS, score_countdown
 
 __all__ = [
     "ARITHMETIC_LEVELS",
     "GYM_LEVELS",
+    "TASK_LEVELS",
     "TASK_NAMES",
+    "Levels",
     "Problem",
+    "TaskList",
     "TaskSet",
+    "TaskSpec",
+    "each_task_once",
     "format_prompt",
     "make_taskset",
     "parse_completion",
@@ -162,7 +173,11 @@ GYM_LEVELS: dict[str, dict[int, dict[str, Any]]] = {
     },
 }
 
-TASK_NAMES = ("arithmetic", *GYM_LEVELS)
+#: task name -> its difficulty levels (1 = easiest): the one list of task names, ours first.
+TASK_LEVELS: dict[str, tuple[int, ...]] = {
+    "arithmetic": tuple(ARITHMETIC_LEVELS), **{task: tuple(levels) for task, levels in GYM_LEVELS.items()},
+}
+TASK_NAMES = tuple(TASK_LEVELS)
 _GYM_SIZE = 1_000_000  # procedural datasets build item i on demand from seed + i, so size costs nothing
 
 
@@ -200,30 +215,92 @@ class _GymSource:
         """Full score or nothing; countdown through our safe evaluator, never reasoning-gym's sympy ``eval``."""
         if len(answer) > MAX_CHARS:  # no correct answer is this long; keeps every scorer's work bounded
             return 0.0
+        assert problem.entry is not None, "a reasoning-gym problem carries its entry"
         if self.task == "countdown":
             metadata = problem.entry["metadata"]
             return score_countdown(answer, metadata["numbers"], metadata["target"])
         return float(self.dataset.score_answer(answer, problem.entry) >= 1.0)
 
 
-def _levels_of(task: str) -> tuple[int, ...]:
-    return tuple(ARITHMETIC_LEVELS if task == "arithmetic" else GYM_LEVELS[task])
+def _known_task(name: str) -> str:
+    if name not in TASK_LEVELS:
+        raise ValueError(f"unknown task {quote(name)}; allowed: {', '.join(TASK_NAMES)}")
+    return name
+
+
+#: Difficulty levels as written: integers (1 = easiest).
+Levels = list[Annotated[int, Strict()]]
+
+
+class TaskSpec(StrictModel):
+    """A task and the difficulty levels used as curriculum categories (task x level)."""
+
+    name: Annotated[str, AfterValidator(_known_task)] = Field(
+        description="arithmetic (ours) or a reasoning-gym generator (basic_arithmetic, chain_sum, products, countdown)."
+    )
+    levels: Levels | None = Field(
+        default=None, min_length=1, description="Difficulty levels (None: every level of the task)."
+    )
+
+    @model_validator(mode="after")
+    def _levels_of_the_task(self) -> TaskSpec:
+        known = TASK_LEVELS[self.name]
+        for level in self.levels or ():
+            if level not in known:
+                raise ConfigError("levels", f"task {quote(self.name)} has no level {level}; levels: {list(known)}")
+        if self.levels is not None and len(set(self.levels)) != len(self.levels):
+            raise ConfigError("levels", f"each level once (got {self.levels})")
+        return self
+
+    @property
+    def all_levels(self) -> list[int]:
+        """The levels used, easy -> hard."""
+        return sorted(self.levels) if self.levels is not None else list(TASK_LEVELS[self.name])
+
+
+def each_task_once(tasks: list[TaskSpec]) -> list[TaskSpec]:
+    """Each task in one entry (its levels together), so categories are distinct; a ConfigError on the repeat."""
+    names = [task.name for task in tasks]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(str(i), f"task {quote(name)} is listed twice; give all its levels in one entry")
+    return tasks
+
+
+#: The tasks of a run: at least one, each task once.
+TaskList = Annotated[list[TaskSpec], Field(min_length=1), AfterValidator(each_task_once)]
+
+
+class _TaskSetSpec(StrictModel):
+    tasks: TaskList
+
+
+def task_specs(tasks: Sequence[TaskSpec | dict[str, Any]]) -> list[TaskSpec]:
+    """``tasks`` (models, or mappings as written in YAML) validated; one ConfigError naming
+    ``posttrain.tasks.<i>.<field>`` otherwise."""
+    try:
+        return _TaskSetSpec.model_validate({"tasks": tasks}).tasks
+    except ValidationError as err:
+        raise first_error("posttrain", _TaskSetSpec, err) from None
 
 
 class TaskSet:
     """The categories of a run, easy -> hard within each task, tasks in the order given.
 
-    Build it with :func:`make_taskset`. Sampling is driven only by the ``rng`` passed in, so a run that seeds
-    its generator is reproducible.
+    ``tasks``: :class:`TaskSpec` models or mappings (``[{"name": "arithmetic", "levels": [1, 2, 3]}, ...]``),
+    validated here. Sampling is driven only by the ``rng`` passed in, so a run that seeds its generator is
+    reproducible.
     """
 
-    def __init__(self, tasks: list[tuple[str, list[int]]], seed: int):
+    def __init__(self, tasks: Sequence[TaskSpec | dict[str, Any]], seed: int):
         self.categories: list[str] = []
         self._levels: dict[str, int] = {}
         self._sources: dict[str, _ArithmeticSource | _GymSource] = {}
-        for task_index, (task, levels) in enumerate(tasks):
-            for level in sorted(levels):
+        for task_index, spec in enumerate(task_specs(tasks)):
+            task = spec.name
+            for level in spec.all_levels:
                 category = f"{task}/L{level}"
+                source: _ArithmeticSource | _GymSource
                 if task == "arithmetic":
                     source = _ArithmeticSource(level)
                 else:  # a distinct dataset seed per (run seed, task, level)
@@ -256,27 +333,7 @@ class TaskSet:
         return problem.answer
 
 
-def make_taskset(tasks: list[dict], seed: int) -> TaskSet:
-    """A :class:`TaskSet` from ``[{"name": "arithmetic", "levels": [1, 2, 3]}, ...]``."""
-    if not isinstance(tasks, (list, tuple)) or not tasks:
-        raise ConfigError("posttrain.tasks", f"must be a non-empty list of {{name, levels}}, got {tasks!r}")
-    parsed: list[tuple[str, list[int]]] = []
-    for i, spec in enumerate(tasks):
-        if not isinstance(spec, dict) or set(spec) - {"name", "levels"} or "name" not in spec:
-            raise ConfigError(f"posttrain.tasks[{i}]", f"must be a mapping with keys name and levels, got {spec!r}")
-        name = spec["name"]
-        if name not in TASK_NAMES:
-            raise ConfigError("posttrain.tasks", f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
-        known = _levels_of(name)
-        levels = spec.get("levels", list(known))
-        if not isinstance(levels, (list, tuple)) or not levels:
-            raise ConfigError(f"posttrain.tasks[{i}].levels", f"must be a non-empty list of levels from {list(known)}")
-        for level in levels:
-            if isinstance(level, bool) or level not in known:
-                raise ConfigError(
-                    f"posttrain.tasks[{i}].levels", f"task {name!r} has no level {level!r}; levels: {list(known)}"
-                )
-        if len(set(levels)) != len(levels) or any(name == other for other, _ in parsed):
-            raise ConfigError(f"posttrain.tasks[{i}]", f"task {name!r} or one of its levels is listed twice")
-        parsed.append((name, list(levels)))
-    return TaskSet(parsed, seed)
+def make_taskset(tasks: Sequence[TaskSpec | dict[str, Any]], seed: int) -> TaskSet:
+    """A :class:`TaskSet` from ``[{"name": "arithmetic", "levels": [1, 2, 3]}, ...]`` (or :class:`TaskSpec` models);
+    a task without ``levels`` uses all of its levels."""
+    return TaskSet(tasks, seed)

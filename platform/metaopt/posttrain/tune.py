@@ -7,27 +7,28 @@ clone a trial and change its learning rate (``lr`` in the trial config) without 
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
-import torch
 from ray import tune
 
 from metaopt.posttrain.config import PostTrainSection
-from metaopt.tuning import grid_tuner, load_state, lr_pbt, save_state
+from metaopt.trainable import Trainable
+from metaopt.tuning import grid_tuner, lr_pbt
 
 
-class PostTrainTrainable(tune.Trainable):
-    """``config``: ``exp`` (the resolved section), ``curriculum``, ``seed`` and optionally ``lr`` (PBT)."""
+class PostTrainTrainable(Trainable):
+    """``config``: ``exp`` (the resolved section), ``curriculum``, ``seed`` and optionally ``lr`` (PBT).
 
-    def setup(self, config: dict[str, Any]) -> None:
+    A restored trial counts its iterations as Tune restored them (its checkpoint holds GRPO steps, not iterations).
+    """
+
+    uses_torch = True
+
+    def start(self, config: dict[str, Any]) -> None:
         from metaopt.posttrain.loop import GRPORun
         from metaopt.posttrain.roles import start_roles
 
-        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        torch.set_num_threads(1)
         self.section = PostTrainSection.model_validate(config["exp"])
         self.roles = start_roles(self.section, int(config["seed"]))
         self.run = GRPORun(self.section, config["curriculum"], int(config["seed"]), self.roles, lr=config.get("lr"))
@@ -51,13 +52,13 @@ class PostTrainTrainable(tune.Trainable):
         result["done"] = self.run.steps_done >= section.steps
         return result
 
-    def save_checkpoint(self, checkpoint_dir: str) -> str:
-        return save_state(self.run.state_dict(), checkpoint_dir)
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict()
 
-    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         from metaopt.posttrain.loop import schedule_spec
 
-        self.run.load_state_dict(load_state(checkpoint))
+        self.run.load_state_dict(state)
         # After a PBT exploit the clone's state arrives with this trial's perturbed lr in config.
         if self.config.get("lr") is not None:
             self.run.lr = float(self.config["lr"])
@@ -96,7 +97,7 @@ def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path
     }
     scheduler = None
     if section.scheduler == "pbt":
-        lr = float(section.optimizer.get("lr", 1e-3))
+        lr = float(section.optimizer.lr)
         param_space["lr"] = lr
         scheduler = lr_pbt("accuracy", section.pbt_interval, lr / 10, lr * 10, seed=section.seeds[0])
     return grid_tuner(PostTrainTrainable, trial_resources, param_space, iterations=section.iterations,

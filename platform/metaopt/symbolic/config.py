@@ -9,21 +9,21 @@ meta-validation task before accepting them. Nothing here imports torch or Ray.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, absolute_program, register_kind
+from metaopt.config import Seed, StrictModel, absolute_program
 from metaopt.errors import ConfigError
-
-PROXY_TASKS = ("digits", "tiny_lm")
+from metaopt.registry import Capability
+from metaopt.tasks import MetaoptOptimizerTaskName, TaskOptions
 
 
 class ProxySpec(StrictModel):
     """One proxy: a metaopt task trained with the program for ``steps`` steps at each lr multiplier."""
 
-    task: Literal["digits", "tiny_lm"] = Field(default="digits", description="metaopt task to train.")
-    task_options: dict[str, Any] = Field(default_factory=dict, description="Task settings (model size, batch).")
+    task: MetaoptOptimizerTaskName = Field(default="digits", description="metaopt task to train.")
+    task_options: TaskOptions = Field(
+        default_factory=dict, validate_default=True, description="Task settings (model size, batch)."
+    )
     steps: int = Field(default=200, ge=1, description="Optimizer steps per evaluation.")
     lrs: list[float] = Field(
         default_factory=lambda: [0.3, 1.0, 3.0], min_length=1,
@@ -83,26 +83,10 @@ class SymbolicSection(StrictModel):
         return self
 
     def check(self) -> None:
-        """Task options through the tasks' own parsers; the start program through the program parser."""
+        """The start program through the program parser (task options are checked by their fields)."""
         from metaopt.symbolic.search import load_start_program
 
-        stages = [("proxy", self.proxy)] + [(f"funnel.{i}", p) for i, p in enumerate(self.funnel)]
-        if self.meta_validation is not None:
-            stages.append(("meta_validation", self.meta_validation))
-        for field, spec in stages:
-            check_task_options(spec, f"{field}.task_options")
         load_start_program(self.start)
 
 
-def check_task_options(spec: ProxySpec, field: str) -> None:
-    if spec.task == "digits":
-        from metaopt.tasks.digits import DigitsOptions
-
-        DigitsOptions.parse(spec.task_options, field=field)
-    else:
-        from metaopt.tasks.tiny_lm import TinyLMOptions
-
-        TinyLMOptions.parse(spec.task_options, field=field)
-
-
-register_kind("symbolic", SymbolicSection, "metaopt.symbolic.search:run")
+CAPABILITY = Capability(kind="symbolic", section=SymbolicSection, runner="metaopt.symbolic.sweep:run_search")

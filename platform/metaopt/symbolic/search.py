@@ -260,9 +260,3 @@ def funnel(state: SearchState, section, scorer) -> list[FunnelResult]:
         r.accepted = True
     return results
 
-
-def run(exp, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
-    """The ``symbolic`` kind: the search on Ray Tune, tracked in MLflow (see :mod:`metaopt.symbolic.sweep`)."""
-    from metaopt.symbolic.sweep import run_search
-
-    return run_search(exp, address=address, callbacks=callbacks, verbose=verbose)

@@ -8,7 +8,6 @@ of every evaluated program and the best so far), the best accepted program and a
 
 from __future__ import annotations
 
-import csv
 import math
 import tempfile
 import time
@@ -16,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metaopt import tracking
+from metaopt import report, tracking
 from metaopt.config import Experiment
 from metaopt.session import SweepEnd, open_session
+
+HISTORY_COLUMNS = ["index", "parent", "origin", "score", "best_lr", "hash", "cached", "failure", "program"]
 
 
 @dataclass
@@ -75,11 +76,11 @@ def summarise(result) -> SearchSummary:
         except UnreadableCheckpoint as err:
             print(f"[metaopt] warning: trial {metrics.get('trial_id', result.path)}: {err}", flush=True)
     return SearchSummary(
-        trial_id=str(metrics.get("trial_id", result.path)),
+        trial_id=report.trial_id(result),
         seed=int((result.config or {}).get("seed", -1)),
         state=state,
         final=final,
-        error=str(result.error).splitlines()[0] if result.error else None,
+        error=report.error_line(result),
     )
 
 
@@ -93,13 +94,10 @@ def log_search(parent: tracking.ParentRun, summaries: list[SearchSummary], trial
             continue
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            with (root / "history.csv").open("w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["index", "parent", "origin", "score", "best_lr", "hash", "cached", "failure", "program"])
-                for h in s.state.history:
-                    text = " ; ".join(format_program(h.program).splitlines()[1:-1]).replace("    ", "")
-                    writer.writerow([h.index, h.parent, h.origin, h.score, h.best_lr, h.hash[:16], h.cached,
-                                     h.failure or "", text])
+            report.write_csv(root / "history.csv", HISTORY_COLUMNS, [
+                [h.index, h.parent, h.origin, h.score, h.best_lr, h.hash[:16], h.cached, h.failure or "",
+                 " ; ".join(format_program(h.program).splitlines()[1:-1]).replace("    ", "")]
+                for h in s.state.history])
             (root / "best_program.txt").write_text(format_program(s.state.best.program) + "\n")
             if s.final:
                 accepted = root / "accepted"
@@ -126,12 +124,8 @@ def log_search(parent: tracking.ParentRun, summaries: list[SearchSummary], trial
 
 
 def plot_search(states: dict[str, Any], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
+    """Every evaluated program's score (dots) and the best so far (a line) per search; the start program dotted."""
+    fig, ax = report.figure(size=(8, 4))
     for trial, state in states.items():
         xs = [h.index for h in state.history if math.isfinite(h.score)]
         ys = [h.score for h in state.history if math.isfinite(h.score)]
@@ -142,11 +136,8 @@ def plot_search(states: dict[str, Any], title: str):
             curve.append(best)
         ax.plot(range(len(curve)), curve, lw=1.8, label=f"{trial}: best so far")
         ax.axhline(state.start.score, color="grey", ls=":", lw=1)
-    ax.set_xlabel("program evaluated")
-    ax.set_ylabel("proxy score (validation metric)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    report.label_axes(ax, x="program evaluated", y="proxy score (validation metric)", title=title, title_size=10,
+                      legend=7)
     fig.tight_layout()
     return fig
 

@@ -8,7 +8,6 @@ accepted programs). Scoring is deterministic on the CPU, so a restored search co
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ from metaopt.symbolic.search import (
     search_metrics,
     search_step,
 )
-from metaopt.tuning import checkpoint_dir, read_checkpoint_file
+from metaopt.trainable import Trainable
+from metaopt.tuning import grid_tuner, read_checkpoint_file
 
 STATE_FILE = "search_state.json"
 FINAL_FILE = "final.json"
@@ -65,12 +65,10 @@ def finish(state: SearchState, section: SymbolicSection, scorer) -> dict[str, An
     }
 
 
-class SearchTrainable(tune.Trainable):
+class SearchTrainable(Trainable):
     """``config['exp']``: the resolved ``symbolic`` section; ``config['seed']``: this search's seed."""
 
-    def setup(self, config: dict[str, Any]) -> None:
-        for name in ("ray.tune.trainable.trainable", "ray.train._internal.storage"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    def start(self, config: dict[str, Any]) -> None:
         self.section = SymbolicSection.model_validate(config["exp"])
         self.scorer = make_scorer(self.section)
         self.state: SearchState | None = None
@@ -88,23 +86,22 @@ class SearchTrainable(tune.Trainable):
             metrics["done"] = True
         return metrics
 
-    def save_checkpoint(self, checkpoint_dir: str) -> str:
-        directory = Path(checkpoint_dir)
+    def write_checkpoint(self, directory: Path) -> None:
         if self.state is not None:
             state = self.state.to_json()
             replace_atomically(directory / STATE_FILE, lambda tmp: tmp.write_text(state))
         if self.final is not None:
             final = json.dumps(self.final, indent=1)
             replace_atomically(directory / FINAL_FILE, lambda tmp: tmp.write_text(final))
-        return checkpoint_dir
 
-    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
-        state, final = read_search_checkpoint(checkpoint_dir(checkpoint))
-        if state is not None:
-            self.state = state
-            self._iteration = self.state.iteration
+    def read_checkpoint(self, directory: Path) -> int | None:
+        state, final = read_search_checkpoint(directory)
         if final is not None:
             self.final = final
+        if state is None:
+            return None
+        self.state = state
+        return state.iteration
 
     def cleanup(self) -> None:
         self.scorer.close()
@@ -131,20 +128,9 @@ def build_tuner(section: SymbolicSection, *, experiment_name: str, storage_path:
                 checkpoints_to_keep: int = 2) -> tune.Tuner:
     """One trial per search seed; a checkpoint every ``checkpoint_every`` iterations and at the end, the last
     ``checkpoints_to_keep`` kept."""
-    return tune.Tuner(
-        tune.with_resources(SearchTrainable, trial_resources(section, resources)),
-        param_space={"exp": section.model_dump(mode="json"), "seed": tune.grid_search(list(section.seeds))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, reuse_actors=False),
-        run_config=tune.RunConfig(
-            name=experiment_name,
-            storage_path=storage_path,
-            stop={"training_iteration": iterations_for(section)},
-            checkpoint_config=tune.CheckpointConfig(
-                checkpoint_frequency=section.checkpoint_every, checkpoint_at_end=True,
-                num_to_keep=checkpoints_to_keep,
-            ),
-            failure_config=tune.FailureConfig(max_failures=section.max_failures),
-            callbacks=callbacks,
-            verbose=verbose,
-        ),
-    )
+    param_space = {"exp": section.model_dump(mode="json"), "seed": tune.grid_search(list(section.seeds))}
+    return grid_tuner(SearchTrainable, trial_resources(section, resources), param_space,
+                      iterations=iterations_for(section), scheduler=None, max_failures=section.max_failures,
+                      experiment_name=experiment_name, storage_path=storage_path,
+                      max_concurrent_trials=max_concurrent_trials, callbacks=callbacks, verbose=verbose,
+                      checkpoints_to_keep=checkpoints_to_keep, checkpoint_every=section.checkpoint_every)

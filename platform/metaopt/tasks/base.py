@@ -2,7 +2,7 @@
 
 A task owns a model, its optimizer and its data. The outer loop only says *how many*
 optimizer steps to take and *which learning rate* each step uses (``lr_at(step)``, a
-schedule from :mod:`metaopt.optim.schedules`). The learning rate is written into the
+schedule, :data:`metaopt.optim.Schedule`). The learning rate is written into the
 optimizer's state before every step (torch ``param_groups``), never captured in a
 closure, so an outer loop may change it at any time (see DESIGN.md, "Optimizer").
 """
@@ -10,9 +10,10 @@ closure, so an outer loop may change it at any time (see DESIGN.md, "Optimizer")
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
-Schedule = Callable[[int], float]
+from metaopt.optim import Schedule
 
 
 @runtime_checkable

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,43 +17,12 @@ import torch
 from torch import nn
 
 from metaopt.errors import ConfigError
-from metaopt.optim import build_optimizer
-from metaopt.tasks.base import Schedule, optimizer_steps
+from metaopt.optim import Schedule, build_optimizer
+from metaopt.tasks.base import optimizer_steps
 from metaopt.tasks.datasets import digits_tensors
+from metaopt.tasks.options import DigitsOptions
 
-
-@dataclass(frozen=True)
-class DigitsOptions:
-    hidden: tuple[int, ...] = (64,)
-    batch_size: int = 32
-    split_seed: int = 0
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    device: str = "auto"  # auto = the trial's GPU when Ray gave it one (gpus_per_trial > 0), else CPU
-
-    @classmethod
-    def parse(cls, options: dict[str, Any], field: str = "pbt.task_options") -> "DigitsOptions":
-        allowed = cls.__dataclass_fields__
-        for key in options:
-            if key not in allowed:
-                raise ConfigError(f"{field}.{key}", f"unknown option for digits; allowed: {', '.join(allowed)}")
-        hidden = options.get("hidden", cls.hidden)
-        if isinstance(hidden, int):
-            hidden = (hidden,)
-        if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden):
-            raise ConfigError(f"{field}.hidden", f"must be a list of positive layer widths (got {hidden!r})")
-        parsed = cls(hidden=tuple(hidden), **{k: v for k, v in options.items() if k != "hidden"})
-        if parsed.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{field}.device", f"must be auto, cpu or cuda (got {parsed.device!r})")
-        if not isinstance(parsed.split_seed, int) or isinstance(parsed.split_seed, bool) or parsed.split_seed < 0:
-            raise ConfigError(f"{field}.split_seed", f"must be an integer >= 0 (got {parsed.split_seed!r})")
-        if not isinstance(parsed.batch_size, int) or isinstance(parsed.batch_size, bool) or parsed.batch_size < 1:
-            raise ConfigError(f"{field}.batch_size", f"must be an integer >= 1 (got {parsed.batch_size!r})")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(parsed, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 0.5:
-                raise ConfigError(f"{field}.{name}", f"must be in (0, 0.5) (got {value!r})")
-        return parsed
+OPTIONS_FIELD = "pbt.task_options"  # what errors name when the task is built outside a section
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,8 +60,10 @@ class DigitsTask:
     metric = "val_accuracy"
     mode = "max"
 
-    def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
-        self.options = DigitsOptions.parse(options)
+    def __init__(self, options: dict[str, Any] | DigitsOptions, optimizer: Any, seed: int):
+        from metaopt.tasks import parse_task_options
+
+        self.options = parse_task_options("digits", options, OPTIONS_FIELD)
         self.device = pick_device(self.options.device)
         splits = load_digits_splits(self.options.split_seed, self.options.val_fraction, self.options.test_fraction)
         self.data = {name: tensor.to(self.device) for name, tensor in splits.items()}

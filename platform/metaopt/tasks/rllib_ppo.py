@@ -8,9 +8,9 @@ environment steps, then run ``num_epochs`` passes of minibatch SGD over them. Th
 x-axis of every learning-rate schedule given to :meth:`RLlibPPOTask.train` is therefore
 *training iterations*, not gradient updates or environment steps.
 
-**How the learning rate is set (RLlib new API stack).** The Learner's torch optimizers
-live in ``Learner._named_optimizers``; each was registered with an RLlib
-:class:`~ray.rllib.utils.schedules.scheduler.Scheduler` (built from ``config.lr``) in
+**How the learning rate is set (RLlib new API stack; the private parts are in
+:mod:`metaopt.compat.rllib`).** The Learner's torch optimizers live in ``Learner._named_optimizers``;
+each was registered with an RLlib :class:`~ray.rllib.utils.schedules.scheduler.Scheduler` (built from ``config.lr``) in
 ``Learner._optimizer_lr_schedules``. RLlib applies that scheduler's value in
 ``Learner.after_gradient_based_update()``, i.e. *after* every update, which would put
 ``config.lr`` back into the optimizer. So before each iteration, on every Learner (via
@@ -27,19 +27,17 @@ the task asks Ray for no extra actors or CPUs. Ray must be initialised by the ca
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
-from metaopt.errors import ConfigError
-from metaopt.tasks.base import Schedule
+from metaopt.compat import rllib as compat_rllib
+from metaopt.optim import Schedule
+from metaopt.tasks.options import PPOOptions
 
-OPTIONS_FIELD = "pbt.task_options"
+OPTIONS_FIELD = "pbt.task_options"  # what errors name when the task is built outside a section
 OPTIMIZER_FIELD = "pbt.optimizer"
-OPTIMIZER_NAMES = ("adam", "adamw")
 STATE_FORMAT = 1
 
 # RLlib needs *a* learning rate to build its optimizers; every train() call overwrites
@@ -48,112 +46,6 @@ _BUILD_LR = 3e-4
 # Options that define the network and the data; a state saved under different values
 # cannot be loaded (the weights would not fit or would mean something else).
 _STATE_DEFINING_OPTIONS = ("env", "fcnet_hiddens")
-# Classic-control ids shown when an env id is unknown and nothing looks similar.
-_EXAMPLE_ENVS = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "LunarLander-v3")
-
-
-# --------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class PPOOptions:
-    """The PPO/environment settings an experiment file may choose (``pbt.task_options``)."""
-
-    env: str = "CartPole-v1"
-    num_env_runners: int = 0
-    train_batch_size: int = 1000
-    minibatch_size: int = 128
-    num_epochs: int = 6
-    fcnet_hiddens: tuple[int, ...] = (64, 64)
-    gamma: float = 0.99
-
-    @classmethod
-    def parse(cls, options: Mapping[str, Any], field: str = OPTIONS_FIELD) -> "PPOOptions":
-        """Validated options; anything unknown or out of range is a ConfigError naming ``field.key``."""
-        if not isinstance(options, Mapping):
-            raise ConfigError(field, f"must be a mapping of options, got {type(options).__name__}")
-        allowed = cls.__dataclass_fields__
-        for key in options:
-            if key not in allowed:
-                raise ConfigError(f"{field}.{key}", f"unknown option for RLlib PPO; allowed: {', '.join(allowed)}")
-        given = {**asdict(cls()), **options}
-        parsed = cls(
-            env=_check_env(f"{field}.env", given["env"]),
-            num_env_runners=_check_int(f"{field}.num_env_runners", given["num_env_runners"], low=0),
-            train_batch_size=_check_int(f"{field}.train_batch_size", given["train_batch_size"], low=1),
-            minibatch_size=_check_int(f"{field}.minibatch_size", given["minibatch_size"], low=1),
-            num_epochs=_check_int(f"{field}.num_epochs", given["num_epochs"], low=1),
-            fcnet_hiddens=_check_hiddens(f"{field}.fcnet_hiddens", given["fcnet_hiddens"]),
-            gamma=_check_gamma(f"{field}.gamma", given["gamma"]),
-        )
-        if parsed.minibatch_size > parsed.train_batch_size:
-            raise ConfigError(
-                f"{field}.minibatch_size",
-                f"must be <= train_batch_size ({parsed.train_batch_size}), got {parsed.minibatch_size}",
-            )
-        return parsed
-
-
-def _check_int(field: str, value: Any, low: int) -> int:
-    """``value`` if it is an integer >= ``low`` (bools are rejected: ``True`` is not a size)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(field, f"must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _check_gamma(field: str, value: Any) -> float:
-    """The discount factor as a float in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ConfigError(field, f"must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_hiddens(field: str, value: Any) -> tuple[int, ...]:
-    """Hidden layer widths as a non-empty tuple of positive ints (a single int means one layer)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,)
-    ok = isinstance(value, (list, tuple)) and len(value) > 0
-    if not ok or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
-        raise ConfigError(field, f"must be a non-empty list of positive layer widths, got {value!r}")
-    return tuple(value)
-
-
-def _check_env(field: str, value: Any) -> str:
-    """A gymnasium env id that is registered and can be built here (its dependencies installed)."""
-    import gymnasium
-
-    if not isinstance(value, str) or value not in gymnasium.envs.registry:
-        known = list(gymnasium.envs.registry)
-        close = difflib.get_close_matches(str(value), known, n=3, cutoff=0.6)
-        examples = close or [env for env in _EXAMPLE_ENVS if env in gymnasium.envs.registry]
-        raise ConfigError(field, f"unknown gymnasium env id {value!r}; valid ids include {', '.join(examples)}")
-    try:
-        # Building once here turns a missing extra (box2d, mujoco) into a one-line error
-        # now instead of a stack trace from inside RLlib's EnvRunner later.
-        gymnasium.make(value).close()
-    except gymnasium.error.Error as err:
-        raise ConfigError(field, f"gymnasium cannot build {value!r}: {err}") from None
-    return value
-
-
-def check_optimizer(optimizer: Any, field: str = OPTIMIZER_FIELD) -> str:
-    """The optimizer name; only RLlib's own Adam is possible, so only ``name`` may be given.
-
-    RLlib PPO builds its optimizer inside the Learner (``torch.optim.Adam``); we control
-    only its learning rate. ``adamw`` is accepted as a name so one optimizer spec can be
-    shared with other tasks, but it trains with that same Adam (no decoupled weight decay).
-    A missing ``name`` means ``adam``.
-    """
-    why = "RLlib PPO trains with RLlib's own torch Adam, of which only the learning rate is controlled"
-    if not isinstance(optimizer, Mapping):
-        raise ConfigError(field, f"must be a mapping like {{'name': 'adam'}}, got {type(optimizer).__name__}")
-    for key in optimizer:
-        if key != "name":
-            raise ConfigError(f"{field}.{key}", f"not supported: {why}; only 'name' may be set")
-    name = optimizer.get("name", "adam")
-    if name not in OPTIMIZER_NAMES:
-        raise ConfigError(f"{field}.name", f"must be one of {', '.join(OPTIMIZER_NAMES)} ({why}), got {name!r}")
-    return name
 
 
 # ------------------------------------------------------------------ RLlib plumbing
@@ -181,35 +73,6 @@ def build_ppo_config(options: PPOOptions, seed: int):
         .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(options.fcnet_hiddens)))
         .debugging(seed=seed)
     )
-
-
-def _set_learner_lr(learner: Any, lr: float) -> None:
-    """Runs on every Learner: use ``lr`` for the next update and keep RLlib from reverting it.
-
-    Writing only ``param_groups`` would last one update: ``after_gradient_based_update``
-    re-applies the registered Scheduler's value (``config.lr``). A fixed-value Scheduler
-    holding ``lr`` makes that hook re-apply our rate instead.
-    """
-    from ray.rllib.utils.schedules.scheduler import Scheduler
-
-    for optimizer in learner._named_optimizers.values():
-        learner._optimizer_lr_schedules[optimizer] = Scheduler(fixed_value_or_schedule=lr)
-        learner._set_optimizer_lr(optimizer, lr)
-
-
-def _read_learner_lrs(learner: Any) -> dict[str, float]:
-    """Runs on every Learner: the rate each optimizer will use (its first ``param_group``)."""
-    return {name: float(learner._get_optimizer_lr(opt)) for name, opt in learner._named_optimizers.items()}
-
-
-def _reset_weights_seq_no(component: Any) -> None:
-    """Runs on every Learner and EnvRunner: forget which weights version it holds.
-
-    RLlib ignores incoming weights whose ``weights_seq_no`` is not newer than the one it
-    holds. A PBT exploit restores an *older* state (fewer updates) into a trial that has
-    trained longer, so without this reset the Learner and EnvRunners keep their own weights.
-    """
-    component._weights_seq_no = 0
 
 
 def _gather(results: Any) -> list[Any]:
@@ -278,8 +141,8 @@ class RLlibPPOTask:
     """TrainingTask: RLlib PPO; score = mean episode return (higher is better).
 
     One step = one ``Algorithm.train()`` iteration (see the module docstring). ``options``
-    are :class:`PPOOptions`, ``optimizer`` is ``{"name": "adam"}`` (see
-    :func:`check_optimizer`), ``seed`` seeds RLlib (envs, torch). Call :meth:`close`
+    are :class:`~metaopt.tasks.options.PPOOptions`, ``optimizer`` is ``{"name": "adam"}`` (see
+    :class:`~metaopt.tasks.options.RLlibOptimizerSpec`), ``seed`` seeds RLlib (envs, torch). Call :meth:`close`
     (or use ``with``) to stop the RLlib algorithm.
     """
 
@@ -291,8 +154,10 @@ class RLlibPPOTask:
 
     def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
         # Validate everything before starting anything, so bad input costs no Ray start.
-        self.options = PPOOptions.parse(options)
-        self.optimizer_name = check_optimizer(optimizer)
+        from metaopt.tasks import parse_task_optimizer, parse_task_options
+
+        self.options = parse_task_options("cartpole_rllib", options, OPTIONS_FIELD)
+        self.optimizer_name = parse_task_optimizer("cartpole_rllib", optimizer, OPTIMIZER_FIELD).name
         self.seed = int(seed)
         _ensure_ray()
         self.algo = build_ppo_config(self.options, self.seed).build_algo()
@@ -330,11 +195,11 @@ class RLlibPPOTask:
         lr = float(lr)
         if not math.isfinite(lr) or lr < 0:
             raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
-        _gather(self.algo.learner_group.foreach_learner(_set_learner_lr, lr=lr))
+        _gather(self.algo.learner_group.foreach_learner(compat_rllib.set_learner_lr, lr=lr))
 
     def learning_rates(self) -> list[float]:
         """The rate every optimizer of every Learner currently holds (read back from torch)."""
-        per_learner = _gather(self.algo.learner_group.foreach_learner(_read_learner_lrs))
+        per_learner = _gather(self.algo.learner_group.foreach_learner(compat_rllib.learner_lrs))
         return [lr for rates in per_learner for lr in rates.values()]
 
     def weights(self) -> dict[str, Any]:
@@ -365,16 +230,15 @@ class RLlibPPOTask:
         mine = self._state_defining_options()
         if dict(state["options"]) != mine:
             raise ValueError(f"state was saved with options {state['options']}, this task has {mine}")
-        _gather(self.algo.learner_group.foreach_learner(_reset_weights_seq_no))
-        self.algo.env_runner_group.foreach_env_runner(_reset_weights_seq_no)
-        # set_state also pushes the restored weights to the EnvRunners.
-        self.algo.set_state(state["algorithm"])
+        # A PBT exploit restores an older state (fewer updates) into a trial that trained longer: RLlib would
+        # ignore weights not newer than the ones it holds. set_state also pushes them to the EnvRunners.
+        self.algo.set_state(compat_rllib.restorable_state(self.algo, state["algorithm"]))
         self._step = int(state["step"])
         self._last_metrics = dict(state.get("metrics", _EMPTY_METRICS))
 
     def _state_defining_options(self) -> dict[str, Any]:
         """The options a saved state must share with this task to be loadable into it."""
-        options = asdict(self.options)
+        options = self.options.model_dump()
         return {key: options[key] for key in _STATE_DEFINING_OPTIONS}
 
     def close(self) -> None:

@@ -12,50 +12,15 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from metaopt.errors import ConfigError
-from metaopt.optim import build_optimizer
-from metaopt.tasks.base import Schedule, optimizer_steps
-
-
-@dataclass(frozen=True)
-class TinyLMOptions:
-    vocab: int = 16
-    branching: int = 3
-    seq_len: int = 32
-    d_model: int = 32
-    heads: int = 2
-    layers: int = 1
-    batch_size: int = 16
-    train_sequences: int = 512
-    val_sequences: int = 128
-    data_seed: int = 0
-    device: str = "auto"  # auto = the GPU Ray gave this process, if any (GPU proxies on a cluster), else CPU
-
-    @classmethod
-    def parse(cls, options: dict[str, Any], field: str = "task_options") -> "TinyLMOptions":
-        allowed = [f.name for f in fields(cls)]
-        for key, value in options.items():
-            if key not in allowed:
-                raise ConfigError(f"{field}.{key}", f"unknown option for tiny_lm; allowed: {', '.join(allowed)}")
-            if key == "device":
-                if value not in ("auto", "cpu", "cuda"):
-                    raise ConfigError(f"{field}.device", f"must be auto, cpu or cuda (got {value!r})")
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "data_seed" else 1):
-                raise ConfigError(f"{field}.{key}", f"must be a positive integer (got {value!r})")
-        parsed = cls(**options)
-        if parsed.branching > parsed.vocab:
-            raise ConfigError(f"{field}.branching", f"must be <= vocab ({parsed.branching} > {parsed.vocab})")
-        if parsed.d_model % parsed.heads:
-            raise ConfigError(f"{field}.heads", f"must divide d_model ({parsed.d_model} % {parsed.heads} != 0)")
-        return parsed
+from metaopt.optim import Schedule, build_optimizer
+from metaopt.tasks.base import optimizer_steps
+from metaopt.tasks.options import TinyLMOptions
 
 
 @functools.lru_cache(maxsize=4)
@@ -104,10 +69,11 @@ class TinyLMTask:
     metric = "val_accuracy"
     mode = "max"
 
-    def __init__(self, options: dict[str, Any], optimizer: dict[str, Any], seed: int):
+    def __init__(self, options: dict[str, Any] | TinyLMOptions, optimizer: Any, seed: int):
+        from metaopt.tasks import parse_task_options
         from metaopt.tasks.digits import pick_device
 
-        self.options = TinyLMOptions.parse(options)
+        self.options = parse_task_options("tiny_lm", options, "task_options")
         self.device = pick_device(self.options.device)
         self.data = {k: v.to(self.device) for k, v in synthetic_corpus(self.options).items()}
         torch.manual_seed(seed)

@@ -1,11 +1,11 @@
-"""PB2 with :class:`metaopt.pbt.tune.EvenFinish`, in a module of its own: importing PB2 imports GPy and
+"""PB2 with :class:`metaopt.even_finish.EvenFinish`, in a module of its own: importing PB2 imports GPy and
 scikit-learn, which a PBT sweep never needs."""
 
 from __future__ import annotations
 
 from ray.tune.schedulers.pb2 import PB2
 
-from metaopt.pbt.tune import EvenFinish
+from metaopt.even_finish import EvenFinish
 
 
 class EvenFinishPB2(EvenFinish, PB2):

@@ -1,0 +1,122 @@
+"""RLlib's private internals, behind one door (written against ``ray[rllib]==2.60.*``, new API stack, torch).
+
+Used by :mod:`metaopt.tasks.rllib_ppo`, where an outer loop (PBT) owns the learning rate:
+
+- ``set_learner_lr`` / ``learner_lrs``: a Learner's torch optimizers live in ``Learner._named_optimizers``, each
+  registered with a ``Scheduler`` (built from ``config.lr``) in ``Learner._optimizer_lr_schedules``, which RLlib
+  re-applies after every update (``after_gradient_based_update``). We replace that scheduler by a fixed-value one
+  holding our rate, and write the rate with ``_set_optimizer_lr``. Fallback: the optimizers found through the
+  public ``Learner.get_optimizers_for_module`` get the rate in their torch ``param_groups``; RLlib may then put
+  ``config.lr`` back after the first update of an iteration, so the rate is exact for that update only (said once).
+- ``restorable_state``: RLlib ignores incoming weights whose ``weights_seq_no`` is not newer than the version a
+  Learner or EnvRunner holds (their private ``_weights_seq_no``); a PBT exploit restores an *older* state into a
+  trial that trained longer, so we reset that counter on every Learner and EnvRunner. Fallback: the same effect
+  through the public state format: every ``weights_seq_no`` in the state to restore is set to 0, which RLlib
+  reads as "force this update".
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from metaopt.compat import private_api_usable, version_matches, warn_fallback
+
+WRITTEN_FOR = "==2.60.*"
+"""The Ray versions (``ray`` distribution, which ships RLlib) whose private internals this module uses."""
+
+_LR_INTERNALS = ("_named_optimizers", "_optimizer_lr_schedules", "_set_optimizer_lr", "_get_optimizer_lr")
+_WEIGHTS_VERSION = "_weights_seq_no"
+
+
+def _lr_internals_usable(learner: Any) -> bool:
+    if private_api_usable("ray", WRITTEN_FOR, *((learner, name) for name in _LR_INTERNALS)):
+        return True
+    warn_fallback(
+        "rllib.learner_lr",
+        f"metaopt.compat.rllib: RLlib's private Learner optimizer state is not usable on this Ray version "
+        f"(written for ray{WRITTEN_FOR}): the learning rate is set in torch's param_groups only, and RLlib "
+        "may put config.lr back after the first update of each iteration",
+    )
+    return False
+
+
+def public_optimizers(learner: Any) -> dict[str, Any]:
+    """``{module_id}_{optimizer_name} -> torch optimizer`` for every module of the Learner, through its public API."""
+    return {
+        f"{module_id}_{name}": optimizer
+        for module_id in learner.module.keys()  # noqa: SIM118 -- a MultiRLModule, whose public API is keys()
+        for name, optimizer in learner.get_optimizers_for_module(module_id)
+    }
+
+
+def set_learner_lr(learner: Any, lr: float) -> None:
+    """Runs on every Learner: use ``lr`` for the next updates and keep RLlib from reverting it."""
+    if not _lr_internals_usable(learner):
+        for optimizer in public_optimizers(learner).values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return
+    from ray.rllib.utils.schedules.scheduler import Scheduler
+
+    for optimizer in learner._named_optimizers.values():
+        learner._optimizer_lr_schedules[optimizer] = Scheduler(fixed_value_or_schedule=lr)
+        learner._set_optimizer_lr(optimizer, lr)
+
+
+def learner_lrs(learner: Any) -> dict[str, float]:
+    """Runs on every Learner: the rate each optimizer will use (its first ``param_group``)."""
+    if not _lr_internals_usable(learner):
+        return {name: float(optimizer.param_groups[0]["lr"]) for name, optimizer in public_optimizers(learner).items()}
+    return {name: float(learner._get_optimizer_lr(opt)) for name, opt in learner._named_optimizers.items()}
+
+
+def forget_weights_version(component: Any) -> bool:
+    """Runs on every Learner and EnvRunner: forget which weights version it holds; False where it has no such
+    counter we know."""
+    if not private_api_usable("ray", WRITTEN_FOR, (component, _WEIGHTS_VERSION)):
+        return False
+    setattr(component, _WEIGHTS_VERSION, 0)
+    return True
+
+
+def weights_seq_no_key() -> str:
+    """The state key of a weights version: RLlib's ``WEIGHTS_SEQ_NO`` where RLlib is loaded (it is, wherever an
+    Algorithm is restored), else its value in RLlib 2.60; importing RLlib (~10 s) for one string is not worth it."""
+    metrics = sys.modules.get("ray.rllib.utils.metrics")
+    return str(getattr(metrics, "WEIGHTS_SEQ_NO", "weights_seq_no"))
+
+
+def with_weights_forced(state: Any, key: str | None = None) -> Any:
+    """A copy of an RLlib state (nested dicts) with every ``weights_seq_no`` set to 0: RLlib then loads those
+    weights whatever version the receiver holds."""
+    key = key or weights_seq_no_key()
+    if not isinstance(state, dict):
+        return state
+    return {name: 0 if name == key else with_weights_forced(value, key) for name, value in state.items()}
+
+
+def _gathered(results: Iterable[Any]) -> list[Any]:
+    values = []
+    for call in results:
+        if not call.ok:
+            raise call.get()
+        values.append(call.get())
+    return values
+
+
+def restorable_state(algo: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """Prepare ``algo`` to load ``state`` (``Algorithm.get_state()`` output, maybe of an older run than ``algo``'s
+    own) and return the state to pass to ``algo.set_state``: every Learner and EnvRunner will take its weights."""
+    if version_matches("ray", WRITTEN_FOR):
+        learners = _gathered(algo.learner_group.foreach_learner(forget_weights_version))
+        runners = algo.env_runner_group.foreach_env_runner(forget_weights_version)
+        if all(learners) and all(runners):
+            return state
+    warn_fallback(
+        "rllib.weights_version",
+        f"metaopt.compat.rllib: RLlib's private weights version is not usable on this Ray version (written "
+        f"for ray{WRITTEN_FOR}): restoring with every weights_seq_no of the state set to 0",
+    )
+    return with_weights_forced(state)
