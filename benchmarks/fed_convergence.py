@@ -34,8 +34,15 @@ def run_curve(strategy: str, lr: float, seed: int, args) -> list[float]:
     shards = make_client_shards(data, args.clients, "dirichlet", 0.5, 0.2, seed=seed)
     hidden = tuple(args.hidden)
     options = {"num_clients_total": args.clients, "fraction": 1.0} if "cl" in strategy else {}
-    run = FederatedRun(shards, InProcessClients([Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)]),
-                       make_strategy(strategy, **options), RoundSettings(lr0=lr, seed=seed), 64, 10, hidden)
+    run = FederatedRun(
+        shards,
+        InProcessClients([Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)]),
+        make_strategy(strategy, **options),
+        RoundSettings(lr0=lr, seed=seed),
+        64,
+        10,
+        hidden,
+    )
     return [run.run_round()["accuracy"] for _ in range(args.rounds)]
 
 
@@ -55,8 +62,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    print(f"digits, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, seeds {args.seeds}; "
-          f"target accuracy {args.target} at lr {args.lr}; final accuracy at lr {args.lr / 10:g}", flush=True)
+    print(
+        f"digits, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, seeds {args.seeds}; "
+        f"target accuracy {args.target} at lr {args.lr}; final accuracy at lr {args.lr / 10:g}",
+        flush=True,
+    )
     mean_rounds = {}
     header = f"{'strategy':<16}{'rounds to target (mean; per seed)':<40}{'final acc, lr/10 (mean; per seed)'}"
     print(header)
@@ -66,8 +76,11 @@ def main(argv=None) -> int:
         counted = [h if h is not None else args.rounds + 1 for h in hits]  # never = rounds + 1 (a lower bound)
         mean_rounds[strategy] = statistics.mean(counted)
         per_seed = ", ".join(str(h) if h is not None else f">{args.rounds}" for h in hits)
-        print(f"{strategy:<16}{f'{mean_rounds[strategy]:.1f}; {per_seed}':<40}"
-              f"{statistics.mean(lows):.4f}; {', '.join(f'{x:.3f}' for x in lows)}", flush=True)
+        print(
+            f"{strategy:<16}{f'{mean_rounds[strategy]:.1f}; {per_seed}':<40}"
+            f"{statistics.mean(lows):.4f}; {', '.join(f'{x:.3f}' for x in lows)}",
+            flush=True,
+        )
     for strategy, rounds in mean_rounds.items():
         append("fed_convergence", f"{strategy} mean rounds to {args.target}", rounds, command_line(argv))
     append("fed_convergence", "ratio", mean_rounds["fedavg"] / mean_rounds["fedhyper_g"], command_line(argv))

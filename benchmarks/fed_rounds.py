@@ -57,8 +57,11 @@ def main(argv=None) -> int:
     data = load_dataset("digits")
     shards = make_client_shards(data, args.clients, "dirichlet", 0.5, 0.2, seed=0)
     settings = RoundSettings(fraction=1.0, epochs=args.epochs, lr0=0.05, seed=0)
-    print(f"digits, {args.clients} clients (Dirichlet 0.5), FedAvg, {args.epochs} local epoch(s), MLP {hidden}, "
-          f"{args.rounds} timed rounds; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"digits, {args.clients} clients (Dirichlet 0.5), FedAvg, {args.epochs} local epoch(s), MLP {hidden}, "
+        f"{args.rounds} timed rounds; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     def block(run: FederatedRun) -> float:
         started = time.perf_counter()
@@ -66,16 +69,25 @@ def main(argv=None) -> int:
             run.run_round()
         return (time.perf_counter() - started) / args.rounds
 
-    local = FederatedRun(shards, InProcessClients([Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)]),
-                         make_strategy("fedavg"), settings, 64, 10, hidden)
+    local = FederatedRun(
+        shards,
+        InProcessClients([Client(i, s, 64, 10, hidden) for i, s in enumerate(shards)]),
+        make_strategy("fedavg"),
+        settings,
+        64,
+        10,
+        hidden,
+    )
     local.run_round()  # warm-up: first kernels
 
     def blocks(run: FederatedRun, label: str, count: int) -> list[float]:
         out = []
         for repeat in range(count):
             out.append(block(run))
-            print(f"  {label} block {repeat + 1}: {out[-1] * 1e3:.1f} ms per round; load average {os.getloadavg()[0]:.1f}",
-                  flush=True)
+            print(
+                f"  {label} block {repeat + 1}: {out[-1] * 1e3:.1f} ms per round; load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
         return out
 
     no_ray_blocks = blocks(local, "in-process, no Ray running", args.repeats)
@@ -87,19 +99,28 @@ def main(argv=None) -> int:
     for pair in range(args.pairs):
         remote_blocks.append(block(remote))
         local_blocks.append(block(local))
-        print(f"  pair {pair + 1}: {args.clients} client actors {remote_blocks[-1] * 1e3:.1f} ms, in-process "
-              f"{local_blocks[-1] * 1e3:.1f} ms per round: {remote_blocks[-1] / local_blocks[-1]:.2f}; "
-              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"  pair {pair + 1}: {args.clients} client actors {remote_blocks[-1] * 1e3:.1f} ms, in-process "
+            f"{local_blocks[-1] * 1e3:.1f} ms per round: {remote_blocks[-1] / local_blocks[-1]:.2f}; "
+            f"load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
     paired = [r / loc for r, loc in zip(remote_blocks, local_blocks)]
     local_acc = evaluate(local.model, local.global_params, local.val_x, local.val_y)["accuracy"]
     remote_acc = evaluate(remote.model, remote.global_params, remote.val_x, remote.val_y)["accuracy"]
-    print(f"in one process, clients one after another: median {statistics.median(local_blocks) * 1e3:.1f} ms per "
-          f"round, fastest {min(local_blocks) * 1e3:.1f} (final accuracy {local_acc:.4f}); before Ray started: "
-          f"fastest {min(no_ray_blocks) * 1e3:.1f} ms")
-    print(f"{args.clients} Ray client actors on 2 CPUs:          median {statistics.median(remote_blocks) * 1e3:.1f} ms "
-          f"per round, fastest {min(remote_blocks) * 1e3:.1f} (final accuracy {remote_acc:.4f})")
-    print(f"paired ratios: min {min(paired):.2f}, median {statistics.median(paired):.2f}, max {max(paired):.2f}; "
-          f"fastest actor block / fastest in-process block before Ray: {min(remote_blocks) / min(no_ray_blocks):.2f}")
+    print(
+        f"in one process, clients one after another: median {statistics.median(local_blocks) * 1e3:.1f} ms per "
+        f"round, fastest {min(local_blocks) * 1e3:.1f} (final accuracy {local_acc:.4f}); before Ray started: "
+        f"fastest {min(no_ray_blocks) * 1e3:.1f} ms"
+    )
+    print(
+        f"{args.clients} Ray client actors on 2 CPUs:          median {statistics.median(remote_blocks) * 1e3:.1f} ms "
+        f"per round, fastest {min(remote_blocks) * 1e3:.1f} (final accuracy {remote_acc:.4f})"
+    )
+    print(
+        f"paired ratios: min {min(paired):.2f}, median {statistics.median(paired):.2f}, max {max(paired):.2f}; "
+        f"fastest actor block / fastest in-process block before Ray: {min(remote_blocks) / min(no_ray_blocks):.2f}"
+    )
     pool.close()
     ray.shutdown()
     print(f"load average at end {os.getloadavg()[0]:.1f}")

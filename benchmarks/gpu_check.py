@@ -42,7 +42,9 @@ def check_torch_digits(quick: bool) -> dict:
     steps = 200 if quick else 1000
     out = {"device_name": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for device in ("cpu", "cuda"):
-        task = DigitsTask({"hidden": [256, 256], "batch_size": 256, "device": device}, {"name": "sgd", "momentum": 0.9}, seed=0)
+        task = DigitsTask(
+            {"hidden": [256, 256], "batch_size": 256, "device": device}, {"name": "sgd", "momentum": 0.9}, seed=0
+        )
         task.train(10, lambda _s: 0.05)  # warm-up (CUDA context, kernels)
         started = time.perf_counter()
         metrics = task.train(steps, lambda _s: 0.05)
@@ -79,9 +81,13 @@ def check_jax_ppo(quick: bool) -> dict:
         seconds = time.perf_counter() - started
         total = members * config.num_updates * config.batch_size
         out[env] = {
-            "members": members, "steps_per_member": config.num_updates * config.batch_size,
-            "compile_seconds": with_compile - seconds, "run_seconds": seconds, "env_steps_per_second": total / seconds,
-            "mean_final_return": float(returns.mean()), "first_call_mean_return": float(first.mean()),
+            "members": members,
+            "steps_per_member": config.num_updates * config.batch_size,
+            "compile_seconds": with_compile - seconds,
+            "run_seconds": seconds,
+            "env_steps_per_second": total / seconds,
+            "mean_final_return": float(returns.mean()),
+            "first_call_mean_return": float(first.mean()),
         }
     return out
 
@@ -98,23 +104,34 @@ def check_meta_trainer(quick: bool) -> dict:
         exp = config.load(EXPERIMENT, OVERRIDES)
     else:
         steps = 2048 if DRY_RUN else 100_000
-        exp = config.from_dict({
-            "name": "gpu-check", "kind": "lpo",
-            "lpo": {"drift": "ta_lpo", "envs": [{"env": "CartPole-v1", "total_timesteps": steps}],
-                    "horizons": [0.5, 1.0], "baseline_seeds": 4,
-                    "es": {"population": 4 if DRY_RUN else 32 if quick else 64, "generations": 2}},
-        })
+        exp = config.from_dict(
+            {
+                "name": "gpu-check",
+                "kind": "lpo",
+                "lpo": {
+                    "drift": "ta_lpo",
+                    "envs": [{"env": "CartPole-v1", "total_timesteps": steps}],
+                    "horizons": [0.5, 1.0],
+                    "baseline_seeds": 4,
+                    "es": {"population": 4 if DRY_RUN else 32 if quick else 64, "generations": 2},
+                },
+            }
+        )
     trainer = MetaTrainer(exp.section, meta_seed=0)
     state = trainer.init_state()
     out = {"experiment": exp.name, "population": exp.section.es.population, "generations": []}
     out["eval_start"] = trainer.evaluate_mean(state, 0)  # the ES mean at generation 0 is PPO's objective
     for generation in range(GENERATIONS):
         state, result = trainer.generation(state, generation)
-        out["generations"].append({
-            "seconds": result.seconds, "fitness_mean": float(result.fitness.mean()),
-            "fitness_max": float(result.fitness.max()), "horizons": result.horizons,
-            "env_steps_per_second": result.env_steps / result.seconds,
-        })
+        out["generations"].append(
+            {
+                "seconds": result.seconds,
+                "fitness_mean": float(result.fitness.mean()),
+                "fitness_max": float(result.fitness.max()),
+                "horizons": result.horizons,
+                "env_steps_per_second": result.env_steps / result.seconds,
+            }
+        )
         print(f"[gpu-check]   generation {generation}: {out['generations'][-1]}", flush=True)
         if EVAL_EVERY and (generation + 1) % EVAL_EVERY == 0:
             out.setdefault("evals", {})[generation + 1] = trainer.evaluate_mean(state, generation + 1)
@@ -143,12 +160,18 @@ def check_symbolic_proxies(quick: bool) -> dict:
     for program_name, program in (("adamw", adamw_program()), ("lion", lion_program(weight_decay=0.1))):
         for proxy_name, proxy in proxies.items():
             for device in devices:
-                spec = {**proxy, "task_options": {**proxy["task_options"], "device": device},
-                        "lrs": [1.0] if program_name == "adamw" else [3e-4], "seeds": 1}
+                spec = {
+                    **proxy,
+                    "task_options": {**proxy["task_options"], "device": device},
+                    "lrs": [1.0] if program_name == "adamw" else [3e-4],
+                    "seeds": 1,
+                }
                 started = time.perf_counter()
                 result = score_program(program.to_json(), spec)
                 out[f"{program_name}/{proxy_name}/{device}"] = {
-                    "score": result.score, "failure": result.failure, "seconds": time.perf_counter() - started,
+                    "score": result.score,
+                    "failure": result.failure,
+                    "seconds": time.perf_counter() - started,
                 }
     return out
 
@@ -157,8 +180,9 @@ def arithmetic_section(overrides: list[str]):
     """The posttrain section of experiments/grpo_sec_arithmetic.yaml with ``overrides``."""
     from metaopt import config
 
-    return config.load(Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml",
-                       overrides).section
+    return config.load(
+        Path(__file__).resolve().parents[1] / "experiments" / "grpo_sec_arithmetic.yaml", overrides
+    ).section
 
 
 def warmed_up_run(section):
@@ -186,14 +210,18 @@ def check_posttrain(quick: bool) -> dict:
     if not torch.cuda.is_available() and not DRY_RUN:
         return {"skipped": "torch sees no CUDA device"}
     steps = 3 if DRY_RUN else (10 if quick else 40)
-    section = arithmetic_section(["posttrain.roles.mode=colocated",
-                                  f"posttrain.warmup.steps={20 if DRY_RUN else 300}"])
+    section = arithmetic_section(["posttrain.roles.mode=colocated", f"posttrain.warmup.steps={20 if DRY_RUN else 300}"])
     run, roles, warm = warmed_up_run(section)
     metrics = [run.step() for _ in range(steps)]
     speed = [m["completions_per_s"] for m in metrics[1:]]
-    return {"warmup_s": warm, "completions_per_s": sum(speed) / len(speed), "reward": metrics[-1]["reward"],
-            "accuracy": run.evaluate()["accuracy"], "learner_device": str(roles.learner.device),
-            "rollout_device": str(roles.rollout[0].device)}
+    return {
+        "warmup_s": warm,
+        "completions_per_s": sum(speed) / len(speed),
+        "reward": metrics[-1]["reward"],
+        "accuracy": run.evaluate()["accuracy"],
+        "learner_device": str(roles.learner.device),
+        "rollout_device": str(roles.rollout[0].device),
+    }
 
 
 def check_posttrain_actors(quick: bool) -> dict:
@@ -216,10 +244,15 @@ def check_posttrain_actors(quick: bool) -> dict:
         return {"skipped": "torch sees no CUDA device"}
     share = 0.25 if gpu else 0.0
     steps = 3 if DRY_RUN else (10 if quick else 30)
-    overrides = ["posttrain.roles.mode=actors", "posttrain.roles.rollout_workers=2", "posttrain.roles.reference=actor",
-                 f"posttrain.roles.gpus_per_rollout={share}", f"posttrain.roles.gpus_per_learner={share}",
-                 f"posttrain.roles.cpus_per_actor={0.25 if DRY_RUN else 2}",
-                 f"posttrain.warmup.steps={20 if DRY_RUN else 300}"]
+    overrides = [
+        "posttrain.roles.mode=actors",
+        "posttrain.roles.rollout_workers=2",
+        "posttrain.roles.reference=actor",
+        f"posttrain.roles.gpus_per_rollout={share}",
+        f"posttrain.roles.gpus_per_learner={share}",
+        f"posttrain.roles.cpus_per_actor={0.25 if DRY_RUN else 2}",
+        f"posttrain.warmup.steps={20 if DRY_RUN else 300}",
+    ]
     section = arithmetic_section(overrides)
     bundles = [{k: v for k, v in b.items() if v > 0} for b in role_bundles(section, {"cpu": 0.25, "gpu": 0.0})]
 
@@ -228,11 +261,19 @@ def check_posttrain_actors(quick: bool) -> dict:
         try:
             metrics = [run.step() for _ in range(steps)]
             speed = [m["completions_per_s"] for m in metrics[1:]]
-            workers = {"learner": roles.learner, "reference": roles.reference,
-                       **{f"rollout{i}": w for i, w in enumerate(roles.rollout)}}
-            return {"warmup_s": warm, "completions_per_s": sum(speed) / len(speed), "reward": metrics[-1]["reward"],
-                    "kl": metrics[-1].get("kl"), "accuracy": run.evaluate()["accuracy"],
-                    "placement": {name: roles.get(roles.call(w, "placement")) for name, w in workers.items()}}
+            workers = {
+                "learner": roles.learner,
+                "reference": roles.reference,
+                **{f"rollout{i}": w for i, w in enumerate(roles.rollout)},
+            }
+            return {
+                "warmup_s": warm,
+                "completions_per_s": sum(speed) / len(speed),
+                "reward": metrics[-1]["reward"],
+                "kl": metrics[-1].get("kl"),
+                "accuracy": run.evaluate()["accuracy"],
+                "placement": {name: roles.get(roles.call(w, "placement")) for name, w in workers.items()},
+            }
         finally:
             roles.close()
 
@@ -240,8 +281,9 @@ def check_posttrain_actors(quick: bool) -> dict:
     try:
         group = placement_group(bundles, strategy="PACK")
         ray.get(group.ready(), timeout=120)
-        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0,
-                                                    placement_group_capture_child_tasks=True)
+        strategy = PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        )
         out = ray.get(ray.remote(drive).options(num_cpus=0.25, scheduling_strategy=strategy).remote(), timeout=300)
         out["bundles"] = bundles
         out["cluster_gpus"] = ray.cluster_resources().get("GPU", 0)
@@ -277,13 +319,19 @@ def check_posttrain_checkpoint(quick: bool) -> dict:
         tokenizer.save_pretrained(path)
         del model
         for mode in ("colocated", "actors"):
-            overrides = [f"posttrain.model={{path: {path}}}", "posttrain.warmup.steps=0",
-                         "posttrain.grpo.group_size=8", "posttrain.grpo.prompts_per_step=32",
-                         "posttrain.grpo.max_new_tokens=24", f"posttrain.roles.mode={mode}",
-                         "posttrain.roles.rollout_workers=1", "posttrain.roles.reference=rollout",
-                         f"posttrain.roles.gpus_per_rollout={0.5 if gpu else 0}",
-                         f"posttrain.roles.gpus_per_learner={0.5 if gpu else 0}",
-                         f"posttrain.roles.cpus_per_actor={0.5 if DRY_RUN else 2}"]
+            overrides = [
+                f"posttrain.model={{path: {path}}}",
+                "posttrain.warmup.steps=0",
+                "posttrain.grpo.group_size=8",
+                "posttrain.grpo.prompts_per_step=32",
+                "posttrain.grpo.max_new_tokens=24",
+                f"posttrain.roles.mode={mode}",
+                "posttrain.roles.rollout_workers=1",
+                "posttrain.roles.reference=rollout",
+                f"posttrain.roles.gpus_per_rollout={0.5 if gpu else 0}",
+                f"posttrain.roles.gpus_per_learner={0.5 if gpu else 0}",
+                f"posttrain.roles.cpus_per_actor={0.5 if DRY_RUN else 2}",
+            ]
             section = arithmetic_section(overrides)
             if mode == "actors":
                 try:
@@ -306,7 +354,8 @@ def check_posttrain_checkpoint(quick: bool) -> dict:
                     "completions_per_s": sum(m["completions_per_s"] for m in later) / len(later),
                     "step_s": [round(m["step_s"], 3) for m in metrics],
                     "rollout_wait_s": [round(m["rollout_wait_s"], 3) for m in metrics],
-                    "loss": metrics[-1].get("loss"), "kl": metrics[-1].get("kl"),
+                    "loss": metrics[-1].get("loss"),
+                    "kl": metrics[-1].get("kl"),
                     "placement": roles.get(roles.call(roles.learner, "placement")),
                     # the driver holds the models only when the roles are colocated
                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu and mode == "colocated" else None,
@@ -338,7 +387,10 @@ def check_ray_gpu(quick: bool) -> dict:
 
             return os.environ.get("CUDA_VISIBLE_DEVICES")
 
-        return {"num_gpus": resources.get("GPU", 0), "task_cuda_visible_devices": ray.get(visible.remote(), timeout=120)}
+        return {
+            "num_gpus": resources.get("GPU", 0),
+            "task_cuda_visible_devices": ray.get(visible.remote(), timeout=120),
+        }
     finally:
         ray.shutdown()
 
@@ -349,10 +401,16 @@ OVERRIDES: list[str] = []
 EVAL_EVERY = 0
 DRY_RUN = False  # --dry-run-on-cpu: tiny sizes, GPU guards off (checks this script itself without a GPU)
 
-CHECKS = {"torch_digits": check_torch_digits, "jax_ppo": check_jax_ppo, "meta_trainer": check_meta_trainer,
-          "symbolic_proxies": check_symbolic_proxies, "posttrain": check_posttrain,
-          "posttrain_actors": check_posttrain_actors, "posttrain_checkpoint": check_posttrain_checkpoint,
-          "ray_gpu": check_ray_gpu}
+CHECKS = {
+    "torch_digits": check_torch_digits,
+    "jax_ppo": check_jax_ppo,
+    "meta_trainer": check_meta_trainer,
+    "symbolic_proxies": check_symbolic_proxies,
+    "posttrain": check_posttrain,
+    "posttrain_actors": check_posttrain_actors,
+    "posttrain_checkpoint": check_posttrain_checkpoint,
+    "ray_gpu": check_ray_gpu,
+}
 
 
 def main(argv=None) -> int:
@@ -381,7 +439,10 @@ def main(argv=None) -> int:
             results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
             failed.append(name)
         results[name]["wall_seconds"] = time.perf_counter() - started
-        print(json.dumps({name: {k: v for k, v in results[name].items() if k != "traceback"}}, indent=1, default=str), flush=True)
+        print(
+            json.dumps({name: {k: v for k, v in results[name].items() if k != "traceback"}}, indent=1, default=str),
+            flush=True,
+        )
         if args.out:
             args.out.write_text(json.dumps(results, indent=1, default=str))
     if not DRY_RUN:  # headline figures: completions/s of each post-training check, per mode where it has modes

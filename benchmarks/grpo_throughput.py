@@ -90,8 +90,14 @@ MODES = ("actors-overlap", "actors", "colocated")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8, help="timed GRPO steps per side")
-    p.add_argument("--untimed-steps", "--warmup-steps-measure", dest="untimed_steps", type=int, default=1,
-                   help="first GRPO steps of each side that are run but not timed")
+    p.add_argument(
+        "--untimed-steps",
+        "--warmup-steps-measure",
+        dest="untimed_steps",
+        type=int,
+        default=1,
+        help="first GRPO steps of each side that are run but not timed",
+    )
     p.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--prompts", type=int, default=16, help="prompts per GRPO step")
     p.add_argument("--max-new-tokens", type=int, default=6)
@@ -101,25 +107,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3], help="arithmetic levels (categories)")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0: both sides run a reference model)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--sft-steps", type=int, default=0,
-                   help="supervised warm-up steps applied once to the shared model before both sides (0 = none)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                   help="our role modes to time; the first one is the ratio's numerator")
-    p.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2],
-                   help="torch threads of the TRL process, each timed; the fastest is the ratio's denominator")
+    p.add_argument(
+        "--sft-steps",
+        type=int,
+        default=0,
+        help="supervised warm-up steps applied once to the shared model before both sides (0 = none)",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="our role modes to time; the first one is the ratio's numerator",
+    )
+    p.add_argument(
+        "--trl-threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch threads of the TRL process, each timed; the fastest is the ratio's denominator",
+    )
     p.add_argument("--colocated-threads", type=int, default=1, help="torch threads of our colocated mode")
     p.add_argument("--skip-trl", action="store_true", help="time only ours (no ratio line)")
     p.add_argument("--skip-ours", action="store_true", help="time only TRL (no ratio line)")
-    p.add_argument("--no-breakdown", action="store_true",
-                   help="skip timing the parts of our step in-process (1 thread)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs of every side, interleaved; each side's best counts (a TRL thread count under "
-                        "half the best TRL's speed in the first repeat is not repeated)")
+    p.add_argument(
+        "--no-breakdown", action="store_true", help="skip timing the parts of our step in-process (1 thread)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of every side, interleaved; each side's best counts (a TRL thread count under "
+        "half the best TRL's speed in the first repeat is not repeated)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray-cpus", type=int, default=2)
-    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="override in the posttrain section both sides read, e.g. grpo.beta=0 or "
-                        "roles.cpus_per_actor=0.5 (keys below posttrain.; roles.mode/overlap come from --modes)")
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override in the posttrain section both sides read, e.g. grpo.beta=0 or "
+        "roles.cpus_per_actor=0.5 (keys below posttrain.; roles.mode/overlap come from --modes)",
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.untimed_steps < 1 or args.repeats < 1:
         p.error("--steps, --untimed-steps and --repeats must be >= 1")
@@ -134,17 +165,34 @@ def load_text() -> str:
 def section_raw(args: argparse.Namespace) -> dict:
     """Our posttrain section as a plain mapping (``--set`` applies to it before validation)."""
     return {
-        "model": {"arch": "qwen2", "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                  "max_positions": 128},
+        "model": {
+            "arch": "qwen2",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "max_positions": 128,
+        },
         "tasks": [{"name": "arithmetic", "levels": list(args.levels)}],
         "curricula": ["uniform"],
-        "grpo": {"group_size": args.group_size, "prompts_per_step": args.prompts,
-                 "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "clip_eps": 0.2, "beta": args.beta,
-                 "updates_per_batch": 1, "max_grad_norm": 1.0},
+        "grpo": {
+            "group_size": args.group_size,
+            "prompts_per_step": args.prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": 1.0,
+            "clip_eps": 0.2,
+            "beta": args.beta,
+            "updates_per_batch": 1,
+            "max_grad_norm": 1.0,
+        },
         "warmup": {"steps": 0},  # the shared model directory already holds any warm-up (--sft-steps)
         "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.0},
-        "roles": {"mode": "actors", "rollout_workers": 1, "reference": "rollout", "overlap": True,
-                  "cpus_per_actor": 1.0},
+        "roles": {
+            "mode": "actors",
+            "rollout_workers": 1,
+            "reference": "rollout",
+            "overlap": True,
+            "cpus_per_actor": 1.0,
+        },
         "steps": 10_000,
         "steps_per_iteration": 10_000,
         "seeds": [args.seed],
@@ -168,9 +216,10 @@ def build_section(raw: dict, mode: str, colocated_threads: int = 1):
     colocated mode's threads); every other key is as given."""
     import copy
 
+    from pydantic import ValidationError
+
     from metaopt.config import first_error
     from metaopt.posttrain.config import PostTrainSection
-    from pydantic import ValidationError
 
     raw = copy.deepcopy(raw)
     roles = raw.setdefault("roles", {})
@@ -202,8 +251,10 @@ def check_comparable(section, ray_cpus: int, mode: str) -> None:
     roles = section.roles
     actors = roles.rollout_workers + 1 + (section.grpo.beta > 0 and roles.reference == "actor")
     if roles.mode == "actors" and actors * roles.cpus_per_actor > ray_cpus:
-        problems.append(f"{actors} actors x {roles.cpus_per_actor} CPUs exceed --ray-cpus {ray_cpus} "
-                        "(lower roles.cpus_per_actor or raise --ray-cpus)")
+        problems.append(
+            f"{actors} actors x {roles.cpus_per_actor} CPUs exceed --ray-cpus {ray_cpus} "
+            "(lower roles.cpus_per_actor or raise --ray-cpus)"
+        )
     if problems:
         raise SystemExit(f"mode {mode}: not comparable or not placeable: " + "; ".join(problems))
 
@@ -216,13 +267,15 @@ def write_shared_policy(common, directory: Path, args: argparse.Namespace) -> di
     metrics: dict = {}
     if args.sft_steps:
         import torch
+
         from metaopt.posttrain.tasks import make_taskset
         from metaopt.posttrain.warmup import supervised_warmup
 
         taskset = make_taskset([t.model_dump() for t in common.tasks], args.seed)
         torch.manual_seed(args.seed)
-        metrics = supervised_warmup(model, tokenizer, taskset, list(taskset.categories), args.sft_steps, 64, 3e-3,
-                                    args.seed)
+        metrics = supervised_warmup(
+            model, tokenizer, taskset, list(taskset.categories), args.sft_steps, 64, 3e-3, args.seed
+        )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return metrics
@@ -231,6 +284,7 @@ def write_shared_policy(common, directory: Path, args: argparse.Namespace) -> di
 def sample_problems(tasks: list[dict], count: int, seed: int) -> list:
     """``count`` problems with categories drawn uniformly, as our uniform curriculum does."""
     import numpy as np
+
     from metaopt.posttrain.tasks import make_taskset
 
     taskset = make_taskset(tasks, seed)
@@ -244,11 +298,12 @@ def time_trl(common, model_dir: Path, out_dir: Path, threads: int, args: argpars
     """Completions/s of ``trl.GRPOTrainer`` with the settings of our section ``common``, ``threads`` torch threads."""
     import torch
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
     from metaopt.optim import resolve_optimizer_spec
     from metaopt.posttrain.tasks import Problem, make_taskset
     from metaopt.posttrain.tokenizer import load_tokenizer
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(threads)
     total_steps = args.untimed_steps + args.steps
@@ -256,15 +311,22 @@ def time_trl(common, model_dir: Path, out_dir: Path, threads: int, args: argpars
     optimizer = resolve_optimizer_spec(common.optimizer)
     per_step = grpo.prompts_per_step * grpo.group_size
     problems = sample_problems(tasks, grpo.prompts_per_step * total_steps, args.seed)
-    dataset = Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems],
-                                 "category": [p.category for p in problems]})
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [p.prompt for p in problems],
+            "answer": [p.answer for p in problems],
+            "category": [p.category for p in problems],
+        }
+    )
     taskset = make_taskset(tasks, args.seed)
     lengths: list[int] = []
 
     def arithmetic_reward(prompts, completions, completion_ids, answer, category, **_):
         lengths.extend(len(ids) for ids in completion_ids)
-        return [taskset.reward(Problem(prompt, a, c), text)
-                for prompt, text, a, c in zip(prompts, completions, answer, category)]
+        return [
+            taskset.reward(Problem(prompt, a, c), text)
+            for prompt, text, a, c in zip(prompts, completions, answer, category)
+        ]
 
     step_ends: list[float] = []
 
@@ -278,19 +340,45 @@ def time_trl(common, model_dir: Path, out_dir: Path, threads: int, args: argpars
         gradient_accumulation_steps=1,
         num_generations=grpo.group_size,
         max_completion_length=grpo.max_new_tokens,
-        temperature=grpo.temperature, top_k=0, top_p=1.0,
-        beta=grpo.beta, epsilon=grpo.clip_eps, num_iterations=grpo.updates_per_batch,
-        loss_type="grpo", scale_rewards="group",
-        learning_rate=optimizer["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=optimizer["weight_decay"], adam_beta1=optimizer["betas"][0], adam_beta2=optimizer["betas"][1],
-        adam_epsilon=optimizer["eps"], max_grad_norm=grpo.max_grad_norm, optim="adamw_torch",
-        max_steps=total_steps, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, seed=args.seed, shuffle_dataset=False,
+        temperature=grpo.temperature,
+        top_k=0,
+        top_p=1.0,
+        beta=grpo.beta,
+        epsilon=grpo.clip_eps,
+        num_iterations=grpo.updates_per_batch,
+        loss_type="grpo",
+        scale_rewards="group",
+        learning_rate=optimizer["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=optimizer["weight_decay"],
+        adam_beta1=optimizer["betas"][0],
+        adam_beta2=optimizer["betas"][1],
+        adam_epsilon=optimizer["eps"],
+        max_grad_norm=grpo.max_grad_norm,
+        optim="adamw_torch",
+        max_steps=total_steps,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+        shuffle_dataset=False,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=[arithmetic_reward], args=config, train_dataset=dataset,
-                          processing_class=load_tokenizer(str(model_dir)), callbacks=[StepClock()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[arithmetic_reward],
+        args=config,
+        train_dataset=dataset,
+        processing_class=load_tokenizer(str(model_dir)),
+        callbacks=[StepClock()],
+    )
     # Where a step's time goes: the trainer calls these through ``self``, so instance attributes wrap them.
     intervals: dict[str, list[tuple[float, float]]] = {"_generate": [], "_generate_and_score_completions": []}
     for method_name, spans in intervals.items():
@@ -300,31 +388,38 @@ def time_trl(common, model_dir: Path, out_dir: Path, threads: int, args: argpars
         raise RuntimeError(f"TRL ran {len(step_ends)} optimizer steps, expected {total_steps}")
     timed_from = step_ends[args.untimed_steps - 1]
     wall = step_ends[-1] - timed_from
-    timed_lengths = lengths[args.untimed_steps * per_step:]
+    timed_lengths = lengths[args.untimed_steps * per_step :]
 
     def per_timed_step(spans: list[tuple[float, float]]) -> float:
         return sum(end - start for start, end in spans if start >= timed_from) / args.steps
 
-    return {"completions_per_s": per_step * args.steps / wall, "tokens": statistics.fmean(timed_lengths),
-            "step_s": wall / args.steps, "wait_s": float("nan"),
-            "generate_s": per_timed_step(intervals["_generate"]),
-            "rollout_s": per_timed_step(intervals["_generate_and_score_completions"])}
+    return {
+        "completions_per_s": per_step * args.steps / wall,
+        "tokens": statistics.fmean(timed_lengths),
+        "step_s": wall / args.steps,
+        "wait_s": float("nan"),
+        "generate_s": per_timed_step(intervals["_generate"]),
+        "rollout_s": per_timed_step(intervals["_generate_and_score_completions"]),
+    }
 
 
 def clocked(function, spans: list[tuple[float, float]]):
     """``function`` that appends the (start, end) of every call to ``spans``."""
+
     def wrapper(*a, **k):
         start = time.perf_counter()
         try:
             return function(*a, **k)
         finally:
             spans.append((start, time.perf_counter()))
+
     return wrapper
 
 
 # ------------------------------------------------------------------------------------------ ours
 def time_ours(raw: dict, mode: str, model_dir: Path, args: argparse.Namespace) -> dict:
     import torch
+
     from metaopt.posttrain.loop import GRPORun
     from metaopt.posttrain.roles import start_roles
 
@@ -344,48 +439,71 @@ def time_ours(raw: dict, mode: str, model_dir: Path, args: argparse.Namespace) -
         roles.close()
         torch.set_num_threads(driver_threads)  # colocated roles set this process's threads
     completions = section.grpo.prompts_per_step * section.grpo.group_size * args.steps
-    return {"completions_per_s": completions / wall,
-            "tokens": statistics.fmean(m["completion_tokens"] for m in metrics),
-            "step_s": wall / args.steps,
-            "wait_s": statistics.fmean(m["rollout_wait_s"] for m in metrics)}
+    return {
+        "completions_per_s": completions / wall,
+        "tokens": statistics.fmean(m["completion_tokens"] for m in metrics),
+        "step_s": wall / args.steps,
+        "wait_s": statistics.fmean(m["rollout_wait_s"] for m in metrics),
+    }
 
 
 def breakdown_ours(common, model_dir: Path, args: argparse.Namespace, repeats: int = 5) -> dict[str, float]:
     """Seconds of each part of one of our GRPO steps, in this process on 1 thread (median of ``repeats`` after
     one unclocked call), next to ``model.generate`` (the sampler TRL uses) on the same prompts and policy."""
     import torch
+    from transformers import GenerationConfig
+
     from metaopt.posttrain.grpo import group_advantages
     from metaopt.posttrain.roles import LearnerWorker, RolloutWorker, reference_logprobs
     from metaopt.posttrain.sampling import sample_completions
-    from transformers import GenerationConfig
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     grpo, tasks, model_spec = common.grpo, [t.model_dump() for t in common.tasks], {"path": str(model_dir)}
     rollout = RolloutWorker(model_spec, tasks, args.seed, with_reference=True, threads=1)
-    learner = LearnerWorker(model_spec, tasks, args.seed, grpo=grpo.model_dump(), optimizer=common.optimizer.model_dump(),
-                            schedule={"name": "constant", "lr": common.optimizer.lr}, threads=1)
+    learner = LearnerWorker(
+        model_spec,
+        tasks,
+        args.seed,
+        grpo=grpo.model_dump(),
+        optimizer=common.optimizer.model_dump(),
+        schedule={"name": "constant", "lr": common.optimizer.lr},
+        threads=1,
+    )
     problems = sample_problems(tasks, grpo.prompts_per_step, args.seed + 1)
     prompts = [p.prompt for p in problems]
     group, new_tokens, temperature = grpo.group_size, grpo.max_new_tokens, grpo.temperature
-    encoded = rollout.tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
-                                return_tensors="pt")
+    encoded = rollout.tokenizer(
+        prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
+    )
     encoded = {k: v.repeat_interleave(group, dim=0) for k, v in encoded.items()}
-    generation = GenerationConfig(do_sample=True, max_new_tokens=new_tokens, temperature=temperature, top_k=0,
-                                  top_p=1.0, pad_token_id=rollout.tokenizer.pad_token_id,
-                                  eos_token_id=rollout.tokenizer.eos_token_id, disable_compile=True)
+    generation = GenerationConfig(
+        do_sample=True,
+        max_new_tokens=new_tokens,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=rollout.tokenizer.pad_token_id,
+        eos_token_id=rollout.tokenizer.eos_token_id,
+        disable_compile=True,
+    )
     batch = sample_completions(rollout.model, rollout.tokenizer, prompts, group, new_tokens, temperature, 0)
     batch.ref_logprobs = reference_logprobs(rollout.reference, batch)
 
     def rewards_and_advantages():
-        rewards = torch.tensor([rollout.taskset.reward(p, text) for p, text in
-                                zip([p for p in problems for _ in range(group)], batch.completions)])
+        rewards = torch.tensor(
+            [
+                rollout.taskset.reward(p, text)
+                for p, text in zip([p for p in problems for _ in range(group)], batch.completions)
+            ]
+        )
         return group_advantages(rewards, group)
 
     advantages = rewards_and_advantages()
     parts = {
         "our sampler (sample_completions)": lambda: sample_completions(
-            rollout.model, rollout.tokenizer, prompts, group, new_tokens, temperature, 0),
+            rollout.model, rollout.tokenizer, prompts, group, new_tokens, temperature, 0
+        ),
         "model.generate (TRL's sampler)": lambda: rollout.model.generate(**encoded, generation_config=generation),
         "reference log-probs": lambda: reference_logprobs(rollout.reference, batch),
         "rewards + advantages": rewards_and_advantages,
@@ -410,6 +528,7 @@ def breakdown_ours(common, model_dir: Path, args: argparse.Namespace, repeats: i
 def ray_round_trips(model_dir: Path, repeats: int = 20) -> dict[str, float]:
     """Median seconds of one driver -> actor -> driver call: a no-op, and one carrying the policy's weights."""
     import ray
+
     from metaopt.posttrain.policy import get_weights, make_policy
 
     @ray.remote(num_cpus=0)
@@ -420,8 +539,10 @@ def ray_round_trips(model_dir: Path, repeats: int = 20) -> dict[str, float]:
     weights = get_weights(make_policy({"path": str(model_dir)}, 0)[0])
     echo = Echo.remote()
     out = {}
-    for name, value in (("no-op", None), (f"weights ({sum(t.numel() for t in weights.values()) * 4 / 1e6:.1f} MB)",
-                                          weights)):
+    for name, value in (
+        ("no-op", None),
+        (f"weights ({sum(t.numel() for t in weights.values()) * 4 / 1e6:.1f} MB)", weights),
+    ):
         ray.get(echo.echo.remote(value))
         times = []
         for _ in range(repeats):
@@ -453,16 +574,21 @@ def parallel_capacity(seconds: float = 3.0) -> float:
     import subprocess
 
     def loops(count: int) -> float:
-        procs = [subprocess.Popen([sys.executable, "-c", _BURN, str(seconds)], stdout=subprocess.PIPE, text=True)
-                 for _ in range(count)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _BURN, str(seconds)], stdout=subprocess.PIPE, text=True)
+            for _ in range(count)
+        ]
         return sum(float(proc.communicate()[0]) for proc in procs)
 
     return loops(2) / loops(1)
 
 
 def report(name: str, repeat: int, result: dict) -> None:
-    print(f"repeat {repeat + 1}: {name}: {result['completions_per_s']:.1f} completions/s, "
-          f"{result['step_s']:.3f} s per step (load {load_text()})", flush=True)
+    print(
+        f"repeat {repeat + 1}: {name}: {result['completions_per_s']:.1f} completions/s, "
+        f"{result['step_s']:.3f} s per step (load {load_text()})",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -478,11 +604,14 @@ def main(argv=None) -> int:
     common = build_section(raw, "actors")
     check_comparable(common, args.ray_cpus, "actors")
     grpo, model = common.grpo, common.model
-    print(f"GRPO throughput: tiny {model.arch} hidden {model.hidden} x {model.layers} layers x {model.heads} heads, "
-          f"{', '.join(f'{t.name} {t.levels}' for t in common.tasks)}, {grpo.prompts_per_step} prompts x "
-          f"G={grpo.group_size} = {grpo.prompts_per_step * grpo.group_size} completions/step, <= "
-          f"{grpo.max_new_tokens} new tokens, beta {grpo.beta}, lr {common.optimizer.lr}; "
-          f"{args.untimed_steps} untimed + {args.steps} timed steps per run, {args.repeats} repeat(s)", flush=True)
+    print(
+        f"GRPO throughput: tiny {model.arch} hidden {model.hidden} x {model.layers} layers x {model.heads} heads, "
+        f"{', '.join(f'{t.name} {t.levels}' for t in common.tasks)}, {grpo.prompts_per_step} prompts x "
+        f"G={grpo.group_size} = {grpo.prompts_per_step * grpo.group_size} completions/step, <= "
+        f"{grpo.max_new_tokens} new tokens, beta {grpo.beta}, lr {common.optimizer.lr}; "
+        f"{args.untimed_steps} untimed + {args.steps} timed steps per run, {args.repeats} repeat(s)",
+        flush=True,
+    )
     print(f"load average at start: {load_text()}", flush=True)
     capacity = [parallel_capacity()]
     print(f"cores two busy 1-thread processes get together: {capacity[0]:.2f}", flush=True)
@@ -513,8 +642,11 @@ def main(argv=None) -> int:
                     report(name, repeat, runs[name][-1])
                 if repeat == 0 and len(trl_threads) > 1:  # a thread count far behind the best is not repeated
                     fastest = max(runs[n][0]["completions_per_s"] for n in runs if n.startswith("trl"))
-                    trl_threads = [t for t in trl_threads if runs[f"trl {t} thread{'s' if t > 1 else ''}"][0][
-                        "completions_per_s"] >= fastest / 2]
+                    trl_threads = [
+                        t
+                        for t in trl_threads
+                        if runs[f"trl {t} thread{'s' if t > 1 else ''}"][0]["completions_per_s"] >= fastest / 2
+                    ]
             if not args.skip_ours and not args.no_breakdown:
                 parts = breakdown_ours(common, model_dir, args)
                 hops = ray_round_trips(model_dir)
@@ -526,8 +658,10 @@ def main(argv=None) -> int:
     results = {name: max(rs, key=lambda r: r["completions_per_s"]) for name, rs in runs.items()}
 
     print()
-    print("| side | completions/s (best) | every repeat | mean completion tokens | wall per step (s) | "
-          "rollout wait per step (s) |")
+    print(
+        "| side | completions/s (best) | every repeat | mean completion tokens | wall per step (s) | "
+        "rollout wait per step (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         wait = "-" if r["wait_s"] != r["wait_s"] else f"{r['wait_s']:.3f}"
@@ -535,16 +669,24 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['completions_per_s']:.1f} | {every} | {r['tokens']:.2f} | {r['step_s']:.3f} | {wait} |")
     for name, r in results.items():
         if "generate_s" in r:
-            print(f"{name}: per timed step {r['generate_s']:.3f} s in generate, {r['rollout_s']:.3f} s in "
-                  f"generate + reference + rewards, {r['step_s'] - r['rollout_s']:.3f} s in the update and the rest")
+            print(
+                f"{name}: per timed step {r['generate_s']:.3f} s in generate, {r['rollout_s']:.3f} s in "
+                f"generate + reference + rewards, {r['step_s'] - r['rollout_s']:.3f} s in the update and the rest"
+            )
     if parts:
-        print(f"parts of our step, in this process, 1 thread ({grpo.prompts_per_step * grpo.group_size} completions): "
-              + ", ".join(f"{name} {s:.3f} s" for name, s in parts.items()))
+        print(
+            f"parts of our step, in this process, 1 thread ({grpo.prompts_per_step * grpo.group_size} completions): "
+            + ", ".join(f"{name} {s:.3f} s" for name, s in parts.items())
+        )
     if hops:
-        print("Ray actor round trip from the driver (median of 20): "
-              + ", ".join(f"{name} {ms * 1e3:.1f} ms" for name, ms in hops.items()))
-    print(f"cores two busy 1-thread processes get together (2.00 = idle 2-core machine): start {capacity[0]:.2f}, "
-          f"end {capacity[1]:.2f}")
+        print(
+            "Ray actor round trip from the driver (median of 20): "
+            + ", ".join(f"{name} {ms * 1e3:.1f} ms" for name, ms in hops.items())
+        )
+    print(
+        f"cores two busy 1-thread processes get together (2.00 = idle 2-core machine): start {capacity[0]:.2f}, "
+        f"end {capacity[1]:.2f}"
+    )
     print(f"load average at end: {load_text()}")
     headline = f"ours {args.modes[0]}"
     trl = [name for name in results if name.startswith("trl")]

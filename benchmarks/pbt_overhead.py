@@ -66,19 +66,32 @@ def parse_args(argv=None):
     p.add_argument("--perturbation-interval", type=int, default=4)
     p.add_argument("--naive-steps", type=int, default=100, help="optimizer steps per trial for the naive trainable")
     p.add_argument("--skip-naive", action="store_true")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="sweeps, each followed by a 2-process pure compute pass (one more runs before the first)")
-    p.add_argument("--sequential", action="store_true",
-                   help="also time the pure compute sequentially in this process (a candidate for the reference)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="sweeps, each followed by a 2-process pure compute pass (one more runs before the first)",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="also time the pure compute sequentially in this process (a candidate for the reference)",
+    )
     # Asynchronous by default: a trial at its boundary pauses while another waits, so the 4 trials take turns on
     # the 2 CPUs with no barrier to wait at (quickstart.yaml itself is synchronous: its 50-step iterations are
     # too short for asynchronous exploits to show on the terminal).
-    p.add_argument("--synch", choices=["true", "false"], default="false",
-                   help="pbt.synch of the measured sweep (default false)")
-    p.add_argument("--compare-synch", action="store_true",
-                   help="also run the sweep with pbt.synch flipped (informational)")
-    p.add_argument("--stall-seconds", type=float, default=180.0,
-                   help="abort (error) a sweep after this long without any trial progress")
+    p.add_argument(
+        "--synch", choices=["true", "false"], default="false", help="pbt.synch of the measured sweep (default false)"
+    )
+    p.add_argument(
+        "--compare-synch", action="store_true", help="also run the sweep with pbt.synch flipped (informational)"
+    )
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=180.0,
+        help="abort (error) a sweep after this long without any trial progress",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other experiment override (repeatable)")
     p.add_argument("--show-sweep-output", action="store_true", help="do not hide what sweep.run prints")
     args = p.parse_args(argv)
@@ -138,8 +151,14 @@ def parallel_compute(section_dict: dict, lrs: list[float]) -> float:
 
 
 def _warm_worker(_):
-    warm = {"task": "digits", "task_options": {}, "optimizer": {"name": "sgd"}, "seed": 0,
-            "iterations": 1, "steps_per_iteration": 20}
+    warm = {
+        "task": "digits",
+        "task_options": {},
+        "optimizer": {"name": "sgd"},
+        "seed": 0,
+        "iterations": 1,
+        "steps_per_iteration": 20,
+    }
     import metaopt.tasks.digits as d
 
     train_trials(warm, [0.01])
@@ -163,7 +182,7 @@ def cpu_seconds_of(pid: int) -> float | None:
         import psutil
 
         times = psutil.Process(pid).cpu_times()
-    except Exception:  # noqa: BLE001 -- accounting is informational; a vanished process just has no figure
+    except Exception:  # accounting is informational; a vanished process just has no figure
         return None
     return times.user + times.system
 
@@ -352,13 +371,19 @@ def run_ours(exp, show_output: bool, stall_seconds: float = 180.0):
         return tuner
 
     sweep.build_tuner = phases.wrap("build Tuner", build_tuner)
-    sweep.summarise_trials = phases.wrap("summarise trials (progress.csv, lineage, checkpoint reads)", sweep.summarise_trials)
+    sweep.summarise_trials = phases.wrap(
+        "summarise trials (progress.csv, lineage, checkpoint reads)", sweep.summarise_trials
+    )
     sweep.log_summary = phases.wrap("log summary to MLflow (schedules.json, 2 PNG plots, csv)", sweep.log_summary)
     runtime.init = phases.wrap("connect to Ray (already running)", runtime.init)
     # open_session opens MLflow in a background thread while Tune starts: these two overlap tune.fit (indented,
     # so they are not subtracted from the wall time as a phase of their own).
-    tracking.connect = phases.wrap("  MLflow connect, background (creates the sqlite store on first use)", tracking.connect)
-    tracking.ParentRun.__init__ = phases.wrap("  MLflow parent run, background: create + log params", tracking.ParentRun.__init__)
+    tracking.connect = phases.wrap(
+        "  MLflow connect, background (creates the sqlite store on first use)", tracking.connect
+    )
+    tracking.ParentRun.__init__ = phases.wrap(
+        "  MLflow parent run, background: create + log params", tracking.ParentRun.__init__
+    )
     tracking.ParentRun.finish = phases.wrap("MLflow parent run: finish", tracking.ParentRun.finish)
     for (owner, name), fn in saved.items():
         if owner is tracking.MLflowTrialCallback:
@@ -397,42 +422,58 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
             accounted += sec
     log(f"    {'rest (table, prints, glue)':<62} {wall - accounted:7.2f} s")
     if "start" in window and counter.first_start is not None:
-        log(f"  inside tune.fit: first trial started after {counter.first_start - window['start']:.2f} s "
+        log(
+            f"  inside tune.fit: first trial started after {counter.first_start - window['start']:.2f} s "
             f"(actor start-up: worker process, imports), {counter.first_start - window['run_start']:.2f} s after "
-            "sweep.run began")
+            "sweep.run began"
+        )
         profile = counter.busy_profile(window["start"], window["end"])
         busy = ", ".join(f"{k} training: {v:.2f} s" for k, v in sorted(profile.items()))
         log(f"  tune.fit time by number of trials inside step() at once: {busy}")
-    log(f"  trainables' step() time (sum of time_this_iter_s): {counter.step_seconds:.2f} s over {counter.results} results"
+    log(
+        f"  trainables' step() time (sum of time_this_iter_s): {counter.step_seconds:.2f} s over {counter.results} results"
         f" ({section.population * section.iterations} without exploits moving iterations)"
-        f" -> /{slots} = {counter.step_seconds / slots:.2f} s if perfectly parallel")
+        f" -> /{slots} = {counter.step_seconds / slots:.2f} s if perfectly parallel"
+    )
     if len(counter.completed) >= slots and "end" in window:
         done = sorted(counter.completed)
-        log(f"  end of the sweep: the last trial completed {done[-1] - done[-slots]:.2f} s after the one before it "
-            f"(fewer than {slots} trials left to run); tune.fit returned {window['end'] - done[-1]:.2f} s after that")
+        log(
+            f"  end of the sweep: the last trial completed {done[-1] - done[-slots]:.2f} s after the one before it "
+            f"(fewer than {slots} trials left to run); tune.fit returned {window['end'] - done[-1]:.2f} s after that"
+        )
     gaps = worker_gaps(counter.steps_by_pid)
     if gaps:
-        log("  between one step() and the next on the same worker (result, pause, checkpoint, trial switch): "
-            + ", ".join(f"{total:.2f} s over {count} gaps" for total, count in gaps))
-    log(f"  worker processes that ran trials: {len(counter.pids)} (a sweep that kept its {slots} actors would use {slots}); "
+        log(
+            "  between one step() and the next on the same worker (result, pause, checkpoint, trial switch): "
+            + ", ".join(f"{total:.2f} s over {count} gaps" for total, count in gaps)
+        )
+    log(
+        f"  worker processes that ran trials: {len(counter.pids)} (a sweep that kept its {slots} actors would use {slots}); "
         f"trial (re)starts: {counter.starts}; checkpoints saved: {counter.checkpoints}; PBT exploits: {exploits}; "
         f"optimizer steps {steps} (expected {section.population * section.iterations * section.steps_per_iteration}); "
-        f"diverged trials: {diverged}")
+        f"diverged trials: {diverged}"
+    )
     if cpu_used:
         # Where the 2 cores went: the trial processes' own CPU against their step() time, and what the driver and
         # Ray's daemons took beside them (on 2 busy cores, every CPU-second they use is one a trial waits for).
         capacity = slots * wall
         others = sorted(cpu_used.items(), key=lambda kv: -kv[1])
-        log(f"  CPU-seconds during sweep.run ({slots} cores x {wall:.1f} s = {capacity:.1f} available): "
+        log(
+            f"  CPU-seconds during sweep.run ({slots} cores x {wall:.1f} s = {capacity:.1f} available): "
             + ", ".join(f"{label} {sec:.1f}" for label, sec in others if sec >= 0.05)
-            + f"; driver and Ray daemons together {sum(cpu_used.values()):.1f} ({sum(cpu_used.values()) / capacity:.1%})")
+            + f"; driver and Ray daemons together {sum(cpu_used.values()):.1f} ({sum(cpu_used.values()) / capacity:.1%})"
+        )
         if counter.trial_cpu:
             trial_cpu = sum(counter.trial_cpu.values())
-            log(f"  trial processes: {trial_cpu:.1f} CPU-s by their last result (start-up imports included) "
-                f"for {counter.step_seconds:.1f} s inside step()")
+            log(
+                f"  trial processes: {trial_cpu:.1f} CPU-s by their last result (start-up imports included) "
+                f"for {counter.step_seconds:.1f} s inside step()"
+            )
     best = summary.best()
     if best:
-        log(f"  best trial {best.trial_id}: val_accuracy {best.final_metric:.4f}, schedule {lineage.describe(best.schedule)}")
+        log(
+            f"  best trial {best.trial_id}: val_accuracy {best.final_metric:.4f}, schedule {lineage.describe(best.schedule)}"
+        )
     return wall, counter.results
 
 
@@ -472,15 +513,23 @@ def run_naive(exp, naive_steps: int, storage: str, stall_seconds: float = 180.0)
     naive_section = section.model_copy(update={"perturbation_interval": interval, "even_finish": False})
     tuner = tune.Tuner(
         tune.with_resources(naive_trainable, {"cpu": exp.ray.cpus_per_trial}),
-        param_space={"lr": initial_lrs(naive_section), "exp": naive_section.model_dump(mode="json"),
-                     "naive_steps": naive_steps},
+        param_space={
+            "lr": initial_lrs(naive_section),
+            "exp": naive_section.model_dump(mode="json"),
+            "naive_steps": naive_steps,
+        },
         tune_config=tune.TuneConfig(
             scheduler=build_scheduler(naive_section, "val_accuracy", "max"),
             num_samples=section.population,
             search_alg=seeded_random_search(section.seed),
         ),
-        run_config=tune.RunConfig(name="naive", storage_path=storage, stop={"training_iteration": naive_steps},
-                                  callbacks=[make_watchdog(stall_seconds)], verbose=0),
+        run_config=tune.RunConfig(
+            name="naive",
+            storage_path=storage,
+            stop={"training_iteration": naive_steps},
+            callbacks=[make_watchdog(stall_seconds)],
+            verbose=0,
+        ),
     )
     import contextlib
     import io
@@ -530,12 +579,18 @@ def main(argv=None) -> int:
     total_steps = section.population * section.iterations * section.steps_per_iteration
     slots = min(CORES, section.population)
     lrs = baseline_lrs(section)
-    log(f"experiment: {EXPERIMENT.relative_to(REPO)} with {' '.join(o for o in overrides if 'tmp' not in o and 'name=' not in o)}")
-    log(f"  task digits {s['task_options']}, optimizer {s['optimizer']}, synch={s['synch']}, "
-        f"checkpoint every {section.checkpoint_every} iterations")
-    log(f"  budget: {section.population} trials x {section.iterations} iterations x {section.steps_per_iteration} steps "
+    log(
+        f"experiment: {EXPERIMENT.relative_to(REPO)} with {' '.join(o for o in overrides if 'tmp' not in o and 'name=' not in o)}"
+    )
+    log(
+        f"  task digits {s['task_options']}, optimizer {s['optimizer']}, synch={s['synch']}, "
+        f"checkpoint every {section.checkpoint_every} iterations"
+    )
+    log(
+        f"  budget: {section.population} trials x {section.iterations} iterations x {section.steps_per_iteration} steps "
         f"= {total_steps} optimizer steps; machine: {os.cpu_count()} CPUs"
-        + (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""))
+        + (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    )
     log(f"  scratch: {tmp}")
 
     # warm-up: imports, data load, torch kernels
@@ -546,8 +601,10 @@ def main(argv=None) -> int:
     def pure_pass(label: str) -> float:
         ticks = machine_cpu_times()
         seconds = parallel_compute(s, lrs)
-        log(f"\n[pure compute, {label}: the same trials in {CORES} processes at once ({slots} groups), 1 torch thread "
-            f"each, no Ray running] {seconds:.2f} s{steal_share(ticks, machine_cpu_times())}")
+        log(
+            f"\n[pure compute, {label}: the same trials in {CORES} processes at once ({slots} groups), 1 torch thread "
+            f"each, no Ray running] {seconds:.2f} s{steal_share(ticks, machine_cpu_times())}"
+        )
         return seconds
 
     from metaopt.runtime import local_ray_options
@@ -555,14 +612,18 @@ def main(argv=None) -> int:
     def start_ray() -> None:  # as `metaopt run` starts its local Ray (ray.worker_niceness from the experiment)
         t = time.perf_counter()
         ray.init(**local_ray_options(exp.ray), log_to_driver=False)
-        log(f"  ray.init(num_cpus={CORES}, worker niceness {exp.ray.worker_niceness}) start-up: "
-            f"{time.perf_counter() - t:.2f} s (not counted)")
+        log(
+            f"  ray.init(num_cpus={CORES}, worker niceness {exp.ray.worker_niceness}) start-up: "
+            f"{time.perf_counter() - t:.2f} s (not counted)"
+        )
 
     seq = None
     if args.sequential:
         seq, steps = train_trials(s, lrs)
         assert steps == total_steps, (steps, total_steps)
-        log(f"\n[pure compute, sequential in this process] {seq:.2f} s ({seq / total_steps * 1e6:.0f} us/step incl. val)")
+        log(
+            f"\n[pure compute, sequential in this process] {seq:.2f} s ({seq / total_steps * 1e6:.0f} us/step incl. val)"
+        )
     pures, walls, rans = [pure_pass("before sweep 1")], [], []
     for repeat in range(args.repeats):
         if repeat == 0:
@@ -570,8 +631,10 @@ def main(argv=None) -> int:
         else:
             (tmp / f"repeat{repeat + 1}").mkdir()
             run_exp = load_experiment(args, tmp / f"repeat{repeat + 1}", args.synch, "pbt-overhead")[0]
-        log(f"\n[ours, sweep {repeat + 1} of {args.repeats}: metaopt.pbt.sweep.run, synch={s['synch']}, a fresh MLflow "
-            f"store ({store_origin()}) and Ray]")
+        log(
+            f"\n[ours, sweep {repeat + 1} of {args.repeats}: metaopt.pbt.sweep.run, synch={s['synch']}, a fresh MLflow "
+            f"store ({store_origin()}) and Ray]"
+        )
         start_ray()
         wall, ran = report_ours(run_exp, args.show_sweep_output, slots, args.stall_seconds)
         ray.shutdown()
@@ -583,20 +646,28 @@ def main(argv=None) -> int:
     reference = min([par] + ([seq] if seq is not None else []))
     wall = min(walls)
     ran = rans[walls.index(wall)]
-    log(f"\n  sweeps: {', '.join(f'{w:.2f}' for w in walls)} s; pure compute passes in {CORES} processes: "
-        f"{', '.join(f'{x:.2f}' for x in pures)} s" + (f"; sequential {seq:.2f} s" if seq is not None else ""))
+    log(
+        f"\n  sweeps: {', '.join(f'{w:.2f}' for w in walls)} s; pure compute passes in {CORES} processes: "
+        f"{', '.join(f'{x:.2f}' for x in pures)} s" + (f"; sequential {seq:.2f} s" if seq is not None else "")
+    )
     log(f"  reference = the fastest pure compute measured: {reference:.2f} s; ours = the fastest sweep: {wall:.2f} s")
-    log(f"  medians: sweep {statistics.median(walls):.2f} s / pure {statistics.median(pures):.2f} s = "
+    log(
+        f"  medians: sweep {statistics.median(walls):.2f} s / pure {statistics.median(pures):.2f} s = "
         f"{statistics.median(walls) / statistics.median(pures):.2f}; slowest sweep / fastest pure: "
-        f"{max(walls) / reference:.2f} (informational)")
+        f"{max(walls) / reference:.2f} (informational)"
+    )
     # Each sweep against the mean of the pure passes just before and just after it: a drift that is linear over the
     # ~4 minutes of a bracket cancels (informational; the ratio below stays fastest / fastest).
     bracketed = [w / ((before + after) / 2) for w, before, after in zip(walls, pures, pures[1:])]
-    log(f"  bracketed: each sweep / the mean of the pure passes either side of it: "
-        f"{', '.join(f'{b:.2f}' for b in bracketed)}; median {statistics.median(bracketed):.2f} (informational)")
+    log(
+        f"  bracketed: each sweep / the mean of the pure passes either side of it: "
+        f"{', '.join(f'{b:.2f}' for b in bracketed)}; median {statistics.median(bracketed):.2f} (informational)"
+    )
     if seq is not None:
-        log(f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {seq / slots:.2f} s, not always reached on a "
-            f"shared machine): {wall / (seq / slots):.2f} (informational)")
+        log(
+            f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {seq / slots:.2f} s, not always reached on a "
+            f"shared machine): {wall / (seq / slots):.2f} (informational)"
+        )
 
     if args.compare_synch or not args.skip_naive:
         start_ray()
@@ -609,15 +680,21 @@ def main(argv=None) -> int:
 
     if not args.skip_naive:
         log("\n[naive: function trainable, report + checkpoint after every optimizer step, no MLflow]")
-        nwall, nsteps, ninterval, nerrors = run_naive(exp, args.naive_steps, str(tmp / "naive_results"), args.stall_seconds)
+        nwall, nsteps, ninterval, nerrors = run_naive(
+            exp, args.naive_steps, str(tmp / "naive_results"), args.stall_seconds
+        )
         per_step_naive = nwall / max(nsteps, 1)
         per_step_ref = reference / total_steps
-        log(f"  smaller budget, normalised per optimizer step: {section.population} trials x {args.naive_steps} steps "
+        log(
+            f"  smaller budget, normalised per optimizer step: {section.population} trials x {args.naive_steps} steps "
             f"(not {section.iterations * section.steps_per_iteration}); PBT interval {ninterval} steps (same number of "
-            f"perturbations per trial), synch={s['synch']}")
+            f"perturbations per trial), synch={s['synch']}"
+        )
         log(f"  wall time of tuner.fit: {nwall:.2f} s for {nsteps} optimizer steps ({nerrors} errored trials)")
-        log(f"  per step: naive {per_step_naive * 1e3:.2f} ms vs reference {per_step_ref * 1e3:.3f} ms "
-            f"(reference / steps)")
+        log(
+            f"  per step: naive {per_step_naive * 1e3:.2f} ms vs reference {per_step_ref * 1e3:.3f} ms "
+            f"(reference / steps)"
+        )
         log(f"  naive ratio: {per_step_naive / per_step_ref:.2f}")
         append("pbt_overhead", "naive ratio", per_step_naive / per_step_ref, command_line(argv))
 
@@ -626,8 +703,10 @@ def main(argv=None) -> int:
     log(f"\nours: {wall:.2f} s wall of the fastest sweep.run / {reference:.2f} s, the fastest pure compute")
     # An exploit restarts a trial from its donor's last checkpoint, which can be ahead of or behind the trial's own
     # iteration: the sweep may train a few iterations more or fewer than population x iterations.
-    log(f"  iterations the sweep trained: {ran} of {planned} planned; against the pure compute of the iterations it "
-        f"trained ({reference * ran / planned:.2f} s): {wall / (reference * ran / planned):.2f} (informational)")
+    log(
+        f"  iterations the sweep trained: {ran} of {planned} planned; against the pure compute of the iterations it "
+        f"trained ({reference * ran / planned:.2f} s): {wall / (reference * ran / planned):.2f} (informational)"
+    )
     append("pbt_overhead", "bracketed median", statistics.median(bracketed), command_line(argv))
     append("pbt_overhead", "ratio", ratio, command_line(argv))
     log(f"ratio: {ratio:.2f}")

@@ -54,10 +54,20 @@ def parse_args(argv=None):
     p.add_argument("--lr-min", type=float, default=1e-4)
     p.add_argument("--lr-max", type=float, default=0.5)
     p.add_argument("--num-cpus", type=int, default=2)
-    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="further experiment overrides, e.g. pbt.synch=false")
-    p.add_argument("--stall-seconds", type=float, default=180.0,
-                   help="abort a sweep after this long without trial progress (recorded as STALLED, left out of the means)")
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further experiment overrides, e.g. pbt.synch=false",
+    )
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=180.0,
+        help="abort a sweep after this long without trial progress (recorded as STALLED, left out of the means)",
+    )
     p.add_argument("--show-sweep-output", action="store_true")
     return p.parse_args(argv)
 
@@ -105,10 +115,20 @@ def one_sweep(path: Path, overrides: list[str], show_output: bool, stall_seconds
                 stack.enter_context(contextlib.redirect_stdout(sink))
             summary = sweep.run(exp, callbacks=[watchdog], verbose=0)
     except Exception as err:  # a platform failure is recorded, not fatal: the other sweeps still count
-        what = (f"STALLED, aborted ({watchdog.stalled})" if watchdog.stalled is not None
-                else f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-        return {"seconds": time.perf_counter() - started, "diverged": 0, "trials": 0, "val": math.nan,
-                "test": math.nan, "replay_val": math.nan, "schedule": what}
+        what = (
+            f"STALLED, aborted ({watchdog.stalled})"
+            if watchdog.stalled is not None
+            else f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        )
+        return {
+            "seconds": time.perf_counter() - started,
+            "diverged": 0,
+            "trials": 0,
+            "val": math.nan,
+            "test": math.nan,
+            "replay_val": math.nan,
+            "schedule": what,
+        }
     seconds = time.perf_counter() - started
     best = summary.best()
     row = {"seconds": seconds, "diverged": sum(t.diverged for t in summary.trials), "trials": len(summary.trials)}
@@ -155,8 +175,10 @@ def main(argv=None) -> int:
         *args.extra,
     ]
     log(f"experiment: {path.relative_to(REPO)} with {' '.join(common)}")
-    log(f"  per sweep: {args.population} trials x {args.iterations} x {args.steps_per_iteration} steps "
-        f"(equal budget for pbt and random); seeds {args.seeds}; scratch {tmp}")
+    log(
+        f"  per sweep: {args.population} trials x {args.iterations} x {args.steps_per_iteration} steps "
+        f"(equal budget for pbt and random); seeds {args.seeds}; scratch {tmp}"
+    )
 
     import ray
 
@@ -168,14 +190,22 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for scheduler in SCHEDULERS:
             name = f"pbt-vs-fixed-{scheduler}-s{seed}"
-            overrides = [*common, f"pbt.scheduler={scheduler}", f"pbt.seed={seed}", f"name={name}",
-                         f"ray.storage_path={tmp / 'ray_results'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
+            overrides = [
+                *common,
+                f"pbt.scheduler={scheduler}",
+                f"pbt.seed={seed}",
+                f"name={name}",
+                f"ray.storage_path={tmp / 'ray_results'}",
+                f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            ]
             row = one_sweep(path, overrides, args.show_sweep_output, args.stall_seconds)
             results[(seed, scheduler)] = row
             agrees = row.get("lineage_agrees")
-            log(f"  seed {seed} {scheduler:<6}: best val {row['val']:.4f} (replay val {row['replay_val']:.4f}), "
+            log(
+                f"  seed {seed} {scheduler:<6}: best val {row['val']:.4f} (replay val {row['replay_val']:.4f}), "
                 f"test {row['test']:.4f}; diverged {row['diverged']}/{row['trials']}; {row['seconds']:.0f} s; "
-                f"schedule {row['schedule']}" + ("" if agrees in (None, True) else "  [lineage mismatch]"))
+                f"schedule {row['schedule']}" + ("" if agrees in (None, True) else "  [lineage mismatch]")
+            )
 
     log("")
     header = f"{'seed':>4} | {'pbt val':>8} {'pbt test':>8} | {'random val':>10} {'random test':>11}"
@@ -188,8 +218,10 @@ def main(argv=None) -> int:
     for metric in ("val", "test"):
         p = [results[(s, "pbt")][metric] for s in args.seeds]
         r = [results[(s, "random")][metric] for s in args.seeds]
-        log(f"best {metric:<4} accuracy, mean ± std (sample std over {len(args.seeds)} seeds): "
-            f"pbt {mean_std(p)}   random {mean_std(r)}")
+        log(
+            f"best {metric:<4} accuracy, mean ± std (sample std over {len(args.seeds)} seeds): "
+            f"pbt {mean_std(p)}   random {mean_std(r)}"
+        )
     failed = [k for k, v in results.items() if v["schedule"].startswith(("STALLED", "FAILED"))]
     if failed:
         log(f"WARNING: {len(failed)} sweep(s) stalled or failed (see above): {failed}; the means use the others")

@@ -54,8 +54,16 @@ ENVS = ("CartPole-v1", "SpaceInvaders-MinAtar")
 VARIANTS = ("ours-ppo", "ours-lpo", "reference")
 DIAGNOSTIC = "ours-ppo-noboot"  # --diagnose: ours-ppo without the truncation bootstrap (as the reference)
 SHARED = {  # hyperparameters every variant uses (the per-env lr/activation/hidden come from ppo_config_for)
-    "num_envs": 4, "num_steps": 128, "update_epochs": 4, "num_minibatches": 4, "gamma": 0.99,
-    "gae_lambda": 0.95, "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
+    "num_envs": 4,
+    "num_steps": 128,
+    "update_epochs": 4,
+    "num_minibatches": 4,
+    "gamma": 0.99,
+    "gae_lambda": 0.95,
+    "clip_eps": 0.2,
+    "ent_coef": 0.01,
+    "vf_coef": 0.5,
+    "max_grad_norm": 0.5,
     "anneal_lr": True,
 }
 
@@ -66,10 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--timesteps-minatar", type=int, default=100_000)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant after compile (best is kept)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: CartPole 2e4 and SpaceInvaders 1e4 steps, 2 repeats")
-    p.add_argument("--diagnose", action="store_true",
-                   help=f"also time {DIAGNOSTIC} (ours-ppo with bootstrap_truncation=False)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: CartPole 2e4 and SpaceInvaders 1e4 steps, 2 repeats"
+    )
+    p.add_argument(
+        "--diagnose", action="store_true", help=f"also time {DIAGNOSTIC} (ours-ppo with bootstrap_truncation=False)"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.timesteps_cartpole, args.timesteps_minatar, args.repeats = 20_000, 10_000, 2
@@ -102,9 +112,26 @@ def _forward(layers, x, act):
     return x @ w + b
 
 
-def make_reference_train(env_name, total_timesteps, *, lr, hidden, activation, num_envs, num_steps,
-                         update_epochs, num_minibatches, gamma, gae_lambda, clip_eps, ent_coef, vf_coef,
-                         max_grad_norm, anneal_lr=True, layers=2):
+def make_reference_train(
+    env_name,
+    total_timesteps,
+    *,
+    lr,
+    hidden,
+    activation,
+    num_envs,
+    num_steps,
+    update_epochs,
+    num_minibatches,
+    gamma,
+    gae_lambda,
+    clip_eps,
+    ent_coef,
+    vf_coef,
+    max_grad_norm,
+    anneal_lr=True,
+    layers=2,
+):
     """A plain PPO: ``train(rng) -> (returns per update, final return)``."""
     env, env_params = gymnax.make(env_name)
     obs_shape = env.observation_space(env_params).shape
@@ -124,7 +151,7 @@ def make_reference_train(env_name, total_timesteps, *, lr, hidden, activation, n
         rng, k_actor, k_critic, k_env = jax.random.split(rng, 4)
         sizes = [obs_dim] + [hidden] * layers
         params = {
-            "actor": _mlp(k_actor, sizes + [n_actions], hidden_scale, 0.01 ** 2),
+            "actor": _mlp(k_actor, sizes + [n_actions], hidden_scale, 0.01**2),
             "critic": _mlp(k_critic, sizes + [1], hidden_scale, 1.0),
         }
         opt_state = tx.init(params)
@@ -142,7 +169,8 @@ def make_reference_train(env_name, total_timesteps, *, lr, hidden, activation, n
                 action = jax.random.categorical(k_a, logits)
                 logp = jax.nn.log_softmax(logits)[jnp.arange(num_envs), action]
                 nobs, env_state, reward, term, trunc, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-                    jax.random.split(k_s, num_envs), env_state, action, env_params)
+                    jax.random.split(k_s, num_envs), env_state, action, env_params
+                )
                 done = (term | trunc).astype(jnp.float32)
                 ep_ret = ep_ret + reward
                 out = (obs, action, logp, value, reward, done, ep_ret * done)
@@ -150,7 +178,8 @@ def make_reference_train(env_name, total_timesteps, *, lr, hidden, activation, n
                 return (env_state, nobs.reshape(num_envs, -1).astype(jnp.float32), ep_ret, rng), out
 
             (env_state, obs, ep_ret, rng), traj = jax.lax.scan(
-                step, (env_state, obs, ep_ret, rng), None, length=num_steps)
+                step, (env_state, obs, ep_ret, rng), None, length=num_steps
+            )
             t_obs, t_act, t_logp, t_val, t_rew, t_done, t_ended = traj
 
             last_val = _forward(params["critic"], obs, act)[:, 0]
@@ -219,21 +248,31 @@ def build_variants(env_name, timesteps, seed, variants=VARIANTS):
     for variant in variants:
         if variant == "reference":
             fn, steps = make_reference_train(
-                env_name, timesteps, lr=config.lr, hidden=config.hidden, activation=config.activation,
-                layers=config.layers, **SHARED)
+                env_name,
+                timesteps,
+                lr=config.lr,
+                hidden=config.hidden,
+                activation=config.activation,
+                layers=config.layers,
+                **SHARED,
+            )
             args = (rng,)
 
             def final_of(out):
                 return float(out[1])
         else:
             drift_fn, drift_params = make_drift("lpo", hidden=128) if variant == "ours-lpo" else make_drift("ppo")
-            cfg = ppo_config_for(env_name, total_timesteps=timesteps, **SHARED, bootstrap_truncation=False) \
-                if variant == DIAGNOSTIC else config
+            cfg = (
+                ppo_config_for(env_name, total_timesteps=timesteps, **SHARED, bootstrap_truncation=False)
+                if variant == DIAGNOSTIC
+                else config
+            )
             fn, steps = make_train(cfg, drift_fn), cfg.num_updates * cfg.batch_size
             args = (rng, drift_params)
 
             def final_of(out):
                 return float(out["final_return"])
+
         start = time.perf_counter()
         exe = jax.jit(fn).lower(*args).compile()
         compile_s[variant] = time.perf_counter() - start
@@ -250,15 +289,18 @@ def loadavg():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; load average (1/5/15 min) "
-          f"at start: {loadavg()}", flush=True)
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; load average (1/5/15 min) "
+        f"at start: {loadavg()}",
+        flush=True,
+    )
     timesteps = {"CartPole-v1": args.timesteps_cartpole, "SpaceInvaders-MinAtar": args.timesteps_minatar}
     variants = VARIANTS + ((DIAGNOSTIC,) if args.diagnose else ())
     rows = {}
     for env_name in ENVS:
         compiled, compile_s = build_variants(env_name, timesteps[env_name], args.seed, variants)
-        best = {v: math.inf for v in variants}
-        best_cpu = {v: math.inf for v in variants}
+        best = dict.fromkeys(variants, math.inf)
+        best_cpu = dict.fromkeys(variants, math.inf)
         finals = {}
         for rep in range(args.repeats):
             for variant in variants:  # interleaved: each repeat runs every variant back to back
@@ -271,30 +313,46 @@ def main(argv=None) -> int:
             print(f"  {env_name} repeat {rep + 1}/{args.repeats} done, load {loadavg()}", flush=True)
         for variant in variants:
             steps = compiled[variant][3]
-            rows[env_name, variant] = (compile_s[variant], best[variant], steps / best[variant], finals[variant], steps,
-                                       best_cpu[variant])
+            rows[env_name, variant] = (
+                compile_s[variant],
+                best[variant],
+                steps / best[variant],
+                finals[variant],
+                steps,
+                best_cpu[variant],
+            )
 
     print()
-    print(f"{'env':<22} {'variant':<15} {'steps':>8} {'compile s':>10} {'run s':>8} {'env-steps/s':>12} "
-          f"{'final return':>13} {'cpu s':>7}")
+    print(
+        f"{'env':<22} {'variant':<15} {'steps':>8} {'compile s':>10} {'run s':>8} {'env-steps/s':>12} "
+        f"{'final return':>13} {'cpu s':>7}"
+    )
     for (env_name, variant), (comp, run, sps, final, steps, cpu) in rows.items():
-        print(f"{env_name:<22} {variant:<15} {steps:>8d} {comp:>10.2f} {run:>8.2f} {sps:>12,.0f} {final:>13.1f} "
-              f"{cpu:>7.2f}")
+        print(
+            f"{env_name:<22} {variant:<15} {steps:>8d} {comp:>10.2f} {run:>8.2f} {sps:>12,.0f} {final:>13.1f} "
+            f"{cpu:>7.2f}"
+        )
     print()
     for env_name in ENVS:
         ref = rows[env_name, "reference"][2]
         ppo_sps, lpo_sps = rows[env_name, "ours-ppo"][2], rows[env_name, "ours-lpo"][2]
         lpo_cost = rows[env_name, "ours-lpo"][1] / rows[env_name, "ours-ppo"][1] - 1.0
-        print(f"{env_name}: ours-ppo/reference {ppo_sps / ref:.2f}x, ours-lpo/reference {lpo_sps / ref:.2f}x "
-              f"(goal >= 1.0); LPO drift cost vs ours-ppo {100 * lpo_cost:+.1f}% run time (goal <= 10%)")
+        print(
+            f"{env_name}: ours-ppo/reference {ppo_sps / ref:.2f}x, ours-lpo/reference {lpo_sps / ref:.2f}x "
+            f"(goal >= 1.0); LPO drift cost vs ours-ppo {100 * lpo_cost:+.1f}% run time (goal <= 10%)"
+        )
         cpu = {v: rows[env_name, v][5] for v in variants}
-        print(f"  by process CPU time (less sensitive to other load): ours-ppo/reference "
-              f"{cpu['reference'] / cpu['ours-ppo']:.2f}x, "
-              f"ours-lpo/reference {cpu['reference'] / cpu['ours-lpo']:.2f}x, "
-              f"LPO drift cost {100 * (cpu['ours-lpo'] / cpu['ours-ppo'] - 1):+.1f}%")
+        print(
+            f"  by process CPU time (less sensitive to other load): ours-ppo/reference "
+            f"{cpu['reference'] / cpu['ours-ppo']:.2f}x, "
+            f"ours-lpo/reference {cpu['reference'] / cpu['ours-lpo']:.2f}x, "
+            f"LPO drift cost {100 * (cpu['ours-lpo'] / cpu['ours-ppo'] - 1):+.1f}%"
+        )
         if args.diagnose:
-            print(f"  {DIAGNOSTIC}/reference {rows[env_name, DIAGNOSTIC][2] / ref:.2f}x; truncation bootstrap cost "
-                  f"{100 * (rows[env_name, 'ours-ppo'][1] / rows[env_name, DIAGNOSTIC][1] - 1):+.1f}% run time")
+            print(
+                f"  {DIAGNOSTIC}/reference {rows[env_name, DIAGNOSTIC][2] / ref:.2f}x; truncation bootstrap cost "
+                f"{100 * (rows[env_name, 'ours-ppo'][1] / rows[env_name, DIAGNOSTIC][1] - 1):+.1f}% run time"
+            )
     random_level = 25.0
     for variant in variants:
         final = rows["CartPole-v1", variant][3]
@@ -303,8 +361,12 @@ def main(argv=None) -> int:
     print(f"load average (1/5/15 min) at end: {loadavg()}")
     ratio = rows["CartPole-v1", "ours-lpo"][2] / rows["CartPole-v1", "reference"][2]
     for env_name in ENVS:
-        append("ppo_throughput", f"{env_name} ours-ppo/reference",
-               rows[env_name, "ours-ppo"][2] / rows[env_name, "reference"][2], command_line(argv))
+        append(
+            "ppo_throughput",
+            f"{env_name} ours-ppo/reference",
+            rows[env_name, "ours-ppo"][2] / rows[env_name, "reference"][2],
+            command_line(argv),
+        )
     append("ppo_throughput", "ratio", ratio, command_line(argv))
     print(f"ratio: {ratio:.2f}", flush=True)
     return 0

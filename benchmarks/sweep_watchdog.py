@@ -27,7 +27,8 @@ def make_watchdog(stall_seconds: float):
             if time.perf_counter() - self.last > stall_seconds:
                 self.stalled = ", ".join(
                     f"{t.trial_id}:{t.status}@it{(t.last_result or {}).get('training_iteration')}"
-                    f"/step{(t.last_result or {}).get('step')}" for t in trials
+                    f"/step{(t.last_result or {}).get('step')}"
+                    for t in trials
                 )
                 raise RuntimeError(f"sweep stalled: no trial progress for {stall_seconds:.0f} s ({self.stalled})")
 

@@ -68,11 +68,21 @@ def parse_args(argv=None):
     p.add_argument("--restart-after", type=int, default=0, help="symbolic.restart_after (0: never)")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--progress-every", type=int, default=500, help="mutations between progress lines")
-    p.add_argument("--mutation-config", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a metaopt.symbolic.mutation.MutationConfig field (repeatable)")
+    p.add_argument(
+        "--mutation-config",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a metaopt.symbolic.mutation.MutationConfig field (repeatable)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
-    p.add_argument("--alt-digits", type=int, nargs="*", default=[3],
-                   help="also hash each child with these significant digits (analysis only; none: skip)")
+    p.add_argument(
+        "--alt-digits",
+        type=int,
+        nargs="*",
+        default=[3],
+        help="also hash each child with these significant digits (analysis only; none: skip)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.mutations = 300
@@ -190,6 +200,7 @@ def update_hash(program, *, steps: int = 3, digits: int = 6, shapes=((3, 4), (5,
     import hashlib
 
     import torch
+
     from metaopt.symbolic.interpreter import run_program
 
     generator = torch.Generator().manual_seed(0)
@@ -203,8 +214,14 @@ def update_hash(program, *, steps: int = 3, digits: int = 6, shapes=((3, 4), (5,
     grads = [[draw(s) for s in shapes] for _ in range(steps)]
     digest = hashlib.sha256()
     for step in range(steps):
-        result = run_program(program, [p.clone() for p in params], [g.clone() for g in grads[step]],
-                             [t.clone() for t in m], [t.clone() for t in v], lr)
+        result = run_program(
+            program,
+            [p.clone() for p in params],
+            [g.clone() for g in grads[step]],
+            [t.clone() for t in m],
+            [t.clone() for t in v],
+            lr,
+        )
         for tensor in result.updates:
             digest.update(_canonical(tensor, digits).encode() + b";")
         params = [p - u.to(p.dtype) for p, u in zip(params, result.updates)]
@@ -226,6 +243,7 @@ def main(argv=None) -> int:
 
     def training_live(program):
         return live_statements(program, training_outputs(program))
+
     from metaopt.symbolic.proxies import LocalScorer
     from metaopt.symbolic.search import init_search, search_metrics, search_step
     from metaopt.symbolic.text import format_program
@@ -248,20 +266,26 @@ def main(argv=None) -> int:
     scorer = TimedScorer(LocalScorer())
 
     proxy = section.proxy
-    print(f"symbolic search benchmark: start {section.start}, population {section.population}, tournament "
-          f"{section.tournament}, batch {section.batch}, {args.mutations} mutations, seed {args.seed}")
-    print(f"proxy: {proxy.task} {proxy.task_options}, {proxy.steps} steps x lrs {proxy.lrs}, {proxy.seeds} seed(s); "
-          f"mutation config: {mconfig}")
-    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
-          f"({os.cpu_count()} CPUs visible)", flush=True)
+    print(
+        f"symbolic search benchmark: start {section.start}, population {section.population}, tournament "
+        f"{section.tournament}, batch {section.batch}, {args.mutations} mutations, seed {args.seed}"
+    )
+    print(
+        f"proxy: {proxy.task} {proxy.task_options}, {proxy.steps} steps x lrs {proxy.lrs}, {proxy.seeds} seed(s); "
+        f"mutation config: {mconfig}"
+    )
+    print(
+        f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
+        f"({os.cpu_count()} CPUs visible)",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     state = init_search(section, args.seed, scorer)
     start = state.start
     records = []  # per child: dict of observations
     # Other keys the cache could have used (analysis only): coarser rounding, and the updates alone.
-    alt_keys = {f"functional_hash, {d} digits": functools.partial(functional_hash, digits=d)
-                for d in args.alt_digits}
+    alt_keys = {f"functional_hash, {d} digits": functools.partial(functional_hash, digits=d) for d in args.alt_digits}
     alt_keys["update-only hash, 6 digits"] = update_hash
     alt_seen: dict[str, set] = {name: set() for name in alt_keys}
     alt_hits = Counter()
@@ -276,8 +300,11 @@ def main(argv=None) -> int:
     program_cache: dict[int, object] = {0: start_program}
     done, next_report, last_report = 0, args.progress_every, 0
     while done < args.mutations:
-        step_section = section if args.mutations - done >= section.batch else section.model_copy(
-            update={"batch": args.mutations - done})
+        step_section = (
+            section
+            if args.mutations - done >= section.batch
+            else section.model_copy(update={"batch": args.mutations - done})
+        )
         first = len(state.history)
         kinds_log.clear()
         state = search_step(state, step_section, scorer)
@@ -319,10 +346,13 @@ def main(argv=None) -> int:
             last_report = done
             pop_len = statistics.fmean(len(program_cache[s.index]) for s in state.population)
             pop_red = statistics.fmean(redundancy(program_cache[s.index], live_statements) for s in state.population)
-            print(f"[{done:5d}/{args.mutations}] {time.perf_counter() - t0:6.0f}s  hit {hits / done:.2f} "
-                  f"(last {len(recent)}: {sum(r['hit'] for r in recent) / len(recent):.2f})  "
-                  f"trained {done - hits:4d}  best {state.best.score:.4f} (start {start.score:.4f})  "
-                  f"pop len {pop_len:4.1f} redundant {pop_red:.2f}", flush=True)
+            print(
+                f"[{done:5d}/{args.mutations}] {time.perf_counter() - t0:6.0f}s  hit {hits / done:.2f} "
+                f"(last {len(recent)}: {sum(r['hit'] for r in recent) / len(recent):.2f})  "
+                f"trained {done - hits:4d}  best {state.best.score:.4f} (start {start.score:.4f})  "
+                f"pop len {pop_len:4.1f} redundant {pop_red:.2f}",
+                flush=True,
+            )
     wall = time.perf_counter() - t0
     load_end = os.getloadavg()
 
@@ -346,25 +376,38 @@ def main(argv=None) -> int:
     other = wall - scorer.timer.seconds - hash_timer.seconds
 
     print()
-    print(f"wall time               {wall:8.1f} s  (training {scorer.timer.seconds:.1f} s, functional hash "
-          f"{hash_timer.seconds:.1f} s in {hash_timer.calls} calls, mutation/analysis/rest {other:.1f} s)")
-    print(f"load average            start {load_start[0]:.2f}, end {load_end[0]:.2f} (1 min); "
-          f"{load_end[1]:.2f} (5 min)")
+    print(
+        f"wall time               {wall:8.1f} s  (training {scorer.timer.seconds:.1f} s, functional hash "
+        f"{hash_timer.seconds:.1f} s in {hash_timer.calls} calls, mutation/analysis/rest {other:.1f} s)"
+    )
+    print(
+        f"load average            start {load_start[0]:.2f}, end {load_end[0]:.2f} (1 min); {load_end[1]:.2f} (5 min)"
+    )
     print(f"programs mutated        {n:8d}")
     print(f"unique programs trained {misses:8d}  (cache misses; + the start program = {scorer.programs} scored)")
-    print(f"trained per second      {misses / wall:8.2f}  (unique programs / wall time; "
-          f"{scorer.timer.seconds / max(1, scorer.programs) * 1000:.0f} ms per training)")
+    print(
+        f"trained per second      {misses / wall:8.2f}  (unique programs / wall time; "
+        f"{scorer.timer.seconds / max(1, scorer.programs) * 1000:.0f} ms per training)"
+    )
     print(f"dedupe cache hits       {hits:8d}  hit rate {hit_rate:.3f} (hits / mutations; paper: ~0.89)")
-    print(f"redundant statements    all evaluated programs: mean {red_all:.3f} (pooled {red_stmt_all:.3f}); "
-          f"final population: mean {red_pop:.3f} (pooled {red_stmt_pop:.3f})  (paper: ~0.70)")
-    print(f"  not affecting update  all evaluated programs: mean {eff_all:.3f}; final population: mean {eff_pop:.3f} "
-          f"(also dead: statements that only feed an m/v that update never reads)")
-    print(f"mean program length     all evaluated {len_all:.1f}, final population {len_pop:.1f} "
-          f"(start {len(start_program)})")
+    print(
+        f"redundant statements    all evaluated programs: mean {red_all:.3f} (pooled {red_stmt_all:.3f}); "
+        f"final population: mean {red_pop:.3f} (pooled {red_stmt_pop:.3f})  (paper: ~0.70)"
+    )
+    print(
+        f"  not affecting update  all evaluated programs: mean {eff_all:.3f}; final population: mean {eff_pop:.3f} "
+        f"(also dead: statements that only feed an m/v that update never reads)"
+    )
+    print(
+        f"mean program length     all evaluated {len_all:.1f}, final population {len_pop:.1f} "
+        f"(start {len(start_program)})"
+    )
     finite = sum(r["finite"] for r in records)
-    print(f"best proxy score        {state.best.score:.4f} vs start {start.score:.4f} "
-          f"({state.best.score - start.score:+.4f}; best is #{state.best_index}, {len(state.best.program)} statements)"
-          f"  non-finite children: {n - finite}")
+    print(
+        f"best proxy score        {state.best.score:.4f} vs start {start.score:.4f} "
+        f"({state.best.score - start.score:+.4f}; best is #{state.best_index}, {len(state.best.program)} statements)"
+        f"  non-finite children: {n - finite}"
+    )
 
     print("\nwhy children hit or miss the cache (share of all mutations; hit rate within the group):")
     groups = [
@@ -387,8 +430,10 @@ def main(argv=None) -> int:
         group = by_kind[key]
         h = sum(r["hit"] for r in group)
         dead = sum(r["dead_only"] for r in group)
-        print(f"    {key:14s} {len(group):6d} {pct(len(group) / n)}  hit rate {h / len(group):.2f}  "
-              f"dead code only {dead / len(group):.2f}")
+        print(
+            f"    {key:14s} {len(group):6d} {pct(len(group) / n)}  hit rate {h / len(group):.2f}  "
+            f"dead code only {dead / len(group):.2f}"
+        )
     by_change = defaultdict(list)
     for r in records:
         if r["change"]:
@@ -399,8 +444,10 @@ def main(argv=None) -> int:
             group = by_change[key]
             h = sum(r["hit"] for r in group)
             dead = sum(r["dead_only"] for r in group)
-            print(f"    {key:14s} {len(group):6d} {pct(len(group) / n)}  hit rate {h / len(group):.2f}  "
-                  f"dead code only {dead / len(group):.2f}")
+            print(
+                f"    {key:14s} {len(group):6d} {pct(len(group) / n)}  hit rate {h / len(group):.2f}  "
+                f"dead code only {dead / len(group):.2f}"
+            )
     print(f"  other cache keys (analysis only; the search used functional_hash, 6 digits: hit rate {hit_rate:.3f}):")
     for name in alt_keys:
         merged = [fines for fines in alt_fine[name].values() if len(fines) > 1]
@@ -410,11 +457,15 @@ def main(argv=None) -> int:
             if len(scores) > 1:
                 finite_scores = [x for x in scores if math.isfinite(x)]
                 mixed = len(finite_scores) not in (0, len(scores))
-                spreads.append(math.inf if mixed else (max(finite_scores) - min(finite_scores) if finite_scores else 0.0))
+                spreads.append(
+                    math.inf if mixed else (max(finite_scores) - min(finite_scores) if finite_scores else 0.0)
+                )
         big = sum(1 for x in spreads if x > 0.01)
-        print(f"    {name:28s} hit rate {alt_hits[name] / n:.3f}; {len(merged)} keys merge several functional hashes "
-              f"({sum(len(f) for f in merged)} in all); trained-score spread within a key: max "
-              f"{max(spreads, default=0.0):.4f}, {big} keys > 0.01")
+        print(
+            f"    {name:28s} hit rate {alt_hits[name] / n:.3f}; {len(merged)} keys merge several functional hashes "
+            f"({sum(len(f) for f in merged)} in all); trained-score spread within a key: max "
+            f"{max(spreads, default=0.0):.4f}, {big} keys > 0.01"
+        )
 
     print("\nbest program (pruned):")
     print(format_program(prune(state.best.program)))

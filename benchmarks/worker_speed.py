@@ -50,8 +50,12 @@ def train_for(seconds: float, start_at: float) -> dict[str, float]:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     from metaopt.worker_start import imported_before_ray
 
-    return {"steps_per_s": steps / wall, "steps_per_cpu_s": steps / cpu, "niceness": os.nice(0),
-            "torch_first": imported_before_ray("torch")}
+    return {
+        "steps_per_s": steps / wall,
+        "steps_per_cpu_s": steps / cpu,
+        "niceness": os.nice(0),
+        "torch_first": imported_before_ray("torch"),
+    }
 
 
 def parse_setting(text: str) -> dict:
@@ -74,8 +78,13 @@ def side_by_side(setting: dict, seconds: float) -> dict[str, dict[str, float]]:
     try:
         start_at = time.time() + 15  # both sides have imported torch and warmed up by then
         in_ray = ray.remote(num_cpus=1)(train_for).remote(seconds, start_at)
-        plain = subprocess.run([sys.executable, __file__, "--plain", str(seconds), str(start_at)],
-                               capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        plain = subprocess.run(
+            [sys.executable, __file__, "--plain", str(seconds), str(start_at)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         return {"plain": json.loads(plain.stdout.strip().splitlines()[-1]), "ray": ray.get(in_ray)}
     finally:
         ray.shutdown()
@@ -89,8 +98,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2, help="runs per setting, alternating")
     parser.add_argument("--seconds", type=float, default=40.0, help="how long both sides train in each run")
-    parser.add_argument("--setting", nargs="+", default=["preload=torch,niceness=0", "preload=,niceness=0"],
-                        help="ways to start Ray's workers: preload=MOD[+MOD...] (empty: none), niceness=N")
+    parser.add_argument(
+        "--setting",
+        nargs="+",
+        default=["preload=torch,niceness=0", "preload=,niceness=0"],
+        help="ways to start Ray's workers: preload=MOD[+MOD...] (empty: none), niceness=N",
+    )
     args = parser.parse_args(argv)
     settings = {text: parse_setting(text) for text in args.setting}
     kept: dict[str, list[float]] = {text: [] for text in settings}
@@ -99,11 +112,14 @@ def main(argv=None) -> int:
             sides = side_by_side(setting, args.seconds)
             ratio = sides["ray"]["steps_per_s"] / sides["plain"]["steps_per_s"]
             kept[text].append(ratio)
-            print(f"run {run + 1}, {text} (niceness seen {sides['ray']['niceness']:.0f}, torch imported before Ray: "
-                  f"{sides['ray']['torch_first']}): steps/s plain "
-                  f"{sides['plain']['steps_per_s']:.0f}, Ray {sides['ray']['steps_per_s']:.0f} -> Ray / plain "
-                  f"{ratio:.3f}; steps per CPU-second plain {sides['plain']['steps_per_cpu_s']:.0f}, Ray "
-                  f"{sides['ray']['steps_per_cpu_s']:.0f}; load average {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"run {run + 1}, {text} (niceness seen {sides['ray']['niceness']:.0f}, torch imported before Ray: "
+                f"{sides['ray']['torch_first']}): steps/s plain "
+                f"{sides['plain']['steps_per_s']:.0f}, Ray {sides['ray']['steps_per_s']:.0f} -> Ray / plain "
+                f"{ratio:.3f}; steps per CPU-second plain {sides['plain']['steps_per_cpu_s']:.0f}, Ray "
+                f"{sides['ray']['steps_per_cpu_s']:.0f}; load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     for text, ratios in kept.items():
         print(f"{text}: Ray / plain {', '.join(f'{r:.3f}' for r in ratios)}; mean {statistics.mean(ratios):.3f}")
     for text, ratios in kept.items():

@@ -33,6 +33,7 @@ def free_port() -> int:
 def ray_session():
     """One embedded Ray for every test that needs it (Ray start-up costs seconds; do it once)."""
     import ray
+
     from metaopt.config import RayConfig
     from metaopt.runtime import start_local
 
@@ -49,10 +50,23 @@ def mlflow_server(tmp_path_factory):
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     server_log = open(root / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'store.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=server_log, cwd=root,
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'store.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=server_log,
+        cwd=root,
         env={**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": "*"},
     )
     uri = f"http://127.0.0.1:{port}"

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
 from metaopt.cache import replace_atomically, write_atomically
 from metaopt.pbt import lineage, sweep
 from metaopt.pbt import tune as pbt_tune
 from metaopt.tuning import KeepLastCheckpoints, UnreadableCheckpoint, load_state, read_state, save_state
-from mlflow.tracking import MlflowClient
-from ray.tune import Callback
 
 
 def test_interrupted_atomic_write_leaves_the_old_checkpoint_intact(tmp_path):
@@ -69,8 +70,12 @@ def test_states_of_every_trainable_survive_a_weights_only_load(tmp_path):
         "rng": rng.bit_generator.state,  # 128-bit ints (federated, posttrain)
         "batch_order": generator.get_state(),  # torch tasks
         "lr_history": [(0, 0.1), (40, 0.05)],
-        "algorithm": {"weights": np.arange(6, dtype=np.float32).reshape(2, 3), "count": np.int64(4),
-                      "mask": np.array([True, False]), "mean": np.float64(0.5)},  # RLlib's numpy state
+        "algorithm": {
+            "weights": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "count": np.int64(4),
+            "mask": np.array([True, False]),
+            "mean": np.float64(0.5),
+        },  # RLlib's numpy state
     }
     save_state(state, str(tmp_path))
     loaded = load_state(str(tmp_path))
@@ -212,8 +217,13 @@ def test_a_corrupt_search_checkpoint_costs_only_its_own_summary(tmp_path, capsys
     from metaopt.symbolic.tune import STATE_FILE
 
     (tmp_path / STATE_FILE).write_text('{"iteration": 3, "history": [')  # cut off mid-write by an old writer
-    result = SimpleNamespace(checkpoint=SimpleNamespace(path=str(tmp_path)), metrics={"trial_id": "abc_00001"},
-                             config={"seed": 4}, error=None, path=str(tmp_path))
+    result = SimpleNamespace(
+        checkpoint=SimpleNamespace(path=str(tmp_path)),
+        metrics={"trial_id": "abc_00001"},
+        config={"seed": 4},
+        error=None,
+        path=str(tmp_path),
+    )
     summary = summarise(result)
     assert summary.state is None and summary.trial_id == "abc_00001" and summary.seed == 4
     warning = capsys.readouterr().out

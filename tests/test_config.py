@@ -32,6 +32,7 @@ def load_example(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> con
     """An experiment file of the repo; the *_cluster ones name paths on a cluster (/data/...), not here."""
     return config.load(path, overrides, check_paths="cluster" not in path.name)
 
+
 # A valid, minimal pbt experiment; every malformed case below is one mutation of it.
 BASE: dict[str, Any] = {
     "name": "cfg-test",
@@ -73,8 +74,13 @@ LPO_EVAL_BASE: dict[str, Any] = {
 SYMBOLIC_BASE: dict[str, Any] = {
     "name": "cfg-symbolic",
     "kind": "symbolic",
-    "symbolic": {"start": "adamw", "population": 4, "evaluations": 8, "batch": 2,
-                 "proxy": {"task": "digits", "steps": 10}},
+    "symbolic": {
+        "start": "adamw",
+        "population": 4,
+        "evaluations": 8,
+        "batch": 2,
+        "proxy": {"task": "digits", "steps": 10},
+    },
 }
 
 FED_BASE: dict[str, Any] = {
@@ -166,8 +172,13 @@ def assert_one_error_line(rc: int, out: str, err: str, field: str, hints: tuple[
 
 MALFORMED = [
     # unknown keys
-    ("unknown-top-level-key", mutate(seed=1), [], "seed",
-     ("unknown key", "allowed at top level", "name, kind, description, ray, tracking, pbt")),
+    (
+        "unknown-top-level-key",
+        mutate(seed=1),
+        [],
+        "seed",
+        ("unknown key", "allowed at top level", "name, kind, description, ray, tracking, pbt"),
+    ),
     ("unknown-ray-key", mutate(ray__cpu=1), [], "ray.cpu", ("unknown key", "allowed:", "cpus_per_trial")),
     ("unknown-tracking-key", mutate(tracking__url="http://x"), [], "tracking.url", ("unknown key", "allowed:", "uri")),
     ("unknown-pbt-key", mutate(pbt__populaton=3), [], "pbt.populaton", ("unknown key", "allowed:", "population")),
@@ -183,36 +194,86 @@ MALFORMED = [
     ("mapping-for-string", mutate(tracking__experiment={"a": 1}), [], "tracking.experiment", ("valid string",)),
     ("mapping-for-description", mutate(description={"a": 1}), [], "description", ("must be a string", "dict")),
     ("int-for-uri", mutate(tracking__uri=5), [], "tracking.uri", ("valid string", "5")),
-    ("perturbation-factors-not-a-list", mutate(pbt__perturbation_factors="up"), [], "pbt.perturbation_factors",
-     ("pair", "'up'")),
+    (
+        "perturbation-factors-not-a-list",
+        mutate(pbt__perturbation_factors="up"),
+        [],
+        "pbt.perturbation_factors",
+        ("pair", "'up'"),
+    ),
     # out of range
     ("population-1", mutate(pbt__population=1), [], "pbt.population", ("greater than or equal to 2", "(got 1)")),
     ("population-too-big", mutate(pbt__population=5000), [], "pbt.population", ("less than or equal to 4096",)),
     ("iterations-0", mutate(pbt__iterations=0), [], "pbt.iterations", ("greater than or equal to 1",)),
-    ("quantile-fraction-0.9", mutate(pbt__quantile_fraction=0.9), [], "pbt.quantile_fraction",
-     ("less than or equal to 0.5", "0.9")),
+    (
+        "quantile-fraction-0.9",
+        mutate(pbt__quantile_fraction=0.9),
+        [],
+        "pbt.quantile_fraction",
+        ("less than or equal to 0.5", "0.9"),
+    ),
     ("negative-lr-min", mutate(pbt__lr_min=-0.1), [], "pbt.lr_min", ("greater than 0", "-0.1")),
-    ("lr-min-not-below-lr-max", mutate(pbt__lr_min=0.5, pbt__lr_max=0.1), [], "pbt.lr_min",
-     ("smaller than lr_max", "lr_min 0.5, lr_max 0.1")),
-    ("perturbation-interval-over-iterations", mutate(pbt__perturbation_interval=5), [], "pbt.perturbation_interval",
-     ("<= iterations", "5 > 4")),
-    ("resample-probability-1.5", mutate(pbt__resample_probability=1.5), [], "pbt.resample_probability",
-     ("less than or equal to 1", "1.5")),
-    ("negative-perturbation-factor", mutate(pbt__perturbation_factors=[1.2, -0.8]), [], "pbt.perturbation_factors",
-     ("perturbation_factors", "> 0")),
+    (
+        "lr-min-not-below-lr-max",
+        mutate(pbt__lr_min=0.5, pbt__lr_max=0.1),
+        [],
+        "pbt.lr_min",
+        ("smaller than lr_max", "lr_min 0.5, lr_max 0.1"),
+    ),
+    (
+        "perturbation-interval-over-iterations",
+        mutate(pbt__perturbation_interval=5),
+        [],
+        "pbt.perturbation_interval",
+        ("<= iterations", "5 > 4"),
+    ),
+    (
+        "resample-probability-1.5",
+        mutate(pbt__resample_probability=1.5),
+        [],
+        "pbt.resample_probability",
+        ("less than or equal to 1", "1.5"),
+    ),
+    (
+        "negative-perturbation-factor",
+        mutate(pbt__perturbation_factors=[1.2, -0.8]),
+        [],
+        "pbt.perturbation_factors",
+        ("perturbation_factors", "> 0"),
+    ),
     ("cpus-per-trial-0", mutate(ray__cpus_per_trial=0), [], "ray.cpus_per_trial", ("greater than 0", "(got 0)")),
-    ("gpus-per-trial-negative", mutate(ray__gpus_per_trial=-1), [], "ray.gpus_per_trial",
-     ("greater than or equal to 0",)),
+    (
+        "gpus-per-trial-negative",
+        mutate(ray__gpus_per_trial=-1),
+        [],
+        "ray.gpus_per_trial",
+        ("greater than or equal to 0",),
+    ),
     ("num-cpus-0", mutate(ray__num_cpus=0), [], "ray.num_cpus", ("greater than or equal to 1",)),
-    ("max-concurrent-trials-0", mutate(ray__max_concurrent_trials=0), [], "ray.max_concurrent_trials",
-     ("greater than or equal to 1",)),
-    ("worker-niceness-20", mutate(ray__worker_niceness=20), [], "ray.worker_niceness",
-     ("less than or equal to 19",)),
-    ("worker-preload-not-a-module", mutate(ray__worker_preload=["torch", "my-lib"]), [], "ray.worker_preload",
-     ("Python module names", "'my-lib'")),
+    (
+        "max-concurrent-trials-0",
+        mutate(ray__max_concurrent_trials=0),
+        [],
+        "ray.max_concurrent_trials",
+        ("greater than or equal to 1",),
+    ),
+    ("worker-niceness-20", mutate(ray__worker_niceness=20), [], "ray.worker_niceness", ("less than or equal to 19",)),
+    (
+        "worker-preload-not-a-module",
+        mutate(ray__worker_preload=["torch", "my-lib"]),
+        [],
+        "ray.worker_preload",
+        ("Python module names", "'my-lib'"),
+    ),
     ("worker-preload-a-string", mutate(ray__worker_preload="torch"), [], "ray.worker_preload", ("valid list",)),
     # kind and name
-    ("unknown-kind", mutate(kind="evolution"), [], "kind", ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt")),
+    (
+        "unknown-kind",
+        mutate(kind="evolution"),
+        [],
+        "kind",
+        ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt"),
+    ),
     ("missing-kind", mutate(kind=DELETE), [], "kind", ("missing", "allowed: federated, lpo, lpo_eval, pbt")),
     ("missing-name", mutate(name=DELETE), [], "name", ("missing", "letters, digits, _ . -")),
     ("bad-name-characters", mutate(name="my sweep!"), [], "name", ("letters, digits, _ . -", "'my sweep!'")),
@@ -220,100 +281,288 @@ MALFORMED = [
     ("empty-name", mutate(name=""), [], "name", ("letters, digits, _ . -",)),
     ("name-not-a-string", mutate(name=123), [], "name", ("must be a string", "123")),
     # tracking URI, scheduler, task
-    ("uri-bare-filename", mutate(tracking__uri="mlflow.db"), [], "tracking.uri",
-     ("sqlite:///PATH", "http(s)://HOST:PORT", "'mlflow.db'")),
+    (
+        "uri-bare-filename",
+        mutate(tracking__uri="mlflow.db"),
+        [],
+        "tracking.uri",
+        ("sqlite:///PATH", "http(s)://HOST:PORT", "'mlflow.db'"),
+    ),
     ("uri-unknown-scheme", mutate(tracking__uri="ftp://host/mlruns"), [], "tracking.uri", ("sqlite:///PATH",)),
-    ("unknown-scheduler", mutate(pbt__scheduler="hyperband"), [], "pbt.scheduler",
-     ("'pbt', 'pb2', 'random' or 'grid'", "'hyperband'")),
-    ("unknown-task", mutate(pbt__task="mnist"), [], "pbt.task",
-     ("unknown task 'mnist'", "allowed: digits, cartpole_rllib, tiny_lm")),
+    (
+        "unknown-scheduler",
+        mutate(pbt__scheduler="hyperband"),
+        [],
+        "pbt.scheduler",
+        ("'pbt', 'pb2', 'random' or 'grid'", "'hyperband'"),
+    ),
+    (
+        "unknown-task",
+        mutate(pbt__task="mnist"),
+        [],
+        "pbt.task",
+        ("unknown task 'mnist'", "allowed: digits, cartpole_rllib, tiny_lm"),
+    ),
     # optimizer spec (checked with metaopt.optim's own validator)
-    ("unknown-optimizer", mutate(pbt__optimizer={"name": "adam"}), [], "pbt.optimizer.name",
-     ("sgd, adamw, lion", "'adam'")),
-    ("optimizer-without-name", mutate(pbt__optimizer={"momentum": 0.9}), [], "pbt.optimizer.name",
-     ("sgd, adamw, lion", "missing")),
-    ("optimizer-momentum-1.5", mutate(pbt__optimizer={"name": "sgd", "momentum": 1.5}), [],
-     "pbt.optimizer.momentum", ("less than 1", "1.5")),
-    ("optimizer-key-of-another-optimizer", mutate(pbt__optimizer={"name": "sgd", "betas": [0.9, 0.99]}), [],
-     "pbt.optimizer.betas", ("unknown key", "allowed:", "momentum")),
-    ("optimizer-nesterov-without-momentum", mutate(pbt__optimizer={"name": "sgd", "momentum": 0, "nesterov": True}),
-     [], "pbt.optimizer.nesterov", ("momentum",)),
-    ("optimizer-bool-lr", mutate(pbt__optimizer={"name": "adamw", "lr": True}), [], "pbt.optimizer.lr",
-     ("must be a number, not true",)),
+    (
+        "unknown-optimizer",
+        mutate(pbt__optimizer={"name": "adam"}),
+        [],
+        "pbt.optimizer.name",
+        ("sgd, adamw, lion", "'adam'"),
+    ),
+    (
+        "optimizer-without-name",
+        mutate(pbt__optimizer={"momentum": 0.9}),
+        [],
+        "pbt.optimizer.name",
+        ("sgd, adamw, lion", "missing"),
+    ),
+    (
+        "optimizer-momentum-1.5",
+        mutate(pbt__optimizer={"name": "sgd", "momentum": 1.5}),
+        [],
+        "pbt.optimizer.momentum",
+        ("less than 1", "1.5"),
+    ),
+    (
+        "optimizer-key-of-another-optimizer",
+        mutate(pbt__optimizer={"name": "sgd", "betas": [0.9, 0.99]}),
+        [],
+        "pbt.optimizer.betas",
+        ("unknown key", "allowed:", "momentum"),
+    ),
+    (
+        "optimizer-nesterov-without-momentum",
+        mutate(pbt__optimizer={"name": "sgd", "momentum": 0, "nesterov": True}),
+        [],
+        "pbt.optimizer.nesterov",
+        ("momentum",),
+    ),
+    (
+        "optimizer-bool-lr",
+        mutate(pbt__optimizer={"name": "adamw", "lr": True}),
+        [],
+        "pbt.optimizer.lr",
+        ("must be a number, not true",),
+    ),
     # digits task options (checked with metaopt.tasks.options.DigitsOptions)
-    ("digits-unknown-option", mutate(pbt__task_options={"layers": [32]}), [], "pbt.task_options.layers",
-     ("unknown key", "allowed:", "hidden")),
-    ("digits-hidden-zero", mutate(pbt__task_options={"hidden": [0]}), [], "pbt.task_options.hidden",
-     ("positive layer widths", "[0]")),
-    ("digits-hidden-string", mutate(pbt__task_options={"hidden": "wide"}), [], "pbt.task_options.hidden",
-     ("positive layer widths",)),
-    ("digits-batch-size-0", mutate(pbt__task_options={"batch_size": 0}), [], "pbt.task_options.batch_size",
-     ("greater than or equal to 1", "0")),
-    ("digits-val-fraction-0.7", mutate(pbt__task_options={"val_fraction": 0.7}), [], "pbt.task_options.val_fraction",
-     ("less than 0.5", "0.7")),
+    (
+        "digits-unknown-option",
+        mutate(pbt__task_options={"layers": [32]}),
+        [],
+        "pbt.task_options.layers",
+        ("unknown key", "allowed:", "hidden"),
+    ),
+    (
+        "digits-hidden-zero",
+        mutate(pbt__task_options={"hidden": [0]}),
+        [],
+        "pbt.task_options.hidden",
+        ("positive layer widths", "[0]"),
+    ),
+    (
+        "digits-hidden-string",
+        mutate(pbt__task_options={"hidden": "wide"}),
+        [],
+        "pbt.task_options.hidden",
+        ("positive layer widths",),
+    ),
+    (
+        "digits-batch-size-0",
+        mutate(pbt__task_options={"batch_size": 0}),
+        [],
+        "pbt.task_options.batch_size",
+        ("greater than or equal to 1", "0"),
+    ),
+    (
+        "digits-val-fraction-0.7",
+        mutate(pbt__task_options={"val_fraction": 0.7}),
+        [],
+        "pbt.task_options.val_fraction",
+        ("less than 0.5", "0.7"),
+    ),
     # lpo: learned-objective meta-training (objectives/config.py; PPO overrides checked by PPOSettings/PPOConfig)
-    ("lpo-unknown-env", mutate(LPO_BASE, lpo__envs=[{"env": "Pong-v5", "total_timesteps": 100}]), [],
-     "lpo.envs.0.env", ("unknown env 'Pong-v5'", "CartPole-v1", "SpaceInvaders-MinAtar")),
+    (
+        "lpo-unknown-env",
+        mutate(LPO_BASE, lpo__envs=[{"env": "Pong-v5", "total_timesteps": 100}]),
+        [],
+        "lpo.envs.0.env",
+        ("unknown env 'Pong-v5'", "CartPole-v1", "SpaceInvaders-MinAtar"),
+    ),
     ("lpo-unknown-drift", mutate(LPO_BASE, lpo__drift="lion"), [], "lpo.drift", ("'lpo' or 'ta_lpo'", "'lion'")),
-    ("lpo-odd-antithetic-population", mutate(LPO_BASE, lpo__es={"population": 5}), [], "lpo.es.population",
-     ("even with antithetic sampling", "5")),
-    ("lpo-sigma-min-over-init", mutate(LPO_BASE, lpo__es={"sigma_init": 0.01, "sigma_min": 0.1}), [],
-     "lpo.es.sigma_min", ("<= sigma_init",)),
+    (
+        "lpo-odd-antithetic-population",
+        mutate(LPO_BASE, lpo__es={"population": 5}),
+        [],
+        "lpo.es.population",
+        ("even with antithetic sampling", "5"),
+    ),
+    (
+        "lpo-sigma-min-over-init",
+        mutate(LPO_BASE, lpo__es={"sigma_init": 0.01, "sigma_min": 0.1}),
+        [],
+        "lpo.es.sigma_min",
+        ("<= sigma_init",),
+    ),
     ("lpo-no-envs", mutate(LPO_BASE, lpo__envs=[]), [], "lpo.envs", ("at least 1 item",)),
-    ("lpo-env-without-budget", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1"}]), [],
-     "lpo.envs.0.total_timesteps", ("Field required",)),
-    ("lpo-unknown-ppo-field", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 2048,
-                                                            "ppo": {"learning_rate": 0.1}}]), [],
-     "lpo.envs.0.ppo.learning_rate", ("unknown key", "allowed:", "num_envs")),
-    ("lpo-minibatches-do-not-divide", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 2048,
-                                                                   "ppo": {"num_envs": 3, "num_steps": 5, "num_minibatches": 4}}]),
-     [], "lpo.envs.0.ppo.num_minibatches", ("must divide", "= 15, got 4")),
-    ("lpo-budget-below-one-update", mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 100}]), [],
-     "lpo.envs.0.total_timesteps", ("one update", "got 100")),
-    ("lpo-several-horizons-without-time", mutate(LPO_BASE, lpo__drift="lpo"), [], "lpo.horizons",
-     ("only matter for ta_lpo",)),
+    (
+        "lpo-env-without-budget",
+        mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1"}]),
+        [],
+        "lpo.envs.0.total_timesteps",
+        ("Field required",),
+    ),
+    (
+        "lpo-unknown-ppo-field",
+        mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 2048, "ppo": {"learning_rate": 0.1}}]),
+        [],
+        "lpo.envs.0.ppo.learning_rate",
+        ("unknown key", "allowed:", "num_envs"),
+    ),
+    (
+        "lpo-minibatches-do-not-divide",
+        mutate(
+            LPO_BASE,
+            lpo__envs=[
+                {
+                    "env": "CartPole-v1",
+                    "total_timesteps": 2048,
+                    "ppo": {"num_envs": 3, "num_steps": 5, "num_minibatches": 4},
+                }
+            ],
+        ),
+        [],
+        "lpo.envs.0.ppo.num_minibatches",
+        ("must divide", "= 15, got 4"),
+    ),
+    (
+        "lpo-budget-below-one-update",
+        mutate(LPO_BASE, lpo__envs=[{"env": "CartPole-v1", "total_timesteps": 100}]),
+        [],
+        "lpo.envs.0.total_timesteps",
+        ("one update", "got 100"),
+    ),
+    (
+        "lpo-several-horizons-without-time",
+        mutate(LPO_BASE, lpo__drift="lpo"),
+        [],
+        "lpo.horizons",
+        ("only matter for ta_lpo",),
+    ),
     ("lpo-zero-horizon", mutate(LPO_BASE, lpo__horizons=[0.0, 1.0]), [], "lpo.horizons", ("must be > 0",)),
     ("lpo-workers-do-not-divide", mutate(LPO_BASE, lpo__workers=3), [], "lpo.workers", ("must divide es.population",)),
     ("lpo-duplicate-meta-seeds", mutate(LPO_BASE, lpo__meta_seeds=[1, 1]), [], "lpo.meta_seeds", ("distinct",)),
-    ("lpo-horizon-shorter-than-one-update", mutate(LPO_BASE, lpo__horizons=[0.1, 1.0]), [], "lpo.envs.0.total_timesteps",
-     ("one update", "horizon 0.1")),
-    ("lpo-eval-unknown-objective", mutate(LPO_EVAL_BASE, lpo_eval__objectives=["ppo", "nowhere/drift"]), [],
-     "lpo_eval.objectives", ("'nowhere/drift'", "ppo, dpo, mlflow:RUN_ID")),
-    ("lpo-eval-one-seed", mutate(LPO_EVAL_BASE, lpo_eval__seeds=1), [], "lpo_eval.seeds",
-     ("greater than or equal to 2",)),
-    ("lpo-eval-progress-outside-0-1", mutate(LPO_EVAL_BASE, lpo_eval__heatmap_progress=[0.5, 1.5]), [],
-     "lpo_eval.heatmap_progress", ("[0, 1]",)),
+    (
+        "lpo-horizon-shorter-than-one-update",
+        mutate(LPO_BASE, lpo__horizons=[0.1, 1.0]),
+        [],
+        "lpo.envs.0.total_timesteps",
+        ("one update", "horizon 0.1"),
+    ),
+    (
+        "lpo-eval-unknown-objective",
+        mutate(LPO_EVAL_BASE, lpo_eval__objectives=["ppo", "nowhere/drift"]),
+        [],
+        "lpo_eval.objectives",
+        ("'nowhere/drift'", "ppo, dpo, mlflow:RUN_ID"),
+    ),
+    (
+        "lpo-eval-one-seed",
+        mutate(LPO_EVAL_BASE, lpo_eval__seeds=1),
+        [],
+        "lpo_eval.seeds",
+        ("greater than or equal to 2",),
+    ),
+    (
+        "lpo-eval-progress-outside-0-1",
+        mutate(LPO_EVAL_BASE, lpo_eval__heatmap_progress=[0.5, 1.5]),
+        [],
+        "lpo_eval.heatmap_progress",
+        ("[0, 1]",),
+    ),
     # symbolic: optimizer-program search (symbolic/config.py; start programs through the program parser)
-    ("symbolic-unknown-proxy-task", mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "cifar"}), [],
-     "symbolic.proxy.task", ("unknown task 'cifar'", "allowed: digits, tiny_lm")),
-    ("symbolic-tournament-over-population", mutate(SYMBOLIC_BASE, symbolic__tournament=5), [], "symbolic.tournament",
-     ("must be <= population",)),
-    ("symbolic-batch-not-multiple-of-workers", mutate(SYMBOLIC_BASE, symbolic__workers=3), [], "symbolic.batch",
-     ("multiple of workers",)),
-    ("symbolic-start-file-missing", mutate(SYMBOLIC_BASE, symbolic__start="no/such/program.txt"), [], "symbolic.start",
-     ("not adamw, lion, program text, or an existing file",)),
-    ("symbolic-start-program-bad-line", mutate(SYMBOLIC_BASE, symbolic__start=(
-        "def train(w, g, m, v, lr):\n    m = interp(g, m, 0.9)\n    update = frobnicate(m)\n    return update, m, v\n")),
-     [], "symbolic.start", ("line 3", "frobnicate")),
-    ("symbolic-tiny-lm-bad-option", mutate(SYMBOLIC_BASE, symbolic__meta_validation={"task": "tiny_lm",
-                                                                                       "task_options": {"heads": 3}}),
-     [], "symbolic.meta_validation.task_options.heads", ("must divide d_model",)),
-    ("symbolic-program-optimizer-bad-program", mutate(pbt__optimizer={"name": "program", "program": "sgd"}), [],
-     "pbt.optimizer.program", ("not adamw, lion, program text, or an existing file",)),
+    (
+        "symbolic-unknown-proxy-task",
+        mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "cifar"}),
+        [],
+        "symbolic.proxy.task",
+        ("unknown task 'cifar'", "allowed: digits, tiny_lm"),
+    ),
+    (
+        "symbolic-tournament-over-population",
+        mutate(SYMBOLIC_BASE, symbolic__tournament=5),
+        [],
+        "symbolic.tournament",
+        ("must be <= population",),
+    ),
+    (
+        "symbolic-batch-not-multiple-of-workers",
+        mutate(SYMBOLIC_BASE, symbolic__workers=3),
+        [],
+        "symbolic.batch",
+        ("multiple of workers",),
+    ),
+    (
+        "symbolic-start-file-missing",
+        mutate(SYMBOLIC_BASE, symbolic__start="no/such/program.txt"),
+        [],
+        "symbolic.start",
+        ("not adamw, lion, program text, or an existing file",),
+    ),
+    (
+        "symbolic-start-program-bad-line",
+        mutate(
+            SYMBOLIC_BASE,
+            symbolic__start=(
+                "def train(w, g, m, v, lr):\n    m = interp(g, m, 0.9)\n    update = frobnicate(m)\n    return update, m, v\n"
+            ),
+        ),
+        [],
+        "symbolic.start",
+        ("line 3", "frobnicate"),
+    ),
+    (
+        "symbolic-tiny-lm-bad-option",
+        mutate(SYMBOLIC_BASE, symbolic__meta_validation={"task": "tiny_lm", "task_options": {"heads": 3}}),
+        [],
+        "symbolic.meta_validation.task_options.heads",
+        ("must divide d_model",),
+    ),
+    (
+        "symbolic-program-optimizer-bad-program",
+        mutate(pbt__optimizer={"name": "program", "program": "sgd"}),
+        [],
+        "pbt.optimizer.program",
+        ("not adamw, lion, program text, or an existing file",),
+    ),
     # federated (federated/config.py)
     ("federated-alpha-0", mutate(FED_BASE, federated__alpha=0), [], "federated.alpha", ("must be > 0",)),
-    ("federated-fraction-over-1", mutate(FED_BASE, federated__fraction=1.5), [], "federated.fraction",
-     ("(0, 1]",)),
+    ("federated-fraction-over-1", mutate(FED_BASE, federated__fraction=1.5), [], "federated.fraction", ("(0, 1]",)),
     ("federated-fraction-0", mutate(FED_BASE, federated__fraction=0), [], "federated.fraction", ("(0, 1]",)),
-    ("federated-unknown-strategy", mutate(FED_BASE, federated__strategies=["fedavg", "fedprox"]), [],
-     "federated.strategies", ("unknown strategy 'fedprox'", "fedhyper_g")),
-    ("federated-more-clients-than-samples", mutate(FED_BASE, federated__num_clients=1000), [], "federated.num_clients",
-     ("need at least 2000 samples", "digits has 1797")),
-    ("federated-cifar-without-root", mutate(FED_BASE, federated__dataset="cifar10"), [], "federated.data_root",
-     ("local directory",)),
+    (
+        "federated-unknown-strategy",
+        mutate(FED_BASE, federated__strategies=["fedavg", "fedprox"]),
+        [],
+        "federated.strategies",
+        ("unknown strategy 'fedprox'", "fedhyper_g"),
+    ),
+    (
+        "federated-more-clients-than-samples",
+        mutate(FED_BASE, federated__num_clients=1000),
+        [],
+        "federated.num_clients",
+        ("need at least 2000 samples", "digits has 1797"),
+    ),
+    (
+        "federated-cifar-without-root",
+        mutate(FED_BASE, federated__dataset="cifar10"),
+        [],
+        "federated.data_root",
+        ("local directory",),
+    ),
     # the file itself
-    ("bad-yaml-unclosed-list", "name: t\nkind: pbt\npbt:\n  population: [2\n", [], PATH,
-     ("invalid YAML", "line 5")),
+    ("bad-yaml-unclosed-list", "name: t\nkind: pbt\npbt:\n  population: [2\n", [], PATH, ("invalid YAML", "line 5")),
     ("bad-yaml-indentation", "name: t\nkind: pbt\n  population: 2\n", [], PATH, ("invalid YAML", "line 3, column")),
     ("bad-yaml-tab", "name: t\n\tkind: pbt\n", [], PATH, ("invalid YAML", "line 2", "'\\t'")),
     ("bad-yaml-undefined-alias", "name: t\nkind: *pbt\n", [], PATH, ("invalid YAML", "line 2", "alias")),
@@ -333,10 +582,21 @@ MALFORMED = [
     ("set-out-of-range", BASE, ["pbt.population=1"], "pbt.population", ("greater than or equal to 2",)),
     ("set-wrong-type", BASE, ["ray.cpus_per_trial=many"], "ray.cpus_per_trial", ("valid number", "'many'")),
     ("set-through-a-scalar", BASE, ["pbt.population.min=2"], "pbt.population", ("cannot set pbt.population.min",)),
-    ("set-unknown-kind", BASE, ["kind=evolution"], "kind", ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt")),
+    (
+        "set-unknown-kind",
+        BASE,
+        ["kind=evolution"],
+        "kind",
+        ("unknown kind 'evolution'", "allowed: federated, lpo, lpo_eval, pbt"),
+    ),
     ("set-bad-uri", BASE, ["tracking.uri=mlruns"], "tracking.uri", ("sqlite:///PATH",)),
-    ("set-later-wins", BASE, ["pbt.population=8", "pbt.population=1"], "pbt.population",
-     ("greater than or equal to 2",)),
+    (
+        "set-later-wins",
+        BASE,
+        ["pbt.population=8", "pbt.population=1"],
+        "pbt.population",
+        ("greater than or equal to 2",),
+    ),
 ]
 
 
@@ -395,50 +655,94 @@ def test_config_error_text_is_the_cli_line(tmp_path, capsys, tripwire):
 
 BUGS = [
     pytest.param(
-        mutate(kind=["pbt"]), [], "kind", ("allowed: federated, lpo, lpo_eval, pbt",), id="kind-is-a-list",
+        mutate(kind=["pbt"]),
+        [],
+        "kind",
+        ("allowed: federated, lpo, lpo_eval, pbt",),
+        id="kind-is-a-list",
     ),
     pytest.param(
-        mutate(kind={"name": "pbt"}), [], "kind", ("allowed: federated, lpo, lpo_eval, pbt",), id="kind-is-a-mapping",
+        mutate(kind={"name": "pbt"}),
+        [],
+        "kind",
+        ("allowed: federated, lpo, lpo_eval, pbt",),
+        id="kind-is-a-mapping",
     ),
     pytest.param(
-        b"\xff\xfe\x00name: t\nkind: pbt\n", [], PATH, ("UTF-8",), id="file-not-utf8",
+        b"\xff\xfe\x00name: t\nkind: pbt\n",
+        [],
+        PATH,
+        ("UTF-8",),
+        id="file-not-utf8",
     ),
     pytest.param(
-        mutate(pbt__lr_max=float("inf")), [], "pbt.lr_max", ("finite",), id="lr-max-infinite",
+        mutate(pbt__lr_max=float("inf")),
+        [],
+        "pbt.lr_max",
+        ("finite",),
+        id="lr-max-infinite",
     ),
     pytest.param(
-        mutate(ray__cpus_per_trial=float("inf")), [], "ray.cpus_per_trial", ("finite",), id="cpus-per-trial-infinite",
+        mutate(ray__cpus_per_trial=float("inf")),
+        [],
+        "ray.cpus_per_trial",
+        ("finite",),
+        id="cpus-per-trial-infinite",
     ),
     pytest.param(
-        mutate(pbt__steps_per_iteration=True, pbt__scheduler="random"), [], "pbt.steps_per_iteration", ("integer",),
+        mutate(pbt__steps_per_iteration=True, pbt__scheduler="random"),
+        [],
+        "pbt.steps_per_iteration",
+        ("integer",),
         id="bool-for-int",
     ),
     pytest.param(
-        mutate(pbt__task_options={"batch_size": True}), [], "pbt.task_options.batch_size", ("must be an integer, not true",),
+        mutate(pbt__task_options={"batch_size": True}),
+        [],
+        "pbt.task_options.batch_size",
+        ("must be an integer, not true",),
         id="digits-batch-size-bool",
     ),
     pytest.param(
-        mutate(pbt__task_options={"split_seed": "abc"}), [], "pbt.task_options.split_seed", ("integer",),
+        mutate(pbt__task_options={"split_seed": "abc"}),
+        [],
+        "pbt.task_options.split_seed",
+        ("integer",),
         id="digits-split-seed-string",
     ),
     pytest.param(
-        mutate(pbt__task_options={"split_seed": -1}), [], "pbt.task_options.split_seed", ("greater than or equal to 0",),
+        mutate(pbt__task_options={"split_seed": -1}),
+        [],
+        "pbt.task_options.split_seed",
+        ("greater than or equal to 0",),
         id="digits-split-seed-negative",
     ),
     pytest.param(
-        mutate(pbt__task="cartpole_rllib", pbt__task_options={"bogus": 1}, pbt__optimizer={"name": "adam"}), [],
-        "pbt.task_options.bogus", ("unknown key", "allowed:"), id="rllib-unknown-task-option",
+        mutate(pbt__task="cartpole_rllib", pbt__task_options={"bogus": 1}, pbt__optimizer={"name": "adam"}),
+        [],
+        "pbt.task_options.bogus",
+        ("unknown key", "allowed:"),
+        id="rllib-unknown-task-option",
     ),
     pytest.param(
         mutate(pbt__task="cartpole_rllib", pbt__task_options={}, pbt__optimizer={"name": "sgd", "momentum": 0.9}),
-        [], "pbt.optimizer.momentum", ("not supported",), id="rllib-unsupported-optimizer",
+        [],
+        "pbt.optimizer.momentum",
+        ("not supported",),
+        id="rllib-unsupported-optimizer",
     ),
     pytest.param(
-        "name: t\nkind: pbt\npbt:\n  population: 2\n  population: 3\n", [], PATH, ("duplicate", "population"),
+        "name: t\nkind: pbt\npbt:\n  population: 2\n  population: 3\n",
+        [],
+        PATH,
+        ("duplicate", "population"),
         id="duplicate-key",
     ),
     pytest.param(
-        mutate(pbt__perturbation_factors=[1.2]), [], "pbt.perturbation_factors", ("pair",),
+        mutate(pbt__perturbation_factors=[1.2]),
+        [],
+        "pbt.perturbation_factors",
+        ("pair",),
         id="perturbation-factors-one-value",
     ),
 ]
@@ -449,11 +753,15 @@ def test_malformed_experiment_bugs(tmp_path, capsys, tripwire, content, override
     test_malformed_experiment_is_one_error_line_and_exit_2(tmp_path, capsys, tripwire, content, overrides, field, hints)
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"pbt__lr_min": 0.5, "pbt__lr_max": 0.1}, "pbt.lr_min"),
-    ({"pbt__perturbation_interval": 5}, "pbt.perturbation_interval"),
-    ({"pbt__perturbation_factors": [1.2, -0.8]}, "pbt.perturbation_factors"),
-], ids=["lr-min-vs-lr-max", "interval-vs-iterations", "negative-factor"])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"pbt__lr_min": 0.5, "pbt__lr_max": 0.1}, "pbt.lr_min"),
+        ({"pbt__perturbation_interval": 5}, "pbt.perturbation_interval"),
+        ({"pbt__perturbation_factors": [1.2, -0.8]}, "pbt.perturbation_factors"),
+    ],
+    ids=["lr-min-vs-lr-max", "interval-vs-iterations", "negative-factor"],
+)
 def test_cross_field_errors_name_the_field_without_dumping_the_section(tmp_path, capsys, tripwire, changes, field):
     rc, out, err = run_cli(["run", str(write_case(tmp_path, mutate(**changes)))], capsys)
     line = assert_one_error_line(rc, out, err, field, ())
@@ -468,10 +776,14 @@ def test_set_into_an_empty_section(tmp_path):
     assert exp.ray.num_cpus == 2
 
 
-@pytest.mark.parametrize("text", [
-    "optimizer: {name: adamw, weight_decay: 1e-4, eps: 1e-8}",
-    "task_options: {val_fraction: 1e-1}",
-], ids=["optimizer", "digits-options"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "optimizer: {name: adamw, weight_decay: 1e-4, eps: 1e-8}",
+        "task_options: {val_fraction: 1e-1}",
+    ],
+    ids=["optimizer", "digits-options"],
+)
 def test_exponent_notation_in_nested_specs_is_accepted(tmp_path, text):
     path = write_case(tmp_path, f"name: t\nkind: pbt\npbt:\n  lr_min: 1e-4\n  {text}\n")
     exp = config.load(path)
@@ -481,6 +793,7 @@ def test_exponent_notation_in_nested_specs_is_accepted(tmp_path, text):
 # ------------------------------------------------------------- hostile inputs: one line, exit 2, quickly, bounded
 #
 # Each of these once cost a traceback, a hang, unbounded memory or an error line quoting 10 kB of input (issue 20).
+
 
 def _billion_laughs() -> str:
     lines = ["name: t", "kind: pbt", 'description: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
@@ -496,86 +809,251 @@ POSTTRAIN_BASE: dict[str, Any] = {"name": "cfg-posttrain", "kind": "posttrain", 
 HOSTILE = [
     # the YAML itself
     pytest.param(_billion_laughs(), [], PATH, ("invalid YAML", "100000 values", "aliases"), id="yaml-billion-laughs"),
-    pytest.param("name: t\nkind: pbt\npbt: " + "[" * 10_000 + "\n", [], PATH, ("invalid YAML", "nested deeper than 64"),
-                 id="yaml-10000-brackets"),
-    pytest.param("name: t\nkind: pbt\npbt: " + "{a: " * 5_000 + "\n", [], PATH, ("invalid YAML", "nested deeper"),
-                 id="yaml-deep-mappings"),
-    pytest.param("name: t\nkind: pbt\npbt: &p {task_options: *p}\n", [], PATH, ("invalid YAML", "alias *p", "contains it"),
-                 id="yaml-recursive-alias"),
-    pytest.param("name: t\nkind: pbt\nray:\n  worker_preload: [" + "&s " + "a" * 900_000 + ", " + "*s, " * 20_000 + "]\n",
-                 [], PATH, ("invalid YAML", "100000 values"), id="yaml-aliases-to-one-long-string"),
-    pytest.param("name: t\nkind: pbt\npbt:\n  population: " + "1" * 5000 + "\n", [], PATH, ("invalid YAML", "digits"),
-                 id="yaml-5000-digit-integer"),
-    pytest.param(mutate(tracking__uri="htp://alice:s3cret@mlflow:5000"), [], "tracking.uri", ("'htp://***@mlflow:5000'",),
-                 id="bad-uri-quoted-without-its-password"),
-    pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", [], PATH, ("not a UTF-8 text file",), id="binary-file"),
-    pytest.param("name: t\nkind: pbt\npbt:\n  <<: {population: 2}\n  population: 3\n  population: 4\n", [], PATH,
-                 ("duplicate key 'population'",), id="merge-key-with-a-real-duplicate"),
-    pytest.param("name: t\nkind: pbt\npbt:\n  <<: 5\n", [], PATH, ("invalid YAML", "merging"), id="merge-key-of-a-scalar"),
+    pytest.param(
+        "name: t\nkind: pbt\npbt: " + "[" * 10_000 + "\n",
+        [],
+        PATH,
+        ("invalid YAML", "nested deeper than 64"),
+        id="yaml-10000-brackets",
+    ),
+    pytest.param(
+        "name: t\nkind: pbt\npbt: " + "{a: " * 5_000 + "\n",
+        [],
+        PATH,
+        ("invalid YAML", "nested deeper"),
+        id="yaml-deep-mappings",
+    ),
+    pytest.param(
+        "name: t\nkind: pbt\npbt: &p {task_options: *p}\n",
+        [],
+        PATH,
+        ("invalid YAML", "alias *p", "contains it"),
+        id="yaml-recursive-alias",
+    ),
+    pytest.param(
+        "name: t\nkind: pbt\nray:\n  worker_preload: [" + "&s " + "a" * 900_000 + ", " + "*s, " * 20_000 + "]\n",
+        [],
+        PATH,
+        ("invalid YAML", "100000 values"),
+        id="yaml-aliases-to-one-long-string",
+    ),
+    pytest.param(
+        "name: t\nkind: pbt\npbt:\n  population: " + "1" * 5000 + "\n",
+        [],
+        PATH,
+        ("invalid YAML", "digits"),
+        id="yaml-5000-digit-integer",
+    ),
+    pytest.param(
+        mutate(tracking__uri="htp://alice:s3cret@mlflow:5000"),
+        [],
+        "tracking.uri",
+        ("'htp://***@mlflow:5000'",),
+        id="bad-uri-quoted-without-its-password",
+    ),
+    pytest.param(
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", [], PATH, ("not a UTF-8 text file",), id="binary-file"
+    ),
+    pytest.param(
+        "name: t\nkind: pbt\npbt:\n  <<: {population: 2}\n  population: 3\n  population: 4\n",
+        [],
+        PATH,
+        ("duplicate key 'population'",),
+        id="merge-key-with-a-real-duplicate",
+    ),
+    pytest.param(
+        "name: t\nkind: pbt\npbt:\n  <<: 5\n", [], PATH, ("invalid YAML", "merging"), id="merge-key-of-a-scalar"
+    ),
     # names
-    pytest.param(mutate(name="quickstart\n"), [], "name", ("letters, digits", "'quickstart\\n'"), id="name-trailing-newline"),
+    pytest.param(
+        mutate(name="quickstart\n"), [], "name", ("letters, digits", "'quickstart\\n'"), id="name-trailing-newline"
+    ),
     pytest.param(mutate(name="a" * 101), [], "name", ("at most 100 characters", "got 101"), id="name-101-characters"),
     pytest.param(mutate(name=HUGE), [], "name", ("at most 100 characters", "..."), id="name-10kB"),
-    pytest.param(mutate(tracking__experiment="shared\n"), [], "tracking.experiment", ("newlines",),
-                 id="mlflow-experiment-newline"),
-    pytest.param(mutate(tracking__experiment="   "), [], "tracking.experiment", ("non-blank",), id="mlflow-experiment-blank"),
-    pytest.param(mutate(tracking__experiment="e" * 101), [], "tracking.experiment", ("at most 100",),
-                 id="mlflow-experiment-101-characters"),
+    pytest.param(
+        mutate(tracking__experiment="shared\n"),
+        [],
+        "tracking.experiment",
+        ("newlines",),
+        id="mlflow-experiment-newline",
+    ),
+    pytest.param(
+        mutate(tracking__experiment="   "), [], "tracking.experiment", ("non-blank",), id="mlflow-experiment-blank"
+    ),
+    pytest.param(
+        mutate(tracking__experiment="e" * 101),
+        [],
+        "tracking.experiment",
+        ("at most 100",),
+        id="mlflow-experiment-101-characters",
+    ),
     # user input is quoted shortened, never whole
-    pytest.param(mutate(pbt__scheduler=HUGE), [], "pbt.scheduler", ("'xxxxxxxx", "...",), id="10kB-string-value"),
-    pytest.param(mutate(pbt__optimizer={"name": "sgd", "lr": HUGE}), [], "pbt.optimizer.lr", ("valid number", "..."),
-                 id="10kB-string-in-optimizer-spec"),
+    pytest.param(
+        mutate(pbt__scheduler=HUGE),
+        [],
+        "pbt.scheduler",
+        (
+            "'xxxxxxxx",
+            "...",
+        ),
+        id="10kB-string-value",
+    ),
+    pytest.param(
+        mutate(pbt__optimizer={"name": "sgd", "lr": HUGE}),
+        [],
+        "pbt.optimizer.lr",
+        ("valid number", "..."),
+        id="10kB-string-in-optimizer-spec",
+    ),
     pytest.param(mutate(**{"pbt__bad\nkey": 1}), [], "pbt.'bad\\nkey'", ("unknown key",), id="key-with-newline"),
-    pytest.param(mutate(**{f"pbt__{HUGE}": 1}), [], "pbt.'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx'",
-                 ("unknown key",), id="10kB-key"),
-    pytest.param(mutate(FED_BASE, federated__strategies=[HUGE]), [], "federated.strategies",
-                 ("unknown strategy 'xxxxxxxx", "..."), id="10kB-strategy-name"),
+    pytest.param(
+        mutate(**{f"pbt__{HUGE}": 1}),
+        [],
+        "pbt.'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx'",
+        ("unknown key",),
+        id="10kB-key",
+    ),
+    pytest.param(
+        mutate(FED_BASE, federated__strategies=[HUGE]),
+        [],
+        "federated.strategies",
+        ("unknown strategy 'xxxxxxxx", "..."),
+        id="10kB-strategy-name",
+    ),
     # seeds: 0 <= seed < 2**32 in every section
     pytest.param(mutate(pbt__seed=-1), [], "pbt.seed", ("greater than or equal to 0",), id="pbt-seed-negative"),
     pytest.param(mutate(pbt__seed=2**32), [], "pbt.seed", ("less than 4294967296",), id="pbt-seed-2-32"),
-    pytest.param(mutate(FED_BASE, federated__seeds=[0, -1]), [], "federated.seeds.1", ("greater than or equal to 0",),
-                 id="federated-seed-negative"),
-    pytest.param(mutate(FED_BASE, federated__seeds=[2**40]), [], "federated.seeds.0", ("less than 4294967296",),
-                 id="federated-seed-too-big"),
-    pytest.param(mutate(SYMBOLIC_BASE, symbolic__seeds=[2**32]), [], "symbolic.seeds.0", ("less than 4294967296",),
-                 id="symbolic-seed-too-big"),
-    pytest.param(mutate(POSTTRAIN_BASE, posttrain__seeds=[-5]), [], "posttrain.seeds.0", ("greater than or equal to 0",),
-                 id="posttrain-seed-negative"),
-    pytest.param(mutate(LPO_BASE, lpo__meta_seeds=[2**32]), [], "lpo.meta_seeds.0", ("less than 4294967296",),
-                 id="lpo-meta-seed-too-big"),
-    pytest.param(mutate(LPO_EVAL_BASE, lpo_eval__seed=-1), [], "lpo_eval.seed", ("greater than or equal to 0",),
-                 id="lpo-eval-seed-negative"),
+    pytest.param(
+        mutate(FED_BASE, federated__seeds=[0, -1]),
+        [],
+        "federated.seeds.1",
+        ("greater than or equal to 0",),
+        id="federated-seed-negative",
+    ),
+    pytest.param(
+        mutate(FED_BASE, federated__seeds=[2**40]),
+        [],
+        "federated.seeds.0",
+        ("less than 4294967296",),
+        id="federated-seed-too-big",
+    ),
+    pytest.param(
+        mutate(SYMBOLIC_BASE, symbolic__seeds=[2**32]),
+        [],
+        "symbolic.seeds.0",
+        ("less than 4294967296",),
+        id="symbolic-seed-too-big",
+    ),
+    pytest.param(
+        mutate(POSTTRAIN_BASE, posttrain__seeds=[-5]),
+        [],
+        "posttrain.seeds.0",
+        ("greater than or equal to 0",),
+        id="posttrain-seed-negative",
+    ),
+    pytest.param(
+        mutate(LPO_BASE, lpo__meta_seeds=[2**32]),
+        [],
+        "lpo.meta_seeds.0",
+        ("less than 4294967296",),
+        id="lpo-meta-seed-too-big",
+    ),
+    pytest.param(
+        mutate(LPO_EVAL_BASE, lpo_eval__seed=-1),
+        [],
+        "lpo_eval.seed",
+        ("greater than or equal to 0",),
+        id="lpo-eval-seed-negative",
+    ),
     # true/false inside numeric lists
-    pytest.param(mutate(pbt__perturbation_factors=[True, 0.8]), [], "pbt.perturbation_factors.0",
-                 ("must be a number, not true",), id="bool-in-perturbation-factors"),
-    pytest.param(mutate(FED_BASE, federated__lrs=[0.1, True]), [], "federated.lrs.1", ("must be a number, not true",),
-                 id="bool-in-lrs"),
-    pytest.param(mutate(FED_BASE, federated__seeds=[False]), [], "federated.seeds.0", ("must be an integer, not false",),
-                 id="bool-in-seeds"),
-    pytest.param(mutate(FED_BASE, federated__hidden=[16, True]), [], "federated.hidden.1", ("integer",),
-                 id="bool-in-hidden-widths"),
-    pytest.param(mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "digits", "lrs": [1.0, True]}), [], "symbolic.proxy.lrs.1",
-                 ("must be a number",), id="bool-in-proxy-lrs"),
-    pytest.param(mutate(LPO_BASE, lpo__horizons=[True]), [], "lpo.horizons.0", ("must be a number",),
-                 id="bool-in-horizons"),
+    pytest.param(
+        mutate(pbt__perturbation_factors=[True, 0.8]),
+        [],
+        "pbt.perturbation_factors.0",
+        ("must be a number, not true",),
+        id="bool-in-perturbation-factors",
+    ),
+    pytest.param(
+        mutate(FED_BASE, federated__lrs=[0.1, True]),
+        [],
+        "federated.lrs.1",
+        ("must be a number, not true",),
+        id="bool-in-lrs",
+    ),
+    pytest.param(
+        mutate(FED_BASE, federated__seeds=[False]),
+        [],
+        "federated.seeds.0",
+        ("must be an integer, not false",),
+        id="bool-in-seeds",
+    ),
+    pytest.param(
+        mutate(FED_BASE, federated__hidden=[16, True]),
+        [],
+        "federated.hidden.1",
+        ("integer",),
+        id="bool-in-hidden-widths",
+    ),
+    pytest.param(
+        mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "digits", "lrs": [1.0, True]}),
+        [],
+        "symbolic.proxy.lrs.1",
+        ("must be a number",),
+        id="bool-in-proxy-lrs",
+    ),
+    pytest.param(
+        mutate(LPO_BASE, lpo__horizons=[True]), [], "lpo.horizons.0", ("must be a number",), id="bool-in-horizons"
+    ),
     # NaN / inf anywhere, also inside free-form option mappings
-    pytest.param(mutate(pbt__task_options={"val_fraction": float("nan")}), [], "pbt.task_options.val_fraction",
-                 ("finite",), id="nan-in-task-options"),
-    pytest.param(mutate(pbt__optimizer={"name": "sgd", "lr": float("inf")}), [], "pbt.optimizer.lr", ("finite",),
-                 id="inf-in-optimizer-spec"),
-    pytest.param(mutate(FED_BASE, federated__lrs=[0.1, float("nan")]), [], "federated.lrs.1", ("finite",),
-                 id="nan-in-lrs"),
-    pytest.param(mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "digits", "task_options": {"hidden": [8, float("inf")]}}),
-                 [], "symbolic.proxy.task_options.hidden.1", ("finite",), id="inf-deep-in-task-options"),
-    pytest.param(mutate(LPO_BASE, lpo__envs=[{**LPO_ENV, "ppo": {"lr": float("nan")}}]), [], "lpo.envs.0.ppo.lr",
-                 ("finite",), id="nan-in-ppo-overrides"),
-    pytest.param(mutate(POSTTRAIN_BASE, posttrain__schedule={"name": "constant", "lr": float("-inf")}), [],
-                 "posttrain.schedule.lr", ("finite",), id="inf-in-schedule-spec"),
-    pytest.param(mutate(SYMBOLIC_BASE, symbolic__margin=float("nan")), [], "symbolic.margin", ("finite",), id="nan-margin"),
+    pytest.param(
+        mutate(pbt__task_options={"val_fraction": float("nan")}),
+        [],
+        "pbt.task_options.val_fraction",
+        ("finite",),
+        id="nan-in-task-options",
+    ),
+    pytest.param(
+        mutate(pbt__optimizer={"name": "sgd", "lr": float("inf")}),
+        [],
+        "pbt.optimizer.lr",
+        ("finite",),
+        id="inf-in-optimizer-spec",
+    ),
+    pytest.param(
+        mutate(FED_BASE, federated__lrs=[0.1, float("nan")]), [], "federated.lrs.1", ("finite",), id="nan-in-lrs"
+    ),
+    pytest.param(
+        mutate(SYMBOLIC_BASE, symbolic__proxy={"task": "digits", "task_options": {"hidden": [8, float("inf")]}}),
+        [],
+        "symbolic.proxy.task_options.hidden.1",
+        ("finite",),
+        id="inf-deep-in-task-options",
+    ),
+    pytest.param(
+        mutate(LPO_BASE, lpo__envs=[{**LPO_ENV, "ppo": {"lr": float("nan")}}]),
+        [],
+        "lpo.envs.0.ppo.lr",
+        ("finite",),
+        id="nan-in-ppo-overrides",
+    ),
+    pytest.param(
+        mutate(POSTTRAIN_BASE, posttrain__schedule={"name": "constant", "lr": float("-inf")}),
+        [],
+        "posttrain.schedule.lr",
+        ("finite",),
+        id="inf-in-schedule-spec",
+    ),
+    pytest.param(
+        mutate(SYMBOLIC_BASE, symbolic__margin=float("nan")), [], "symbolic.margin", ("finite",), id="nan-margin"
+    ),
     pytest.param(BASE, ["pbt.lr_max=.inf"], "pbt.lr_max", ("finite",), id="set-inf"),
     # Ray addresses that are not addresses (ray.init would retry for minutes)
-    pytest.param(mutate(ray__address="localhost"), [], "ray.address", ("HOST:PORT", "'localhost'"), id="address-no-port"),
-    pytest.param(mutate(ray__address="head:70000"), [], "ray.address", ("port in 1-65535",), id="address-port-out-of-range"),
+    pytest.param(
+        mutate(ray__address="localhost"), [], "ray.address", ("HOST:PORT", "'localhost'"), id="address-no-port"
+    ),
+    pytest.param(
+        mutate(ray__address="head:70000"), [], "ray.address", ("port in 1-65535",), id="address-port-out-of-range"
+    ),
     pytest.param(mutate(ray__address="http://head:8265"), [], "ray.address", ("ray://HOST:PORT",), id="address-http"),
     pytest.param(mutate(ray__address="ray://"), [], "ray.address", ("ray://HOST:PORT",), id="address-ray-no-host"),
     pytest.param(mutate(ray__address="my head:6379"), [], "ray.address", ("HOST:PORT",), id="address-space"),
@@ -587,16 +1065,28 @@ def test_hostile_input_is_one_short_error_line_quickly(tmp_path, capsys, tripwir
     started = time.monotonic()
     test_malformed_experiment_is_one_error_line_and_exit_2(tmp_path, capsys, tripwire, content, overrides, field, hints)
     assert time.monotonic() - started < 20
-    assert len(run_cli(["run", str(tmp_path / "experiment.yaml"), *[a for o in overrides for a in ("--set", o)]],
-                       capsys)[2]) < 700, "the error line quotes user input whole"
+    assert (
+        len(
+            run_cli(["run", str(tmp_path / "experiment.yaml"), *[a for o in overrides for a in ("--set", o)]], capsys)[
+                2
+            ]
+        )
+        < 700
+    ), "the error line quotes user input whole"
 
 
 def test_yaml_merge_keys_merge_and_own_keys_win(tmp_path):
-    text = ("name: t\nkind: pbt\ndescription: &common {population: 2, iterations: 4, perturbation_interval: 2}\n"
-            "pbt:\n  <<: *common\n  population: 3\n  task_options:\n    <<: {hidden: [8]}\n    batch_size: 16\n")
+    text = (
+        "name: t\nkind: pbt\ndescription: &common {population: 2, iterations: 4, perturbation_interval: 2}\n"
+        "pbt:\n  <<: *common\n  population: 3\n  task_options:\n    <<: {hidden: [8]}\n    batch_size: 16\n"
+    )
     raw = config.parse_yaml(text)
-    assert raw["pbt"] == {"population": 3, "iterations": 4, "perturbation_interval": 2,
-                          "task_options": {"hidden": [8], "batch_size": 16}}
+    assert raw["pbt"] == {
+        "population": 3,
+        "iterations": 4,
+        "perturbation_interval": 2,
+        "task_options": {"hidden": [8], "batch_size": 16},
+    }
     exp = config.from_dict({**raw, "description": "merged"})
     assert (exp.section.population, exp.section.iterations, exp.section.task_options.hidden) == (3, 4, (8,))
 
@@ -663,20 +1153,23 @@ def test_overrides_apply_with_the_right_types():
 
 def test_overrides_parse_yaml_values_and_reach_every_block(tmp_path):
     path = REPO / "experiments" / "quickstart_tiny.yaml"
-    exp = config.load(path, [
-        "pbt.synch=false",
-        "pbt.task_options.hidden=[16, 8]",
-        "pbt.optimizer={name: adamw, lr: 0.01}",
-        "pbt.scheduler=grid",
-        "pbt.checkpoint_interval=2",
-        "ray.num_cpus=3",
-        "ray.address=null",
-        f"ray.storage_path={tmp_path / 'ray_results'}",
-        "tracking.uri=http://127.0.0.1:5000",
-        "tracking.experiment=other",
-        "name=renamed",
-        "description=changed on the command line",
-    ])
+    exp = config.load(
+        path,
+        [
+            "pbt.synch=false",
+            "pbt.task_options.hidden=[16, 8]",
+            "pbt.optimizer={name: adamw, lr: 0.01}",
+            "pbt.scheduler=grid",
+            "pbt.checkpoint_interval=2",
+            "ray.num_cpus=3",
+            "ray.address=null",
+            f"ray.storage_path={tmp_path / 'ray_results'}",
+            "tracking.uri=http://127.0.0.1:5000",
+            "tracking.experiment=other",
+            "name=renamed",
+            "description=changed on the command line",
+        ],
+    )
     section = exp.section
     assert section.synch is False
     assert section.task_options.hidden == (16, 8) and section.task_options.batch_size == 32
@@ -757,10 +1250,20 @@ def test_mlflow_experiment_name_can_be_set():
     assert exp.tracking.uri == "sqlite:///mlflow.db"
 
 
-@pytest.mark.parametrize("uri", [
-    "sqlite:///mlflow.db", "sqlite:////abs/path/mlflow.db", "http://127.0.0.1:5000", "https://mlflow.example.com",
-    "file:./mlruns", "/abs/mlruns", "databricks", "postgresql://u:p@h/db", "mysql://u:p@h/db",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlflow.db",
+        "sqlite:////abs/path/mlflow.db",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.com",
+        "file:./mlruns",
+        "/abs/mlruns",
+        "databricks",
+        "postgresql://u:p@h/db",
+        "mysql://u:p@h/db",
+    ],
+)
 def test_accepted_tracking_uris(uri):
     # check_paths=False: the form only (whether a database driver is installed here is tested in test_inputs.py)
     raw = {"name": "u", "kind": "pbt", "tracking": {"uri": uri}}
@@ -816,7 +1319,10 @@ def test_console_script_bad_set_exits_2(tmp_path):
     path = write_case(tmp_path, BASE)
     result = subprocess.run(
         [metaopt_script(), "run", str(path), "--set", "pbt.population"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert result.stdout == ""

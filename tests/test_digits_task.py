@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from metaopt.errors import ConfigError
 from metaopt.optim import piecewise_constant
 from metaopt.pbt.tune import has_diverged
@@ -67,10 +68,15 @@ def test_huge_learning_rate_is_flagged_as_diverged_and_spends_its_budget():
     assert has_diverged(math.nan, None) and not has_diverged(1e6, None)
 
 
-@pytest.mark.parametrize("options, field", [
-    ({"hidden": "wide"}, "hidden"), ({"batch_size": 0}, "batch_size"), ({"device": "tpu"}, "device"),
-    ({"dropout": 0.1}, "dropout"),
-])
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"hidden": "wide"}, "hidden"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"device": "tpu"}, "device"),
+        ({"dropout": 0.1}, "dropout"),
+    ],
+)
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=f"task_options.{field}"):
         build_task("digits", options, SGD, 0)
@@ -78,8 +84,9 @@ def test_bad_options_name_the_field(options, field):
 
 def test_digits_cache_equals_scikit_learn_and_survives_bad_caches(tmp_path, monkeypatch):
     import numpy as np
-    from metaopt.tasks import datasets
     from sklearn.datasets import load_digits
+
+    from metaopt.tasks import datasets
 
     oracle = load_digits()
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import config
 from metaopt.pbt import sweep
@@ -38,9 +39,15 @@ def exploited(trial) -> bool:
 
 def test_trial_killed_after_a_synchronous_pbt_exploit_ends_as_the_uninterrupted_sweep(ray_session, tmp_path):
     def load(name: str):
-        return config.load(EXPERIMENTS / "quickstart_tiny.yaml", [
-            f"ray.storage_path={tmp_path / name}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "pbt.iterations=4", "pbt.max_failures=2"])
+        return config.load(
+            EXPERIMENTS / "quickstart_tiny.yaml",
+            [
+                f"ray.storage_path={tmp_path / name}",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "pbt.iterations=4",
+                "pbt.max_failures=2",
+            ],
+        )
 
     # Synchronous PBT decides at barriers, from scores and its seeded draws, never from timing.
     random.seed(20)  # the driver's global generator differs between the two runs: PBT must not depend on it
@@ -95,9 +102,16 @@ def test_a_resumed_post_training_run_trains_on_the_rollout_that_was_in_flight(tm
     from metaopt.posttrain.roles import start_roles, unpack_weights
 
     # A warm-up long enough that some completions are right: rewards differ, so updates and prompts matter.
-    section = config.load(EXPERIMENTS / "grpo_tiny.yaml", [
-        "posttrain.roles.mode=colocated", "posttrain.roles.overlap=true", "posttrain.warmup.steps=150",
-        "posttrain.warmup.lr=0.01", "posttrain.tasks=[{name: arithmetic, levels: [1]}]"]).section
+    section = config.load(
+        EXPERIMENTS / "grpo_tiny.yaml",
+        [
+            "posttrain.roles.mode=colocated",
+            "posttrain.roles.overlap=true",
+            "posttrain.warmup.steps=150",
+            "posttrain.warmup.lr=0.01",
+            "posttrain.tasks=[{name: arithmetic, levels: [1]}]",
+        ],
+    ).section
 
     def weights(run):
         return unpack_weights(run.roles.get(run.roles.call(run.roles.learner, "weights")))

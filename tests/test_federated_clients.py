@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+
 from metaopt.errors import ConfigError
 from metaopt.federated.clients import (
     Client,
@@ -80,16 +81,22 @@ def test_local_training_stops_between_batches_once_cancelled(digits_clients):
         return len(asked) > 3
 
     with pytest.raises(RoundCancelled, match="after 3 batches"):
-        Client(0, shards[0], 64, 10, hidden=(16,)).train(flat_params(build_model(64, 10, (16,))), round_index=0,
-                                                         epochs=50, lr=0.1, should_stop=cancelled_after_three_batches)
+        Client(0, shards[0], 64, 10, hidden=(16,)).train(
+            flat_params(build_model(64, 10, (16,))),
+            round_index=0,
+            epochs=50,
+            lr=0.1,
+            should_stop=cancelled_after_three_batches,
+        )
     assert ray_cancel_check() is None  # in this process (no Ray task) there is nothing to cancel
 
 
 def test_unknown_client_optimizer_is_a_clear_error(digits_clients):
     _, shards = digits_clients
     with pytest.raises(ConfigError, match="sgd, adam"):
-        Client(0, shards[0], 64, 10).train(flat_params(build_model(64, 10)), round_index=0, epochs=1, lr=0.1,
-                                           optimizer="lbfgs")
+        Client(0, shards[0], 64, 10).train(
+            flat_params(build_model(64, 10)), round_index=0, epochs=1, lr=0.1, optimizer="lbfgs"
+        )
 
 
 def test_client_actor_is_restarted_with_its_shard_after_its_process_dies(ray_session, digits_clients):

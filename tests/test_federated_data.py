@@ -7,6 +7,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
+
 from metaopt.errors import ConfigError
 from metaopt.federated.data import (
     dirichlet_split,
@@ -56,13 +57,16 @@ def test_client_shards_hold_disjoint_train_and_validation():
         assert not any(tuple(r) in train_rows for r in s.val_x.numpy().round(6))
 
 
-@pytest.mark.parametrize("kwargs, field, hint", [
-    ({"alpha": 0.0, "partition": "dirichlet"}, "alpha", "> 0"),
-    ({"alpha": -1.0, "partition": "dirichlet"}, "alpha", "> 0"),
-    ({"num_clients": 300}, "num_clients", "at least 600 samples"),
-    ({"partition": "shards"}, "partition", "iid, dirichlet"),
-    ({"val_fraction": 1.0}, "val_fraction", "(0, 1)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field, hint",
+    [
+        ({"alpha": 0.0, "partition": "dirichlet"}, "alpha", "> 0"),
+        ({"alpha": -1.0, "partition": "dirichlet"}, "alpha", "> 0"),
+        ({"num_clients": 300}, "num_clients", "at least 600 samples"),
+        ({"partition": "shards"}, "partition", "iid, dirichlet"),
+        ({"val_fraction": 1.0}, "val_fraction", "(0, 1)"),
+    ],
+)
 def test_bad_split_settings_are_one_clear_error(kwargs, field, hint):
     data = load_dataset("synthetic", synthetic_samples=500)
     settings = {"num_clients": 5, "partition": "iid", "alpha": 0.5, "val_fraction": 0.2, "seed": 0, **kwargs}

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+
 from conftest import EXPERIMENTS
 from metaopt import config
 from metaopt.errors import ConfigError
@@ -70,10 +71,17 @@ def test_the_server_loop_takes_only_what_its_client_pool_brings_back(shards):
     from metaopt.federated import rounds
     from metaopt.federated.clients import RoundAnswers
 
-    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(inspect.getsource(rounds)))
-                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in getattr(node, "names", [])}
-    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(inspect.getsource(rounds)))
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(inspect.getsource(rounds)))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in getattr(node, "names", [])
+    }
+    imported |= {
+        node.module.split(".")[0]
+        for node in ast.walk(ast.parse(inspect.getsource(rounds)))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert "ray" not in imported
 
     class ClientTwoDown(InProcessClients):
@@ -87,8 +95,10 @@ def test_the_server_loop_takes_only_what_its_client_pool_brings_back(shards):
     got = run.run_round()
     assert got["failed_ids"] == [2] and got["failed_clients"] == 1 and got["participants"] == 3
     fedavg = make_strategy("fedavg")
-    updates = [ClientUpdate(r.delta, r.num_samples, r.local_lr)
-               for r in (clients[i].train(start, round_index=0, epochs=1, lr=0.05) for i in (0, 1, 3))]
+    updates = [
+        ClientUpdate(r.delta, r.num_samples, r.local_lr)
+        for r in (clients[i].train(start, round_index=0, epochs=1, lr=0.05) for i in (0, 1, 3))
+    ]
     want, _, _ = fedavg.aggregate(fedavg.init(start), start, updates)
     torch.testing.assert_close(run.global_params, want)
 
@@ -104,8 +114,7 @@ def pool(ray_session, shards):
 def test_a_client_killed_mid_round_is_left_out_and_back_next_round(pool, shards):
     import ray
 
-    run = FederatedRun(shards, pool, make_strategy("fedavg"), RoundSettings(lr0=0.05, epochs=40), 64, 10,
-                       HIDDEN)
+    run = FederatedRun(shards, pool, make_strategy("fedavg"), RoundSettings(lr0=0.05, epochs=40), 64, 10, HIDDEN)
     victim = pool.actors[1]
     pid = ray.get(victim.pid.remote())
     timer = threading.Timer(1.0, os.kill, args=(pid, signal.SIGKILL))  # while the round is training
@@ -124,8 +133,7 @@ def test_a_client_killed_mid_round_is_left_out_and_back_next_round(pool, shards)
 def test_rounds_on_client_actors_equal_rounds_in_process(pool, shards, strategy):
     """The Ray path (one packed request per round: numpy model, settings, CL rule) trains exactly what the
     in-process path does."""
-    remote = FederatedRun(shards, pool, make_strategy(strategy), RoundSettings(lr0=0.1, fraction=0.5),
-                          64, 10, HIDDEN)
+    remote = FederatedRun(shards, pool, make_strategy(strategy), RoundSettings(lr0=0.1, fraction=0.5), 64, 10, HIDDEN)
     local = local_run(shards, strategy, lr0=0.1, fraction=0.5)
     for _ in range(3):
         got, want = remote.run_round(), local.run_round()
@@ -145,10 +153,19 @@ def test_clients_late_for_the_round_deadline_are_left_out_cancelled_and_back_nex
             slow = 10_000 if round_index == 1 else 1  # about a minute of local epochs, in the second round only
             return super().train(global_params, round_index=round_index, epochs=epochs * slow, **settings)
 
-    stragglers = [ray.remote(num_cpus=0, max_restarts=0)(Straggler).remote(i, shards[i], 64, 10, HIDDEN) for i in (1, 2)]
+    stragglers = [
+        ray.remote(num_cpus=0, max_restarts=0)(Straggler).remote(i, shards[i], 64, 10, HIDDEN) for i in (1, 2)
+    ]
     try:
-        run = FederatedRun(shards, RayClients([pool.actors[0], *stragglers, pool.actors[3]]), make_strategy("fedavg"),
-                           RoundSettings(lr0=0.05, timeout_s=120), 64, 10, HIDDEN)
+        run = FederatedRun(
+            shards,
+            RayClients([pool.actors[0], *stragglers, pool.actors[3]]),
+            make_strategy("fedavg"),
+            RoundSettings(lr0=0.05, timeout_s=120),
+            64,
+            10,
+            HIDDEN,
+        )
         # a first round warms the actors up (a fresh actor's first local training takes seconds: torch's lazy set-up)
         assert run.run_round()["participants"] == 4
         deadline = 2.0
@@ -159,8 +176,9 @@ def test_clients_late_for_the_round_deadline_are_left_out_cancelled_and_back_nex
         assert deadline * 0.9 <= late["round_seconds"] < deadline * 1.5, late
         fedavg = make_strategy("fedavg")
         punctual = [Client(i, shards[i], 64, 10, HIDDEN).train(start, round_index=1, epochs=1, lr=lr) for i in (0, 3)]
-        want, _, _ = fedavg.aggregate(fedavg.init(start), start, [ClientUpdate(r.delta, r.num_samples, r.local_lr)
-                                                                  for r in punctual])
+        want, _, _ = fedavg.aggregate(
+            fedavg.init(start), start, [ClientUpdate(r.delta, r.num_samples, r.local_lr) for r in punctual]
+        )
         torch.testing.assert_close(run.global_params, want)
         following = run.run_round()
         assert following["participants"] == 4 and following["failed_clients"] == 0, following
@@ -176,4 +194,7 @@ def test_round_timeout_must_be_a_finite_positive_number_of_seconds(value):
         config.load(EXPERIMENTS / "fedhyper_tiny.yaml", [f"federated.round_timeout_s={value}"])
     with pytest.raises(ConfigError, match="round_timeout_s: must be a finite number of seconds > 0"):
         RoundSettings(timeout_s=float(value))
-    assert config.load(EXPERIMENTS / "fedhyper_tiny.yaml", ["federated.round_timeout_s=2.5"]).section.round_timeout_s == 2.5
+    assert (
+        config.load(EXPERIMENTS / "fedhyper_tiny.yaml", ["federated.round_timeout_s=2.5"]).section.round_timeout_s
+        == 2.5
+    )

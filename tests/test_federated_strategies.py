@@ -203,8 +203,14 @@ def test_cl_beta_values_and_bounds():
     gen = torch.Generator().manual_seed(1)
     beta = 1.0
     for _ in range(50):
-        new = cl_beta(beta, torch.randn(3, generator=gen, dtype=D), torch.randn(3, generator=gen, dtype=D),
-                      torch.randn(3, generator=gen, dtype=D), 4, 1.0)
+        new = cl_beta(
+            beta,
+            torch.randn(3, generator=gen, dtype=D),
+            torch.randn(3, generator=gen, dtype=D),
+            torch.randn(3, generator=gen, dtype=D),
+            4,
+            1.0,
+        )
         assert 0.1 <= new <= 10.0 and new <= 1.1 * beta + 1e-12
         beta = new
 
@@ -216,8 +222,7 @@ def test_fedhyper_g_cl_hands_last_delta_to_clients():
     assert all(r[2] == 0.02 for r in res)
     state = res[0][1]
     close(state.last_delta, DELTAS[0])
-    assert s.client_beta(state, 2.0, t([0.1, 0.0]), t([0.2, 0.0])) == pytest.approx(
-        2.0 * (1 + 0.1 * 0.01 / 5 + 0.02))
+    assert s.client_beta(state, 2.0, t([0.1, 0.0]), t([0.2, 0.0])) == pytest.approx(2.0 * (1 + 0.1 * 0.01 / 5 + 0.02))
 
 
 # ------------------------------------------------------------------ state, registry
@@ -226,8 +231,9 @@ def test_fedhyper_g_cl_hands_last_delta_to_clients():
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_state_round_trip_continues_identically(name):
     gen = torch.Generator().manual_seed(2)
-    rounds = [[ClientUpdate(0.1 * torch.randn(3, generator=gen, dtype=D), 1 + i, 0.01) for i in range(3)]
-              for _ in range(5)]
+    rounds = [
+        [ClientUpdate(0.1 * torch.randn(3, generator=gen, dtype=D), 1 + i, 0.01) for i in range(3)] for _ in range(5)
+    ]
     s = make_strategy(name)
     x = torch.zeros(3, dtype=D)
     state = s.init(x)

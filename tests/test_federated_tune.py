@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from mlflow.tracking import MlflowClient
+
 from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import cli, config, tracking
-from mlflow.tracking import MlflowClient
 
 
 def load_tiny(tmp_path, *overrides: str):
@@ -41,11 +42,23 @@ def in_process_rounds(exp, strategy: str) -> list[dict]:
     data = load_dataset(s.dataset, s.data_root, seed=seed)
     shards = make_client_shards(data, s.num_clients, s.partition, s.alpha, s.val_fraction, seed=seed)
     hidden = tuple(s.hidden)
-    settings = RoundSettings(fraction=s.fraction, epochs=s.local_epochs, lr0=s.lrs[0], optimizer=s.client_optimizer,
-                             batch_size=s.batch_size, seed=seed)
+    settings = RoundSettings(
+        fraction=s.fraction,
+        epochs=s.local_epochs,
+        lr0=s.lrs[0],
+        optimizer=s.client_optimizer,
+        batch_size=s.batch_size,
+        seed=seed,
+    )
     shape = (input_shape(data), data.num_classes)
-    run = FederatedRun(shards, InProcessClients([Client(i, shard, *shape, hidden) for i, shard in enumerate(shards)]),
-                       make_strategy(strategy), settings, *shape, hidden)
+    run = FederatedRun(
+        shards,
+        InProcessClients([Client(i, shard, *shape, hidden) for i, shard in enumerate(shards)]),
+        make_strategy(strategy),
+        settings,
+        *shape,
+        hidden,
+    )
     return [run.run_round() for _ in range(s.rounds)]
 
 
@@ -68,7 +81,9 @@ def test_federated_sweep_tracks_rounds_and_plots(ray_session, tmp_path):
     client = MlflowClient(exp.tracking.uri)
     experiment = client.get_experiment_by_name("fedhyper_tiny")
     parent = client.search_runs([experiment.experiment_id], "tags.`metaopt.role` = 'sweep'")[0]
-    assert {"accuracy.png", "learning_rates.png", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"accuracy.png", "learning_rates.png", "summary.csv"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     children = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id)
     assert len(children) == 2
     history = client.get_metric_history(children[0].info.run_id, "accuracy")
@@ -79,11 +94,22 @@ def test_grid_runs_seed_major_so_trials_keep_their_client_actors(ray_session, tm
     from metaopt.federated.sweep import run
 
     # Each trial (its actor and 2 clients) takes both CPUs, as in fedhyper_digits.yaml: one trial actor runs them all.
-    exp = load_tiny(tmp_path, "federated.seeds=[0, 1]", "federated.rounds=1", "federated.num_clients=2",
-                    "ray.cpus_per_trial=1", "federated.cpus_per_client=0.5")
+    exp = load_tiny(
+        tmp_path,
+        "federated.seeds=[0, 1]",
+        "federated.rounds=1",
+        "federated.num_clients=2",
+        "ray.cpus_per_trial=1",
+        "federated.cpus_per_client=0.5",
+    )
     created_before = client_actors_created()
     rows = sorted(run(exp, verbose=0), key=lambda r: r["trial_id"])
-    assert [(r["seed"], r["strategy"]) for r in rows] == [(0, "fedavg"), (0, "fedhyper_g"), (1, "fedavg"), (1, "fedhyper_g")]
+    assert [(r["seed"], r["strategy"]) for r in rows] == [
+        (0, "fedavg"),
+        (0, "fedhyper_g"),
+        (1, "fedavg"),
+        (1, "fedhyper_g"),
+    ]
     assert all(r["error"] is None for r in rows)
     assert client_actors_created() - created_before == 2 * 2  # one set of 2 clients per seed, not per trial
 
@@ -109,8 +135,9 @@ def test_killed_federated_trial_resumes_without_losing_a_round(ray_session, tmp_
 def test_missing_local_dataset_is_one_error_line(tmp_path, capsys):
     path = tmp_path / "cifar.yaml"
     path.write_text((EXPERIMENTS / "fedhyper_tiny.yaml").read_text())
-    rc = cli.main(["run", str(path), "--set", "federated.dataset=cifar10", "--set",
-                   f"federated.data_root={tmp_path / 'nowhere'}"])
+    rc = cli.main(
+        ["run", str(path), "--set", "federated.dataset=cifar10", "--set", f"federated.data_root={tmp_path / 'nowhere'}"]
+    )
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     assert err.startswith("metaopt: error: federated.data_root: ") and str(tmp_path / "nowhere") in err
@@ -120,8 +147,15 @@ def test_missing_local_dataset_is_one_error_line(tmp_path, capsys):
 def test_pbt_on_top_adapts_the_initial_local_lr(ray_session, tmp_path):
     from metaopt.federated.sweep import run
 
-    exp = load_tiny(tmp_path, "federated.strategies=[fedavg]", "federated.lrs=[0.003, 0.3]", "federated.rounds=4",
-                    "federated.scheduler=pbt", "federated.pbt_interval=2", "federated.num_clients=2")
+    exp = load_tiny(
+        tmp_path,
+        "federated.strategies=[fedavg]",
+        "federated.lrs=[0.003, 0.3]",
+        "federated.rounds=4",
+        "federated.scheduler=pbt",
+        "federated.pbt_interval=2",
+        "federated.num_clients=2",
+    )
     rows = run(exp, verbose=0)
     assert len(rows) == 2 and all(r["error"] is None and r["curves"]["round"][-1] == 4 for r in rows)
     lrs = [lr for r in rows for lr in r["curves"]["client_lr"]]

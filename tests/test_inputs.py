@@ -26,9 +26,15 @@ from metaopt.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PBT: dict[str, Any] = {
-    "name": "inputs", "kind": "pbt",
-    "pbt": {"task_options": {"hidden": [8], "batch_size": 16}, "population": 2, "iterations": 2,
-            "steps_per_iteration": 5, "perturbation_interval": 1},
+    "name": "inputs",
+    "kind": "pbt",
+    "pbt": {
+        "task_options": {"hidden": [8], "batch_size": 16},
+        "population": 2,
+        "iterations": 2,
+        "steps_per_iteration": 5,
+        "perturbation_interval": 1,
+    },
 }
 
 
@@ -133,15 +139,21 @@ def test_a_trial_in_its_own_folder_reads_the_resolved_paths(workdir, monkeypatch
     assert resolve_optimizer_spec(spec.section.optimizer)["program"] == load_start_program("lion").to_json()
 
 
-@pytest.mark.parametrize("section, field", [
-    (("symbolic", {"start": "progs/missing.txt"}), "symbolic.start"),
-    (("federated", {"dataset": "cifar10", "data_root": "no_such_dir"}), "federated.data_root"),
-    (("federated", {"dataset": "cifar10", "data_root": "progs/lion.txt"}), "federated.data_root"),
-    (("posttrain", {"model": {"path": "~/no_model"}, "steps": 2}), "posttrain.model.path"),
-    (("pbt", {"optimizer": {"name": "program", "program": "missing.txt"}}), "pbt.optimizer.program"),
-    (("posttrain", {"optimizer": {"name": "program", "program": "missing.txt"}, "steps": 2}),
-     "posttrain.optimizer.program"),
-], ids=["symbolic-start", "data-root", "data-root-a-file", "model-path", "pbt-program", "posttrain-program"])
+@pytest.mark.parametrize(
+    "section, field",
+    [
+        (("symbolic", {"start": "progs/missing.txt"}), "symbolic.start"),
+        (("federated", {"dataset": "cifar10", "data_root": "no_such_dir"}), "federated.data_root"),
+        (("federated", {"dataset": "cifar10", "data_root": "progs/lion.txt"}), "federated.data_root"),
+        (("posttrain", {"model": {"path": "~/no_model"}, "steps": 2}), "posttrain.model.path"),
+        (("pbt", {"optimizer": {"name": "program", "program": "missing.txt"}}), "pbt.optimizer.program"),
+        (
+            ("posttrain", {"optimizer": {"name": "program", "program": "missing.txt"}, "steps": 2}),
+            "posttrain.optimizer.program",
+        ),
+    ],
+    ids=["symbolic-start", "data-root", "data-root-a-file", "model-path", "pbt-program", "posttrain-program"],
+)
 def test_a_path_that_does_not_exist_is_one_error_at_load_naming_the_field(workdir, capsys, tripwire, section, field):
     path = workdir / "exp.yaml"
     path.write_text(yaml.safe_dump(with_section(*section)))
@@ -158,13 +170,25 @@ def test_metaopt_run_from_another_directory_with_a_relative_program_file(tmp_pat
     (each Tune trial runs in a folder of its own, where the relative path would name nothing)."""
     (tmp_path / "lion.txt").write_text(lion_text())
     raw = yaml.safe_load((REPO / "experiments" / "symbolic_tiny.yaml").read_text())
-    raw["symbolic"].update(start="lion.txt", population=2, evaluations=2, batch=1, funnel=[], meta_validation=None,
-                           funnel_top=1, proxy={"task": "digits", "task_options": {"hidden": [8]}, "steps": 5,
-                                                "lrs": [1.0]})
+    raw["symbolic"].update(
+        start="lion.txt",
+        population=2,
+        evaluations=2,
+        batch=1,
+        funnel=[],
+        meta_validation=None,
+        funnel_top=1,
+        proxy={"task": "digits", "task_options": {"hidden": [8]}, "steps": 5, "lrs": [1.0]},
+    )
     raw["ray"] = {"num_cpus": 1, "cpus_per_trial": 1, "worker_preload": []}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "metaopt.cli", "run", "exp.yaml", "--quiet"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, "-m", "metaopt.cli", "run", "exp.yaml", "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "FAILED" not in result.stdout, result.stdout[-3000:]
 
@@ -186,8 +210,12 @@ def special_file(tmp_path: Path, kind: str) -> Path:
 
 
 SPECIAL = ["dev-zero", "fifo", "binary", "huge"]
-HINTS = {"dev-zero": "not a regular file", "fifo": "not a regular file", "binary": "not a UTF-8 text file",
-         "huge": "larger than 1 MiB"}
+HINTS = {
+    "dev-zero": "not a regular file",
+    "fifo": "not a regular file",
+    "binary": "not a UTF-8 text file",
+    "huge": "larger than 1 MiB",
+}
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="POSIX special files")
@@ -219,7 +247,9 @@ def test_special_file_as_a_program_file(tmp_path, capsys, deadline, tripwire, ki
 # ------------------------------------------------------------------------------------------------ metaopt list
 
 
-@pytest.mark.parametrize("description, shown", [("   \n  \n", ""), ("\n\n  second line is the first  \nthird", "second")])
+@pytest.mark.parametrize(
+    "description, shown", [("   \n  \n", ""), ("\n\n  second line is the first  \nthird", "second")]
+)
 def test_list_shows_the_first_non_blank_description_line(tmp_path, capsys, description, shown):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({**PBT, "description": description}))
     rc = main(["list", str(tmp_path)])
@@ -235,10 +265,22 @@ def test_list_shows_the_first_non_blank_description_line(tmp_path, capsys, descr
 def valid_payload() -> dict[str, Any]:
     exp = config.from_dict(PBT)
     return {
-        "experiment": exp.to_dict(), "metric": "val_accuracy", "mode": "max", "steps_per_iteration": 5,
-        "total_steps": 10, "best_trial": "t1", "parent_run_id": None,
-        "trials": {"t1": {"tag": "", "schedule": [[0, 0.1], [5, 0.05]], "carried_schedule": [],
-                          "final_metric": 0.5, "diverged": False}},
+        "experiment": exp.to_dict(),
+        "metric": "val_accuracy",
+        "mode": "max",
+        "steps_per_iteration": 5,
+        "total_steps": 10,
+        "best_trial": "t1",
+        "parent_run_id": None,
+        "trials": {
+            "t1": {
+                "tag": "",
+                "schedule": [[0, 0.1], [5, 0.05]],
+                "carried_schedule": [],
+                "final_metric": 0.5,
+                "diverged": False,
+            }
+        },
     }
 
 
@@ -253,29 +295,51 @@ def broken(**changes: Any) -> str:
     return json.dumps(payload)
 
 
-@pytest.mark.parametrize("text, hint", [
-    ("[1, 2, 3]", "expected a JSON object, got list"),
-    ("{}", "experiment"),
-    ("42", "got int"),
-    ('"schedules"', "got str"),
-    ("null", "got NoneType"),
-    ("{not json", "not a schedules JSON file"),
-    ("\x00\x01binary", "not a schedules JSON file"),
-    (broken(trials={}), "trials"),
-    (broken(trials__t1__schedule="fast"), "trials.t1.schedule"),
-    (broken(trials__t1__schedule=[[0, 0.1], [0, 0.2]]), "trials.'t1'.schedule"),
-    (broken(trials__t1__schedule=[[3, 0.1]]), "must be 0"),
-    (broken(trials__t1__schedule=[[0, -1.0]]), "trials.'t1'.schedule"),
-    (broken(trials__t1__final_metric="good"), "final_metric"),
-    (broken(total_steps=True), "total_steps"),
-    (broken(best_trial="t9"), "best_trial 't9'"),
-    (broken(experiment={"name": "x", "kind": "federated"}), "not pbt"),
-    (broken(experiment__pbt__seed=-1), "experiment.pbt.seed"),
-    (broken(experiment__pbt__task="mnist"), "experiment.pbt.task"),
-    (broken(experiment="x" * 10_000), "experiment"),
-], ids=["list", "empty-object", "number", "string", "null", "not-json", "binary", "no-trials", "schedule-a-string",
-        "schedule-not-increasing", "schedule-not-from-0", "schedule-negative-lr", "metric-a-string",
-        "total-steps-bool", "unknown-best-trial", "not-a-pbt-experiment", "negative-seed", "unknown-task", "10kB"])
+@pytest.mark.parametrize(
+    "text, hint",
+    [
+        ("[1, 2, 3]", "expected a JSON object, got list"),
+        ("{}", "experiment"),
+        ("42", "got int"),
+        ('"schedules"', "got str"),
+        ("null", "got NoneType"),
+        ("{not json", "not a schedules JSON file"),
+        ("\x00\x01binary", "not a schedules JSON file"),
+        (broken(trials={}), "trials"),
+        (broken(trials__t1__schedule="fast"), "trials.t1.schedule"),
+        (broken(trials__t1__schedule=[[0, 0.1], [0, 0.2]]), "trials.'t1'.schedule"),
+        (broken(trials__t1__schedule=[[3, 0.1]]), "must be 0"),
+        (broken(trials__t1__schedule=[[0, -1.0]]), "trials.'t1'.schedule"),
+        (broken(trials__t1__final_metric="good"), "final_metric"),
+        (broken(total_steps=True), "total_steps"),
+        (broken(best_trial="t9"), "best_trial 't9'"),
+        (broken(experiment={"name": "x", "kind": "federated"}), "not pbt"),
+        (broken(experiment__pbt__seed=-1), "experiment.pbt.seed"),
+        (broken(experiment__pbt__task="mnist"), "experiment.pbt.task"),
+        (broken(experiment="x" * 10_000), "experiment"),
+    ],
+    ids=[
+        "list",
+        "empty-object",
+        "number",
+        "string",
+        "null",
+        "not-json",
+        "binary",
+        "no-trials",
+        "schedule-a-string",
+        "schedule-not-increasing",
+        "schedule-not-from-0",
+        "schedule-negative-lr",
+        "metric-a-string",
+        "total-steps-bool",
+        "unknown-best-trial",
+        "not-a-pbt-experiment",
+        "negative-seed",
+        "unknown-task",
+        "10kB",
+    ],
+)
 def test_replay_of_a_file_that_is_not_a_schedules_payload_is_one_line(tmp_path, capsys, text, hint):
     path = tmp_path / "schedules.json"
     path.write_text(text)
@@ -307,8 +371,10 @@ def test_replay_of_a_valid_payload_trains(tmp_path):
 # -------------------------------------------------------------------------------------------- Ray addresses
 
 
-@pytest.mark.parametrize("address", ["auto", "local", "127.0.0.1:6379", "ray://head.example.com:10001", "[::1]:6379",
-                                     "head-0.cluster.local:6379"])
+@pytest.mark.parametrize(
+    "address",
+    ["auto", "local", "127.0.0.1:6379", "ray://head.example.com:10001", "[::1]:6379", "head-0.cluster.local:6379"],
+)
 def test_address_forms_that_are_accepted(address):
     assert config.from_dict({"name": "a", "kind": "pbt", "ray": {"address": address}}).ray.address == address
 
@@ -362,7 +428,10 @@ def test_metaopt_run_where_nothing_listens_fails_before_ray_or_mlflow(tmp_path):
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "metaopt.cli", "run", str(experiment), "--address", f"127.0.0.1:{free_port()}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("\n") == 1, result.stderr
@@ -375,11 +444,14 @@ def test_metaopt_run_where_nothing_listens_fails_before_ray_or_mlflow(tmp_path):
 # ------------------------------------------------------------------------------------- database tracking URIs
 
 
-@pytest.mark.parametrize("uri, module, package", [
-    ("mysql://u:p@db.example:3306/mlflow", "MySQLdb", "mysqlclient"),
-    ("postgresql+psycopg2://u:p@db.example/mlflow", "psycopg2", "psycopg2-binary"),
-    ("mysql+pymysql://u:p@db.example/mlflow", "pymysql", "PyMySQL"),
-])
+@pytest.mark.parametrize(
+    "uri, module, package",
+    [
+        ("mysql://u:p@db.example:3306/mlflow", "MySQLdb", "mysqlclient"),
+        ("postgresql+psycopg2://u:p@db.example/mlflow", "psycopg2", "psycopg2-binary"),
+        ("mysql+pymysql://u:p@db.example/mlflow", "pymysql", "PyMySQL"),
+    ],
+)
 def test_database_uri_without_its_driver_names_the_package(tmp_path, capsys, tripwire, uri, module, package):
     if importlib.util.find_spec(module) is not None:
         pytest.skip(f"{module} is installed here")
@@ -391,10 +463,14 @@ def test_database_uri_without_its_driver_names_the_package(tmp_path, capsys, tri
     assert config.load(path, check_paths=False).tracking.uri == uri  # submit: the cluster's drivers count
 
 
-@pytest.mark.parametrize("uri, hint", [
-    ("postgresql+nosuchdriver://u:secret@h/db", "nosuchdriver"),
-    ("postgresql://u:secret@h:port/db", "not a valid 'postgresql':// URI"),
-], ids=["unknown-driver", "port-not-a-number"])
+@pytest.mark.parametrize(
+    "uri, hint",
+    [
+        ("postgresql+nosuchdriver://u:secret@h/db", "nosuchdriver"),
+        ("postgresql://u:secret@h:port/db", "not a valid 'postgresql':// URI"),
+    ],
+    ids=["unknown-driver", "port-not-a-number"],
+)
 def test_database_uri_sqlalchemy_cannot_use(tmp_path, capsys, tripwire, uri, hint):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({**PBT, "tracking": {"uri": uri}}))

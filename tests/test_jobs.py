@@ -86,12 +86,25 @@ def _start_head(temp_dir: str, env: dict[str, str], log) -> tuple[subprocess.Pop
     """
     gcs, dashboard, client, agent_http, agent_grpc, env_agent, metrics = _free_ports(7)
     command = [
-        _ray_executable(), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-        f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-        "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={300 * 1024**2}", f"--temp-dir={temp_dir}",
+        _ray_executable(),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={env_agent}",
+        f"--metrics-export-port={metrics}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--object-store-memory={300 * 1024**2}",
+        f"--temp-dir={temp_dir}",
     ]
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, dashboard
@@ -275,8 +288,15 @@ def test_malformed_override_is_rejected():
 def test_run_command_quotes_every_argument():
     command = jobs.run_command("experiments/my exp.yaml", ["tracking.uri=sqlite:////tmp/a b.db", "x=$(rm -rf /)"])
     assert shlex.split(command) == [
-        "python", "-m", "metaopt.cli", "run", "experiments/my exp.yaml",
-        "--set", "tracking.uri=sqlite:////tmp/a b.db", "--set", "x=$(rm -rf /)",
+        "python",
+        "-m",
+        "metaopt.cli",
+        "run",
+        "experiments/my exp.yaml",
+        "--set",
+        "tracking.uri=sqlite:////tmp/a b.db",
+        "--set",
+        "x=$(rm -rf /)",
     ]
 
 
@@ -395,8 +415,20 @@ def test_ray_job_stop_of_a_submitted_sweep_leaves_every_mlflow_run_killed(cluste
     from mlflow import MlflowClient
 
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    submitted = _cli("submit", "experiments/quickstart_tiny.yaml", "--address", cluster, "--set", f"tracking.uri={tracking_uri}",
-                     "--set", "pbt.iterations=400", "--set", "pbt.steps_per_iteration=10", "--set", "pbt.synch=false")
+    submitted = _cli(
+        "submit",
+        "experiments/quickstart_tiny.yaml",
+        "--address",
+        cluster,
+        "--set",
+        f"tracking.uri={tracking_uri}",
+        "--set",
+        "pbt.iterations=400",
+        "--set",
+        "pbt.steps_per_iteration=10",
+        "--set",
+        "pbt.synch=false",
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     deadline = time.monotonic() + 240

@@ -70,7 +70,12 @@ def test_read_pbt_global_parses_tune_lines(tmp_path):
     path = tmp_path / "pbt_global.txt"
     path.write_text(json.dumps(["1_lr=0.1", "0_lr=0.2", 7, 8, {"lr": 0.2}, {"lr": 0.24}]) + "\n\n")
     (parsed,) = lineage.read_pbt_global(path)
-    assert (parsed.target, parsed.clone, parsed.target_iteration, parsed.clone_iteration) == ("1_lr=0.1", "0_lr=0.2", 7, 8)
+    assert (parsed.target, parsed.clone, parsed.target_iteration, parsed.clone_iteration) == (
+        "1_lr=0.1",
+        "0_lr=0.2",
+        7,
+        8,
+    )
     assert parsed.new_config["lr"] == 0.24
     assert lineage.read_pbt_global(tmp_path / "absent.txt") == []
     path.write_text("not json\n")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+
 from metaopt.objectives.drifts import (
     DRIFT_NAMES,
     LPO_OFFSET,
@@ -183,9 +184,7 @@ def test_registry_shapes_and_transformations():
 
     assert make_drift("lpo", clip_eps=0.3)[0] is make_drift("lpo", clip_eps=0.3)[0]  # one jit cache entry
     spec = DriftSpec.create("dpo", beta=0.5)
-    assert spec.as_dict() == {"alpha": 2.0, "beta": 0.5} and hash(spec) == hash(
-        DriftSpec.create("dpo", beta=0.5)
-    )
+    assert spec.as_dict() == {"alpha": 2.0, "beta": 0.5} and hash(spec) == hash(DriftSpec.create("dpo", beta=0.5))
 
     # jit, vmap over an ES population of parameters, pickle of the drift callable.
     fn, _ = make_drift("ta_lpo", hidden=8)

@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from flax import serialization
+from mlflow.tracking import MlflowClient
+
+from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import config, tracking
 from metaopt.objectives import drifts, export
 from metaopt.objectives.meta_train import MetaTrainer, initial_mean, normalised
 from metaopt.objectives.population import RayPopulation
-from mlflow.tracking import MlflowClient
 
 GENERATIONS = 3
 
@@ -84,13 +85,20 @@ def test_scores_are_normalised_by_ppo_for_either_sign_of_return():
 
 def test_ta_lpo_draws_its_horizons_per_generation_and_trains(tmp_path):
     """TA-LPO needs several horizons: each generation draws one per env, reproducibly from the seed."""
-    exp = load_tiny(tmp_path, "lpo.drift=ta_lpo", "lpo.horizons=[0.5, 1.0]", "lpo.envs=[{env: CartPole-v1, total_timesteps: 1024,"
-                    " ppo: {num_envs: 4, num_steps: 64, update_epochs: 1, num_minibatches: 2}}]")
+    exp = load_tiny(
+        tmp_path,
+        "lpo.drift=ta_lpo",
+        "lpo.horizons=[0.5, 1.0]",
+        "lpo.envs=[{env: CartPole-v1, total_timesteps: 1024,"
+        " ppo: {num_envs: 4, num_steps: 64, update_epochs: 1, num_minibatches: 2}}]",
+    )
     trainer = MetaTrainer(exp.section, meta_seed=0)
     drawn = [trainer.draw_problem(jax.random.fold_in(trainer.root, g), 0)[0].total_timesteps for g in range(24)]
     assert set(drawn) == {512, 1024}
-    assert drawn == [MetaTrainer(exp.section, 0).draw_problem(jax.random.fold_in(trainer.root, g), 0)[0].total_timesteps
-                     for g in range(24)]
+    assert drawn == [
+        MetaTrainer(exp.section, 0).draw_problem(jax.random.fold_in(trainer.root, g), 0)[0].total_timesteps
+        for g in range(24)
+    ]
     state = trainer.init_state()
     assert state.mean.size == 24 * 16 + 16  # time enters as n/N * x and log N * x for each of the 8 inputs
     for generation in range(2):
@@ -100,8 +108,7 @@ def test_ta_lpo_draws_its_horizons_per_generation_and_trains(tmp_path):
 
 
 def test_a_baseline_without_finished_episodes_is_a_clear_error(tmp_path):
-    exp = load_tiny(tmp_path,
-                    "lpo.envs=[{env: Acrobot-v1, total_timesteps: 256, ppo: {num_envs: 4, num_steps: 64}}]")
+    exp = load_tiny(tmp_path, "lpo.envs=[{env: Acrobot-v1, total_timesteps: 256, ppo: {num_envs: 4, num_steps: 64}}]")
     with pytest.raises(ValueError, match="no episode finished"):
         MetaTrainer(exp.section, meta_seed=0).baseline(MetaTrainer(exp.section, 0).problems(0)[0])
 
@@ -217,21 +224,25 @@ def test_meta_training_tracks_to_mlflow_and_evaluation_reads_it_back(ray_session
 
     np.testing.assert_allclose(
         torch_drift(torch.from_numpy(ratio), torch.from_numpy(advantage)).numpy(),
-        np.asarray(drift_fn(jax_params, ratio, advantage)), atol=1e-5,
+        np.asarray(drift_fn(jax_params, ratio, advantage)),
+        atol=1e-5,
     )
 
     # evaluation: the discovered drift (from MLflow) vs PPO and DPO, 2 seeds, on the same tracking store
-    eval_exp = config.from_dict({
-        "name": "lpo_tiny_eval", "kind": "lpo_eval",
-        "ray": {"num_cpus": 2, "cpus_per_trial": 1, "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"uri": exp.tracking.uri},
-        "lpo_eval": {
-            "objectives": ["ppo", "dpo", f"mlflow:{summary.parent_run_id}"],
-            "envs": [exp.section.envs[0].model_dump()],
-            "seeds": 2,
-            "heatmap_progress": [0.0, 1.0],
-        },
-    })
+    eval_exp = config.from_dict(
+        {
+            "name": "lpo_tiny_eval",
+            "kind": "lpo_eval",
+            "ray": {"num_cpus": 2, "cpus_per_trial": 1, "storage_path": str(tmp_path / "ray_results")},
+            "tracking": {"uri": exp.tracking.uri},
+            "lpo_eval": {
+                "objectives": ["ppo", "dpo", f"mlflow:{summary.parent_run_id}"],
+                "envs": [exp.section.envs[0].model_dump()],
+                "seeds": 2,
+                "heatmap_progress": [0.0, 1.0],
+            },
+        }
+    )
     table = evaluate.run(eval_exp, verbose=0)
     assert {row["objective"] for row in table} == {"ppo", "dpo", f"mlflow:{summary.parent_run_id}"}
     for row in table:
@@ -239,11 +250,14 @@ def test_meta_training_tracks_to_mlflow_and_evaluation_reads_it_back(ray_session
         assert row["ci_low"] <= row["mean"] <= row["ci_high"] and row["mean"] > 5
     ppo_row = next(r for r in table if r["objective"] == "ppo")
     assert ppo_row["mean"] == pytest.approx(np.mean(ppo_row["returns"]))
-    eval_run = client.search_runs([client.get_experiment_by_name("lpo_tiny_eval").experiment_id],
-                                  "tags.`metaopt.role` = 'sweep'")[0]
+    eval_run = client.search_runs(
+        [client.get_experiment_by_name("lpo_tiny_eval").experiment_id], "tags.`metaopt.role` = 'sweep'"
+    )[0]
     assert {"evaluation.csv", "evaluation.json", "evaluation.png", "drift_heatmaps.png"} <= {
         a.path for a in client.list_artifacts(eval_run.info.run_id)
     }
     assert eval_run.data.metrics["ppo.CartPole-v1_1024.mean"] == pytest.approx(ppo_row["mean"])
-    logged = json.loads(Path(client.download_artifacts(eval_run.info.run_id, "evaluation.json", str(tmp_path))).read_text())
+    logged = json.loads(
+        Path(client.download_artifacts(eval_run.info.run_id, "evaluation.json", str(tmp_path))).read_text()
+    )
     assert len(logged) == 3

@@ -30,8 +30,17 @@ from metaopt.objectives.ppo import (
 )
 
 PER_UPDATE = (
-    "episode_returns", "episodes_completed", "episode_return_sum", "actor_loss", "value_loss",
-    "entropy", "approx_kl", "drift", "clip_fraction", "total_loss", "learning_rate",
+    "episode_returns",
+    "episodes_completed",
+    "episode_return_sum",
+    "actor_loss",
+    "value_loss",
+    "entropy",
+    "approx_kl",
+    "drift",
+    "clip_fraction",
+    "total_loss",
+    "learning_rate",
 )
 
 
@@ -110,8 +119,13 @@ def test_same_rng_same_metrics_different_rng_different(learn_runs):
 # batched and unbatched float math differ in the last bits, and RL training is chaotic.
 
 TINY = ppo_config_for(
-    "Acrobot-v1", num_envs=4, num_steps=32, total_timesteps=4 * 32 * 4,
-    num_minibatches=2, update_epochs=4, lr=1e-2,
+    "Acrobot-v1",
+    num_envs=4,
+    num_steps=32,
+    total_timesteps=4 * 32 * 4,
+    num_minibatches=2,
+    update_epochs=4,
+    lr=1e-2,
 )
 # Members: the zero drift (unclipped objective), PPO's clip, and a constant drift n / N
 # (no gradient: it learns exactly like the zero drift, and reads `progress` back).
@@ -190,10 +204,12 @@ def test_acrobot_dims_and_returns(tiny_runs):
 
 # ---------------------------------------------------------------------- MinAtar
 
+
 def test_minatar_breakout_runs_with_flattened_obs():
     assert env_dims(ppo_config_for("Breakout-MinAtar")) == (10 * 10 * 4, 3)
-    cfg = ppo_config_for("Breakout-MinAtar", num_envs=4, num_steps=16, total_timesteps=2 * 4 * 16,
-                         num_minibatches=2, update_epochs=1)
+    cfg = ppo_config_for(
+        "Breakout-MinAtar", num_envs=4, num_steps=16, total_timesteps=2 * 4 * 16, num_minibatches=2, update_epochs=1
+    )
     assert cfg.activation == "relu" and cfg.lr == PPO_REFERENCE_LR["Breakout-MinAtar"]
     metrics = jax.device_get(jax.jit(make_train(cfg, clip_drift))(jax.random.key(0), None))
     assert cfg.num_updates == 2
@@ -204,6 +220,7 @@ def test_minatar_breakout_runs_with_flattened_obs():
 
 
 # ---------------------------------------------------------------------- config
+
 
 def test_defaults():
     minatar = ppo_config_for("Asterix-MinAtar")
@@ -262,10 +279,12 @@ def test_equal_configs_are_one_static_jit_argument_and_one_train_many_program(mo
     that takes it as a static argument traces once, and train_many's compile cache (keyed on the config) hits."""
     from metaopt.objectives import ppo
 
-    first = ppo_config_for("Acrobot-v1", num_envs=4, num_steps=32, total_timesteps=256,
-                           env_params={"max_steps_in_episode": 50})
-    again = ppo_config_for("Acrobot-v1", total_timesteps=256, num_steps=32, num_envs=4,
-                           env_params=[("max_steps_in_episode", 50)])
+    first = ppo_config_for(
+        "Acrobot-v1", num_envs=4, num_steps=32, total_timesteps=256, env_params={"max_steps_in_episode": 50}
+    )
+    again = ppo_config_for(
+        "Acrobot-v1", total_timesteps=256, num_steps=32, num_envs=4, env_params=[("max_steps_in_episode", 50)]
+    )
     assert first is not again and first == again and hash(first) == hash(again)
     with pytest.raises(ValidationError, match="frozen"):  # a config cannot change under a compiled program
         first.lr = 1.0
@@ -284,8 +303,9 @@ def test_equal_configs_are_one_static_jit_argument_and_one_train_many_program(mo
     assert traces == [4, 8]
 
     built = []
-    monkeypatch.setattr(ppo, "make_train",
-                        lambda config, drift_fn: built.append(config) or (lambda rng, p: {"final_return": p["x"]}))
+    monkeypatch.setattr(
+        ppo, "make_train", lambda config, drift_fn: built.append(config) or (lambda rng, p: {"final_return": p["x"]})
+    )
     ppo._population_fn.cache_clear()
     members = {"x": jnp.arange(2.0)}
     assert train_many(first, member_drift, jax.random.key(0), members, 1).shape == (2, 1)

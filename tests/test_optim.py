@@ -117,9 +117,7 @@ def test_build_schedule_cosine_with_warmup_counts_warmup_in_total_steps():
 def test_build_schedule_linear_with_warmup_matches_joined_optax_schedules():
     spec = {"name": "linear_decay", "lr": 0.1, "total_steps": 1000, "end_lr": 0.01}
     spec["warmup_steps"] = 50
-    expected = optax.join_schedules(
-        [optax.linear_schedule(0.0, 0.1, 50), optax.linear_schedule(0.1, 0.01, 950)], [50]
-    )
+    expected = optax.join_schedules([optax.linear_schedule(0.0, 0.1, 50), optax.linear_schedule(0.1, 0.01, 950)], [50])
     assert np.allclose(values(build_schedule(spec)), oracle(expected))
 
 

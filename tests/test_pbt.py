@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
 from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished, free_port
 from metaopt import cli, tracking
 from metaopt.pbt import lineage, replay, sweep
-from mlflow.tracking import MlflowClient
-from ray.tune import Callback
 
 
 def budget(exp) -> int:
@@ -93,7 +94,9 @@ def test_unreachable_tracking_server_is_one_error_line_before_ray(ray_session, c
     rc = cli.main(["run", str(EXPERIMENTS / "quickstart.yaml"), "--set", f"tracking.uri={uri}"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and time.monotonic() - started < 10
-    assert err.splitlines() == [err.strip()] and err.startswith(f"metaopt: error: tracking.uri: no MLflow server answers at {uri}")
+    assert err.splitlines() == [err.strip()] and err.startswith(
+        f"metaopt: error: tracking.uri: no MLflow server answers at {uri}"
+    )
 
 
 def test_unwritable_sqlite_store_is_one_error_line(ray_session, tmp_path, capsys):
@@ -111,12 +114,26 @@ def test_unwritable_sqlite_store_is_one_error_line(ray_session, tmp_path, capsys
         assert err.splitlines() == [err.strip()] and err.startswith(f"metaopt: error: tracking.uri: {message}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left behind
     # a file MLflow cannot read as its store is only found by the background opener, once Tune has started
-    rc = cli.main(["run", str(EXPERIMENTS / "quickstart_tiny.yaml"), "--set", f"tracking.uri=sqlite:///{blocker}",
-                   "--set", f"ray.storage_path={tmp_path / 'ray_results'}"])
+    rc = cli.main(
+        [
+            "run",
+            str(EXPERIMENTS / "quickstart_tiny.yaml"),
+            "--set",
+            f"tracking.uri=sqlite:///{blocker}",
+            "--set",
+            f"ray.storage_path={tmp_path / 'ray_results'}",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 2, (out, err)
-    assert err.strip().splitlines()[-1].startswith(f"metaopt: error: tracking.uri: MLflow cannot use sqlite:///{blocker}: "
-                                                   "(sqlite3.DatabaseError) file is not a database"), err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"metaopt: error: tracking.uri: MLflow cannot use sqlite:///{blocker}: "
+            "(sqlite3.DatabaseError) file is not a database"
+        )
+    ), err
     assert "Traceback" not in err
 
 
@@ -124,7 +141,9 @@ def test_pbt_sweep_against_mlflow_server(ray_session, tiny, mlflow_server):
     exp = tiny(uri=mlflow_server, name="tiny-on-server")
     summary = sweep.run(exp, verbose=0)
     assert_tracked_sweep(mlflow_server, summary, exp)
-    payload = json.loads(Path(MlflowClient(mlflow_server).download_artifacts(summary.parent_run_id, "schedules.json")).read_text())
+    payload = json.loads(
+        Path(MlflowClient(mlflow_server).download_artifacts(summary.parent_run_id, "schedules.json")).read_text()
+    )
     assert payload["best_trial"] == summary.best_trial
     assert set(payload["trials"]) == {t.trial_id for t in summary.trials}
 
@@ -188,9 +207,13 @@ def test_pb2_sweep_runs_and_rebuilds_schedules(ray_session, tiny):
 
 def test_rllib_ppo_learning_rate_under_pbt(ray_session, tiny):
     exp = tiny(
-        "pbt.task=cartpole_rllib", "pbt.optimizer={name: adam}", "pbt.steps_per_iteration=1",
+        "pbt.task=cartpole_rllib",
+        "pbt.optimizer={name: adam}",
+        "pbt.steps_per_iteration=1",
         "pbt.task_options={train_batch_size: 500, minibatch_size: 100, num_epochs: 4}",
-        "pbt.lr_min=0.0003", "pbt.lr_max=0.003", name="tiny-rllib",
+        "pbt.lr_min=0.0003",
+        "pbt.lr_max=0.003",
+        name="tiny-rllib",
     )
     summary = sweep.run(exp, verbose=0)
     assert summary.metric == "episode_return_mean"
@@ -226,8 +249,14 @@ def run_async_population(tiny, monkeypatch, even_finish: bool):
     from metaopt import even_finish as levelling
 
     monkeypatch.setattr(levelling, "TRIAL_SWITCH_SECONDS", 0.0)  # level even these ~10 ms iterations
-    exp = tiny("pbt.population=4", "pbt.iterations=8", "pbt.perturbation_interval=4", "pbt.synch=false",
-               "pbt.quantile_fraction=0.25", f"pbt.even_finish={str(even_finish).lower()}")
+    exp = tiny(
+        "pbt.population=4",
+        "pbt.iterations=8",
+        "pbt.perturbation_interval=4",
+        "pbt.synch=false",
+        "pbt.quantile_fraction=0.25",
+        f"pbt.even_finish={str(even_finish).lower()}",
+    )
     order = ResultOrder()
     return exp, sweep.run(exp, verbose=0, callbacks=[order]), order.results
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+
 from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import cli, config, tracking
-from mlflow.tracking import MlflowClient
 
 
 def load_tiny(tmp_path, *overrides: str):
@@ -76,7 +77,9 @@ def test_posttrain_sweep_tracks_curriculum_accuracy_and_samples(ray_session, tmp
     client = MlflowClient(exp.tracking.uri)
     experiment = client.get_experiment_by_name("grpo_tiny")
     parent = client.search_runs([experiment.experiment_id], "tags.`metaopt.role` = 'sweep'")[0]
-    assert {"accuracy.png", "curriculum.png", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"accuracy.png", "curriculum.png", "summary.csv"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     children = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id)
     assert len(children) == 2
     child = children[0].info.run_id
@@ -105,9 +108,17 @@ def test_killed_posttrain_trial_in_actor_mode_ends_as_the_uninterrupted_run(ray_
 
     def load(name: str):
         # a warm-up long enough that some completions are right: rewards differ, so every update matters
-        return load_tiny(tmp_path, "posttrain.steps=6", "posttrain.roles.mode=actors", "posttrain.roles.overlap=true",
-                         "posttrain.warmup.steps=150", "posttrain.warmup.lr=0.01", "posttrain.samples_to_log=0",
-                         "posttrain.tasks=[{name: arithmetic, levels: [1]}]", f"ray.storage_path={tmp_path / name}")
+        return load_tiny(
+            tmp_path,
+            "posttrain.steps=6",
+            "posttrain.roles.mode=actors",
+            "posttrain.roles.overlap=true",
+            "posttrain.warmup.steps=150",
+            "posttrain.warmup.lr=0.01",
+            "posttrain.samples_to_log=0",
+            "posttrain.tasks=[{name: arithmetic, levels: [1]}]",
+            f"ray.storage_path={tmp_path / name}",
+        )
 
     (want,) = run(load("reference"), verbose=0)
     killer = KillTrialProcess(at_iteration=2)
@@ -132,22 +143,30 @@ def test_killed_posttrain_trial_in_actor_mode_ends_as_the_uninterrupted_run(ray_
 def test_pbt_adapts_the_learner_lr(ray_session, tmp_path):
     from metaopt.posttrain.sweep import run
 
-    exp = load_tiny(tmp_path, "posttrain.curricula=[sec, uniform]", "posttrain.scheduler=pbt",
-                    "posttrain.pbt_interval=1", "posttrain.samples_to_log=0",
-                    "posttrain.roles.mode=colocated")
+    exp = load_tiny(
+        tmp_path,
+        "posttrain.curricula=[sec, uniform]",
+        "posttrain.scheduler=pbt",
+        "posttrain.pbt_interval=1",
+        "posttrain.samples_to_log=0",
+        "posttrain.roles.mode=colocated",
+    )
     rows = run(exp, verbose=0)
     assert len(rows) == 2 and all(r["error"] is None and r["curves"]["grpo_step"][-1] == 4 for r in rows)
     lrs = {round(lr, 12) for r in rows for lr in r["curves"]["lr"]}
     assert len(lrs) > 1  # both started at optimizer.lr; PBT's explore step gave one of them a new lr
 
 
-@pytest.mark.parametrize("override, field", [
-    ("posttrain.grpo.group_size=1", "posttrain.grpo.group_size"),
-    ("posttrain.tasks=[{name: calculus, levels: [1]}]", "posttrain.tasks"),
-    ("posttrain.curricula=[fancy]", "posttrain.curricula"),
-    ("posttrain.model.heads=3", "posttrain.model.heads"),
-    ("posttrain.optimizer={name: adam}", "posttrain.optimizer.name"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("posttrain.grpo.group_size=1", "posttrain.grpo.group_size"),
+        ("posttrain.tasks=[{name: calculus, levels: [1]}]", "posttrain.tasks"),
+        ("posttrain.curricula=[fancy]", "posttrain.curricula"),
+        ("posttrain.model.heads=3", "posttrain.model.heads"),
+        ("posttrain.optimizer={name: adam}", "posttrain.optimizer.name"),
+    ],
+)
 def test_bad_posttrain_input_is_one_error_line(tmp_path, capsys, override, field):
     path = tmp_path / "grpo.yaml"
     path.write_text((EXPERIMENTS / "grpo_tiny.yaml").read_text())
@@ -169,8 +188,12 @@ def test_missing_model_path_is_one_error_line(tmp_path, capsys):
 def test_packed_weights_round_trip_every_dtype():
     from metaopt.posttrain.roles import pack_weights, unpack_weights
 
-    weights = {"w": torch.randn(3, 4), "b": torch.randn(4).to(torch.bfloat16), "steps": torch.tensor([7, 8]),
-               "empty": torch.zeros(0, 2)}
+    weights = {
+        "w": torch.randn(3, 4),
+        "b": torch.randn(4).to(torch.bfloat16),
+        "steps": torch.tensor([7, 8]),
+        "empty": torch.zeros(0, 2),
+    }
     restored = unpack_weights(pack_weights(weights))
     assert list(restored) == list(weights)
     for name, tensor in weights.items():
@@ -188,8 +211,16 @@ def test_prompts_are_split_evenly_over_rollout_workers():
 def test_a_trial_larger_than_the_cluster_is_one_error_line(ray_session, tmp_path, capsys):
     path = tmp_path / "grpo.yaml"
     path.write_text((EXPERIMENTS / "grpo_tiny.yaml").read_text())
-    rc = cli.main(["run", str(path), "--set", "posttrain.roles.cpus_per_actor=1.5", "--set",
-                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    rc = cli.main(
+        [
+            "run",
+            str(path),
+            "--set",
+            "posttrain.roles.cpus_per_actor=1.5",
+            "--set",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.startswith("metaopt: error: posttrain.roles: one trial needs 3.2 CPUs"), err

@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from metaopt.compat.trl import grpo_oracle
 from metaopt.errors import ConfigError
 from metaopt.posttrain.curriculum import (
@@ -48,7 +50,6 @@ from metaopt.posttrain.tokenizer import (
     load_tokenizer,
 )
 from metaopt.posttrain.warmup import evaluate_accuracy, supervised_warmup
-from transformers import AutoTokenizer
 
 PROMPTS = ["Q:3+4 A:", "Q:12-7 A:", "Q:1 A:", "Q:99*9 A:", "Q:8-29-48 A:", "Q:7 from 1,2 A:"]
 
@@ -69,10 +70,20 @@ def warm_policy():
     taskset = make_taskset([{"name": "arithmetic", "levels": [1]}], seed=0)
     before = evaluate_accuracy(model, tokenizer, taskset, taskset.categories, 50, seed=1, max_new_tokens=4)
     losses = []
-    result = supervised_warmup(model, tokenizer, taskset, taskset.categories, steps=150, batch_size=32, lr=5e-3,
-                               seed=0, progress=lambda step, loss: losses.append((step, loss)))
-    return SimpleNamespace(model=model, tokenizer=tokenizer, taskset=taskset, before=before, result=result,
-                           losses=losses)
+    result = supervised_warmup(
+        model,
+        tokenizer,
+        taskset,
+        taskset.categories,
+        steps=150,
+        batch_size=32,
+        lr=5e-3,
+        seed=0,
+        progress=lambda step, loss: losses.append((step, loss)),
+    )
+    return SimpleNamespace(
+        model=model, tokenizer=tokenizer, taskset=taskset, before=before, result=result, losses=losses
+    )
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -298,7 +309,9 @@ def test_group_advantages_zero_mean_unbiased_std_and_equal_groups():
     assert torch.allclose(adv.reshape(3, 4).sum(1), torch.zeros(3), atol=1e-6)
     assert torch.equal(adv[4:8], torch.zeros(4))  # all-equal group: no signal
     assert torch.allclose(adv[:4], torch.tensor([1, -1, -1, 1]) * 0.5 / (math.sqrt(1 / 3) + 1e-4))
-    assert torch.allclose(group_advantages(rewards, 4, scale=False), (grouped - grouped.mean(1, keepdim=True)).flatten())
+    assert torch.allclose(
+        group_advantages(rewards, 4, scale=False), (grouped - grouped.mean(1, keepdim=True)).flatten()
+    )
     with pytest.raises(ConfigError, match="posttrain.group_size"):
         group_advantages(rewards, 1)
 
@@ -361,8 +374,9 @@ def random_loss_inputs(seed):
 def test_grpo_loss_matches_token_by_token_reference(aggregation):
     logp, old, ref, adv, mask = random_loss_inputs(1)
     loss, _ = grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.04, aggregation=aggregation)
-    expected = reference_grpo_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.04,
-                                   aggregation)
+    expected = reference_grpo_loss(
+        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.04, aggregation
+    )
     assert math.isclose(loss.item(), expected, rel_tol=1e-10)
 
 
@@ -397,7 +411,7 @@ def test_sampler_at_vanishing_temperature_equals_greedy_generate(arch):
     greedy = model.generate(**encoded, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=2)
     for temperature in (1e-6, 0.0):
         batch = sample_completions(model, tokenizer, PROMPTS, 1, 6, temperature, 0)
-        assert torch.equal(batch.completion_ids, greedy[:, encoded["input_ids"].shape[1]:])
+        assert torch.equal(batch.completion_ids, greedy[:, encoded["input_ids"].shape[1] :])
 
 
 def test_sampler_stops_at_eos_like_generate_on_a_warm_policy(warm_policy):
@@ -406,7 +420,7 @@ def test_sampler_stops_at_eos_like_generate_on_a_warm_policy(warm_policy):
     encoded = tokenizer(prompts, padding=True, return_tensors="pt")
     greedy = model.generate(**encoded, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=2)
     batch = sample_completions(model, tokenizer, prompts, 1, 6, 0.0, 0)
-    assert torch.equal(batch.completion_ids, greedy[:, encoded["input_ids"].shape[1]:])
+    assert torch.equal(batch.completion_ids, greedy[:, encoded["input_ids"].shape[1] :])
     assert batch.completion_ids.shape[1] < 6  # every row hit <eos> early
     eos_at = (batch.completion_ids == tokenizer.eos_token_id).int().argmax(1)
     expected_mask = (torch.arange(batch.completion_ids.shape[1])[None] <= eos_at[:, None]).long()
@@ -460,8 +474,14 @@ def logprobs_and_gradients(model, batch, weights, group_size):
     the forward shapes."""
     model.zero_grad(set_to_none=True)
     with ForwardShapes(model) as shapes:
-        logp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1],
-                              batch.temperature, group_size=group_size)
+        logp = token_logprobs(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_mask.shape[1],
+            batch.temperature,
+            group_size=group_size,
+        )
     (logp * weights).mean().backward()
     return logp.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, shapes
 
@@ -504,8 +524,9 @@ def test_grouped_logprobs_fall_back_to_one_full_forward_without_group_structure(
     batch = two_sampled_batches(model, tokenizer, 8)
 
     def check(part, group_size, expected_shapes):
-        plain = token_logprobs(model, part.input_ids, part.attention_mask, part.completion_mask.shape[1],
-                               part.temperature)
+        plain = token_logprobs(
+            model, part.input_ids, part.attention_mask, part.completion_mask.shape[1], part.temperature
+        )
         with ForwardShapes(model) as shapes:
             grouped = batch_logprobs(model, part, group_size)
         assert shapes == expected_shapes
@@ -540,8 +561,9 @@ def test_learner_runs_each_prompt_once_in_minibatches_of_whole_groups():
         (8, [(2, prompt_length), (8, width - 1)] * 2),  # whole groups: shared prompts
         (6, [(6, prompt_length + width)] * 2 + [(1, prompt_length), (4, width - 1)]),  # the last one is a group
     ]:
-        learner = GRPOLearner(model, optimizer_spec={"name": "sgd", "lr": 1e-3}, minibatch_size=minibatch_size,
-                              beta=0.0)
+        learner = GRPOLearner(
+            model, optimizer_spec={"name": "sgd", "lr": 1e-3}, minibatch_size=minibatch_size, beta=0.0
+        )
         with ForwardShapes(model) as shapes:
             learner.step(batch, torch.linspace(-1, 1, 16))
         assert shapes == expected, minibatch_size
@@ -561,8 +583,9 @@ def test_learner_raises_reward_on_a_trivially_learnable_reward():
     tokenizer = build_char_tokenizer("0123")
     model = build_tiny_policy("qwen2", len(tokenizer), 32, 1, 2, 32, seed=0)
     prompts = ["0", "12", "3", "20"]
-    learner = GRPOLearner(model, copy.deepcopy(model), optimizer_spec={"name": "adamw", "lr": 1e-2},
-                          beta=0.04, updates_per_batch=2)
+    learner = GRPOLearner(
+        model, copy.deepcopy(model), optimizer_spec={"name": "adamw", "lr": 1e-2}, beta=0.04, updates_per_batch=2
+    )
     before = starts_with_one_probability(model, tokenizer, prompts)
     gen = torch.Generator().manual_seed(0)
     rewards_seen = []
@@ -574,15 +597,24 @@ def test_learner_raises_reward_on_a_trivially_learnable_reward():
     after = starts_with_one_probability(model, tokenizer, prompts)
     assert before < 0.2 and after > 0.6, (before, after)
     assert np.mean(rewards_seen[-2:]) > np.mean(rewards_seen[:2]) + 0.3
-    assert metrics["optimizer_steps"] == 2 and metrics["kl"] > 0 and set(metrics) >= {"loss", "lr", "grad_norm",
-                                                                                        "clip_fraction"}
+    assert (
+        metrics["optimizer_steps"] == 2
+        and metrics["kl"] > 0
+        and set(metrics) >= {"loss", "lr", "grad_norm", "clip_fraction"}
+    )
 
 
 def test_learner_minibatches_schedule_fixed_old_policy_and_state_round_trip():
     model, tokenizer = make_policy({"hidden": 32, "layers": 1, "heads": 2}, seed=0)
     schedule = {"name": "linear_decay", "lr": 0.05, "total_steps": 8, "end_lr": 0.01}
-    learner = GRPOLearner(model, optimizer_spec={"name": "adamw", "lr": 0.05}, schedule_spec=schedule,
-                          updates_per_batch=2, minibatch_size=8, beta=0.0)
+    learner = GRPOLearner(
+        model,
+        optimizer_spec={"name": "adamw", "lr": 0.05},
+        schedule_spec=schedule,
+        updates_per_batch=2,
+        minibatch_size=8,
+        beta=0.0,
+    )
     batch = sample_completions(model, tokenizer, PROMPTS[:4], 4, 3, 1.0, 0)
     batch.old_logprobs = None  # the learner must take pi_old from one forward before its first update
     advantages = torch.linspace(-1.5, 1.5, 16)
@@ -608,6 +640,13 @@ def test_supervised_warmup_beats_chance_on_arithmetic_level_one(warm_policy):
     assert warm_policy.before == {"arithmetic/L1": 0.0}
     assert result["steps"] == 150 and len(warm_policy.losses) == 150
     assert result["loss"] < result["initial_loss"] / 4
-    after = evaluate_accuracy(warm_policy.model, warm_policy.tokenizer, warm_policy.taskset,
-                              warm_policy.taskset.categories, 50, seed=1, max_new_tokens=4)
+    after = evaluate_accuracy(
+        warm_policy.model,
+        warm_policy.tokenizer,
+        warm_policy.taskset,
+        warm_policy.taskset.categories,
+        50,
+        seed=1,
+        max_new_tokens=4,
+    )
     assert after["arithmetic/L1"] > 0.3  # chance is about 1/19 (answers 0..18)

@@ -166,8 +166,8 @@ def test_state_restores_in_a_new_process(rllib_ray, tmp_path):
         from metaopt.tasks.rllib_ppo import RLlibPPOTask
         with loopback_only():  # the tests' local Ray listens on loopback only: a second driver joins it there
             ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)
-        state = pickle.load(open({str(tmp_path / 'state.pkl')!r}, "rb"))
-        expected = pickle.load(open({str(tmp_path / 'weights.pkl')!r}, "rb"))
+        state = pickle.load(open({str(tmp_path / "state.pkl")!r}, "rb"))
+        expected = pickle.load(open({str(tmp_path / "weights.pkl")!r}, "rb"))
         with RLlibPPOTask({TINY!r}, {{"name": "adam"}}, seed=7) as task:
             task.restore(state)
             got = task.weights()

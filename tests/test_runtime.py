@@ -16,7 +16,9 @@ from metaopt.worker_start import PRELOADED_ENV
 def test_local_ray_workers_run_at_the_configured_niceness(ray_session):
     """The embedded Ray runs its workers at ``ray.worker_niceness`` (default 0), not at Ray's own 15."""
     assert local_ray_options(RayConfig(worker_niceness=7))["_system_config"] == {
-        "worker_niceness": 7, "prestart_worker_first_driver": False}
+        "worker_niceness": 7,
+        "prestart_worker_first_driver": False,
+    }
     assert ray_session.get(ray_session.remote(lambda: os.nice(0)).remote()) == RayConfig().worker_niceness == 0
 
 
@@ -83,14 +85,29 @@ def test_worker_start_preloads_then_runs_the_worker_script_as_python_would(tmp_p
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     (elsewhere / "colorsys.py").write_text("raise RuntimeError('the working directory shadowed colorsys')\n")
-    run = subprocess.run([sys.executable, worker_start.__file__, "colorsys,no_such_module_xyz", str(script),
-                          "--node-ip-address=127.0.0.1", "two words"], capture_output=True, text=True, timeout=60,
-                         cwd=elsewhere)
+    run = subprocess.run(
+        [
+            sys.executable,
+            worker_start.__file__,
+            "colorsys,no_such_module_xyz",
+            str(script),
+            "--node-ip-address=127.0.0.1",
+            "two words",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=elsewhere,
+    )
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout)
     path = seen.pop("path")  # importing Ray (worker_start wraps one of its functions) puts its vendored folder first
-    assert seen == {"argv": [str(script), "--node-ip-address=127.0.0.1", "two words"],
-                    "preloaded": "colorsys", "colorsys_from_stdlib": True, "name": "__main__"}
+    assert seen == {
+        "argv": [str(script), "--node-ip-address=127.0.0.1", "two words"],
+        "preloaded": "colorsys",
+        "colorsys_from_stdlib": True,
+        "name": "__main__",
+    }
     assert str(tmp_path) in path and str(elsewhere) not in path and os.path.dirname(worker_start.__file__) not in path
     assert path.index(str(tmp_path)) < min(i for i, p in enumerate(path) if p.endswith("site-packages"))
     assert "worker preload: cannot import no_such_module_xyz: ModuleNotFoundError" in run.stderr

@@ -38,10 +38,26 @@ def _countdown_candidates(entry: dict) -> list[str]:
     answer, numbers, target = entry["answer"], entry["metadata"]["numbers"], entry["metadata"]["target"]
     first = str(numbers[0])
     return [
-        answer, answer.replace(" ", ""), f"({answer})", f"-(-({answer}))", answer + "+1", "-" + answer,
-        answer.replace("+", "-", 1), answer.replace("*", "+", 1), answer.replace("/", "*", 1),
-        answer + "*" + first, answer.replace(first, "0" + first, 1), str(target), "(" + answer, answer + ")",
-        answer + "=", "x" + answer, "", "   ", answer + " " + first, answer.replace(first, first + ".0", 1),
+        answer,
+        answer.replace(" ", ""),
+        f"({answer})",
+        f"-(-({answer}))",
+        answer + "+1",
+        "-" + answer,
+        answer.replace("+", "-", 1),
+        answer.replace("*", "+", 1),
+        answer.replace("/", "*", 1),
+        answer + "*" + first,
+        answer.replace(first, "0" + first, 1),
+        str(target),
+        "(" + answer,
+        answer + ")",
+        answer + "=",
+        "x" + answer,
+        "",
+        "   ",
+        answer + " " + first,
+        answer.replace(first, first + ".0", 1),
     ]
 
 
@@ -85,8 +101,23 @@ def test_evaluator_is_exact_and_follows_arithmetic_precedence():
 
 @pytest.mark.parametrize(
     "text",
-    ["1/0", "5/(3-3)", "2**3", "2^3", "1.5", "1e3", "abs(3)", "3 4", "(3", "3)", "", "٣+1", "10" * 20,
-     "99999999999999*99999999999999*99999999999999", "1/99999999999999/99999999999999/99999999999999"],
+    [
+        "1/0",
+        "5/(3-3)",
+        "2**3",
+        "2^3",
+        "1.5",
+        "1e3",
+        "abs(3)",
+        "3 4",
+        "(3",
+        "3)",
+        "",
+        "٣+1",
+        "10" * 20,
+        "99999999999999*99999999999999*99999999999999",
+        "1/99999999999999/99999999999999/99999999999999",
+    ],
 )
 def test_evaluator_rejects_everything_outside_its_bounded_grammar(text):
     with pytest.raises(ExpressionError):
@@ -146,6 +177,7 @@ def test_posttrain_scoring_never_calls_sympy_parse_expr_or_eval(monkeypatch):
         def record(*args, **kwargs):
             calls.append((name, str(args)[:80]))
             raise AssertionError(f"{name} called while scoring")
+
         return record
 
     monkeypatch.setattr(sympy_parser, "parse_expr", forbidden("sympy parse_expr"))
@@ -260,13 +292,15 @@ def test_redact_uri_hides_userinfo_and_nothing_else(uri, redacted):
 
 def test_redact_config_walks_a_nested_config_without_changing_it():
     config = {
-        "name": "x", "seed": 3,
+        "name": "x",
+        "seed": 3,
         "tracking": {"uri": "http://alice:s3cret@mlflow:5000", "experiment": "e"},
         "extra": [{"db": "postgresql://bob:hunter2@db/m"}, ("sqlite:///m.db", 1.5)],
     }
     redacted = redact_config(config)
     assert redacted == {
-        "name": "x", "seed": 3,
+        "name": "x",
+        "seed": 3,
         "tracking": {"uri": "http://***@mlflow:5000", "experiment": "e"},
         "extra": [{"db": "postgresql://***@db/m"}, ("sqlite:///m.db", 1.5)],
     }
@@ -285,16 +319,26 @@ def test_credentials_travel_in_the_job_environment_not_its_command_line(tmp_path
     assert "alice" not in command and "p%40ss" not in command and "hunter" not in command and "bob" not in command
     assert env_vars[jobs.MLFLOW_USERNAME_ENV] == "alice" and env_vars[jobs.MLFLOW_PASSWORD_ENV] == "p@ss/word"
     assert jobs.runtime_env(tmp_path, env_vars=env_vars)["env_vars"] == {
-        "RAY_JOB_STOP_WAIT_TIME_S": str(jobs.JOB_STOP_WAIT_S), **env_vars}
+        "RAY_JOB_STOP_WAIT_TIME_S": str(jobs.JOB_STOP_WAIT_S),
+        **env_vars,
+    }
     # Ray runs the entrypoint with a shell: the job's process gets the real values, one argument each.
     arguments = command.split(" run ", 1)[1]
     shell = subprocess.run(
         ["sh", "-c", f'for word in {arguments}; do printf "%s\\n" "$word"; done'],
-        env={**os.environ, **env_vars}, capture_output=True, text=True, check=True,
+        env={**os.environ, **env_vars},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert shell.stdout.splitlines() == [
-        "experiments/x.yaml", "--set", "pbt.population=4", "--set", "tracking.uri=http://mlflow:5000",
-        "--set", "extra.db=postgresql://bob:hunter 2$x@db/m",
+        "experiments/x.yaml",
+        "--set",
+        "pbt.population=4",
+        "--set",
+        "tracking.uri=http://mlflow:5000",
+        "--set",
+        "extra.db=postgresql://bob:hunter 2$x@db/m",
     ]
 
 
@@ -322,10 +366,22 @@ def test_upload_leaves_out_keys_credentials_vcs_and_local_tracking_stores(tmp_pa
 
     root = tmp_path / "project"
     files = [
-        "train.py", "experiments/x.yaml", "data/[set]/keep.csv",
-        ".git/config", ".ssh/id_ed25519", ".aws/credentials", ".env", "server.pem", "certs/ca.pem",
-        ".ray/auth_token", "mlflow.db", "mlruns/0/meta.yaml", "mlartifacts/1/model.pt",
-        "stores/[x]/runs.db", "stores/[x]/runs.db-wal", "sub/.env",
+        "train.py",
+        "experiments/x.yaml",
+        "data/[set]/keep.csv",
+        ".git/config",
+        ".ssh/id_ed25519",
+        ".aws/credentials",
+        ".env",
+        "server.pem",
+        "certs/ca.pem",
+        ".ray/auth_token",
+        "mlflow.db",
+        "mlruns/0/meta.yaml",
+        "mlartifacts/1/model.pt",
+        "stores/[x]/runs.db",
+        "stores/[x]/runs.db-wal",
+        "sub/.env",
     ]
     for name in files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -345,8 +401,10 @@ def test_upload_leaves_out_keys_credentials_vcs_and_local_tracking_stores(tmp_pa
 def test_redact_text_hides_credentials_anywhere_in_a_message_even_with_slashes_or_at_signs():
     from metaopt.redact import redact_text
 
-    message = ("API request to http://alice:s3cret@127.0.0.1:9/api failed; db postgresql://u:pa/ss@db/x; "
-               "odd http://u:p@ss@host/x; quoted 'https://tok@b/c'")
+    message = (
+        "API request to http://alice:s3cret@127.0.0.1:9/api failed; db postgresql://u:pa/ss@db/x; "
+        "odd http://u:p@ss@host/x; quoted 'https://tok@b/c'"
+    )
     redacted = redact_text(message)
     assert not any(secret in redacted for secret in ("s3cret", "pa/ss", "p@ss", "tok@"))
     assert "http://***@127.0.0.1:9/api" in redacted and "postgresql://***@db/x" in redacted

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from metaopt import session as session_module
 from metaopt import tracking
 from metaopt.errors import ConfigError
@@ -105,7 +106,9 @@ def test_seeding_leaves_existing_stores_alone_and_rebuilds_a_broken_template(tmp
     assert not tracking.seed_sqlite_store(f"sqlite:///{existing}")
     assert existing.read_bytes() == b"someone's data"
     assert not tracking.seed_sqlite_store(f"sqlite:///{tmp_path / 'opts.db'}?mode=rw")  # options: MLflow's way
-    assert not tracking.seed_sqlite_store("http://127.0.0.1:5000") and not tracking.seed_sqlite_store("sqlite:///:memory:")
+    assert not tracking.seed_sqlite_store("http://127.0.0.1:5000") and not tracking.seed_sqlite_store(
+        "sqlite:///:memory:"
+    )
     spaced = tmp_path / "my runs.db"
     assert tracking.seed_sqlite_store(f"sqlite:///{tmp_path}/my%20runs.db") and tracking.is_sqlite_file(spaced)
     spaced.unlink()  # the file SQLAlchemy opens for that URI, not one named with the %20

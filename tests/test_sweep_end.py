@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from conftest import EXPERIMENTS, REPO, KillTrialProcess
+from conftest import EXPERIMENTS, KillTrialProcess
 from metaopt import session as session_mod
 from metaopt.errors import ConfigError
 
@@ -34,8 +34,12 @@ def statuses(uri: str, experiment: str) -> dict[str, str]:
 
 
 def tiny_args(tmp_path: Path, *overrides: str) -> list[str]:
-    sets = [f"ray.storage_path={tmp_path / 'ray_results'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "ray.num_cpus=2", *overrides]
+    sets = [
+        f"ray.storage_path={tmp_path / 'ray_results'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "ray.num_cpus=2",
+        *overrides,
+    ]
     return [str(EXPERIMENTS / "quickstart_tiny.yaml"), *[a for s in sets for a in ("--set", s)]]
 
 
@@ -44,7 +48,11 @@ def tiny_args(tmp_path: Path, *overrides: str) -> list[str]:
 
 def test_config_error_pickles_with_its_field_and_problem():
     err = pickle.loads(pickle.dumps(ConfigError("pbt.seed", "must be >= 0 (got -1)")))
-    assert (err.field, err.problem, str(err)) == ("pbt.seed", "must be >= 0 (got -1)", "pbt.seed: must be >= 0 (got -1)")
+    assert (err.field, err.problem, str(err)) == (
+        "pbt.seed",
+        "must be >= 0 (got -1)",
+        "pbt.seed: must be >= 0 (got -1)",
+    )
 
 
 def test_a_config_error_raised_in_a_trial_reaches_the_summary_as_its_own_line(ray_session, tmp_path):
@@ -82,8 +90,9 @@ def test_outcome_status_and_exit_code():
 def test_signal_to_metaopt_run_marks_every_run_killed_and_exits_128_plus_signal(tmp_path, signum, code):
     args = tiny_args(tmp_path, "pbt.iterations=400", "pbt.steps_per_iteration=10", "pbt.synch=false")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([str(METAOPT), "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=tmp_path, env=env)
+    process = subprocess.Popen(
+        [str(METAOPT), "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env
+    )
     lines: list[str] = []
     results_seen = threading.Event()
 
@@ -199,8 +208,9 @@ def test_a_store_locked_by_another_driver_mid_sweep_is_retried_and_nothing_is_lo
         assert sorted(m.step for m in history) == [1, 2, 3]
 
 
-def test_writes_mlflow_keeps_refusing_are_given_up_with_a_warning_and_training_completes(ray_session, tiny, monkeypatch,
-                                                                                        capsys):
+def test_writes_mlflow_keeps_refusing_are_given_up_with_a_warning_and_training_completes(
+    ray_session, tiny, monkeypatch, capsys
+):
     from mlflow.exceptions import MlflowException
 
     from metaopt import tracking
@@ -287,7 +297,6 @@ def test_after_one_given_up_write_later_writes_get_one_try_until_mlflow_answers_
 
 def test_mlflow_errors_quoting_a_uri_with_credentials_are_printed_redacted(monkeypatch, capsys):
     from conftest import free_port
-
     from metaopt import tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -315,8 +324,16 @@ def test_runs_opened_in_the_same_second_get_their_own_names(ray_session, tiny, m
 
 def test_two_runs_started_together_on_one_store_both_succeed_in_their_own_folders(tmp_path):
     args = tiny_args(tmp_path, "pbt.iterations=2", "ray.num_cpus=1", "pbt.population=2", "ray.cpus_per_trial=0.5")
-    processes = [subprocess.Popen([str(METAOPT), "run", *args, "--quiet"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, cwd=tmp_path) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [str(METAOPT), "run", *args, "--quiet"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], "\n---\n".join(outputs)
     folders = sorted(p.name for p in (tmp_path / "ray_results").iterdir())
@@ -329,8 +346,9 @@ def test_two_runs_started_together_on_one_store_both_succeed_in_their_own_folder
 # --- secrets ------------------------------------------------------------------------------------------------------
 
 
-def test_credentials_in_the_tracking_uri_reach_no_param_artifact_or_terminal_line(ray_session, tiny, mlflow_server,
-                                                                                   tmp_path, capsys):
+def test_credentials_in_the_tracking_uri_reach_no_param_artifact_or_terminal_line(
+    ray_session, tiny, mlflow_server, tmp_path, capsys
+):
     from metaopt.pbt.sweep import run
 
     secret_uri = mlflow_server.replace("http://", "http://alice:s3cret-pw@")

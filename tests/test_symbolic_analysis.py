@@ -84,22 +84,42 @@ INVALID = [
     ("norm of a scalar", P(stmt("n", "norm", "lr"), UPDATE), 0, "norm(scalar) is not defined"),
     ("dot of a scalar", P(UPDATE, stmt("d", "dot", "g", "lr")), 1, "dot(tensor, scalar) is not defined"),
     ("cosine_sim of constants", P(stmt("c", "cosine_sim", 1.0, 2.0), UPDATE), 0, "cosine_sim(scalar, scalar)"),
-    ("clip_by_global_norm of a scalar", P(stmt("u", "clip_by_global_norm", "lr", 1.0), UPDATE), 0,
-     "clip_by_global_norm(scalar, scalar) is not defined"),
+    (
+        "clip_by_global_norm of a scalar",
+        P(stmt("u", "clip_by_global_norm", "lr", 1.0), UPDATE),
+        0,
+        "clip_by_global_norm(scalar, scalar) is not defined",
+    ),
     ("update ends as a scalar", P(stmt("update", "norm", "g")), None, "output 'update' is a scalar"),
     ("m ends as a scalar", P(UPDATE, stmt("m", "dot", "g", "m")), None, "output 'm' is a scalar"),
-    ("update reassigned to a scalar", P(UPDATE, stmt("update", "global_norm", "update")), None,
-     "output 'update' is a scalar"),
+    (
+        "update reassigned to a scalar",
+        P(UPDATE, stmt("update", "global_norm", "update")),
+        None,
+        "output 'update' is a scalar",
+    ),
     ("update never assigned", P(stmt("t", "square", "g")), None, "output 'update' is never assigned"),
     ("empty program", P(), None, "output 'update' is never assigned"),
-    ("use before definition", P(stmt("update", "mul", "t", "lr"), stmt("t", "square", "g")), 0,
-     "'t' is used before it is defined"),
-    ("reads update before assigning it", P(stmt("m", "interp", "g", "update", 0.9), UPDATE), 0,
-     "'update' is used before it is defined"),
+    (
+        "use before definition",
+        P(stmt("update", "mul", "t", "lr"), stmt("t", "square", "g")),
+        0,
+        "'t' is used before it is defined",
+    ),
+    (
+        "reads update before assigning it",
+        P(stmt("m", "interp", "g", "update", 0.9), UPDATE),
+        0,
+        "'update' is used before it is defined",
+    ),
     ("assigns a named constant", P(stmt("pi", "square", "g"), UPDATE), 0, "reserved name 'pi'"),
     ("non-finite constant", P(Statement("update", "mul", (Var("g"), Const(math.nan)))), 0, "not a finite number"),
-    ("unknown named constant", P(Statement("update", "mul", (Var("g"), Const(1.0, "tau")))), 0,
-     "unknown named constant 'tau'"),
+    (
+        "unknown named constant",
+        P(Statement("update", "mul", (Var("g"), Const(1.0, "tau")))),
+        0,
+        "unknown named constant 'tau'",
+    ),
 ]
 
 
@@ -134,15 +154,15 @@ def test_prune_adamw_with_dead_statements_returns_adamw():
 
 def test_live_statements_with_reassignment():
     program = P(
-        stmt("x", "square", "g"),        # 0 dead: x is reassigned before any read
-        stmt("x", "abs", "g"),           # 1 live
+        stmt("x", "square", "g"),  # 0 dead: x is reassigned before any read
+        stmt("x", "abs", "g"),  # 1 live
         stmt("update", "mul", "x", "lr"),  # 2 dead: update reassigned at 4 without a read
-        stmt("y", "sqrt", "x"),          # 3 live
+        stmt("y", "sqrt", "x"),  # 3 live
         stmt("update", "mul", "y", "lr"),  # 4 live
-        stmt("x", "exp", "update"),      # 5 dead: x is no output
+        stmt("x", "exp", "update"),  # 5 dead: x is no output
         stmt("m", "interp", "g", "m", 0.9),  # 6 live
         stmt("v", "add", "m", "update"),  # 7 dead: v reassigned at 8 without a read
-        stmt("v", "square", "g"),        # 8 live
+        stmt("v", "square", "g"),  # 8 live
         stmt("update", "mul", "update", 2.0),  # 9 live, and it keeps 4 live through the read
     )
     assert live_statements(program) == [1, 3, 4, 6, 8, 9]
@@ -161,8 +181,12 @@ def test_training_outputs_follow_state_across_steps():
     fresh = P(stmt("v", "mul", "g", "g"), stmt("update", "mul", "v", "lr"))
     assert training_outputs(fresh) == {"update"}
     # m and v are written but update never reads them: they cannot change training
-    unread = P(stmt("m", "interp", "g", "m", 0.9), stmt("v", "square", "m"), stmt("s", "sign", "g"),
-               stmt("update", "mul", "s", "lr"))
+    unread = P(
+        stmt("m", "interp", "g", "m", 0.9),
+        stmt("v", "square", "m"),
+        stmt("s", "sign", "g"),
+        stmt("update", "mul", "s", "lr"),
+    )
     assert training_outputs(unread) == {"update"}
     assert live_statements(unread) == [0, 1, 2, 3]  # per-step liveness keeps them: m and v are outputs
     assert prune_for_training(unread) == P(stmt("s", "sign", "g"), stmt("update", "mul", "s", "lr"))
@@ -175,8 +199,13 @@ def test_programs_differing_only_in_unread_state_hash_equal_and_train_identicall
     from metaopt.symbolic.export import ProgramOptimizer
 
     sign_sgd = P(stmt("s", "sign", "g"), stmt("update", "mul", "s", "lr"))
-    with_state = P(stmt("m", "interp", "g", "m", 0.9), stmt("v", "square", "m"), stmt("s", "sign", "g"),
-                   stmt("update", "mul", "s", "lr"), stmt("m", "exp", "m"))  # m overflows; update never reads it
+    with_state = P(
+        stmt("m", "interp", "g", "m", 0.9),
+        stmt("v", "square", "m"),
+        stmt("s", "sign", "g"),
+        stmt("update", "mul", "s", "lr"),
+        stmt("m", "exp", "m"),
+    )  # m overflows; update never reads it
     reads_state = P(stmt("m", "interp", "g", "m", 0.9), stmt("s", "sign", "m"), stmt("update", "mul", "s", "lr"))
     assert functional_hash(with_state) == functional_hash(sign_sgd)
     assert functional_hash(reads_state) != functional_hash(sign_sgd)
@@ -202,12 +231,19 @@ def test_programs_differing_only_in_unread_state_hash_equal_and_train_identicall
 def test_functional_hash_equal_for_equivalent_programs():
     base = functional_hash(adamw_program())
     assert len(base) == 64 and functional_hash(adamw_program()) == base
-    renamed = Program(tuple(
-        Statement({"g2": "a", "sqrt_v": "b", "wd": "c"}.get(s.target, s.target), s.op,
-                  tuple(Var({"g2": "a", "sqrt_v": "b", "wd": "c"}.get(a.name, a.name)) if isinstance(a, Var) else a
-                        for a in s.args))
-        for s in adamw_program().statements
-    ))
+    renamed = Program(
+        tuple(
+            Statement(
+                {"g2": "a", "sqrt_v": "b", "wd": "c"}.get(s.target, s.target),
+                s.op,
+                tuple(
+                    Var({"g2": "a", "sqrt_v": "b", "wd": "c"}.get(a.name, a.name)) if isinstance(a, Var) else a
+                    for a in s.args
+                ),
+            )
+            for s in adamw_program().statements
+        )
+    )
     a = adamw_program().statements
     reordered = Program((a[5], a[1], a[0], a[2], a[3], a[4], a[6], a[7], a[8]))
     assert renamed != adamw_program() and reordered != adamw_program()
@@ -364,22 +400,27 @@ def test_simplify_adamw_with_junk():
     assert "before" in text and "after" in text and "|" in text and "prune" in text
 
 
-@pytest.mark.parametrize("denominator", [
-    (stmt("s", "square", "m"), stmt("r", "sqrt", "s")),
-    (stmt("s", "mul", "m", "m"), stmt("r", "sqrt", "s")),
-    (stmt("s", "power", "m", 2.0), stmt("r", "sqrt", "s")),
-    (stmt("r", "abs", "m"),),
-])
+@pytest.mark.parametrize(
+    "denominator",
+    [
+        (stmt("s", "square", "m"), stmt("r", "sqrt", "s")),
+        (stmt("s", "mul", "m", "m"), stmt("r", "sqrt", "s")),
+        (stmt("s", "power", "m", 2.0), stmt("r", "sqrt", "s")),
+        (stmt("r", "abs", "m"),),
+    ],
+)
 def test_simplify_x_over_its_magnitude_is_sign(denominator):
-    program = P(stmt("m", "interp", "g", "m", 0.9), *denominator, stmt("u", "div", "m", "r"),
-                stmt("update", "mul", "u", "lr"))
+    program = P(
+        stmt("m", "interp", "g", "m", 0.9), *denominator, stmt("u", "div", "m", "r"), stmt("update", "mul", "u", "lr")
+    )
     after, steps = rewrite(program, verify=False)
     assert after == P(stmt("m", "interp", "g", "m", 0.9), stmt("u", "sign", "m"), stmt("update", "mul", "u", "lr"))
     assert functional_hash(after) == functional_hash(program)
     assert any("sign" in s for s in steps)
     # the value of m that the denominator reads must be the numerator's: not m / |m_old|
-    stale = P(*denominator, stmt("m", "interp", "g", "m", 0.9), stmt("u", "div", "m", "r"),
-              stmt("update", "mul", "u", "lr"))
+    stale = P(
+        *denominator, stmt("m", "interp", "g", "m", 0.9), stmt("u", "div", "m", "r"), stmt("update", "mul", "u", "lr")
+    )
     assert rewrite(stale, verify=False)[0] == stale
 
 
@@ -404,25 +445,37 @@ def test_nested_interp_constant():
     assert _ops(after) == ["interp", "mul"] and after.statements[0].args[2].value == pytest.approx(c1 * c2)
     assert functional_hash(after) == functional_hash(second)
     # the outer interp reads another m than the inner one: no rewrite
-    moved = P(stmt("c", "interp", "g", "m", c1), stmt("m", "square", "g"), stmt("d", "interp", "c", "m", c2),
-              stmt("update", "mul", "d", "lr"))
+    moved = P(
+        stmt("c", "interp", "g", "m", c1),
+        stmt("m", "square", "g"),
+        stmt("d", "interp", "c", "m", c2),
+        stmt("update", "mul", "d", "lr"),
+    )
     assert rewrite(moved, verify=False)[0] == moved
 
 
 def test_identity_negation_and_folding_rewrites():
     cases = [
-        (P(stmt("t", "mul", "g", 1.0), stmt("u", "add", "t", 0.0), stmt("update", "mul", "u", "lr")),
-         P(stmt("update", "mul", "g", "lr"))),
-        (P(stmt("a", "negative", "g"), stmt("b", "negative", "a"), stmt("update", "mul", "b", "lr")),
-         P(stmt("update", "mul", "g", "lr"))),
+        (
+            P(stmt("t", "mul", "g", 1.0), stmt("u", "add", "t", 0.0), stmt("update", "mul", "u", "lr")),
+            P(stmt("update", "mul", "g", "lr")),
+        ),
+        (
+            P(stmt("a", "negative", "g"), stmt("b", "negative", "a"), stmt("update", "mul", "b", "lr")),
+            P(stmt("update", "mul", "g", "lr")),
+        ),
         (P(stmt("k", "mul", 2.0, 3.0), stmt("update", "mul", "g", "k")), P(stmt("update", "mul", "g", 6.0))),
         # the output is the copy: it takes over the copied computation
         (P(stmt("u", "mul", "g", "lr"), stmt("update", "mul", "u", 1.0)), P(stmt("update", "mul", "g", "lr"))),
         (P(stmt("t", "mul", "g", 0.5), stmt("update", "mul", "t", 4.0)), P(stmt("update", "mul", "g", 2.0))),
-        (P(stmt("a", "abs", "g"), stmt("b", "abs", "a"), stmt("update", "mul", "b", "lr")),
-         P(stmt("a", "abs", "g"), stmt("update", "mul", "a", "lr"))),
-        (P(stmt("u", "interp", "g", "m", 0.0), stmt("x", "max", "u", "u"), stmt("update", "mul", "x", "lr")),
-         P(stmt("update", "mul", "g", "lr"))),
+        (
+            P(stmt("a", "abs", "g"), stmt("b", "abs", "a"), stmt("update", "mul", "b", "lr")),
+            P(stmt("a", "abs", "g"), stmt("update", "mul", "a", "lr")),
+        ),
+        (
+            P(stmt("u", "interp", "g", "m", 0.0), stmt("x", "max", "u", "u"), stmt("update", "mul", "x", "lr")),
+            P(stmt("update", "mul", "g", "lr")),
+        ),
     ]
     for program, expected in cases:
         after, steps = rewrite(program, verify=False)
@@ -462,8 +515,12 @@ def test_score_based_removal():
         return 0.0 if functional_hash(program) == reference else -1.0
 
     report = simplify(lion, score_fn=same_function)
-    assert report.after == P(stmt("c", "interp", "g", "m", 0.9), stmt("s", "sign", "c"),
-                             stmt("update", "mul", "s", "lr"), stmt("m", "interp", "g", "m", 0.99))
+    assert report.after == P(
+        stmt("c", "interp", "g", "m", 0.9),
+        stmt("s", "sign", "c"),
+        stmt("update", "mul", "s", "lr"),
+        stmt("m", "interp", "g", "m", 0.99),
+    )
     assert functional_hash(report.after) == reference
     assert any(step.startswith("score-based") for step in report.steps)
     assert len({functional_hash(p) for p in calls}) == len(calls)  # one score_fn call per function

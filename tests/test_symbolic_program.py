@@ -69,7 +69,9 @@ def test_lion_program_matches_pytorch_optimizer_lion():
     reference_model = mlp()
     program_model = copy.deepcopy(reference_model)
     reference = Lion(reference_model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=wd)
-    optimizer = ProgramOptimizer(program_model.parameters(), lion_program(beta1=0.9, beta2=0.99, weight_decay=wd), lr=lr)
+    optimizer = ProgramOptimizer(
+        program_model.parameters(), lion_program(beta1=0.9, beta2=0.99, weight_decay=wd), lr=lr
+    )
     data = batches(100)
 
     # first step from m = 0: w1 = w0 * (1 - lr * wd) - lr * sign(g1)
@@ -126,12 +128,24 @@ def test_nonfinite_guard():
 
     # only the non-finite entries are zeroed
     g = torch.tensor([0.0, 2.0, -4.0])
-    result = run_program(parse_program(program_text("update = reciprocal(g)")), [torch.zeros(3)], [g],
-                         [torch.zeros(3)], [torch.zeros(3)], 1.0)
+    result = run_program(
+        parse_program(program_text("update = reciprocal(g)")),
+        [torch.zeros(3)],
+        [g],
+        [torch.zeros(3)],
+        [torch.zeros(3)],
+        1.0,
+    )
     assert result.finite is False
     torch.testing.assert_close(result.updates[0], torch.tensor([0.0, 0.5, -0.25]))
-    ok = run_program(parse_program(program_text("update = g * lr")), [torch.zeros(3)], [g], [torch.zeros(3)],
-                     [torch.zeros(3)], torch.tensor(2.0))
+    ok = run_program(
+        parse_program(program_text("update = g * lr")),
+        [torch.zeros(3)],
+        [g],
+        [torch.zeros(3)],
+        [torch.zeros(3)],
+        torch.tensor(2.0),
+    )
     assert ok.finite is True
     torch.testing.assert_close(ok.updates[0], 2 * g)
 
@@ -149,8 +163,14 @@ def three_tensors(seed: int) -> list[np.ndarray]:
 def run_both(body: list[str], w, g, m, v, lr=0.7) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``update`` of a program from the torch interpreter and from program_optax (which returns -update)."""
     program = parse_program(program_text(*body))
-    result = run_program(program, [torch.tensor(x) for x in w], [torch.tensor(x) for x in g],
-                         [torch.tensor(x) for x in m], [torch.tensor(x) for x in v], lr)
+    result = run_program(
+        program,
+        [torch.tensor(x) for x in w],
+        [torch.tensor(x) for x in g],
+        [torch.tensor(x) for x in m],
+        [torch.tensor(x) for x in v],
+        lr,
+    )
     transform = program_optax(program, lr)
     params = [jnp.asarray(x) for x in w]
     state = transform.init(params)._replace(m=[jnp.asarray(x) for x in m], v=[jnp.asarray(x) for x in v])
@@ -181,8 +201,12 @@ def test_global_primitives_match_numpy():
         scale = min(1.0, abs(c) / global_norm)
         check([f"update = clip_by_global_norm(g, {c!r})"], [x * scale for x in g], w, g)
     # the clip threshold may be a per-tensor scalar
-    check(["c = norm(w)", "update = clip_by_global_norm(g, c)"],
-          [x * min(1.0, np.linalg.norm(wi) / global_norm) for x, wi in zip(g, w)], w, g)
+    check(
+        ["c = norm(w)", "update = clip_by_global_norm(g, c)"],
+        [x * min(1.0, np.linalg.norm(wi) / global_norm) for x, wi in zip(g, w)],
+        w,
+        g,
+    )
     check(["update = clip(g, -0.3)"], [np.clip(x, -0.3, 0.3) for x in g], w, g)
     check(["update = interp(g, m, 0.25)"], [0.75 * a + 0.25 * b for a, b in zip(g, m)], w, g, m)
     check(["update = interp(g, m, lr)"], [0.3 * a + 0.7 * b for a, b in zip(g, m)], w, g, m)
@@ -192,25 +216,53 @@ def test_elementwise_primitives_match_numpy():
     w, g, m = three_tensors(3), three_tensors(4), three_tensors(5)
     g = [x * 0.9 for x in g]
     reference = {
-        "abs": np.abs, "cos": np.cos, "sin": np.sin, "tan": np.tan, "arcsin": np.arcsin, "arccos": np.arccos,
-        "arctan": np.arctan, "sinh": np.sinh, "cosh": np.cosh, "tanh": np.tanh, "arcsinh": np.arcsinh,
-        "arccosh": np.arccosh, "arctanh": np.arctanh, "exp": np.exp, "exp2": lambda x: 2.0 ** x,
-        "exp10": lambda x: 10.0 ** x, "expm1": np.expm1, "log": lambda x: np.log(np.abs(x)),
-        "log10": lambda x: np.log10(np.abs(x)), "log2": lambda x: np.log2(np.abs(x)),
-        "sqrt": lambda x: np.sqrt(np.abs(x)), "log1p": np.log1p, "square": np.square, "cube": lambda x: x ** 3,
-        "cbrt": np.cbrt, "sign": np.sign, "reciprocal": lambda x: 1.0 / x, "negative": np.negative,
+        "abs": np.abs,
+        "cos": np.cos,
+        "sin": np.sin,
+        "tan": np.tan,
+        "arcsin": np.arcsin,
+        "arccos": np.arccos,
+        "arctan": np.arctan,
+        "sinh": np.sinh,
+        "cosh": np.cosh,
+        "tanh": np.tanh,
+        "arcsinh": np.arcsinh,
+        "arccosh": np.arccosh,
+        "arctanh": np.arctanh,
+        "exp": np.exp,
+        "exp2": lambda x: 2.0**x,
+        "exp10": lambda x: 10.0**x,
+        "expm1": np.expm1,
+        "log": lambda x: np.log(np.abs(x)),
+        "log10": lambda x: np.log10(np.abs(x)),
+        "log2": lambda x: np.log2(np.abs(x)),
+        "sqrt": lambda x: np.sqrt(np.abs(x)),
+        "log1p": np.log1p,
+        "square": np.square,
+        "cube": lambda x: x**3,
+        "cbrt": np.cbrt,
+        "sign": np.sign,
+        "reciprocal": lambda x: 1.0 / x,
+        "negative": np.negative,
     }
     assert set(reference) == set(UNARY_MATH)
     with np.errstate(all="ignore"):
         for op, fn in reference.items():
             check([f"update = {op}(g)"], [fn(x.astype(np.float64)) for x in g], w, g)
-        binary = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "max": np.maximum,
-                  "min": np.minimum, "power": np.power}
+        binary = {
+            "add": np.add,
+            "sub": np.subtract,
+            "mul": np.multiply,
+            "div": np.divide,
+            "max": np.maximum,
+            "min": np.minimum,
+            "power": np.power,
+        }
         for op, fn in binary.items():
             check([f"update = {op}(g, m)"], [fn(a.astype(np.float64), b) for a, b in zip(g, m)], w, g, m)
             check([f"update = {op}(g, 0.5)"], [fn(a.astype(np.float64), 0.5) for a in g], w, g)
         check(["update = power(2.0, g)"], [2.0 ** a.astype(np.float64) for a in g], w, g)
-        check(["update = power(g, 2.0)"], [a ** 2 for a in g], w, g)
+        check(["update = power(g, 2.0)"], [a**2 for a in g], w, g)
 
 
 # ---- optax export vs optax.lion ---------------------------------------------------------------------------
@@ -220,8 +272,12 @@ def test_program_optax_matches_optax_lion():
     lr, wd = 3e-3, 0.5
     key = jax.random.PRNGKey(0)
     k1, k2, k3 = jax.random.split(key, 3)
-    params = {"w1": jax.random.normal(k1, (5, 16)) * 0.4, "b1": jnp.zeros(16),
-              "w2": jax.random.normal(k2, (16, 3)) * 0.25, "b2": jnp.zeros(3)}
+    params = {
+        "w1": jax.random.normal(k1, (5, 16)) * 0.4,
+        "b1": jnp.zeros(16),
+        "w2": jax.random.normal(k2, (16, 3)) * 0.25,
+        "b2": jnp.zeros(3),
+    }
     xs = jax.random.normal(k3, (100, 32, 5))
     ys = jnp.sin(xs[..., :3] * 2.0)
 
@@ -233,6 +289,7 @@ def test_program_optax_matches_optax_lion():
         def step(p, state, x, y):
             updates, state = transform.update(jax.grad(loss)(p, x, y), state, p)
             return optax.apply_updates(p, updates), state
+
         return step
 
     reference_tx = optax.lion(lr, b1=0.9, b2=0.99, weight_decay=wd)
@@ -244,8 +301,9 @@ def test_program_optax_matches_optax_lion():
         ref_params, ref_state = ref_step(ref_params, ref_state, xs[i], ys[i])
         prog_params, prog_state = prog_step(prog_params, prog_state, xs[i], ys[i])
         for name in params:
-            np.testing.assert_allclose(prog_params[name], ref_params[name], rtol=1e-6, atol=1e-7,
-                                       err_msg=f"step {i + 1} {name}")
+            np.testing.assert_allclose(
+                prog_params[name], ref_params[name], rtol=1e-6, atol=1e-7, err_msg=f"step {i + 1} {name}"
+            )
     assert int(prog_state.count) == 100 and int(prog_state.nonfinite_steps) == 0
 
     # a schedule works too
@@ -284,8 +342,10 @@ def random_program(rng: np.random.Generator) -> Program:
     for index in range(n):
         while True:
             op = str(rng.choice(list(PRIMITIVES)))
-            args = [random_const(rng) if rng.random() < 0.3 else Var(str(rng.choice(list(types))))
-                    for _ in range(PRIMITIVES[op].arity)]
+            args = [
+                random_const(rng) if rng.random() < 0.3 else Var(str(rng.choice(list(types))))
+                for _ in range(PRIMITIVES[op].arity)
+            ]
             kind = result_type(op, [SCALAR if isinstance(a, Const) else types[a.name] for a in args])
             if kind is not None:
                 break
@@ -381,10 +441,18 @@ def test_malformed_text_raises_with_line(text, line, words):
 
 def test_check_program_on_data():
     with pytest.raises(ProgramSyntaxError, match="line 3: .*'nope'"):
-        check_program(Program((Statement("x", "sign", (Var("g"),)), Statement("update", "mul", (Var("nope"), Var("x"))))))
+        check_program(
+            Program((Statement("x", "sign", (Var("g"),)), Statement("update", "mul", (Var("nope"), Var("x")))))
+        )
     with pytest.raises(ValueError):
-        run_program(Program((Statement("update", "frobnicate", (Var("g"),)),)), [torch.zeros(2)],
-                    [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], 0.1)
+        run_program(
+            Program((Statement("update", "frobnicate", (Var("g"),)),)),
+            [torch.zeros(2)],
+            [torch.zeros(2)],
+            [torch.zeros(2)],
+            [torch.zeros(2)],
+            0.1,
+        )
 
 
 # ---- JSON and checkpoints ---------------------------------------------------------------------------------
@@ -424,9 +492,14 @@ def test_program_optimizer_state_dict_round_trip():
 
     # lr lives in the param groups (schedules / PBT change it); a group may carry its own program (even as text)
     layers = mlp(6)
-    two = ProgramOptimizer([{"params": layers[0].parameters()},
-                            {"params": layers[2].parameters(), "program": format_program(lion_program()), "lr": 0.01}],
-                           adamw_program(), lr=0.1)
+    two = ProgramOptimizer(
+        [
+            {"params": layers[0].parameters()},
+            {"params": layers[2].parameters(), "program": format_program(lion_program()), "lr": 0.01},
+        ],
+        adamw_program(),
+        lr=0.1,
+    )
     assert Program.from_json(two.param_groups[1]["program"]) == lion_program()
     before = params_of(layers)
     two.param_groups[0]["lr"] = 0.0

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+
 from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import config, tracking
 from metaopt.optim import build_optimizer, set_learning_rate
@@ -24,7 +26,6 @@ from metaopt.symbolic.search import (
     search_step,
 )
 from metaopt.tasks import build_task
-from mlflow.tracking import MlflowClient
 
 
 def load_tiny(tmp_path: Path, *overrides: str):
@@ -52,8 +53,9 @@ def test_program_optimizer_is_a_metaopt_optimizer_choice():
     b.load_state_dict(a.state_dict())
     from metaopt.symbolic.text import format_program
 
-    ours = build_optimizer(a.parameters(), {"name": "program", "program": format_program(lion_program(weight_decay=0.1)),
-                                            "lr": 1e-2})
+    ours = build_optimizer(
+        a.parameters(), {"name": "program", "program": format_program(lion_program(weight_decay=0.1)), "lr": 1e-2}
+    )
     reference = build_optimizer(b.parameters(), {"name": "lion", "lr": 1e-2, "weight_decay": 0.1})
     x, y = torch.randn(64, 5), torch.randn(64, 3)
     for step in range(30):
@@ -72,7 +74,9 @@ def test_malformed_start_program_names_its_line(tmp_path):
     from metaopt.errors import ConfigError
 
     path = tmp_path / "bad.txt"
-    path.write_text("def train(w, g, m, v, lr):\n    m = interp(g, m, 0.9)\n    update = frobnicate(m)\n    return update, m, v\n")
+    path.write_text(
+        "def train(w, g, m, v, lr):\n    m = interp(g, m, 0.9)\n    update = frobnicate(m)\n    return update, m, v\n"
+    )
     with pytest.raises(ConfigError, match="line 3"):
         load_start_program(str(path))
 
@@ -96,7 +100,7 @@ def test_regularized_evolution_ages_out_and_counts(direct_search):
     assert len(state.history) == 1 + iterations_for(section) * section.batch
     assert len(state.population) == min(section.population, len(state.history))
     # regularized evolution removes the oldest: the survivors are the youngest programs, in order
-    assert [s.index for s in state.population] == [s.index for s in state.history[-section.population:]]
+    assert [s.index for s in state.population] == [s.index for s in state.history[-section.population :]]
     assert state.start.score > 0.3 and math.isfinite(state.start.score)
     assert state.best.score >= state.start.score
     assert all(s.parent is not None and s.parent < s.index for s in state.history[1:])
@@ -140,7 +144,9 @@ def test_killed_search_trial_resumes_and_matches_the_direct_run(ray_session, tmp
     assert killer.killed, "the test did not kill anything"
     assert summary.error is None
     want = SearchState.from_json(direct_search["snapshots"][-1])
-    assert [(h.program_json, h.score) for h in summary.state.history] == [(h.program_json, h.score) for h in want.history]
+    assert [(h.program_json, h.score) for h in summary.state.history] == [
+        (h.program_json, h.score) for h in want.history
+    ]
     assert_runs_finished(exp.tracking.uri, exp.mlflow_experiment, at_least=2)
 
 
@@ -200,18 +206,29 @@ def test_programs_that_raise_or_diverge_score_as_logged_failures():
 PROXY = {"task": "digits", "task_options": {"hidden": [8]}, "steps": 20, "lrs": [1.0], "seeds": 1}
 
 
-@pytest.mark.parametrize("statements, failure", [
-    # always NaN: arcsin of a value > 1 (log and sqrt of the DSL take abs, so they cannot make NaN)
-    ([("a", "abs", "g"), ("b", "add", "a", 2.0), ("update", "arcsin", "b")], "lr 1: non-finite update at step 1"),
-    # inf: division by zero wherever the gradient is not 0
-    ([("z", "sub", "g", "g"), ("update", "div", "g", "z")], "lr 1: non-finite update at step 1"),
-    # finite SGD for two steps, then exp(90) overflows float32 and 0 * inf = NaN: strict, any step fails
-    ([("v", "add", "v", 1.0), ("x", "mul", "v", 30.0), ("t", "exp", "x"), ("t", "mul", "t", 0.0),
-      ("u", "mul", "g", 0.01), ("update", "add", "u", "t")], "lr 1: non-finite update at step 3"),
-    # a NaN state is a failure too, even though the update itself stays finite (arccosh of |w| < 1)
-    ([("update", "mul", "g", 0.01), ("m", "arccosh", "w")],
-     "lr 1: non-finite m at step 1"),
-])
+@pytest.mark.parametrize(
+    "statements, failure",
+    [
+        # always NaN: arcsin of a value > 1 (log and sqrt of the DSL take abs, so they cannot make NaN)
+        ([("a", "abs", "g"), ("b", "add", "a", 2.0), ("update", "arcsin", "b")], "lr 1: non-finite update at step 1"),
+        # inf: division by zero wherever the gradient is not 0
+        ([("z", "sub", "g", "g"), ("update", "div", "g", "z")], "lr 1: non-finite update at step 1"),
+        # finite SGD for two steps, then exp(90) overflows float32 and 0 * inf = NaN: strict, any step fails
+        (
+            [
+                ("v", "add", "v", 1.0),
+                ("x", "mul", "v", 30.0),
+                ("t", "exp", "x"),
+                ("t", "mul", "t", 0.0),
+                ("u", "mul", "g", 0.01),
+                ("update", "add", "u", "t"),
+            ],
+            "lr 1: non-finite update at step 3",
+        ),
+        # a NaN state is a failure too, even though the update itself stays finite (arccosh of |w| < 1)
+        ([("update", "mul", "g", 0.01), ("m", "arccosh", "w")], "lr 1: non-finite m at step 1"),
+    ],
+)
 def test_programs_with_nonfinite_outputs_score_minus_inf_with_the_step(statements, failure):
     """The interpreter's guard zeroes NaN/inf outputs; scoring must not let it pass a broken program off as one
     that just makes no (or fewer) updates."""
@@ -235,8 +252,13 @@ def test_adamw_and_lion_score_finitely_though_adamw_makes_0_over_0():
     assert adamw.failure is None and adamw.score > 0.3
     lion = score_program(lion_program().to_json(), {**PROXY, "steps": 30, "lrs": [1e-3, 3e-3]})
     assert lion.failure is None and math.isfinite(lion.score)
-    lm = {"task": "tiny_lm", "task_options": {"seq_len": 16, "d_model": 16, "train_sequences": 64, "val_sequences": 32},
-          "steps": 10, "lrs": [1.0], "seeds": 1}
+    lm = {
+        "task": "tiny_lm",
+        "task_options": {"seq_len": 16, "d_model": 16, "train_sequences": 64, "val_sequences": 32},
+        "steps": 10,
+        "lrs": [1.0],
+        "seeds": 1,
+    }
     assert score_program(adamw_program().to_json(), lm).failure is None  # embedding rows of unseen tokens
     task = build_task("digits", {"hidden": [8]}, {"name": "program", "program": adamw_program().to_json()}, seed=0)
     with raise_on_nonfinite():
@@ -246,8 +268,10 @@ def test_adamw_and_lion_score_finitely_though_adamw_makes_0_over_0():
     # outside the search the guard stays a safety net; inside raise_on_nonfinite the same step raises
     model = torch.nn.Linear(3, 2)
     model(torch.randn(4, 3)).sum().backward()
-    user = ProgramOptimizer(model.parameters(), "def train(w, g, m, v, lr):\n    u = w + 5\n"
-                                                "    update = arcsin(u)\n    return update, m, v\n")
+    user = ProgramOptimizer(
+        model.parameters(),
+        "def train(w, g, m, v, lr):\n    u = w + 5\n    update = arcsin(u)\n    return update, m, v\n",
+    )
     before = [p.detach().clone() for p in model.parameters()]
     user.step()
     assert user.last_finite is False and user.nonfinite_steps == 1 and user.steps == 1

@@ -747,8 +747,10 @@ def _step_into(annotation: Any, part: Any) -> Any:
         members = [_unwrap(arg) for arg in args if arg is not type(None)]
         for member in members:  # a discriminated union's tag: the member whose literal field equals it
             fields = getattr(member, "model_fields", {})
-            if any(typing.get_origin(f.annotation) is typing.Literal and part in typing.get_args(f.annotation)
-                   for f in fields.values()):
+            if any(
+                typing.get_origin(f.annotation) is typing.Literal and part in typing.get_args(f.annotation)
+                for f in fields.values()
+            ):
                 return member
         for member in members:
             found = _step_into(member, part)

@@ -30,11 +30,11 @@ import reprlib
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 from urllib.parse import unquote, urlsplit
 
 import requests
@@ -47,10 +47,32 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 # environments and caches, VCS data, keys and cloud credentials, and local MLflow stores (the tracking URI's own
 # sqlite file is added per job, see runtime_env).
 EXCLUDES = [
-    ".venv", "*.egg-info", "__pycache__",
-    ".git", ".ssh", ".aws", ".env", ".env.*", ".envrc", "*.pem", "*.key", "*.p12", "id_rsa*", "id_ed25519*",
-    ".netrc", ".pgpass", ".pypirc", ".npmrc", ".kube", ".docker", ".gnupg", ".config/gcloud", ".ray",
-    "mlruns", "mlartifacts", "mlflow.db",
+    ".venv",
+    "*.egg-info",
+    "__pycache__",
+    ".git",
+    ".ssh",
+    ".aws",
+    ".env",
+    ".env.*",
+    ".envrc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "id_rsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".pgpass",
+    ".pypirc",
+    ".npmrc",
+    ".kube",
+    ".docker",
+    ".gnupg",
+    ".config/gcloud",
+    ".ray",
+    "mlruns",
+    "mlartifacts",
+    "mlflow.db",
 ]
 # MLflow's HTTP client reads basic-auth credentials from these variables (mlflow.environment_variables).
 MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
@@ -335,9 +357,9 @@ def resolve_tracking_uri_for_cluster(uri: str, address: str) -> tuple[str, str |
 def _local_store_path(uri: str) -> str | None:
     """The filesystem path behind a sqlite/file/plain-path URI, else None (servers, other databases)."""
     if uri.startswith("sqlite:///"):
-        return uri[len("sqlite:///"):]
+        return uri[len("sqlite:///") :]
     if uri.startswith("file:"):
-        return urlsplit(uri).path or uri[len("file:"):]
+        return urlsplit(uri).path or uri[len("file:") :]
     if "://" in uri or uri.startswith("databricks"):
         return None
     return uri

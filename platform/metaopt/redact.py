@@ -52,7 +52,7 @@ def strip_userinfo(uri: str) -> str:
     """``uri`` without its userinfo (``http://host:5000/x``): for handing on a URI whose credentials travel
     separately (MLflow's ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``)."""
     span = _userinfo_span(uri) if isinstance(uri, str) else None
-    return uri if span is None else uri[: span[0]] + uri[span[1]:]
+    return uri if span is None else uri[: span[0]] + uri[span[1] :]
 
 
 # A URI with userinfo anywhere in a text (an error message quoting the URL it called): up to the last "@"

@@ -139,7 +139,9 @@ def trial_resources(config: RayConfig, available: Resources) -> dict[str, float]
     return {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
 
 
-def with_worker_bundles(per_trial: dict[str, float], workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0):
+def with_worker_bundles(
+    per_trial: dict[str, float], workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0
+):
     """A trial's resources plus one placement-group bundle per helper worker (Ray actors or tasks it starts),
     so the cluster reserves and co-schedules them with the trial; just ``per_trial`` when there are none."""
     if not workers:

@@ -89,7 +89,10 @@ def open_parent(connecting: Future[tuple[MlflowClient, str]], exp: Experiment, r
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("tracking.uri", f"MLflow cannot use {redact_uri(exp.tracking.uri)}: {reason}") from err
-    print(f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {redact_uri(exp.tracking.uri)}", flush=True)
+    print(
+        f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {redact_uri(exp.tracking.uri)}",
+        flush=True,
+    )
     return parent
 
 
@@ -188,8 +191,9 @@ class SweepEnd:
     did not take, and either ``done`` or that the results are partial. A stopped sweep then raises
     :class:`SweepStopped` after its partial summary is logged and printed."""
 
-    def __init__(self, exp: Experiment, session: Session, callback: tracking.MLflowTrialCallback, iterations: int,
-                 started: float):
+    def __init__(
+        self, exp: Experiment, session: Session, callback: tracking.MLflowTrialCallback, iterations: int, started: float
+    ):
         self.exp, self.session, self.callback = exp, session, callback
         self.iterations, self.started = iterations, started
         self.outcome: SweepOutcome | None = None
@@ -239,15 +243,18 @@ class SweepEnd:
                 if unlogged:
                     parent.client.set_tag(parent.run_id, "metaopt.unlogged_writes", str(len(unlogged)))
                 if not finished:
-                    print(f"[metaopt] warning: the sweep's run {parent.run_id} could not be marked {status}; "
-                          "the store shows it RUNNING", flush=True)
+                    print(
+                        f"[metaopt] warning: the sweep's run {parent.run_id} could not be marked {status}; "
+                        "the store shows it RUNNING",
+                        flush=True,
+                    )
                 outcome = SweepOutcome(outcome.trials, outcome.iterations, outcome.stop_signal, tuple(unlogged))
         return outcome, status, parent
 
     def _parent(self) -> tracking.ParentRun | None:
         try:
             return self.session.opening.result()
-        except Exception:  # noqa: BLE001 -- it never opened: nothing to end (the cause is raised elsewhere)
+        except Exception:  # it never opened: nothing to end (the cause is raised elsewhere)
             return None
 
     def _report(self, outcome: SweepOutcome, status: str, parent: tracking.ParentRun | None, exc) -> None:
@@ -255,29 +262,41 @@ class SweepEnd:
         for trial in outcome.failed:
             print(f"[metaopt] trial {trial.trial_id} failed: {trial.error}", flush=True)
         if outcome.unlogged:
-            print(f"[metaopt] warning: MLflow did not take {len(outcome.unlogged)} write(s) of this sweep; first: "
-                  f"{outcome.unlogged[0]}", flush=True)
+            print(
+                f"[metaopt] warning: MLflow did not take {len(outcome.unlogged)} write(s) of this sweep; first: "
+                f"{outcome.unlogged[0]}",
+                flush=True,
+            )
         run = f"the sweep's run {parent.run_id}" if parent else "the sweep"
         if status == "KILLED":
             unfinished = len(outcome.unfinished) if outcome.trials else "some"
             cause = stopping.signal_name(outcome.stop_signal) if outcome.stop_signal else "Tune (trials did not finish)"
             if exc is not None and not isinstance(exc, KeyboardInterrupt):
                 print(f"[metaopt] the partial summary failed: {tracking.first_line(exc)}", flush=True)
-            print(f"[metaopt] stopped by {cause} after {seconds:.1f}s: results are "
-                  f"PARTIAL ({unfinished} of {len(outcome.trials) or 'the'} trials did not finish); {run} and its "
-                  f"open trial runs are marked KILLED. Tune kept its state in "
-                  f"{Path(self.session.storage_path) / self.session.run_name}; a new `metaopt run` starts afresh.",
-                  flush=True)
+            print(
+                f"[metaopt] stopped by {cause} after {seconds:.1f}s: results are "
+                f"PARTIAL ({unfinished} of {len(outcome.trials) or 'the'} trials did not finish); {run} and its "
+                f"open trial runs are marked KILLED. Tune kept its state in "
+                f"{Path(self.session.storage_path) / self.session.run_name}; a new `metaopt run` starts afresh.",
+                flush=True,
+            )
         elif status == "FAILED" and exc is None:
-            print(f"[metaopt] FAILED: {len(outcome.failed)} of {len(outcome.trials)} trials ended in error "
-                  f"({seconds:.1f}s); {run} is marked FAILED. Look at the runs: "
-                  f"{tracking.ui_command(self.exp.tracking.uri)}", flush=True)
+            print(
+                f"[metaopt] FAILED: {len(outcome.failed)} of {len(outcome.trials)} trials ended in error "
+                f"({seconds:.1f}s); {run} is marked FAILED. Look at the runs: "
+                f"{tracking.ui_command(self.exp.tracking.uri)}",
+                flush=True,
+            )
         elif status == "FAILED":
-            print(f"[metaopt] the sweep failed after {seconds:.1f}s ({tracking.first_line(exc)}); {run} is marked FAILED",
-                  flush=True)
+            print(
+                f"[metaopt] the sweep failed after {seconds:.1f}s ({tracking.first_line(exc)}); {run} is marked FAILED",
+                flush=True,
+            )
         else:
-            print(f"[metaopt] done in {seconds:.1f}s. Look at the runs: {tracking.ui_command(self.exp.tracking.uri)}",
-                  flush=True)
+            print(
+                f"[metaopt] done in {seconds:.1f}s. Look at the runs: {tracking.ui_command(self.exp.tracking.uri)}",
+                flush=True,
+            )
 
 
 def signal_number(exc: BaseException) -> int | None:
@@ -285,10 +304,20 @@ def signal_number(exc: BaseException) -> int | None:
     return outcome.stop_signal if outcome is not None else None
 
 
-def fit_tracked(exp: Experiment, session: Session, build_tuner: Callable[..., Any], *, metric: str, iterations: int,
-                trial_row: Callable[[Any], dict[str, Any]], log_results: Callable[..., None],
-                format_table: Callable[[list[dict[str, Any]]], str], callbacks: list[Any] | None, verbose: int,
-                started: float) -> list[dict[str, Any]]:
+def fit_tracked(
+    exp: Experiment,
+    session: Session,
+    build_tuner: Callable[..., Any],
+    *,
+    metric: str,
+    iterations: int,
+    trial_row: Callable[[Any], dict[str, Any]],
+    log_results: Callable[..., None],
+    format_table: Callable[[list[dict[str, Any]]], str],
+    callbacks: list[Any] | None,
+    verbose: int,
+    started: float,
+) -> list[dict[str, Any]]:
     """The part of a grid-style capability's ``run`` after :func:`open_session`: a child MLflow run per trial, a
     compact progress line per result (``verbose`` 1), ``tuner.fit()``, one row per trial, the parent run's
     plots and files (``log_results``), the summary table, and the end of the sweep (:class:`SweepEnd`)."""
@@ -299,10 +328,15 @@ def fit_tracked(exp: Experiment, session: Session, build_tuner: Callable[..., An
 
         progress = [ProgressPrinter(metric, "max", iterations)]
     with SweepEnd(exp, session, trial_callback, iterations, started) as end:
-        tuner = build_tuner(experiment_name=session.run_name, storage_path=session.storage_path,
-                            resources=session.per_trial, max_concurrent_trials=exp.ray.max_concurrent_trials,
-                            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
-                            callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0)
+        tuner = build_tuner(
+            experiment_name=session.run_name,
+            storage_path=session.storage_path,
+            resources=session.per_trial,
+            max_concurrent_trials=exp.ray.max_concurrent_trials,
+            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
+            callbacks=[trial_callback, *progress, *(callbacks or [])],
+            verbose=1 if verbose >= 2 else 0,
+        )
         results = tuner.fit()
         end.conclude(results)
         rows = [trial_row(result) for result in results]

@@ -50,8 +50,11 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
         return
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise ConfigError("tracking.uri", f"no MLflow server answers at {redact_uri(uri)} ({reason}); start one "
-                          "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlflow.db") from None
+        raise ConfigError(
+            "tracking.uri",
+            f"no MLflow server answers at {redact_uri(uri)} ({reason}); start one "
+            "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlflow.db",
+        ) from None
 
 
 def check_sqlite_store(uri: str) -> None:
@@ -67,8 +70,11 @@ def check_sqlite_store(uri: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=path.parent, prefix=".metaopt-check-").close()
     except OSError as err:
-        raise ConfigError("tracking.uri", f"cannot create the MLflow store {path} ({err.strerror or err}); "
-                          "point it somewhere writable, e.g. sqlite:///mlflow.db") from None
+        raise ConfigError(
+            "tracking.uri",
+            f"cannot create the MLflow store {path} ({err.strerror or err}); "
+            "point it somewhere writable, e.g. sqlite:///mlflow.db",
+        ) from None
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -115,7 +121,7 @@ def empty_store_template() -> Path | None:
         engine = sqlalchemy.create_engine(sqlalchemy.engine.URL.create("sqlite", database=str(tmp)))
         try:
             compat_mlflow.build_empty_store(engine)
-        except Exception as err:  # noqa: BLE001 -- only a shortcut: MLflow's own creation follows, and says what is wrong
+        except Exception as err:  # only a shortcut: MLflow's own creation follows, and says what is wrong
             raise OSError(f"cannot build an empty MLflow store: {err}") from err
         finally:
             engine.dispose()
@@ -165,13 +171,35 @@ def seed_sqlite_store(uri: str) -> bool:
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 #: MLflow error codes that no retry can mend: the request itself is wrong.
-_PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+_PERMANENT_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_ALREADY_EXISTS",
+        "RESOURCE_DOES_NOT_EXIST",
+        "BAD_REQUEST",
+        "INVALID_STATE",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+    }
+)
 
 #: Client methods that only write what a sweep reports: given up after the retries (a warning, and the write is
 #: counted in :attr:`ResilientClient.unlogged`) rather than ending a sweep whose trials are healthy.
-_WRITES = frozenset({"log_batch", "log_artifact", "log_artifacts", "log_text", "log_dict", "log_figure", "log_metric",
-                     "log_param", "set_tag", "set_terminated", "update_run"})
+_WRITES = frozenset(
+    {
+        "log_batch",
+        "log_artifact",
+        "log_artifacts",
+        "log_text",
+        "log_dict",
+        "log_figure",
+        "log_metric",
+        "log_param",
+        "set_tag",
+        "set_terminated",
+        "update_run",
+    }
+)
 
 #: What a given-up write returns instead of MLflow's answer (callers that must know, such as ending a run, check).
 GIVEN_UP = object()
@@ -195,7 +223,7 @@ def call_with_retries(call, *args, delays: tuple[float, ...] | None = None, **kw
     for delay in (*(RETRY_DELAYS_S if delays is None else delays), None):
         try:
             return call(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 -- sorted by is_transient; the last failure is raised
+        except Exception as err:  # sorted by is_transient; the last failure is raised
             if delay is None or not is_transient(err):
                 raise
             time.sleep(delay)
@@ -242,14 +270,15 @@ class ResilientClient:
 
             try:
                 answer = call_with_retries(method, *args, delays=() if self.degraded else self.delays, **kwargs)
-            except Exception as err:
+            except Exception as err:  # after the client's retries: tracking trouble, not the trial's
                 if not (isinstance(err, MlflowException) or is_transient(err)):
                     raise
                 what = f"{name} on run {args[0] if args else kwargs.get('run_id', '?')}"
                 self.unlogged.append(f"{what}: {first_line(err)}")
                 self.degraded = True
-                print(f"[metaopt] warning: MLflow did not take {what} ({first_line(err)}); training goes on",
-                      flush=True)
+                print(
+                    f"[metaopt] warning: MLflow did not take {what} ({first_line(err)}); training goes on", flush=True
+                )
                 return GIVEN_UP
             self.degraded = False
             return answer
@@ -257,8 +286,9 @@ class ResilientClient:
         return write
 
 
-def create_run_once(client: ResilientClient, experiment_id: str, run_name: str, tags: dict[str, str],
-                    identity: str | None = None):
+def create_run_once(
+    client: ResilientClient, experiment_id: str, run_name: str, tags: dict[str, str], identity: str | None = None
+):
     """``client.create_run``, retried like other calls, but never twice: a request that timed out may have
     created the run on the server, so before each retry the run is looked up by ``identity`` (an MLflow filter
     that only this run matches; default: its name, unique per sweep)."""
@@ -284,7 +314,7 @@ def connect(uri: str, experiment: str) -> tuple[ResilientClient, str]:
 
     try:
         seed_sqlite_store(uri)
-    except Exception:  # noqa: BLE001 -- seeding is only a shortcut (a cache that cannot be found, say): MLflow makes the store
+    except Exception:  # seeding is only a shortcut (a cache that cannot be found, say): MLflow makes the store
         pass
     # MLflow's HTTP client retries a failing request 7 times with doubling waits (minutes); ours retries every
     # call a few times and then gives writes up, so the sweep is not held for minutes per metric batch.
@@ -429,10 +459,13 @@ class MLflowTrialCallback(Callback):
             try:
                 identity = f"tags.`{PARENT_TAG}` = '{parent.run_id}' and tags.trial_id = '{trial.trial_id}'"
                 run = create_run_once(client, parent.experiment_id, str(trial), tags, identity)
-            except Exception as err:  # noqa: BLE001 -- after the client's retries: tracking trouble, not the trial's
+            except Exception as err:
                 client.unlogged.append(f"the run of trial {trial.trial_id}: {first_line(err)}")
-                print(f"[metaopt] warning: MLflow could not create the run of trial {trial.trial_id} "
-                      f"({first_line(err)}); it trains on untracked", flush=True)
+                print(
+                    f"[metaopt] warning: MLflow could not create the run of trial {trial.trial_id} "
+                    f"({first_line(err)}); it trains on untracked",
+                    flush=True,
+                )
                 self.trial_runs[trial.trial_id] = None
                 return None
             self.trial_runs[trial.trial_id] = run.info.run_id

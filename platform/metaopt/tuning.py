@@ -143,8 +143,9 @@ def checkpoint_config(frequency: int, keep: int, scheduler: Any, callbacks: list
     """Tune's checkpoint config keeping ``keep`` checkpoints per trial, and the callbacks: under PBT the
     deleting is :class:`KeepLastCheckpoints`' (which knows what PBT may restore), otherwise Tune's own."""
     pbt = isinstance(scheduler, PopulationBasedTraining)  # PB2 too
-    config = tune.CheckpointConfig(checkpoint_frequency=frequency, checkpoint_at_end=True,
-                                   num_to_keep=None if pbt else keep)
+    config = tune.CheckpointConfig(
+        checkpoint_frequency=frequency, checkpoint_at_end=True, num_to_keep=None if pbt else keep
+    )
     if pbt and not compat_tune.pbt_state_readable(scheduler):
         # Plain fallback where a Tune release changed it: keep every checkpoint (disk, not results, is at stake).
         return config, callbacks
@@ -189,16 +190,35 @@ class SeededPBT(SeededDecisions, PopulationBasedTraining):
 def lr_pbt(metric: str, interval: int, low: float, high: float, seed: int = 0) -> Any:
     """Synchronous PBT on ``metric`` (max) every ``interval`` iterations; explore draws ``lr`` log-uniformly
     from [low, high] or perturbs it (Jaderberg et al. 2017), its choices seeded by ``seed``."""
-    return SeededPBT(time_attr="training_iteration", metric=metric, mode="max",
-                              perturbation_interval=interval, hyperparam_mutations={"lr": tune.loguniform(low, high)},
-                              synch=True, seed=seed)
+    return SeededPBT(
+        time_attr="training_iteration",
+        metric=metric,
+        mode="max",
+        perturbation_interval=interval,
+        hyperparam_mutations={"lr": tune.loguniform(low, high)},
+        synch=True,
+        seed=seed,
+    )
 
 
-def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any], *, iterations: int,
-               scheduler: Any, max_failures: int, experiment_name: str, storage_path: str,
-               max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
-               reuse_actors: bool = False, cells: list[dict[str, Any]] | None = None,
-               checkpoints_to_keep: int = 2, checkpoint_every: int = 1) -> Any:
+def grid_tuner(
+    trainable: Any,
+    trial_resources: Any,
+    param_space: dict[str, Any],
+    *,
+    iterations: int,
+    scheduler: Any,
+    max_failures: int,
+    experiment_name: str,
+    storage_path: str,
+    max_concurrent_trials: int | None,
+    callbacks: list[Any],
+    verbose: int = 0,
+    reuse_actors: bool = False,
+    cells: list[dict[str, Any]] | None = None,
+    checkpoints_to_keep: int = 2,
+    checkpoint_every: int = 1,
+) -> Any:
     """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint every ``checkpoint_every``
     iterations and at the end (the last ``checkpoints_to_keep`` kept, see :func:`checkpoint_config`).
     ``reuse_actors``: the trainable implements ``reset_config`` and Tune hands its actor (and placement group)
@@ -218,14 +238,21 @@ def grid_tuner(trainable: Any, trial_resources: Any, param_space: dict[str, Any]
         param_space=param_space,
         # PBT must see the whole population (a concurrency limit would hide the trials not started yet); the
         # resources still decide how many train at once, and PBT pauses trials at its synchronous boundaries.
-        tune_config=tune.TuneConfig(max_concurrent_trials=None if scheduler else max_concurrent_trials,
-                                    reuse_actors=reuse_actors, scheduler=scheduler, search_alg=search,
-                                    num_samples=len(cells) if cells else 1),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=None if scheduler else max_concurrent_trials,
+            reuse_actors=reuse_actors,
+            scheduler=scheduler,
+            search_alg=search,
+            num_samples=len(cells) if cells else 1,
+        ),
         run_config=tune.RunConfig(
-            name=experiment_name, storage_path=storage_path, stop={"training_iteration": iterations},
+            name=experiment_name,
+            storage_path=storage_path,
+            stop={"training_iteration": iterations},
             checkpoint_config=checkpoints,
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=callbacks, verbose=verbose,
+            callbacks=callbacks,
+            verbose=verbose,
         ),
     )
 
@@ -276,8 +303,9 @@ class TrialsLeft(tune.Callback):
         self._update(trials)
 
 
-def actor_keeping_search(seed: int, callbacks: list[Any],
-                         cells: list[dict[str, Any]] | None = None) -> tuple[PopulationSearch, list[Any]]:
+def actor_keeping_search(
+    seed: int, callbacks: list[Any], cells: list[dict[str, Any]] | None = None
+) -> tuple[PopulationSearch, list[Any]]:
     """The search algorithm of a Tuner whose trials reuse actors -- a :class:`PopulationSearch`, so a paused or
     finished trial's actor waits for the next trial, over ``cells`` in order when given -- and the callbacks
     with its :class:`TrialsLeft` first."""

@@ -57,7 +57,7 @@ def preload(modules: list[str]) -> list[str]:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001 -- never stop a worker from starting; the trial's import says why
+        except Exception as err:  # never stop a worker from starting; the trial's import says why
             print(f"[metaopt] worker preload: cannot import {name}: {type(err).__name__}: {err}", file=sys.stderr)
         else:
             done.append(name)
@@ -85,8 +85,9 @@ def compat_ray_module() -> ModuleType:
         if err.name != "metaopt":
             raise
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("metaopt", os.path.join(package_dir, "__init__.py"),
-                                                  submodule_search_locations=[package_dir])
+    spec = importlib.util.spec_from_file_location(
+        "metaopt", os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir]
+    )
     package = importlib.util.module_from_spec(spec)
     sys.modules["metaopt"] = package
     spec.loader.exec_module(package)

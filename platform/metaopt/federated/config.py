@@ -132,7 +132,9 @@ def _fedhyper_preset(name: str) -> type[FedHyperBase]:
     """The options model of one preset: FedHyper's constants; its two rules are fixed by the name, not options."""
     server, client_lr = FEDHYPER_PRESETS[name]
     return create_model(
-        f"FedHyperPreset_{name}", __base__=FedHyperBase, __doc__=f"FedHyper, server {server}, client lr {client_lr}.",
+        f"FedHyperPreset_{name}",
+        __base__=FedHyperBase,
+        __doc__=f"FedHyper, server {server}, client lr {client_lr}.",
         name=(Literal[name], name),  # type: ignore[arg-type]  # a Literal of a runtime value
     )
 
@@ -173,7 +175,9 @@ class FederatedSection(StrictModel):
     pbt_interval: int = Field(default=5, ge=1, description="Rounds between PBT exploit/explore steps.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last round.")
     round_timeout_s: float = Field(
-        default=600.0, gt=0, allow_inf_nan=False,
+        default=600.0,
+        gt=0,
+        allow_inf_nan=False,
         description="One deadline per round (s): clients that have not answered by then are left out of it.",
     )
 
@@ -227,8 +231,11 @@ class FederatedSection(StrictModel):
         checked when the run starts (a file submitted to a cluster names a path on the cluster, not here)."""
         samples = {"digits": 1797, "synthetic": 4000}.get(self.dataset)
         if samples is not None and 2 * self.num_clients > samples:
-            raise ConfigError("num_clients", f"{self.num_clients} clients need at least {2 * self.num_clients} "
-                              f"samples (train + validation each); {self.dataset} has {samples}")
+            raise ConfigError(
+                "num_clients",
+                f"{self.num_clients} clients need at least {2 * self.num_clients} "
+                f"samples (train + validation each); {self.dataset} has {samples}",
+            )
 
 
 CAPABILITY = Capability(kind="federated", section=FederatedSection, runner="metaopt.federated.sweep:run")

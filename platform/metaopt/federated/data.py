@@ -49,8 +49,14 @@ def iid_split(num_samples: int, num_clients: int, rng: np.random.Generator) -> l
     return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_clients)]
 
 
-def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
-                    min_size: int = 2, max_tries: int = 100) -> list[np.ndarray]:
+def dirichlet_split(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 2,
+    max_tries: int = 100,
+) -> list[np.ndarray]:
     """Per class, proportions ~ Dirichlet(alpha) over clients; redrawn until every client has ``min_size``."""
     if alpha <= 0:
         raise ConfigError("alpha", f"must be > 0 (got {alpha})")
@@ -65,20 +71,25 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, rng: np.
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise ConfigError(
-        "alpha", f"with alpha {alpha} some of the {num_clients} clients keep getting fewer than {min_size} samples "
-        f"in {max_tries} draws; use fewer clients or a larger alpha"
+        "alpha",
+        f"with alpha {alpha} some of the {num_clients} clients keep getting fewer than {min_size} samples "
+        f"in {max_tries} draws; use fewer clients or a larger alpha",
     )
 
 
-def make_client_shards(data: Dataset, num_clients: int, partition: str, alpha: float, val_fraction: float,
-                       seed: int) -> list[ClientShard]:
+def make_client_shards(
+    data: Dataset, num_clients: int, partition: str, alpha: float, val_fraction: float, seed: int
+) -> list[ClientShard]:
     """Split ``data`` over clients, then each client's part into its own train and validation shards."""
     n = len(data.y)
     if num_clients < 1:
         raise ConfigError("num_clients", f"must be >= 1 (got {num_clients})")
     if num_clients * 2 > n:
-        raise ConfigError("num_clients", f"{num_clients} clients need at least {2 * num_clients} samples "
-                          f"(train + validation each); the dataset has {n}")
+        raise ConfigError(
+            "num_clients",
+            f"{num_clients} clients need at least {2 * num_clients} samples "
+            f"(train + validation each); the dataset has {n}",
+        )
     if not 0 < val_fraction < 1:
         raise ConfigError("val_fraction", f"must be in (0, 1) (got {val_fraction})")
     rng = np.random.default_rng(seed)
@@ -114,8 +125,9 @@ def load_dataset(name: str, root: str | None = None, *, synthetic_samples: int =
         return synthetic_classification(synthetic_samples, seed=seed)
     if name in ("fashion_mnist", "cifar10"):
         if not root:
-            raise ConfigError("data_root", f"{name} needs data_root: a local directory holding its files "
-                              "(nothing is downloaded)")
+            raise ConfigError(
+                "data_root", f"{name} needs data_root: a local directory holding its files (nothing is downloaded)"
+            )
         path = Path(root).expanduser()
         if not path.is_dir():
             raise ConfigError("data_root", f"{path}: no such directory (expected the {name} files there)")
@@ -137,7 +149,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as handle:
         data = handle.read()
     dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 

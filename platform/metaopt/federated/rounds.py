@@ -55,8 +55,16 @@ def _cl_rule(strategy, state: StrategyState, beta_prev, u_k, u_prev, step):
 class FederatedRun:
     """The server side of one federated training over a pool of ``clients`` (in-process or Ray actors)."""
 
-    def __init__(self, shards: list[ClientShard], clients: Clients, strategy, settings: RoundSettings,
-                 in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)):
+    def __init__(
+        self,
+        shards: list[ClientShard],
+        clients: Clients,
+        strategy,
+        settings: RoundSettings,
+        in_features: int,
+        num_classes: int,
+        hidden: tuple[int, ...] = (64,),
+    ):
         self.clients = clients
         self.strategy = strategy
         self.settings = settings
@@ -80,11 +88,21 @@ class FederatedRun:
         return None
 
     def _collect(self, chosen: list[int], lr: float) -> tuple[list[LocalResult], list[int]]:
-        settings = {"round_index": self.round, "epochs": self.settings.epochs, "lr": lr,
-                    "optimizer": self.settings.optimizer, "batch_size": self.settings.batch_size,
-                    "lr_rule": self._lr_rule()}
-        answers = self.clients.train_round(chosen, self.global_params, settings, timeout_s=self.settings.timeout_s,
-                                           restart_wait_s=self.settings.restart_wait_s)
+        settings = {
+            "round_index": self.round,
+            "epochs": self.settings.epochs,
+            "lr": lr,
+            "optimizer": self.settings.optimizer,
+            "batch_size": self.settings.batch_size,
+            "lr_rule": self._lr_rule(),
+        }
+        answers = self.clients.train_round(
+            chosen,
+            self.global_params,
+            settings,
+            timeout_s=self.settings.timeout_s,
+            restart_wait_s=self.settings.restart_wait_s,
+        )
         return answers.results, answers.failed
 
     def run_round(self) -> dict[str, Any]:
@@ -122,8 +140,13 @@ class FederatedRun:
         self.client_lr = lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_params": self.global_params.clone(), "strategy": self.state.to_dict(), "round": self.round,
-                "client_lr": self.client_lr, "rng": self.rng.bit_generator.state}
+        return {
+            "global_params": self.global_params.clone(),
+            "strategy": self.state.to_dict(),
+            "round": self.round,
+            "client_lr": self.client_lr,
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.global_params = saved["global_params"].clone()

@@ -252,7 +252,11 @@ class FedAvg(_Strategy):
         delta = weighted_delta(client_updates)
         lr0 = _resolve_lr0(state, client_updates)
         new = dataclasses.replace(
-            state, round=state.round + 1, lr0=lr0, client_lr=lr0, server_lr=self.options.server_lr,
+            state,
+            round=state.round + 1,
+            lr0=lr0,
+            client_lr=lr0,
+            server_lr=self.options.server_lr,
             last_delta=delta.clone(),
         )
         return global_params + self.options.server_lr * delta, new, lr0
@@ -307,8 +311,14 @@ class FedOpt(_Strategy):
         new_global = global_params + o.server_lr * m / (torch.sqrt(v) + o.tau)
         lr0 = _resolve_lr0(state, client_updates)
         new = dataclasses.replace(
-            state, round=state.round + 1, lr0=lr0, client_lr=lr0, server_lr=o.server_lr,
-            m=m, v=v, last_delta=delta.clone(),
+            state,
+            round=state.round + 1,
+            lr0=lr0,
+            client_lr=lr0,
+            server_lr=o.server_lr,
+            m=m,
+            v=v,
+            last_delta=delta.clone(),
         )
         return new_global, new, lr0
 
@@ -381,7 +391,9 @@ class FedHyper(_Strategy):
     default_name = "fedhyper"
     options: FedHyperBase
     DEFAULT_ALPHA_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
-        "avg": (-math.inf, math.inf), "g": (-0.8, 4.0), "gm": (-0.2, 4.0),
+        "avg": (-math.inf, math.inf),
+        "g": (-0.8, 4.0),
+        "gm": (-0.2, 4.0),
     }
 
     @property
@@ -441,8 +453,15 @@ class FedHyper(_Strategy):
         else:  # fixed, cl (cl clients rescale lr0 per batch themselves)
             next_lr = lr0
         new = dataclasses.replace(
-            state, round=rounds, alpha=alpha, alpha_sl=alpha_sl, lr0=lr0, client_lr=next_lr,
-            server_lr=server_lr, m=m_new, last_delta=delta.clone(),
+            state,
+            round=rounds,
+            alpha=alpha,
+            alpha_sl=alpha_sl,
+            lr0=lr0,
+            client_lr=next_lr,
+            server_lr=server_lr,
+            m=m_new,
+            last_delta=delta.clone(),
         )
         return new_global, new, next_lr
 
@@ -452,8 +471,15 @@ class FedHyper(_Strategy):
         """:func:`cl_beta` with this strategy's N, C, constants and Δ_{t−1} = ``state.last_delta``."""
         o = self.options
         return cl_beta(
-            beta_prev, u_k, u_prev, state.last_delta, o.num_clients_total, o.fraction,
-            gamma_max=o.cl_gamma_max, global_scale=o.cl_global_scale, bounds=o.cl_bounds,
+            beta_prev,
+            u_k,
+            u_prev,
+            state.last_delta,
+            o.num_clients_total,
+            o.fraction,
+            gamma_max=o.cl_gamma_max,
+            global_scale=o.cl_global_scale,
+            bounds=o.cl_bounds,
         )
 
 

@@ -20,8 +20,14 @@ from metaopt.session import fit_tracked, open_session
 
 CURVES = ("accuracy", "global_lr", "client_lr", "client_lr_mean_used", "failed_clients", "round")
 SUMMARY_COLUMNS = ["trial_id", "strategy", "lr", "seed", "final_accuracy", "best_accuracy", "failed_clients"]
-TABLE = (report.Column("strategy", 16, align="<"), report.Column("lr0", 8, "g"), report.Column("seeds", 7),
-         report.Column("final acc", 11, ".4f"), report.Column("± std", 8, ".4f"), report.Column("best acc", 10, ".4f"))
+TABLE = (
+    report.Column("strategy", 16, align="<"),
+    report.Column("lr0", 8, "g"),
+    report.Column("seeds", 7),
+    report.Column("final acc", 11, ".4f"),
+    report.Column("± std", 8, ".4f"),
+    report.Column("best acc", 10, ".4f"),
+)
 
 
 def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
@@ -38,16 +44,32 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         except ConfigError as err:
             raise ConfigError(f"federated.{err.field}", err.problem) from None
         if 2 * section.num_clients > samples:
-            raise ConfigError("federated.num_clients", f"{section.num_clients} clients need at least "
-                              f"{2 * section.num_clients} samples; {section.dataset} has {samples}")
+            raise ConfigError(
+                "federated.num_clients",
+                f"{section.num_clients} clients need at least "
+                f"{2 * section.num_clients} samples; {section.dataset} has {samples}",
+            )
     session = open_session(exp, address, "federated", verbose)
     trials = len(section.strategies) * len(section.lrs) * len(section.seeds)
-    print(f"[metaopt] {trials} federated trainings ({', '.join(section.strategies)} x lrs {section.lrs} x seeds "
-          f"{section.seeds}), {section.num_clients} client actors each, {section.rounds} rounds", flush=True)
+    print(
+        f"[metaopt] {trials} federated trainings ({', '.join(section.strategies)} x lrs {section.lrs} x seeds "
+        f"{section.seeds}), {section.num_clients} client actors each, {section.rounds} rounds",
+        flush=True,
+    )
     build = functools.partial(build_tuner, section)
-    return fit_tracked(exp, session, build, metric="accuracy", iterations=section.rounds, trial_row=trial_row,
-                       log_results=log_results, format_table=format_table, callbacks=callbacks, verbose=verbose,
-                       started=started)
+    return fit_tracked(
+        exp,
+        session,
+        build,
+        metric="accuracy",
+        iterations=section.rounds,
+        trial_row=trial_row,
+        log_results=log_results,
+        format_table=format_table,
+        callbacks=callbacks,
+        verbose=verbose,
+        started=started,
+    )
 
 
 def trial_row(result) -> dict[str, Any]:
@@ -58,7 +80,9 @@ def trial_row(result) -> dict[str, Any]:
     accuracy = curves.get("accuracy", [])
     return {
         "trial_id": report.trial_id(result),
-        "strategy": config.get("strategy"), "lr": config.get("lr"), "seed": config.get("seed"),
+        "strategy": config.get("strategy"),
+        "lr": config.get("lr"),
+        "seed": config.get("seed"),
         "final_accuracy": accuracy[-1] if accuracy else math.nan,
         "best_accuracy": max(accuracy) if accuracy else math.nan,
         "failed_clients": int(sum(curves.get("failed_clients", []))),
@@ -83,8 +107,14 @@ def log_results(parent: tracking.ParentRun, rows: list[dict[str, Any]], exp: Exp
     fig, ax = report.figure(size=(8, 4.5))
     for (strategy, lr), members in groups.items():
         ax.plot(*per_round(members, "accuracy"), label=f"{strategy}, lr0 {lr:g} ({len(members)} seeds)")
-    report.label_axes(ax, x="round", y="validation accuracy (global model)", title=f"{exp.name}: accuracy per strategy",
-                      title_size=10, legend=7)
+    report.label_axes(
+        ax,
+        x="round",
+        y="validation accuracy (global model)",
+        title=f"{exp.name}: accuracy per strategy",
+        title_size=10,
+        legend=7,
+    )
     fig.tight_layout()
     parent.log_figure(fig, "accuracy.png")
     fig, axes = report.figure(1, 2, size=(11, 4))
@@ -95,8 +125,10 @@ def log_results(parent: tracking.ParentRun, rows: list[dict[str, Any]], exp: Exp
     report.label_axes(axes[1], x="round", y="local lr (mean over clients and batches)", log_y=True, legend=7)
     fig.tight_layout()
     parent.log_figure(fig, "learning_rates.png")
-    metrics = {f"{strategy}.lr{lr:g}.final_accuracy": float(np.mean([m["final_accuracy"] for m in members]))
-               for (strategy, lr), members in groups.items()}
+    metrics = {
+        f"{strategy}.lr{lr:g}.final_accuracy": float(np.mean([m["final_accuracy"] for m in members]))
+        for (strategy, lr), members in groups.items()
+    }
     metrics["failed_client_rounds"] = sum(r["failed_clients"] for r in rows)
     parent.log_metrics(metrics)
     parent.log_csv("summary.csv", SUMMARY_COLUMNS, report.csv_rows(rows, SUMMARY_COLUMNS))
@@ -107,6 +139,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for (strategy, lr), members in report.grouped(rows, setting).items():
         finals = [m["final_accuracy"] for m in members]
-        lines.append([strategy, lr, len(members), np.mean(finals), report.seed_std(finals),
-                      np.mean([m["best_accuracy"] for m in members])])
+        lines.append(
+            [
+                strategy,
+                lr,
+                len(members),
+                np.mean(finals),
+                report.seed_std(finals),
+                np.mean([m["best_accuracy"] for m in members]),
+            ]
+        )
     return report.format_table(TABLE, lines)

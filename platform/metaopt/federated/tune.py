@@ -45,12 +45,29 @@ class FederatedTrainable(Trainable):
             self._start_clients(section, int(config["seed"]))
             self.clients_key = key
         shards, in_features, num_classes = self.client_data
-        options = {"num_clients_total": section.num_clients, "fraction": section.fraction} if "cl" in config["strategy"] else {}
-        settings = RoundSettings(fraction=section.fraction, epochs=section.local_epochs, lr0=float(config["lr"]),
-                                 optimizer=section.client_optimizer, batch_size=section.batch_size, seed=int(config["seed"]),
-                                 timeout_s=section.round_timeout_s)
-        self.run = FederatedRun(shards, self.pool, make_strategy(config["strategy"], **options), settings,
-                                in_features, num_classes, tuple(section.hidden))
+        options = (
+            {"num_clients_total": section.num_clients, "fraction": section.fraction}
+            if "cl" in config["strategy"]
+            else {}
+        )
+        settings = RoundSettings(
+            fraction=section.fraction,
+            epochs=section.local_epochs,
+            lr0=float(config["lr"]),
+            optimizer=section.client_optimizer,
+            batch_size=section.batch_size,
+            seed=int(config["seed"]),
+            timeout_s=section.round_timeout_s,
+        )
+        self.run = FederatedRun(
+            shards,
+            self.pool,
+            make_strategy(config["strategy"], **options),
+            settings,
+            in_features,
+            num_classes,
+            tuple(section.hidden),
+        )
 
     def _start_clients(self, section: FederatedSection, seed: int) -> None:
         from metaopt.federated.clients import ClientPool
@@ -59,11 +76,13 @@ class FederatedTrainable(Trainable):
         if self.pool is not None:
             self.pool.close()
         data = load_dataset(section.dataset, section.data_root, seed=seed)
-        shards = make_client_shards(data, section.num_clients, section.partition, section.alpha,
-                                    section.val_fraction, seed=seed)
+        shards = make_client_shards(
+            data, section.num_clients, section.partition, section.alpha, section.val_fraction, seed=seed
+        )
         self.client_data = (shards, input_shape(data), data.num_classes)
-        self.pool = ClientPool(*self.client_data, tuple(section.hidden), cpus=section.cpus_per_client,
-                               gpus=section.gpus_per_client)
+        self.pool = ClientPool(
+            *self.client_data, tuple(section.hidden), cpus=section.cpus_per_client, gpus=section.gpus_per_client
+        )
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         # Another trial on this actor: a fresh server side (Tune loads its checkpoint next, if it has one).
@@ -99,29 +118,55 @@ def clients_key(config: dict[str, Any]) -> str:
     return json.dumps({"exp": config["exp"], "seed": config["seed"]}, sort_keys=True)
 
 
-def build_tuner(section: FederatedSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
-                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
-                checkpoints_to_keep: int = 2) -> tune.Tuner:
+def build_tuner(
+    section: FederatedSection,
+    *,
+    experiment_name: str,
+    storage_path: str,
+    resources: dict[str, float],
+    max_concurrent_trials: int | None,
+    callbacks: list[Any],
+    verbose: int = 0,
+    checkpoints_to_keep: int = 2,
+) -> tune.Tuner:
     """Strategies x initial lrs x seeds as a grid; a checkpoint after every round, the last
     ``checkpoints_to_keep`` kept."""
-    trial_resources = with_worker_bundles(resources, section.num_clients, section.cpus_per_client,
-                                          section.gpus_per_client)
+    trial_resources = with_worker_bundles(
+        resources, section.num_clients, section.cpus_per_client, section.gpus_per_client
+    )
     scheduler = None
     if section.scheduler == "pbt":
-        scheduler = lr_pbt("accuracy", section.pbt_interval, min(section.lrs) / 10, max(section.lrs) * 10,
-                           seed=section.seeds[0])
+        scheduler = lr_pbt(
+            "accuracy", section.pbt_interval, min(section.lrs) / 10, max(section.lrs) * 10, seed=section.seeds[0]
+        )
     # Every strategy x lr x seed, seed-major: consecutive trials then share their clients' shards, and a reused
     # trial actor keeps its client actors (FederatedTrainable.reset_config). A grid_search would order the cells
     # by key name, with the seed changing from one trial to the next.
-    cells = [{"seed": seed, "strategy": strategy, "lr": lr}
-             for seed in section.seeds for strategy in section.strategies for lr in section.lrs]
+    cells = [
+        {"seed": seed, "strategy": strategy, "lr": lr}
+        for seed in section.seeds
+        for strategy in section.strategies
+        for lr in section.lrs
+    ]
     param_space = {
         "exp": section.model_dump(mode="json"),
         "seed": tune.choice(list(section.seeds)),
         "strategy": tune.choice(list(section.strategies)),
         "lr": tune.choice(list(section.lrs)),
     }
-    return grid_tuner(FederatedTrainable, trial_resources, param_space, iterations=section.rounds,
-                      scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
-                      storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
-                      verbose=verbose, reuse_actors=True, cells=cells, checkpoints_to_keep=checkpoints_to_keep)
+    return grid_tuner(
+        FederatedTrainable,
+        trial_resources,
+        param_space,
+        iterations=section.rounds,
+        scheduler=scheduler,
+        max_failures=section.max_failures,
+        experiment_name=experiment_name,
+        storage_path=storage_path,
+        max_concurrent_trials=max_concurrent_trials,
+        callbacks=callbacks,
+        verbose=verbose,
+        reuse_actors=True,
+        cells=cells,
+        checkpoints_to_keep=checkpoints_to_keep,
+    )

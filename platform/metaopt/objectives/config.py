@@ -99,8 +99,10 @@ def check_horizons(envs: list[EnvSpec], horizons: list[float]) -> None:
                 spec.ppo_config(multiplier)
             except ConfigError as err:
                 steps = horizon_steps(spec.total_timesteps, multiplier)
-                raise ConfigError(f"envs.{i}.{ppo_field(err.field)}", f"{err.problem} "
-                                  f"(horizon {multiplier:g} x {spec.total_timesteps} = {steps} steps)") from None
+                raise ConfigError(
+                    f"envs.{i}.{ppo_field(err.field)}",
+                    f"{err.problem} (horizon {multiplier:g} x {spec.total_timesteps} = {steps} steps)",
+                ) from None
 
 
 class LPOSection(StrictModel):

@@ -161,9 +161,7 @@ def _log_ratio(ratio: jax.Array) -> jax.Array:
     return jnp.log(jnp.maximum(ratio, MIN_RATIO))
 
 
-def ppo_drift(
-    params: Any, ratio: Any, advantage: Any, progress: Any = None, *, clip_eps: float = 0.2
-) -> jax.Array:
+def ppo_drift(params: Any, ratio: Any, advantage: Any, progress: Any = None, *, clip_eps: float = 0.2) -> jax.Array:
     """PPO's clipping as a drift (Schulman et al. 2017, eq. 7; Kuba et al. 2022, Sec. 4).
 
     ``D = relu((r - clip(r, 1-eps, 1+eps)) * A)``, so ``r*A - D = min(r*A, clip(r)*A)``.

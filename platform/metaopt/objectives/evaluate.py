@@ -68,8 +68,10 @@ def resolve_objective(spec: str, tracking_uri: str) -> Objective:
         except Exception as err:  # mlflow raises several types for a missing run / artifact
             from metaopt.redact import redact_text
 
-            raise ConfigError("lpo_eval.objectives", redact_text(f"{spec}: no '{DRIFT_ARTIFACT}' artifact at "
-                              f"{tracking_uri} ({str(err).splitlines()[0]})")) from None
+            raise ConfigError(
+                "lpo_eval.objectives",
+                redact_text(f"{spec}: no '{DRIFT_ARTIFACT}' artifact at {tracking_uri} ({str(err).splitlines()[0]})"),
+            ) from None
         return _from_directory(Path(local), spec)
     path = Path(spec).expanduser()
     if not (path / "drift.json").exists():
@@ -105,7 +107,9 @@ def evaluation_trial(config: dict[str, Any]) -> None:
     batch = stack_params([params]) if jax.tree.leaves(params) else {}
     keys = seed_keys(jax.random.PRNGKey(config["seed"]), config["seeds"])
     started = time.perf_counter()
-    returns = PopulationEvaluator().returns(objective.drift, tuple(sorted(objective.options.items())), problem, batch, keys)[0]
+    returns = PopulationEvaluator().returns(
+        objective.drift, tuple(sorted(objective.options.items())), problem, batch, keys
+    )[0]
     tune.report({**return_summary(returns, config["confidence"]), "seconds": time.perf_counter() - started})
 
 
@@ -120,7 +124,8 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     objectives = [resolve_objective(spec, exp.tracking.uri) for spec in section.objectives]
     problems = [
         {"env": spec.env, "total_timesteps": horizon_steps(spec.total_timesteps, h), "ppo": spec.ppo}
-        for spec in section.envs for h in section.horizons
+        for spec in section.envs
+        for h in section.horizons
     ]
     session = open_session(exp, address, "eval", verbose)
     print(f"[metaopt] {len(objectives)} objectives x {len(problems)} env/horizons x {section.seeds} seeds", flush=True)
@@ -131,12 +136,16 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
             param_space={
                 "objective": tune.grid_search([o.__dict__ for o in objectives]),
                 "problem": tune.grid_search(problems),
-                "seeds": section.seeds, "seed": section.seed, "confidence": section.confidence,
+                "seeds": section.seeds,
+                "seed": section.seed,
+                "confidence": section.confidence,
             },
             tune_config=tune.TuneConfig(max_concurrent_trials=exp.ray.max_concurrent_trials),
             run_config=tune.RunConfig(
-                name=session.run_name, storage_path=session.storage_path,
-                callbacks=[trial_callback, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
+                name=session.run_name,
+                storage_path=session.storage_path,
+                callbacks=[trial_callback, *(callbacks or [])],
+                verbose=1 if verbose >= 2 else 0,
             ),
         )
         results = tuner.fit()
@@ -152,7 +161,9 @@ def table_row(result) -> dict[str, Any]:
     return evaluation_row(result.config, result.metrics, result.error)
 
 
-def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: list[dict], problems: list[dict]) -> None:
+def log_evaluation(
+    parent, exp: Experiment, objectives: list[Objective], table: list[dict], problems: list[dict]
+) -> None:
     from metaopt.objectives import plots
     from metaopt.objectives.drifts import make_drift
     from metaopt.objectives.sweep import reference_log_horizon
@@ -164,7 +175,10 @@ def log_evaluation(parent, exp: Experiment, objectives: list[Objective], table: 
         with path.open("w", newline="") as handle:
             csv.writer(handle).writerows(csv_rows(table))
         parent.log_file(path)
-    parent.log_figure(plots.plot_eval_bars(table, f"{exp.name}: final return, {exp.section.confidence:.0%} interval"), "evaluation.png")
+    parent.log_figure(
+        plots.plot_eval_bars(table, f"{exp.name}: final return, {exp.section.confidence:.0%} interval"),
+        "evaluation.png",
+    )
     drifts = {}
     for o in objectives:
         drift_fn, _ = make_drift(o.drift, **o.options)

@@ -58,12 +58,8 @@ PARAMS_FILE = "params.npz"
 
 _FORMULAS = {
     "ppo": "relu((r - clip(r, 1-clip_eps, 1+clip_eps)) * A)",
-    "dpo": (
-        "A >= 0: relu((r-1)*A - alpha*tanh((r-1)*A/alpha)); A < 0: relu(log(r)*A - beta*tanh(log(r)*A/beta))"
-    ),
-    "lpo": (
-        f"relu(tanh(x @ hidden) @ out + relu((r - clip(r, 1-clip_eps, 1+clip_eps)) * A) - {LPO_OFFSET:g})"
-    ),
+    "dpo": ("A >= 0: relu((r-1)*A - alpha*tanh((r-1)*A/alpha)); A < 0: relu(log(r)*A - beta*tanh(log(r)*A/beta))"),
+    "lpo": (f"relu(tanh(x @ hidden) @ out + relu((r - clip(r, 1-clip_eps, 1+clip_eps)) * A) - {LPO_OFFSET:g})"),
     "ta_lpo": (
         "relu(tanh(x @ hidden) @ out + relu((r - clip(r, 1-clip_eps, 1+clip_eps)) * A)"
         f" - {LPO_OFFSET:g}), x includes fraction*x_lpo and log_horizon*x_lpo"
@@ -186,9 +182,7 @@ def read_drift(directory: str | os.PathLike[str]) -> tuple[DriftSpec, dict[str, 
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(str(params_path), f"not a readable .npz archive ({message})") from None
     if set(arrays) != set(expected):
-        raise ConfigError(
-            str(params_path), f"holds arrays {sorted(arrays)}; {spec.name} needs {sorted(expected)}"
-        )
+        raise ConfigError(str(params_path), f"holds arrays {sorted(arrays)}; {spec.name} needs {sorted(expected)}")
     for key, shape in expected.items():
         array = arrays[key]
         if array.shape != shape or not np.issubdtype(array.dtype, np.floating):

@@ -51,7 +51,9 @@ def build_strategy(es: ESConfig, solution: Any):
         "raw": identity_fitness_shaping_fn,
     }[es.fitness_shaping]
     lr = optax.exponential_decay(es.lr, transition_steps=1, decay_rate=es.lr_decay, end_value=es.lr_min)
-    sigma = optax.exponential_decay(es.sigma_init, transition_steps=1, decay_rate=es.sigma_decay, end_value=es.sigma_min)
+    sigma = optax.exponential_decay(
+        es.sigma_init, transition_steps=1, decay_rate=es.sigma_decay, end_value=es.sigma_min
+    )
     return Open_ES(
         population_size=es.population,
         solution=solution,

@@ -47,7 +47,12 @@ def plot_drift_heatmaps(
         for col, (fraction, (ratios, advantages, values)) in enumerate(zip(fractions, grids)):
             ax = axes[row][col]
             image = ax.imshow(
-                values, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=top,
+                values,
+                origin="lower",
+                aspect="auto",
+                cmap="viridis",
+                vmin=0.0,
+                vmax=top,
                 extent=(ratios[0], ratios[-1], advantages[0], advantages[-1]),
             )
             ax.axvline(1.0, color="white", lw=0.6, ls="--")

@@ -204,9 +204,11 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
     log_horizon = jnp.float32(math.log(num_updates))
 
     if config.anneal_lr:
+
         def lr_at(count):
             return config.lr * (1.0 - jnp.minimum(count, total_opt_steps) / total_opt_steps)
     else:
+
         def lr_at(count):
             return jnp.full(jnp.shape(count), config.lr, jnp.float32)
 
@@ -286,8 +288,16 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
             # Values are not computed here: the critic runs once over the whole rollout afterwards (the params do
             # not change during a rollout), which is one large matrix product instead of num_steps small ones.
             transition = _Transition(
-                obs=obs, action=action, log_prob=log_prob, value=jnp.zeros_like(reward), reward=reward,
-                done=ended, ended_return=running_return * ended, ended=ended, cut_short=cut_short, final_obs=final_obs,
+                obs=obs,
+                action=action,
+                log_prob=log_prob,
+                value=jnp.zeros_like(reward),
+                reward=reward,
+                done=ended,
+                ended_return=running_return * ended,
+                ended=ended,
+                cut_short=cut_short,
+                final_obs=final_obs,
             )
             running_return = jnp.where(done, 0.0, running_return)
             return (params, env_state, flat(next_obs), running_return, rng), transition
@@ -344,9 +354,7 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
                 (params, opt_state), aux = jax.lax.scan(minibatch, (params, opt_state), shuffled)
                 return (params, opt_state, rng), aux
 
-            (params, opt_state, rng), aux = jax.lax.scan(
-                epoch, (params, opt_state, rng), None, length=update_epochs
-            )
+            (params, opt_state, rng), aux = jax.lax.scan(epoch, (params, opt_state, rng), None, length=update_epochs)
             metrics = jax.tree.map(jnp.mean, aux)
             count = traj.ended.sum()
             return_sum = traj.ended_return.sum()

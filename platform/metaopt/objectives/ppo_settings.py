@@ -197,8 +197,11 @@ class PPOConfig(PPOSettings):
             known = env_param_names(self.env_name, self.env_kwargs)
             for key, _ in self.env_params:
                 if key not in known:
-                    raise ConfigError("env_params", f"{quote(key)} is not a field of {self.env_name}'s EnvParams; "
-                                      f"allowed: {', '.join(sorted(known))}")
+                    raise ConfigError(
+                        "env_params",
+                        f"{quote(key)} is not a field of {self.env_name}'s EnvParams; "
+                        f"allowed: {', '.join(sorted(known))}",
+                    )
         return self
 
 
@@ -212,7 +215,10 @@ def env_param_names(env_name: str, env_kwargs: tuple[tuple[str, Any], ...] = ())
 
 #: Settings that differ from :class:`PPOSettings`'s defaults, per env family.
 _MINATAR_DEFAULTS: dict[str, Any] = {
-    "num_envs": 64, "num_minibatches": 8, "total_timesteps": 10_000_000, "activation": "relu",
+    "num_envs": 64,
+    "num_minibatches": 8,
+    "total_timesteps": 10_000_000,
+    "activation": "relu",
 }
 _CLASSIC_DEFAULTS: dict[str, Any] = {"lr": 2.5e-3}
 

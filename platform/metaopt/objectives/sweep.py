@@ -16,11 +16,19 @@ from metaopt.session import SweepEnd, open_session
 
 #: Artifact folder of an exported drift, on the parent run (best trial) and on each trial's run.
 DRIFT_ARTIFACT = "drift"
-TABLE = (report.Column("trial", 16, align="<"), report.Column("meta-seed", 10), report.Column("generations", 12),
-         report.Column("fitness", 10, ".3f"), report.Column("start score", 12, ".3f"),
-         report.Column("eval score", 12, ".3f"), report.Column("status", align="<", gap="  "))
-TABLE_NOTE = ("(scores: final mean return normalised by PPO's on the same env and horizon; 1.0 = PPO's baseline "
-              "seeds; start score = the ES mean at generation 0, i.e. PPO's objective, on the evaluation seeds)")
+TABLE = (
+    report.Column("trial", 16, align="<"),
+    report.Column("meta-seed", 10),
+    report.Column("generations", 12),
+    report.Column("fitness", 10, ".3f"),
+    report.Column("start score", 12, ".3f"),
+    report.Column("eval score", 12, ".3f"),
+    report.Column("status", align="<", gap="  "),
+)
+TABLE_NOTE = (
+    "(scores: final mean return normalised by PPO's on the same env and horizon; 1.0 = PPO's baseline "
+    "seeds; start score = the ES mean at generation 0, i.e. PPO's objective, on the evaluation seeds)"
+)
 
 
 @dataclass
@@ -49,7 +57,9 @@ class MetaSummary:
         return next((t for t in self.trials if t.trial_id == self.best_trial), None)
 
 
-def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
+def run_meta_training(
+    exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1
+):
     """The ``lpo`` kind: meta-train on Ray Tune (one trial per meta-seed), log to MLflow, export the drift."""
     from metaopt.objectives.tune import build_tuner
 
@@ -85,13 +95,16 @@ def run_meta_training(exp: Experiment, *, address: str | None = None, callbacks:
         parent = session.parent
         scored = [t for t in trials if math.isfinite(t.mean_score)]
         best = max(scored, key=lambda t: t.mean_score) if scored else None
-        summary = MetaSummary(exp.name, parent.run_id, exp.tracking.uri, trials, best.trial_id if best else None,
-                              time.time() - started)
+        summary = MetaSummary(
+            exp.name, parent.run_id, exp.tracking.uri, trials, best.trial_id if best else None, time.time() - started
+        )
         log_summary(parent, summary, exp, trial_callback.trial_runs)
         print(format_table(summary), flush=True)
     if best:
-        print(f"[metaopt] discovered drift: artifact '{DRIFT_ARTIFACT}/' of run {parent.run_id}; evaluate it with "
-              f"objectives: [ppo, dpo, mlflow:{parent.run_id}] in an lpo_eval experiment")
+        print(
+            f"[metaopt] discovered drift: artifact '{DRIFT_ARTIFACT}/' of run {parent.run_id}; evaluate it with "
+            f"objectives: [ppo, dpo, mlflow:{parent.run_id}] in an lpo_eval experiment"
+        )
     return summary
 
 
@@ -131,20 +144,27 @@ def log_summary(parent: tracking.ParentRun, summary: MetaSummary, exp: Experimen
         if t.drift_dir and trial_runs.get(t.trial_id):
             parent.client.log_artifacts(trial_runs[t.trial_id], t.drift_dir, DRIFT_ARTIFACT)
     curves = {t.trial_id: {**t.curves, "start_mean_score": t.start_mean_score} for t in summary.trials}
-    parent.log_figure(plots.plot_meta_curves(curves, summary.best_trial, f"{exp.name}: meta-training"), "meta_training.png")
+    parent.log_figure(
+        plots.plot_meta_curves(curves, summary.best_trial, f"{exp.name}: meta-training"), "meta_training.png"
+    )
     best = summary.best()
-    parent.log_metrics({
-        "best_mean_score": best.mean_score if best else math.nan,
-        "failed_trials": sum(bool(t.error) for t in summary.trials),
-        "wall_seconds": summary.wall_seconds,
-    })
+    parent.log_metrics(
+        {
+            "best_mean_score": best.mean_score if best else math.nan,
+            "failed_trials": sum(bool(t.error) for t in summary.trials),
+            "wall_seconds": summary.wall_seconds,
+        }
+    )
     if best and best.drift_dir:
         parent.client.log_artifacts(parent.run_id, best.drift_dir, DRIFT_ARTIFACT)
         drift_fn, params = load_drift(best.drift_dir)
         section = exp.section
         log_horizon = reference_log_horizon(section.envs[0].env, section.envs[0].total_timesteps, section.envs[0].ppo)
         figure = plots.plot_drift_heatmaps(
-            {f"{section.drift} (best)": (drift_fn, params)}, [0.0, 0.5, 1.0], log_horizon, f"{exp.name}: discovered drift"
+            {f"{section.drift} (best)": (drift_fn, params)},
+            [0.0, 0.5, 1.0],
+            log_horizon,
+            f"{exp.name}: discovered drift",
         )
         parent.log_figure(figure, "drift_heatmaps.png")
 

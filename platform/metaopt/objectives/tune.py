@@ -63,18 +63,27 @@ class MetaTrainable(Trainable):
 
         state = serialization.to_bytes(self.state)
         replace_atomically(directory / STATE_FILE, lambda tmp: tmp.write_bytes(state))
-        meta = {"generation": self.iteration, "baselines": self.trainer.baselines, "meta_seed": self.config["meta_seed"],
-                "start_mean_score": self.start_score}
+        meta = {
+            "generation": self.iteration,
+            "baselines": self.trainer.baselines,
+            "meta_seed": self.config["meta_seed"],
+            "start_mean_score": self.start_score,
+        }
         replace_atomically(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
-        save_drift(directory / DRIFT_DIR, self.section.drift, self.trainer.mean_params(self.state),
-                   dict(self.trainer.drift_options))
+        save_drift(
+            directory / DRIFT_DIR,
+            self.section.drift,
+            self.trainer.mean_params(self.state),
+            dict(self.trainer.drift_options),
+        )
 
     def read_checkpoint(self, directory: Path) -> int:
         from flax import serialization
 
         template = self.trainer.init_state()
-        self.state = read_checkpoint_file(directory / STATE_FILE,
-                                          lambda path: serialization.from_bytes(template, path.read_bytes()))
+        self.state = read_checkpoint_file(
+            directory / STATE_FILE, lambda path: serialization.from_bytes(template, path.read_bytes())
+        )
         meta = read_checkpoint_file(directory / META_FILE, lambda path: json.loads(path.read_text()))
         self.trainer.baselines = {k: float(v) for k, v in meta["baselines"].items()}
         self.start_score = meta.get("start_mean_score")
@@ -91,14 +100,32 @@ def trial_resources(section: LPOSection, per_trial: dict[str, float]):
     return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker, section.gpus_per_worker)
 
 
-def build_tuner(section: LPOSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
-                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
-                checkpoints_to_keep: int = 2) -> tune.Tuner:
+def build_tuner(
+    section: LPOSection,
+    *,
+    experiment_name: str,
+    storage_path: str,
+    resources: dict[str, float],
+    max_concurrent_trials: int | None,
+    callbacks: list[Any],
+    verbose: int = 0,
+    checkpoints_to_keep: int = 2,
+) -> tune.Tuner:
     """One trial per meta-seed; stop after ``es.generations``; checkpoints every ``checkpoint_every``, the last
     ``checkpoints_to_keep`` kept."""
     param_space = {"exp": section.model_dump(mode="json"), "meta_seed": tune.grid_search(list(section.meta_seeds))}
-    return grid_tuner(MetaTrainable, trial_resources(section, resources), param_space,
-                      iterations=section.es.generations, scheduler=None, max_failures=section.max_failures,
-                      experiment_name=experiment_name, storage_path=storage_path,
-                      max_concurrent_trials=max_concurrent_trials, callbacks=callbacks, verbose=verbose,
-                      checkpoints_to_keep=checkpoints_to_keep, checkpoint_every=section.checkpoint_every)
+    return grid_tuner(
+        MetaTrainable,
+        trial_resources(section, resources),
+        param_space,
+        iterations=section.es.generations,
+        scheduler=None,
+        max_failures=section.max_failures,
+        experiment_name=experiment_name,
+        storage_path=storage_path,
+        max_concurrent_trials=max_concurrent_trials,
+        callbacks=callbacks,
+        verbose=verbose,
+        checkpoints_to_keep=checkpoints_to_keep,
+        checkpoint_every=section.checkpoint_every,
+    )

@@ -28,7 +28,8 @@ class PBTSection(StrictModel):
         default_factory=dict, validate_default=True, description="Task settings (model size, batch ...)."
     )
     optimizer: TaskOptimizerSpec = Field(
-        default_factory=lambda: {"name": "sgd", "momentum": 0.9}, validate_default=True,
+        default_factory=lambda: {"name": "sgd", "momentum": 0.9},
+        validate_default=True,
         description="Optimizer spec the task trains with (metaopt.optim; RLlib tasks: {name: adam}).",
     )
     scheduler: Literal["pbt", "pb2", "random", "grid"] = Field(default="pbt", description="Tune scheduler/search.")
@@ -41,7 +42,8 @@ class PBTSection(StrictModel):
     perturbation_factors: tuple[float, float] = Field(default=(1.2, 0.8), description="lr multipliers on explore.")
     synch: bool = Field(default=False, description="Synchronous PBT (all trials perturb together).")
     even_finish: bool = Field(
-        default=True, description="Asynchronous PBT/PB2: level the population in its last stretch so it finishes together."
+        default=True,
+        description="Asynchronous PBT/PB2: level the population in its last stretch so it finishes together.",
     )
     lr_min: float = Field(default=1e-4, gt=0, description="Smallest learning rate searched.")
     lr_max: float = Field(default=1.0, gt=0, description="Largest learning rate searched.")
@@ -66,7 +68,7 @@ class PBTSection(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PBTSection":
+    def _consistent(self) -> PBTSection:
         if self.lr_min >= self.lr_max:
             raise ConfigError("lr_min", f"must be smaller than lr_max (got lr_min {self.lr_min}, lr_max {self.lr_max})")
         if self.scheduler in ("pbt", "pb2") and self.perturbation_interval > self.iterations:

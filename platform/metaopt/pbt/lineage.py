@@ -82,7 +82,10 @@ def cut(history: Segments, step: int) -> Segments:
 
 
 def resume_steps(
-    events: list[ExploitEvent], reported: dict[str, list[tuple[int, float]]], steps_per_iteration: int, lr_key: str = "lr"
+    events: list[ExploitEvent],
+    reported: dict[str, list[tuple[int, float]]],
+    steps_per_iteration: int,
+    lr_key: str = "lr",
 ) -> list[ExploitEvent]:
     """Attach to each exploit the optimizer step its target resumed from, read off the target's result rows.
 
@@ -93,7 +96,7 @@ def resume_steps(
     iteration it records (seen with Ray 2.60 when the clone is still running), and the optimizer-step
     count travels inside the checkpoint while the iteration counter does not.
     """
-    cursor = {tag: 0 for tag in reported}
+    cursor = dict.fromkeys(reported, 0)
     resolved = []
     for index, event in enumerate(events):
         rows = reported.get(event.target)
@@ -112,8 +115,14 @@ def resume_steps(
             )
         cursor[event.target] = p + 1
         resolved.append(
-            ExploitEvent(event.target, event.clone, event.target_iteration, event.clone_iteration,
-                         event.new_config, resumed_step=rows[p][0] - steps_per_iteration)
+            ExploitEvent(
+                event.target,
+                event.clone,
+                event.target_iteration,
+                event.clone_iteration,
+                event.new_config,
+                resumed_step=rows[p][0] - steps_per_iteration,
+            )
         )
     return resolved
 

@@ -23,8 +23,13 @@ def plot_schedules(schedules: dict[str, Segments], best: str | None, total_steps
         xs, ys = step_curve(history, total_steps)
         is_best = trial_id == best
         ax.plot(
-            xs, ys, lw=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.5,
-            color="C3" if is_best else None, label=f"{trial_id} (best)" if is_best else trial_id, zorder=3 if is_best else 2,
+            xs,
+            ys,
+            lw=2.5 if is_best else 1.0,
+            alpha=1.0 if is_best else 0.5,
+            color="C3" if is_best else None,
+            label=f"{trial_id} (best)" if is_best else trial_id,
+            zorder=3 if is_best else 2,
         )
     report.label_axes(ax, x="optimizer step", y="learning rate", title=title, legend=7, grid=False, log_y=True)
     fig.tight_layout()

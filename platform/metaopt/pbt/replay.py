@@ -59,7 +59,12 @@ def load_payload(ref: str, tracking_uri: str | None) -> dict[str, Any]:
     try:
         local = MlflowClient(tracking_uri).download_artifacts(ref, SCHEDULES_ARTIFACT)
     except MlflowException as err:
-        raise ConfigError("RUN_OR_FILE", redact_text(f"{quote(ref)} is neither a schedules.json file nor a sweep run at {quote(tracking_uri)} ({err.message.splitlines()[0]})")) from None
+        raise ConfigError(
+            "RUN_OR_FILE",
+            redact_text(
+                f"{quote(ref)} is neither a schedules.json file nor a sweep run at {quote(tracking_uri)} ({err.message.splitlines()[0]})"
+            ),
+        ) from None
     return _checked_payload(Path(local), f"run {ref} {SCHEDULES_ARTIFACT}")
 
 
@@ -142,7 +147,10 @@ def replay(payload: dict[str, Any], trial_id: str | None = None, progress: bool 
         while task.step < total:
             metrics = task.train(min(per_iteration, total - task.step), lr_at)
             if progress:
-                print(f"[replay] step {task.step}/{total} lr {lr_at(task.step - 1):.3g} {task.metric} {metrics[task.metric]:.4f}", flush=True)
+                print(
+                    f"[replay] step {task.step}/{total} lr {lr_at(task.step - 1):.3g} {task.metric} {metrics[task.metric]:.4f}",
+                    flush=True,
+                )
             if not math.isfinite(metrics.get("loss", 0.0)):
                 break
     finally:
@@ -165,7 +173,9 @@ def log_replay(result: ReplayResult, payload: dict[str, Any], tracking_uri: str)
     from metaopt import tracking
 
     tracking.check_server(tracking_uri)
-    client, experiment_id = tracking.connect(tracking_uri, payload["experiment"]["tracking"]["experiment"] or payload["experiment"]["name"])
+    client, experiment_id = tracking.connect(
+        tracking_uri, payload["experiment"]["tracking"]["experiment"] or payload["experiment"]["name"]
+    )
     tags = {"metaopt.role": "replay", "replay_of_trial": result.trial_id}
     if payload.get("parent_run_id"):
         tags[tracking.PARENT_TAG] = payload["parent_run_id"]

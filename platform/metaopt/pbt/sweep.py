@@ -70,7 +70,9 @@ def task_metric(task: str) -> tuple[str, str]:
     return task_cls.metric, task_cls.mode
 
 
-def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1) -> SweepSummary:
+def run(
+    exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1
+) -> SweepSummary:
     """Run the sweep an experiment file describes; return its summary (also printed and logged).
 
     ``verbose``: 0 = summary only, 1 = a compact line per trial result, 2 = Tune's own full output.
@@ -90,7 +92,11 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
             resources=session.per_trial,
             max_concurrent_trials=exp.ray.max_concurrent_trials,
             checkpoints_to_keep=exp.ray.checkpoints_to_keep,
-            callbacks=[trial_callback, *progress_callbacks(verbose, metric, mode, section.iterations), *(callbacks or [])],
+            callbacks=[
+                trial_callback,
+                *progress_callbacks(verbose, metric, mode, section.iterations),
+                *(callbacks or []),
+            ],
             verbose=1 if verbose >= 2 else 0,
         )
         results = tuner.fit()
@@ -100,18 +106,29 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         trials = summarise_trials(results, section, metric, mode, experiment_path)
         best = pick_best(trials, mode)
         summary = SweepSummary(
-            experiment=exp.name, parent_run_id=parent.run_id, tracking_uri=exp.tracking.uri, metric=metric, mode=mode,
-            best_trial=best.trial_id if best else None, trials=trials, experiment_path=str(experiment_path),
+            experiment=exp.name,
+            parent_run_id=parent.run_id,
+            tracking_uri=exp.tracking.uri,
+            metric=metric,
+            mode=mode,
+            best_trial=best.trial_id if best else None,
+            trials=trials,
+            experiment_path=str(experiment_path),
             wall_seconds=time.time() - started,
         )
         for t in trials:
             if t.lineage_agrees is False:
-                print(f"[metaopt] warning: trial {t.trial_id}: schedule from Tune's PBT log {lineage.describe(t.schedule)} "
-                      f"differs from the one its checkpoints carried {lineage.describe(t.carried_schedule)}", flush=True)
+                print(
+                    f"[metaopt] warning: trial {t.trial_id}: schedule from Tune's PBT log {lineage.describe(t.schedule)} "
+                    f"differs from the one its checkpoints carried {lineage.describe(t.carried_schedule)}",
+                    flush=True,
+                )
         log_summary(parent, summary, exp)
         print(format_table(summary), flush=True)
     if best:
-        print(f"[metaopt] best trial {best.trial_id}: {metric}={best.final_metric:.4f}; schedule {lineage.describe(best.schedule)}")
+        print(
+            f"[metaopt] best trial {best.trial_id}: {metric}={best.final_metric:.4f}; schedule {lineage.describe(best.schedule)}"
+        )
         print(f"[metaopt] replay it: metaopt replay {parent.run_id} --tracking-uri {redact_uri(exp.tracking.uri)}")
     return summary
 
@@ -158,8 +175,11 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
             schedules = lineage.replay_events(initial, events)
         except ValueError as err:
             # Never lose a finished sweep to the log reader: fall back to the lineage the checkpoints carried.
-            print(f"[metaopt] warning: could not rebuild schedules from Tune's PBT log ({err}); "
-                  "using the histories carried in the trials' checkpoints", flush=True)
+            print(
+                f"[metaopt] warning: could not rebuild schedules from Tune's PBT log ({err}); "
+                "using the histories carried in the trials' checkpoints",
+                flush=True,
+            )
             schedules = {row.tag: row.carried_schedule or row.schedule for row in rows}
         for row in rows:
             row.schedule = schedules[row.tag]
@@ -180,8 +200,10 @@ def carried_history(result, trial_id: str) -> lineage.Segments | None:
         problem = str(err)
     except (KeyError, TypeError, ValueError):
         problem = f"checkpoint file {path} holds no lineage history"
-    print(f"[metaopt] warning: trial {trial_id}: {problem}; its carried schedule is unknown, its other results stand",
-          flush=True)
+    print(
+        f"[metaopt] warning: trial {trial_id}: {problem}; its carried schedule is unknown, its other results stand",
+        flush=True,
+    )
     return None
 
 
@@ -239,23 +261,62 @@ def log_summary(parent: tracking.ParentRun, summary: SweepSummary, exp: Experime
             "wall_seconds": summary.wall_seconds,
         }
     )
-    parent.log_csv("summary.csv",
-                   ["trial_id", summary.metric, f"best_{summary.metric}", "final_lr", "iterations", "steps", "diverged",
-                    "schedule"],
-                   [[t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.iterations, t.steps, t.diverged,
-                     lineage.describe(t.schedule)] for t in summary.trials])
+    parent.log_csv(
+        "summary.csv",
+        [
+            "trial_id",
+            summary.metric,
+            f"best_{summary.metric}",
+            "final_lr",
+            "iterations",
+            "steps",
+            "diverged",
+            "schedule",
+        ],
+        [
+            [
+                t.trial_id,
+                t.final_metric,
+                t.best_metric,
+                t.final_lr,
+                t.iterations,
+                t.steps,
+                t.diverged,
+                lineage.describe(t.schedule),
+            ]
+            for t in summary.trials
+        ],
+    )
 
 
 def format_table(summary: SweepSummary) -> str:
     """The end-of-sweep table: one line per trial, best first, diverged trials last."""
-    columns = (report.Column("trial", 14, align="<"), report.Column(summary.metric, 16, ".4f"),
-               report.Column("best", 10, ".4f"), report.Column("final lr", 11, ".3g"), report.Column("steps", 7),
-               report.Column("status", 9, align="<", gap="  "), report.Column("schedule (step:lr)", align="<", gap=" "))
+    columns = (
+        report.Column("trial", 14, align="<"),
+        report.Column(summary.metric, 16, ".4f"),
+        report.Column("best", 10, ".4f"),
+        report.Column("final lr", 11, ".3g"),
+        report.Column("steps", 7),
+        report.Column("status", 9, align="<", gap="  "),
+        report.Column("schedule (step:lr)", align="<", gap=" "),
+    )
     sign = -1 if summary.mode == "max" else 1
     ordered = sorted(summary.trials, key=lambda t: (t.diverged, sign * t.final_metric))
-    return report.format_table(columns, [
-        [t.trial_id, t.final_metric, t.best_metric, t.final_lr, t.steps, status(t, summary.best_trial),
-         lineage.describe(t.schedule)] for t in ordered])
+    return report.format_table(
+        columns,
+        [
+            [
+                t.trial_id,
+                t.final_metric,
+                t.best_metric,
+                t.final_lr,
+                t.steps,
+                status(t, summary.best_trial),
+                lineage.describe(t.schedule),
+            ]
+            for t in ordered
+        ],
+    )
 
 
 def status(trial: TrialSummary, best_trial: str | None) -> str:

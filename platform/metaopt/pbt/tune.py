@@ -159,7 +159,11 @@ def build_tuner(
     trainable = tune.with_resources(LRTrainable, resources)
     return tune.Tuner(
         trainable,
-        param_space={"lr": initial_lrs(section), "exp": section.model_dump(mode="json"), "verbose_actors": verbose >= 1},
+        param_space={
+            "lr": initial_lrs(section),
+            "exp": section.model_dump(mode="json"),
+            "verbose_actors": verbose >= 1,
+        },
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             num_samples=1 if grid else section.population,

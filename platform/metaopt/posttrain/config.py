@@ -34,8 +34,16 @@ class ModelSpec(StrictModel):
     @classmethod
     def _absolute_path(cls, path: str | None, info) -> str | None:
         # made absolute against where the user ran (trials run in folders of their own) and checked there
-        return None if path is None else absolute_path(
-            path, info, directory=True, what="a local Hugging Face checkpoint (config.json, weights, tokenizer files)")
+        return (
+            None
+            if path is None
+            else absolute_path(
+                path,
+                info,
+                directory=True,
+                what="a local Hugging Face checkpoint (config.json, weights, tokenizer files)",
+            )
+        )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:
@@ -66,7 +74,9 @@ class GRPOSpec(StrictModel):
     max_new_tokens: int = Field(default=8, ge=1, description="Completion length limit.")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the rollouts.")
     clip_eps: float = Field(default=0.2, gt=0, lt=1, description="PPO-style ratio clip.")
-    beta: float = Field(default=0.04, ge=0, description="KL(policy || reference) weight, k3 estimator; 0 = no reference.")
+    beta: float = Field(
+        default=0.04, ge=0, description="KL(policy || reference) weight, k3 estimator; 0 = no reference."
+    )
     updates_per_batch: int = Field(default=1, ge=1, description="mu: optimizer passes over each batch.")
     max_grad_norm: float = Field(default=1.0, gt=0)
 
@@ -110,15 +120,23 @@ class PostTrainSection(StrictModel):
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: Annotated[list[SectionTask], AfterValidator(each_task_once)] = Field(
-        default_factory=lambda: [SectionTask(name="arithmetic", levels=[1, 2, 3, 4, 5])], min_length=1,
-        description="Tasks and levels: the curriculum's categories.")
-    curricula: list[str] = Field(default_factory=lambda: ["sec", "uniform"], min_length=1,
-                                 description=f"Curricula swept: {', '.join(CURRICULUM_NAMES)}.")
+        default_factory=lambda: [SectionTask(name="arithmetic", levels=[1, 2, 3, 4, 5])],
+        min_length=1,
+        description="Tasks and levels: the curriculum's categories.",
+    )
+    curricula: list[str] = Field(
+        default_factory=lambda: ["sec", "uniform"],
+        min_length=1,
+        description=f"Curricula swept: {', '.join(CURRICULUM_NAMES)}.",
+    )
     curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
     grpo: GRPOSpec = Field(default_factory=GRPOSpec)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
-    optimizer: OptimizerSpec = Field(default_factory=lambda: {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
-                                     validate_default=True, description="metaopt.optim optimizer spec of the learner.")
+    optimizer: OptimizerSpec = Field(
+        default_factory=lambda: {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        validate_default=True,
+        description="metaopt.optim optimizer spec of the learner.",
+    )
     schedule: OptionalScheduleSpec = Field(
         default=None, description="metaopt.optim schedule spec over GRPO steps (default: constant at optimizer.lr)."
     )
@@ -158,8 +176,11 @@ def check_model_path(section: PostTrainSection) -> None:
     """A model path that does not exist is one clear error before any trial starts."""
     path = section.model.path
     if path is not None and not Path(path).expanduser().is_dir():
-        raise ConfigError("posttrain.model.path", f"{quote_path(path)} does not exist or is not a directory "
-                          "(expected a local Hugging Face checkpoint: config.json, weights, tokenizer files)")
+        raise ConfigError(
+            "posttrain.model.path",
+            f"{quote_path(path)} does not exist or is not a directory "
+            "(expected a local Hugging Face checkpoint: config.json, weights, tokenizer files)",
+        )
 
 
 CAPABILITY = Capability(

@@ -137,8 +137,9 @@ class _Curriculum:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, num_categories: int, options: CurriculumOptions | Mapping[str, Any] | None = None,
-                 **settings: Any):
+    def __init__(
+        self, num_categories: int, options: CurriculumOptions | Mapping[str, Any] | None = None, **settings: Any
+    ):
         if isinstance(options, Mapping) or options is None:
             options = {"name": self.name, **(options or {})}
         self.options = curriculum_options(options, **settings)
@@ -236,8 +237,7 @@ class EasyToHard(_Curriculum):
     name = "easy_to_hard"
     options: OrderedOptions
 
-    def __init__(self, num_categories: int, options: OrderedOptions | Mapping[str, Any] | None = None,
-                 **settings: Any):
+    def __init__(self, num_categories: int, options: OrderedOptions | Mapping[str, Any] | None = None, **settings: Any):
         super().__init__(num_categories, options, **settings)
         difficulties = self.options.difficulties
         if difficulties is not None and len(difficulties) != num_categories:
@@ -245,9 +245,11 @@ class EasyToHard(_Curriculum):
                 "posttrain.curriculum.difficulties", f"needs {num_categories} levels, got {len(difficulties)}"
             )
         self.window = self.options.window
-        self.order = list(range(num_categories)) if difficulties is None else [
-            int(i) for i in np.argsort(np.asarray(difficulties), kind="stable")
-        ]
+        self.order = (
+            list(range(num_categories))
+            if difficulties is None
+            else [int(i) for i in np.argsort(np.asarray(difficulties), kind="stable")]
+        )
         self.progress = 0.0
 
     def _ordered_probabilities(self) -> np.ndarray:
@@ -255,7 +257,7 @@ class EasyToHard(_Curriculum):
         front = min(int(self.progress * self.num_categories), self.num_categories - 1)
         probs = np.zeros(self.num_categories)
         start = max(0, front - self.window + 1)
-        probs[start:front + 1] = 1.0 / (front + 1 - start)
+        probs[start : front + 1] = 1.0 / (front + 1 - start)
         return probs
 
     def probabilities(self) -> np.ndarray:
@@ -289,8 +291,9 @@ class HardToEasy(EasyToHard):
 _CLASSES: dict[str, type[_Curriculum]] = {cls.name: cls for cls in (SEC, Uniform, EasyToHard, HardToEasy)}
 
 
-def make_curriculum(spec: CurriculumOptions | Mapping[str, Any] | str, num_categories: int,
-                    **options: Any) -> _Curriculum:
+def make_curriculum(
+    spec: CurriculumOptions | Mapping[str, Any] | str, num_categories: int, **options: Any
+) -> _Curriculum:
     """A curriculum by name (:data:`CURRICULUM_NAMES`), mapping or options model: ``sec`` (``alpha`` 0.5, ``tau``
     1.0), ``uniform``, ``easy_to_hard`` / ``hard_to_easy`` (``window`` 1, ``difficulties`` None: index order; pass
     ``[taskset.difficulty(c) for c in taskset.categories]`` to order several tasks by level)."""

@@ -31,7 +31,13 @@ from metaopt.optim import build_optimizer, build_schedule, set_learning_rate
 from metaopt.posttrain.sampling import RolloutBatch, position_ids
 
 __all__ = [
-    "LOSS_AGGREGATIONS", "GRPOLearner", "batch_logprobs", "group_advantages", "grpo_loss", "k3_kl", "token_logprobs",
+    "LOSS_AGGREGATIONS",
+    "GRPOLearner",
+    "batch_logprobs",
+    "group_advantages",
+    "grpo_loss",
+    "k3_kl",
+    "token_logprobs",
 ]
 
 LOSS_AGGREGATIONS = ("sequence_mean", "token_mean")
@@ -102,20 +108,23 @@ def batch_logprobs(model: PreTrainedModel, batch: RolloutBatch, group_size: int 
     1, so pass the parent batch's G for one whose rows are whole groups.
     """
     return token_logprobs(
-        model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1], batch.temperature,
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.completion_mask.shape[1],
+        batch.temperature,
         group_size=batch.group_size if group_size is None else group_size,
     )
 
 
-def _prompts_shared(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, group_size: int
-) -> bool:
+def _prompts_shared(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, group_size: int) -> bool:
     """Whether rows come in consecutive groups of ``group_size`` > 1 with identical prompt ids and mask."""
     rows = input_ids.shape[0]
     if group_size < 2 or rows % group_size or prompt_length < 1 or prompt_length >= input_ids.shape[1]:
         return False
-    grouped = [t[:, :prompt_length].reshape(rows // group_size, group_size, prompt_length)
-               for t in (input_ids, attention_mask)]
+    grouped = [
+        t[:, :prompt_length].reshape(rows // group_size, group_size, prompt_length) for t in (input_ids, attention_mask)
+    ]
     return all(bool((g == g[:, :1]).all()) for g in grouped)
 
 
@@ -200,7 +209,9 @@ def grpo_loss(
     active: ρ < 1 − ε with Â < 0, or ρ > 1 + ε with Â > 0), ``ratio_mean``.
     """
     if aggregation not in LOSS_AGGREGATIONS:
-        raise ConfigError("posttrain.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}")
+        raise ConfigError(
+            "posttrain.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}"
+        )
     mask = completion_mask.to(logp.dtype)
     old_logp = logp.detach() if old_logp is None else old_logp
     adv = advantages.to(logp.dtype)[:, None]
@@ -267,7 +278,9 @@ class GRPOLearner:
         if not beta >= 0:
             raise ConfigError("posttrain.beta", f"must be >= 0, got {beta!r}")
         if aggregation not in LOSS_AGGREGATIONS:
-            raise ConfigError("posttrain.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}")
+            raise ConfigError(
+                "posttrain.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}"
+            )
         self.policy = policy.train()
         self.reference = reference
         if reference is not None:

@@ -77,8 +77,9 @@ class GRPORun:
         self.taskset = make_taskset(tasks, self.seed)
         self.categories = list(self.taskset.categories)
         options = {"alpha": self.section.curriculum.alpha, "tau": self.section.curriculum.tau}
-        self.curriculum = make_curriculum(self.curriculum_name, len(self.categories),
-                                          **(options if self.curriculum_name == "sec" else {}))
+        self.curriculum = make_curriculum(
+            self.curriculum_name, len(self.categories), **(options if self.curriculum_name == "sec" else {})
+        )
         self.rng = np.random.default_rng([self.seed, 1])
         self.roles.get(self.roles.call(self.roles.learner, "set_schedule", schedule_spec(self.section, self.lr)))
 
@@ -90,8 +91,11 @@ class GRPORun:
         if warm.steps:
             levels = warm.levels
             categories = [c for c in self.categories if levels is None or self.taskset.difficulty(c) in levels]
-            metrics = self.roles.get(self.roles.call(self.roles.learner, "warmup", categories or self.categories,
-                                                     warm.steps, warm.batch_size, warm.lr))
+            metrics = self.roles.get(
+                self.roles.call(
+                    self.roles.learner, "warmup", categories or self.categories, warm.steps, warm.batch_size, warm.lr
+                )
+            )
         weights = self.roles.call(self.roles.learner, "weights")
         if warm.steps:
             self.reference_weights = self.roles.get(weights)
@@ -123,8 +127,11 @@ class GRPORun:
         shares = split_prompts(len(prompts), len(self.roles.rollout))
         for index, (worker, share) in enumerate(zip(self.roles.rollout, shares)):
             seed = int(self.seed * 1_000_003 + self.steps_done * 101 + index)
-            handles.append(self.roles.call(worker, "sample", prompts[share], grpo.group_size, grpo.max_new_tokens,
-                                           grpo.temperature, seed))
+            handles.append(
+                self.roles.call(
+                    worker, "sample", prompts[share], grpo.group_size, grpo.max_new_tokens, grpo.temperature, seed
+                )
+            )
         return PendingRollout(problems, np.asarray(category_ids), handles, time.perf_counter())
 
     def step(self) -> dict[str, Any]:
@@ -136,9 +143,13 @@ class GRPORun:
         batch: RolloutBatch = concat_batches([self.roles.get(h) for h in pending.handles])
         sampled = time.perf_counter()
         self.pending = self.launch() if self.section.roles.overlap else None
-        rewards = torch.tensor([self.taskset.reward(problem, text) for problem, text in
-                                zip(np.repeat(pending.problems, grpo.group_size), batch.completions)],
-                               dtype=torch.float32)
+        rewards = torch.tensor(
+            [
+                self.taskset.reward(problem, text)
+                for problem, text in zip(np.repeat(pending.problems, grpo.group_size), batch.completions)
+            ],
+            dtype=torch.float32,
+        )
         advantages = group_advantages(rewards, grpo.group_size)
         gains = category_rewards(pending.category_ids, advantages, grpo.group_size)
         self.curriculum.update(gains)
@@ -153,8 +164,15 @@ class GRPORun:
         metrics.update(self.step_metrics(pending, rewards, batch, gains, elapsed, sampled - started))
         return metrics
 
-    def step_metrics(self, pending: PendingRollout, rewards: torch.Tensor, batch: RolloutBatch,
-                     gains: dict[int, float], elapsed: float, waited: float) -> dict[str, Any]:
+    def step_metrics(
+        self,
+        pending: PendingRollout,
+        rewards: torch.Tensor,
+        batch: RolloutBatch,
+        gains: dict[int, float],
+        elapsed: float,
+        waited: float,
+    ) -> dict[str, Any]:
         group = self.section.grpo.group_size
         solved = rewards.reshape(-1, group)
         metrics: dict[str, Any] = {
@@ -177,9 +195,16 @@ class GRPORun:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy per category on fixed problems (the same every call), on rollout worker 0."""
-        accuracy = self.roles.get(self.roles.call(
-            self.roles.rollout[0], "evaluate", self.categories, self.section.eval_per_category,
-            10_000 + self.seed, self.section.grpo.max_new_tokens))
+        accuracy = self.roles.get(
+            self.roles.call(
+                self.roles.rollout[0],
+                "evaluate",
+                self.categories,
+                self.section.eval_per_category,
+                10_000 + self.seed,
+                self.section.grpo.max_new_tokens,
+            )
+        )
         out = {f"accuracy/{name}": float(accuracy[name]) for name in self.categories}
         out["accuracy"] = float(np.mean([accuracy[name] for name in self.categories]))
         return out
@@ -188,14 +213,27 @@ class GRPORun:
         """A few prompts with one sampled completion each and the reward (logged as a text artifact)."""
         grpo = self.section.grpo
         categories = self.curriculum.sample(np.random.default_rng([self.seed, self.steps_done, 7]), count)
-        problems = [self.taskset.sample(self.categories[int(c)], np.random.default_rng([self.seed, self.steps_done, i]))
-                    for i, c in enumerate(categories)]
-        batch = self.roles.get(self.roles.call(self.roles.rollout[0], "sample", [p.prompt for p in problems], 1,
-                                               grpo.max_new_tokens, grpo.temperature, self.steps_done))
+        problems = [
+            self.taskset.sample(self.categories[int(c)], np.random.default_rng([self.seed, self.steps_done, i]))
+            for i, c in enumerate(categories)
+        ]
+        batch = self.roles.get(
+            self.roles.call(
+                self.roles.rollout[0],
+                "sample",
+                [p.prompt for p in problems],
+                1,
+                grpo.max_new_tokens,
+                grpo.temperature,
+                self.steps_done,
+            )
+        )
         lines = [f"# step {self.steps_done}: prompt | completion | answer | reward"]
         for problem, text in zip(problems, batch.completions):
-            lines.append(f"[{problem.category}] {problem.prompt!r} | {text!r} | {problem.answer!r} | "
-                         f"{self.taskset.reward(problem, text):g}")
+            lines.append(
+                f"[{problem.category}] {problem.prompt!r} | {text!r} | {problem.answer!r} | "
+                f"{self.taskset.reward(problem, text):g}"
+            )
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------------------------------ state
@@ -217,9 +255,11 @@ class GRPORun:
         batch an uninterrupted one would instead of drawing another with different weights and prompts."""
         if self.pending is None:
             return None
-        return {"problems": [asdict(p) for p in self.pending.problems],
-                "category_ids": [int(c) for c in self.pending.category_ids],
-                "batches": [asdict(self.roles.get(h)) for h in self.pending.handles]}
+        return {
+            "problems": [asdict(p) for p in self.pending.problems],
+            "category_ids": [int(c) for c in self.pending.category_ids],
+            "batches": [asdict(self.roles.get(h)) for h in self.pending.handles],
+        }
 
     def restore_pending(self, saved: dict[str, Any] | None) -> PendingRollout | None:
         """Inverse of :meth:`pending_state`: the stored batches stand in for the rollout workers' answers."""
@@ -230,8 +270,9 @@ class GRPORun:
             import ray
 
             batches = [ray.put(b) for b in batches]
-        return PendingRollout([Problem(**p) for p in saved["problems"]], np.asarray(saved["category_ids"]),
-                              batches, time.perf_counter())
+        return PendingRollout(
+            [Problem(**p) for p in saved["problems"]], np.asarray(saved["category_ids"]), batches, time.perf_counter()
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: learner (model, optimizer, step), curriculum, RNG; rollout workers get the learner's weights
@@ -245,8 +286,13 @@ class GRPORun:
         self.warmed_up = bool(state["warmed_up"])
         if self.warmed_up:
             saved = state.get("reference")
-            self.reference_weights = None if saved is None else PackedWeights(
-                saved["buffer"], tuple((n, d, tuple(shape), o, z) for n, d, shape, o, z in saved["entries"]))
+            self.reference_weights = (
+                None
+                if saved is None
+                else PackedWeights(
+                    saved["buffer"], tuple((n, d, tuple(shape), o, z) for n, d, shape, o, z in saved["entries"])
+                )
+            )
             self.restore_reference()
             self.sync_weights()
 

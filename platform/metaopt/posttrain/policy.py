@@ -41,7 +41,12 @@ __all__ = [
 ARCHITECTURES = ("qwen2", "gpt2")
 MODEL_KEYS = ("path", "arch", "hidden", "layers", "heads", "max_positions")
 _MODEL_DEFAULTS: dict[str, Any] = {
-    "path": None, "arch": "qwen2", "hidden": 64, "layers": 2, "heads": 4, "max_positions": 128,
+    "path": None,
+    "arch": "qwen2",
+    "hidden": 64,
+    "layers": 2,
+    "heads": 4,
+    "max_positions": 128,
 }
 
 
@@ -106,7 +111,9 @@ def build_tiny_policy(
     if hidden % heads:
         raise ConfigError("posttrain.model.heads", f"must divide hidden ({hidden} % {heads} != 0)")
     if arch == "qwen2" and (hidden // heads) % 2:
-        raise ConfigError("posttrain.model.heads", f"hidden/heads must be even for rotary embeddings, got {hidden // heads}")
+        raise ConfigError(
+            "posttrain.model.heads", f"hidden/heads must be even for rotary embeddings, got {hidden // heads}"
+        )
     token_ids = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     config = _config(arch, vocab_size, hidden, layers, heads, max_positions, token_ids)
     with torch.random.fork_rng(devices=[]):

@@ -54,8 +54,10 @@ def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         data = torch.from_numpy(np.asarray(packed.buffer))
-    return {name: data[offset:offset + size].view(getattr(torch, dtype)).reshape(shape)
-            for name, dtype, shape, offset, size in packed.entries}
+    return {
+        name: data[offset : offset + size].view(getattr(torch, dtype)).reshape(shape)
+        for name, dtype, shape, offset, size in packed.entries
+    }
 
 
 def worker_device() -> torch.device:
@@ -86,8 +88,15 @@ class _Role:
 class RolloutWorker(_Role):
     """Batched sampling of G completions per prompt with the latest policy weights."""
 
-    def __init__(self, model_spec: dict[str, Any], tasks: list[dict[str, Any]], seed: int, *, with_reference: bool,
-                 threads: float = 1.0):
+    def __init__(
+        self,
+        model_spec: dict[str, Any],
+        tasks: list[dict[str, Any]],
+        seed: int,
+        *,
+        with_reference: bool,
+        threads: float = 1.0,
+    ):
         set_threads(threads)
         self.device = worker_device()
         self.model, self.tokenizer = make_policy(model_spec, seed)
@@ -101,16 +110,18 @@ class RolloutWorker(_Role):
         if reference and self.reference is not None:
             set_weights(self.reference, state)
 
-    def sample(self, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float,
-               seed: int) -> RolloutBatch:
+    def sample(
+        self, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float, seed: int
+    ) -> RolloutBatch:
         batch = sample_completions(self.model, self.tokenizer, prompts, group_size, max_new_tokens, temperature, seed)
         if self.reference is not None:
             batch.ref_logprobs = reference_logprobs(self.reference, batch)
         return batch.to("cpu")
 
     def evaluate(self, categories: list[str], per_category: int, seed: int, max_new_tokens: int) -> dict[str, float]:
-        return evaluate_accuracy(self.model, self.tokenizer, self.taskset, categories, per_category, seed,
-                                 max_new_tokens)
+        return evaluate_accuracy(
+            self.model, self.tokenizer, self.taskset, categories, per_category, seed, max_new_tokens
+        )
 
 
 class ReferenceWorker(_Role):
@@ -133,8 +144,17 @@ class LearnerWorker(_Role):
     """The trained policy: supervised warm-up on demonstrations, then GRPO updates with a metaopt.optim
     optimizer and schedule."""
 
-    def __init__(self, model_spec: dict[str, Any], tasks: list[dict[str, Any]], seed: int, *, grpo: dict[str, Any],
-                 optimizer: dict[str, Any], schedule: dict[str, Any] | None, threads: float = 1.0):
+    def __init__(
+        self,
+        model_spec: dict[str, Any],
+        tasks: list[dict[str, Any]],
+        seed: int,
+        *,
+        grpo: dict[str, Any],
+        optimizer: dict[str, Any],
+        schedule: dict[str, Any] | None,
+        threads: float = 1.0,
+    ):
         set_threads(threads)
         torch.manual_seed(seed)
         self.device = worker_device()
@@ -142,13 +162,19 @@ class LearnerWorker(_Role):
         self.model, self.tokenizer = make_policy(model_spec, seed)
         self.model.to(self.device)
         self.taskset = make_taskset(tasks, seed)
-        self.learner = GRPOLearner(self.model, None, optimizer_spec=optimizer, schedule_spec=schedule,
-                                   clip_eps=grpo["clip_eps"], beta=grpo["beta"],
-                                   updates_per_batch=grpo["updates_per_batch"], max_grad_norm=grpo["max_grad_norm"])
+        self.learner = GRPOLearner(
+            self.model,
+            None,
+            optimizer_spec=optimizer,
+            schedule_spec=schedule,
+            clip_eps=grpo["clip_eps"],
+            beta=grpo["beta"],
+            updates_per_batch=grpo["updates_per_batch"],
+            max_grad_norm=grpo["max_grad_norm"],
+        )
 
     def warmup(self, categories: list[str], steps: int, batch_size: int, lr: float) -> dict[str, float]:
-        return supervised_warmup(self.model, self.tokenizer, self.taskset, categories, steps, batch_size, lr,
-                                 self.seed)
+        return supervised_warmup(self.model, self.tokenizer, self.taskset, categories, steps, batch_size, lr, self.seed)
 
     def step(self, batch: RolloutBatch, advantages: torch.Tensor) -> tuple[dict[str, float], PackedWeights]:
         """One GRPO update; returns its metrics and the new weights (two Ray returns: the weights go on to the
@@ -211,9 +237,12 @@ def start_roles(section: Any, seed: int) -> Roles:
     reference_in_rollout = section.grpo.beta > 0 and roles.reference == "rollout"
     separate_reference = section.grpo.beta > 0 and roles.reference == "actor"
     learner_args = (model_spec, tasks, seed)
-    learner_kwargs = {"grpo": section.grpo.model_dump(), "optimizer": section.optimizer.model_dump(),
-                      "schedule": None,  # GRPORun sets it (loop.schedule_spec), also after a PBT explore
-                      "threads": roles.cpus_per_actor}
+    learner_kwargs = {
+        "grpo": section.grpo.model_dump(),
+        "optimizer": section.optimizer.model_dump(),
+        "schedule": None,  # GRPORun sets it (loop.schedule_spec), also after a PBT explore
+        "threads": roles.cpus_per_actor,
+    }
     if roles.mode == "colocated":
         threads = {"threads": roles.cpus_per_actor}
         rollout = [RolloutWorker(model_spec, tasks, seed, with_reference=section.grpo.beta > 0, **threads)]
@@ -226,12 +255,15 @@ def start_roles(section: Any, seed: int) -> Roles:
     env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
     rollout_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout, runtime_env=env)(RolloutWorker)
     learner_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_learner, runtime_env=env)(LearnerWorker)
-    rollout = [rollout_actor.remote(model_spec, tasks, seed, with_reference=reference_in_rollout, threads=cpus)
-               for _ in range(roles.rollout_workers)]
+    rollout = [
+        rollout_actor.remote(model_spec, tasks, seed, with_reference=reference_in_rollout, threads=cpus)
+        for _ in range(roles.rollout_workers)
+    ]
     reference = None
     if separate_reference:
         reference = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout, runtime_env=env)(ReferenceWorker).remote(
-            model_spec, seed, threads=cpus)
+            model_spec, seed, threads=cpus
+        )
     return Roles(rollout, learner_actor.remote(*learner_args, **learner_kwargs), reference, remote=True)
 
 

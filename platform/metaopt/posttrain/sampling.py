@@ -132,9 +132,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _choose(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from softmax(logits / T) by the Gumbel-max trick; T = 0 is greedy.
 
     Returns the tokens and their log-probs at temperature T (at T = 1 when greedy).
@@ -170,8 +168,12 @@ def _decode_loop(
     cache = DynamicCache(config=model.config)
     positions = position_ids(prompt_mask)
     out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-        cache=cache, use_cache=True, logits_to_keep=1,
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
     cache.batch_repeat_interleave(group_size)
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
@@ -191,8 +193,11 @@ def _decode_loop(
             break
         mask = torch.cat([mask, alive[:, None].to(mask.dtype)], dim=1)
         logits = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-            cache=cache, use_cache=True,
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_position,
+            cache=cache,
+            use_cache=True,
         ).logits[:, -1]
         next_position = next_position + 1
     return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(alive_columns, 1).to(prompt_mask.dtype)
@@ -215,8 +220,10 @@ def sample_completions(
     sampling and returned to its previous mode.
     """
     if group_size < 1 or max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"need group_size >= 1, max_new_tokens >= 1, temperature >= 0; got "
-                         f"{group_size}, {max_new_tokens}, {temperature}")
+        raise ValueError(
+            f"need group_size >= 1, max_new_tokens >= 1, temperature >= 0; got "
+            f"{group_size}, {max_new_tokens}, {temperature}"
+        )
     device = next(model.parameters()).device
     if not isinstance(generator, torch.Generator):  # a seed: draw the noise where the logits are
         generator = torch.Generator(device=device).manual_seed(int(generator))
@@ -227,8 +234,15 @@ def sample_completions(
     try:
         with torch.inference_mode():
             completion_ids, logps, completion_mask = _decode_loop(
-                model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, generator,
-                tokenizer.pad_token_id, tokenizer.eos_token_id,
+                model,
+                prompt_ids,
+                prompt_mask,
+                group_size,
+                max_new_tokens,
+                temperature,
+                generator,
+                tokenizer.pad_token_id,
+                tokenizer.eos_token_id,
             )
     finally:
         model.train(was_training)

@@ -20,10 +20,23 @@ from metaopt.config import Experiment
 from metaopt.session import fit_tracked, open_session
 
 CURVES = ("accuracy", "reward", "grpo_step", "kl", "lr", "completions_per_s", "warmup_accuracy")
-SUMMARY_COLUMNS = ["trial_id", "curriculum", "seed", "warmup_accuracy", "final_accuracy", "best_accuracy",
-                   "completions_per_s"]
-TABLE = (report.Column("curriculum", 14, align="<"), report.Column("seeds", 6), report.Column("warm-up acc", 13, ".4f"),
-         report.Column("final acc", 11, ".4f"), report.Column("± std", 8, ".4f"), report.Column("compl/s", 9, ".1f"))
+SUMMARY_COLUMNS = [
+    "trial_id",
+    "curriculum",
+    "seed",
+    "warmup_accuracy",
+    "final_accuracy",
+    "best_accuracy",
+    "completions_per_s",
+]
+TABLE = (
+    report.Column("curriculum", 14, align="<"),
+    report.Column("seeds", 6),
+    report.Column("warm-up acc", 13, ".4f"),
+    report.Column("final acc", 11, ".4f"),
+    report.Column("± std", 8, ".4f"),
+    report.Column("compl/s", 9, ".1f"),
+)
 
 
 def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | None = None, verbose: int = 1):
@@ -38,13 +51,26 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     session = open_session(exp, address, "posttrain", verbose)
     trials = len(section.curricula) * len(section.seeds)
     model = section.model.path or f"tiny {section.model.arch} ({section.model.layers}x{section.model.hidden})"
-    print(f"[metaopt] {trials} GRPO post-training runs ({', '.join(section.curricula)} x seeds {section.seeds}) of "
-          f"{model}, {section.steps} steps of {section.grpo.prompts_per_step} prompts x G={section.grpo.group_size}, "
-          f"roles: {section.roles.mode}", flush=True)
+    print(
+        f"[metaopt] {trials} GRPO post-training runs ({', '.join(section.curricula)} x seeds {section.seeds}) of "
+        f"{model}, {section.steps} steps of {section.grpo.prompts_per_step} prompts x G={section.grpo.group_size}, "
+        f"roles: {section.roles.mode}",
+        flush=True,
+    )
     build = functools.partial(build_tuner, section)
-    return fit_tracked(exp, session, build, metric="accuracy", iterations=section.iterations, trial_row=trial_row,
-                       log_results=log_results, format_table=format_table, callbacks=callbacks, verbose=verbose,
-                       started=started)
+    return fit_tracked(
+        exp,
+        session,
+        build,
+        metric="accuracy",
+        iterations=section.iterations,
+        trial_row=trial_row,
+        log_results=log_results,
+        format_table=format_table,
+        callbacks=callbacks,
+        verbose=verbose,
+        started=started,
+    )
 
 
 def check_trial_fits(section, per_trial: dict[str, float], resources: runtime.Resources) -> None:
@@ -57,9 +83,12 @@ def check_trial_fits(section, per_trial: dict[str, float], resources: runtime.Re
     for kind, available in (("CPU", resources.cpus), ("GPU", resources.gpus)):
         needed = sum(bundle[kind] for bundle in bundles)
         if needed > available + 1e-9:
-            raise ConfigError("posttrain.roles", f"one trial needs {needed:g} {kind}s (ray.{kind.lower()}s_per_trial + "
-                              f"the learner, {section.roles.rollout_workers} rollout and reference actors) but the "
-                              f"cluster has {available:g}; lower roles.cpus_per_actor or use roles.mode: colocated")
+            raise ConfigError(
+                "posttrain.roles",
+                f"one trial needs {needed:g} {kind}s (ray.{kind.lower()}s_per_trial + "
+                f"the learner, {section.roles.rollout_workers} rollout and reference actors) but the "
+                f"cluster has {available:g}; lower roles.cpus_per_actor or use roles.mode: colocated",
+            )
 
 
 def is_curve(key: str) -> bool:
@@ -75,7 +104,8 @@ def trial_row(result) -> dict[str, Any]:
     speed = [s for s in curves.get("completions_per_s", []) if not math.isnan(s)]
     return {
         "trial_id": report.trial_id(result),
-        "curriculum": config.get("curriculum"), "seed": config.get("seed"),
+        "curriculum": config.get("curriculum"),
+        "seed": config.get("seed"),
         "warmup_accuracy": warm[0] if warm else math.nan,
         "final_accuracy": accuracy[-1] if accuracy else math.nan,
         "best_accuracy": max(accuracy) if accuracy else math.nan,
@@ -101,8 +131,14 @@ def log_results(parent: tracking.ParentRun, rows: list[dict[str, Any]], exp: Exp
         curves = [c for c in (valid_curve(m, "accuracy") for m in members) if c[0]]
         if curves:
             ax.plot(*report.mean_curve(curves), marker="o", label=f"{name} ({len(curves)} seeds)")
-    report.label_axes(ax, x="GRPO step", y="greedy accuracy (mean over categories)",
-                      title=f"{exp.name}: accuracy per curriculum", title_size=10, legend=8)
+    report.label_axes(
+        ax,
+        x="GRPO step",
+        y="greedy accuracy (mean over categories)",
+        title=f"{exp.name}: accuracy per curriculum",
+        title_size=10,
+        legend=8,
+    )
     fig.tight_layout()
     parent.log_figure(fig, "accuracy.png")
     fig, axes = report.figure(1, len(groups), size=(4.5 * len(groups), 3.8), squeeze=False)
@@ -116,8 +152,12 @@ def log_results(parent: tracking.ParentRun, rows: list[dict[str, Any]], exp: Exp
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     parent.log_figure(fig, "curriculum.png")
-    parent.log_metrics({f"{name}.final_accuracy": float(np.nanmean([m["final_accuracy"] for m in members]))
-                        for name, members in groups.items()})
+    parent.log_metrics(
+        {
+            f"{name}.final_accuracy": float(np.nanmean([m["final_accuracy"] for m in members]))
+            for name, members in groups.items()
+        }
+    )
     parent.log_csv("summary.csv", SUMMARY_COLUMNS, report.csv_rows(rows, SUMMARY_COLUMNS))
 
 
@@ -127,6 +167,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for name, members in report.grouped(rows, curriculum).items():
         finals = [m["final_accuracy"] for m in members]
-        lines.append([name, len(members), np.nanmean([m["warmup_accuracy"] for m in members]), np.nanmean(finals),
-                      report.seed_std(finals, skip_nan=True), np.nanmean([m["completions_per_s"] for m in members])])
+        lines.append(
+            [
+                name,
+                len(members),
+                np.nanmean([m["warmup_accuracy"] for m in members]),
+                np.nanmean(finals),
+                report.seed_std(finals, skip_nan=True),
+                np.nanmean([m["completions_per_s"] for m in members]),
+            ]
+        )
     return report.format_table(TABLE, lines)

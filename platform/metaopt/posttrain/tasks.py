@@ -126,7 +126,11 @@ def _level_5(rng):  # three terms with +, - and * (precedence matters), up to tw
 
 
 ARITHMETIC_LEVELS: dict[int, Callable[[np.random.Generator], tuple[str, str]]] = {
-    1: _level_1, 2: _level_2, 3: _level_3, 4: _level_4, 5: _level_5,
+    1: _level_1,
+    2: _level_2,
+    3: _level_3,
+    4: _level_4,
+    5: _level_5,
 }
 
 
@@ -141,8 +145,12 @@ def _terms_digits(terms: tuple[int, int], digits: tuple[int, int], **extra: Any)
 
 def _countdown(numbers: int, value: int, target: tuple[int, int]) -> dict[str, Any]:
     return {
-        "min_numbers": numbers, "max_numbers": numbers, "min_value": 1, "max_value": value,
-        "min_target": target[0], "max_target": target[1],
+        "min_numbers": numbers,
+        "max_numbers": numbers,
+        "min_value": 1,
+        "max_value": value,
+        "min_target": target[0],
+        "max_target": target[1],
     }
 
 
@@ -175,7 +183,8 @@ GYM_LEVELS: dict[str, dict[int, dict[str, Any]]] = {
 
 #: task name -> its difficulty levels (1 = easiest): the one list of task names, ours first.
 TASK_LEVELS: dict[str, tuple[int, ...]] = {
-    "arithmetic": tuple(ARITHMETIC_LEVELS), **{task: tuple(levels) for task, levels in GYM_LEVELS.items()},
+    "arithmetic": tuple(ARITHMETIC_LEVELS),
+    **{task: tuple(levels) for task, levels in GYM_LEVELS.items()},
 }
 TASK_NAMES = tuple(TASK_LEVELS)
 _GYM_SIZE = 1_000_000  # procedural datasets build item i on demand from seed + i, so size costs nothing

@@ -62,7 +62,9 @@ class PostTrainTrainable(Trainable):
         # After a PBT exploit the clone's state arrives with this trial's perturbed lr in config.
         if self.config.get("lr") is not None:
             self.run.lr = float(self.config["lr"])
-            self.roles.get(self.roles.call(self.roles.learner, "set_schedule", schedule_spec(self.section, self.run.lr)))
+            self.roles.get(
+                self.roles.call(self.roles.learner, "set_schedule", schedule_spec(self.section, self.run.lr))
+            )
 
     def cleanup(self) -> None:
         self.roles.close()
@@ -81,9 +83,17 @@ def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
-                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
-                checkpoints_to_keep: int = 2) -> tune.Tuner:
+def build_tuner(
+    section: PostTrainSection,
+    *,
+    experiment_name: str,
+    storage_path: str,
+    resources: dict[str, float],
+    max_concurrent_trials: int | None,
+    callbacks: list[Any],
+    verbose: int = 0,
+    checkpoints_to_keep: int = 2,
+) -> tune.Tuner:
     """Curricula x seeds as a grid (or a PBT population over the learner's lr); a checkpoint every iteration,
     the last ``checkpoints_to_keep`` kept."""
     from metaopt.posttrain.roles import role_bundles
@@ -100,7 +110,17 @@ def build_tuner(section: PostTrainSection, *, experiment_name: str, storage_path
         lr = float(section.optimizer.lr)
         param_space["lr"] = lr
         scheduler = lr_pbt("accuracy", section.pbt_interval, lr / 10, lr * 10, seed=section.seeds[0])
-    return grid_tuner(PostTrainTrainable, trial_resources, param_space, iterations=section.iterations,
-                      scheduler=scheduler, max_failures=section.max_failures, experiment_name=experiment_name,
-                      storage_path=storage_path, max_concurrent_trials=max_concurrent_trials, callbacks=callbacks,
-                      verbose=verbose, checkpoints_to_keep=checkpoints_to_keep)
+    return grid_tuner(
+        PostTrainTrainable,
+        trial_resources,
+        param_space,
+        iterations=section.iterations,
+        scheduler=scheduler,
+        max_failures=section.max_failures,
+        experiment_name=experiment_name,
+        storage_path=storage_path,
+        max_concurrent_trials=max_concurrent_trials,
+        callbacks=callbacks,
+        verbose=verbose,
+        checkpoints_to_keep=checkpoints_to_keep,
+    )

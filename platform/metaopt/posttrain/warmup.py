@@ -41,9 +41,9 @@ def demonstration_batch(
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     target_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (row, n_target) in enumerate(zip(rows, targets_ids)):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention_mask[i, width - len(row):] = 1
-        target_mask[i, width - n_target:] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+        target_mask[i, width - n_target :] = 1
     return input_ids, attention_mask, target_mask
 
 
@@ -51,16 +51,22 @@ def _completion_loss(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens (teacher forcing)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   use_cache=False).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        )
+        .logits[:, :-1]
+        .float()
+    )
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
     weights = target_mask[:, 1:].to(nll.dtype)
     return (nll * weights).sum() / weights.sum()
 
 
-def _sample_problems(
-    taskset: TaskSet, categories: list[str], count: int, rng: np.random.Generator
-) -> list[Problem]:
+def _sample_problems(taskset: TaskSet, categories: list[str], count: int, rng: np.random.Generator) -> list[Problem]:
     picks = rng.integers(len(categories), size=count)
     return [taskset.sample(categories[int(i)], rng) for i in picks]
 
@@ -126,7 +132,7 @@ def evaluate_accuracy(
     problems = [taskset.sample(category, rng) for category in categories for _ in range(per_category)]
     texts: list[str] = []
     for start in range(0, len(problems), _EVAL_ROWS):
-        chunk = problems[start:start + _EVAL_ROWS]
+        chunk = problems[start : start + _EVAL_ROWS]
         batch = sample_completions(model, tokenizer, [p.prompt for p in chunk], 1, max_new_tokens, 0.0, seed)
         texts += batch.completions
     correct: dict[str, list[float]] = {category: [] for category in categories}

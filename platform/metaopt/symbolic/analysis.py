@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from metaopt.symbolic.program import (
     INFIX,
@@ -44,17 +45,17 @@ from metaopt.symbolic.program import (
 )
 
 __all__ = [
+    "HashCache",
     "TypeInfo",
+    "format_statement",
+    "functional_hash",
     "infer_types",
     "is_valid",
-    "reaching_definitions",
     "live_statements",
-    "training_outputs",
     "prune",
     "prune_for_training",
-    "functional_hash",
-    "HashCache",
-    "format_statement",
+    "reaching_definitions",
+    "training_outputs",
 ]
 
 
@@ -112,8 +113,9 @@ class TypeInfo:
         return self.valid
 
 
-def _invalid(index: int | None, statement: Statement | None, problem: str, types: dict[str, str],
-             statement_types: list[str]) -> TypeInfo:
+def _invalid(
+    index: int | None, statement: Statement | None, problem: str, types: dict[str, str], statement_types: list[str]
+) -> TypeInfo:
     where = f"statement {index} ({_safe_format(statement)}): " if index is not None else ""
     return TypeInfo(False, where + problem, dict(types), tuple(statement_types), index)
 
@@ -138,43 +140,52 @@ def infer_types(program: Program) -> TypeInfo:
         if not isinstance(statement.target, str) or not statement.target.isidentifier():
             return _invalid(index, statement, f"target {statement.target!r} is not a name", types, statement_types)
         if statement.target in NAMED_CONSTANTS or statement.target in _RESERVED:
-            return _invalid(index, statement, f"cannot assign to the reserved name {statement.target!r}", types,
-                            statement_types)
+            return _invalid(
+                index, statement, f"cannot assign to the reserved name {statement.target!r}", types, statement_types
+            )
         if len(statement.args) != primitive.arity:
             plural = "argument" if primitive.arity == 1 else "arguments"
-            return _invalid(index, statement,
-                            f"{statement.op!r} takes {primitive.arity} {plural}, got {len(statement.args)}",
-                            types, statement_types)
+            return _invalid(
+                index,
+                statement,
+                f"{statement.op!r} takes {primitive.arity} {plural}, got {len(statement.args)}",
+                types,
+                statement_types,
+            )
         arg_types: list[str] = []
         for arg in statement.args:
             if isinstance(arg, Var):
                 if arg.name not in types:
-                    return _invalid(index, statement, f"{arg.name!r} is used before it is defined", types,
-                                    statement_types)
+                    return _invalid(
+                        index, statement, f"{arg.name!r} is used before it is defined", types, statement_types
+                    )
                 arg_types.append(types[arg.name])
             elif isinstance(arg, Const):
                 if arg.name is not None and arg.name not in NAMED_CONSTANTS:
-                    return _invalid(index, statement, f"unknown named constant {arg.name!r}", types,
-                                    statement_types)
+                    return _invalid(index, statement, f"unknown named constant {arg.name!r}", types, statement_types)
                 if not isinstance(arg.value, (int, float)) or not math.isfinite(arg.value):
-                    return _invalid(index, statement, f"constant {arg.value!r} is not a finite number", types,
-                                    statement_types)
+                    return _invalid(
+                        index, statement, f"constant {arg.value!r} is not a finite number", types, statement_types
+                    )
                 arg_types.append(SCALAR)
             else:
-                return _invalid(index, statement, f"argument {arg!r} is neither a variable nor a constant", types,
-                                statement_types)
+                return _invalid(
+                    index, statement, f"argument {arg!r} is neither a variable nor a constant", types, statement_types
+                )
         out = result_type(statement.op, arg_types)
         if out is None:
-            return _invalid(index, statement,
-                            f"{statement.op}({', '.join(arg_types)}) is not defined", types, statement_types)
+            return _invalid(
+                index, statement, f"{statement.op}({', '.join(arg_types)}) is not defined", types, statement_types
+            )
         types[statement.target] = out
         statement_types.append(out)
     for name in OUTPUTS:
         if name not in types:
             return _invalid(None, None, f"output {name!r} is never assigned", types, statement_types)
         if types[name] != TENSOR:
-            return _invalid(None, None, f"output {name!r} is a {types[name]} at the end, not a tensor", types,
-                            statement_types)
+            return _invalid(
+                None, None, f"output {name!r} is a {types[name]} at the end, not a tensor", types, statement_types
+            )
     return TypeInfo(True, "", types, tuple(statement_types), None)
 
 
@@ -188,7 +199,7 @@ def is_valid(program: Program) -> bool:
 def reaching_definitions(program: Program) -> list[tuple[int | None, ...]]:
     """For each statement, for each argument: the index of the statement whose assignment the argument reads
     (``-1``: the program input of that name; ``None``: a constant, or a variable not defined yet)."""
-    current: dict[str, int] = {name: -1 for name in INPUTS}
+    current: dict[str, int] = dict.fromkeys(INPUTS, -1)
     out: list[tuple[int | None, ...]] = []
     for index, statement in enumerate(program.statements):
         out.append(tuple(current.get(a.name) if isinstance(a, Var) else None for a in statement.args))
@@ -290,8 +301,15 @@ def _canonical(tensor: Any, digits: int) -> bytes:
     return (f"[{shape}]" + ",".join(parts) + ";").encode()
 
 
-def functional_hash(program: Program, *, seed: int = 0, shapes: tuple[tuple[int, ...], ...] = ((3, 4), (5,)),
-                    steps: int = 3, lr: float = 0.01, digits: int = 6) -> str:
+def functional_hash(
+    program: Program,
+    *,
+    seed: int = 0,
+    shapes: tuple[tuple[int, ...], ...] = ((3, 4), (5,)),
+    steps: int = 3,
+    lr: float = 0.01,
+    digits: int = 6,
+) -> str:
     """The paper's functional-equivalence hash (Sec. 2.3): sha256 of what training sees of the program on
     fixed random inputs.
 
@@ -323,8 +341,14 @@ def functional_hash(program: Program, *, seed: int = 0, shapes: tuple[tuple[int,
     grads = [[draw(s) for s in shapes] for _ in range(steps)]
     digest = hashlib.sha256(f"metaopt.functional_hash/2 {tuple(map(tuple, shapes))} {steps} {lr!r};".encode())
     for step in range(steps):
-        result = run_program(program, [p.clone() for p in params], [g.clone() for g in grads[step]],
-                             [t.clone() for t in m], [t.clone() for t in v], lr)
+        result = run_program(
+            program,
+            [p.clone() for p in params],
+            [g.clone() for g in grads[step]],
+            [t.clone() for t in m],
+            [t.clone() for t in v],
+            lr,
+        )
         for name, tensors in (("update", result.updates), ("m", result.m), ("v", result.v)):
             digest.update(name.encode())
             for tensor in tensors:

@@ -26,7 +26,8 @@ class ProxySpec(StrictModel):
     )
     steps: int = Field(default=200, ge=1, description="Optimizer steps per evaluation.")
     lrs: list[float] = Field(
-        default_factory=lambda: [0.3, 1.0, 3.0], min_length=1,
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        min_length=1,
         description="lr values tried; the program's own constants scale them (AdamW's lr * 0.001).",
     )
     seeds: int = Field(default=1, ge=1, description="Training seeds averaged per lr.")
@@ -73,7 +74,7 @@ class SymbolicSection(StrictModel):
         return absolute_program(start, info)  # trials run in folders of their own
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SymbolicSection":
+    def _consistent(self) -> SymbolicSection:
         if self.tournament > self.population:
             raise ConfigError("tournament", f"must be <= population ({self.tournament} > {self.population})")
         if self.workers and self.batch % self.workers:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -144,8 +145,11 @@ class ProgramOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["program_optimizer"] = {"last_finite": self.last_finite, "nonfinite_steps": self.nonfinite_steps,
-                                      "steps": self.steps}
+        state["program_optimizer"] = {
+            "last_finite": self.last_finite,
+            "nonfinite_steps": self.nonfinite_steps,
+            "steps": self.steps,
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

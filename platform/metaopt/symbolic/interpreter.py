@@ -23,15 +23,25 @@ update, as an epsilon would make it. The symbolic search fails a program on a fa
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from metaopt.symbolic.program import OUTPUTS, Const, Program, Var
 from metaopt.symbolic.text import check_program
 
-__all__ = ["ELEMENTWISE", "GLOBAL", "ProgramResult", "TORCH", "TorchBackend", "evaluate", "faulty_entries",
-           "run_backend", "run_program"]
+__all__ = [
+    "ELEMENTWISE",
+    "GLOBAL",
+    "TORCH",
+    "ProgramResult",
+    "TorchBackend",
+    "evaluate",
+    "faulty_entries",
+    "run_backend",
+    "run_program",
+]
 
 
 # ---- primitive semantics (shared by every backend) ---------------------------------------------------------
@@ -50,10 +60,30 @@ def _abs_then(name: str) -> Callable[[Any, Any], Any]:
 
 #: Primitives computed per parameter tensor: ``fn(xp, *args)`` on that tensor's values (scalars are 0-dim).
 ELEMENTWISE: dict[str, Callable[..., Any]] = {
-    **{name: (lambda n: lambda xp, x: getattr(xp, n)(x))(name) for name in (
-        "abs", "cos", "sin", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "arcsinh", "arccosh",
-        "arctanh", "exp", "exp2", "expm1", "log1p", "square", "sign",
-    )},
+    **{
+        name: (lambda n: lambda xp, x: getattr(xp, n)(x))(name)
+        for name in (
+            "abs",
+            "cos",
+            "sin",
+            "tan",
+            "arcsin",
+            "arccos",
+            "arctan",
+            "sinh",
+            "cosh",
+            "tanh",
+            "arcsinh",
+            "arccosh",
+            "arctanh",
+            "exp",
+            "exp2",
+            "expm1",
+            "log1p",
+            "square",
+            "sign",
+        )
+    },
     **{name: _abs_then(name) for name in ("log", "log10", "log2", "sqrt")},
     "exp10": lambda xp, x: xp.pow(10.0, x),
     "cube": lambda xp, x: x * x * x,
@@ -156,8 +186,13 @@ def faulty_entries(xp: Any, x: Any, silent: Any) -> Any:
 
 
 def run_backend(
-    program: Program, backend: Backend, params: Sequence[Any], grads: Sequence[Any], m: Sequence[Any],
-    v: Sequence[Any], lr: Any,
+    program: Program,
+    backend: Backend,
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    m: Sequence[Any],
+    v: Sequence[Any],
+    lr: Any,
 ) -> tuple[list[Any], list[Any], list[Any], Any, Any]:
     """Backend-neutral core of :func:`run_program`: ``(updates, m, v, finite, faulty)``, with ``finite`` a 0-dim
     bool array (every output entry finite) and ``faulty`` a bool array with one entry per name in

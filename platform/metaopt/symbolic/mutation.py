@@ -38,7 +38,7 @@ from metaopt.symbolic.program import (
     Var,
 )
 
-__all__ = ["MutationConfig", "Mutated", "KINDS", "insert", "delete", "modify", "mutate", "mutate_verbose"]
+__all__ = ["KINDS", "Mutated", "MutationConfig", "delete", "insert", "modify", "mutate", "mutate_verbose"]
 
 KINDS: tuple[str, ...] = ("insert", "delete", "modify")
 _OPS: tuple[str, ...] = tuple(sorted(PRIMITIVES))
@@ -152,7 +152,7 @@ def delete(program: Program, rng: np.random.Generator, config: MutationConfig = 
     if not program.statements:
         raise ValueError("cannot delete from an empty program")
     index = int(rng.integers(len(program)))
-    return Program(program.statements[:index] + program.statements[index + 1:])
+    return Program(program.statements[:index] + program.statements[index + 1 :])
 
 
 def modify(program: Program, rng: np.random.Generator, config: MutationConfig = DEFAULT_CONFIG) -> Program:
@@ -183,7 +183,7 @@ def modify(program: Program, rng: np.random.Generator, config: MutationConfig = 
             new = _new_constant(rng, config)
         else:
             new = Var(_pick(rng, others))
-    args = statement.args[:position] + (new,) + statement.args[position + 1:]
+    args = statement.args[:position] + (new,) + statement.args[position + 1 :]
     statements = list(program.statements)
     statements[index] = Statement(statement.target, statement.op, args)
     return Program(tuple(statements))
@@ -201,8 +201,9 @@ def _one(program: Program, rng: np.random.Generator, config: MutationConfig) -> 
         return None, kind
 
 
-def mutate_verbose(program: Program, rng: np.random.Generator, max_tries: int = 50,
-                   config: MutationConfig = DEFAULT_CONFIG) -> Mutated:
+def mutate_verbose(
+    program: Program, rng: np.random.Generator, max_tries: int = 50, config: MutationConfig = DEFAULT_CONFIG
+) -> Mutated:
     """Like :func:`mutate`, also returning the kinds applied and the tries used."""
     candidate, kinds, chain = program, [], 0
     for tries in range(1, max_tries + 1):
@@ -219,8 +220,9 @@ def mutate_verbose(program: Program, rng: np.random.Generator, max_tries: int = 
     raise RuntimeError(f"no valid mutation of the program in {max_tries} tries")
 
 
-def mutate(program: Program, rng: np.random.Generator, max_tries: int = 50,
-           config: MutationConfig = DEFAULT_CONFIG) -> Program:
+def mutate(
+    program: Program, rng: np.random.Generator, max_tries: int = 50, config: MutationConfig = DEFAULT_CONFIG
+) -> Program:
     """A valid child of ``program``: insert, delete or modify (equal weights), re-mutating invalid children
     (and children identical to the parent) up to ``max_tries`` mutations in all; raises RuntimeError when none
     is valid. Dead statements are kept (stepping stones, paper Sec. 2.2)."""

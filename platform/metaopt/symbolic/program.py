@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 TENSOR = "tensor"
 SCALAR = "scalar"
@@ -73,9 +74,34 @@ def _tensor_and_scalar(x: str, c: str) -> str | None:
 
 
 UNARY_MATH = (
-    "abs", "cos", "sin", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "arcsinh", "arccosh",
-    "arctanh", "exp", "exp2", "exp10", "expm1", "log", "log10", "log2", "sqrt", "log1p", "square", "cube", "cbrt",
-    "sign", "reciprocal", "negative",
+    "abs",
+    "cos",
+    "sin",
+    "tan",
+    "arcsin",
+    "arccos",
+    "arctan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "arcsinh",
+    "arccosh",
+    "arctanh",
+    "exp",
+    "exp2",
+    "exp10",
+    "expm1",
+    "log",
+    "log10",
+    "log2",
+    "sqrt",
+    "log1p",
+    "square",
+    "cube",
+    "cbrt",
+    "sign",
+    "reciprocal",
+    "negative",
 )
 #: Infix binary operators, as printed in program text.
 INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -139,7 +165,7 @@ class Program:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Program":
+    def from_dict(cls, data: dict[str, Any]) -> Program:
         try:
             statements = tuple(
                 Statement(str(s["target"]), str(s["op"]), tuple(_arg_from_json(a) for a in s["args"]))
@@ -150,7 +176,7 @@ class Program:
         return cls(statements)
 
     @classmethod
-    def from_json(cls, text: str) -> "Program":
+    def from_json(cls, text: str) -> Program:
         return cls.from_dict(json.loads(text))
 
 
@@ -191,28 +217,34 @@ def stmt(target: str, op: str, *args: str | float | Arg) -> Statement:
     return Statement(target, op, tuple(as_arg(a) for a in args))
 
 
-def adamw_program(beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.01, lr_scale: float = 0.001) -> Program:
+def adamw_program(
+    beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.01, lr_scale: float = 0.001
+) -> Program:
     """The search's start program (PAPERS.md): AdamW without bias correction and without epsilon."""
-    return Program((
-        stmt("g2", "square", "g"),
-        stmt("m", "interp", "g", "m", beta1),
-        stmt("v", "interp", "g2", "v", beta2),
-        stmt("sqrt_v", "sqrt", "v"),
-        stmt("update", "div", "m", "sqrt_v"),
-        stmt("wd", "mul", "w", weight_decay),
-        stmt("update", "add", "update", "wd"),
-        stmt("lr", "mul", "lr", lr_scale),
-        stmt("update", "mul", "update", "lr"),
-    ))
+    return Program(
+        (
+            stmt("g2", "square", "g"),
+            stmt("m", "interp", "g", "m", beta1),
+            stmt("v", "interp", "g2", "v", beta2),
+            stmt("sqrt_v", "sqrt", "v"),
+            stmt("update", "div", "m", "sqrt_v"),
+            stmt("wd", "mul", "w", weight_decay),
+            stmt("update", "add", "update", "wd"),
+            stmt("lr", "mul", "lr", lr_scale),
+            stmt("update", "mul", "update", "lr"),
+        )
+    )
 
 
 def lion_program(beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0) -> Program:
     """Lion (Chen et al. 2023, Program 1): update = lr * (sign(interp(g, m, beta1)) + wd * w); m = interp(g, m, beta2)."""
-    return Program((
-        stmt("c", "interp", "g", "m", beta1),
-        stmt("s", "sign", "c"),
-        stmt("wd", "mul", "w", weight_decay),
-        stmt("u", "add", "s", "wd"),
-        stmt("update", "mul", "u", "lr"),
-        stmt("m", "interp", "g", "m", beta2),
-    ))
+    return Program(
+        (
+            stmt("c", "interp", "g", "m", beta1),
+            stmt("s", "sign", "c"),
+            stmt("wd", "mul", "w", weight_decay),
+            stmt("u", "add", "s", "wd"),
+            stmt("update", "mul", "u", "lr"),
+            stmt("m", "interp", "g", "m", beta2),
+        )
+    )

@@ -63,7 +63,7 @@ def train_once(program_json: str, proxy: dict[str, Any], lr: float, seed: int) -
             metrics = task.train(proxy["steps"], lambda _step: lr)
     except NonFiniteProgramError as err:
         return -math.inf, str(err)
-    except Exception as err:  # noqa: BLE001 - any error of a candidate program is its failure
+    except Exception as err:  # any error of a candidate program is its failure
         return -math.inf, f"raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     value = float(metrics.get(task.metric, math.nan))
     loss = float(metrics.get("loss", math.nan))

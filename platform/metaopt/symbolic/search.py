@@ -54,7 +54,7 @@ def load_start_program(value: Any) -> Program:
         try:
             program = Program.from_json(text) if text.lstrip().startswith("{") else parse_program(text)
         except ProgramSyntaxError as err:
-            raise ConfigError("start", f"program {str(err)}") from None
+            raise ConfigError("start", f"program {err!s}") from None
         except ValueError as err:
             raise ConfigError("start", f"not a program: {str(err).splitlines()[0]}") from None
     check = infer_types(program)
@@ -106,7 +106,7 @@ class SearchState:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "SearchState":
+    def from_json(cls, text: str) -> SearchState:
         data = json.loads(text)
         history = [Scored(**s) for s in data.pop("history")]
         population = [history[s["index"]] for s in data.pop("population")]
@@ -127,8 +127,16 @@ def init_search(section, seed: int, scorer) -> SearchState:
 
     program = load_start_program(section.start)
     (result,) = scorer.score([program], proxy_dict(section.proxy))
-    start = Scored(program.to_json(), _score(result.score), result.best_lr, functional_hash(program), 0, None,
-                   origin="start", failure=result.failure)
+    start = Scored(
+        program.to_json(),
+        _score(result.score),
+        result.best_lr,
+        functional_hash(program),
+        0,
+        None,
+        origin="start",
+        failure=result.failure,
+    )
     rng = np.random.default_rng(seed)
     cache = {start.hash: [start.score, start.best_lr, start.failure]}
     return SearchState([start], [start], cache, rng.bit_generator.state)
@@ -251,12 +259,18 @@ def funnel(state: SearchState, section, scorer) -> list[FunnelResult]:
         survivors = []
         for r, s in zip(alive, scores[1:]):
             passed = _score(s.score) > start_score + section.margin
-            r.stages.append({"stage": name, "score": _score(s.score), "start_score": start_score, "passed": passed,
-                             "best_lr": s.best_lr})
+            r.stages.append(
+                {
+                    "stage": name,
+                    "score": _score(s.score),
+                    "start_score": start_score,
+                    "passed": passed,
+                    "best_lr": s.best_lr,
+                }
+            )
             if passed:
                 survivors.append(r)
         alive = survivors
     for r in alive:
         r.accepted = True
     return results
-

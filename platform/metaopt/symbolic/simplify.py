@@ -34,8 +34,8 @@ matter. :func:`simplify` does the same in three steps:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from metaopt.symbolic.analysis import format_statement, functional_hash, infer_types, is_valid, prune
 from metaopt.symbolic.program import (
@@ -51,7 +51,7 @@ from metaopt.symbolic.program import (
     Var,
 )
 
-__all__ = ["SimplifyReport", "simplify", "rewrite", "replace_with_copy", "format_side_by_side"]
+__all__ = ["SimplifyReport", "format_side_by_side", "replace_with_copy", "rewrite", "simplify"]
 
 _MAX_REWRITES = 1000
 
@@ -93,7 +93,7 @@ class SimplifyReport:
     def format(self) -> str:
         text = format_side_by_side(self.before, self.after)
         body = "\n".join(f"  {i + 1}. {step}" for i, step in enumerate(self.steps)) or "  (none)"
-        return (f"{text}\n\n{len(self.before)} -> {len(self.after)} statements; steps:\n{body}")
+        return f"{text}\n\n{len(self.before)} -> {len(self.after)} statements; steps:\n{body}"
 
 
 # ---- data flow ---------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class _Flow:
     def __init__(self, program: Program) -> None:
         self.program = program
         self.statements = program.statements
-        env = {name: -1 for name in INPUTS}
+        env = dict.fromkeys(INPUTS, -1)
         self.env: list[dict[str, int]] = []  # env[i]: name -> defining statement (-1 input) before statement i
         for index, statement in enumerate(self.statements):
             self.env.append(dict(env))
@@ -160,8 +160,8 @@ class _Flow:
 
 def _replace(statements: tuple[Statement, ...], index: int, statement: Statement | None) -> Program:
     if statement is None:
-        return Program(statements[:index] + statements[index + 1:])
-    return Program(statements[:index] + (statement,) + statements[index + 1:])
+        return Program(statements[:index] + statements[index + 1 :])
+    return Program(statements[:index] + (statement,) + statements[index + 1 :])
 
 
 def _copy(flow: _Flow, index: int, src: Arg) -> Program | None:
@@ -177,7 +177,7 @@ def _copy(flow: _Flow, index: int, src: Arg) -> Program | None:
             new = list(statements)
             for k, j in uses:
                 s = new[k]
-                new[k] = Statement(s.target, s.op, s.args[:j] + (src,) + s.args[j + 1:])
+                new[k] = Statement(s.target, s.op, s.args[:j] + (src,) + s.args[j + 1 :])
             return _replace(tuple(new), index, None)
     produced = flow.producer(index, src)
     if produced is not None:  # recompute src's value under the target's name
@@ -224,15 +224,11 @@ def _rule_identity(flow: _Flow, index: int):
         src = a[0]
     elif s.op == "add" and _const(a[0], 0.0):
         src = a[1]
-    elif s.op == "sub" and _const(a[1], 0.0):
-        src = a[0]
-    elif s.op == "mul" and _const(a[1], 1.0):
+    elif (s.op == "sub" and _const(a[1], 0.0)) or (s.op == "mul" and _const(a[1], 1.0)):
         src = a[0]
     elif s.op == "mul" and _const(a[0], 1.0):
         src = a[1]
-    elif s.op in ("div", "power") and _const(a[1], 1.0):
-        src = a[0]
-    elif s.op == "interp" and _const(a[2], 0.0):
+    elif (s.op in ("div", "power") and _const(a[1], 1.0)) or (s.op == "interp" and _const(a[2], 0.0)):
         src = a[0]
     elif s.op == "interp" and _const(a[2], 1.0):
         src = a[1]
@@ -278,11 +274,7 @@ def _rule_sign(flow: _Flow, index: int):
         inner = flow.producer(d, den.args[0])
         if inner is not None:
             q, sq = inner
-            if sq.op == "square":
-                magnitude_of = (q, sq.args[0])
-            elif sq.op == "mul" and flow.same(q, sq.args[0], q, sq.args[1]):
-                magnitude_of = (q, sq.args[0])
-            elif sq.op == "power" and _const(sq.args[1], 2.0):
+            if sq.op == "square" or (sq.op == "mul" and flow.same(q, sq.args[0], q, sq.args[1])) or (sq.op == "power" and _const(sq.args[1], 2.0)):
                 magnitude_of = (q, sq.args[0])
     if magnitude_of is None or not flow.same(index, x, *magnitude_of):
         return None
@@ -304,18 +296,22 @@ def _rule_nested_interp(flow: _Flow, index: int):
         if flow.same(d, b, index, second) and flow.available(a, d, index):
             c = 1.0 - (1.0 - c1) * (1.0 - c2)
             new = Statement(s.target, "interp", (a, second, Const(c)))
-            return (_replace(flow.statements, index, new),
-                    f"interp(interp(a, b, c1), b, c2) = interp(a, b, 1 - (1 - c1)(1 - c2)): "
-                    f"{format_statement(s)} -> {format_statement(new)}")
+            return (
+                _replace(flow.statements, index, new),
+                f"interp(interp(a, b, c1), b, c2) = interp(a, b, 1 - (1 - c1)(1 - c2)): "
+                f"{format_statement(s)} -> {format_statement(new)}",
+            )
     produced = flow.producer(index, second)
     if produced is not None and produced[1].op == "interp" and _const(produced[1].args[2]):
         d, inner = produced
         a, b, c1 = inner.args[0], inner.args[1], float(inner.args[2].value)
         if flow.same(d, a, index, first) and flow.available(b, d, index):
             new = Statement(s.target, "interp", (first, b, Const(c1 * c2)))
-            return (_replace(flow.statements, index, new),
-                    f"interp(a, interp(a, b, c1), c2) = interp(a, b, c1 c2): "
-                    f"{format_statement(s)} -> {format_statement(new)}")
+            return (
+                _replace(flow.statements, index, new),
+                f"interp(a, interp(a, b, c1), c2) = interp(a, b, c1 c2): "
+                f"{format_statement(s)} -> {format_statement(new)}",
+            )
     return None
 
 
@@ -336,8 +332,10 @@ def _rule_mul_chain(flow: _Flow, index: int):
             x, c1 = inner.args[x_pos], inner.args[1 - x_pos]
             if _const(c1) and not _const(x) and flow.available(x, d, index):
                 new = Statement(s.target, "mul", (x, Const(float(c1.value) * float(c2.value))))
-                return (_replace(flow.statements, index, new),
-                        f"(x * c1) * c2 = x * (c1 c2): {format_statement(s)} -> {format_statement(new)}")
+                return (
+                    _replace(flow.statements, index, new),
+                    f"(x * c1) * c2 = x * (c1 c2): {format_statement(s)} -> {format_statement(new)}",
+                )
     return None
 
 
@@ -348,6 +346,7 @@ def _evaluate_constant(statement: Statement) -> float | None:
     from metaopt.symbolic.interpreter import run_program
 
     probe = Program((Statement("t", statement.op, statement.args), Statement("update", "add", (Var("w"), Var("t")))))
+
     def zeros() -> list[torch.Tensor]:
         return [torch.zeros(1, dtype=torch.float64)]
 
@@ -425,8 +424,9 @@ def _removal_candidates(program: Program):
                 yield copied, f"replace {format_statement(statement)} by {statement.target} = {_arg_text(arg)}"
 
 
-def _score_removals(program: Program, score_fn: Callable[[Program], float], tolerance: float,
-                    steps: list[str]) -> Program:
+def _score_removals(
+    program: Program, score_fn: Callable[[Program], float], tolerance: float, steps: list[str]
+) -> Program:
     scores: dict[str, float] = {}  # by functional hash: candidates computing the same function are scored once
 
     def score(p: Program) -> float:
@@ -446,8 +446,10 @@ def _score_removals(program: Program, score_fn: Callable[[Program], float], tole
                 continue
             value = score(candidate)
             if value >= base - tolerance:
-                steps.append(f"score-based: {description} (score {base:.6g} -> {value:.6g}, "
-                             f"{len(current)} -> {len(candidate)} statements)")
+                steps.append(
+                    f"score-based: {description} (score {base:.6g} -> {value:.6g}, "
+                    f"{len(current)} -> {len(candidate)} statements)"
+                )
                 current, improved = candidate, True
                 break
     return current
@@ -456,8 +458,9 @@ def _score_removals(program: Program, score_fn: Callable[[Program], float], tole
 # ---- entry point -------------------------------------------------------------------------------------------
 
 
-def simplify(program: Program, score_fn: Callable[[Program], float] | None = None, tolerance: float = 0.0, *,
-             verify: bool = True) -> SimplifyReport:
+def simplify(
+    program: Program, score_fn: Callable[[Program], float] | None = None, tolerance: float = 0.0, *, verify: bool = True
+) -> SimplifyReport:
     """Simplify a valid program (paper Sec. 2.4): prune, semantics-preserving rewrites, then -- with
     ``score_fn`` -- greedy removals whose score stays within ``tolerance`` of the current program's. Each
     accepted removal moves the reference, so removals may lose up to ``tolerance`` each. Raises ValueError for
@@ -468,8 +471,10 @@ def simplify(program: Program, score_fn: Callable[[Program], float] | None = Non
     steps: list[str] = []
     current = prune(program)
     if len(current) < len(program):
-        steps.append(f"prune: removed {len(program) - len(current)} statements that reach no output "
-                     f"({len(program)} -> {len(current)})")
+        steps.append(
+            f"prune: removed {len(program) - len(current)} statements that reach no output "
+            f"({len(program)} -> {len(current)})"
+        )
     current, rewrites = rewrite(current, verify=verify)
     steps += rewrites
     if score_fn is not None:

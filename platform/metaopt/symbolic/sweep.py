@@ -52,9 +52,14 @@ def run_search(exp: Experiment, *, address: str | None = None, callbacks: list[A
         progress = [ProgressPrinter("best_score", "max", iterations_for(section))]
     with SweepEnd(exp, session, trial_callback, iterations_for(section), started) as end:
         tuner = build_tuner(
-            section, experiment_name=session.run_name, storage_path=session.storage_path, resources=session.per_trial,
-            max_concurrent_trials=exp.ray.max_concurrent_trials, checkpoints_to_keep=exp.ray.checkpoints_to_keep,
-            callbacks=[trial_callback, *progress, *(callbacks or [])], verbose=1 if verbose >= 2 else 0,
+            section,
+            experiment_name=session.run_name,
+            storage_path=session.storage_path,
+            resources=session.per_trial,
+            max_concurrent_trials=exp.ray.max_concurrent_trials,
+            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
+            callbacks=[trial_callback, *progress, *(callbacks or [])],
+            verbose=1 if verbose >= 2 else 0,
         )
         results = tuner.fit()
         end.conclude(results)
@@ -94,10 +99,24 @@ def log_search(parent: tracking.ParentRun, summaries: list[SearchSummary], trial
             continue
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            report.write_csv(root / "history.csv", HISTORY_COLUMNS, [
-                [h.index, h.parent, h.origin, h.score, h.best_lr, h.hash[:16], h.cached, h.failure or "",
-                 " ; ".join(format_program(h.program).splitlines()[1:-1]).replace("    ", "")]
-                for h in s.state.history])
+            report.write_csv(
+                root / "history.csv",
+                HISTORY_COLUMNS,
+                [
+                    [
+                        h.index,
+                        h.parent,
+                        h.origin,
+                        h.score,
+                        h.best_lr,
+                        h.hash[:16],
+                        h.cached,
+                        h.failure or "",
+                        " ; ".join(format_program(h.program).splitlines()[1:-1]).replace("    ", ""),
+                    ]
+                    for h in s.state.history
+                ],
+            )
             (root / "best_program.txt").write_text(format_program(s.state.best.program) + "\n")
             if s.final:
                 accepted = root / "accepted"
@@ -113,11 +132,13 @@ def log_search(parent: tracking.ParentRun, summaries: list[SearchSummary], trial
         parent.log_figure(plot_search(states, f"{exp.name}: program scores"), "search.png")
     accepted = [(a["proxy_score"], s.trial_id, a) for s in summaries if s.final for a in s.final["accepted"]]
     best = [s.state.best.score for s in summaries if s.state is not None]
-    parent.log_metrics({
-        "accepted_programs": len(accepted),
-        "best_score": max(best) if best else math.nan,
-        "start_score": next((s.state.start.score for s in summaries if s.state is not None), math.nan),
-    })
+    parent.log_metrics(
+        {
+            "accepted_programs": len(accepted),
+            "best_score": max(best) if best else math.nan,
+            "start_score": next((s.state.start.score for s in summaries if s.state is not None), math.nan),
+        }
+    )
     if accepted:
         _, trial_id, top = max(accepted, key=lambda x: x[0])
         parent.log_json("best_accepted.json", {"trial_id": trial_id, **top})
@@ -136,8 +157,9 @@ def plot_search(states: dict[str, Any], title: str):
             curve.append(best)
         ax.plot(range(len(curve)), curve, lw=1.8, label=f"{trial}: best so far")
         ax.axhline(state.start.score, color="grey", ls=":", lw=1)
-    report.label_axes(ax, x="program evaluated", y="proxy score (validation metric)", title=title, title_size=10,
-                      legend=7)
+    report.label_axes(
+        ax, x="program evaluated", y="proxy score (validation metric)", title=title, title_size=10, legend=7
+    )
     fig.tight_layout()
     return fig
 

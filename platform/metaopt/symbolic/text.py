@@ -287,14 +287,13 @@ class _LineParser:
                 if token.kind == ")":
                     break
                 if token.kind != ",":
-                    raise self.error(f"expected ',' or ')' in the call to {op}, found {token.text!r} "
-                                     f"(column {token.column + 1})")
+                    raise self.error(
+                        f"expected ',' or ')' in the call to {op}, found {token.text!r} (column {token.column + 1})"
+                    )
         self.expect_end(f"the call to {op}")
         arity = PRIMITIVES[op].arity
         if len(args) != arity:
-            raise self.error(
-                f"{op} takes {arity} argument{'s' if arity != 1 else ''}, got {len(args)}"
-            )
+            raise self.error(f"{op} takes {arity} argument{'s' if arity != 1 else ''}, got {len(args)}")
         return Statement(target, op, tuple(args))
 
 
@@ -327,9 +326,7 @@ def _parse_def(tokens: list[_Token], lineno: int) -> None:
         if token.kind != ",":
             raise ProgramSyntaxError(lineno, f"expected ',' or ')' in the parameters, found {token.text!r}")
     if tuple(params) != INPUTS:
-        raise ProgramSyntaxError(
-            lineno, f"the parameters must be ({', '.join(INPUTS)}), got ({', '.join(params)})"
-        )
+        raise ProgramSyntaxError(lineno, f"the parameters must be ({', '.join(INPUTS)}), got ({', '.join(params)})")
     parser.expect(":", "':' at the end of the function header")
     parser.expect_end("the function header")
 
@@ -347,9 +344,7 @@ def _parse_return(tokens: list[_Token], lineno: int) -> None:
     if rest and rest[-1].kind == ",":
         raise ProgramSyntaxError(lineno, "trailing ',' in the return statement")
     if tuple(names) != OUTPUTS:
-        raise ProgramSyntaxError(
-            lineno, f"the program must end with {RETURN_LINE!r}, got 'return {', '.join(names)}'"
-        )
+        raise ProgramSyntaxError(lineno, f"the program must end with {RETURN_LINE!r}, got 'return {', '.join(names)}'")
 
 
 def parse_program(text: str) -> Program:
@@ -409,8 +404,9 @@ def _check(program: Program, linenos: list[int], return_line: int) -> dict[str, 
             raise ProgramSyntaxError(lineno, _unknown_primitive(statement.op))
         if len(statement.args) != primitive.arity:
             raise ProgramSyntaxError(
-                lineno, f"{statement.op} takes {primitive.arity} argument{'s' if primitive.arity != 1 else ''}, "
-                        f"got {len(statement.args)}"
+                lineno,
+                f"{statement.op} takes {primitive.arity} argument{'s' if primitive.arity != 1 else ''}, "
+                f"got {len(statement.args)}",
             )
         if not statement.target.isidentifier() or statement.target in _KEYWORDS:
             raise ProgramSyntaxError(lineno, f"{statement.target!r} is not a valid variable name")

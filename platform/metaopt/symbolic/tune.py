@@ -52,11 +52,18 @@ def finish(state: SearchState, section: SymbolicSection, scorer) -> dict[str, An
             continue
         program = Program.from_json(r.program_json)
         report = simplify(program, score_fn=lambda p: scorer.score([p], proxy)[0].score, tolerance=0.0)
-        accepted.append({
-            "index": r.index, "proxy_score": r.proxy_score, "stages": r.stages,
-            "program": format_program(program), "simplified": format_program(report.after),
-            "simplified_json": report.after.to_json(), "steps": list(report.steps), "report": report.format(),
-        })
+        accepted.append(
+            {
+                "index": r.index,
+                "proxy_score": r.proxy_score,
+                "stages": r.stages,
+                "program": format_program(program),
+                "simplified": format_program(report.after),
+                "simplified_json": report.after.to_json(),
+                "steps": list(report.steps),
+                "report": report.format(),
+            }
+        )
     return {
         "funnel": [r.__dict__ for r in results],
         "accepted": accepted,
@@ -123,14 +130,32 @@ def trial_resources(section: SymbolicSection, per_trial: dict[str, float]):
     return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker, section.gpus_per_worker)
 
 
-def build_tuner(section: SymbolicSection, *, experiment_name: str, storage_path: str, resources: dict[str, float],
-                max_concurrent_trials: int | None, callbacks: list[Any], verbose: int = 0,
-                checkpoints_to_keep: int = 2) -> tune.Tuner:
+def build_tuner(
+    section: SymbolicSection,
+    *,
+    experiment_name: str,
+    storage_path: str,
+    resources: dict[str, float],
+    max_concurrent_trials: int | None,
+    callbacks: list[Any],
+    verbose: int = 0,
+    checkpoints_to_keep: int = 2,
+) -> tune.Tuner:
     """One trial per search seed; a checkpoint every ``checkpoint_every`` iterations and at the end, the last
     ``checkpoints_to_keep`` kept."""
     param_space = {"exp": section.model_dump(mode="json"), "seed": tune.grid_search(list(section.seeds))}
-    return grid_tuner(SearchTrainable, trial_resources(section, resources), param_space,
-                      iterations=iterations_for(section), scheduler=None, max_failures=section.max_failures,
-                      experiment_name=experiment_name, storage_path=storage_path,
-                      max_concurrent_trials=max_concurrent_trials, callbacks=callbacks, verbose=verbose,
-                      checkpoints_to_keep=checkpoints_to_keep, checkpoint_every=section.checkpoint_every)
+    return grid_tuner(
+        SearchTrainable,
+        trial_resources(section, resources),
+        param_space,
+        iterations=iterations_for(section),
+        scheduler=None,
+        max_failures=section.max_failures,
+        experiment_name=experiment_name,
+        storage_path=storage_path,
+        max_concurrent_trials=max_concurrent_trials,
+        callbacks=callbacks,
+        verbose=verbose,
+        checkpoints_to_keep=checkpoints_to_keep,
+        checkpoint_every=section.checkpoint_every,
+    )

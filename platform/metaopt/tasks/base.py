@@ -44,8 +44,9 @@ class TrainingTask(Protocol):
         """Inverse of :meth:`state`. Learning rates come from the caller's ``lr_at``, not the state."""
 
 
-def optimizer_steps(optimizer: Any, num_steps: int, start_step: int, lr_at: Schedule,
-                    next_loss: Callable[[], Any]) -> tuple[float, int]:
+def optimizer_steps(
+    optimizer: Any, num_steps: int, start_step: int, lr_at: Schedule, next_loss: Callable[[], Any]
+) -> tuple[float, int]:
     """The supervised tasks' inner loop: ``num_steps`` optimizer steps at ``lr_at(step)`` on ``next_loss()``.
 
     Returns (mean loss over ``num_steps``, the step count after). A diverged run (non-finite loss) stops early,

@@ -32,7 +32,14 @@ def load_digits_splits(split_seed: int, val_fraction: float, test_fraction: floa
     order = torch.tensor(np.random.default_rng(split_seed).permutation(len(y)))
     n_val, n_test = int(len(y) * val_fraction), int(len(y) * test_fraction)
     val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
-    return {"x_train": x[train], "y_train": y[train], "x_val": x[val], "y_val": y[val], "x_test": x[test], "y_test": y[test]}
+    return {
+        "x_train": x[train],
+        "y_train": y[train],
+        "x_val": x[val],
+        "y_val": y[val],
+        "x_test": x[test],
+        "y_test": y[test],
+    }
 
 
 def build_mlp(in_features: int, hidden: tuple[int, ...], classes: int) -> nn.Sequential:

@@ -128,8 +128,16 @@ def metrics_from_result(result: Mapping[str, Any]) -> dict[str, float]:
 
 
 _EMPTY_METRICS = dict.fromkeys(
-    ("episode_return_mean", "episode_len_mean", "loss", "policy_loss", "vf_loss", "entropy", "lr",
-     "num_env_steps_sampled_lifetime"),
+    (
+        "episode_return_mean",
+        "episode_len_mean",
+        "loss",
+        "policy_loss",
+        "vf_loss",
+        "entropy",
+        "lr",
+        "num_env_steps_sampled_lifetime",
+    ),
     math.nan,
 )
 
@@ -255,7 +263,7 @@ class RLlibPPOTask:
         except OSError:
             pass
 
-    def __enter__(self) -> "RLlibPPOTask":
+    def __enter__(self) -> RLlibPPOTask:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
