@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         for repeat in range(count):
             out.append(block(run))
             print(
-                f"  {label} block {repeat + 1}: {out[-1] * 1e3:.1f} ms per round; load average {os.getloadavg()[0]:.1f}",
+                f"  {label} block {repeat + 1}: {out[-1] * 1e3:.1f} ms per round; "
+                f"load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
         return out

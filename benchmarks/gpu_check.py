@@ -67,12 +67,17 @@ def check_jax_ppo(quick: bool) -> dict:
         out["skipped"] = "JAX has no GPU backend here"
         return out
     drift_fn, zeros = make_drift("lpo", hidden=128)
+
+    def population(size: int):
+        """The drift's initial parameters repeated along a leading population axis of ``size`` members."""
+        return jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (size, *x.shape)), zeros)
+
     runs = [("CartPole-v1", 64 if quick else 256, 100_000), ("SpaceInvaders-MinAtar", 8 if quick else 32, 1_000_000)]
     if DRY_RUN:
         runs = [("CartPole-v1", 2, 2048), ("SpaceInvaders-MinAtar", 2, 16384)]
     for env, members, steps in runs:
         config = ppo_config_for(env, total_timesteps=steps)
-        batch = jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (members, *x.shape)), zeros)
+        batch = population(members)
         started = time.perf_counter()
         first = jax.block_until_ready(train_many(config, drift_fn, jax.random.PRNGKey(0), batch, 1))
         with_compile = time.perf_counter() - started

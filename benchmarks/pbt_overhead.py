@@ -431,7 +431,8 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
         busy = ", ".join(f"{k} training: {v:.2f} s" for k, v in sorted(profile.items()))
         log(f"  tune.fit time by number of trials inside step() at once: {busy}")
     log(
-        f"  trainables' step() time (sum of time_this_iter_s): {counter.step_seconds:.2f} s over {counter.results} results"
+        f"  trainables' step() time (sum of time_this_iter_s): {counter.step_seconds:.2f} s "
+        f"over {counter.results} results"
         f" ({section.population * section.iterations} without exploits moving iterations)"
         f" -> /{slots} = {counter.step_seconds / slots:.2f} s if perfectly parallel"
     )
@@ -448,7 +449,8 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
             + ", ".join(f"{total:.2f} s over {count} gaps" for total, count in gaps)
         )
     log(
-        f"  worker processes that ran trials: {len(counter.pids)} (a sweep that kept its {slots} actors would use {slots}); "
+        f"  worker processes that ran trials: {len(counter.pids)} "
+        f"(a sweep that kept its {slots} actors would use {slots}); "
         f"trial (re)starts: {counter.starts}; checkpoints saved: {counter.checkpoints}; PBT exploits: {exploits}; "
         f"optimizer steps {steps} (expected {section.population * section.iterations * section.steps_per_iteration}); "
         f"diverged trials: {diverged}"
@@ -461,7 +463,8 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
         log(
             f"  CPU-seconds during sweep.run ({slots} cores x {wall:.1f} s = {capacity:.1f} available): "
             + ", ".join(f"{label} {sec:.1f}" for label, sec in others if sec >= 0.05)
-            + f"; driver and Ray daemons together {sum(cpu_used.values()):.1f} ({sum(cpu_used.values()) / capacity:.1%})"
+            + f"; driver and Ray daemons together {sum(cpu_used.values()):.1f} "
+            + f"({sum(cpu_used.values()) / capacity:.1%})"
         )
         if counter.trial_cpu:
             trial_cpu = sum(counter.trial_cpu.values())
@@ -472,7 +475,8 @@ def report_ours(exp, show_output: bool, slots: int, stall_seconds: float) -> tup
     best = summary.best()
     if best:
         log(
-            f"  best trial {best.trial_id}: val_accuracy {best.final_metric:.4f}, schedule {lineage.describe(best.schedule)}"
+            f"  best trial {best.trial_id}: val_accuracy {best.final_metric:.4f}, "
+            f"schedule {lineage.describe(best.schedule)}"
         )
     return wall, counter.results
 
@@ -579,15 +583,15 @@ def main(argv=None) -> int:
     total_steps = section.population * section.iterations * section.steps_per_iteration
     slots = min(CORES, section.population)
     lrs = baseline_lrs(section)
-    log(
-        f"experiment: {EXPERIMENT.relative_to(REPO)} with {' '.join(o for o in overrides if 'tmp' not in o and 'name=' not in o)}"
-    )
+    shown = " ".join(o for o in overrides if "tmp" not in o and "name=" not in o)
+    log(f"experiment: {EXPERIMENT.relative_to(REPO)} with {shown}")
     log(
         f"  task digits {s['task_options']}, optimizer {s['optimizer']}, synch={s['synch']}, "
         f"checkpoint every {section.checkpoint_every} iterations"
     )
     log(
-        f"  budget: {section.population} trials x {section.iterations} iterations x {section.steps_per_iteration} steps "
+        f"  budget: {section.population} trials x {section.iterations} iterations "
+        f"x {section.steps_per_iteration} steps "
         f"= {total_steps} optimizer steps; machine: {os.cpu_count()} CPUs"
         + (f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
     )
@@ -622,7 +626,8 @@ def main(argv=None) -> int:
         seq, steps = train_trials(s, lrs)
         assert steps == total_steps, (steps, total_steps)
         log(
-            f"\n[pure compute, sequential in this process] {seq:.2f} s ({seq / total_steps * 1e6:.0f} us/step incl. val)"
+            f"\n[pure compute, sequential in this process] {seq:.2f} s "
+            f"({seq / total_steps * 1e6:.0f} us/step incl. val)"
         )
     pures, walls, rans = [pure_pass("before sweep 1")], [], []
     for repeat in range(args.repeats):
@@ -665,8 +670,8 @@ def main(argv=None) -> int:
     )
     if seq is not None:
         log(
-            f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {seq / slots:.2f} s, not always reached on a "
-            f"shared machine): {wall / (seq / slots):.2f} (informational)"
+            f"  ours / ideal {CORES}-core speed-up (sequential / {slots} = {seq / slots:.2f} s, "
+            f"not always reached on a shared machine): {wall / (seq / slots):.2f} (informational)"
         )
 
     if args.compare_synch or not args.skip_naive:

@@ -151,8 +151,8 @@ def make_reference_train(
         rng, k_actor, k_critic, k_env = jax.random.split(rng, 4)
         sizes = [obs_dim] + [hidden] * layers
         params = {
-            "actor": _mlp(k_actor, sizes + [n_actions], hidden_scale, 0.01**2),
-            "critic": _mlp(k_critic, sizes + [1], hidden_scale, 1.0),
+            "actor": _mlp(k_actor, [*sizes, n_actions], hidden_scale, 0.01**2),
+            "critic": _mlp(k_critic, [*sizes, 1], hidden_scale, 1.0),
         }
         opt_state = tx.init(params)
         obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, num_envs), env_params)
@@ -194,7 +194,7 @@ def make_reference_train(
             _, adv = jax.lax.scan(gae_step, (jnp.zeros(num_envs), last_val), (t_rew, t_val, t_done), reverse=True)
             ret = adv + t_val
             data = (t_obs, t_act, t_logp, t_val, adv, ret)
-            data = jax.tree.map(lambda x: x.reshape((batch,) + x.shape[2:]), data)
+            data = jax.tree.map(lambda x: x.reshape((batch, *x.shape[2:])), data)
 
             def loss(params, mb):
                 o, a, old_logp, old_v, adv, ret = mb
@@ -214,7 +214,7 @@ def make_reference_train(
                 params, opt_state, rng = carry
                 rng, k = jax.random.split(rng)
                 perm = jax.random.permutation(k, batch)
-                mbs = jax.tree.map(lambda x: x[perm].reshape((num_minibatches, mb_size) + x.shape[1:]), data)
+                mbs = jax.tree.map(lambda x: x[perm].reshape((num_minibatches, mb_size, *x.shape[1:])), data)
 
                 def minibatch(carry, mb):
                     params, opt_state = carry

@@ -39,7 +39,7 @@ def ray_session():
 
     if not ray.is_initialized():  # as `metaopt run` starts its local Ray: on loopback only
         start_local(RayConfig(num_cpus=2), log_to_driver=False)
-    yield ray
+    return ray
 
 
 @pytest.fixture(scope="session")

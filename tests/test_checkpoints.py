@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_interrupted_atomic_write_leaves_the_old_checkpoint_intact(tmp_path):
 def test_write_errors_reach_the_checkpoint_but_not_the_cache(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("a file, not a folder")
-    with pytest.raises(OSError):  # a checkpoint that cannot be written fails loudly
+    with pytest.raises(OSError, match=re.escape(str(blocked))):  # a checkpoint that cannot be written fails loudly
         replace_atomically(blocked / "state.pt", lambda tmp: tmp.write_text("x"))
     assert write_atomically(blocked / "cached.npz", lambda tmp: tmp.write_text("x")) is False
 
@@ -55,7 +56,7 @@ class RunsCode:
 def test_weights_only_load_refuses_a_checkpoint_that_runs_code(tmp_path):
     marker = tmp_path / "code-ran"
     torch.save({"task": RunsCode(marker)}, tmp_path / "trainable_state.pt")
-    with pytest.raises(UnreadableCheckpoint, match="trainable_state.pt cannot be read"):
+    with pytest.raises(UnreadableCheckpoint, match=r"trainable_state\.pt cannot be read"):
         load_state(str(tmp_path), "trainable_state.pt")
     assert not marker.exists()
     torch.load(tmp_path / "trainable_state.pt", weights_only=False)  # the old load: the payload is real
@@ -206,7 +207,8 @@ def test_a_corrupt_checkpoint_is_reported_for_its_trial_and_the_summary_keeps_th
         assert any(line.startswith(trial.trial_id) for line in out.splitlines())  # a row in the printed table
     client = MlflowClient(exp.tracking.uri)
     assert client.get_run(summary.parent_run_id).info.status == "FINISHED"
-    rows = list(csv.DictReader(Path(client.download_artifacts(summary.parent_run_id, "summary.csv")).open()))
+    with Path(client.download_artifacts(summary.parent_run_id, "summary.csv")).open() as handle:
+        rows = list(csv.DictReader(handle))
     assert {row["trial_id"] for row in rows} == trial_ids
 
 

@@ -515,7 +515,10 @@ MALFORMED = [
         mutate(
             SYMBOLIC_BASE,
             symbolic__start=(
-                "def train(w, g, m, v, lr):\n    m = interp(g, m, 0.9)\n    update = frobnicate(m)\n    return update, m, v\n"
+                "def train(w, g, m, v, lr):\n"
+                "    m = interp(g, m, 0.9)\n"
+                "    update = frobnicate(m)\n"
+                "    return update, m, v\n"
             ),
         ),
         [],
@@ -1277,7 +1280,7 @@ def test_empty_blocks_mean_defaults():
 
 def test_experiment_is_frozen():
     exp = config.from_dict({"name": "f", "kind": "pbt"})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="Instance is frozen"):
         exp.name = "other"
 
 

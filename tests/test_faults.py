@@ -4,6 +4,7 @@ tests are in test_federated_tune.py and test_posttrain.py; these are PBT's and t
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_trial_killed_under_asynchronous_pbt_loses_no_iteration_and_keeps_its_li
     iterations = [s // per_iteration for s, _ in victim.reported]
     # resumed from its last checkpoint (iteration 2 or 3): every iteration trained, none skipped
     assert iterations[-1] == 6 and set(iterations) == set(range(1, 7)), iterations
-    assert all(b - a <= 1 for a, b in zip(iterations, iterations[1:])), iterations
+    assert all(b - a <= 1 for a, b in itertools.pairwise(iterations)), iterations
     for trial in summary.trials:
         assert trial.steps == exp.section.iterations * per_iteration and not trial.diverged
         assert trial.lineage_agrees, (trial.trial_id, trial.schedule, trial.carried_schedule)

@@ -31,7 +31,7 @@ def digits_clients():
 
 
 def test_local_training_returns_the_model_change(digits_clients):
-    data, shards = digits_clients
+    _data, shards = digits_clients
     client = Client(0, shards[0], 64, 10, hidden=(16,))
     torch.manual_seed(0)
     global_params = flat_params(build_model(64, 10, (16,)))

@@ -190,7 +190,7 @@ def test_clients_late_for_the_round_deadline_are_left_out_cancelled_and_back_nex
 
 @pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
 def test_round_timeout_must_be_a_finite_positive_number_of_seconds(value):
-    with pytest.raises(ConfigError, match="federated.round_timeout_s"):
+    with pytest.raises(ConfigError, match=r"federated\.round_timeout_s"):
         config.load(EXPERIMENTS / "fedhyper_tiny.yaml", [f"federated.round_timeout_s={value}"])
     with pytest.raises(ConfigError, match="round_timeout_s: must be a finite number of seconds > 0"):
         RoundSettings(timeout_s=float(value))

@@ -159,4 +159,4 @@ def test_pbt_on_top_adapts_the_initial_local_lr(ray_session, tmp_path):
     rows = run(exp, verbose=0)
     assert len(rows) == 2 and all(r["error"] is None and r["curves"]["round"][-1] == 4 for r in rows)
     lrs = [lr for r in rows for lr in r["curves"]["client_lr"]]
-    assert len(set(round(lr, 9) for lr in lrs)) > 2  # PBT explored new initial lrs beyond the two it started with
+    assert len({round(lr, 9) for lr in lrs}) > 2  # PBT explored new initial lrs beyond the two it started with

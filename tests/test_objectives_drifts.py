@@ -140,7 +140,7 @@ def test_ta_lpo_depends_on_progress_and_lpo_does_not():
     params = random_params("lpo")
     assert np.array_equal(np.asarray(fn(params, r, a, early)), np.asarray(fn(params, r, a, late)))
     assert np.array_equal(np.asarray(fn(params, r, a, early)), np.asarray(fn(params, r, a)))
-    with pytest.raises(ValueError, match="ta_lpo.*progress"):
+    with pytest.raises(ValueError, match=r"ta_lpo.*progress"):
         make_drift("ta_lpo")[0](params, r, a)
 
 
@@ -217,8 +217,12 @@ def test_bad_names_and_options_raise_one_line():
         make_drift("dpo", beta=-1.0)
     with pytest.raises(ValueError, match="must be one of"):
         is_learned("LPO")
-    for bad_name, bad_options in (("foo", {}), ("ppo", {"alpha": 1.0}), ("dpo", {"alpha": "2"})):
-        with pytest.raises(ValueError) as caught:
+    for bad_name, bad_options, field in (
+        ("foo", {}, r"drift\.name"),
+        ("ppo", {"alpha": 1.0}, r"ppo\.alpha"),
+        ("dpo", {"alpha": "2"}, r"dpo\.alpha"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{field}: ") as caught:
             make_drift(bad_name, **bad_options)
         assert "\n" not in str(caught.value)
 

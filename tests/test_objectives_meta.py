@@ -162,7 +162,7 @@ def test_population_split_over_ray_actors_matches_in_process(ray_session, direct
     workers = RayPopulation(2, cpus=0.5)
     try:
         trainer = MetaTrainer(exp.section, meta_seed=0, evaluator=workers)
-        state, result = trainer.generation(trainer.init_state(), 0)
+        _state, result = trainer.generation(trainer.init_state(), 0)
     finally:
         workers.close()
     np.testing.assert_allclose(result.fitness, direct_run["fitness"][0], rtol=1e-5)

@@ -419,11 +419,13 @@ BAD_OPTIMIZER_SPECS = [
 @pytest.mark.parametrize("builder", ["torch", "optax"])
 @pytest.mark.parametrize(("spec", "field"), BAD_OPTIMIZER_SPECS)
 def test_optimizer_builders_reject_bad_specs_naming_the_key(builder, spec, field):
-    with pytest.raises(ConfigError) as excinfo:
+    def build():
         if builder == "torch":
-            build_optimizer([torch.zeros(1, requires_grad=True)], spec)
-        else:
-            build_optax(spec)
+            return build_optimizer([torch.zeros(1, requires_grad=True)], spec)
+        return build_optax(spec)
+
+    with pytest.raises(ConfigError) as excinfo:
+        build()
     assert_config_error(excinfo, field)
 
 

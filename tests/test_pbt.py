@@ -30,7 +30,7 @@ def mlflow_view(uri: str, summary: sweep.SweepSummary, experiment_name: str):
 
 
 def assert_tracked_sweep(uri: str, summary: sweep.SweepSummary, exp, metric: str = "val_accuracy") -> None:
-    client, experiment, children = mlflow_view(uri, summary, exp.mlflow_experiment)
+    client, _experiment, children = mlflow_view(uri, summary, exp.mlflow_experiment)
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
     # the full resolved config as params of the sweep run
@@ -161,7 +161,7 @@ def test_diverging_trial_is_reported_and_the_sweep_goes_on(ray_session, tiny, tm
     assert not good.diverged and good.steps == budget(exp)
     assert good.final_metric > 0.5
     assert summary.best_trial == good.trial_id
-    client, experiment, children = mlflow_view(exp.tracking.uri, summary, exp.mlflow_experiment)
+    _client, _experiment, children = mlflow_view(exp.tracking.uri, summary, exp.mlflow_experiment)
     tags = {r.data.tags["trial_id"]: r.data.tags.get("metaopt.diverged") for r in children}
     assert tags[bad.trial_id] == "true" and tags[good.trial_id] == "false"
     assert (tmp_path / "mlflow.db").exists()

@@ -100,7 +100,7 @@ def test_char_tokenizer_round_trip_special_ids_and_left_padding():
     assert tokenizer.encode("é") == [tokenizer.unk_token_id]
     padded = tokenizer(["ab", "abcd"], padding=True)
     assert padded["input_ids"][0][:2] == [0, 0] and padded["attention_mask"][0] == [0, 0, 1, 1]
-    ids = tokenizer.encode("12") + [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    ids = [*tokenizer.encode("12"), tokenizer.eos_token_id, tokenizer.pad_token_id]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "12"
 
 
@@ -111,7 +111,7 @@ def test_char_tokenizer_saves_and_loads_with_auto_tokenizer(tmp_path):
         assert loaded.encode("12+3") == tokenizer.encode("12+3")
         assert loaded.decode(loaded.encode("12+3")) == "12+3"
         assert loaded.padding_side == "left" and loaded.eos_token_id == tokenizer.eos_token_id
-    with pytest.raises(ConfigError, match="posttrain.model.path: .*does not exist"):
+    with pytest.raises(ConfigError, match=r"posttrain\.model\.path: .*does not exist"):
         load_tokenizer(str(tmp_path / "missing"))
 
 
@@ -144,9 +144,9 @@ def test_load_policy_from_local_directory_and_clear_errors(tmp_path):
         load_policy(str(tmp_path / "nope"))
     assert err.value.field == "posttrain.model.path" and "does not exist" in str(err.value)
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="posttrain.model.arch"):
+    with pytest.raises(ConfigError, match=r"posttrain\.model\.arch"):
         build_tiny_policy("llama", 10, 32, 1, 2, 32, seed=0)
-    with pytest.raises(ConfigError, match="posttrain.model.heads"):
+    with pytest.raises(ConfigError, match=r"posttrain\.model\.heads"):
         make_policy({"hidden": 30, "heads": 4}, seed=0)
 
 
@@ -191,7 +191,7 @@ def test_categories_ordered_easy_to_hard_and_bad_specs_fail():
         make_taskset([{"name": "nope", "levels": [1]}], 0)
     with pytest.raises(ConfigError, match=r"^posttrain\.tasks\.0\.levels: task 'arithmetic' has no level 9; levels"):
         make_taskset([{"name": "arithmetic", "levels": [1, 9]}], 0)
-    with pytest.raises(ConfigError, match="posttrain.tasks"):
+    with pytest.raises(ConfigError, match=r"posttrain\.tasks"):
         make_taskset([], 0)
 
 
@@ -289,11 +289,11 @@ def test_make_curriculum_rejects_bad_names_and_options():
     assert CURRICULUM_NAMES == ("sec", "uniform", "easy_to_hard", "hard_to_easy")
     with pytest.raises(ConfigError, match=r"^posttrain\.curriculum\.name: must be one of sec, uniform, easy_to_hard"):
         make_curriculum("x", 3)
-    with pytest.raises(ConfigError, match="posttrain.curriculum.alpha"):
+    with pytest.raises(ConfigError, match=r"posttrain\.curriculum\.alpha"):
         make_curriculum("sec", 3, alpha=0.0)
-    with pytest.raises(ConfigError, match="posttrain.curriculum.tau"):
+    with pytest.raises(ConfigError, match=r"posttrain\.curriculum\.tau"):
         make_curriculum("sec", 3, tau=-1)
-    with pytest.raises(ConfigError, match="posttrain.curriculum.window"):
+    with pytest.raises(ConfigError, match=r"posttrain\.curriculum\.window"):
         make_curriculum("uniform", 3, window=2)
 
 
@@ -312,7 +312,7 @@ def test_group_advantages_zero_mean_unbiased_std_and_equal_groups():
     assert torch.allclose(
         group_advantages(rewards, 4, scale=False), (grouped - grouped.mean(1, keepdim=True)).flatten()
     )
-    with pytest.raises(ConfigError, match="posttrain.group_size"):
+    with pytest.raises(ConfigError, match=r"posttrain\.group_size"):
         group_advantages(rewards, 1)
 
 
@@ -394,7 +394,8 @@ def test_grpo_loss_matches_trl_grpo_trainer_loss(aggregation):
 
 
 def test_group_advantages_match_trl_nanstd():
-    utils = pytest.importorskip("trl.trainer.utils")
+    from trl.trainer import utils  # a declared test dependency: the oracle fails, never skips, if it moves
+
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.2, 0.9])
     grouped = rewards.reshape(2, 3)
     trl_adv = (grouped - grouped.mean(1, keepdim=True)) / (utils.nanstd(grouped, dim=1, keepdim=True) + 1e-4)
@@ -628,7 +629,7 @@ def test_learner_minibatches_schedule_fixed_old_policy_and_state_round_trip():
     assert restored.optimizer_steps == 4
     assert all(torch.equal(a, b) for a, b in zip(clone.parameters(), model.parameters()))
     assert restored.optimizer.state_dict()["state"].keys() == learner.optimizer.state_dict()["state"].keys()
-    with pytest.raises(ConfigError, match="posttrain.updates_per_batch"):
+    with pytest.raises(ConfigError, match=r"posttrain\.updates_per_batch"):
         GRPOLearner(model, optimizer_spec={"name": "adamw"}, updates_per_batch=0)
 
 

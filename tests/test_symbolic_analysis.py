@@ -369,7 +369,7 @@ def test_insert_delete_details():
         targets[new.target] += 1
     assert {"update", "m", "v"} <= set(targets)
     assert len(delete(adamw_program(), rng)) == len(adamw_program()) - 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot delete from an empty program"):
         delete(P(), rng)
     with pytest.raises(RuntimeError, match="no valid mutation"):
         mutate(P(UPDATE), rng, max_tries=3, config=MutationConfig(weights=(0.0, 1.0, 0.0)))

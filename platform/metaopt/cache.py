@@ -30,16 +30,17 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    tmp: Path | None = Path(name)
+    tmp = Path(name)
+    renamed = False
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        tmp = None
+        renamed = True
         _fsync_folder(path.parent)
     finally:  # also on Ctrl-C in the middle of a slow write
-        if tmp is not None:
+        if not renamed:
             tmp.unlink(missing_ok=True)
 
 

@@ -9,7 +9,7 @@ An edge module: it knows Tune's schedulers; what it reads of PBT's private bookk
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
@@ -20,6 +20,12 @@ from metaopt.tuning import SeededPBT
 # Handing a reused actor from one trial to another (save, pause, reset_config, restore) took 35-75 ms per
 # worker process on the 2-core development machine (benchmarks/README.md, pbt_overhead.py); the upper end.
 TRIAL_SWITCH_SECONDS = 0.075
+
+# EvenFinish is a mixin placed before a PBT scheduler in the MRO; the type checker reads its super() calls as PBT's.
+if TYPE_CHECKING:
+    _SchedulerBase = PopulationBasedTraining
+else:
+    _SchedulerBase = object
 
 
 def yields_in_last_stretch(left: int, to_next_boundary: int, waiting_left: list[int], yielding: int = 0) -> bool:
@@ -57,7 +63,7 @@ def pbt_argument(kwargs: dict[str, Any], name: str) -> Any:
     return inspect.signature(PopulationBasedTraining.__init__).parameters[name].default
 
 
-class EvenFinish:
+class EvenFinish(_SchedulerBase):
     """Asynchronous PBT/PB2 whose population finishes together (a mixin in front of the Tune scheduler).
 
     Tune's asynchronous PBT pauses a trial only at a perturbation boundary when another trial waits, and resumes

@@ -2,8 +2,9 @@
 
 ``metaopt submit X.yaml --address http://HEAD:8265`` runs the local verb (``metaopt run X.yaml --set ...``)
 as a Ray Job on the head node, with the submitter's directory as the job's working dir and the submitter's
-``metaopt`` package shipped beside it. This module is a thin adapter over :class:`ray.job_submission.JobSubmissionClient`:
-it builds the entrypoint and runtime env, and turns the client's errors into one-line
+``metaopt`` package shipped beside it. This module is a thin adapter over
+:class:`ray.job_submission.JobSubmissionClient`: it builds the entrypoint and runtime env, and turns the client's
+errors into one-line
 :class:`~metaopt.errors.ConfigError`\\ s the CLI can print.
 
 Token auth (Ray >= 2.59): ``ray start --head`` turns token auth on when a token exists (``RAY_AUTH_TOKEN``,
@@ -34,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
 import requests
@@ -198,7 +199,7 @@ JOB_STOP_WAIT_S = 60
 
 def runtime_env(
     working_dir: str | Path, tracking_uri: str | None = None, env_vars: Mapping[str, str] | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Upload ``working_dir`` (minus :data:`EXCLUDES` and the tracking URI's own sqlite store when it lies
     inside) and the submitter's own ``metaopt`` package; ``env_vars`` for the job's processes.
 
@@ -207,7 +208,7 @@ def runtime_env(
     """
     package_dir = Path(__file__).resolve().parent
     excludes = list(EXCLUDES) + _store_excludes(Path(working_dir), tracking_uri)
-    env = {"working_dir": str(working_dir), "py_modules": [str(package_dir)], "excludes": excludes}
+    env: dict[str, Any] = {"working_dir": str(working_dir), "py_modules": [str(package_dir)], "excludes": excludes}
     # `ray job stop` sends SIGTERM and, after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s), SIGKILL. A sweep
     # needs longer to stop its trials and mark its MLflow runs KILLED (metaopt.stopping).
     env["env_vars"] = {"RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S), **dict(env_vars or {})}
@@ -240,7 +241,8 @@ def _working_dir(working_dir: str) -> Path:
     if root == Path(root.anchor) or root == Path.home().resolve() or root in Path.home().resolve().parents:
         raise ConfigError(
             "working_dir",
-            f"refusing to upload {root} (the filesystem root, your home directory or a folder above it) to the cluster; "
+            f"refusing to upload {root} (the filesystem root, your home directory or a folder above it) "
+            "to the cluster; "
             "submit from your project's directory or pass --working-dir PROJECT",
         )
     return root

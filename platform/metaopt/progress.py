@@ -54,9 +54,8 @@ class ProgressPrinter(Callback):
             note += "  DIVERGED"
         best = f" (best {self.best[0]:.4f} by {self.best[1]})" if self.best else ""
         lr_text = f"  lr {lr:.3g}" if lr is not None else ""
-        self._print(
-            f"{name} iter {result.get('training_iteration', 0):>3}/{self.total}  {self.metric} {value:.4f}{best}{lr_text}{note}"
-        )
+        reached = f"{result.get('training_iteration', 0):>3}/{self.total}"
+        self._print(f"{name} iter {reached}  {self.metric} {value:.4f}{best}{lr_text}{note}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._print(f"{self._short(trial)} FAILED (Tune restarts it from its last checkpoint if max_failures allows)")

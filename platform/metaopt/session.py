@@ -15,10 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy.exc
-from mlflow.tracking import MlflowClient
 
 from metaopt import runtime, stopping, tracking
 from metaopt.config import Experiment
@@ -77,7 +76,9 @@ def open_session(exp: Experiment, address: str | None, run_label: str, verbose: 
     return Session(resources, per_trial, opening, storage, run_name)
 
 
-def open_parent(connecting: Future[tuple[MlflowClient, str]], exp: Experiment, run_name: str) -> tracking.ParentRun:
+def open_parent(
+    connecting: Future[tuple[tracking.ResilientClient, str]], exp: Experiment, run_name: str
+) -> tracking.ParentRun:
     """The sweep's parent run, once MLflow is connected. A store MLflow cannot open or read (a file error, not a
     database) is a :class:`ConfigError` on ``tracking.uri``, raised wherever the parent is first needed
     (capabilities ask for it when a fit fails); other MLflow errors pass through as they are."""
@@ -90,7 +91,8 @@ def open_parent(connecting: Future[tuple[MlflowClient, str]], exp: Experiment, r
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("tracking.uri", f"MLflow cannot use {redact_uri(exp.tracking.uri)}: {reason}") from err
     print(
-        f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} at {redact_uri(exp.tracking.uri)}",
+        f"[metaopt] MLflow: experiment {exp.mlflow_experiment!r}, run {parent.run_id} "
+        f"at {redact_uri(exp.tracking.uri)}",
         flush=True,
     )
     return parent
@@ -111,9 +113,9 @@ def first_error_line(error: BaseException) -> str:
     from metaopt.errors import ConfigError
 
     cause, seen = error, set()
-    while getattr(cause, "cause", None) is not None and id(cause) not in seen:
+    while (inner := getattr(cause, "cause", None)) is not None and id(cause) not in seen:
         seen.add(id(cause))
-        cause = cause.cause
+        cause = inner
     text = str(cause).strip()
     if isinstance(cause, ConfigError) and not hasattr(cause, "cause"):
         return text.splitlines()[0] if text else cause.__class__.__name__
@@ -183,7 +185,8 @@ def ended_sweeps() -> list[SweepOutcome]:
 
 
 class SweepEnd:
-    """The end of a sweep, whatever ends it: ``with SweepEnd(...) as end: results = tuner.fit(); end.conclude(results)``.
+    """The end of a sweep, whatever ends it:
+    ``with SweepEnd(...) as end: results = tuner.fit(); end.conclude(results)``.
 
     On leaving, the sweep's MLflow run and every trial run still open get a final status -- FINISHED, FAILED (a
     trial failed, or the code raised, logging the summary included) or KILLED (Ctrl-C, SIGTERM, trials stopped
@@ -207,7 +210,7 @@ class SweepEnd:
         self.outcome = SweepOutcome(tuple(trial_end(r) for r in results), self.iterations, stopping.received())
         return self.outcome
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         with stopping.deferred():  # a second Ctrl-C must not leave the runs half-ended
             outcome, status, parent = self._end_runs(exc)
         _ENDED.append(outcome)
@@ -299,7 +302,7 @@ class SweepEnd:
             )
 
 
-def signal_number(exc: BaseException) -> int | None:
+def signal_number(exc: BaseException | None) -> int | None:
     outcome = getattr(exc, "outcome", None)
     return outcome.stop_signal if outcome is not None else None
 

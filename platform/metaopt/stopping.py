@@ -18,12 +18,17 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+# What signal.getsignal returns and signal.signal takes: a handler, SIG_DFL/SIG_IGN (ints), None (set outside Python)
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 _enabled = False
 _received: list[int] = []
-_before: dict[int, object] = {}  # the handlers arm() replaced, for disable()
+_before: dict[int, _Handler] = {}  # the handlers arm() replaced, for disable()
 
 
 def enable() -> None:

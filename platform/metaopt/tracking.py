@@ -8,6 +8,7 @@ rather than one per metric.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -84,7 +85,7 @@ def sqlite_path(uri: str) -> Path | None:
         return None
     from sqlalchemy.engine import make_url
 
-    return Path(make_url(uri).database)
+    return Path(make_url(uri).database or "")  # typed str | None; a sqlite:/// URL always has one, "" at least
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -294,15 +295,17 @@ def create_run_once(
     that only this run matches; default: its name, unique per sweep)."""
     identity = identity or f"attributes.run_name = '{run_name}'"
 
+    tried = False
+
     def attempt():
-        if attempt.tried:
+        nonlocal tried
+        if tried:
             found = client.client.search_runs([experiment_id], filter_string=identity, max_results=1)
             if found:
                 return found[0]
-        attempt.tried = True
+        tried = True
         return client.client.create_run(experiment_id, run_name=run_name, tags=tags)
 
-    attempt.tried = False
     return call_with_retries(attempt, delays=client.delays)
 
 
@@ -312,10 +315,9 @@ def connect(uri: str, experiment: str) -> tuple[ResilientClient, str]:
     create the same experiment at once both get it (the loser of the race reads the winner's)."""
     from mlflow.exceptions import MlflowException
 
-    try:
+    # Seeding is only a shortcut (a cache that cannot be found, say): MLflow makes the store.
+    with contextlib.suppress(Exception):
         seed_sqlite_store(uri)
-    except Exception:  # seeding is only a shortcut (a cache that cannot be found, say): MLflow makes the store
-        pass
     # MLflow's HTTP client retries a failing request 7 times with doubling waits (minutes); ours retries every
     # call a few times and then gives writes up, so the sweep is not held for minutes per metric batch.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -373,7 +375,7 @@ def metric_name(key: str) -> str:
 class ParentRun:
     """The sweep's run: resolved config as params, summary metrics, plots and result files as artifacts."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, run_name: str, config: dict[str, Any]):
+    def __init__(self, client: ResilientClient, experiment_id: str, run_name: str, config: dict[str, Any]):
         self.client = client
         run = create_run_once(client, experiment_id, run_name, tags={"metaopt.role": "sweep"})
         self.run_id = run.info.run_id

@@ -5,6 +5,7 @@ checkpoint files of every capability: written atomically, read without running p
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import random
@@ -85,12 +86,12 @@ def numpy_globals() -> list[Any]:
     """What pickled numpy arrays and scalars need under ``weights_only`` (RLlib's state holds them): array and
     scalar reconstruction from raw bytes and the numeric dtypes -- none of them calls anything else."""
     try:
-        from numpy._core.multiarray import _reconstruct, scalar
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
+        multiarray = importlib.import_module("numpy.core.multiarray")
 
     dtypes = {type(np.dtype(code)) for code in "?bhilqpBHILQPefdgFDGUS"}
-    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
 
 
 class KeepLastCheckpoints(tune.Callback):

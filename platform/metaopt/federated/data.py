@@ -102,7 +102,7 @@ def make_client_shards(
     shards = []
     for part in parts:
         part = rng.permutation(part)
-        n_val = max(1, int(round(len(part) * val_fraction)))
+        n_val = max(1, round(len(part) * val_fraction))
         val, train = torch.as_tensor(part[:n_val]), torch.as_tensor(part[n_val:])
         shards.append(ClientShard(data.x[train], data.y[train], data.x[val], data.y[val]))
     return shards

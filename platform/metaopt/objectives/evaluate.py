@@ -2,9 +2,9 @@
 
 Every (objective, env, horizon) is one Tune trial that trains PPO with that drift on ``seeds`` seeds (vmapped)
 and reports the mean final return with a Student-t confidence interval. This module is the Tune/MLflow driver;
-the statistics and the table live in :mod:`metaopt.objectives.eval_stats` (no Ray, no MLflow). The parent MLflow run gets the table
-(CSV + JSON), one metric per cell, a bar chart and the drift heat-maps of every objective at the configured
-training-progress values (Lu et al. 2022, Fig. 2; Jackson et al. ICLR 2024, Fig. 3).
+the statistics and the table live in :mod:`metaopt.objectives.eval_stats` (no Ray, no MLflow). The parent MLflow
+run gets the table (CSV + JSON), one metric per cell, a bar chart and the drift heat-maps of every objective at the
+configured training-progress values (Lu et al. 2022, Fig. 2; Jackson et al. ICLR 2024, Fig. 3).
 
 Objectives: ``ppo`` and ``dpo`` (closed forms), a directory holding an exported drift (``drift.json``), or
 ``mlflow:RUN_ID`` (the ``drift/`` artifact of an ``lpo`` run, downloaded from the experiment's tracking URI).

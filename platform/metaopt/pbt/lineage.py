@@ -12,7 +12,8 @@ Replaying those events in order over per-trial histories gives every trial's sch
     history[target] = history[clone] cut at the checkpoint's step k + [(k, new_lr)]
 
 One subtlety: the iterations in the log line are each trial's *last seen* result, and the checkpoint Tune
-actually copies may be older (asynchronous PBT) or even newer (a clone still running when the save resolves). The step actually resumed from is visible in the *target's* own results: the first row it
+actually copies may be older (asynchronous PBT) or even newer (a clone still running when the save resolves).
+The step actually resumed from is visible in the *target's* own results: the first row it
 reports after the exploit is one iteration past the checkpoint (:func:`resume_steps`). The trainable
 also carries its lineage inside its checkpoints; the sweep cross-checks the two and the tests demand equality.
 

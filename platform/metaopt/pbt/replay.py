@@ -62,7 +62,8 @@ def load_payload(ref: str, tracking_uri: str | None) -> dict[str, Any]:
         raise ConfigError(
             "RUN_OR_FILE",
             redact_text(
-                f"{quote(ref)} is neither a schedules.json file nor a sweep run at {quote(tracking_uri)} ({err.message.splitlines()[0]})"
+                f"{quote(ref)} is neither a schedules.json file nor a sweep run at {quote(tracking_uri)} "
+                f"({err.message.splitlines()[0]})"
             ),
         ) from None
     return _checked_payload(Path(local), f"run {ref} {SCHEDULES_ARTIFACT}")
@@ -148,7 +149,8 @@ def replay(payload: dict[str, Any], trial_id: str | None = None, progress: bool 
             metrics = task.train(min(per_iteration, total - task.step), lr_at)
             if progress:
                 print(
-                    f"[replay] step {task.step}/{total} lr {lr_at(task.step - 1):.3g} {task.metric} {metrics[task.metric]:.4f}",
+                    f"[replay] step {task.step}/{total} lr {lr_at(task.step - 1):.3g} "
+                    f"{task.metric} {metrics[task.metric]:.4f}",
                     flush=True,
                 )
             if not math.isfinite(metrics.get("loss", 0.0)):

@@ -119,7 +119,8 @@ def run(
         for t in trials:
             if t.lineage_agrees is False:
                 print(
-                    f"[metaopt] warning: trial {t.trial_id}: schedule from Tune's PBT log {lineage.describe(t.schedule)} "
+                    f"[metaopt] warning: trial {t.trial_id}: "
+                    f"schedule from Tune's PBT log {lineage.describe(t.schedule)} "
                     f"differs from the one its checkpoints carried {lineage.describe(t.carried_schedule)}",
                     flush=True,
                 )
@@ -127,7 +128,8 @@ def run(
         print(format_table(summary), flush=True)
     if best:
         print(
-            f"[metaopt] best trial {best.trial_id}: {metric}={best.final_metric:.4f}; schedule {lineage.describe(best.schedule)}"
+            f"[metaopt] best trial {best.trial_id}: {metric}={best.final_metric:.4f}; "
+            f"schedule {lineage.describe(best.schedule)}"
         )
         print(f"[metaopt] replay it: metaopt replay {parent.run_id} --tracking-uri {redact_uri(exp.tracking.uri)}")
     return summary

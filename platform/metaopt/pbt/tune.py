@@ -101,16 +101,17 @@ def initial_lrs(section: PBTSection) -> Any:
 def build_scheduler(section: PBTSection, metric: str, mode: str):
     """PBT / PB2 over ``lr`` with the section's interval, quantile and mutation settings; None for baselines.
 
-    Asynchronous PBT/PB2 levels the population at the end (:class:`metaopt.even_finish.EvenFinish`) unless ``even_finish`` is off.
+    Asynchronous PBT/PB2 levels the population at the end (:class:`metaopt.even_finish.EvenFinish`) unless
+    ``even_finish`` is off.
     """
-    shared = dict(
-        time_attr="training_iteration",
-        metric=metric,
-        mode=mode,
-        perturbation_interval=section.perturbation_interval,
-        quantile_fraction=section.quantile_fraction,
-        synch=section.synch,
-    )
+    shared = {
+        "time_attr": "training_iteration",
+        "metric": metric,
+        "mode": mode,
+        "perturbation_interval": section.perturbation_interval,
+        "quantile_fraction": section.quantile_fraction,
+        "synch": section.synch,
+    }
     # Synchronous PBT already waits for every trial at each boundary: Tune's own scheduler, its draws seeded.
     levelled = {"stop_iteration": section.iterations} if section.even_finish and not section.synch else {}
     if section.scheduler == "pbt":

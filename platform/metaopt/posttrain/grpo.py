@@ -238,8 +238,9 @@ def grpo_loss(
 class GRPOLearner:
     """The optimizer side of GRPO: μ clipped-surrogate passes over each rollout batch.
 
-    ``GRPOLearner(policy, reference=None, *, optimizer_spec, schedule_spec=None, ...)``. ``optimizer_spec`` goes to :func:`metaopt.optim.build_optimizer`; ``schedule_spec`` (optional) to
-    :func:`metaopt.optim.build_schedule`, evaluated at every optimizer step (counted over the learner's life).
+    ``GRPOLearner(policy, reference=None, *, optimizer_spec, schedule_spec=None, ...)``. ``optimizer_spec`` goes
+    to :func:`metaopt.optim.build_optimizer`; ``schedule_spec`` (optional) to :func:`metaopt.optim.build_schedule`,
+    evaluated at every optimizer step (counted over the learner's life).
     Per :meth:`step`:
 
     1. π_θold log-probs: the batch's sampling log-probs when present (the behaviour policy, also right when

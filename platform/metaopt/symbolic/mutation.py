@@ -183,7 +183,7 @@ def modify(program: Program, rng: np.random.Generator, config: MutationConfig = 
             new = _new_constant(rng, config)
         else:
             new = Var(_pick(rng, others))
-    args = statement.args[:position] + (new,) + statement.args[position + 1 :]
+    args = (*statement.args[:position], new, *statement.args[position + 1 :])
     statements = list(program.statements)
     statements[index] = Statement(statement.target, statement.op, args)
     return Program(tuple(statements))

@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 TENSOR = "tensor"
 SCALAR = "scalar"
@@ -43,7 +43,7 @@ class Const:
     name: str | None = None
 
 
-Arg = Union[Var, Const]
+Arg = Var | Const
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,8 @@ def adamw_program(
 
 
 def lion_program(beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0) -> Program:
-    """Lion (Chen et al. 2023, Program 1): update = lr * (sign(interp(g, m, beta1)) + wd * w); m = interp(g, m, beta2)."""
+    """Lion (Chen et al. 2023, Program 1):
+    update = lr * (sign(interp(g, m, beta1)) + wd * w); m = interp(g, m, beta2)."""
     return Program(
         (
             stmt("c", "interp", "g", "m", beta1),

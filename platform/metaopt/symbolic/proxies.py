@@ -7,8 +7,8 @@ is the mean over seeds of the final validation metric at the best lr. A program 
 (non-finite or exploding loss) scores ``-inf`` at that lr, and so does one whose outputs are non-finite by its
 own fault at any step (the paper discards such programs): the proxy trains under
 :func:`metaopt.symbolic.export.raise_on_nonfinite`, so the interpreter's guard -- which zeroes non-finite
-entries -- cannot pass off an always-NaN program as one that merely makes no updates. :class:`RayScorer` scores a batch of programs as
-parallel Ray tasks; :class:`LocalScorer` in the calling process.
+entries -- cannot pass off an always-NaN program as one that merely makes no updates. :class:`RayScorer` scores a
+batch of programs as parallel Ray tasks; :class:`LocalScorer` in the calling process.
 """
 
 from __future__ import annotations

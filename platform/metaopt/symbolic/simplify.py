@@ -73,8 +73,8 @@ def _program_text(program: Program) -> str:
 
 
 def format_side_by_side(before: Program, after: Program, titles: tuple[str, str] = ("before", "after")) -> str:
-    left = [titles[0]] + _program_text(before).splitlines()
-    right = [titles[1]] + _program_text(after).splitlines()
+    left = [titles[0], *_program_text(before).splitlines()]
+    right = [titles[1], *_program_text(after).splitlines()]
     width = max(len(line) for line in left)
     rows = max(len(left), len(right))
     left += [""] * (rows - len(left))
@@ -161,7 +161,7 @@ class _Flow:
 def _replace(statements: tuple[Statement, ...], index: int, statement: Statement | None) -> Program:
     if statement is None:
         return Program(statements[:index] + statements[index + 1 :])
-    return Program(statements[:index] + (statement,) + statements[index + 1 :])
+    return Program((*statements[:index], statement, *statements[index + 1 :]))
 
 
 def _copy(flow: _Flow, index: int, src: Arg) -> Program | None:
@@ -177,7 +177,7 @@ def _copy(flow: _Flow, index: int, src: Arg) -> Program | None:
             new = list(statements)
             for k, j in uses:
                 s = new[k]
-                new[k] = Statement(s.target, s.op, s.args[:j] + (src,) + s.args[j + 1 :])
+                new[k] = Statement(s.target, s.op, (*s.args[:j], src, *s.args[j + 1 :]))
             return _replace(tuple(new), index, None)
     produced = flow.producer(index, src)
     if produced is not None:  # recompute src's value under the target's name
@@ -274,7 +274,11 @@ def _rule_sign(flow: _Flow, index: int):
         inner = flow.producer(d, den.args[0])
         if inner is not None:
             q, sq = inner
-            if sq.op == "square" or (sq.op == "mul" and flow.same(q, sq.args[0], q, sq.args[1])) or (sq.op == "power" and _const(sq.args[1], 2.0)):
+            if (
+                sq.op == "square"
+                or (sq.op == "mul" and flow.same(q, sq.args[0], q, sq.args[1]))
+                or (sq.op == "power" and _const(sq.args[1], 2.0))
+            ):
                 magnitude_of = (q, sq.args[0])
     if magnitude_of is None or not flow.same(index, x, *magnitude_of):
         return None

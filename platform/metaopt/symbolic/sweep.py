@@ -173,7 +173,8 @@ def format_summary(summaries: list[SearchSummary]) -> str:
         st = s.state
         lines.append(
             f"trial {s.trial_id} (seed {s.seed}): {len(st.history)} programs, {st.cache_hits} cache hits, "
-            f"{st.restarts} restarts; start score {st.start.score:.4f}, best {st.best.score:.4f} (program {st.best.index})"
+            f"{st.restarts} restarts; start score {st.start.score:.4f}, "
+            f"best {st.best.score:.4f} (program {st.best.index})"
         )
         for a in (s.final or {}).get("accepted", []):
             stages = ", ".join(f"{x['stage']} {x['score']:.4f} vs {x['start_score']:.4f}" for x in a["stages"])

@@ -27,6 +27,7 @@ the task asks Ray for no extra actors or CPUs. Ray must be initialised by the ca
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -258,10 +259,8 @@ class RLlibPPOTask:
         algo.stop()
         # Tune's Trainable base class makes an (unused) directory under ~/ray_results for
         # every algorithm; remove it when it is still empty so trials leave no litter.
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(logdir)
-        except OSError:
-            pass
 
     def __enter__(self) -> RLlibPPOTask:
         return self
