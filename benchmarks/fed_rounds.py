@@ -7,14 +7,14 @@ shards, seeds and rounds: once with every client a Ray actor (:class:`ClientPool
 with in-process :class:`Client` objects trained sequentially (the limit on 2 cores when one client's training
 cannot use both). One warm-up round each is not timed.
 
-The shared 2-core machine's speed drifts by up to 2x within seconds (the same single-threaded local epoch was
-timed at 2.0 to 5.7 ms over 100 s with nothing else running), so the two sides are measured in *pairs of
-adjacent blocks* of ``--rounds`` rounds, actors then in-process, ``--pairs`` times, with Ray and the client
-actors alive throughout (idle while the in-process side runs). The last line is ``ratio: X.XX`` = the median
-over the pairs of actor seconds per round / in-process seconds per round (goal <= 1.3). Also printed, for
-comparison: in-process blocks run before Ray starts (no Ray process on the machine) and the ratio of the
-fastest actor block to the fastest of those. The final accuracies of both sides are printed as a check that
-they trained.
+The shared 2-core machine's speed drifts within seconds (the same single-threaded local epoch, timed once a
+second for 100 s with nothing else running, varied several-fold; figures in results.csv), so the two sides are
+measured in *pairs of adjacent blocks* of ``--rounds`` rounds, actors then in-process, ``--pairs`` times, with
+Ray and the client actors alive throughout (idle while the in-process side runs). The last line is
+``ratio: X.XX`` = the median over the pairs of actor seconds per round / in-process seconds per round (goal
+<= 1.3). Also printed, for comparison: in-process blocks run before Ray starts (no Ray process on the machine)
+and the ratio of the fastest actor block to the fastest of those. The final accuracies of both sides are
+printed as a check that they trained.
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ gradient checkpointing, no bf16, no logging/saving/reporting in TRL. The reward 
 wrapped as a TRL reward function (it also records TRL's completion lengths); the table prints the mean
 completion tokens of every side as the check that they did the same work. TRL gets its best thread count,
 and ``OMP_WAIT_POLICY=PASSIVE`` is set for the whole run (before torch loads): with OpenMP's default
-spinning, 2 torch threads on 2 cores shared with other work were measured 15-25x slower than 1 thread, which
-would make TRL's 2-thread figure meaningless. The one difference kept by design is the sampler: TRL decodes
-with ``model.generate``, we with our own KV-cache loop.
+spinning, 2 torch threads on 2 cores shared with other work ran many times slower than 1 thread (figures in
+results.csv), which would make TRL's 2-thread figure meaningless. The one difference kept by design is the
+sampler: TRL decodes with ``model.generate``, we with our own KV-cache loop.
 
 Printed: per side the best completions/s and every repeat's, mean completion tokens, wall per step, for ours
 the time the driver waited for rollouts; TRL's step split; unless ``--no-breakdown``, the parts of our step

@@ -11,7 +11,7 @@ Measured in one run:
   2 CPUs, 1 per trial), 1 torch thread each, no Ray, no Tune -- and no Ray process running: Ray's idle
   processes wake often enough to slow a neighbour down, which is a cost of the sweep, not of the compute.
   With ``--sequential`` the same steps also run one after another in this process (on the 2-core development
-  machine two processes were measured at 0.5-1.0x the sequential time).
+  machine two processes at once gained from a whole second core to nothing; figures in benchmarks/results.csv).
 * ours: ``metaopt.pbt.sweep.run(exp)`` wall time on experiments/quickstart.yaml (population, sizes from the
   command line, Tune results and a fresh MLflow sqlite store in a temporary directory: as every new store, a copy
   of the empty store in metaopt's cache once the first store on the machine has made it; each sweep's header
@@ -60,8 +60,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--population", type=int, default=4)
     p.add_argument("--iterations", type=int, default=20)
-    # 5,000 digits steps are ~2.5 s: a sweep of ~100 s of compute on 2 cores. The fixed costs (trial processes
-    # importing torch and Ray Tune, a fresh MLflow store) are ~10-15 s whatever the size; see the README.
+    # 5,000 digits steps make iterations of seconds, so the sweep's compute outweighs its fixed costs (trial
+    # processes importing torch and Ray Tune, a fresh MLflow store), which stay the same whatever the size; the
+    # figures are in results.csv.
     p.add_argument("--steps-per-iteration", type=int, default=5000)
     p.add_argument("--perturbation-interval", type=int, default=4)
     p.add_argument("--naive-steps", type=int, default=100, help="optimizer steps per trial for the naive trainable")

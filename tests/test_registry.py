@@ -244,3 +244,14 @@ def test_with_no_capability_installed_the_error_says_so(entry_points, tmp_path):
     entry_points()
     with pytest.raises(ConfigError, match="kind: unknown kind 'pbt'; allowed: none; no capability is installed"):
         config.from_dict({"name": "e", "kind": "pbt"})
+
+
+def test_a_broken_plugin_leaves_the_other_verbs_working(entry_points, tmp_path, capsys):
+    entry_points(("linefit", "example_kind.config:CAPABILITY"), ("broken", "example_kind.no_such_module:CAPABILITY"))
+    assert cli.main(["run", write(tmp_path, "linefit", {"steps": 5})]) == 0  # the working kind runs
+    assert capsys.readouterr().out.startswith("e: slope ")
+    failures: list = []
+    assert [command.name for command in cli.capability_commands(failures)] == ["linefit-loss"]
+    assert len(failures) == 1
+    assert cli.main(["no-such-verb"]) == 2  # possibly the broken plugin's verb: the reason is printed
+    assert "capability 'broken' cannot be loaded" in error_line(capsys)

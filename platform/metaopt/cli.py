@@ -64,9 +64,19 @@ def build_parser(commands: list[registry.Command] | None = None) -> argparse.Arg
     return parser
 
 
-def capability_commands() -> list[registry.Command]:
-    """Every installed capability's extra verbs, in kind order."""
-    return [command for capability in registry.capabilities() for command in capability.commands]
+def capability_commands(failures: list[ConfigError] | None = None) -> list[registry.Command]:
+    """Every installed capability's extra verbs, in kind order. A capability that cannot be loaded (a broken
+    plugin) adds none, and its error goes to ``failures``: the other verbs keep working, and using its kind
+    still names the problem."""
+    commands = []
+    for kind in registry.kinds():
+        try:
+            commands.extend(registry.get(kind).commands)
+        except ConfigError as err:
+            if failures is None:
+                raise
+            failures.append(err)
+    return commands
 
 
 def default_jobs_address() -> str:
@@ -181,10 +191,19 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    failures: list[ConfigError] = []
     try:
-        parser = build_parser()  # loads every capability: a broken one is an error line too
+        commands = capability_commands(failures)  # loads every capability
+        parser = build_parser(commands)
     except ConfigError as err:
         print(f"metaopt: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    verb = next(iter(sys.argv[1:] if argv is None else argv), "-")
+    known = {*COMMANDS, *(command.name for command in commands)}
+    if failures and not verb.startswith("-") and verb not in known:
+        # perhaps a verb of the capability that failed to load: say why it is missing rather than "invalid choice"
+        for err in failures:
+            print(f"metaopt: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = getattr(args, "capability_handler", None) or COMMANDS[args.command]

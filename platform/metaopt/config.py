@@ -274,7 +274,7 @@ class RayConfig(StrictModel):
     worker_preload: list[str] = Field(
         default_factory=lambda: ["torch"],
         description="Modules the local embedded Ray's worker processes import before they connect to Ray "
-        "(metaopt.worker_start: torch imported after Ray's core worker trains ~10-20% slower); [] = none; "
+        "(metaopt.worker_start: torch imported after Ray's core worker trains slower); [] = none; "
         "ignored on a cluster.",
     )
     storage_path: str | None = Field(

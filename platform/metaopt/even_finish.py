@@ -17,8 +17,8 @@ from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from metaopt.compat import tune as compat_tune
 from metaopt.tuning import SeededPBT
 
-# Handing a reused actor from one trial to another (save, pause, reset_config, restore) took 35-75 ms per
-# worker process on the 2-core development machine (benchmarks/README.md, pbt_overhead.py); the upper end.
+# Handing a reused actor from one trial to another (save, pause, reset_config, restore), per worker process: the
+# upper end of what pbt_overhead.py sweeps measured on the 2-core development machine (benchmarks/results.csv).
 TRIAL_SWITCH_SECONDS = 0.075
 
 # EvenFinish is a mixin placed before a PBT scheduler in the MRO; the type checker reads its super() calls as PBT's.
@@ -69,8 +69,8 @@ class EvenFinish(_SchedulerBase):
     Tune's asynchronous PBT pauses a trial only at a perturbation boundary when another trial waits, and resumes
     the waiting trial with the least training. With more trials than workers the trials take turns of
     ``perturbation_interval`` iterations, so at the end of a sweep one worker trains the last trial alone for up
-    to a turn while the other idles (0.5-11.5 s, ~5 s on average, in 4 x 20 x 5,000-step sweeps, 2 workers:
-    benchmarks/README.md). Here, in a trial's last stretch (see :func:`yields_in_last_stretch`), it also yields
+    to a turn while the other idles (seconds of a 2-worker benchmarks/pbt_overhead.py sweep; the figures are in
+    benchmarks/results.csv). Here, in a trial's last stretch (see :func:`yields_in_last_stretch`), it also yields
     after a plain iteration to a waiting trial with more iterations left; the next trial to run is the one with
     the most left, counted in iterations actually trained. Exploit and explore are PBT's own. Asynchronous only:
     synchronous PBT already waits for everyone at its boundaries.

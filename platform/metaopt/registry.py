@@ -137,7 +137,7 @@ def capabilities() -> list[Capability]:
     return [get(kind) for kind in kinds()]
 
 
-@functools.cache  # the installed packages do not change while we run; reading their metadata costs ~5 ms
+@functools.cache  # the installed packages do not change while we run; reading their metadata costs milliseconds
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     """Entry points of the group by kind. Two different ones for a kind (two installed packages claiming it) is
     one ConfigError line naming both; the same one seen twice (a package on sys.path twice) is one."""

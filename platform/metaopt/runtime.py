@@ -44,8 +44,9 @@ def local_ray_options(config: RayConfig) -> dict:
 
     Niceness: Ray starts workers at niceness 15 so that its control plane stays responsive on a loaded node;
     on a 2-core machine that also lets the raylet, the GCS, the driver and every idle actor's timers preempt the
-    trials. Side by side with a plain process doing the same digits steps (benchmarks/worker_speed.py, 7 runs
-    each), a Ray worker kept a median 0.81 of its throughput at niceness 15 (0.74-1.13) and 0.96 at 0 (0.75-1.04).
+    trials. Side by side with a plain process doing the same digits steps, a Ray worker at niceness 15 lost a
+    clear share of its throughput and one at 0 stayed near parity (benchmarks/worker_speed.py measures it; latest
+    figure in benchmarks/README.md, every run in benchmarks/results.csv).
 
     Preload (``ray.worker_preload``, default torch; not on Windows, where Ray does not start workers through a
     POSIX shell): every worker is started by :mod:`metaopt.worker_start`, which imports torch before the worker
@@ -56,8 +57,9 @@ def local_ray_options(config: RayConfig) -> dict:
     first tasks and actors. metaopt's trials never land on them: Tune creates every trainable actor with its own
     ``runtime_env`` (``PL_DISABLE_FORK`` in ``ray.tune.execution.class_cache``), and actors created inside a trial
     inherit it, so the raylet starts fresh workers for them. The prestarted ones only imported Ray while the
-    first trials start, on the same cores, then woke up idle for the whole sweep (``ray::IDLE``; measured ~600
-    context switches and ~0.6 CPU-s each in a 43 s sweep on 2 cores, see benchmarks/README.md)."""
+    first trials start, on the same cores, then woke up idle for the whole sweep (``ray::IDLE``: hundreds of
+    context switches and CPU time taken from the trials in a short sweep on 2 cores; the figures, measured during
+    benchmarks/pbt_overhead.py sweeps, are in benchmarks/results.csv)."""
     options = {
         "num_cpus": config.num_cpus,
         "num_gpus": config.num_gpus,

@@ -43,9 +43,9 @@ def open_session(exp: Experiment, address: str | None, run_label: str, verbose: 
     """Ray + MLflow + parent run ``<name>-<run_label>-<time>``; ``verbose`` < 2 hides Tune's result-file noise.
 
     Returns once Ray is up. MLflow opens its store and the parent run in a background thread: on a first run,
-    seconds of creating its tables (measured 6.7 s next to Ray's 3.5 s on 2 cores for the quickstart), during
-    which Ray starts and then Tune starts the trial processes. Pass :attr:`Session.opening` to
-    :class:`tracking.MLflowTrialCallback`; :attr:`Session.parent` waits for it.
+    seconds of creating its tables (longer than Ray's own start on 2 cores for the quickstart; the figures are in
+    benchmarks/results.csv), during which Ray starts and then Tune starts the trial processes. Pass
+    :attr:`Session.opening` to :class:`tracking.MLflowTrialCallback`; :attr:`Session.parent` waits for it.
     """
     if verbose < 2:
         # Tune warns "Remote file not found: result.json" each time a reused actor restores a trial whose

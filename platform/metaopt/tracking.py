@@ -105,11 +105,12 @@ def empty_store_template() -> Path | None:
     """An MLflow sqlite store with every table at this MLflow's schema and nothing in it (not even the Default
     experiment), made once in the cache directory (:func:`empty_store_template_path`); None if it cannot be.
 
-    MLflow makes a store by creating its first tables and then running every schema migration since (~70):
-    0.9-1.6 CPU-s, and 2.4-5.3 s of wall time next to a sweep's trial processes starting on 2 cores
-    (benchmarks/README.md). The template is made by that same private function (:mod:`metaopt.compat.mlflow`;
-    on an MLflow version it does not know, no template) and checked to be at the newest revision MLflow knows,
-    so a copy of it is the store MLflow would have made, less what it adds on opening."""
+    MLflow makes a store by creating its first tables and then running every schema migration since (~70): about
+    a CPU-second, and seconds of wall time next to a sweep's trial processes starting on 2 cores (measured in
+    benchmarks/pbt_overhead.py sweeps; the figures are in benchmarks/results.csv). The template is made by that
+    same private function (:mod:`metaopt.compat.mlflow`; on an MLflow version it does not know, no template) and
+    checked to be at the newest revision MLflow knows, so a copy of it is the store MLflow would have made, less
+    what it adds on opening."""
     path = empty_store_template_path()
     if is_sqlite_file(path):
         return path
@@ -141,11 +142,12 @@ def is_sqlite_file(path: Path) -> bool:
 
 
 def seed_sqlite_store(uri: str) -> bool:
-    """A ``sqlite:///`` store that does not exist yet starts as a copy of :func:`empty_store_template` (~0.04 s).
-    MLflow then opens it as an existing store, checks its schema, and adds the Default experiment itself, with
-    this store's artifact location. True when the store was seeded; False, and MLflow creates the store as
-    usual, for an existing file, a URI with options, another kind of store, a missing folder, or a cache that
-    cannot be used. The file gets the permissions sqlite would give it (0666 less the umask)."""
+    """A ``sqlite:///`` store that does not exist yet starts as a copy of :func:`empty_store_template` (a file copy,
+    a small fraction of what MLflow's own creation takes). MLflow then opens it as an existing store, checks its
+    schema, and adds the Default experiment itself, with this store's artifact location. True when the store was
+    seeded; False, and MLflow creates the store as usual, for an existing file, a URI with options, another kind
+    of store, a missing folder, or a cache that cannot be used. The file gets the permissions sqlite would give it
+    (0666 less the umask)."""
     path = sqlite_path(uri)
     if path is None or "?" in uri or path.exists() or path.is_symlink():
         return False

@@ -230,7 +230,7 @@ def grid_tuner(
     if reuse_actors or cells:
         search, callbacks = actor_keeping_search(0, callbacks, cells)
     checkpoints, callbacks = checkpoint_config(checkpoint_every, checkpoints_to_keep, scheduler, callbacks)
-    # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, ~10 ms) experiment state every
+    # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, quick) experiment state every
     # few iterations, and warn about it each time: with rounds of well under a second that is a warning per round.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 

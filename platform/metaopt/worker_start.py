@@ -19,15 +19,16 @@ that step is not usable, torch gets 1 thread unless ``OMP_NUM_THREADS`` is set: 
 Ray's ``uv run`` hook replaces ``py_executable``, so under ``uv run`` nothing is preloaded.
 
 Why: in a process where Ray's core worker started *before* torch was imported, the digits MLP's forward +
-backward ran 10-20% slower than where torch came first (measured on the 2-core development machine: a plain
+backward ran measurably slower than where torch came first (probed on the 2-core development machine: a plain
 process that connects to Ray as a driver before importing torch, and a Ray actor, both slower; the same process
 importing torch first, at parity with a process without Ray). Forward alone was at parity, the process was on
 its CPU the whole time, and a profile had the same shape, only slower; why, we have not pinned down. A Ray
 worker connects to Ray before it runs any user code, so every Tune trial imported torch late. Importing it
 here, before the worker script imports Ray, gives the trials a plain process's speed (benchmarks/worker_speed.py
-and pbt_overhead.py measure it). The price: a worker that never uses torch imports it anyway (1.5-2 CPU-s at
-start-up; ``ray.worker_preload: []`` turns it off). A module that cannot be imported is reported on stderr and
-skipped: the worker still starts, and the trial's own import raises the real error where it can be seen.
+and pbt_overhead.py measure it; latest figures in benchmarks/README.md, the probes' in benchmarks/results.csv).
+The price: a worker that never uses torch imports it anyway (CPU-seconds at start-up; ``ray.worker_preload: []``
+turns it off). A module that cannot be imported is reported on stderr and skipped: the worker still starts, and
+the trial's own import raises the real error where it can be seen.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
   migration since (``mlflow.store.db.utils._initialize_tables``); :func:`metaopt.tracking.empty_store_template`
   calls that same function once to cache an empty store and copies it for each new one (``_get_schema_version``
   and ``_get_latest_schema_revision`` check that the copy is at MLflow's newest revision). Fallback: no template;
-  MLflow makes each new store itself on first use, 2-5 s slower per store (benchmarks/README.md).
+  MLflow makes each new store itself on first use, seconds slower per store
+  (:func:`metaopt.tracking.empty_store_template` says why; the figures are in benchmarks/results.csv).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def can_build_empty_store() -> bool:
     warn_fallback(
         "mlflow.build_empty_store",
         f"metaopt.compat.mlflow: MLflow's private store set-up is not used on this MLflow version "
-        f"(written for mlflow{WRITTEN_FOR}); each new sqlite store is made by MLflow itself (2-5 s slower)",
+        f"(written for mlflow{WRITTEN_FOR}); each new sqlite store is made by MLflow itself (seconds slower)",
     )
     return False
 

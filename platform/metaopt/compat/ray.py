@@ -4,7 +4,8 @@ What we take from Ray beyond its public API, each with a plain fallback on other
 
 - ``system_config``: ``ray.init(_system_config=...)`` sets the local workers' niceness and turns off the idle
   workers Ray prestarts for the driver (:func:`metaopt.runtime.local_ray_options` says why). Fallback: Ray's
-  defaults (workers at niceness 15, prestarted idle workers): trials train ~15% slower on a loaded 2-core machine.
+  defaults (workers at niceness 15, prestarted idle workers): trials train measurably slower on a loaded 2-core
+  machine (benchmarks/worker_speed.py measures the niceness; latest figure in benchmarks/README.md).
 - ``single_node_switch``: Ray's private constant ``ray_constants.ENABLE_RAY_CLUSTER`` and the environment variable
   named by ``ENABLE_RAY_CLUSTERS_ENV_VAR`` make the embedded Ray listen on loopback only
   (:func:`metaopt.runtime.loopback_only`). Fallback: Ray's default addresses.

@@ -83,7 +83,7 @@ def forget_weights_version(component: Any) -> bool:
 
 def weights_seq_no_key() -> str:
     """The state key of a weights version: RLlib's ``WEIGHTS_SEQ_NO`` where RLlib is loaded (it is, wherever an
-    Algorithm is restored), else its value in RLlib 2.60; importing RLlib (~10 s) for one string is not worth it."""
+    Algorithm is restored), else its value in RLlib 2.60; importing RLlib (seconds) for one string is not worth it."""
     metrics = sys.modules.get("ray.rllib.utils.metrics")
     return str(getattr(metrics, "WEIGHTS_SEQ_NO", "weights_seq_no"))
 

@@ -17,7 +17,8 @@ What we take from Tune beyond its public API, each with a plain fallback:
   PBT's per-trial bookkeeping (``PopulationBasedTraining._trial_state``), read by the checkpoint retention
   (:class:`metaopt.tuning.KeepLastCheckpoints`) and the end-of-sweep levelling (:mod:`metaopt.even_finish`).
   Fallback: every checkpoint of a PBT sweep is kept (disk, not results, is at stake) and the end is not levelled
-  (Tune's own turn-taking: the last trial may train alone for part of a turn, ~5 s in benchmarks/README.md).
+  (Tune's own turn-taking: the last trial may train alone for part of a turn; :class:`metaopt.even_finish.EvenFinish`
+  says why that matters).
 - ``ExploitHook``: runs PBT's private exploit/explore step (``_checkpoint_or_exploit``) inside a context, which
   :class:`metaopt.tuning.SeededDecisions` uses to seed its random choices. Fallback: plain PBT, choices unseeded.
 """

@@ -149,9 +149,10 @@ def tensor_from_wire(array: np.ndarray) -> torch.Tensor:
 def pack_round_request(global_params: torch.Tensor, settings: dict[str, Any]) -> bytes:
     """One round's request to every client -- the global model as float32 numpy and the round's settings
     (lr, epochs, FedHyper-CL's rule) -- pickled *once per round*. Ray passes ``bytes`` through without pickling
-    them again, so ten clients cost one serialisation instead of ten; on 2 cores with 10 client actors that
-    measured 0.92-0.94x the round time of passing the array and the settings as call arguments (see
-    ``benchmarks/README.md``, ``fed_rounds.py``). cloudpickle, because a CL rule is a partial over the strategy."""
+    them again, so ten clients cost one serialisation instead of ten; on 2 cores with 10 client actors that made
+    rounds a little faster than passing the array and the settings as call arguments (``benchmarks/fed_rounds.py``
+    measures rounds; the figures are in ``benchmarks/results.csv``). cloudpickle, because a CL rule is a partial
+    over the strategy."""
     from ray import cloudpickle
 
     return cloudpickle.dumps((to_wire(global_params), settings), protocol=5)
@@ -350,9 +351,8 @@ class RayClients:
         }
         # The model travels as a numpy vector (a pickled tensor goes through torch.save / torch.load on both ends),
         # inline in each call rather than through ray.put, and packed once for all clients: on 2 cores with 10
-        # client actors, inline numpy measured 49 ms per round against 65-70 ms for tensors through one ray.put
-        # and 55 ms for numpy through ray.put; one packed request for all 10 clients 0.92-0.94x of inline
-        # numpy (benchmarks/README.md).
+        # client actors each of these made rounds faster (benchmarks/fed_rounds.py measures rounds; the probes'
+        # figures are in benchmarks/results.csv, the latest ratio in benchmarks/README.md).
         request = pack_round_request(global_params, settings)
         futures = {i: self.actors[i].train_round.remote(request) for i in chosen if i not in left_out}
         answered, late = wait_round(futures, timeout_s)

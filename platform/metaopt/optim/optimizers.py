@@ -188,7 +188,7 @@ def _torch_adamw(params: Any, spec: AdamWSpec) -> Any:
 def _torch_lion(params: Any, spec: LionSpec) -> Any:
     """The implementation is ``pytorch_optimizer.Lion``; its decoupled weight decay
     (``p *= 1 - lr * wd``) matches the paper and ``optax.lion``."""
-    # Imported here: pytorch_optimizer costs ~2 s at import, paid only by Lion users.
+    # Imported here: pytorch_optimizer takes seconds to import (benchmarks/results.csv), paid only by Lion users.
     from pytorch_optimizer import Lion
 
     return Lion(params, **_hyperparams(spec))

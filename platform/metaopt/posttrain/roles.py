@@ -250,8 +250,9 @@ def start_roles(section: Any, seed: int) -> Roles:
     import ray
 
     cpus = roles.cpus_per_actor
-    # OpenMP threads that spin while waiting steal the cores the other roles need (measured 15-25x slower
-    # steps with 2 threads on 2 shared cores); passive waiting costs nothing when a role has its cores.
+    # OpenMP threads that spin while waiting steal the cores the other roles need (GRPO steps ran many times slower
+    # with 2 threads on 2 shared cores, probed with benchmarks/grpo_throughput.py; figures in
+    # benchmarks/results.csv); passive waiting costs nothing when a role has its cores.
     env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
     rollout_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_rollout, runtime_env=env)(RolloutWorker)
     learner_actor = ray.remote(num_cpus=cpus, num_gpus=roles.gpus_per_learner, runtime_env=env)(LearnerWorker)

@@ -1,10 +1,10 @@
 """Datasets that ship inside packages, read once and kept in a local cache.
 
 scikit-learn's digits (1,797 8x8 images, pixel values 0-16) is the data of the digits task, the federated
-digits runs and the symbolic-search proxies. Reading it through scikit-learn costs about 1.3 s of CPU per
-process, almost all of it ``import sklearn`` (scipy.stats among others); a PBT sweep pays that in every trial
-process it starts. So the arrays are read through scikit-learn once and kept as a small ``.npz`` file
-(≈ 120 kB) in the cache directory; later processes read that with numpy alone.
+digits runs and the symbolic-search proxies. Reading it through scikit-learn costs about a CPU-second per
+process (figure in benchmarks/results.csv), almost all of it ``import sklearn`` (scipy.stats among others); a
+PBT sweep pays that in every trial process it starts. So the arrays are read through scikit-learn once and kept
+as a small ``.npz`` file (≈ 120 kB) in the cache directory; later processes read that with numpy alone.
 
 The cache directory is :func:`metaopt.cache.cache_dir`. A cache that cannot be written (read-only home) or read
 (a broken file) only costs the scikit-learn read.
