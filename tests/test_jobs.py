@@ -353,7 +353,9 @@ def test_cluster_yaml_keeps_the_dashboard_on_the_heads_loopback():
 def test_dockerfile_builds_on_a_ray_gpu_image_and_installs_the_package():
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"rayproject/ray:[\d.]+-py311-(gpu|cu\d+)", text)
-    assert ".[gpu]" in text and "WORKDIR /home/ray/metaopt" in text
+    assert ".[all,gpu]" in text and "WORKDIR /home/ray/metaopt" in text
+    # the image installs the versions the tests ran with: the lock file is copied before the install reads it
+    assert text.index("constraints.txt ./") < text.index("-c constraints.txt")
 
 
 # ---------------------------------------------------------------------------------------------------------------

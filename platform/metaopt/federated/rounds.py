@@ -83,7 +83,7 @@ class FederatedRun:
         return sorted(self.rng.choice(len(self.clients), size=count, replace=False).tolist())
 
     def _lr_rule(self):
-        if getattr(getattr(self.strategy, "options", None), "client_lr", None) == "cl":  # FedHyper-CL
+        if getattr(self.strategy, "client_lr", None) == "cl":  # FedHyper-CL
             return functools.partial(_cl_rule, self.strategy, self.state)
         return None
 
