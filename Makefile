@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine: `make run` (the main job) and `make test` (the suite).
-# Both create .venv and install the project into it on first use (torch's CPU build first: see README), at the
+# Both create .venv and install the project into it on first use (torch==2.13.0 first: see README), at the
 # exact versions of constraints.txt. `make lint` is what CI runs before the tests; `make lock` refreshes the
 # constraints (see below).
 PYTHON ?= python3

@@ -12,19 +12,20 @@ as ``file:line``. The checker is itself tested on small planted trees, so it can
 from __future__ import annotations
 
 import ast
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
 import pytest
 
+from metaopt import registry
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "metaopt"
 PACKAGE_DIR = REPO / "platform" / PACKAGE
 
-# Top-level modules and folders of metaopt per layer; capabilities are the folders pyproject.toml's entry points
-# name (see capability_folders). "metaopt" is the package's own __init__.
+# Top-level modules and folders of metaopt per layer; capabilities are the folders metaopt.registry.BUILT_IN
+# names (see capability_folders). "metaopt" is the package's own __init__.
 LAYERS: dict[str, frozenset[str]] = {
     "core": frozenset(
         {"metaopt", "errors", "redact", "cache", "progress", "stopping", "extras", "config", "registry", "compat"}
@@ -44,7 +45,7 @@ LAYERS: dict[str, frozenset[str]] = {
             "worker_start",
         }
     ),
-    "capabilities": frozenset(),  # filled from the entry points
+    "capabilities": frozenset(),  # filled from the built-in capability table
     "cli": frozenset({"cli"}),
 }
 
@@ -120,10 +121,10 @@ def import_graph(package_dir: Path) -> list[Import]:
     )
 
 
-def capability_folders(pyproject: Path) -> frozenset[str]:
-    """The folders whose modules the ``metaopt.capabilities`` entry points name: the capability layer."""
-    points = tomllib.loads(pyproject.read_text())["project"]["entry-points"]["metaopt.capabilities"]
-    return frozenset(target.split(":")[0].split(".")[1] for target in points.values())
+def capability_folders(built_in: dict[str, str]) -> frozenset[str]:
+    """The folders whose modules the built-in capability table names (kind -> "module:attribute"): the
+    capability layer."""
+    return frozenset(target.split(":")[0].split(".")[1] for target in built_in.values())
 
 
 def unit_of(module: str) -> str:
@@ -211,7 +212,7 @@ def report(problems: list[str], what: str) -> str:
 
 @pytest.fixture(scope="module")
 def layers() -> dict[str, frozenset[str]]:
-    return {**LAYERS, "capabilities": capability_folders(REPO / "pyproject.toml")}
+    return {**LAYERS, "capabilities": capability_folders(registry.BUILT_IN)}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ def edges() -> list[Import]:
     return import_graph(PACKAGE_DIR)
 
 
-def test_the_capability_folders_are_the_entry_points(layers):
+def test_the_capability_folders_are_the_built_in_kinds(layers):
     assert {"pbt", "federated", "objectives", "symbolic", "posttrain"} <= layers["capabilities"]
     assert all((PACKAGE_DIR / folder / "__init__.py").is_file() for folder in layers["capabilities"])
 
@@ -228,7 +229,7 @@ def test_every_module_has_a_layer(layers):
     unassigned = unassigned_modules(list(module_files(PACKAGE_DIR)), layers)
     assert not unassigned, (
         f"place these in a layer (LAYERS in {Path(__file__).name}, or register a capability "
-        f"in pyproject.toml): {', '.join(unassigned)}"
+        f"in metaopt.registry.BUILT_IN): {', '.join(unassigned)}"
     )
 
 

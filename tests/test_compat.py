@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from packaging.version import Version
 
-from metaopt import compat
+from metaopt import compat, worker_start
 from metaopt.compat import mlflow as compat_mlflow
 from metaopt.compat import ray as compat_ray
 from metaopt.compat import rllib as compat_rllib
 from metaopt.compat import trl as compat_trl
 from metaopt.compat import tune as compat_tune
+from metaopt.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -244,6 +246,32 @@ def test_omp_thread_count_is_followed_and_the_fallback_wraps_nothing(monkeypatch
     assert ray_utils.set_omp_num_threads_if_unset is ray_sets_two_threads and len(warnings_in(capsys)) == 1
 
 
+def test_worker_starts_when_the_ray_door_cannot_be_imported(monkeypatch, tmp_path, capsys):
+    """worker_start never stops a worker from starting: an import of metaopt.compat.ray that fails (here: a
+    ModuleNotFoundError for it, not for ``metaopt``) is one line on stderr, then torch gets the fallback thread
+    count and the worker script runs."""
+    monkeypatch.setitem(sys.modules, "metaopt.compat.ray", None)  # the import fails as a missing module does
+    with pytest.raises(ModuleNotFoundError):
+        worker_start.compat_ray_module()
+    assert worker_start.follow_rays_thread_count() is False
+    assert capsys.readouterr().err.splitlines() == [
+        "[metaopt] worker start: cannot follow Ray's thread count: ModuleNotFoundError: "
+        "import of metaopt.compat.ray halted; None in sys.modules"
+    ]
+
+    script, ran = tmp_path / "worker.py", tmp_path / "ran"
+    script.write_text(f"import sys\nopen({str(ran)!r}, 'w').write(' '.join(sys.argv[1:]))\n")
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(worker_start.PRELOADED_ENV, raising=False)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    worker_start.main(["", str(script), "--node-ip-address=x"])
+    assert ran.read_text() == "--node-ip-address=x" and threads == [1]  # started, with Ray's 1-CPU thread count
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
 def test_auth_token_lookup_by_ray_and_its_python_fallback(monkeypatch, tmp_path, capsys):
     assert isinstance(compat_ray.auth_token_exists(), bool)  # Ray's own loader, on the pinned version
     (tmp_path / "token").write_text("s3cret\n")
@@ -311,14 +339,28 @@ class StandInLearner:
         return [("default_optimizer", self.optimizer)]
 
 
-def test_rllib_learner_lr_fallback_through_public_getters(monkeypatch, capsys):
-    """(RLlib's own path, with its Scheduler, runs on a real Learner in tests/test_rllib_task.py.)"""
+def test_rllib_learner_lr_refuses_where_rllib_would_put_its_own_rate_back(monkeypatch):
+    """A rate in torch's param_groups alone would be reverted by RLlib after one update, so PBT would tune a
+    rate that is not used: another version, or the pinned one without the private names, is refused in one
+    line. (RLlib's own path, with its Scheduler, runs on a real Learner in tests/test_rllib_task.py.)"""
+    learner = StandInLearner()
+    del learner._optimizer_lr_schedules
+    with pytest.raises(ConfigError) as missing:
+        compat_rllib.set_learner_lr(learner, 0.02)
+    assert str(missing.value) == (
+        f"ray[rllib]: found RLlib {compat.installed_version('ray')} without Learner._optimizer_lr_schedules; "
+        "setting its learning rate from an outer loop needs ray[rllib]==2.60.* (elsewhere RLlib puts config.lr "
+        "back after each update): pip install 'ray[rllib]==2.60.*'"
+    )
+
     monkeypatch.setattr(compat, "installed_version", lambda distribution: Version("99.0"))
-    fallback = StandInLearner()
-    compat_rllib.set_learner_lr(fallback, 0.02)
-    assert fallback._optimizer_lr_schedules == {}  # nothing private touched
-    assert compat_rllib.learner_lrs(fallback) == {"default_policy_default_optimizer": pytest.approx(0.02)}
-    assert len(warnings_in(capsys)) == 1
+    learner = StandInLearner()
+    with pytest.raises(ConfigError, match=r"^ray\[rllib\]: found RLlib 99\.0; .* needs ray\[rllib\]==2\.60\.\* "):
+        compat_rllib.set_learner_lr(learner, 0.02)
+    assert learner.optimizer.param_groups[0]["lr"] == 0.5  # nothing written
+    assert "\n" not in str(ConfigError("ray[rllib]", compat_rllib.unsupported_rllib_problem(learner)))
+    # Reading the rate back needs no private name: torch's param_groups hold what the next update uses.
+    assert compat_rllib.learner_lrs(learner) == {"default_policy_default_optimizer": pytest.approx(0.5)}
 
 
 class StandInAlgorithm:

@@ -72,6 +72,23 @@ def test_the_check_imports_nothing(monkeypatch):
 def test_an_unknown_extra_is_a_programming_error_not_a_passing_check():
     with pytest.raises(ValueError, match="unknown extra 'pb3'"):
         extras.require("pb3", "pbt.scheduler")
+    with pytest.raises(ValueError, match="unknown extra 'pb3'"):
+        extras.require("pb3", "pbt.scheduler", {"check_paths": False})  # also where nothing is required
+
+
+def test_an_extra_is_required_only_where_the_experiment_runs(monkeypatch):
+    """``metaopt run`` validates with check_paths true (or code with no context): the extra must be here.
+    ``metaopt submit`` / ``list`` validate with check_paths false: the cluster has its own packages."""
+    hide_module(monkeypatch, "GPy")
+    for runs_here in (None, {"check_paths": True}, {}):
+        with pytest.raises(ConfigError, match=r"^pbt\.scheduler: needs .*\(GPy is not installed\)"):
+            extras.require("pb2", "pbt.scheduler", runs_here)
+    extras.require("pb2", "pbt.scheduler", {"check_paths": False})
+
+
+def test_the_rllib_extra_covers_the_gymnasium_its_env_check_imports(monkeypatch):
+    hide_module(monkeypatch, "gymnasium")
+    assert extras.missing_module("rllib") == "gymnasium"
 
 
 # ---- pyproject.toml agrees with the code ---------------------------------------------------------------------

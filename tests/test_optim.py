@@ -216,6 +216,26 @@ def test_build_schedule_rejects_bad_specs_naming_the_field(spec, field):
     assert_config_error(excinfo, field)
 
 
+def test_schedules_take_integers_of_any_kind_as_step_counts():
+    """Step counts computed with numpy (``np.int64``) are integers too; floats and bools are not."""
+    same = [
+        (piecewise_constant([(np.int64(0), 0.1), (np.int64(40), 0.05)]), piecewise_constant([(0, 0.1), (40, 0.05)])),
+        (cosine(0.1, np.int64(100)), cosine(0.1, 100)),
+        (linear_decay(0.1, np.int32(100)), linear_decay(0.1, 100)),
+        (warmup(constant(0.1), np.int64(10)), warmup(constant(0.1), 10)),
+        (
+            build_schedule({"name": "cosine", "lr": 0.1, "total_steps": np.int64(100), "warmup_steps": np.int64(10)}),
+            build_schedule({"name": "cosine", "lr": 0.1, "total_steps": 100, "warmup_steps": 10}),
+        ),
+    ]
+    for from_numpy, from_python in same:
+        assert np.array_equal(values(from_numpy), values(from_python))
+    for bad in (np.float64(100.0), True, np.bool_(True), "100"):
+        with pytest.raises(ConfigError) as excinfo:
+            cosine(0.1, bad)
+        assert excinfo.value.field == "total_steps"
+
+
 def test_unknown_schedule_name_lists_the_allowed_names():
     with pytest.raises(ConfigError) as excinfo:
         build_schedule({"name": "step", "lr": 0.1})
@@ -401,7 +421,8 @@ BAD_OPTIMIZER_SPECS = [
     ({"name": "adamw", "lr": math.nan}, "optimizer.lr"),
     ({"name": "adamw", "betas": (0.9, 1.0)}, "optimizer.betas.1"),
     ({"name": "lion", "betas": (-0.1, 0.99)}, "optimizer.betas.0"),
-    ({"name": "lion", "betas": (0.9,)}, "optimizer.betas.1"),
+    ({"name": "lion", "betas": (0.9,)}, "optimizer.betas"),
+    ({"name": "adamw", "betas": [0.9, 0.99, 0.999]}, "optimizer.betas"),
     ({"name": "lion", "betas": "0.9,0.99"}, "optimizer.betas"),
     ({"name": "sgd", "momentum": 1.0}, "optimizer.momentum"),
     ({"name": "sgd", "momentum": -0.5}, "optimizer.momentum"),
@@ -427,6 +448,14 @@ def test_optimizer_builders_reject_bad_specs_naming_the_key(builder, spec, field
     with pytest.raises(ConfigError) as excinfo:
         build()
     assert_config_error(excinfo, field)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+@pytest.mark.parametrize("betas", [[0.9], [0.9, 0.99, 0.999], 0.9, "0.9,0.99", []])
+def test_betas_of_the_wrong_shape_say_a_pair_is_expected(name, betas):
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_optimizer_spec({"name": name, "betas": betas})
+    assert str(excinfo.value) == f"optimizer.betas: must be a pair [beta1, beta2], each in [0, 1) (got {betas!r})"
 
 
 def test_unknown_optimizer_name_and_key_list_the_allowed_values():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import pickle
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from pydantic import Field
 from metaopt.config import StrictModel
 from metaopt.errors import ConfigError
 from metaopt.optim import (
-    OPTIMIZER_PROVIDERS,
     OptimizerSpec,
     OptionalScheduleSpec,
     build_optimizer,
@@ -40,9 +38,10 @@ def test_importing_optim_imports_no_capability_no_task_and_no_torch():
     assert done.stdout.strip() == ""
 
 
-def test_program_optimizer_comes_from_the_symbolic_entry_point():
-    (entry,) = [ep for ep in importlib.metadata.entry_points(group=OPTIMIZER_PROVIDERS) if ep.name == "program"]
-    assert entry.value == "metaopt.symbolic.optimizer:register"
+def test_program_optimizer_comes_from_the_symbolic_capability():
+    from metaopt import registry
+
+    assert registry.get("symbolic").provides == ("metaopt.symbolic.optimizer:register",)
     assert "program" in optimizer_names()
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
+import numpy as np
 import pytest
 
 from metaopt import config, extras
@@ -89,3 +93,100 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     with pytest.raises(ConfigError) as excinfo:
         config.from_dict(pbt(scheduler="pb2"))
     assert str(excinfo.value).startswith("pbt.scheduler: needs the optional dependencies of metaopt-platform[pb2]")
+
+
+# ---- numbers are given as numbers ---------------------------------------------------------------------------
+
+RLLIB = {"task": "cartpole_rllib", "optimizer": {"name": "adam"}}
+
+
+@pytest.mark.parametrize(
+    ("section", "option", "value", "expected"),
+    [
+        ({}, "batch_size", "8", "valid integer"),
+        ({}, "split_seed", 3.0, "valid integer"),
+        ({}, "val_fraction", "0.1", "valid number"),
+        ({}, "batch_size", 16.0, "valid integer"),
+        ({"task": "tiny_lm"}, "vocab", "16", "valid integer"),
+        ({"task": "tiny_lm"}, "data_seed", 1.0, "valid integer"),
+        (RLLIB, "train_batch_size", "1000", "valid integer"),
+        (RLLIB, "minibatch_size", 128.0, "valid integer"),
+        (RLLIB, "gamma", "0.99", "valid number"),
+        (RLLIB, "num_epochs", True, "must be an integer, not true"),
+    ],
+)
+def test_task_options_refuse_strings_and_fractions_where_numbers_go(section, option, value, expected):
+    with pytest.raises(ConfigError) as excinfo:
+        config.from_dict(pbt(**section, task_options={option: value}))
+    message = str(excinfo.value)
+    assert excinfo.value.field == f"pbt.task_options.{option}" and "\n" not in message
+    assert expected in message and repr(value).lower() in message.lower()
+
+
+def test_task_options_take_yaml_lists_for_tuples_and_integers_of_any_kind_where_numbers_go():
+    options = parse_task_options("cartpole_rllib", {"fcnet_hiddens": [32], "gamma": 1, "train_batch_size": 256})
+    assert options == PPOOptions(fcnet_hiddens=(32,), gamma=1.0, train_batch_size=256)
+    digits = parse_task_options("digits", {"batch_size": np.int64(8), "split_seed": np.int64(3)})
+    assert (digits.batch_size, digits.split_seed) == (8, 3) and type(digits.batch_size) is int
+
+
+# ---- the validation context reaches the task's fields ----------------------------------------------------------
+
+
+def test_a_relative_program_file_in_pbt_optimizer_is_the_same_error_as_in_posttrain_optimizer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = {"name": "program", "program": "no_such_program.txt"}
+    posttrain = {"name": "t", "kind": "posttrain", "posttrain": {"steps": 4, "optimizer": spec}}
+    problems = {}
+    for kind, raw in (("pbt", pbt(optimizer=spec)), ("posttrain", posttrain)):
+        with pytest.raises(ConfigError) as excinfo:
+            config.from_dict(raw)
+        assert excinfo.value.field == f"{kind}.optimizer.program"
+        problems[kind] = excinfo.value.problem
+    assert problems["pbt"] == problems["posttrain"]
+    assert (
+        problems["pbt"].startswith("'no_such_program.txt' is not") and "relative paths are read from" in problems["pbt"]
+    )
+
+
+def test_a_relative_program_file_in_pbt_optimizer_is_read_from_the_contexts_base(tmp_path, monkeypatch):
+    from metaopt.pbt.config import PBTSection
+    from metaopt.symbolic.search import load_start_program
+    from metaopt.symbolic.text import format_program
+
+    (tmp_path / "lion.txt").write_text(format_program(load_start_program("lion")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the file is not here: only the context's base finds it
+    raw = {"optimizer": {"name": "program", "program": "lion.txt"}}
+    section = PBTSection.model_validate(raw, context={"base": str(tmp_path), "check_paths": True})
+    assert section.optimizer.program == str(tmp_path / "lion.txt")
+
+
+# ---- extras are needed where the experiment runs --------------------------------------------------------------
+
+
+def hide_modules(monkeypatch, *missing: str) -> None:
+    """Make ``find_spec`` report ``missing`` as not installed (as tests/test_extras.py does)."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find_spec(name, *a)
+    )
+    for module in missing:
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "extra"),
+    [(RLLIB, "pbt.task", "rllib"), ({"scheduler": "pb2"}, "pbt.scheduler", "pb2")],
+)
+def test_an_extra_is_required_by_metaopt_run_but_not_by_submit_or_list(monkeypatch, section, field, extra):
+    hide_modules(monkeypatch, "tree", "GPy")
+    with pytest.raises(ConfigError) as excinfo:
+        config.from_dict(pbt(**section))  # metaopt run: the sweep runs here
+    assert excinfo.value.field == field and f"metaopt-platform[{extra}]" in str(excinfo.value)
+    # metaopt submit / list: the cluster has its own packages; nothing of the extra is imported here either
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # `import gymnasium` now fails
+    experiment = config.from_dict(pbt(**section), check_paths=False)
+    name = field.removeprefix("pbt.")
+    assert getattr(experiment.section, name) == section[name]

@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     verb = next(iter(sys.argv[1:] if argv is None else argv), "-")
     known = {*COMMANDS, *(command.name for command in commands)}
     if failures and not verb.startswith("-") and verb not in known:
-        # perhaps a verb of the capability that failed to load: say why it is missing rather than "invalid choice"
+        # perhaps a verb of the capability that failed to load: say why it may be missing, then argparse's usual
+        # "invalid choice" (it may be a plain typo)
         for err in failures:
-            print(f"metaopt: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+            print(f"metaopt: warning: {err}", file=sys.stderr)
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = getattr(args, "capability_handler", None) or COMMANDS[args.command]
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from metaopt import extras, registry
 from metaopt.errors import ConfigError
@@ -35,7 +35,7 @@ MAX_YAML_NODES = 100_000  # values in a YAML document with every alias expanded 
 SEED_LIMIT = 2**32  # numpy, JAX (uint32 keys) and Tune all take seeds in [0, 2**32)
 
 #: A seed: what numpy's, torch's and JAX's generators all accept.
-Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)]  # strict: 3.0 or "3" is a mistake, as in task options
 
 _QUOTE = reprlib.Repr()
 _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict, _QUOTE.maxlevel = 60, 60, 8, 8, 6, 3
@@ -88,7 +88,7 @@ def _a(what: str) -> str:
     return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
 
 
-def _where(info: ValidationInfo | None) -> tuple[Path, bool]:
+def validation_base(info: ValidationInfo | None) -> tuple[Path, bool]:
     """(directory relative paths mean, whether to check that paths exist) for the validation under way.
 
     :func:`from_dict` passes the directory the user ran from; without it (a model built in code, a trial
@@ -102,7 +102,7 @@ def absolute_path(value: str, info: ValidationInfo | None, *, directory: bool, w
     """``value`` with ``~`` expanded, made absolute against the directory the user ran from (Tune runs each
     trial in its own folder, where a relative path means nothing); when paths are checked (and ``check``), one
     that is missing is a ConfigError with no field of its own (pydantic's location of the validator names it)."""
-    base, check_paths = _where(info)
+    base, check_paths = validation_base(info)
     path = Path(os.path.normpath(base / os.path.expanduser(value)))
     if check and check_paths and directory and not is_dir(path):
         raise ConfigError("", f"{quote_path(path)} does not exist or is not a directory; expected {what}")
@@ -136,54 +136,6 @@ def exists(path: Path) -> bool:
         return path.exists()
     except OSError:
         return False
-
-
-PROGRAM_BUILTINS = ("adamw", "lion")  # the built-in programs metaopt.symbolic.search.BUILTIN_PROGRAMS names
-
-
-def names_program_file(value: Any) -> bool:
-    """Whether an optimizer-program value names a file rather than holding the program: the rule of
-    :func:`metaopt.symbolic.search.load_start_program` (one line, not JSON, not ``def ...``, not a built-in)."""
-    return (
-        isinstance(value, str)
-        and bool(value.strip())
-        and value not in PROGRAM_BUILTINS
-        and "\n" not in value
-        and not value.lstrip().startswith(("{", "def "))
-    )
-
-
-def absolute_program(value: Any, info: ValidationInfo | None) -> Any:
-    """A program value (``symbolic.start``, an optimizer spec's ``program``) with a file name made absolute and
-    the file checked (regular, <= 1 MiB, UTF-8): the sections' checks read it at load time whether or not paths
-    are checked, and reading a FIFO, ``/dev/zero`` or a binary file must not hang or crash there."""
-    if not names_program_file(value):
-        return value
-    base, check = _where(info)
-    path = Path(os.path.normpath(base / os.path.expanduser(value)))
-    if exists(path):
-        try:
-            read_text_capped(path, "", "program file")
-        except ConfigError as err:
-            raise ConfigError("", f"{quote_path(path)}: {err.problem}") from None
-    elif check:
-        raise ConfigError(
-            "",
-            f"{quote(value)} is not adamw, lion, program text, or an existing file (relative "
-            f"paths are read from {quote_path(base)})",
-        )
-    return str(path)
-
-
-def absolute_program_spec(spec: Any, info: ValidationInfo | None) -> Any:
-    """An optimizer spec ``{"name": "program", "program": FILE}`` with FILE absolute (see :func:`absolute_program`);
-    any other spec unchanged (its own validator reports what is wrong with it)."""
-    if isinstance(spec, dict) and spec.get("name") == "program" and names_program_file(spec.get("program")):
-        try:
-            return {**spec, "program": absolute_program(spec["program"], info)}
-        except ConfigError as err:
-            raise ConfigError("program", err.problem) from None
-    return spec
 
 
 def _numeric_kind(annotation: Any) -> str | None:
@@ -641,9 +593,9 @@ def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool 
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError("description", f"must be a string (got {type(description).__name__})")
-    if capability.extra is not None:
-        extras.require(capability.extra, kind)  # before the section, whose checks may import the extra's modules
     context = {"base": os.getcwd(), "check_paths": check_paths}
+    if capability.extra is not None:  # before the section, whose checks may import the extra's modules; only
+        extras.require(capability.extra, kind, context)  # where it runs (submit: the cluster has its own packages)
     section = _validate_block(kind, capability.section, raw.get(kind), context)
     check = getattr(section, "check", None)
     if check:

@@ -8,12 +8,19 @@ a Ray worker minutes later.
 
 The check only *finds* modules (:func:`importlib.util.find_spec` on top-level names); it imports nothing, so it is
 cheap enough to call on every validation.
+
+An extra is needed where the experiment runs. ``metaopt run`` validates with the validation context's
+``check_paths`` true (:func:`metaopt.config.from_dict`): it runs here, so the extra must be installed here.
+``metaopt submit`` and ``metaopt list`` validate with it false: the cluster has its own packages, and this machine
+need not have the ones only the cluster runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from metaopt.errors import ConfigError
 
@@ -23,7 +30,8 @@ DISTRIBUTION = "metaopt-platform"
 #: ``[project.optional-dependencies]`` in pyproject.toml (tests/test_extras.py checks the two agree).
 EXTRAS: dict[str, tuple[str, ...]] = {
     # ray[rllib] adds these to ray[default,tune]; RLlib's own code ships in the ray wheel, so it is always findable.
-    "rllib": ("tree", "lz4", "ormsgpack"),
+    # gymnasium: the environments RLlib trains on (metaopt.tasks.options imports it to check an env id).
+    "rllib": ("tree", "lz4", "ormsgpack", "gymnasium"),
     # Tune's PB2 scheduler fits a GP bandit with GPy (Parker-Holder et al. 2020).
     "pb2": ("GPy",),
     # Language-model policies and the reasoning tasks of the post-training capability; trl is a test-only oracle.
@@ -51,14 +59,23 @@ def install_command(extra: str) -> str:
     return f"pip install '{DISTRIBUTION}[{extra}]'"
 
 
-def require(extra: str, field: str) -> None:
-    """Raise a one-line :class:`ConfigError` on ``field`` when a module of ``extra`` is not installed.
+def runs_here(context: Mapping[str, Any] | None) -> bool:
+    """Whether the experiment under validation runs on this machine, given pydantic's validation context.
+
+    Only an explicit ``check_paths`` false (``metaopt submit``, ``metaopt list``) means it runs elsewhere; with no
+    context (a model built in code, a trial rebuilding its task) the code runs here and now."""
+    return context is None or bool(context.get("check_paths", True))
+
+
+def require(extra: str, field: str, context: Mapping[str, Any] | None = None) -> None:
+    """Raise a one-line :class:`ConfigError` on ``field`` when a module of ``extra`` is not installed and the
+    experiment runs here (:func:`runs_here` of the validation ``context``).
 
     ``field`` is the user-facing option whose value needs the extra (``pbt.scheduler``), so the line reads
     ``pbt.scheduler: needs the optional dependencies of metaopt-platform[pb2] (GPy is not installed): pip install
     'metaopt-platform[pb2]'``."""
-    module = missing_module(extra)
-    if module is not None:
+    module = missing_module(extra)  # first: an unknown extra is our bug, wherever the experiment runs
+    if module is not None and runs_here(context):
         raise ConfigError(
             field,
             f"needs the optional dependencies of {DISTRIBUTION}[{extra}] ({module} is not installed): "

@@ -2,11 +2,13 @@
 
 A capability (``pbt``, ``federated``, ...) is a folder that ends its ``config.py`` with one
 :class:`Capability`: its kind, its section model, its runner and, if it has any, extra CLI verbs and the pip
-extra it needs. The platform finds capabilities in two ways:
+extra it needs. The platform finds capabilities in three ways:
 
-- the entry-point group ``metaopt.capabilities`` (``pbt = "metaopt.pbt.config:CAPABILITY"`` in
-  ``pyproject.toml``): how the built-in capabilities and any installed plugin package are found, so neither
-  :mod:`metaopt.config` nor :mod:`metaopt.cli` names a capability;
+- :data:`BUILT_IN`, the table of the capabilities that ship with metaopt (one line each), kept in the package so
+  it travels with the code Ray ships to a cluster; neither :mod:`metaopt.config` nor :mod:`metaopt.cli` names
+  a capability;
+- the entry-point group ``metaopt.capabilities`` (``mykind = "mypackage.config:CAPABILITY"`` in a plugin
+  package's ``pyproject.toml``): how an installed plugin adds its kinds;
 - :func:`register` for Python code and tests.
 
 An entry point is loaded only when its kind is asked for (or when the CLI lists every verb), and a capability's
@@ -21,6 +23,7 @@ import functools
 import importlib
 import importlib.metadata
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +33,18 @@ from pydantic import BaseModel
 from metaopt.errors import ConfigError
 
 ENTRY_POINT_GROUP = "metaopt.capabilities"
+
+#: The capabilities that ship with metaopt: kind -> ``"module:attribute"`` of its :class:`Capability`. Kept in
+#: the package (not in its installed metadata), so a job whose code Ray ships to a cluster without metaopt
+#: installed (``py_modules``) finds them; plugin packages add theirs through the entry-point group.
+BUILT_IN: dict[str, str] = {
+    "federated": "metaopt.federated.config:CAPABILITY",
+    "lpo": "metaopt.objectives.config:CAPABILITY",
+    "lpo_eval": "metaopt.objectives.config:EVAL_CAPABILITY",
+    "pbt": "metaopt.pbt.config:CAPABILITY",
+    "posttrain": "metaopt.posttrain.config:CAPABILITY",
+    "symbolic": "metaopt.symbolic.config:CAPABILITY",
+}
 KIND_PATTERN = r"[a-z][a-z0-9_]*"  # a kind is also the name of its section in the file: a plain YAML key
 VERB_PATTERN = r"[a-z][a-z0-9-]*"  # a CLI verb as typed on the command line
 TARGET_PATTERN = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"  # "package.module:function"
@@ -71,13 +86,17 @@ class Capability:
 
     ``section`` validates the file's block named after ``kind`` (a :class:`~metaopt.config.StrictModel`
     subclass in practice: unknown keys are errors); ``runner`` names ``run(experiment, address, verbose)``;
-    ``extra`` names the pip extra of ``metaopt-platform`` the kind needs (:mod:`metaopt.extras`), or None."""
+    ``extra`` names the pip extra of ``metaopt-platform`` the kind needs (:mod:`metaopt.extras`), or None;
+    ``provides`` names ``"module:function"`` hooks that fill a lower layer's registry with what the capability
+    offers beyond its kind (symbolic: its ``program`` optimizer into :mod:`metaopt.optim`), run once by
+    :func:`load_providers` when that registry is first read."""
 
     kind: str
     section: type[BaseModel]
     runner: str
     commands: tuple[Command, ...] = field(default=())
     extra: str | None = None
+    provides: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not re.fullmatch(KIND_PATTERN, self.kind):
@@ -87,6 +106,10 @@ class Capability:
         if not re.fullmatch(TARGET_PATTERN, self.runner):
             raise ValueError(f"kind {self.kind!r}: runner must be 'module:function' (got {self.runner!r})")
         object.__setattr__(self, "commands", tuple(self.commands))
+        object.__setattr__(self, "provides", tuple(self.provides))
+        for target in self.provides:
+            if not re.fullmatch(TARGET_PATTERN, target):
+                raise ValueError(f"kind {self.kind!r}: provides must be 'module:function' strings (got {target!r})")
         names = [command.name for command in self.commands]
         if len(set(names)) != len(names):
             raise ValueError(f"kind {self.kind!r}: command names repeat: {names}")
@@ -132,17 +155,31 @@ def get(kind: str) -> Capability:
     return _loaded[kind]
 
 
-def capabilities() -> list[Capability]:
-    """Every capability, loaded, in kind order (the CLI lists every verb)."""
-    return [get(kind) for kind in kinds()]
+def load_providers() -> list[ConfigError]:
+    """Run every capability's ``provides`` hooks (once per process is the caller's business). A capability that
+    cannot be loaded (a broken plugin) provides nothing and is returned with the reason, after one warning line:
+    the others still provide theirs, and using the broken kind still names the problem."""
+    failures = []
+    for kind in kinds():
+        try:
+            capability = get(kind)
+        except ConfigError as err:
+            print(f"[metaopt] warning: {err}", file=sys.stderr)
+            failures.append(err)
+            continue
+        for target in capability.provides:
+            import_target(target)()
+    return failures
 
 
 @functools.cache  # the installed packages do not change while we run; reading their metadata costs milliseconds
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    """Entry points of the group by kind. Two different ones for a kind (two installed packages claiming it) is
-    one ConfigError line naming both; the same one seen twice (a package on sys.path twice) is one."""
+    """The built-in kinds and the entry points of the group, by kind. Two different ones for a kind (a plugin
+    claiming a built-in kind, two installed packages claiming one) is one ConfigError line naming both; the same
+    one seen twice (a stale install's metadata repeating a built-in) is one."""
     found: dict[str, importlib.metadata.EntryPoint] = {}
-    for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    built_in = [importlib.metadata.EntryPoint(kind, target, ENTRY_POINT_GROUP) for kind, target in BUILT_IN.items()]
+    for point in [*built_in, *importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]:
         seen = found.setdefault(point.name, point)
         if seen.value != point.value:
             raise ConfigError(

@@ -23,6 +23,7 @@ from metaopt import runtime, stopping, tracking
 from metaopt.config import Experiment
 from metaopt.errors import ConfigError
 from metaopt.redact import redact_uri
+from metaopt.tuning import SweepSettings
 
 
 @dataclass
@@ -307,10 +308,24 @@ def signal_number(exc: BaseException | None) -> int | None:
     return outcome.stop_signal if outcome is not None else None
 
 
+def sweep_settings(session: Session, exp: Experiment, callbacks: list[Any], verbose: int) -> SweepSettings:
+    """The settings every capability's Tuner takes from the session and ``exp.ray``, with Tune's ``callbacks``;
+    ``verbose`` is metaopt's (2 = Tune's own output, which Tune calls verbosity 1; below that Tune is quiet)."""
+    return SweepSettings(
+        experiment_name=session.run_name,
+        storage_path=session.storage_path,
+        resources=session.per_trial,
+        max_concurrent_trials=exp.ray.max_concurrent_trials,
+        callbacks=tuple(callbacks),
+        verbose=1 if verbose >= 2 else 0,
+        checkpoints_to_keep=exp.ray.checkpoints_to_keep,
+    )
+
+
 def fit_tracked(
     exp: Experiment,
     session: Session,
-    build_tuner: Callable[..., Any],
+    build_tuner: Callable[[SweepSettings], Any],
     *,
     metric: str,
     iterations: int,
@@ -323,7 +338,8 @@ def fit_tracked(
 ) -> list[dict[str, Any]]:
     """The part of a grid-style capability's ``run`` after :func:`open_session`: a child MLflow run per trial, a
     compact progress line per result (``verbose`` 1), ``tuner.fit()``, one row per trial, the parent run's
-    plots and files (``log_results``), the summary table, and the end of the sweep (:class:`SweepEnd`)."""
+    plots and files (``log_results``), the summary table, and the end of the sweep (:class:`SweepEnd`).
+    ``build_tuner(sweep)``: the capability's Tuner, given the :func:`sweep_settings` of this session."""
     trial_callback = tracking.MLflowTrialCallback(session.opening)
     progress = []
     if verbose == 1:
@@ -331,15 +347,7 @@ def fit_tracked(
 
         progress = [ProgressPrinter(metric, "max", iterations)]
     with SweepEnd(exp, session, trial_callback, iterations, started) as end:
-        tuner = build_tuner(
-            experiment_name=session.run_name,
-            storage_path=session.storage_path,
-            resources=session.per_trial,
-            max_concurrent_trials=exp.ray.max_concurrent_trials,
-            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
-            callbacks=[trial_callback, *progress, *(callbacks or [])],
-            verbose=1 if verbose >= 2 else 0,
-        )
+        tuner = build_tuner(sweep_settings(session, exp, [trial_callback, *progress, *(callbacks or [])], verbose))
         results = tuner.fit()
         end.conclude(results)
         rows = [trial_row(result) for result in results]

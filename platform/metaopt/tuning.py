@@ -1,7 +1,9 @@
-"""The Tune set-up shared by the capabilities whose trials are a grid (federated, posttrain): one Tuner with a
-checkpoint every iteration, a failure budget, and optionally synchronous PBT over the trial config's ``lr``;
-the search algorithm that lets trials keep their actors (PBT sweeps of ``metaopt.pbt`` use it too); and the
-checkpoint files of every capability: written atomically, read without running pickled code, the last few kept."""
+"""The Tune set-up every capability shares: the sweep's settings from the session (:class:`SweepSettings`) and
+its run config; for the capabilities whose trials are a grid (federated, posttrain, objectives, symbolic) one
+Tuner with a checkpoint every few iterations, a failure budget, and optionally synchronous PBT over the trial
+config's ``lr``; the search algorithm that lets trials keep their actors (PBT sweeps of ``metaopt.pbt`` use it
+too); and the checkpoint files of every capability: written atomically, read without running pickled code, the
+last few kept."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -202,6 +205,45 @@ def lr_pbt(metric: str, interval: int, low: float, high: float, seed: int = 0) -
     )
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every capability's Tuner takes from the session and the experiment's ``ray`` section, whatever its
+    trials are; built once per sweep by :func:`metaopt.session.sweep_settings`.
+
+    ``experiment_name``: Tune's folder under ``storage_path`` (the sweep's run name, unique per sweep).
+    ``storage_path``: where Tune keeps trial results and checkpoints (``ray.storage_path``, resolved).
+    ``resources``: one trial's own slot (``ray.*_per_trial``); a capability may add bundles for its actors.
+    ``max_concurrent_trials``: how many trials run at once (``ray.max_concurrent_trials``; None: as many as fit).
+    ``callbacks``: Tune callbacks (MLflow trial runs, progress lines, the caller's own), in order.
+    ``verbose``: Tune's own verbosity (0 quiet, 1 Tune's status table).
+    ``checkpoints_to_keep``: how many checkpoints each trial keeps (``ray.checkpoints_to_keep``).
+    """
+
+    experiment_name: str
+    storage_path: str
+    resources: dict[str, float]
+    max_concurrent_trials: int | None
+    callbacks: tuple[Any, ...] = ()
+    verbose: int = 0
+    checkpoints_to_keep: int = 2
+
+
+def run_config(
+    sweep: SweepSettings, *, iterations: int, checkpoints: Any, max_failures: int, callbacks: list[Any]
+) -> Any:
+    """Tune's run config of a sweep: ``iterations`` per trial (Tune's ``training_iteration``, the clock
+    synchronous PBT waits on), the checkpoint config and ``callbacks`` as :func:`checkpoint_config` made them."""
+    return tune.RunConfig(
+        name=sweep.experiment_name,
+        storage_path=sweep.storage_path,
+        stop={"training_iteration": iterations},
+        checkpoint_config=checkpoints,
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        callbacks=callbacks,
+        verbose=sweep.verbose,
+    )
+
+
 def grid_tuner(
     trainable: Any,
     trial_resources: Any,
@@ -210,26 +252,22 @@ def grid_tuner(
     iterations: int,
     scheduler: Any,
     max_failures: int,
-    experiment_name: str,
-    storage_path: str,
-    max_concurrent_trials: int | None,
-    callbacks: list[Any],
-    verbose: int = 0,
+    sweep: SweepSettings,
     reuse_actors: bool = False,
     cells: list[dict[str, Any]] | None = None,
-    checkpoints_to_keep: int = 2,
     checkpoint_every: int = 1,
 ) -> Any:
     """A Tuner over ``param_space`` with ``iterations`` per trial and a checkpoint every ``checkpoint_every``
-    iterations and at the end (the last ``checkpoints_to_keep`` kept, see :func:`checkpoint_config`).
+    iterations and at the end (the last ``sweep.checkpoints_to_keep`` kept, see :func:`checkpoint_config`).
+    ``trial_resources``: ``sweep.resources`` as the capability shapes them (bundles for its actors).
     ``reuse_actors``: the trainable implements ``reset_config`` and Tune hands its actor (and placement group)
     from trial to trial.
     ``cells``: the trials' values of ``param_space``'s sampled keys, one dict per trial, run in this order
     (instead of ``grid_search`` keys, which Tune orders by name)."""
-    search = None
+    search, callbacks = None, list(sweep.callbacks)
     if reuse_actors or cells:
         search, callbacks = actor_keeping_search(0, callbacks, cells)
-    checkpoints, callbacks = checkpoint_config(checkpoint_every, checkpoints_to_keep, scheduler, callbacks)
+    checkpoints, callbacks = checkpoint_config(checkpoint_every, sweep.checkpoints_to_keep, scheduler, callbacks)
     # A checkpoint every iteration with num_to_keep makes Tune snapshot its (local, quick) experiment state every
     # few iterations, and warn about it each time: with rounds of well under a second that is a warning per round.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -240,20 +278,14 @@ def grid_tuner(
         # PBT must see the whole population (a concurrency limit would hide the trials not started yet); the
         # resources still decide how many train at once, and PBT pauses trials at its synchronous boundaries.
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=None if scheduler else max_concurrent_trials,
+            max_concurrent_trials=None if scheduler else sweep.max_concurrent_trials,
             reuse_actors=reuse_actors,
             scheduler=scheduler,
             search_alg=search,
             num_samples=len(cells) if cells else 1,
         ),
-        run_config=tune.RunConfig(
-            name=experiment_name,
-            storage_path=storage_path,
-            stop={"training_iteration": iterations},
-            checkpoint_config=checkpoints,
-            failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=callbacks,
-            verbose=verbose,
+        run_config=run_config(
+            sweep, iterations=iterations, checkpoints=checkpoints, max_failures=max_failures, callbacks=callbacks
         ),
     )
 

@@ -67,14 +67,22 @@ def preload(modules: list[str]) -> list[str]:
 
 def follow_rays_thread_count() -> bool:
     """Make torch use the OpenMP thread count Ray sets for each task (see the module docstring); False where
-    this Ray has no such step to wrap."""
+    this Ray has no such step to wrap, or where anything on the way fails (said in one line on stderr): the
+    worker then starts with the fallback thread count, as on a Ray release without that step."""
 
     def set_torch_threads(count: int) -> None:
         torch = sys.modules.get("torch")
         if torch is not None:
             torch.set_num_threads(count)
 
-    return compat_ray_module().follow_omp_thread_count(set_torch_threads)
+    try:
+        return compat_ray_module().follow_omp_thread_count(set_torch_threads)
+    except Exception as err:  # never stop a worker from starting
+        reason = (str(err).splitlines() or [""])[0]
+        print(
+            f"[metaopt] worker start: cannot follow Ray's thread count: {type(err).__name__}: {reason}", file=sys.stderr
+        )
+        return False
 
 
 def compat_ray_module() -> ModuleType:

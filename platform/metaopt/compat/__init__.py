@@ -5,7 +5,9 @@ Ray, Tune, MLflow, RLlib and TRL each have a module here (``compat.ray``, ``comp
 says which versions of the library it was written against (``WRITTEN_FOR``) and, once per process, checks the
 installed version and the presence of the private name it needs. On a version it was not written for, or when
 the name is gone, it logs one warning line and takes a plain fallback built on public API only: slower or less
-exact, never wrong. ``tests/test_compat.py`` runs every fallback.
+exact, never wrong. Where no public API can do the job right (RLlib has none that sets a learner's learning
+rate for good), the door refuses with one line naming the supported version instead of guessing.
+``tests/test_compat.py`` runs every fallback and every refusal.
 
 This module holds the two pieces every door shares: the version check and the once-only warning.
 """

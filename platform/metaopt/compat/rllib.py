@@ -5,9 +5,11 @@ Used by :mod:`metaopt.tasks.rllib_ppo`, where an outer loop (PBT) owns the learn
 - ``set_learner_lr`` / ``learner_lrs``: a Learner's torch optimizers live in ``Learner._named_optimizers``, each
   registered with a ``Scheduler`` (built from ``config.lr``) in ``Learner._optimizer_lr_schedules``, which RLlib
   re-applies after every update (``after_gradient_based_update``). We replace that scheduler by a fixed-value one
-  holding our rate, and write the rate with ``_set_optimizer_lr``. Fallback: the optimizers found through the
-  public ``Learner.get_optimizers_for_module`` get the rate in their torch ``param_groups``; RLlib may then put
-  ``config.lr`` back after the first update of an iteration, so the rate is exact for that update only (said once).
+  holding our rate, and write the rate with ``_set_optimizer_lr``. No fallback: through public API alone (torch's
+  ``param_groups``) RLlib puts ``config.lr`` back after the first update of each iteration, so an outer loop would
+  tune a rate that is not used. Where the internals are not usable, setting the rate is a one-line
+  :class:`~metaopt.errors.ConfigError` naming the Ray version found and the one supported; reading it back
+  (``learner_lrs``) uses torch's ``param_groups`` there, which is exact.
 - ``restorable_state``: RLlib ignores incoming weights whose ``weights_seq_no`` is not newer than the version a
   Learner or EnvRunner holds (their private ``_weights_seq_no``); a PBT exploit restores an *older* state into a
   trial that trained longer, so we reset that counter on every Learner and EnvRunner. Fallback: the same effect
@@ -21,7 +23,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from metaopt import compat
 from metaopt.compat import private_api_usable, version_matches, warn_fallback
+from metaopt.errors import ConfigError
 
 WRITTEN_FOR = "==2.60.*"
 """The Ray versions (``ray`` distribution, which ships RLlib) whose private internals this module uses."""
@@ -31,15 +35,19 @@ _WEIGHTS_VERSION = "_weights_seq_no"
 
 
 def _lr_internals_usable(learner: Any) -> bool:
-    if private_api_usable("ray", WRITTEN_FOR, *((learner, name) for name in _LR_INTERNALS)):
-        return True
-    warn_fallback(
-        "rllib.learner_lr",
-        f"metaopt.compat.rllib: RLlib's private Learner optimizer state is not usable on this Ray version "
-        f"(written for ray{WRITTEN_FOR}): the learning rate is set in torch's param_groups only, and RLlib "
-        "may put config.lr back after the first update of each iteration",
+    return private_api_usable("ray", WRITTEN_FOR, *((learner, name) for name in _LR_INTERNALS))
+
+
+def unsupported_rllib_problem(learner: Any) -> str:
+    """Why this RLlib cannot take a learning rate from an outer loop, in one line: the version found (or, on
+    the supported version, the private names its Learner lacks) and the version supported."""
+    found = f"found RLlib {compat.installed_version('ray') or '(version unreadable)'}"
+    if version_matches("ray", WRITTEN_FOR):
+        found += f" without Learner.{', Learner.'.join(n for n in _LR_INTERNALS if not hasattr(learner, n))}"
+    return (
+        f"{found}; setting its learning rate from an outer loop needs ray[rllib]{WRITTEN_FOR} (elsewhere RLlib "
+        f"puts config.lr back after each update): pip install 'ray[rllib]{WRITTEN_FOR}'"
     )
-    return False
 
 
 def public_optimizers(learner: Any) -> dict[str, Any]:
@@ -52,12 +60,10 @@ def public_optimizers(learner: Any) -> dict[str, Any]:
 
 
 def set_learner_lr(learner: Any, lr: float) -> None:
-    """Runs on every Learner: use ``lr`` for the next updates and keep RLlib from reverting it."""
+    """Runs on every Learner: use ``lr`` for the next updates and keep RLlib from reverting it; a ConfigError
+    on ``ray[rllib]`` where this Ray's internals are not the ones we know (see the module docstring)."""
     if not _lr_internals_usable(learner):
-        for optimizer in public_optimizers(learner).values():
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        return
+        raise ConfigError("ray[rllib]", unsupported_rllib_problem(learner))
     from ray.rllib.utils.schedules.scheduler import Scheduler
 
     for optimizer in learner._named_optimizers.values():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from metaopt.errors import ConfigError
+from metaopt.federated.config import CLIENT_OPTIMIZERS
 from metaopt.federated.data import ClientShard
 
 #: lr_rule(beta_prev, u_k, u_prev, step) -> beta_k: a per-batch multiplier of the local lr (FedHyper-CL).
@@ -100,8 +101,10 @@ def local_train(
 ) -> LocalResult:
     """Local epochs from the global model; returns Δ = local − global and the lrs used per batch.
     ``should_stop()`` is asked before every batch; when it says yes, :class:`RoundCancelled` is raised."""
-    if optimizer not in ("sgd", "adam"):
-        raise ConfigError("client_optimizer", f"unknown optimizer {optimizer!r}; allowed: sgd, adam")
+    if optimizer not in CLIENT_OPTIMIZERS:
+        raise ConfigError(
+            "client_optimizer", f"unknown optimizer {optimizer!r}; allowed: {', '.join(CLIENT_OPTIMIZERS)}"
+        )
     set_flat_params(model, global_params)
     opt = (
         torch.optim.SGD(model.parameters(), lr=lr)

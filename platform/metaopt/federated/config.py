@@ -10,7 +10,7 @@ the one list of strategy names): the section validates its ``strategies`` agains
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, ConfigDict, Field, create_model, field_validator, model_validator
 
@@ -18,6 +18,18 @@ from metaopt.config import Seed, StrictModel, absolute_path, quote
 from metaopt.errors import ConfigError
 from metaopt.optim.specs import LearningRate, NamedSpec, NamedSpecs, Number, literal_name
 from metaopt.registry import Capability
+
+#: The datasets a federation trains on (:func:`metaopt.federated.data.load_dataset` loads each by name).
+DatasetName = Literal["digits", "synthetic", "fashion_mnist", "cifar10"]
+#: How the data is split over clients (:func:`metaopt.federated.data.make_client_shards`).
+PartitionName = Literal["iid", "dirichlet"]
+#: The clients' local optimizer (:func:`metaopt.federated.clients.local_train`).
+ClientOptimizerName = Literal["sgd", "adam"]
+# The one list of each kind of name: the section's fields are typed by them, and the modules that act on a name
+# (and import torch, which loading a config must not) check their arguments against these tuples.
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+PARTITIONS: tuple[str, ...] = get_args(PartitionName)
+CLIENT_OPTIMIZERS: tuple[str, ...] = get_args(ClientOptimizerName)
 
 # ------------------------------------------------------------------------------------ server strategies
 
@@ -152,15 +164,15 @@ STRATEGY_NAMES = STRATEGY_OPTIONS.names()
 class FederatedSection(StrictModel):
     """Federated learning with adaptive server/client learning rates; clients are Ray actors."""
 
-    dataset: Literal["digits", "synthetic", "fashion_mnist", "cifar10"] = Field(default="digits")
+    dataset: DatasetName = Field(default="digits")
     data_root: str | None = Field(default=None, description="Directory of fashion_mnist / cifar10 files.")
     num_clients: int = Field(default=10, ge=1, description="Clients (each a Ray actor with its own shard).")
-    partition: Literal["iid", "dirichlet"] = Field(default="dirichlet")
+    partition: PartitionName = Field(default="dirichlet")
     alpha: float = Field(default=0.5, description="Dirichlet concentration of the label skew (> 0).")
     fraction: float = Field(default=1.0, description="C: share of clients sampled per round, in (0, 1].")
     rounds: int = Field(default=30, ge=1, description="Federated rounds = Tune iterations.")
     local_epochs: int = Field(default=1, ge=1, description="E: local epochs per round.")
-    client_optimizer: Literal["sgd", "adam"] = Field(default="sgd")
+    client_optimizer: ClientOptimizerName = Field(default="sgd")
     batch_size: int = Field(default=32, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [64], description="MLP hidden widths.")
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each client's data for validation.")

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from metaopt.errors import ConfigError
-
-DATASETS = ("digits", "synthetic", "fashion_mnist", "cifar10")
+from metaopt.federated.config import DATASETS, PARTITIONS
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def make_client_shards(
     elif partition == "dirichlet":
         parts = dirichlet_split(data.y.numpy(), num_clients, alpha, rng)
     else:
-        raise ConfigError("partition", f"unknown partition {partition!r}; allowed: iid, dirichlet")
+        raise ConfigError("partition", f"unknown partition {partition!r}; allowed: {', '.join(PARTITIONS)}")
     shards = []
     for part in parts:
         part = rng.permutation(part)

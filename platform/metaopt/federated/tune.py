@@ -14,7 +14,7 @@ from ray import tune
 from metaopt.federated.config import FederatedSection
 from metaopt.runtime import with_worker_bundles
 from metaopt.trainable import Trainable
-from metaopt.tuning import grid_tuner, lr_pbt
+from metaopt.tuning import SweepSettings, grid_tuner, lr_pbt
 
 
 def input_shape(dataset) -> int:
@@ -118,21 +118,11 @@ def clients_key(config: dict[str, Any]) -> str:
     return json.dumps({"exp": config["exp"], "seed": config["seed"]}, sort_keys=True)
 
 
-def build_tuner(
-    section: FederatedSection,
-    *,
-    experiment_name: str,
-    storage_path: str,
-    resources: dict[str, float],
-    max_concurrent_trials: int | None,
-    callbacks: list[Any],
-    verbose: int = 0,
-    checkpoints_to_keep: int = 2,
-) -> tune.Tuner:
+def build_tuner(section: FederatedSection, sweep: SweepSettings) -> tune.Tuner:
     """Strategies x initial lrs x seeds as a grid; a checkpoint after every round, the last
-    ``checkpoints_to_keep`` kept."""
+    ``sweep.checkpoints_to_keep`` kept."""
     trial_resources = with_worker_bundles(
-        resources, section.num_clients, section.cpus_per_client, section.gpus_per_client
+        sweep.resources, section.num_clients, section.cpus_per_client, section.gpus_per_client
     )
     scheduler = None
     if section.scheduler == "pbt":
@@ -161,12 +151,7 @@ def build_tuner(
         iterations=section.rounds,
         scheduler=scheduler,
         max_failures=section.max_failures,
-        experiment_name=experiment_name,
-        storage_path=storage_path,
-        max_concurrent_trials=max_concurrent_trials,
-        callbacks=callbacks,
-        verbose=verbose,
+        sweep=sweep,
         reuse_actors=True,
         cells=cells,
-        checkpoints_to_keep=checkpoints_to_keep,
     )

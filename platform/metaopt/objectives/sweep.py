@@ -12,7 +12,7 @@ from typing import Any
 
 from metaopt import report, tracking
 from metaopt.config import Experiment
-from metaopt.session import SweepEnd, open_session
+from metaopt.session import SweepEnd, open_session, sweep_settings
 
 #: Artifact folder of an exported drift, on the parent run (best trial) and on each trial's run.
 DRIFT_ARTIFACT = "drift"
@@ -79,16 +79,8 @@ def run_meta_training(
 
         progress = [ProgressPrinter("fitness_mean", "max", section.es.generations)]
     with SweepEnd(exp, session, trial_callback, section.es.generations, started) as end:
-        tuner = build_tuner(
-            section,
-            experiment_name=session.run_name,
-            storage_path=session.storage_path,
-            resources=session.per_trial,
-            max_concurrent_trials=exp.ray.max_concurrent_trials,
-            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
-            callbacks=[trial_callback, *progress, *(callbacks or [])],
-            verbose=1 if verbose >= 2 else 0,
-        )
+        sweep = sweep_settings(session, exp, [trial_callback, *progress, *(callbacks or [])], verbose)
+        tuner = build_tuner(section, sweep)
         results = tuner.fit()
         end.conclude(results)
         trials = [summarise_trial(result) for result in results]

@@ -19,7 +19,7 @@ from metaopt.objectives.config import LPOSection
 from metaopt.objectives.meta_train import MetaTrainer
 from metaopt.runtime import with_worker_bundles
 from metaopt.trainable import Trainable
-from metaopt.tuning import grid_tuner, read_checkpoint_file
+from metaopt.tuning import SweepSettings, grid_tuner, read_checkpoint_file
 
 STATE_FILE = "es_state.msgpack"
 META_FILE = "meta.json"
@@ -100,32 +100,17 @@ def trial_resources(section: LPOSection, per_trial: dict[str, float]):
     return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker, section.gpus_per_worker)
 
 
-def build_tuner(
-    section: LPOSection,
-    *,
-    experiment_name: str,
-    storage_path: str,
-    resources: dict[str, float],
-    max_concurrent_trials: int | None,
-    callbacks: list[Any],
-    verbose: int = 0,
-    checkpoints_to_keep: int = 2,
-) -> tune.Tuner:
+def build_tuner(section: LPOSection, sweep: SweepSettings) -> tune.Tuner:
     """One trial per meta-seed; stop after ``es.generations``; checkpoints every ``checkpoint_every``, the last
-    ``checkpoints_to_keep`` kept."""
+    ``sweep.checkpoints_to_keep`` kept."""
     param_space = {"exp": section.model_dump(mode="json"), "meta_seed": tune.grid_search(list(section.meta_seeds))}
     return grid_tuner(
         MetaTrainable,
-        trial_resources(section, resources),
+        trial_resources(section, sweep.resources),
         param_space,
         iterations=section.es.generations,
         scheduler=None,
         max_failures=section.max_failures,
-        experiment_name=experiment_name,
-        storage_path=storage_path,
-        max_concurrent_trials=max_concurrent_trials,
-        callbacks=callbacks,
-        verbose=verbose,
-        checkpoints_to_keep=checkpoints_to_keep,
+        sweep=sweep,
         checkpoint_every=section.checkpoint_every,
     )

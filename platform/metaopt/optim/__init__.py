@@ -9,7 +9,6 @@ Importing this package imports neither torch nor jax, and no capability or task:
 """
 
 from metaopt.optim.optimizers import (
-    OPTIMIZER_PROVIDERS,
     OPTIMIZERS,
     OptimizerSpec,
     OptimizerSpecModel,
@@ -38,7 +37,6 @@ from metaopt.optim.schedules import (
 
 __all__ = [
     "OPTIMIZERS",
-    "OPTIMIZER_PROVIDERS",
     "SCHEDULES",
     "SCHEDULE_NAMES",
     "OptimizerSpec",

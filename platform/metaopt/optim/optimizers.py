@@ -11,9 +11,9 @@ A spec names the optimizer and, optionally, its hyperparameters::
 =========  =================================================================================
 
 ``lr`` defaults to 1e-3. Each optimizer is a pydantic model (:class:`SGDSpec`, ...) registered with
-:func:`register_optimizer` together with its torch and optax builders; other packages register more through
-the entry-point group ``metaopt.optimizers`` (``symbolic`` registers ``program``, an optimizer program), loaded
-by :func:`load_optimizer_providers` the first time a name is looked up. Both builders read the same validated
+:func:`register_optimizer` together with its torch and optax builders; capabilities register more through their
+``Capability.provides`` hooks (``symbolic`` registers ``program``, an optimizer program), run by
+:func:`load_optimizer_providers` the first time a name is looked up. Both builders read the same validated
 spec, so the torch and optax versions of one spec run the same algorithm with the same hyperparameters (the
 tests check them step by step).
 
@@ -28,20 +28,19 @@ imports none of them.
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, StrictBool, ValidationError, model_validator
 
+from metaopt import registry
 from metaopt.config import StrictModel, first_error
 from metaopt.errors import ConfigError
-from metaopt.optim.specs import Decay, LearningRate, NamedSpec, NamedSpecs, Number
+from metaopt.optim.specs import Betas, Decay, LearningRate, NamedSpec, NamedSpecs, Number
 
 __all__ = [
     "OPTIMIZERS",
-    "OPTIMIZER_PROVIDERS",
     "OptimizerSpec",
     "OptimizerSpecModel",
     "build_optax",
@@ -53,10 +52,6 @@ __all__ = [
     "set_learning_rate",
     "set_optax_learning_rate",
 ]
-
-#: Entry-point group of packages that register optimizers: each entry point is a function called once,
-#: with no arguments, that calls :func:`register_optimizer`.
-OPTIMIZER_PROVIDERS = "metaopt.optimizers"
 
 
 class OptimizerSpecModel(NamedSpec):
@@ -93,7 +88,7 @@ class AdamWSpec(OptimizerSpecModel):
     """AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"."""
 
     name: Literal["adamw"] = "adamw"
-    betas: tuple[Decay, Decay] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     eps: Number = Field(default=1e-8, gt=0)
     weight_decay: Number = Field(default=0.01, ge=0)
 
@@ -102,7 +97,7 @@ class LionSpec(OptimizerSpecModel):
     """Lion: Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms" (decoupled weight decay)."""
 
     name: Literal["lion"] = "lion"
-    betas: tuple[Decay, Decay] = (0.9, 0.99)
+    betas: Betas = (0.9, 0.99)
     weight_decay: Number = Field(default=0.0, ge=0)
 
 
@@ -122,13 +117,12 @@ _providers_loaded = False
 
 
 def load_optimizer_providers() -> None:
-    """Call every ``metaopt.optimizers`` entry point once per process (they register their optimizers)."""
+    """Let every capability register the optimizers it provides (``Capability.provides``), once per process."""
     global _providers_loaded
     if _providers_loaded:
         return
     _providers_loaded = True  # first: a provider that looks a name up while registering must not recurse
-    for entry_point in importlib.metadata.entry_points(group=OPTIMIZER_PROVIDERS):
-        entry_point.load()()
+    registry.load_providers()
 
 
 #: The optimizers, by name: the one list of their names (providers add theirs when it is first read).

@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
-from metaopt.optim.specs import LearningRate, NamedSpec, NamedSpecs, Number, StepCount
+from metaopt.optim.specs import Integer, LearningRate, NamedSpec, NamedSpecs, Number, StepCount
 
 __all__ = [
     "SCHEDULES",
@@ -104,7 +104,7 @@ class _Decay(_WithWarmup):
     """From ``lr`` at step 0 to ``end_lr`` at ``total_steps`` (the warm-up included), then flat."""
 
     lr: LearningRate
-    total_steps: int = Field(ge=1, strict=True, description="Steps to reach end_lr, the warm-up included.")
+    total_steps: Integer = Field(ge=1, description="Steps to reach end_lr, the warm-up included.")
     end_lr: Number = Field(default=0.0, ge=0, description="Learning rate from total_steps on.")
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ report, not a string to parse.
 
 from __future__ import annotations
 
+import numbers
 import typing
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Generic, TypeVar
@@ -28,8 +29,33 @@ Number = Annotated[float, Strict()]
 LearningRate = Annotated[Number, Field(gt=0)]
 #: A coefficient of a running average (momentum, betas): 1 would never forget, so the range is open at 1.
 Decay = Annotated[Number, Field(ge=0, lt=1)]
+
+
+def plain_int(value: Any) -> Any:
+    """An integer of any kind (``numpy.int64`` from an array, a step counter of another library) as a Python
+    int; anything else unchanged, for the strict check after it to refuse (a bool, a float, a string)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+#: A whole number given as an integer of any kind (``numpy.int64`` too), never as a float, string or bool.
+Integer = Annotated[int, Strict(), BeforeValidator(plain_int)]
 #: A number of optimizer steps.
-StepCount = Annotated[int, Strict(), Field(ge=0)]
+StepCount = Annotated[Integer, Field(ge=0)]
+
+
+def beta_pair(value: Any) -> Any:
+    """Refuse anything but two coefficients as a whole, in the words of the field (pydantic would report a
+    missing second item as ``betas.1: Field required``); each item is then checked on its own."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError("must be a pair [beta1, beta2], each in [0, 1)")
+    return value
+
+
+#: The two decay rates of Adam-like optimizers: (first moment, second moment) in Adam and AdamW, (update
+#: interpolation, momentum) in Lion (Chen et al. 2023, Algorithm 2); a list in YAML.
+Betas = Annotated[tuple[Decay, Decay], BeforeValidator(beta_pair)]
 
 
 class NamedSpec(StrictModel):

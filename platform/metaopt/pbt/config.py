@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from metaopt.config import Seed, StrictModel
 from metaopt.errors import ConfigError
@@ -55,9 +55,10 @@ class PBTSection(StrictModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _pb2_installed(cls, scheduler: str) -> str:
+    def _pb2_installed(cls, scheduler: str, info: ValidationInfo) -> str:
         if scheduler == "pb2":
-            require("pb2", "")  # the field is the scheduler itself
+            # the field is the scheduler itself; GPy is needed where the sweep runs (not for metaopt submit / list)
+            require("pb2", "", info.context)
         return scheduler
 
     @field_validator("perturbation_factors", mode="before")

@@ -21,7 +21,7 @@ from metaopt.pbt import lineage, plots
 from metaopt.pbt.replay import SCHEDULES_ARTIFACT
 from metaopt.pbt.tune import STATE_FILE, build_tuner
 from metaopt.redact import redact_config, redact_uri
-from metaopt.session import SweepEnd, open_session
+from metaopt.session import SweepEnd, open_session, sweep_settings
 from metaopt.tuning import UnreadableCheckpoint, read_state
 
 
@@ -83,22 +83,9 @@ def run(
     session = open_session(exp, address, section.scheduler, verbose)
     trial_callback = tracking.MLflowTrialCallback(session.opening)
     with SweepEnd(exp, session, trial_callback, section.iterations, started) as end:
-        tuner = build_tuner(
-            section,
-            experiment_name=session.run_name,
-            storage_path=session.storage_path,
-            metric=metric,
-            mode=mode,
-            resources=session.per_trial,
-            max_concurrent_trials=exp.ray.max_concurrent_trials,
-            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
-            callbacks=[
-                trial_callback,
-                *progress_callbacks(verbose, metric, mode, section.iterations),
-                *(callbacks or []),
-            ],
-            verbose=1 if verbose >= 2 else 0,
-        )
+        progress = progress_callbacks(verbose, metric, mode, section.iterations)
+        sweep = sweep_settings(session, exp, [trial_callback, *progress, *(callbacks or [])], verbose)
+        tuner = build_tuner(section, sweep, metric, mode)
         results = tuner.fit()
         end.conclude(results)
         parent = session.parent

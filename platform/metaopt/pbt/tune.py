@@ -24,8 +24,10 @@ from metaopt.tasks import build_task
 from metaopt.trainable import Trainable
 from metaopt.tuning import (
     SeededPBT,
+    SweepSettings,
     actor_keeping_search,
     checkpoint_config,
+    run_config,
     seeded_random_search,
 )
 
@@ -135,51 +137,40 @@ def build_scheduler(section: PBTSection, metric: str, mode: str):
     return None
 
 
-def build_tuner(
-    section: PBTSection,
-    *,
-    experiment_name: str,
-    storage_path: str,
-    metric: str,
-    mode: str,
-    resources: dict[str, float],
-    max_concurrent_trials: int | None,
-    callbacks: list[Any],
-    verbose: int = 0,
-    checkpoints_to_keep: int = 2,
-) -> tune.Tuner:
+def build_tuner(section: PBTSection, sweep: SweepSettings, metric: str, mode: str) -> tune.Tuner:
     """A Tuner whose trials are LRTrainable over the section's lr space; the whole section rides in config.
-    Each trial keeps its last ``checkpoints_to_keep`` checkpoints (and any PBT may still restore)."""
+    Each trial keeps its last ``sweep.checkpoints_to_keep`` checkpoints (and any PBT may still restore)."""
     scheduler = build_scheduler(section, metric, mode)
     grid = section.scheduler == "grid"
+    callbacks = list(sweep.callbacks)
     if scheduler is not None:
         search, callbacks = actor_keeping_search(section.seed, callbacks)
     else:
         search = None if grid else seeded_random_search(section.seed)
-    checkpoints, callbacks = checkpoint_config(section.checkpoint_every, checkpoints_to_keep, scheduler, callbacks)
-    trainable = tune.with_resources(LRTrainable, resources)
+    checkpoints, callbacks = checkpoint_config(
+        section.checkpoint_every, sweep.checkpoints_to_keep, scheduler, callbacks
+    )
+    trainable = tune.with_resources(LRTrainable, sweep.resources)
     return tune.Tuner(
         trainable,
         param_space={
             "lr": initial_lrs(section),
             "exp": section.model_dump(mode="json"),
-            "verbose_actors": verbose >= 1,
+            "verbose_actors": sweep.verbose >= 1,
         },
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             num_samples=1 if grid else section.population,
             reuse_actors=True,
-            max_concurrent_trials=max_concurrent_trials,
+            max_concurrent_trials=sweep.max_concurrent_trials,
             search_alg=search,
         ),
-        run_config=tune.RunConfig(
-            name=experiment_name,
-            storage_path=storage_path,
-            # Tune's own clock, which synchronous PBT waits on; load_checkpoint keeps it equal to steps / iteration.
-            stop={"training_iteration": section.iterations},
-            checkpoint_config=checkpoints,
-            failure_config=tune.FailureConfig(max_failures=section.max_failures),
+        # Tune's own clock, which synchronous PBT waits on; load_checkpoint keeps it equal to steps / iteration.
+        run_config=run_config(
+            sweep,
+            iterations=section.iterations,
+            checkpoints=checkpoints,
+            max_failures=section.max_failures,
             callbacks=callbacks,
-            verbose=verbose,
         ),
     )

@@ -14,7 +14,7 @@ from ray import tune
 
 from metaopt.posttrain.config import PostTrainSection
 from metaopt.trainable import Trainable
-from metaopt.tuning import grid_tuner, lr_pbt
+from metaopt.tuning import SweepSettings, grid_tuner, lr_pbt
 
 
 class PostTrainTrainable(Trainable):
@@ -83,23 +83,13 @@ def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def build_tuner(
-    section: PostTrainSection,
-    *,
-    experiment_name: str,
-    storage_path: str,
-    resources: dict[str, float],
-    max_concurrent_trials: int | None,
-    callbacks: list[Any],
-    verbose: int = 0,
-    checkpoints_to_keep: int = 2,
-) -> tune.Tuner:
+def build_tuner(section: PostTrainSection, sweep: SweepSettings) -> tune.Tuner:
     """Curricula x seeds as a grid (or a PBT population over the learner's lr); a checkpoint every iteration,
-    the last ``checkpoints_to_keep`` kept."""
+    the last ``sweep.checkpoints_to_keep`` kept."""
     from metaopt.posttrain.roles import role_bundles
 
-    bundles = role_bundles(section, resources)
-    trial_resources = tune.PlacementGroupFactory(bundles) if len(bundles) > 1 else resources
+    bundles = role_bundles(section, sweep.resources)
+    trial_resources = tune.PlacementGroupFactory(bundles) if len(bundles) > 1 else sweep.resources
     param_space: dict[str, Any] = {
         "exp": section.model_dump(mode="json"),
         "curriculum": tune.grid_search(list(section.curricula)),
@@ -117,10 +107,5 @@ def build_tuner(
         iterations=section.iterations,
         scheduler=scheduler,
         max_failures=section.max_failures,
-        experiment_name=experiment_name,
-        storage_path=storage_path,
-        max_concurrent_trials=max_concurrent_trials,
-        callbacks=callbacks,
-        verbose=verbose,
-        checkpoints_to_keep=checkpoints_to_keep,
+        sweep=sweep,
     )

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, absolute_program
+from metaopt.config import Seed, StrictModel
 from metaopt.errors import ConfigError
 from metaopt.registry import Capability
+from metaopt.symbolic.program_files import absolute_program
 from metaopt.tasks import MetaoptOptimizerTaskName, TaskOptions
 
 
@@ -90,4 +91,9 @@ class SymbolicSection(StrictModel):
         load_start_program(self.start)
 
 
-CAPABILITY = Capability(kind="symbolic", section=SymbolicSection, runner="metaopt.symbolic.sweep:run_search")
+CAPABILITY = Capability(
+    kind="symbolic",
+    section=SymbolicSection,
+    runner="metaopt.symbolic.sweep:run_search",
+    provides=("metaopt.symbolic.optimizer:register",),  # the ``program`` optimizer, for every kind's optimizer specs
+)

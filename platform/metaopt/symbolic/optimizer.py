@@ -6,9 +6,9 @@ discovered program, Lion, as a drop-in optimizer).
 holding either, or ``adamw`` / ``lion``; ``lr`` defaults to 1.0 because programs scale it themselves (AdamW's
 program multiplies it by 0.001).
 
-:mod:`metaopt.optim` does not import this package: :func:`register` is the ``program`` entry point of the
-``metaopt.optimizers`` group (pyproject.toml), which :func:`metaopt.optim.load_optimizer_providers` calls the first
-time an optimizer name is looked up.
+:mod:`metaopt.optim` does not import this package: :func:`register` is named in the symbolic capability's
+``provides`` (``symbolic/config.py``), which :func:`metaopt.optim.load_optimizer_providers` runs the first time an
+optimizer name is looked up.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from metaopt.config import absolute_program
 from metaopt.errors import ConfigError
 from metaopt.optim import OptimizerSpecModel, register_optimizer
 from metaopt.optim.specs import LearningRate
+from metaopt.symbolic.program_files import absolute_program
 
 if TYPE_CHECKING:
     from metaopt.symbolic.program import Program
@@ -37,8 +37,8 @@ class ProgramSpec(OptimizerSpecModel):
     @field_validator("program")
     @classmethod
     def _a_valid_program(cls, value: str, info: ValidationInfo) -> str:
-        # A file name is made absolute (trials run in folders of their own) and the program read and checked
-        # now, so a bad one fails before any training; the spec keeps what the user wrote.
+        # A file name is stored as an absolute path (trials run in folders of their own, where a relative one
+        # means nothing); the program is read and checked now, so a bad one fails before any training.
         value = absolute_program(value, info)
         read_program(value)
         return value
@@ -77,5 +77,5 @@ def _optax_program(spec: ProgramSpec) -> Any:
 
 
 def register() -> None:
-    """Make ``program`` an optimizer choice (the ``metaopt.optimizers`` entry point)."""
+    """Make ``program`` an optimizer choice (the symbolic capability's ``provides`` hook)."""
     register_optimizer("program", ProgramSpec, _torch_program, _optax_program)

@@ -249,3 +249,8 @@ def lion_program(beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 
             stmt("m", "interp", "g", "m", beta2),
         )
     )
+
+
+#: Programs a user names instead of writing them (``symbolic.start: lion``, ``{"name": "program", "program":
+#: "adamw"}``): the one list of built-in names, read by the loader and by the file-name rule.
+BUILTIN_PROGRAMS: dict[str, Callable[[], Program]] = {"adamw": adamw_program, "lion": lion_program}

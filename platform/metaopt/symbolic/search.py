@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 
 from metaopt.errors import ConfigError
-from metaopt.symbolic.program import Program, adamw_program, lion_program
-
-BUILTIN_PROGRAMS = {"adamw": adamw_program, "lion": lion_program}
+from metaopt.symbolic.program import BUILTIN_PROGRAMS, Program
+from metaopt.symbolic.program_files import names_program_file
 
 
 def load_start_program(value: Any) -> Program:
@@ -46,7 +45,7 @@ def load_start_program(value: Any) -> Program:
         program = BUILTIN_PROGRAMS[value]()
     else:
         text = value
-        if "\n" not in value and not value.lstrip().startswith(("{", "def ")):
+        if names_program_file(value):
             path = Path(value).expanduser()
             if not path.is_file():
                 raise ConfigError("start", f"{value!r} is not adamw, lion, program text, or an existing file")

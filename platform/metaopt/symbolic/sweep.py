@@ -17,7 +17,7 @@ from typing import Any
 
 from metaopt import report, tracking
 from metaopt.config import Experiment
-from metaopt.session import SweepEnd, open_session
+from metaopt.session import SweepEnd, open_session, sweep_settings
 
 HISTORY_COLUMNS = ["index", "parent", "origin", "score", "best_lr", "hash", "cached", "failure", "program"]
 
@@ -51,16 +51,8 @@ def run_search(exp: Experiment, *, address: str | None = None, callbacks: list[A
 
         progress = [ProgressPrinter("best_score", "max", iterations_for(section))]
     with SweepEnd(exp, session, trial_callback, iterations_for(section), started) as end:
-        tuner = build_tuner(
-            section,
-            experiment_name=session.run_name,
-            storage_path=session.storage_path,
-            resources=session.per_trial,
-            max_concurrent_trials=exp.ray.max_concurrent_trials,
-            checkpoints_to_keep=exp.ray.checkpoints_to_keep,
-            callbacks=[trial_callback, *progress, *(callbacks or [])],
-            verbose=1 if verbose >= 2 else 0,
-        )
+        sweep = sweep_settings(session, exp, [trial_callback, *progress, *(callbacks or [])], verbose)
+        tuner = build_tuner(section, sweep)
         results = tuner.fit()
         end.conclude(results)
         summaries = [summarise(result) for result in results]

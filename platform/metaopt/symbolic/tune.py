@@ -26,7 +26,7 @@ from metaopt.symbolic.search import (
     search_step,
 )
 from metaopt.trainable import Trainable
-from metaopt.tuning import grid_tuner, read_checkpoint_file
+from metaopt.tuning import SweepSettings, grid_tuner, read_checkpoint_file
 
 STATE_FILE = "search_state.json"
 FINAL_FILE = "final.json"
@@ -130,32 +130,17 @@ def trial_resources(section: SymbolicSection, per_trial: dict[str, float]):
     return with_worker_bundles(per_trial, section.workers, section.cpus_per_worker, section.gpus_per_worker)
 
 
-def build_tuner(
-    section: SymbolicSection,
-    *,
-    experiment_name: str,
-    storage_path: str,
-    resources: dict[str, float],
-    max_concurrent_trials: int | None,
-    callbacks: list[Any],
-    verbose: int = 0,
-    checkpoints_to_keep: int = 2,
-) -> tune.Tuner:
+def build_tuner(section: SymbolicSection, sweep: SweepSettings) -> tune.Tuner:
     """One trial per search seed; a checkpoint every ``checkpoint_every`` iterations and at the end, the last
-    ``checkpoints_to_keep`` kept."""
+    ``sweep.checkpoints_to_keep`` kept."""
     param_space = {"exp": section.model_dump(mode="json"), "seed": tune.grid_search(list(section.seeds))}
     return grid_tuner(
         SearchTrainable,
-        trial_resources(section, resources),
+        trial_resources(section, sweep.resources),
         param_space,
         iterations=iterations_for(section),
         scheduler=None,
         max_failures=section.max_failures,
-        experiment_name=experiment_name,
-        storage_path=storage_path,
-        max_concurrent_trials=max_concurrent_trials,
-        callbacks=callbacks,
-        verbose=verbose,
-        checkpoints_to_keep=checkpoints_to_keep,
+        sweep=sweep,
         checkpoint_every=section.checkpoint_every,
     )

@@ -66,31 +66,37 @@ def task_entry(name: Any, field: str = "task") -> TaskEntry:
     raise ConfigError(field, f"unknown task {quote(name)}; allowed: {', '.join(task_names())}")
 
 
-def parse_task_options(name: str, options: Any, field: str = "task_options") -> StrictModel:
+def parse_task_options(
+    name: str, options: Any, field: str = "task_options", context: dict[str, Any] | None = None
+) -> StrictModel:
     """``options`` (a mapping, or the task's options model) validated by the task's model; errors name
-    ``<field>.<option>``."""
+    ``<field>.<option>``. ``context``: pydantic's validation context of the section (:func:`metaopt.config.from_dict`:
+    where relative paths are read from, whether the experiment runs here)."""
     model = task_entry(name).options
     if isinstance(options, model):
         return options
     if not isinstance(options, dict):
         raise ConfigError(field, f"must be a mapping of {name} options, got {type(options).__name__}")
     try:
-        return model.model_validate(options)
+        return model.model_validate(options, context=context)
     except ValidationError as err:
         raise first_error(field, model, err) from None
 
 
-def parse_task_optimizer(name: str, spec: Any, field: str = "optimizer") -> StrictModel:
-    """The optimizer spec a task ``name`` trains with, validated; errors name ``<field>.<key>``."""
+def parse_task_optimizer(
+    name: str, spec: Any, field: str = "optimizer", context: dict[str, Any] | None = None
+) -> StrictModel:
+    """The optimizer spec a task ``name`` trains with, validated; errors name ``<field>.<key>``. ``context``: as
+    for :func:`parse_task_options` (a program file is read from the context's ``base``)."""
     model = task_entry(name).optimizer
     if model is None:
-        return OPTIMIZERS.parse(spec, field)
+        return OPTIMIZERS.parse(spec, field, context)
     if isinstance(spec, model):
         return spec
     if not isinstance(spec, dict):
         raise ConfigError(field, f"must be a mapping like {{'name': ...}}, got {type(spec).__name__}")
     try:
-        return model.model_validate(spec)
+        return model.model_validate(spec, context=context)
     except ValidationError as err:
         raise first_error(field, model, err) from None
 
@@ -112,14 +118,15 @@ def build_task(name: str, options: Any, optimizer: Any, seed: int) -> TrainingTa
 # ---- section fields -----------------------------------------------------------------------------------------
 
 
-def _known_task(name: str) -> str:
+def _known_task(name: str, info: ValidationInfo) -> str:
     entry = task_entry(name, field="")
     if entry.extra is not None:
-        require(entry.extra, "")  # the field is the task name itself
+        # the field is the task name itself; only where the experiment runs (not for metaopt submit / list)
+        require(entry.extra, "", info.context)
     return name
 
 
-def _trains_with_metaopt_optimizers(name: str) -> str:
+def _trains_with_metaopt_optimizers(name: str, info: ValidationInfo) -> str:
     allowed = task_names(metaopt_optimizers=True)
     if name not in allowed:
         problem = (
@@ -128,7 +135,7 @@ def _trains_with_metaopt_optimizers(name: str) -> str:
             else f"unknown task {quote(name)}"
         )
         raise ConfigError("", f"{problem}; allowed: {', '.join(allowed)}")
-    return _known_task(name)
+    return _known_task(name, info)
 
 
 def _sibling_task(info: ValidationInfo) -> str | None:
@@ -138,15 +145,17 @@ def _sibling_task(info: ValidationInfo) -> str | None:
 
 def _options_of_task(options: Any, info: ValidationInfo) -> Any:
     task = _sibling_task(info)
-    return options if task is None else parse_task_options(task, {} if options is None else options, field="")
+    if task is None:
+        return options
+    return parse_task_options(task, {} if options is None else options, field="", context=info.context)
 
 
 def _optimizer_of_task(spec: Any, info: ValidationInfo) -> Any:
     task = _sibling_task(info)
-    return spec if task is None else parse_task_optimizer(task, spec, field="")
+    return spec if task is None else parse_task_optimizer(task, spec, field="", context=info.context)
 
 
-#: A section's ``task`` field: a registered task (whose extra is installed).
+#: A section's ``task`` field: a registered task (whose extra is installed, where the experiment runs here).
 TaskName = Annotated[str, AfterValidator(_known_task)]
 #: A ``task`` field of a section that trains it with metaopt.optim optimizers of its own choosing (program search).
 MetaoptOptimizerTaskName = Annotated[str, AfterValidator(_trains_with_metaopt_optimizers)]

@@ -3,20 +3,27 @@
 Kept apart from the tasks themselves so that validating an experiment file imports pydantic only, never
 torch or RLlib; each task validates the options it is given with the same model
 (:func:`metaopt.tasks.parse_task_options`).
+
+Numbers are strict, as in optimizer specs (:mod:`metaopt.optim.specs`): YAML gives them typed, so
+``batch_size: "8"`` or ``minibatch_size: 128.0`` is a mistake to report, not a value to convert.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, quote
+from metaopt.config import SEED_LIMIT, StrictModel, quote
 from metaopt.errors import ConfigError
+from metaopt.extras import runs_here
+from metaopt.optim.specs import Integer, Number
 
 #: Where a task trains: ``auto`` = the GPU Ray gave this process (gpus_per_trial > 0), else CPU.
 Device = Literal["auto", "cpu", "cuda"]
+#: A seed (:data:`metaopt.config.Seed`'s range), given as an integer.
+TaskSeed = Annotated[Integer, Field(ge=0, lt=SEED_LIMIT)]
 
 
 def layer_widths(value: Any) -> tuple[int, ...]:
@@ -39,10 +46,10 @@ class DigitsOptions(TaskOptionsModel):
     """An MLP classifier on scikit-learn's 8x8 digits (:class:`metaopt.tasks.digits.DigitsTask`)."""
 
     hidden: tuple[int, ...] = Field(default=(64,), description="Hidden layer widths.")
-    batch_size: int = Field(default=32, ge=1, description="Training minibatch size.")
-    split_seed: Seed = Field(default=0, description="Seed of the fixed train/validation/test split.")
-    val_fraction: float = Field(default=0.2, gt=0, lt=0.5, description="Share of the images for validation.")
-    test_fraction: float = Field(default=0.2, gt=0, lt=0.5, description="Share of the images for the test split.")
+    batch_size: Integer = Field(default=32, ge=1, description="Training minibatch size.")
+    split_seed: TaskSeed = Field(default=0, description="Seed of the fixed train/validation/test split.")
+    val_fraction: Number = Field(default=0.2, gt=0, lt=0.5, description="Share of the images for validation.")
+    test_fraction: Number = Field(default=0.2, gt=0, lt=0.5, description="Share of the images for the test split.")
     device: Device = "auto"
 
     _widths = field_validator("hidden", mode="before")(layer_widths)
@@ -51,16 +58,16 @@ class DigitsOptions(TaskOptionsModel):
 class TinyLMOptions(TaskOptionsModel):
     """A tiny causal transformer on synthetic second-order Markov text (:class:`metaopt.tasks.tiny_lm.TinyLMTask`)."""
 
-    vocab: int = Field(default=16, ge=1, description="Vocabulary size.")
-    branching: int = Field(default=3, ge=1, description="Next tokens each pair of previous tokens allows.")
-    seq_len: int = Field(default=32, ge=1)
-    d_model: int = Field(default=32, ge=1)
-    heads: int = Field(default=2, ge=1)
-    layers: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    train_sequences: int = Field(default=512, ge=1)
-    val_sequences: int = Field(default=128, ge=1)
-    data_seed: Seed = Field(default=0, description="Seed of the Markov source and its samples.")
+    vocab: Integer = Field(default=16, ge=1, description="Vocabulary size.")
+    branching: Integer = Field(default=3, ge=1, description="Next tokens each pair of previous tokens allows.")
+    seq_len: Integer = Field(default=32, ge=1)
+    d_model: Integer = Field(default=32, ge=1)
+    heads: Integer = Field(default=2, ge=1)
+    layers: Integer = Field(default=1, ge=1)
+    batch_size: Integer = Field(default=16, ge=1)
+    train_sequences: Integer = Field(default=512, ge=1)
+    val_sequences: Integer = Field(default=128, ge=1)
+    data_seed: TaskSeed = Field(default=0, description="Seed of the Markov source and its samples.")
     device: Device = "auto"
 
     @model_validator(mode="after")
@@ -80,19 +87,23 @@ class PPOOptions(TaskOptionsModel):
     """RLlib PPO on a gymnasium environment (:class:`metaopt.tasks.rllib_ppo.RLlibPPOTask`)."""
 
     env: str = Field(default="CartPole-v1", description="gymnasium env id.")
-    num_env_runners: int = Field(default=0, ge=0, description="Remote EnvRunner actors (0: sample in the trial).")
-    train_batch_size: int = Field(default=1000, ge=1, description="Env steps sampled per training iteration.")
-    minibatch_size: int = Field(default=128, ge=1)
-    num_epochs: int = Field(default=6, ge=1, description="SGD passes over each batch.")
+    num_env_runners: Integer = Field(default=0, ge=0, description="Remote EnvRunner actors (0: sample in the trial).")
+    train_batch_size: Integer = Field(default=1000, ge=1, description="Env steps sampled per training iteration.")
+    minibatch_size: Integer = Field(default=128, ge=1)
+    num_epochs: Integer = Field(default=6, ge=1, description="SGD passes over each batch.")
     fcnet_hiddens: tuple[int, ...] = Field(default=(64, 64), description="Hidden layer widths.")
-    gamma: float = Field(default=0.99, gt=0, le=1, description="Discount factor.")
+    gamma: Number = Field(default=0.99, gt=0, le=1, description="Discount factor.")
 
     _widths = field_validator("fcnet_hiddens", mode="before")(layer_widths)
 
     @field_validator("env")
     @classmethod
-    def _buildable_env(cls, value: str) -> str:
-        """A gymnasium env id that is registered and can be built here (its dependencies installed)."""
+    def _buildable_env(cls, value: str, info: ValidationInfo) -> str:
+        """A gymnasium env id that is registered and can be built here (its dependencies installed); not checked
+        for an experiment that runs elsewhere (metaopt submit / list): the cluster's gymnasium and env packages
+        decide there, and this machine may have neither."""
+        if not runs_here(info.context):
+            return value
         import gymnasium
 
         if value not in gymnasium.envs.registry:
