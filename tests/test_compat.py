@@ -414,3 +414,21 @@ def test_trl_oracle_fails_clearly_when_trls_internals_change(monkeypatch):
     ):
         compat_trl.grpo_oracle(*inputs, beta=0.04, epsilon=0.2, aggregation="token_mean")
     assert issubclass(compat_trl.TRLInternalsChanged, AssertionError)  # a test using it fails, never skips
+
+
+def test_numpy_arrays_load_weights_only_and_the_fallback_refuses_them_clearly(tmp_path, monkeypatch):
+    """The private pickle helpers let a weights-only load rebuild numpy arrays; without them (another numpy) the
+    load is refused as an unreadable checkpoint, never a wrong state."""
+    import numpy as np
+
+    from metaopt import tuning
+    from metaopt.compat import numpy as compat_numpy
+
+    state = {"weights": np.arange(6, dtype=np.float32).reshape(2, 3), "scale": np.float64(0.5)}
+    tuning.save_state(state, str(tmp_path))
+    loaded = tuning.read_state(tmp_path / tuning.STATE_FILE)
+    assert np.array_equal(loaded["weights"], state["weights"]) and loaded["scale"] == 0.5
+
+    monkeypatch.setattr(compat_numpy, "WRITTEN_FOR", "==0.1")
+    with pytest.raises(tuning.UnreadableCheckpoint, match="cannot be read"):
+        tuning.read_state(tmp_path / tuning.STATE_FILE)

@@ -7,7 +7,6 @@ last few kept."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator
 
 from metaopt.cache import replace_atomically
+from metaopt.compat import numpy as compat_numpy
 from metaopt.compat import tune as compat_tune
 
 STATE_FILE = "trial_state.pt"
@@ -60,7 +60,7 @@ def read_state(path: Path) -> dict[str, Any]:
     import torch
 
     def parse(handle_path: Path) -> dict[str, Any]:
-        with torch.serialization.safe_globals(numpy_globals()):
+        with torch.serialization.safe_globals(compat_numpy.array_globals()):
             return torch.load(handle_path, weights_only=True, map_location="cpu")
 
     return read_checkpoint_file(path, parse)
@@ -83,18 +83,6 @@ def gist(err: Exception) -> str:
     lines = [line for line in lines if line] or [type(err).__name__]
     line = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
     return line if len(line) <= 300 else line[:297] + "..."
-
-
-def numpy_globals() -> list[Any]:
-    """What pickled numpy arrays and scalars need under ``weights_only`` (RLlib's state holds them): array and
-    scalar reconstruction from raw bytes and the numeric dtypes -- none of them calls anything else."""
-    try:
-        multiarray = importlib.import_module("numpy._core.multiarray")
-    except ImportError:  # numpy < 2
-        multiarray = importlib.import_module("numpy.core.multiarray")
-
-    dtypes = {type(np.dtype(code)) for code in "?bhilqpBHILQPefdgFDGUS"}
-    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
 
 
 class KeepLastCheckpoints(tune.Callback):
