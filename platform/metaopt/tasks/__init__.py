@@ -72,15 +72,7 @@ def parse_task_options(
     """``options`` (a mapping, or the task's options model) validated by the task's model; errors name
     ``<field>.<option>``. ``context``: pydantic's validation context of the section (:func:`metaopt.config.from_dict`:
     where relative paths are read from, whether the experiment runs here)."""
-    model = task_entry(name).options
-    if isinstance(options, model):
-        return options
-    if not isinstance(options, dict):
-        raise ConfigError(field, f"must be a mapping of {name} options, got {type(options).__name__}")
-    try:
-        return model.model_validate(options, context=context)
-    except ValidationError as err:
-        raise first_error(field, model, err) from None
+    return _validated(task_entry(name).options, options, field, context, f"a mapping of {name} options")
 
 
 def parse_task_optimizer(
@@ -91,12 +83,19 @@ def parse_task_optimizer(
     model = task_entry(name).optimizer
     if model is None:
         return OPTIMIZERS.parse(spec, field, context)
-    if isinstance(spec, model):
-        return spec
-    if not isinstance(spec, dict):
-        raise ConfigError(field, f"must be a mapping like {{'name': ...}}, got {type(spec).__name__}")
+    return _validated(model, spec, field, context, "a mapping like {'name': ...}")
+
+
+def _validated(
+    model: type[StrictModel], value: Any, field: str, context: dict[str, Any] | None, expected: str
+) -> StrictModel:
+    """``value`` as ``model`` (an instance already is one); errors are one line on ``field``."""
+    if isinstance(value, model):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(field, f"must be {expected}, got {type(value).__name__}")
     try:
-        return model.model_validate(spec, context=context)
+        return model.model_validate(value, context=context)
     except ValidationError as err:
         raise first_error(field, model, err) from None
 
