@@ -28,7 +28,19 @@ PACKAGE_DIR = REPO / "platform" / PACKAGE
 # names (see capability_folders). "metaopt" is the package's own __init__.
 LAYERS: dict[str, frozenset[str]] = {
     "core": frozenset(
-        {"metaopt", "errors", "redact", "cache", "progress", "stopping", "extras", "config", "registry", "compat"}
+        {
+            "metaopt",
+            "errors",
+            "redact",
+            "cache",
+            "progress",
+            "stopping",
+            "extras",
+            "config",
+            "registry",
+            "compat",
+            "user_code",
+        }
     ),
     "shared": frozenset({"optim", "tasks"}),
     "edges": frozenset(

@@ -13,9 +13,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
+from metaopt import user_code
 from metaopt.compat import ray as compat_ray
 from metaopt.config import RayConfig
 
@@ -109,8 +111,9 @@ def init(config: RayConfig, cli_address: str | None = None) -> Resources:
     """Connect to (or start) Ray once per process and report what it offers."""
     address = resolve_address(cli_address, config)
     if not ray.is_initialized():
+        os.environ.setdefault(user_code.USER_DIR_VARIABLE, os.getcwd())  # the embedded Ray's workers inherit it
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **user_dir_runtime_env())
         else:
             start_local(config)
     total = ray.cluster_resources()
@@ -121,6 +124,16 @@ def init(config: RayConfig, cli_address: str | None = None) -> Resources:
         nodes=nodes,
         address=address or "local",
     )
+
+
+def user_dir_runtime_env() -> dict[str, Any]:
+    """For a driver joining a running cluster: its workers import the user's ``module:function`` references from
+    the directory the user ran in (:mod:`metaopt.user_code`; a path on this machine, so a remote cluster needs
+    ``metaopt submit``, which uploads it). Inside a submitted job the job's own working directory serves, and a
+    second runtime_env would replace the job's: none then."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    return {"runtime_env": {"env_vars": {user_code.USER_DIR_VARIABLE: os.environ[user_code.USER_DIR_VARIABLE]}}}
 
 
 def trial_resources(config: RayConfig, available: Resources) -> dict[str, float]:
