@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(BIN)/metaopt run experiments/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 # Lint and types (settings in pyproject.toml): the whole tree through ruff, the core modules through mypy.
 lint: $(STAMP)

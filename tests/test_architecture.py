@@ -58,7 +58,7 @@ LAYERS: dict[str, frozenset[str]] = {
         }
     ),
     "capabilities": frozenset(),  # filled from the built-in capability table
-    "cli": frozenset({"cli"}),
+    "cli": frozenset({"cli", "api"}),
 }
 
 

@@ -23,7 +23,10 @@ def test_the_registry_is_the_list_sections_accept():
     assert task_names(metaopt_optimizers=True) == ("digits", "tiny_lm")
     with pytest.raises(ConfigError) as excinfo:
         config.from_dict(pbt(task="mnist"))
-    assert str(excinfo.value) == "pbt.task: unknown task 'mnist'; allowed: digits, cartpole_rllib, tiny_lm"
+    assert str(excinfo.value) == (
+        "pbt.task: unknown task 'mnist'; allowed: digits, cartpole_rllib, tiny_lm, "
+        "or your own 'module:function' factory"
+    )
     # every registered task is a PBT task, with its own options filled in from its model
     section = config.from_dict(pbt(task="tiny_lm", task_options={"vocab": 8, "branching": 2})).section
     assert section.task_options == TinyLMOptions(vocab=8, branching=2)

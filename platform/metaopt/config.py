@@ -566,13 +566,16 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool = True) -> Experiment:
+def from_dict(
+    raw: dict[str, Any], source: str | None = None, check_paths: bool = True, python_objects: bool = False
+) -> Experiment:
     """Validate a raw mapping (as read from YAML) into an Experiment.
 
     Relative paths (and ``~``) in the file are made absolute against the current directory, the one the user ran
     from: Tune runs every trial in a folder of its own. ``check_paths`` (what runs here: ``metaopt run``) also
     checks that they exist here and that a database tracking URI's driver is installed; ``metaopt list`` and
-    ``metaopt submit`` (whose paths are the cluster's) pass False."""
+    ``metaopt submit`` (whose paths are the cluster's) pass False. ``python_objects``: only the Python API
+    (:mod:`metaopt.api`) passes True, accepting the ``pickle:`` references it wrote (:mod:`metaopt.user_code`)."""
     allowed_kinds = ", ".join(registry.kinds()) or "none; no capability is installed (pip install -e . installs them)"
     name = raw.get("name")
     if name is None:
@@ -593,7 +596,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, check_paths: bool 
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError("description", f"must be a string (got {type(description).__name__})")
-    context = {"base": os.getcwd(), "check_paths": check_paths}
+    context = {"base": os.getcwd(), "check_paths": check_paths, "python_objects": python_objects}
     if capability.extra is not None:  # before the section, whose checks may import the extra's modules; only
         extras.require(capability.extra, kind, context)  # where it runs (submit: the cluster has its own packages)
     section = _validate_block(kind, capability.section, raw.get(kind), context)

@@ -145,6 +145,8 @@ class SweepOutcome:
     iterations: int
     stop_signal: int | None = None
     unlogged: tuple[str, ...] = ()
+    run_id: str | None = None  # the sweep's MLflow run (None: it never opened)
+    trial_runs: tuple[tuple[str, str], ...] = ()  # (trial id, its MLflow run id)
 
     @property
     def failed(self) -> list[TrialEnd]:
@@ -252,7 +254,10 @@ class SweepEnd:
                         "the store shows it RUNNING",
                         flush=True,
                     )
-                outcome = SweepOutcome(outcome.trials, outcome.iterations, outcome.stop_signal, tuple(unlogged))
+                trial_runs = tuple(sorted((trial, run) for trial, run in self.callback.trial_runs.items() if run))
+                outcome = SweepOutcome(
+                    outcome.trials, outcome.iterations, outcome.stop_signal, tuple(unlogged), parent.run_id, trial_runs
+                )
         return outcome, status, parent
 
     def _parent(self) -> tracking.ParentRun | None:

@@ -4,6 +4,7 @@ Schedulers (Ray Tune): ``pbt`` (Jaderberg et al. 2017, "Population Based Trainin
 ``pb2`` (Parker-Holder et al. 2020, GP-bandit explore step), and the equal-budget baselines ``random``
 (log-uniform fixed learning rates) and ``grid`` (log-spaced fixed learning rates): every scheduler trains
 ``population`` trials for ``iterations`` x ``steps_per_iteration`` optimizer steps, so budgets match.
+``task`` is a built-in task or the researcher's own (``task: my_pkg.tasks:make_task``, :mod:`metaopt.tasks`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from metaopt.errors import ConfigError
 from metaopt.extras import require
 from metaopt.pbt.commands import REPLAY
 from metaopt.registry import Capability
-from metaopt.tasks import TaskName, TaskOptimizerSpec, TaskOptions
+from metaopt.tasks import TaskName, TaskOptimizerSpec, TaskOptions, check_user_task
 
 
 class PBTSection(StrictModel):
     """Population-based learning-rate adaptation on Ray Tune."""
 
-    task: TaskName = Field(default="digits", description="Learning problem (metaopt.tasks).")
+    task: TaskName = Field(
+        default="digits",
+        description="Learning problem: a metaopt.tasks name, or your own factory 'module:function' called as "
+        "function(options, optimizer, seed) and returning a metaopt.tasks.TrainingTask.",
+    )
     task_options: TaskOptions = Field(
         default_factory=dict, validate_default=True, description="Task settings (model size, batch ...)."
     )
@@ -79,6 +84,12 @@ class PBTSection(StrictModel):
             )
         if not all(f > 0 for f in self.perturbation_factors):
             raise ConfigError("perturbation_factors", f"both must be > 0 (got {list(self.perturbation_factors)})")
+        return self
+
+    @model_validator(mode="after")
+    def _user_task_builds(self, info: ValidationInfo) -> PBTSection:
+        # Your own factory is called once here, where the sweep runs, so a wrong return is one line before Ray.
+        check_user_task(self.task, self.task_options, self.optimizer, self.seed, info.context)
         return self
 
     @property

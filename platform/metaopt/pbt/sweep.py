@@ -62,12 +62,12 @@ class SweepSummary:
         return next((t for t in self.trials if t.trial_id == self.best_trial), None)
 
 
-def task_metric(task: str) -> tuple[str, str]:
-    """The score a task reports and its direction, without building the task."""
-    from metaopt.tasks import task_class
+def task_metric(section: Any) -> tuple[str, str]:
+    """The score the section's task reports and its direction: a built-in's class attributes, or what the user's
+    task said when its factory was probed while the section was validated (:func:`metaopt.tasks.task_metric_mode`)."""
+    from metaopt.tasks import task_metric_mode
 
-    task_cls = task_class(task)
-    return task_cls.metric, task_cls.mode
+    return task_metric_mode(section.task, section.task_options, section.optimizer, section.seed)
 
 
 def run(
@@ -79,7 +79,7 @@ def run(
     """
     started = time.time()
     section = exp.section
-    metric, mode = task_metric(section.task)
+    metric, mode = task_metric(section)
     session = open_session(exp, address, section.scheduler, verbose)
     trial_callback = tracking.MLflowTrialCallback(session.opening)
     with SweepEnd(exp, session, trial_callback, section.iterations, started) as end:

@@ -9,19 +9,24 @@ meta-validation task before accepting them. Nothing here imports torch or Ray.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from metaopt.config import Seed, StrictModel
 from metaopt.errors import ConfigError
 from metaopt.registry import Capability
 from metaopt.symbolic.program_files import absolute_program
-from metaopt.tasks import MetaoptOptimizerTaskName, TaskOptions
+from metaopt.tasks import PROBE_OPTIMIZER, MetaoptOptimizerTaskName, TaskOptions, check_user_task
 
 
 class ProxySpec(StrictModel):
-    """One proxy: a metaopt task trained with the program for ``steps`` steps at each lr multiplier."""
+    """One proxy: a metaopt task trained with the program for ``steps`` steps at each lr multiplier.
 
-    task: MetaoptOptimizerTaskName = Field(default="digits", description="metaopt task to train.")
+    ``task`` may be the researcher's own factory (``my_pkg.tasks:make_task``, :mod:`metaopt.tasks`): it is given
+    each candidate program as its optimizer spec and must build it with ``metaopt.optim.build_optimizer``."""
+
+    task: MetaoptOptimizerTaskName = Field(
+        default="digits", description="metaopt task to train, or your own factory 'module:function'."
+    )
     task_options: TaskOptions = Field(
         default_factory=dict, validate_default=True, description="Task settings (model size, batch)."
     )
@@ -39,6 +44,13 @@ class ProxySpec(StrictModel):
         if any(lr <= 0 for lr in lrs):
             raise ValueError(f"every lr must be > 0 (got {lrs})")
         return lrs
+
+    @model_validator(mode="after")
+    def _user_task_builds(self, info: ValidationInfo) -> ProxySpec:
+        # Your own factory is built once here (with AdamW standing in for the programs, which any metaopt.optim
+        # optimizer must be able to), so a wrong return is one line before Ray starts.
+        check_user_task(self.task, self.task_options, PROBE_OPTIMIZER, 0, info.context)
+        return self
 
 
 class SymbolicSection(StrictModel):

@@ -5,6 +5,11 @@ optimizer steps to take and *which learning rate* each step uses (``lr_at(step)`
 schedule, :data:`metaopt.optim.Schedule`). The learning rate is written into the
 optimizer's state before every step (torch ``param_groups``), never captured in a
 closure, so an outer loop may change it at any time (see DESIGN.md, "Optimizer").
+
+A researcher's own problem meets the same contract: ``task: my_pkg.tasks:make_task`` names a factory called as
+``make_task(options: dict, optimizer, seed: int)`` exactly like the built-in classes (:mod:`metaopt.tasks`), which
+builds its torch optimizer with ``metaopt.optim.build_optimizer(model.parameters(), optimizer)`` and sets
+``lr_at(step)`` before each step with ``metaopt.optim.set_learning_rate``; ``examples/own_task`` is a worked one.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from metaopt.optim import Schedule
 class TrainingTask(Protocol):
     """A learning problem with a resumable training state.
 
-    ``metric``/``mode`` name the score an outer loop optimises (e.g. ``val_accuracy``/``max``).
+    ``metric``/``mode`` name the score an outer loop optimises (e.g. ``val_accuracy``/``max``; mode is ``min`` or
+    ``max``). Every member is required (``isinstance`` checks them all: :func:`metaopt.tasks.checked_task`);
+    ``divergence_loss = None`` is a fine value.
     """
 
     metric: str
