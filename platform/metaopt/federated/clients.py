@@ -21,9 +21,10 @@ once, instead of training on for a round whose answer nobody will read.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,9 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from metaopt import user_code
+from metaopt.config import quote
 from metaopt.errors import ConfigError
-from metaopt.federated.config import CLIENT_OPTIMIZERS
-from metaopt.federated.data import ClientShard
+from metaopt.federated.data import ClientShard, Dataset
+from metaopt.federated.names import CLIENT_OPTIMIZERS, MODEL_FACTORY_PARAMS
 
 #: lr_rule(beta_prev, u_k, u_prev, step) -> beta_k: a per-batch multiplier of the local lr (FedHyper-CL).
 LrRule = Callable[[float, torch.Tensor, torch.Tensor | None, int], float]
@@ -60,11 +63,98 @@ def ray_cancel_check() -> Callable[[], bool] | None:
     return context.is_canceled
 
 
-def build_model(in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)) -> nn.Module:
+def build_model(
+    input_shape: int | Sequence[int],
+    num_classes: int,
+    hidden: Sequence[int] = (64,),
+    model: str = "mlp",
+    *,
+    base: str | None = None,
+) -> nn.Module:
+    """The clients' and the server's model for samples of ``input_shape`` (a width, or a sample's shape):
+    ``mlp`` (:func:`mlp`), ``cnn`` (:func:`small_cnn`) or the researcher's ``module:function`` factory, called as
+    ``make_model(input_shape, num_classes)`` and returning a ``torch.nn.Module``. Only the parameters are
+    federated (averaged by the server); buffers such as BatchNorm statistics stay each client's own. A factory is
+    imported from ``base`` (default :func:`metaopt.user_code.user_dir`)."""
+    shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(d) for d in input_shape)
+    if model == "mlp":
+        return mlp(math.prod(shape), num_classes, hidden)
+    if model == "cnn":
+        return small_cnn(shape, num_classes, hidden)
+    make_model = user_code.load_callable(model, MODEL_FACTORY_PARAMS, base=base)
+    net = user_code.call(make_model, model, shape, num_classes)
+    return user_code.expect(net, model, nn.Module, "a torch.nn.Module")
+
+
+def mlp(in_features: int, num_classes: int, hidden: Sequence[int] = (64,)) -> nn.Module:
     """The tasks' MLP (:func:`metaopt.tasks.digits.build_mlp`) behind a Flatten, so images work too."""
     from metaopt.tasks.digits import build_mlp
 
     return nn.Sequential(nn.Flatten(), *build_mlp(in_features, tuple(hidden), num_classes))
+
+
+def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """[C, H, W] of a sample: as given, [H, W] with one channel, or a flat d = s^2 vector read as a 1 x s x s
+    image (digits' 64 features, Fashion-MNIST's 784); anything else is one error line on ``model``."""
+    if len(input_shape) == 3:
+        return input_shape  # type: ignore[return-value]
+    if len(input_shape) == 2:
+        return (1, *input_shape)  # type: ignore[return-value]
+    side = math.isqrt(input_shape[0]) if len(input_shape) == 1 else 0
+    if side and side * side == input_shape[0]:
+        return (1, side, side)
+    raise ConfigError(
+        "model", f"cnn needs images [C, H, W] (or a square number of features); samples are {input_shape}"
+    )
+
+
+def small_cnn(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512,)) -> nn.Module:
+    """The small CNN of McMahan et al. 2017 (FedAvg, Sec. 3; FedHyper, Wang et al. ICLR 2024, uses it for its
+    image tasks): two 5x5 convolutions with 32 and 64 channels, each followed by ReLU and 2x2 max pooling, then
+    dense ReLU layers of widths ``hidden`` (the paper: one of 512) and the class logits. 'Same' padding, so any
+    image of 4 x 4 pixels or more fits."""
+    channels, height, width = image_shape(input_shape)
+    if min(height, width) < 4:
+        raise ConfigError("model", f"cnn needs images of 4 x 4 pixels or more (two 2x2 poolings); got {height}x{width}")
+    from metaopt.tasks.digits import build_mlp
+
+    return nn.Sequential(
+        nn.Unflatten(1, (channels, height, width)) if len(input_shape) != 3 else nn.Identity(),
+        nn.Conv2d(channels, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        *build_mlp(64 * (height // 4) * (width // 4), tuple(hidden), num_classes),
+    )
+
+
+def check_model(model: str, data: Dataset, hidden: Sequence[int] = (64,), *, base: str | None = None) -> None:
+    """Build ``model`` for ``data`` and run it on two samples: it must have parameters to federate and answer
+    [2, num_classes] logits. Called before Ray starts, so a wrong factory is one error line, not failed trials."""
+    net = build_model(data.sample_shape, data.num_classes, hidden, model, base=base)
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ConfigError("model", f"{quote(model)} has no trainable parameters to federate")
+    net.eval()
+    try:
+        with torch.no_grad():
+            logits = net(data.x[:2])
+    except Exception as err:
+        problem = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ConfigError(
+            "model",
+            f"{quote(model)} failed on a batch of 2 samples of shape {list(data.sample_shape)}: {type(err).__name__}: "
+            f"{problem}",
+        ) from None
+    expected = (2, data.num_classes)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            "model",
+            f"{quote(model)} returned {got} for a batch of 2 samples; expected [batch, num_classes] = {expected}",
+        )
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -184,14 +274,20 @@ class Client:
     :func:`client_actor_class`; usable directly in a process for tests and debugging."""
 
     def __init__(
-        self, client_id: int, shard: ClientShard, in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)
+        self,
+        client_id: int,
+        shard: ClientShard,
+        input_shape: int | Sequence[int],
+        num_classes: int,
+        hidden: tuple[int, ...] = (64,),
+        model: str = "mlp",
     ):
         torch.set_num_threads(1)
         self.client_id = client_id
         # The GPU Ray gave this actor (gpus_per_client > 0 on a GPU cluster), else the CPU.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.shard = ClientShard(*(t.to(self.device) for t in (shard.train_x, shard.train_y, shard.val_x, shard.val_y)))
-        self.model = build_model(in_features, num_classes, hidden).to(self.device)
+        self.model = build_model(input_shape, num_classes, hidden, model).to(self.device)
 
     def train(
         self,
@@ -419,19 +515,20 @@ class ClientPool(RayClients):
     def __init__(
         self,
         shards: list[ClientShard],
-        in_features: int,
+        input_shape: int | Sequence[int],
         num_classes: int,
         hidden: tuple[int, ...] = (64,),
         max_restarts: int = 3,
         cpus: float = 0.5,
         gpus: float = 0.0,
+        model: str = "mlp",
     ):
         import ray
 
         actor = client_actor_class(max_restarts, cpus, gpus)
         self.shard_refs = [ray.put(shard) for shard in shards]
         super().__init__(
-            [actor.remote(i, ref, in_features, num_classes, hidden) for i, ref in enumerate(self.shard_refs)]
+            [actor.remote(i, ref, input_shape, num_classes, hidden, model) for i, ref in enumerate(self.shard_refs)]
         )
 
     def close(self) -> None:

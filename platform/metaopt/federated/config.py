@@ -1,7 +1,21 @@
 """The ``federated:`` section: federated trainings as Tune trials, strategies x initial lrs x seeds.
 
 Each trial is one federated training (Wang et al. ICLR 2024, FedHyper, and its baselines) with its clients as
-Ray actors; one Tune iteration is one round. Nothing here imports torch or Ray.
+Ray actors; one Tune iteration is one round. Loading a section imports neither torch nor Ray; only where the
+experiment runs here (validation context ``check_paths``) is the researcher's own data and model loaded and
+checked once (:meth:`FederatedSection._check_data_and_model`), so a bad one is one error line before Ray starts.
+
+The researcher's own problem (issue 22):
+
+- ``dataset``: a built-in name (:data:`metaopt.federated.names.DATASETS`); a ``module:function`` reference to
+  ``make_data()`` returning ``(x, y)`` or ``(x, y, groups)`` (numpy arrays or torch tensors) or a
+  :class:`metaopt.federated.data.Dataset`; a ``.npz`` file with arrays ``x``, ``y`` (and ``groups``:
+  :attr:`FederatedSection.group_column`); a ``.csv`` file with a label column (``label_column``), numeric feature
+  columns and optionally a group column; or a folder of images, one subfolder per class (``image_size``,
+  ``image_mode``).
+- ``model``: ``mlp`` (``hidden``), ``cnn`` (McMahan et al. 2017's small CNN) or a ``module:function`` reference
+  to ``make_model(input_shape, num_classes) -> torch.nn.Module``.
+- ``partition``: ``iid``, ``dirichlet`` or ``natural`` (each client holds whole groups: writers, users).
 
 The server strategies' options are here too, one model per strategy chosen by ``name`` (:data:`STRATEGY_OPTIONS`,
 the one list of strategy names): the section validates its ``strategies`` against it, and
@@ -10,26 +24,32 @@ the one list of strategy names): the section validates its ``strategies`` agains
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from metaopt.config import Seed, StrictModel, absolute_path, quote
+from metaopt import user_code
+from metaopt.config import Seed, StrictModel, absolute_path, is_dir, is_file, quote, quote_path, validation_base
 from metaopt.errors import ConfigError
+from metaopt.federated.names import (  # the one list of each kind of name
+    MODEL_FACTORY_PARAMS,
+    MODELS,
+    ClientOptimizerName,
+    PartitionName,
+    dataset_kind,
+    unknown_dataset,
+)
 from metaopt.optim.specs import LearningRate, NamedSpec, NamedSpecs, Number, literal_name
 from metaopt.registry import Capability
-
-#: The datasets a federation trains on (:func:`metaopt.federated.data.load_dataset` loads each by name).
-DatasetName = Literal["digits", "synthetic", "fashion_mnist", "cifar10"]
-#: How the data is split over clients (:func:`metaopt.federated.data.make_client_shards`).
-PartitionName = Literal["iid", "dirichlet"]
-#: The clients' local optimizer (:func:`metaopt.federated.clients.local_train`).
-ClientOptimizerName = Literal["sgd", "adam"]
-# The one list of each kind of name: the section's fields are typed by them, and the modules that act on a name
-# (and import torch, which loading a config must not) check their arguments against these tuples.
-DATASETS: tuple[str, ...] = get_args(DatasetName)
-PARTITIONS: tuple[str, ...] = get_args(PartitionName)
-CLIENT_OPTIMIZERS: tuple[str, ...] = get_args(ClientOptimizerName)
 
 # ------------------------------------------------------------------------------------ server strategies
 
@@ -164,17 +184,39 @@ STRATEGY_NAMES = STRATEGY_OPTIONS.names()
 class FederatedSection(StrictModel):
     """Federated learning with adaptive server/client learning rates; clients are Ray actors."""
 
-    dataset: DatasetName = Field(default="digits")
+    dataset: str = Field(
+        default="digits",
+        description="digits, synthetic, fashion_mnist, cifar10; 'module:function' -> (x, y) | (x, y, groups) | "
+        "Dataset; a .npz (arrays x, y), a .csv (label column + numeric features) or a folder of images (a "
+        "subfolder per class).",
+    )
     data_root: str | None = Field(default=None, description="Directory of fashion_mnist / cifar10 files.")
+    label_column: str = Field(default="label", min_length=1, description="The .csv file's label column.")
+    group_column: str = Field(
+        default="groups",
+        min_length=1,
+        description="The .csv column / .npz array of group ids (writer, user) for partition natural; optional.",
+    )
+    image_size: int = Field(default=32, ge=4, le=1024, description="Images are resized to image_size^2 pixels.")
+    image_mode: Literal["RGB", "L"] = Field(default="RGB", description="Pillow mode images are read in: 3 or 1 ch.")
+    model: str = Field(
+        default="mlp",
+        description="mlp (hidden), cnn (McMahan et al. 2017) or 'module:function' -> make_model(input_shape, "
+        "num_classes) returning a torch.nn.Module.",
+    )
     num_clients: int = Field(default=10, ge=1, description="Clients (each a Ray actor with its own shard).")
-    partition: PartitionName = Field(default="dirichlet")
+    partition: PartitionName = Field(
+        default="dirichlet", description="iid, dirichlet (label skew) or natural (whole groups per client)."
+    )
     alpha: float = Field(default=0.5, description="Dirichlet concentration of the label skew (> 0).")
     fraction: float = Field(default=1.0, description="C: share of clients sampled per round, in (0, 1].")
     rounds: int = Field(default=30, ge=1, description="Federated rounds = Tune iterations.")
     local_epochs: int = Field(default=1, ge=1, description="E: local epochs per round.")
     client_optimizer: ClientOptimizerName = Field(default="sgd")
     batch_size: int = Field(default=32, ge=1)
-    hidden: list[int] = Field(default_factory=lambda: [64], description="MLP hidden widths.")
+    hidden: list[int] = Field(
+        default_factory=lambda: [64], description="Hidden widths of the MLP, and of the CNN's dense layers."
+    )
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each client's data for validation.")
     strategies: list[str] = Field(default_factory=lambda: ["fedavg", "fedhyper_g"], min_length=1)
     lrs: list[float] = Field(default_factory=lambda: [0.05], min_length=1, description="Initial local lrs swept.")
@@ -192,6 +234,36 @@ class FederatedSection(StrictModel):
         allow_inf_nan=False,
         description="One deadline per round (s): clients that have not answered by then are left out of it.",
     )
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, dataset: str, info: ValidationInfo) -> str:
+        """A built-in name, a well-formed reference (imported where it runs here), or a path made absolute
+        against where the user ran (a trial runs in a folder of its own) and checked to exist there."""
+        kind = dataset_kind(dataset)
+        if kind == "builtin":
+            return dataset
+        if kind == "function":
+            return _checked_reference(dataset, (), info, data_allowed=True)
+        _, check_paths = validation_base(info)
+        path = absolute_path(dataset, info, directory=kind == "images", what="data", check=False)
+        if check_paths and kind != "images" and not is_file(Path(path)):
+            raise ConfigError("", f"{quote_path(path)}: no such file")
+        if check_paths and kind == "images" and not is_dir(Path(path)):
+            raise ConfigError("", unknown_dataset(dataset, path))
+        return path
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str, info: ValidationInfo) -> str:
+        if model in MODELS:
+            return model
+        if not user_code.is_reference(model):
+            raise ValueError(
+                f"unknown model {quote(model)}; allowed: {', '.join(MODELS)}, or a 'module:function' "
+                f"make_model({', '.join(MODEL_FACTORY_PARAMS)}) -> torch.nn.Module"
+            )
+        return _checked_reference(model, MODEL_FACTORY_PARAMS, info)
 
     @field_validator("data_root")
     @classmethod
@@ -238,6 +310,34 @@ class FederatedSection(StrictModel):
             raise ConfigError("data_root", f"{self.dataset} is read from a local directory; set data_root")
         return self
 
+    @model_validator(mode="after")
+    def _check_data_and_model(self, info: ValidationInfo) -> FederatedSection:
+        """Where the experiment runs here: the researcher's data loaded once and checked (types, lengths,
+        labels; enough samples or groups for the clients of every seed's split), and the model built and run on
+        two samples (its output must be [2, num_classes]) -- one error line before Ray starts. Built-in data with
+        the built-in MLP needs none of this (:meth:`check` counts its samples)."""
+        base, check_paths = validation_base(info)
+        own = dataset_kind(self.dataset) != "builtin" or self.model != "mlp" or self.partition == "natural"
+        if not (check_paths and own):
+            return self
+        from metaopt.federated.clients import check_model
+        from metaopt.federated.data import make_client_shards, section_dataset
+
+        data = section_dataset(self, seed=self.seeds[0], base=str(base))
+        if self.partition == "natural" and data.groups is None:
+            raise ConfigError(
+                "partition",
+                f"natural splits by group, and dataset {quote(self.dataset)} has none: a .npz array or .csv column "
+                f"named {quote(self.group_column)} (group_column), or make_data() returning (x, y, groups)",
+            )
+        for seed in self.seeds:
+            make_client_shards(data, self.num_clients, self.partition, self.alpha, self.val_fraction, seed=seed)
+        try:
+            check_model(self.model, data, tuple(self.hidden), base=str(base))
+        except ConfigError as err:
+            raise ConfigError(err.field or "model", err.problem) from None
+        return self
+
     def check(self) -> None:
         """The dataset size decides how many clients it can feed (train + validation each). Local datasets are
         checked when the run starts (a file submitted to a cluster names a path on the cluster, not here)."""
@@ -248,6 +348,25 @@ class FederatedSection(StrictModel):
                 f"{self.num_clients} clients need at least {2 * self.num_clients} "
                 f"samples (train + validation each); {self.dataset} has {samples}",
             )
+
+
+def _checked_reference(
+    reference: str, params: tuple[str, ...], info: ValidationInfo, *, data_allowed: bool = False
+) -> str:
+    """A user's ``module:function``: well formed always; a ``pickle:`` object only from Python; importable and
+    callable with ``params`` where the experiment runs here (as :func:`metaopt.user_code.user_function`).
+    ``data_allowed``: the reference may name the data itself instead (the Python API's dataset in memory)."""
+    problem = user_code.reference_problem(reference)
+    if problem:
+        raise ConfigError("", problem)
+    context = info.context
+    if reference.startswith(user_code.PICKLE_PREFIX) and context is not None and not context.get("python_objects"):
+        raise ConfigError("", "a pickle: reference is written by metaopt's Python API; name a 'module:function'")
+    if context and context.get("check_paths"):
+        target = user_code.load(reference, base=context.get("base"))
+        if callable(target) or not data_allowed:
+            user_code.check_signature(target, reference, params)
+    return reference
 
 
 CAPABILITY = Capability(kind="federated", section=FederatedSection, runner="metaopt.federated.sweep:run")

@@ -61,15 +61,16 @@ class FederatedRun:
         clients: Clients,
         strategy,
         settings: RoundSettings,
-        in_features: int,
+        input_shape: int | tuple[int, ...],
         num_classes: int,
         hidden: tuple[int, ...] = (64,),
+        model: str = "mlp",
     ):
         self.clients = clients
         self.strategy = strategy
         self.settings = settings
         torch.manual_seed(settings.seed)
-        self.model = build_model(in_features, num_classes, hidden)
+        self.model = build_model(input_shape, num_classes, hidden, model)  # the global model, as the clients'
         self.global_params = flat_params(self.model)
         self.state = strategy.init(self.global_params)
         self.client_lr = settings.lr0

@@ -18,6 +18,7 @@ from metaopt.tuning import SweepSettings, grid_tuner, lr_pbt
 
 
 def input_shape(dataset) -> int:
+    """Features per sample (the MLP's input width); :attr:`Dataset.sample_shape` is the sample's shape."""
     return int(math.prod(dataset.x.shape[1:]))
 
 
@@ -44,7 +45,7 @@ class FederatedTrainable(Trainable):
         if key != self.clients_key:
             self._start_clients(section, int(config["seed"]))
             self.clients_key = key
-        shards, in_features, num_classes = self.client_data
+        shards, sample_shape, num_classes = self.client_data
         options = (
             {"num_clients_total": section.num_clients, "fraction": section.fraction}
             if "cl" in config["strategy"]
@@ -64,24 +65,29 @@ class FederatedTrainable(Trainable):
             self.pool,
             make_strategy(config["strategy"], **options),
             settings,
-            in_features,
+            sample_shape,
             num_classes,
             tuple(section.hidden),
+            section.model,
         )
 
     def _start_clients(self, section: FederatedSection, seed: int) -> None:
         from metaopt.federated.clients import ClientPool
-        from metaopt.federated.data import load_dataset, make_client_shards
+        from metaopt.federated.data import make_client_shards, section_dataset
 
         if self.pool is not None:
             self.pool.close()
-        data = load_dataset(section.dataset, section.data_root, seed=seed)
+        data = section_dataset(section, seed=seed)  # built-in or the researcher's own (its module found by name)
         shards = make_client_shards(
             data, section.num_clients, section.partition, section.alpha, section.val_fraction, seed=seed
         )
-        self.client_data = (shards, input_shape(data), data.num_classes)
+        self.client_data = (shards, data.sample_shape, data.num_classes)
         self.pool = ClientPool(
-            *self.client_data, tuple(section.hidden), cpus=section.cpus_per_client, gpus=section.gpus_per_client
+            *self.client_data,
+            tuple(section.hidden),
+            cpus=section.cpus_per_client,
+            gpus=section.gpus_per_client,
+            model=section.model,
         )
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
