@@ -2,21 +2,26 @@
 
 Each trial is one post-training run (GRPO, Shao et al. 2024) of one curriculum x seed; one Tune iteration is
 ``steps_per_iteration`` GRPO steps. The curriculum (uniform, easy->hard, hard->easy, or the Self-Evolving
-Curriculum of Chen et al. 2025) picks the problem category of every prompt. Nothing here imports torch or Ray.
+Curriculum of Chen et al. 2025) picks the problem category of every prompt. The problems are built-in or
+reasoning-gym ``tasks``, or the researcher's own ``dataset`` (a JSONL file, its categories from a column, scored by
+their own ``reward`` function). Nothing here imports torch or Ray.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from metaopt.config import Seed, StrictModel, absolute_path, quote, quote_path
+from metaopt.config import Seed, StrictModel, absolute_path, quote, quote_path, validation_base
 from metaopt.errors import ConfigError
 from metaopt.optim import OptimizerSpec, OptionalScheduleSpec
 from metaopt.posttrain.curriculum import CURRICULUM_NAMES, SECAlpha, SECTau
-from metaopt.posttrain.tasks import Levels, TaskSpec, each_task_once
+from metaopt.posttrain.dataset import DatasetSpec, read_dataset
+from metaopt.posttrain.rewards import DEFAULT_TIMEOUT_S
+from metaopt.posttrain.tasks import TASK_LEVELS, Levels, TaskSpec, each_task_once
 from metaopt.registry import Capability
 
 
@@ -29,6 +34,10 @@ class ModelSpec(StrictModel):
     layers: int = Field(default=2, ge=1, description="Transformer blocks of the tiny model.")
     heads: int = Field(default=4, ge=1, description="Attention heads of the tiny model.")
     max_positions: int = Field(default=128, ge=16, description="Context length of the tiny model.")
+    chat_template: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Prompt as a user turn of the local model's chat template (auto: when its tokenizer has one).",
+    )
 
     @field_validator("path")
     @classmethod
@@ -46,16 +55,44 @@ class ModelSpec(StrictModel):
         )
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> ModelSpec:
+    def _heads_divide(self, info: ValidationInfo) -> ModelSpec:
         if self.path is None and self.hidden % self.heads:
             raise ConfigError("heads", f"must divide hidden ({self.hidden} % {self.heads} != 0)")
+        if self.chat_template is True and self.path is None:
+            raise ConfigError("chat_template", "needs model.path: a model built from this config has no template")
+        if self.chat_template is True and validation_base(info)[1] and not has_chat_template(Path(self.path)):
+            raise ConfigError("chat_template", f"is true but the tokenizer in {quote_path(self.path)} has none")
         return self
 
 
-class SectionTask(TaskSpec):
-    """A task of the section (:class:`~metaopt.posttrain.tasks.TaskSpec`); levels 1-3 where none are written."""
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the tokenizer saved in ``model_dir`` has a chat template (``chat_template.jinja``, or the key in
+    ``tokenizer_config.json``), read without importing transformers."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
 
-    levels: Levels | None = Field(default_factory=lambda: [1, 2, 3], min_length=1, description="Difficulty levels.")
+
+class SectionTask(TaskSpec):
+    """A task of the section (:class:`~metaopt.posttrain.tasks.TaskSpec`); levels 1-3 of a levelled task where none
+    are written."""
+
+    levels: Levels | None = Field(default=None, min_length=1, description="Difficulty levels (default 1-3).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_levels(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("levels") is None and data.get("name") in TASK_LEVELS:
+            return {**data, "levels": [1, 2, 3]}
+        return data
+
+
+def _default_tasks() -> list[dict[str, Any]]:
+    return [{"name": "arithmetic", "levels": [1, 2, 3, 4, 5]}]
 
 
 class CurriculumSpec(StrictModel):
@@ -119,10 +156,21 @@ class PostTrainSection(StrictModel):
     """GRPO post-training with curricula over verifiable task categories; each curriculum x seed is a trial."""
 
     model: ModelSpec = Field(default_factory=ModelSpec)
-    tasks: Annotated[list[SectionTask], AfterValidator(each_task_once)] = Field(
-        default_factory=lambda: [SectionTask(name="arithmetic", levels=[1, 2, 3, 4, 5])],
+    tasks: Annotated[list[SectionTask], AfterValidator(each_task_once)] | None = Field(
+        default=None,
         min_length=1,
-        description="Tasks and levels: the curriculum's categories.",
+        description="Tasks and levels (or reasoning-gym tasks with options): the curriculum's categories "
+        "(default: arithmetic levels 1-5, unless a dataset is given).",
+    )
+    dataset: DatasetSpec | None = Field(
+        default=None, description="The researcher's own problems (JSONL) instead of tasks; categories from a column."
+    )
+    reward_timeout_s: float = Field(
+        default=DEFAULT_TIMEOUT_S,
+        gt=0,
+        le=600,
+        description="Time limit per completion of a scorer run in the worker process (a dataset's reward, "
+        "reasoning-gym's scorers of tasks without levels); over it, the completion scores 0.",
     )
     curricula: list[str] = Field(
         default_factory=lambda: ["sec", "uniform"],
@@ -165,11 +213,52 @@ class PostTrainSection(StrictModel):
     def iterations(self) -> int:
         return -(-self.steps // self.steps_per_iteration)
 
+    def problem_source(self) -> dict[str, Any]:
+        """What every task set of a trial is built from (driver, learner, rollout workers): plain data."""
+        return {
+            "tasks": [t.model_dump() for t in self.tasks or ()],
+            "dataset": None if self.dataset is None else self.dataset.model_dump(),
+            "reward_timeout_s": self.reward_timeout_s,
+        }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_or_dataset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("dataset") is not None and data.get("tasks") is not None:
+            raise ConfigError("tasks", "give either tasks or a dataset, not both")
+        if data.get("dataset") is None and data.get("tasks") is None:
+            return {**data, "tasks": _default_tasks()}
+        return data
+
     @model_validator(mode="after")
-    def _consistent(self) -> PostTrainSection:
+    def _consistent(self, info: ValidationInfo) -> PostTrainSection:
         if self.scheduler == "pbt" and self.pbt_interval >= self.iterations:
             raise ConfigError("pbt_interval", f"must be < the {self.iterations} iterations so PBT perturbs at all")
+        if self.dataset is not None and self.dataset.reward is not None and validation_base(info)[1]:
+            check_reward_returns_a_float(self.dataset, self.reward_timeout_s)
         return self
+
+
+def check_reward_returns_a_float(dataset: DatasetSpec, timeout_s: float) -> None:
+    """The user's reward, called once as Ray's workers will call it (in the worker process, with the time limit)
+    on the file's first row, its answer as the completion: a raise, a hang or a value that is not a float is one
+    ConfigError on ``dataset.reward`` before Ray starts."""
+    from metaopt.posttrain.rewards import ScorerProcess
+
+    answer = read_dataset(dataset).first[1]
+    scorer = ScorerProcess({"reward": {"kind": "user", "reference": dataset.reward}}, timeout_s)
+    try:
+        result = scorer.score("reward", answer, answer)
+    except ConfigError as err:
+        raise ConfigError("dataset.reward", f"{quote(dataset.reward)}: {err.problem}") from None
+    finally:
+        scorer.close()
+    if result.problem is not None:
+        raise ConfigError(
+            "dataset.reward", f"{quote(dataset.reward)} {result.problem} (called on the first row's answer)"
+        )
 
 
 def check_model_path(section: PostTrainSection) -> None:

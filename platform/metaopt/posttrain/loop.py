@@ -29,6 +29,7 @@ import torch
 
 from metaopt.posttrain.curriculum import category_rewards, make_curriculum
 from metaopt.posttrain.grpo import group_advantages
+from metaopt.posttrain.policy import load_prompt_renderer
 from metaopt.posttrain.roles import PackedWeights, Roles
 from metaopt.posttrain.sampling import RolloutBatch, concat_batches
 from metaopt.posttrain.tasks import Problem, make_taskset
@@ -73,8 +74,8 @@ class GRPORun:
     reference_weights: Any = None  # PackedWeights
 
     def __post_init__(self) -> None:
-        tasks = [t.model_dump() for t in self.section.tasks]
-        self.taskset = make_taskset(tasks, self.seed)
+        render = load_prompt_renderer(self.section.model.model_dump())  # the workers' prompts, without a model
+        self.taskset = make_taskset(**self.section.problem_source(), seed=self.seed, render=render)
         self.categories = list(self.taskset.categories)
         options = {"alpha": self.section.curriculum.alpha, "tau": self.section.curriculum.tau}
         self.curriculum = make_curriculum(
@@ -162,6 +163,7 @@ class GRPORun:
         self.curriculum.advance(self.steps_done, self.section.steps)
         elapsed = time.perf_counter() - started
         metrics.update(self.step_metrics(pending, rewards, batch, gains, elapsed, sampled - started))
+        metrics["reward_failures"] = self.taskset.reward_failures  # so far in this process: 0 unless a scorer failed
         return metrics
 
     def step_metrics(

@@ -2,9 +2,10 @@
 
 No weights are downloaded: a policy is either built from a ``transformers`` config with a seeded random
 initialisation (Qwen2 or GPT-2 architecture, the character tokenizer of :mod:`.tokenizer`), or loaded from a
-directory written by ``save_pretrained``. Dropout is off in built policies so that the GRPO ratio
-π_θ/π_θold is exactly 1 before the first update (Shao et al. 2024, Eq. 3) and sampling is deterministic given
-the seed.
+directory written by ``save_pretrained``, with its own tokenizer (``AutoTokenizer``, local files only) and, where
+the tokenizer has one, its chat template (:func:`prompt_renderer`). Dropout is off in built policies so that the
+GRPO ratio π_θ/π_θold is exactly 1 before the first update (Shao et al. 2024, Eq. 3) and sampling is
+deterministic given the seed.
 
 :func:`get_weights` / :func:`set_weights` move a plain ``state_dict`` of CPU tensors, which is what the
 learner sends to rollout workers after each update.
@@ -12,6 +13,7 @@ learner sends to rollout workers after each update.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,14 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 from metaopt.errors import ConfigError
+from metaopt.posttrain.tasks import format_prompt
 from metaopt.posttrain.tokenizer import build_char_tokenizer, load_tokenizer
 
 __all__ = [
@@ -34,14 +38,17 @@ __all__ = [
     "build_tiny_policy",
     "get_weights",
     "load_policy",
+    "load_prompt_renderer",
     "make_policy",
+    "prompt_renderer",
     "set_weights",
 ]
 
 ARCHITECTURES = ("qwen2", "gpt2")
-MODEL_KEYS = ("path", "arch", "hidden", "layers", "heads", "max_positions")
+MODEL_KEYS = ("path", "arch", "hidden", "layers", "heads", "max_positions", "chat_template")
 _MODEL_DEFAULTS: dict[str, Any] = {
     "path": None,
+    "chat_template": "auto",
     "arch": "qwen2",
     "hidden": 64,
     "layers": 2,
@@ -143,7 +150,7 @@ def make_policy(model_spec: dict[str, Any], seed: int) -> tuple[PreTrainedModel,
     """The policy a run starts from: ``model_spec["path"]`` if set, else a tiny policy over characters.
 
     ``model_spec`` keys (defaults): ``path`` None, ``arch`` "qwen2", ``hidden`` 64, ``layers`` 2, ``heads`` 4,
-    ``max_positions`` 128; the size keys are ignored when ``path`` is set.
+    ``max_positions`` 128, ``chat_template`` "auto"; the size keys are ignored when ``path`` is set.
     """
     unknown = sorted(set(model_spec) - set(MODEL_KEYS))
     if unknown:
@@ -165,6 +172,41 @@ def make_policy(model_spec: dict[str, Any], seed: int) -> tuple[PreTrainedModel,
         eos_token_id=tokenizer.eos_token_id,
     )
     return model, tokenizer
+
+
+def prompt_renderer(tokenizer: PreTrainedTokenizerBase, chat_template: bool | str = "auto") -> Callable[[str], str]:
+    """How a question becomes the prompt text: one user turn of the tokenizer's own chat template
+    (``apply_chat_template`` with the generation prompt) when ``chat_template`` is True, or "auto" and the
+    tokenizer has a template; else the plain ``Q:<question> A:`` of :func:`metaopt.posttrain.tasks.format_prompt`.
+    True without a template is one ConfigError on ``posttrain.model.chat_template``."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is True and not has_template:
+        raise ConfigError("posttrain.model.chat_template", "is true but the model's tokenizer has no chat template")
+    if chat_template is False or not has_template:
+        return format_prompt
+    return _ChatPrompt(tokenizer)
+
+
+class _ChatPrompt:
+    """A question as one user turn of ``tokenizer``'s chat template, ending where the assistant's answer starts."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+
+    def __call__(self, question: str) -> str:
+        messages = [{"role": "user", "content": question}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def load_prompt_renderer(model_spec: dict[str, Any]) -> Callable[[str], str]:
+    """:func:`prompt_renderer` for ``model_spec`` without loading the model: the plain prompt for a policy built from
+    a config (our character tokenizer has no template), the local tokenizer's template otherwise."""
+    spec = {**_MODEL_DEFAULTS, **model_spec}
+    if spec["path"] is None:
+        if spec["chat_template"] is True:
+            raise ConfigError("posttrain.model.chat_template", "needs model.path (a local model with a chat template)")
+        return format_prompt
+    return prompt_renderer(load_tokenizer(str(spec["path"])), spec["chat_template"])
 
 
 def get_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

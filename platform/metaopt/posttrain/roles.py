@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from metaopt.posttrain.grpo import GRPOLearner, batch_logprobs
-from metaopt.posttrain.policy import get_weights, make_policy, set_weights
+from metaopt.posttrain.policy import get_weights, make_policy, prompt_renderer, set_weights
 from metaopt.posttrain.sampling import RolloutBatch, sample_completions
-from metaopt.posttrain.tasks import make_taskset
+from metaopt.posttrain.tasks import TaskSet, make_taskset
 from metaopt.posttrain.warmup import evaluate_accuracy, supervised_warmup
 
 
@@ -60,6 +60,16 @@ def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:
     }
 
 
+def worker_taskset(
+    problems: list[dict[str, Any]] | dict[str, Any], seed: int, tokenizer: Any, model_spec: dict[str, Any]
+) -> TaskSet:
+    """A role's task set: ``problems`` is a section's :meth:`~metaopt.posttrain.config.PostTrainSection.
+    problem_source` (or a plain task list), prompts rendered with the role's own tokenizer (its chat template)."""
+    source = problems if isinstance(problems, dict) else {"tasks": problems}
+    render = prompt_renderer(tokenizer, model_spec.get("chat_template", "auto"))
+    return make_taskset(**source, seed=seed, render=render)
+
+
 def worker_device() -> torch.device:
     """The GPU Ray gave this process (``num_gpus`` > 0 on a GPU node), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +101,7 @@ class RolloutWorker(_Role):
     def __init__(
         self,
         model_spec: dict[str, Any],
-        tasks: list[dict[str, Any]],
+        problems: list[dict[str, Any]] | dict[str, Any],
         seed: int,
         *,
         with_reference: bool,
@@ -102,7 +112,7 @@ class RolloutWorker(_Role):
         self.model, self.tokenizer = make_policy(model_spec, seed)
         self.model.to(self.device).eval()
         self.reference = copy.deepcopy(self.model) if with_reference else None
-        self.taskset = make_taskset(tasks, seed)
+        self.taskset = worker_taskset(problems, seed, self.tokenizer, model_spec)
 
     def set_weights(self, weights: PackedWeights, reference: bool = False) -> None:
         state = unpack_weights(weights)
@@ -147,7 +157,7 @@ class LearnerWorker(_Role):
     def __init__(
         self,
         model_spec: dict[str, Any],
-        tasks: list[dict[str, Any]],
+        problems: list[dict[str, Any]] | dict[str, Any],
         seed: int,
         *,
         grpo: dict[str, Any],
@@ -161,7 +171,7 @@ class LearnerWorker(_Role):
         self.seed = seed
         self.model, self.tokenizer = make_policy(model_spec, seed)
         self.model.to(self.device)
-        self.taskset = make_taskset(tasks, seed)
+        self.taskset = worker_taskset(problems, seed, self.tokenizer, model_spec)
         self.learner = GRPOLearner(
             self.model,
             None,
@@ -221,7 +231,9 @@ class Roles:
         return ray.get(value)
 
     def close(self) -> None:
-        if not self.remote:
+        if not self.remote:  # in-process roles: stop their reward worker processes (actors' end with them)
+            for worker in [*self.rollout, self.learner]:
+                worker.taskset.close()
             return
         import ray
 
@@ -233,7 +245,7 @@ def start_roles(section: Any, seed: int) -> Roles:
     """Build the roles the ``roles:`` block asks for (``section`` is a PostTrainSection)."""
     roles = section.roles
     model_spec = section.model.model_dump()
-    tasks = [t.model_dump() for t in section.tasks]
+    tasks = section.problem_source()
     reference_in_rollout = section.grpo.beta > 0 and roles.reference == "rollout"
     separate_reference = section.grpo.beta > 0 and roles.reference == "actor"
     learner_args = (model_spec, tasks, seed)

@@ -53,7 +53,8 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
     model = section.model.path or f"tiny {section.model.arch} ({section.model.layers}x{section.model.hidden})"
     print(
         f"[metaopt] {trials} GRPO post-training runs ({', '.join(section.curricula)} x seeds {section.seeds}) of "
-        f"{model}, {section.steps} steps of {section.grpo.prompts_per_step} prompts x G={section.grpo.group_size}, "
+        f"{model} on {problems_line(section)}, {section.steps} steps of {section.grpo.prompts_per_step} prompts "
+        f"x G={section.grpo.group_size}, "
         f"roles: {section.roles.mode}",
         flush=True,
     )
@@ -71,6 +72,19 @@ def run(exp: Experiment, *, address: str | None = None, callbacks: list[Any] | N
         verbose=verbose,
         started=started,
     )
+
+
+def problems_line(section) -> str:
+    """What the policy is trained on, for the start line: the dataset's file and categories, or the tasks."""
+    if section.dataset is not None:
+        from pathlib import Path
+
+        from metaopt.posttrain.dataset import read_dataset
+
+        categories = read_dataset(section.dataset).categories
+        reward = section.dataset.reward or "exact match"
+        return f"{Path(section.dataset.path).name} (categories {', '.join(categories)}; reward {reward})"
+    return "tasks " + ", ".join(task.category_prefix for task in section.tasks)
 
 
 def check_trial_fits(section, per_trial: dict[str, float], resources: runtime.Resources) -> None:

@@ -25,10 +25,24 @@ sees them.
 Which tasks exist and which levels each has is :data:`TASK_LEVELS` (the one list of task names); a task set is
 validated by :class:`TaskSpec` models (the ``posttrain:`` section's ``tasks`` use them too), so a bad name or
 level is one ConfigError naming ``posttrain.tasks.<i>.<field>``.
+
+Beyond these, any reasoning-gym dataset by name (the list is reasoning-gym's registry, ``reasoning_gym.factory``),
+with its own ``options`` (the fields of its config dataclass, checked by reasoning-gym's ``validate``): one
+category per task (named by ``label``, default the task's name, so one task may be listed twice with different
+options), its full question as the prompt, scored by reasoning-gym's own ``score_answer`` (full score or nothing)
+in a worker process with a time limit (:mod:`.rewards`), since several of those scorers run sympy on the text.
+An unknown name is one line with the close matches. The researcher's own problems come from a JSONL file
+(:mod:`.dataset`), one category per value of its category column, scored by the user's reward function in the
+same worker process, or by exact match.
+
+A prompt is rendered from the question by ``render`` (default :func:`format_prompt`; a local model with a chat
+template renders it as a user turn, :func:`metaopt.posttrain.policy.prompt_renderer`).
 """
 
 from __future__ import annotations
 
+import difflib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -39,6 +53,8 @@ from pydantic import AfterValidator, Field, Strict, ValidationError, model_valid
 from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
 from metaopt.posttrain.arithmetic import MAX_CHARS, score_countdown
+from metaopt.posttrain.dataset import DatasetSpec, read_dataset
+from metaopt.posttrain.rewards import DEFAULT_TIMEOUT_S, ScorerProcess, exact_match
 
 __all__ = [
     "ARITHMETIC_LEVELS",
@@ -54,6 +70,7 @@ __all__ = [
     "format_prompt",
     "make_taskset",
     "parse_completion",
+    "reasoning_gym_names",
 ]
 
 END_MARKERS = ("<eos>", "\n")
@@ -67,6 +84,7 @@ class Problem:
     answer: str
     category: str
     entry: dict | None = None
+    index: int | None = None  # the item's index in its reasoning-gym dataset (scored again in a worker process)
 
 
 def format_prompt(question: str) -> str:
@@ -197,28 +215,74 @@ def _short_question(task: str, entry: dict) -> str:
     return metadata["expression"].replace(" ", "")
 
 
+# ---------------------------------------------------------------------------
+# Any reasoning-gym dataset by name: the names and option fields are reasoning-gym's.
+# ---------------------------------------------------------------------------
+
+_OURS = ("seed", "size")  # set per run and category; not the user's to choose
+
+
+def reasoning_gym_names() -> tuple[str, ...]:
+    """Every dataset name reasoning-gym registers (its factory's registry), sorted."""
+    from reasoning_gym.factory import DATASETS
+
+    return tuple(sorted(DATASETS))
+
+
+def _gym_options_problem(name: str, options: dict[str, Any]) -> str | None:
+    """Why reasoning-gym refuses ``options`` for ``name`` (unknown field, invalid value), or None."""
+    from dataclasses import fields
+
+    from reasoning_gym.factory import DATASETS
+
+    config_class = DATASETS[name][1]
+    allowed = [f.name for f in fields(config_class) if f.name not in _OURS]
+    for key in options:
+        if key not in allowed:
+            return f"{name} has no option {quote(key)}; its options: {', '.join(allowed)}"
+    try:
+        config = config_class(**options)
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as err:  # reasoning-gym validates with asserts and ValueErrors
+        text = str(err).strip().splitlines()
+        return f"reasoning-gym refuses these options for {name}: {type(err).__name__}" + (
+            f": {text[0][:160]}" if text else ""
+        )
+    return None
+
+
 class _ArithmeticSource:
+    isolated = False
+
     def __init__(self, level: int):
         self.generate = ARITHMETIC_LEVELS[level]
 
-    def sample(self, rng: np.random.Generator) -> tuple[str, str, dict | None]:
+    def sample(self, rng: np.random.Generator) -> tuple[str, str, dict | None, int | None]:
         question, answer = self.generate(rng)
-        return question, answer, None
+        return question, answer, None, None
 
     def score(self, answer: str, problem: Problem) -> float:
         return float(answer == problem.answer)
 
 
 class _GymSource:
-    def __init__(self, task: str, level: int, seed: int):
+    """A reasoning-gym dataset; ``short`` (the four levelled tasks) rewrites the question into the short form and
+    scores here (safely); any other task keeps its question and is scored in the worker process (``isolated``)."""
+
+    def __init__(self, task: str, kwargs: dict[str, Any], seed: int, short: bool):
         import reasoning_gym  # only reasoning-gym tasks need it: our own arithmetic runs without it
 
-        self.task = task
-        self.dataset = reasoning_gym.create_dataset(task, size=_GYM_SIZE, seed=seed, **GYM_LEVELS[task][level])
+        self.task, self.short, self.isolated = task, short, not short
+        self.spec = {"kind": "gym", "name": task, "options": kwargs, "seed": seed, "size": _GYM_SIZE}
+        self.dataset = reasoning_gym.create_dataset(task, size=_GYM_SIZE, seed=seed, **kwargs)
 
-    def sample(self, rng: np.random.Generator) -> tuple[str, str, dict | None]:
-        entry = self.dataset[int(rng.integers(len(self.dataset)))]
-        return _short_question(self.task, entry), entry["answer"].replace(" ", ""), entry
+    def sample(self, rng: np.random.Generator) -> tuple[str, str, dict | None, int | None]:
+        index = int(rng.integers(len(self.dataset)))
+        entry = self.dataset[index]
+        if self.short:
+            return _short_question(self.task, entry), entry["answer"].replace(" ", ""), entry, index
+        return entry["question"], str(entry["answer"]), entry, index
 
     def score(self, answer: str, problem: Problem) -> float:
         """Full score or nothing; countdown through our safe evaluator, never reasoning-gym's sympy ``eval``."""
@@ -231,9 +295,34 @@ class _GymSource:
         return float(self.dataset.score_answer(answer, problem.entry) >= 1.0)
 
 
+class _DatasetSource:
+    """One category of the user's JSONL problems, scored by the user's reward (``isolated``) or exact match."""
+
+    def __init__(self, rows: list[tuple[str, str]], isolated: bool):
+        self.rows, self.isolated = rows, isolated
+
+    def sample(self, rng: np.random.Generator) -> tuple[str, str, dict | None, int | None]:
+        prompt, answer = self.rows[int(rng.integers(len(self.rows)))]
+        return prompt, answer, None, None
+
+    def score(self, answer: str, problem: Problem) -> float:
+        return exact_match(answer, problem.answer)
+
+
+_Source = _ArithmeticSource | _GymSource | _DatasetSource
+
+
 def _known_task(name: str) -> str:
-    if name not in TASK_LEVELS:
-        raise ValueError(f"unknown task {quote(name)}; allowed: {', '.join(TASK_NAMES)}")
+    if name in TASK_LEVELS:
+        return name
+    names = reasoning_gym_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, [*TASK_NAMES, *names], n=4, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(
+            f"unknown task {quote(name)}; allowed: arithmetic, any of reasoning-gym's {len(names)} datasets "
+            f"(reasoning_gym.factory.DATASETS){hint}"
+        )
     return name
 
 
@@ -242,37 +331,66 @@ Levels = list[Annotated[int, Strict()]]
 
 
 class TaskSpec(StrictModel):
-    """A task and the difficulty levels used as curriculum categories (task x level)."""
+    """A task and the difficulty levels used as curriculum categories (task x level), or any other reasoning-gym
+    task with its options (one category)."""
 
     name: Annotated[str, AfterValidator(_known_task)] = Field(
-        description="arithmetic (ours) or a reasoning-gym generator (basic_arithmetic, chain_sum, products, countdown)."
+        description="arithmetic (ours), a levelled reasoning-gym generator (basic_arithmetic, chain_sum, products, "
+        "countdown) or any reasoning-gym dataset name."
     )
     levels: Levels | None = Field(
         default=None, min_length=1, description="Difficulty levels (None: every level of the task)."
     )
+    options: dict[str, Any] | None = Field(
+        default=None,
+        description="reasoning-gym config fields of the dataset (for a levelled one, on top of the level's).",
+    )
+    label: str | None = Field(
+        default=None, min_length=1, description="Category name (default: the task's name), e.g. one per option set."
+    )
 
     @model_validator(mode="after")
     def _levels_of_the_task(self) -> TaskSpec:
-        known = TASK_LEVELS[self.name]
+        known = TASK_LEVELS.get(self.name, ())
+        if self.levels is not None and not known:
+            raise ConfigError("levels", f"task {quote(self.name)} has no levels; choose its difficulty with options")
         for level in self.levels or ():
             if level not in known:
                 raise ConfigError("levels", f"task {quote(self.name)} has no level {level}; levels: {list(known)}")
         if self.levels is not None and len(set(self.levels)) != len(self.levels):
             raise ConfigError("levels", f"each level once (got {self.levels})")
+        if self.options is not None:
+            if self.name == "arithmetic":
+                raise ConfigError("options", "arithmetic (ours) has levels, not options")
+            for kwargs in [{**GYM_LEVELS[self.name][level], **self.options} for level in self.all_levels] or [
+                self.options
+            ]:
+                problem = _gym_options_problem(self.name, kwargs)
+                if problem:
+                    raise ConfigError("options", problem)
         return self
 
     @property
     def all_levels(self) -> list[int]:
-        """The levels used, easy -> hard."""
-        return sorted(self.levels) if self.levels is not None else list(TASK_LEVELS[self.name])
+        """The levels used, easy -> hard (none for a task without levels)."""
+        return sorted(self.levels) if self.levels is not None else list(TASK_LEVELS.get(self.name, ()))
+
+    @property
+    def category_prefix(self) -> str:
+        return self.label or self.name
 
 
 def each_task_once(tasks: list[TaskSpec]) -> list[TaskSpec]:
-    """Each task in one entry (its levels together), so categories are distinct; a ConfigError on the repeat."""
-    names = [task.name for task in tasks]
+    """Each category once: a task in one entry (its levels together), or with a ``label`` of its own; a
+    ConfigError on the repeat."""
+    names = [task.category_prefix for task in tasks]
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise ConfigError(str(i), f"task {quote(name)} is listed twice; give all its levels in one entry")
+            raise ConfigError(
+                str(i),
+                f"task {quote(name)} is listed twice; give all its levels in one entry "
+                "(or each entry a label of its own)",
+            )
     return tasks
 
 
@@ -293,56 +411,135 @@ def task_specs(tasks: Sequence[TaskSpec | dict[str, Any]]) -> list[TaskSpec]:
         raise first_error("posttrain", _TaskSetSpec, err) from None
 
 
+def dataset_spec(dataset: DatasetSpec | dict[str, Any]) -> DatasetSpec:
+    """``dataset`` validated (paths already absolute); one ConfigError naming ``posttrain.dataset.<field>``."""
+    if isinstance(dataset, DatasetSpec):
+        return dataset
+    try:
+        return DatasetSpec.model_validate(dataset)
+    except ValidationError as err:
+        raise first_error("posttrain.dataset", DatasetSpec, err) from None
+
+
+#: Failures of the reward worker printed per task set (then only counted, ``reward_failures``).
+_FAILURES_SHOWN = 3
+
+
 class TaskSet:
-    """The categories of a run, easy -> hard within each task, tasks in the order given.
+    """The categories of a run, easy -> hard within each task, tasks in the order given (or a dataset's).
 
     ``tasks``: :class:`TaskSpec` models or mappings (``[{"name": "arithmetic", "levels": [1, 2, 3]}, ...]``),
-    validated here. Sampling is driven only by the ``rng`` passed in, so a run that seeds its generator is
-    reproducible.
+    validated here; or ``dataset`` (a :class:`~metaopt.posttrain.dataset.DatasetSpec` or its mapping) instead.
+    ``render`` turns a question into the prompt; ``reward_timeout_s`` bounds every scorer run in the worker
+    process. Sampling is driven only by the ``rng`` passed in, so a run that seeds its generator is reproducible.
+    Call :meth:`close` when done (it stops the worker process, if one was started).
     """
 
-    def __init__(self, tasks: Sequence[TaskSpec | dict[str, Any]], seed: int):
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec | dict[str, Any]],
+        seed: int,
+        *,
+        dataset: DatasetSpec | dict[str, Any] | None = None,
+        render: Callable[[str], str] = format_prompt,
+        reward_timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
         self.categories: list[str] = []
+        self.render = render
+        self.reward_failures = 0
         self._levels: dict[str, int] = {}
-        self._sources: dict[str, _ArithmeticSource | _GymSource] = {}
-        for task_index, spec in enumerate(task_specs(tasks)):
-            task = spec.name
-            for level in spec.all_levels:
-                category = f"{task}/L{level}"
-                source: _ArithmeticSource | _GymSource
-                if task == "arithmetic":
-                    source = _ArithmeticSource(level)
-                else:  # a distinct dataset seed per (run seed, task, level)
-                    dataset_seed = int(np.random.SeedSequence([seed, task_index, level]).generate_state(1)[0])
-                    source = _GymSource(task, level, dataset_seed)
-                self.categories.append(category)
-                self._levels[category] = level
-                self._sources[category] = source
+        self._sources: dict[str, _Source] = {}
+        scorers: dict[str, dict[str, Any]] = {}
+        if dataset is not None:
+            spec = dataset_spec(dataset)
+            try:
+                data = read_dataset(spec)
+            except ConfigError as err:  # named as in the file: posttrain.dataset.<field>
+                raise ConfigError(f"posttrain.dataset.{err.field}", err.problem) from None
+            if spec.reward is not None:
+                scorers["reward"] = {"kind": "user", "reference": spec.reward}
+            for position, category in enumerate(data.categories):
+                self._add(category, position + 1, _DatasetSource(data.rows[category], spec.reward is not None))
+        else:
+            for task_index, task in enumerate(task_specs(tasks)):
+                self._add_task(task_index, task, seed, scorers)
+        self._scorers = ScorerProcess(scorers, reward_timeout_s) if scorers else None
 
-    def _source(self, category: str) -> _ArithmeticSource | _GymSource:
+    def _add(self, category: str, level: int, source: _Source) -> None:
+        self.categories.append(category)
+        self._levels[category] = level
+        self._sources[category] = source
+
+    def _add_task(self, task_index: int, spec: TaskSpec, seed: int, scorers: dict[str, dict[str, Any]]) -> None:
+        task = spec.name
+        for level in spec.all_levels or [None]:
+            # a distinct dataset seed per (run seed, task, level)
+            dataset_seed = int(np.random.SeedSequence([seed, task_index, level or 0]).generate_state(1)[0])
+            if task == "arithmetic":
+                source: _Source = _ArithmeticSource(level)
+            elif level is not None:
+                source = _GymSource(task, {**GYM_LEVELS[task][level], **(spec.options or {})}, dataset_seed, True)
+            else:
+                source = _GymSource(task, dict(spec.options or {}), dataset_seed, False)
+            category = spec.category_prefix if level is None else f"{spec.category_prefix}/L{level}"
+            if source.isolated:
+                scorers[category] = source.spec
+            self._add(category, level or 1, source)
+
+    def _source(self, category: str) -> _Source:
         if category not in self._sources:
             raise KeyError(f"unknown category {category!r}; this task set has {', '.join(self.categories)}")
         return self._sources[category]
 
     def difficulty(self, category: str) -> int:
-        """The category's level (1 = easiest)."""
+        """The category's level (1 = easiest; a dataset's categories count 1, 2, ... in curriculum order; a task
+        without levels is 1)."""
         self._source(category)
         return self._levels[category]
 
     def sample(self, category: str, rng: np.random.Generator) -> Problem:
-        question, answer, entry = self._source(category).sample(rng)
-        return Problem(prompt=format_prompt(question), answer=answer, category=category, entry=entry)
+        question, answer, entry, index = self._source(category).sample(rng)
+        return Problem(prompt=self.render(question), answer=answer, category=category, entry=entry, index=index)
 
     def reward(self, problem: Problem, completion_text: str) -> float:
-        """1.0 if the completion's answer (:func:`parse_completion`) is correct, else 0.0."""
-        return self._source(problem.category).score(parse_completion(completion_text), problem)
+        """The completion's reward: 1.0 if its answer (:func:`parse_completion`) is correct, else 0.0; a dataset
+        with a ``reward`` function gets that function's value on the whole completion text, in the worker process
+        (a failure or timeout is 0.0, counted in :attr:`reward_failures`)."""
+        source = self._source(problem.category)
+        if not source.isolated:
+            return source.score(parse_completion(completion_text), problem)
+        assert self._scorers is not None
+        if isinstance(source, _DatasetSource):
+            result = self._scorers.score("reward", completion_text, problem.answer)
+        else:
+            answer = parse_completion(completion_text)
+            if len(answer) > MAX_CHARS:  # no answer of these tasks is this long; keeps every scorer's work bounded
+                return 0.0
+            result = self._scorers.score(problem.category, answer, problem.answer, problem.index)
+        if result.problem is not None:
+            self.reward_failures += 1
+            if self.reward_failures <= _FAILURES_SHOWN:
+                print(f"[metaopt] reward failure ({problem.category}, scored 0): {result.problem}", file=sys.stderr)
+        return result.value
 
     def demonstration(self, problem: Problem) -> str:
         """The target completion text for supervised warm-up (the policy appends ``<eos>`` after it)."""
         return problem.answer
 
+    def close(self) -> None:
+        """Stop the reward worker process (a no-op when none was started)."""
+        if self._scorers is not None:
+            self._scorers.close()
 
-def make_taskset(tasks: Sequence[TaskSpec | dict[str, Any]], seed: int) -> TaskSet:
+
+def make_taskset(
+    tasks: Sequence[TaskSpec | dict[str, Any]],
+    seed: int,
+    *,
+    dataset: DatasetSpec | dict[str, Any] | None = None,
+    render: Callable[[str], str] = format_prompt,
+    reward_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> TaskSet:
     """A :class:`TaskSet` from ``[{"name": "arithmetic", "levels": [1, 2, 3]}, ...]`` (or :class:`TaskSpec` models);
-    a task without ``levels`` uses all of its levels."""
-    return TaskSet(tasks, seed)
+    a task without ``levels`` uses all of its levels. ``dataset``: the user's JSONL problems instead of tasks."""
+    return TaskSet(tasks, seed, dataset=dataset, render=render, reward_timeout_s=reward_timeout_s)

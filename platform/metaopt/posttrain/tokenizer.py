@@ -13,6 +13,7 @@ left), so it saves with ``save_pretrained`` and loads back with ``AutoTokenizer.
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -58,10 +59,29 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
     )
 
 
+#: ``tokenizer_class`` values of a tokenizer saved from a plain ``tokenizer.json`` (ours, or any built in code).
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def saved_tokenizer_class(path: str | Path) -> str | None:
+    """The ``tokenizer_class`` written in ``path/tokenizer_config.json`` (None when absent or unreadable)."""
+    try:
+        config = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("tokenizer_class") if isinstance(config, dict) else None
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """The tokenizer saved in the local directory ``path`` (never the Hugging Face hub), padding on the left."""
+    """The tokenizer saved in the local directory ``path`` (never the Hugging Face hub), padding on the left, chat
+    template included. A model's own tokenizer class comes through ``AutoTokenizer``; a generic one (a plain
+    ``tokenizer.json``, like our character tokenizer) is loaded as saved: ``AutoTokenizer`` would pick the class
+    of the model's architecture, whose own pre-tokenizer then replaces the saved one (newlines would be lost)."""
     if not Path(path).is_dir():
         raise ConfigError("posttrain.model.path", f"{path!r} does not exist or is not a directory")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if saved_tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
     return tokenizer

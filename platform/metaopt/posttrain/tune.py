@@ -67,6 +67,7 @@ class PostTrainTrainable(Trainable):
             )
 
     def cleanup(self) -> None:
+        self.run.taskset.close()
         self.roles.close()
 
 
@@ -79,7 +80,7 @@ def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in sorted(keys):
         values = [row[key] for row in rows if key in row and isinstance(row[key], (int, float))]
         if values:
-            out[key] = values[-1] if key in ("grpo_step", "lr") else float(sum(values) / len(values))
+            out[key] = values[-1] if key in ("grpo_step", "lr", "reward_failures") else float(sum(values) / len(values))
     return out
 
 

@@ -1,0 +1,153 @@
+"""The researcher's own problems: a JSONL file of prompts and answers, its categories from a column.
+
+Each line of the file is a JSON object such as ``{"prompt": "2+3", "answer": "5", "topic": "addition"}``; the
+column names are settable (``prompt_key``, ``answer_key``, ``category_key``). The category column is what the
+curriculum chooses between (SEC, uniform and ordered curricula work on it unchanged); without one, every row is
+in the one category ``dataset``. Categories are ordered by their first appearance in the file, or as
+``category_order`` lists them, which is the easy -> hard order the ordered curricula follow.
+
+Reading is capped (:data:`MAX_ROWS` rows by default, :data:`MAX_LINE_BYTES` per line) and every problem is one
+ConfigError line naming ``file:line``. Answers are compared by the user's ``reward`` (``module:function`` called
+as ``score(completion, answer) -> float`` in a worker process with a time limit, :mod:`.rewards`) or, without
+one, by exact match of the normalised answer (:func:`metaopt.posttrain.rewards.exact_match`).
+
+Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from metaopt import user_code
+from metaopt.config import StrictModel, absolute_path, quote, quote_path, validation_base
+from metaopt.errors import ConfigError
+from metaopt.posttrain.rewards import USER_REWARD_PARAMS
+
+__all__ = ["MAX_LINE_BYTES", "MAX_ROWS", "DatasetRows", "DatasetSpec", "read_dataset"]
+
+MAX_ROWS = 100_000
+MAX_LINE_BYTES = 1 << 20
+NO_CATEGORY = "dataset"
+
+
+class DatasetSpec(StrictModel):
+    """A JSONL file of problems: ``path``, the columns to read, and the reward that scores a completion."""
+
+    path: str = Field(description="JSONL file, one problem per line (relative to where metaopt runs).")
+    prompt_key: str = Field(default="prompt", min_length=1, description="Column holding the prompt (a string).")
+    answer_key: str = Field(default="answer", min_length=1, description="Column holding the reference answer.")
+    category_key: str | None = Field(
+        default=None, min_length=1, description="Column holding the category (None: one category for all rows)."
+    )
+    category_order: list[str] | None = Field(
+        default=None, min_length=1, description="Categories easy -> hard (default: order of first appearance)."
+    )
+    max_rows: int = Field(default=MAX_ROWS, ge=1, le=10_000_000, description="Rows read at most (the rest ignored).")
+    reward: user_code.user_function(*USER_REWARD_PARAMS) | None = Field(
+        default=None, description="module:function scoring (completion, answer) -> float; default: exact match."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str, info: ValidationInfo) -> str:
+        return absolute_path(path, info, directory=False, what="JSONL file", check=False)
+
+    @field_validator("category_order")
+    @classmethod
+    def _distinct(cls, order: list[str] | None) -> list[str] | None:
+        if order is not None and len(set(order)) != len(order):
+            raise ValueError(f"each category once (got {order})")
+        return order
+
+    @model_validator(mode="after")
+    def _readable(self, info: ValidationInfo) -> DatasetSpec:
+        """Where the experiment runs here: the file parses, the columns exist, the categories match."""
+        if validation_base(info)[1]:
+            read_dataset(self)
+        return self
+
+
+@dataclass
+class DatasetRows:
+    """The problems of a file: ``categories`` in curriculum order, each with its (prompt, answer) rows."""
+
+    categories: list[str]
+    rows: dict[str, list[tuple[str, str]]]
+    first: tuple[str, str]  # the file's first row: the reward is checked on it before Ray starts
+
+
+def _open_capped(path: Path):
+    """The file opened for reading: a regular file (a FIFO would block forever), else one ConfigError."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError("path", f"{quote_path(path)}: file not found") from None
+    except OSError as err:
+        raise ConfigError("path", f"{quote_path(path)}: cannot read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError("path", f"{quote_path(path)}: not a regular file, expected a JSONL file")
+    return path.open("rb")
+
+
+def _text(value: Any, where: str, column: str, allow_numbers: bool) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kinds = "a non-empty string or a number" if allow_numbers else "a non-empty string"
+    raise ConfigError("path", f"{where}: column {quote(column)} must be {kinds}, got {quote(value)}")
+
+
+def read_dataset(spec: DatasetSpec) -> DatasetRows:
+    """The rows of ``spec.path`` (at most ``spec.max_rows``), grouped by category; one ConfigError naming
+    ``path`` (with ``file:line``) or ``category_order`` on any problem."""
+    path = Path(spec.path)
+    rows: dict[str, list[tuple[str, str]]] = {}
+    first: tuple[str, str] | None = None
+    with _open_capped(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path.name}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise ConfigError("path", f"{where}: line longer than {MAX_LINE_BYTES >> 20} MiB")
+            if not raw.strip():
+                continue
+            if sum(len(r) for r in rows.values()) >= spec.max_rows:
+                break
+            try:
+                record = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ConfigError("path", f"{where}: not valid JSON ({str(err).splitlines()[0][:120]})") from None
+            if not isinstance(record, dict):
+                raise ConfigError("path", f"{where}: expected a JSON object, got {type(record).__name__}")
+            for column in (spec.prompt_key, spec.answer_key, spec.category_key):
+                if column is not None and column not in record:
+                    present = ", ".join(sorted(map(str, record))[:10])
+                    raise ConfigError("path", f"{where}: no column {quote(column)} (columns: {present})")
+            prompt = _text(record[spec.prompt_key], where, spec.prompt_key, allow_numbers=False)
+            answer = _text(record[spec.answer_key], where, spec.answer_key, allow_numbers=True)
+            category = (
+                NO_CATEGORY
+                if spec.category_key is None
+                else _text(record[spec.category_key], where, spec.category_key, allow_numbers=True)
+            )
+            rows.setdefault(category, []).append((prompt, answer))
+            first = first or (prompt, answer)
+    if first is None:
+        raise ConfigError("path", f"{quote_path(path)}: no rows")
+    return DatasetRows(_ordered(list(rows), spec.category_order), rows, first)
+
+
+def _ordered(seen: list[str], order: list[str] | None) -> list[str]:
+    if order is None:
+        return seen
+    missing, unknown = [c for c in seen if c not in order], [c for c in order if c not in seen]
+    if missing or unknown:
+        problem = f"lacks {missing}" if missing else f"names {unknown}, which the file does not have"
+        raise ConfigError("category_order", f"{problem}; the file's categories: {seen}")
+    return list(order)

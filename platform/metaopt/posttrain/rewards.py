@@ -1,0 +1,236 @@
+"""Scorers we did not write, run in a worker process with a time limit: the user's reward, reasoning-gym's scorers.
+
+Model-written text is untrusted, and so is the time a scorer takes on it: a user's ``score(completion, answer)``
+may loop forever on some completion, and several of reasoning-gym's scorers hand the completion to sympy
+(``parse_expr``, which uses Python's ``eval``; ``9**9**9**9`` stalls it for minutes). A thread cannot be stopped,
+so such scorers run in one child Python process per task set, kept for the run (:class:`ScorerProcess`):
+
+* the child is ``python -m metaopt.posttrain.rewards`` and loads its scorers once (the user's module through
+  :func:`metaopt.user_code.load`, reasoning-gym's datasets by name, options and seed) before it answers;
+* every completion is one request, a JSON line ``{"key", "completion", "answer", "index"}`` on its stdin, and one
+  JSON line back, ``{"value": <float>}`` or ``{"error": "<one line>"}``: the completion only ever travels as a
+  string argument, never as code, and nothing the child sends back is unpickled;
+* a scorer that raises, returns something other than a finite number (a bool is not one), or does not answer
+  within ``timeout_s`` scores 0.0 and is counted as a failure; a child that hangs is killed (SIGKILL) and a fresh
+  one is started for the next request, so a run never waits more than ``timeout_s`` per completion.
+
+The child's stdout is its reply channel, so it moves the user's prints to stderr. It exits when its stdin closes
+(the parent finished or died) or, checked every second by a watchdog thread, when its parent process is gone.
+
+A request costs one pipe round trip (about 0.1 ms, see the tests), small beside sampling a completion.
+The reasoning-gym scorer in a child is a time limit, not a sandbox: a scorer that ``eval``\\ s text runs it with
+the user's rights, as it would in any trainer that uses reasoning-gym.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from metaopt.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "STARTUP_TIMEOUT_S",
+    "Score",
+    "ScorerProcess",
+    "exact_match",
+    "normalise_answer",
+    "reward_value_problem",
+]
+
+DEFAULT_TIMEOUT_S = 2.0
+STARTUP_TIMEOUT_S = 120.0  # importing reasoning-gym and the user's module, once per child
+USER_REWARD_PARAMS = ("completion", "answer")
+_MAX_REPLY_BYTES = 1 << 16
+
+
+def normalise_answer(text: str) -> str:
+    """An answer compared by exact match: whitespace runs collapsed to one space, ends stripped (case kept)."""
+    return " ".join(str(text).split())
+
+
+def exact_match(completion_answer: str, answer: str) -> float:
+    """1.0 when the normalised answers are equal, else 0.0 (the reward of a dataset without ``reward:``)."""
+    return float(normalise_answer(completion_answer) == normalise_answer(answer))
+
+
+def reward_value_problem(value: Any) -> str | None:
+    """Why ``value`` is not a reward (a finite real number, not a bool), or None when it is one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "None" if value is None else f"a {type(value).__name__}"
+        return f"returned {kind}; expected a float (a number, not a bool)"
+    if not math.isfinite(float(value)):
+        return f"returned {float(value)}; expected a finite float"
+    return None
+
+
+@dataclass(frozen=True)
+class Score:
+    """A scorer's answer: ``value`` (0.0 on failure) and, on failure, one line saying why."""
+
+    value: float
+    problem: str | None = None
+
+
+class ScorerProcess:
+    """A child process holding named scorers, started on the first request and kept until :meth:`close`.
+
+    ``scorers``: key -> spec, where a spec is ``{"kind": "user", "reference": "module:function"}`` (called as
+    ``fn(completion, answer)``) or ``{"kind": "gym", "name": ..., "options": {...}, "seed": ..., "size": ...}``
+    (reasoning-gym's ``score_answer(completion, dataset[index])``, full score or nothing). ``base``: the directory
+    user references are imported from (:func:`metaopt.user_code.user_dir`, passed on to the child).
+    """
+
+    def __init__(self, scorers: Mapping[str, Mapping[str, Any]], timeout_s: float, base: str | None = None):
+        from metaopt import user_code
+
+        self.scorers = {key: dict(spec) for key, spec in scorers.items()}
+        self.timeout_s = float(timeout_s)
+        self.base = str(base) if base is not None else str(user_code.user_dir())
+        self.failures = 0
+        self.restarts = 0
+        self._process: subprocess.Popen | None = None
+        self._buffer = b""
+
+    # ------------------------------------------------------------------------------------------ life cycle
+    def _start(self) -> subprocess.Popen:
+        command = [sys.executable, "-m", "metaopt.posttrain.rewards", json.dumps(self.scorers), self.base]
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, bufsize=0)
+        self._process, self._buffer = process, b""
+        reply = self._read_reply(time.monotonic() + STARTUP_TIMEOUT_S)
+        if reply is None or "error" in reply or not reply.get("ready"):
+            self.close()
+            problem = "did not start" if reply is None else reply.get("error", "did not start")
+            raise ConfigError("", str(problem))
+        return process
+
+    def close(self) -> None:
+        """Stop the child (kill: it may be stuck in a scorer). A process set dropped without it still ends its child:
+        the pipes close with it, and the child exits at the end of its stdin."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        for stream in (process.stdin, process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def score(self, key: str, completion: str, answer: str, index: int | None = None) -> Score:
+        """The scorer ``key`` on one completion, within ``timeout_s``; 0.0 and a counted failure otherwise."""
+        process = self._process if self._process is not None and self._process.poll() is None else self._start()
+        request = json.dumps({"key": key, "completion": completion, "answer": answer, "index": index}) + "\n"
+        try:
+            process.stdin.write(request.encode("utf-8"))
+        except (BrokenPipeError, OSError):
+            self.close()
+            return self._failed("the reward process exited")
+        reply = self._read_reply(time.monotonic() + self.timeout_s)
+        if reply is None:
+            self.close()  # stuck (or dead): kill it; the next request starts a fresh one
+            self.restarts += 1
+            return self._failed(f"did not answer within reward_timeout_s={self.timeout_s:g}")
+        if "error" in reply:
+            return self._failed(str(reply["error"]))
+        return Score(float(reply["value"]))
+
+    def _failed(self, problem: str) -> Score:
+        self.failures += 1
+        return Score(0.0, problem)
+
+    def _read_reply(self, deadline: float) -> dict[str, Any] | None:
+        """One JSON line from the child before ``deadline``; None on timeout, end of stream or garbage."""
+        assert self._process is not None and self._process.stdout is not None
+        fd = self._process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or len(self._buffer) > _MAX_REPLY_BYTES:
+                return None
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                return None
+            chunk = os.read(fd, 1 << 14)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            return None
+        return reply if isinstance(reply, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------- the child side
+
+
+def _user_scorer(spec: Mapping[str, Any], base: str) -> Callable[[str, str, int | None], float]:
+    from metaopt import user_code
+
+    reference = spec["reference"]
+    function = user_code.load_callable(reference, USER_REWARD_PARAMS, base=base)
+    return lambda completion, answer, index: function(completion, answer)
+
+
+def _gym_scorer(spec: Mapping[str, Any]) -> Callable[[str, str, int | None], float]:
+    import reasoning_gym
+
+    dataset = reasoning_gym.create_dataset(spec["name"], size=spec["size"], seed=spec["seed"], **spec["options"])
+    return lambda completion, answer, index: float(dataset.score_answer(completion, dataset[int(index)]) >= 1.0)
+
+
+def _answer(scorer: Callable[[str, str, int | None], float], request: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        value = scorer(request["completion"], request["answer"], request.get("index"))
+    except Exception as err:  # the scorer's own error: one line back, the child goes on
+        text = str(err).strip().splitlines()
+        return {"error": f"raised {type(err).__name__}" + (f": {text[0][:200]}" if text else "")}
+    problem = reward_value_problem(value)
+    return {"error": problem} if problem else {"value": float(value)}
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def serve(scorer_specs: Mapping[str, Mapping[str, Any]], base: str) -> None:
+    """The child's loop: load the scorers, say ready, answer one JSON line per request until stdin closes."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # the user's prints go to stderr, never into the reply channel
+    sys.stdout = sys.stderr
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    try:
+        scorers = {
+            key: _user_scorer(spec, base) if spec["kind"] == "user" else _gym_scorer(spec)
+            for key, spec in scorer_specs.items()
+        }
+    except Exception as err:
+        replies.write(json.dumps({"error": str(err).strip().splitlines()[0] if str(err).strip() else repr(err)}) + "\n")
+        return
+    replies.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        scorer = scorers.get(request.get("key"))
+        reply = {"error": f"no scorer {request.get('key')!r}"} if scorer is None else _answer(scorer, request)
+        replies.write(json.dumps(reply) + "\n")
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,306 @@
+"""Post-training on the researcher's own problems: a JSONL dataset whose column gives the curriculum's categories,
+a user reward run in a worker process with a time limit (never through eval), any reasoning-gym task by name, and
+a local model's own tokenizer and chat template; bad input is one error line before Ray starts, and a user's folder
+runs end to end with ``metaopt run``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from metaopt import cli
+from metaopt.errors import ConfigError
+from metaopt.posttrain.tasks import make_taskset
+
+ROWS = [
+    {"prompt": "1+1", "answer": "2", "topic": "add"},
+    {"prompt": "3-1", "answer": "2", "topic": "sub"},
+    {"prompt": "2+2", "answer": "4", "topic": "add"},
+    {"prompt": "5-4", "answer": "1", "topic": "sub"},
+]
+
+REWARDS = textwrap.dedent(
+    """
+    import os
+    import time
+
+
+    def score(completion, answer):
+        with open(os.path.join(os.path.dirname(__file__), "calls.txt"), "a") as log:
+            log.write(f"{completion!r} {answer!r}\\n")
+        return float(completion.strip() == answer)
+
+
+    def hang(completion, answer):
+        if completion == "hang":
+            while True:
+                time.sleep(0.01)
+        return 1.0
+
+
+    def explode(completion, answer):
+        if completion == "boom":
+            raise RuntimeError("the user's bug")
+        return 0.5
+
+
+    def text(completion, answer):
+        return "yes"
+
+
+    def two_args_missing(completion):
+        return 1.0
+    """
+)
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """A user's folder outside the package: problems.jsonl and rewards.py, the current directory."""
+    write_jsonl(tmp_path / "problems.jsonl", ROWS)
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("rewards", None)
+    yield tmp_path
+    sys.modules.pop("rewards", None)
+
+
+# ------------------------------------------------------------------ the JSONL dataset and its categories
+
+
+def test_jsonl_categories_come_from_the_column_in_file_order_or_as_ordered(user_folder):
+    spec = {"path": str(user_folder / "problems.jsonl"), "category_key": "topic"}
+    taskset = make_taskset([], 0, dataset=spec)
+    try:
+        assert taskset.categories == ["add", "sub"]  # order of first appearance
+        assert [taskset.difficulty(c) for c in taskset.categories] == [1, 2]
+        rng = np.random.default_rng(0)
+        for category, prompts in (("add", {"Q:1+1 A:", "Q:2+2 A:"}), ("sub", {"Q:3-1 A:", "Q:5-4 A:"})):
+            problem = taskset.sample(category, rng)
+            assert problem.prompt in prompts and problem.category == category
+            assert taskset.reward(problem, f" {problem.answer} <eos>x") == 1.0  # exact match, normalised
+            assert taskset.reward(problem, problem.answer + "0") == 0.0
+    finally:
+        taskset.close()
+    ordered = make_taskset([], 0, dataset={**spec, "category_order": ["sub", "add"]})
+    assert ordered.categories == ["sub", "add"]
+    single = make_taskset([], 0, dataset={"path": spec["path"], "max_rows": 1})
+    assert single.categories == ["dataset"] and single._sources["dataset"].rows == [("1+1", "2")]  # capped
+
+
+@pytest.mark.parametrize(
+    "lines, problem",
+    [
+        ('{"prompt": "1+1", "answer": "2", "topic": "a"}\n{"prompt": "2+2", "answer": 4\n', "problems.jsonl:2: not"),
+        ('{"prompt": "1+1", "answer": "2", "topic": "a"}\n{"prompt": "2+2", "topic": "b"}\n', "problems.jsonl:2: no"),
+        ('{"prompt": "", "answer": "2", "topic": "a"}\n', "problems.jsonl:1: column 'prompt' must be"),
+        ("[1, 2]\n", "problems.jsonl:1: expected a JSON object"),
+    ],
+)
+def test_a_bad_line_is_one_error_naming_file_and_line(user_folder, lines, problem):
+    (user_folder / "problems.jsonl").write_text(lines)
+    with pytest.raises(ConfigError) as err:
+        make_taskset([], 0, dataset={"path": "problems.jsonl", "category_key": "topic"})
+    assert str(err.value).startswith("posttrain.dataset.path: " + problem), str(err.value)
+    write_jsonl(user_folder / "problems.jsonl", ROWS)
+    with pytest.raises(ConfigError, match=r"^posttrain\.dataset\.category_order: lacks \['sub'\]"):
+        make_taskset([], 0, dataset={"path": "problems.jsonl", "category_key": "topic", "category_order": ["add"]})
+
+
+# ------------------------------------------------------------------ the user's reward, with a time limit
+
+
+def test_a_hanging_or_raising_reward_scores_zero_within_the_limit_and_is_counted(user_folder):
+    from metaopt.posttrain.rewards import ScorerProcess
+
+    scorer = ScorerProcess({"hang": {"kind": "user", "reference": "rewards:hang"}}, timeout_s=0.5)
+    try:
+        assert scorer.score("hang", "fine", "2").value == 1.0  # starts the worker process
+        started = time.monotonic()
+        result = scorer.score("hang", "hang", "2")
+        assert result.value == 0.0 and "did not answer within reward_timeout_s=0.5" in result.problem
+        assert time.monotonic() - started < 0.5 + 1.0  # the limit, not forever
+        assert scorer.score("hang", "fine", "2").value == 1.0  # a fresh process after the stuck one was killed
+        assert scorer.failures == 1 and scorer.restarts == 1
+    finally:
+        scorer.close()
+    taskset = make_taskset([], 0, dataset={"path": "problems.jsonl", "reward": "rewards:explode"}, reward_timeout_s=5)
+    try:
+        problem = taskset.sample("dataset", np.random.default_rng(0))
+        assert taskset.reward(problem, "boom") == 0.0 and taskset.reward_failures == 1
+        assert taskset.reward(problem, "anything") == 0.5 and taskset.reward_failures == 1
+    finally:
+        taskset.close()
+
+
+def test_the_users_reward_gets_the_completion_as_a_string(user_folder):
+    taskset = make_taskset([], 0, dataset={"path": "problems.jsonl", "reward": "rewards:score"})
+    try:
+        problem = taskset.sample("dataset", np.random.default_rng(1))
+        hostile = "__import__('os').system('touch pwned')"
+        assert taskset.reward(problem, hostile) == 0.0
+        assert taskset.reward(problem, problem.answer) == 1.0
+    finally:
+        taskset.close()
+    calls = (user_folder / "calls.txt").read_text().splitlines()
+    assert calls[0].startswith(repr(hostile)) and not (user_folder / "pwned").exists()
+
+
+# ------------------------------------------------------------------ any reasoning-gym task by name
+
+
+def test_any_reasoning_gym_task_by_name_with_its_options_and_own_scorer(user_folder):
+    tasks = [
+        {"name": "spell_backward", "options": {"min_word_len": 3, "max_word_len": 4}},
+        {"name": "spell_backward", "label": "long_words", "options": {"min_word_len": 7, "max_word_len": 8}},
+    ]
+    taskset = make_taskset(tasks, 0, reward_timeout_s=30)
+    try:
+        assert taskset.categories == ["spell_backward", "long_words"]
+        rng = np.random.default_rng(0)
+        short, long = taskset.sample("spell_backward", rng), taskset.sample("long_words", rng)
+        assert 3 <= len(short.answer) <= 4 and 7 <= len(long.answer) <= 8
+        assert short.prompt.startswith("Q:Spell this word backward") and short.prompt.endswith(" A:")
+        assert taskset.reward(short, short.answer) == 1.0 and taskset.reward(long, long.answer + "\n") == 1.0
+        assert taskset.reward(short, short.answer[::-1] + "x") == 0.0 and taskset.reward_failures == 0
+    finally:
+        taskset.close()
+    with pytest.raises(
+        ConfigError, match=r"^posttrain\.tasks\.0\.name: unknown task 'spell_backwards'.*close matches: sp"
+    ):
+        make_taskset([{"name": "spell_backwards"}], 0)
+    with pytest.raises(ConfigError, match=r"^posttrain\.tasks\.0\.options: spell_backward has no option 'colour'"):
+        make_taskset([{"name": "spell_backward", "options": {"colour": 1}}], 0)
+    with pytest.raises(ConfigError, match=r"^posttrain\.tasks\.0\.levels: task 'spell_backward' has no levels"):
+        make_taskset([{"name": "spell_backward", "levels": [1]}], 0)
+
+
+# ------------------------------------------------------------------ a local model's own tokenizer and chat template
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_local_models_tokenizer_and_chat_template_render_the_prompts(tmp_path):
+    from metaopt.posttrain.config import ModelSpec
+    from metaopt.posttrain.policy import build_tiny_policy, load_prompt_renderer, make_policy, prompt_renderer
+    from metaopt.posttrain.sampling import sample_completions
+    from metaopt.posttrain.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = build_tiny_policy("qwen2", len(tokenizer), 16, 1, 2, 64, seed=0)
+    folder = tmp_path / "my-model"
+    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+
+    loaded_model, loaded_tokenizer = make_policy({"path": str(folder)}, seed=0)  # local files only, no hub
+    render = prompt_renderer(loaded_tokenizer)
+    assert render("1+1") == "<|user|>1+1\n<|assistant|>"
+    assert load_prompt_renderer({"path": str(folder)})("1+1") == "<|user|>1+1\n<|assistant|>"
+    assert prompt_renderer(loaded_tokenizer, False)("1+1") == "Q:1+1 A:"
+    taskset = make_taskset([{"name": "arithmetic", "levels": [1]}], 0, render=render)
+    problem = taskset.sample("arithmetic/L1", np.random.default_rng(0))
+    assert problem.prompt.startswith("<|user|>") and problem.prompt.endswith("<|assistant|>")
+    batch = sample_completions(loaded_model, loaded_tokenizer, [problem.prompt], 2, 3, 1.0, 0)
+    assert batch.input_ids.shape[0] == 2 and loaded_tokenizer.decode(batch.prompt_ids[0]) == problem.prompt
+
+    plain = tmp_path / "no-template"
+    build_char_tokenizer().save_pretrained(plain)
+    context = {"base": str(tmp_path), "check_paths": True}
+    with pytest.raises(ValueError, match=r"chat_template: is true but the tokenizer in .* has none"):
+        ModelSpec.model_validate({"path": str(plain), "chat_template": True}, context=context)
+    with pytest.raises(ValueError, match=r"chat_template: needs model\.path"):
+        ModelSpec.model_validate({"chat_template": True})
+    assert ModelSpec.model_validate({"path": str(folder), "chat_template": True}, context=context).chat_template
+
+
+# ------------------------------------------------------------------ one-line errors before Ray starts
+
+
+def experiment(dataset: dict, **posttrain) -> dict:
+    return {
+        "name": "own_data",
+        "kind": "posttrain",
+        "ray": {"num_cpus": 2, "cpus_per_trial": 0.2, "max_concurrent_trials": 1},
+        "tracking": {"uri": "sqlite:///mlflow.db"},
+        "posttrain": {
+            "model": {"arch": "qwen2", "hidden": 16, "layers": 1, "heads": 2, "max_positions": 48},
+            "dataset": {"path": "problems.jsonl", "category_key": "topic", **dataset},
+            "curricula": ["sec"],
+            "warmup": {"steps": 5, "batch_size": 8},
+            "grpo": {"group_size": 2, "prompts_per_step": 4, "max_new_tokens": 3},
+            "roles": {"mode": "colocated"},
+            "steps": 2,
+            "steps_per_iteration": 2,
+            "eval_per_category": 2,
+            "samples_to_log": 0,
+            **posttrain,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "dataset, field, problem",
+    [
+        ({"category_key": "level"}, "posttrain.dataset.path", "problems.jsonl:1: no column 'level'"),
+        ({"reward": "my_rewards:score"}, "posttrain.dataset.reward", "'my_rewards:score': no module named"),
+        ({"reward": "rewards:nothing"}, "posttrain.dataset.reward", "'rewards:nothing': rewards has no attribute"),
+        ({"reward": "rewards:two_args_missing"}, "posttrain.dataset.reward", "'rewards:two_args_missing' must accept"),
+        ({"reward": "rewards:text"}, "posttrain.dataset.reward", "'rewards:text' returned a str; expected a float"),
+        ({"reward": "rewards:explode", "path": "boom.jsonl"}, "posttrain.dataset.reward", "'rewards:explode' raised"),
+        ({"path": "missing.jsonl"}, "posttrain.dataset.path", "missing.jsonl': file not found"),
+    ],
+)
+def test_bad_dataset_or_reward_is_one_error_line(user_folder, capsys, dataset, field, problem):
+    write_jsonl(user_folder / "boom.jsonl", [{"prompt": "p", "answer": "boom", "topic": "t"}])
+    (user_folder / "exp.yaml").write_text(yaml.safe_dump(experiment(dataset)))
+    rc = cli.main(["run", "exp.yaml"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"metaopt: error: {field}: ") and problem in err, err
+    assert not (user_folder / "mlflow.db").exists()
+
+
+def test_tasks_and_a_dataset_together_is_one_error_line(user_folder, capsys):
+    (user_folder / "exp.yaml").write_text(yaml.safe_dump(experiment({}, tasks=[{"name": "arithmetic"}])))
+    assert cli.main(["run", "exp.yaml"]) == 2
+    assert capsys.readouterr().err == "metaopt: error: posttrain.tasks: give either tasks or a dataset, not both\n"
+
+
+# ------------------------------------------------------------------ the user's folder, end to end
+
+
+def test_metaopt_run_trains_on_the_users_jsonl_with_their_reward(tmp_path):
+    """As a user runs it: their JSONL and rewards.py in a folder outside the package, ``metaopt run`` from there;
+    SEC chooses between the file's two categories and the user's reward scores the completions."""
+    write_jsonl(tmp_path / "problems.jsonl", ROWS)
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment({"reward": "rewards:score"})))
+    result = subprocess.run(
+        [sys.executable, "-m", "metaopt.cli", "run", "exp.yaml", "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "problems.jsonl (categories add, sub; reward rewards:score)" in result.stdout
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    answers = {line.rsplit(" ", 1)[1] for line in calls}
+    # validation's one call, then 2 GRPO steps x 4 prompts x G=2, plus the greedy evaluation
+    assert len(calls) >= 1 + 2 * 4 * 2 and answers <= {"'1'", "'2'", "'4'"}
