@@ -1,7 +1,7 @@
 """Post-training on the researcher's own problems: a JSONL dataset whose column gives the curriculum's categories,
-a user reward run in a worker process with a time limit (never through eval), any reasoning-gym task by name, and
-a local model's own tokenizer and chat template; bad input is one error line before Ray starts, and a user's folder
-runs end to end with ``metaopt run``."""
+a user reward run in a worker process with a time limit (never through eval), any reasoning-gym task by name (its
+scorer guarded against evaluating the completion), and a local model's own tokenizer and chat template; bad input
+is one error line before Ray starts, and a user's folder runs end to end with ``metaopt run``."""
 
 from __future__ import annotations
 
@@ -187,6 +187,89 @@ def test_any_reasoning_gym_task_by_name_with_its_options_and_own_scorer(user_fol
         make_taskset([{"name": "spell_backward", "levels": [1]}], 0)
 
 
+# ------------------------------------------------------------------ reasoning-gym never evaluates the completion
+
+
+def test_a_scorer_that_evals_the_completion_scores_zero_and_runs_nothing(tmp_path):
+    """string_insertion's scorer runs ``eval(answer)`` on a completion that is not the exact answer: refused in the
+    worker process (0.0, a counted failure), and the payload never runs; its correct answer still scores 1.0."""
+    marker = tmp_path / "pwned"
+    taskset = make_taskset([{"name": "string_insertion"}], 0, reward_timeout_s=30)
+    try:
+        problem = taskset.sample("string_insertion", np.random.default_rng(0))
+        assert taskset.reward(problem, f"__import__('os').system('touch {marker}')") == 0.0
+        assert taskset.reward_failures == 1 and not marker.exists()
+        assert taskset.reward(problem, str(list(problem.answer))) == 0.0  # a list of characters: eval'd, refused
+        assert taskset.reward_failures == 2
+        assert taskset.reward(problem, problem.answer) == 1.0 and taskset.reward_failures == 2
+        result = taskset._scorers.score("string_insertion", "[1]", problem.answer, problem.index)
+        assert result.refused == "eval" and result.problem == (
+            "the scorer tried to evaluate the completion with eval; metaopt never evaluates model-written text"
+        )
+    finally:
+        taskset.close()
+
+
+GUARDS_SCRIPT = textwrap.dedent(
+    """
+    import types, sys
+    import sympy
+    from sympy import Symbol, sympify
+    fake = types.ModuleType("reasoning_gym.fake_scorer")  # binds them by name, as reasoning-gym's modules do
+    fake.sympify, fake.parse_expr = sympify, sympy.parse_expr
+    sys.modules[fake.__name__] = fake
+    from metaopt.posttrain.rewards import EvaluationRefused, evaluation_refused, install_evaluation_guards
+
+    install_evaluation_guards()
+    entry = {"answer": "x**2 + 1", "metadata": {"expression": "2*3"}}
+    refused = []
+    for call in (
+        lambda: fake.sympify("x" + "**2"),
+        lambda: fake.parse_expr("x" + "+1"),
+        lambda: sympy.simplify("x" + "+x"),  # sympy's own sympify of text, ending in parse_expr
+        lambda: eval("1" + "+1"),
+        lambda: exec("y = 1"),
+    ):
+        try:
+            with evaluation_refused(entry):
+                try:
+                    call()
+                except Exception:  # as reasoning-gym's scorers do: it must not hide the refusal
+                    pass
+        except EvaluationRefused as err:
+            refused.append(err.name)
+    print(refused)
+    with evaluation_refused(entry):
+        x = Symbol("x")
+        assert fake.sympify(3) == 3 and fake.sympify(x + 1) == x + 1  # numbers and built expressions convert
+        assert fake.parse_expr(entry["answer"]) == x**2 + 1 and eval(entry["metadata"]["expression"]) == 6
+        assert eval(compile("2+2", "<code>", "eval")) == 4  # a code object (imports run so)
+    assert eval("1+1") == 2 and sympify("x") == Symbol("x")  # unguarded outside a scorer
+    print("ok")
+    """
+)
+
+
+def test_the_guards_refuse_text_only_while_a_scorer_runs_and_let_the_entrys_own_strings_pass():
+    result = subprocess.run([sys.executable, "-c", GUARDS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = "['sympy sympify', 'sympy parse_expr', 'sympy parse_expr', 'eval', 'exec']"
+    assert result.stdout.splitlines() == [names, "ok"]
+
+
+def test_tasks_whose_scorer_evaluates_its_correct_answer_are_found():
+    from metaopt.posttrain.tasks import evaluating_gym_task, task_specs
+
+    tasks = task_specs([{"name": "arithmetic"}, {"name": "bitwise_arithmetic"}, {"name": "simple_integration"}])
+    found = evaluating_gym_task(tasks, timeout_s=30)  # bitwise_arithmetic evals only its own problem: not refused
+    assert found == (
+        2,
+        "reasoning-gym's 'simple_integration' scores by evaluating the completion (sympy parse_expr); metaopt "
+        "never evaluates model-written text: choose another task or score it with your own reward on a JSONL dataset",
+    )
+    assert evaluating_gym_task(task_specs([{"name": "arithmetic"}, {"name": "countdown"}])) is None  # ours score
+
+
 # ------------------------------------------------------------------ a local model's own tokenizer and chat template
 
 CHAT_TEMPLATE = (
@@ -274,6 +357,22 @@ def test_bad_dataset_or_reward_is_one_error_line(user_folder, capsys, dataset, f
     assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
     assert err.startswith(f"metaopt: error: {field}: ") and problem in err, err
     assert not (user_folder / "mlflow.db").exists()
+
+
+def test_a_reasoning_gym_task_that_evaluates_the_completion_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = experiment({})
+    del config["posttrain"]["dataset"]
+    config["posttrain"]["tasks"] = [{"name": "spell_backward"}, {"name": "polynomial_multiplication"}]
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["run", "exp.yaml"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "metaopt: error: posttrain.tasks.1.name: reasoning-gym's 'polynomial_multiplication' scores by evaluating "
+        "the completion (sympy parse_expr); metaopt never evaluates model-written text: choose another task or "
+        "score it with your own reward on a JSONL dataset\n"
+    )
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_tasks_and_a_dataset_together_is_one_error_line(user_folder, capsys):

@@ -21,7 +21,7 @@ from metaopt.optim import OptimizerSpec, OptionalScheduleSpec
 from metaopt.posttrain.curriculum import CURRICULUM_NAMES, SECAlpha, SECTau
 from metaopt.posttrain.dataset import DatasetSpec, read_dataset
 from metaopt.posttrain.rewards import DEFAULT_TIMEOUT_S
-from metaopt.posttrain.tasks import TASK_LEVELS, Levels, TaskSpec, each_task_once
+from metaopt.posttrain.tasks import TASK_LEVELS, Levels, TaskSpec, each_task_once, evaluating_gym_task
 from metaopt.registry import Capability
 
 
@@ -238,7 +238,21 @@ class PostTrainSection(StrictModel):
             raise ConfigError("pbt_interval", f"must be < the {self.iterations} iterations so PBT perturbs at all")
         if self.dataset is not None and self.dataset.reward is not None and validation_base(info)[1]:
             check_reward_returns_a_float(self.dataset, self.reward_timeout_s)
+        if self.tasks and validation_base(info)[1]:
+            check_no_scorer_evaluates(self.tasks, self.reward_timeout_s)
         return self
+
+
+def check_no_scorer_evaluates(tasks: list[SectionTask], timeout_s: float) -> None:
+    """Each reasoning-gym task scored in the worker process, probed there on its own correct answer
+    (:func:`~metaopt.posttrain.tasks.evaluating_gym_task`): a scorer that evaluates the completion (``eval``, sympy's
+    ``parse_expr``) is one ConfigError on ``tasks.<i>.name`` before Ray starts."""
+    try:
+        found = evaluating_gym_task(tasks, timeout_s)
+    except ConfigError as err:  # the worker process did not start
+        raise ConfigError("tasks", f"reasoning-gym's scorers did not load: {err.problem}") from None
+    if found is not None:
+        raise ConfigError(f"tasks.{found[0]}.name", found[1])
 
 
 def check_reward_returns_a_float(dataset: DatasetSpec, timeout_s: float) -> None:

@@ -1,9 +1,8 @@
 """Scorers we did not write, run in a worker process with a time limit: the user's reward, reasoning-gym's scorers.
 
 Model-written text is untrusted, and so is the time a scorer takes on it: a user's ``score(completion, answer)``
-may loop forever on some completion, and several of reasoning-gym's scorers hand the completion to sympy
-(``parse_expr``, which uses Python's ``eval``; ``9**9**9**9`` stalls it for minutes). A thread cannot be stopped,
-so such scorers run in one child Python process per task set, kept for the run (:class:`ScorerProcess`):
+may loop forever on some completion, and a scorer may be slow on some text. A thread cannot be stopped, so such
+scorers run in one child Python process per task set, kept for the run (:class:`ScorerProcess`):
 
 * the child is ``python -m metaopt.posttrain.rewards`` and loads its scorers once (the user's module through
   :func:`metaopt.user_code.load`, reasoning-gym's datasets by name, options and seed) before it answers;
@@ -14,17 +13,46 @@ so such scorers run in one child Python process per task set, kept for the run (
   within ``timeout_s`` scores 0.0 and is counted as a failure; a child that hangs is killed (SIGKILL) and a fresh
   one is started for the next request, so a run never waits more than ``timeout_s`` per completion.
 
+Model-written text is never evaluated by a reasoning-gym scorer. Several of them hand the completion to Python's
+``eval`` (``eval(answer)`` when it is not the exact answer: ``n_queens``, ``binary_matrix``, ``string_insertion``,
+...) or to sympy's ``parse_expr``/``sympify``, which ``eval`` the text (``polynomial_multiplication``,
+``puzzle24``, the integration tasks). So once its scorers are imported, a child holding reasoning-gym scorers
+installs guards (:func:`install_evaluation_guards`), active only while a reasoning-gym ``score_answer`` runs
+(:func:`evaluation_refused`); a guarded call raises :class:`EvaluationRefused` before anything is evaluated:
+
+* ``builtins.eval`` and ``builtins.exec`` given source text (``str``, ``bytes``);
+* ``sympy.parsing.sympy_parser.parse_expr`` whatever its input (every ``sympify`` of text ends there), and
+  ``sympify`` given text, under their sympy names (``sympy.parse_expr``, ``sympy.sympify``, ...) and every name a
+  loaded ``reasoning_gym.*`` module binds them to (``from sympy.parsing.sympy_parser import parse_expr``);
+  ``sympify`` of numbers and of expressions the scorer built still works.
+
+Only the dataset entry's own strings pass (the very objects of ``entry``, e.g. ``eval(entry["answer"])`` or the
+problem's expression, as the dataset evaluated them when it generated them; a completion equal to the answer is
+another object and is refused), and whatever a guarded call that passed does inside (sympy's parser at its own
+``eval``). A refusal is reported even when the scorer catches it (the guard remembers it; :class:`EvaluationRefused`
+is a ``BaseException``, so ``except Exception`` lets it through): the reply is ``{"error": ..., "refused":
+<name>}``, the completion scores 0.0 and counts as a failure, and validation refuses a task whose scorer does this
+to its own correct answer before Ray starts (:func:`metaopt.posttrain.tasks.evaluating_gym_task`).
+
+Not covered: ``eval``/``exec`` of a code object (imports run that way; so would ``eval(compile(text))``),
+interpreters of text other than these (``ast.literal_eval``, ``json``, a hand-written parser), a single-character
+completion (CPython shares those string objects, so one may pass as the entry's own; it cannot name more than one
+variable), and generating a problem (``dataset[index]``, which may ``eval`` its own expressions, not guarded). The
+guards fail closed: a scorer that, while it runs, builds code from text of its own (``collections.namedtuple``,
+``lambdify``) is refused too. The user's own ``reward`` (``module:function``) is the user's code and is not
+guarded: it gets the completion as a string and does with it what its author wrote, within the time limit.
+
 The child's stdout is its reply channel, so it moves the user's prints to stderr. It exits when its stdin closes
 (the parent finished or died) or, checked every second by a watchdog thread, when its parent process is gone.
 
 A request costs one pipe round trip (about 0.1 ms, see the tests), small beside sampling a completion.
-The reasoning-gym scorer in a child is a time limit, not a sandbox: a scorer that ``eval``\\ s text runs it with
-the user's rights, as it would in any trainer that uses reasoning-gym.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -34,7 +62,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +71,12 @@ from metaopt.errors import ConfigError
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "STARTUP_TIMEOUT_S",
+    "EvaluationRefused",
     "Score",
     "ScorerProcess",
+    "evaluation_refused",
     "exact_match",
+    "install_evaluation_guards",
     "normalise_answer",
     "reward_value_problem",
 ]
@@ -78,10 +109,12 @@ def reward_value_problem(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Score:
-    """A scorer's answer: ``value`` (0.0 on failure) and, on failure, one line saying why."""
+    """A scorer's answer: ``value`` (0.0 on failure) and, on failure, one line saying why; ``refused``: the entry
+    point (``"sympy parse_expr"``) when the failure is a reasoning-gym scorer that tried to evaluate the text."""
 
     value: float
     problem: str | None = None
+    refused: str | None = None
 
 
 class ScorerProcess:
@@ -145,12 +178,13 @@ class ScorerProcess:
             self.restarts += 1
             return self._failed(f"did not answer within reward_timeout_s={self.timeout_s:g}")
         if "error" in reply:
-            return self._failed(str(reply["error"]))
+            refused = reply.get("refused")
+            return self._failed(str(reply["error"]), refused if isinstance(refused, str) else None)
         return Score(float(reply["value"]))
 
-    def _failed(self, problem: str) -> Score:
+    def _failed(self, problem: str, refused: str | None = None) -> Score:
         self.failures += 1
-        return Score(0.0, problem)
+        return Score(0.0, problem, refused)
 
     def _read_reply(self, deadline: float) -> dict[str, Any] | None:
         """One JSON line from the child before ``deadline``; None on timeout, end of stream or garbage."""
@@ -175,6 +209,116 @@ class ScorerProcess:
         return reply if isinstance(reply, dict) else None
 
 
+# ---------------------------------------------------------------------------------------------- the guards
+
+
+class EvaluationRefused(BaseException):
+    """A reasoning-gym scorer called ``name`` (``"eval"``, ``"sympy parse_expr"``, ...) on text while guarded.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: reasoning-gym's scorers wrap their work in ``except
+    Exception`` (scoring 0.0), which must not hide the refusal (a bare ``except`` that does is still caught by
+    :func:`evaluation_refused`, which remembers the refusal)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(
+            f"the scorer tried to evaluate the completion with {name}; metaopt never evaluates model-written text"
+        )
+
+
+class _Guard:
+    """The guards' state: refusing only inside :func:`evaluation_refused` (``active``), where ``own`` holds the ids
+    of the dataset entry's own strings, ``trusted`` counts guarded calls under way on such a string (what sympy's
+    parser does with it inside), and ``refused`` remembers the first refusal."""
+
+    active = False
+    own: frozenset[int] = frozenset()
+    trusted = 0
+    refused: str | None = None
+
+
+def _own_strings(value: Any) -> Iterator[str]:
+    """The strings in a reasoning-gym entry (its answer, its metadata's expressions), nested containers included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _own_strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _own_strings(item)
+
+
+@contextlib.contextmanager
+def evaluation_refused(entry: Any = None) -> Iterator[None]:
+    """Run a reasoning-gym scorer with the guards active: a guarded call on text raises
+    :class:`EvaluationRefused`, and is raised again on leaving even if the scorer caught it; the strings of
+    ``entry`` itself (the very objects, not equal text: a completion equal to the answer is still refused) may be
+    evaluated, as when the dataset generated them. Needs :func:`install_evaluation_guards` first."""
+    own = frozenset(id(text) for text in _own_strings(entry))
+    _Guard.active, _Guard.own, _Guard.trusted, _Guard.refused = True, own, 0, None
+    try:
+        yield
+    finally:
+        refused = _Guard.refused
+        _Guard.active, _Guard.own, _Guard.trusted, _Guard.refused = False, frozenset(), 0, None
+        if refused is not None:
+            raise EvaluationRefused(refused)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str | bytes | bytearray)
+
+
+def _guarded(original: Callable, name: str, keyword: str | None, *, any_input: bool = False) -> Callable:
+    """``original`` refusing, while guarded, to run on text that is not the entry's own (its first argument, or
+    ``keyword``); ``any_input``: refuse whatever the input is (a parser of text), else only text (``eval`` of a
+    code object, ``sympify`` of a number or an expression pass)."""
+
+    @functools.wraps(original)
+    def guarded(*args, **kwargs):
+        if not _Guard.active or _Guard.trusted:
+            return original(*args, **kwargs)
+        text = args[0] if args else kwargs.get(keyword) if keyword else None
+        if not any_input and not _text(text):
+            return original(*args, **kwargs)
+        if id(text) not in _Guard.own:
+            _Guard.refused = _Guard.refused or name
+            raise EvaluationRefused(name)
+        _Guard.trusted += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _Guard.trusted -= 1
+
+    return guarded
+
+
+def install_evaluation_guards() -> None:
+    """Replace ``builtins.eval``/``exec`` and sympy's ``parse_expr``/``sympify`` by guarded versions (inactive
+    outside :func:`evaluation_refused`), under their own names and every name an imported ``reasoning_gym``
+    module binds them to. Once per process, after the scorers are imported; idempotent."""
+    import sympy
+    import sympy.parsing.sympy_parser
+
+    parser, converter = sys.modules["sympy.parsing.sympy_parser"], sys.modules["sympy.core.sympify"]
+    if hasattr(builtins.eval, "__wrapped__"):
+        return  # installed already
+    guards = {  # by identity
+        id(builtins.eval): _guarded(builtins.eval, "eval", None),
+        id(builtins.exec): _guarded(builtins.exec, "exec", None),
+        id(parser.parse_expr): _guarded(parser.parse_expr, "sympy parse_expr", "s", any_input=True),
+        id(converter.sympify): _guarded(converter.sympify, "sympy sympify", "a"),
+    }
+    builtins.eval, builtins.exec = guards[id(builtins.eval)], guards[id(builtins.exec)]
+    modules = [sympy, sympy.core, converter, sympy.parsing, parser]
+    modules += [module for name, module in list(sys.modules.items()) if name.split(".")[0] == "reasoning_gym"]
+    for module in modules:
+        for attribute, value in list(vars(module).items()):
+            if id(value) in guards:
+                setattr(module, attribute, guards[id(value)])
+
+
 # ---------------------------------------------------------------------------------------------- the child side
 
 
@@ -190,12 +334,21 @@ def _gym_scorer(spec: Mapping[str, Any]) -> Callable[[str, str, int | None], flo
     import reasoning_gym
 
     dataset = reasoning_gym.create_dataset(spec["name"], size=spec["size"], seed=spec["seed"], **spec["options"])
-    return lambda completion, answer, index: float(dataset.score_answer(completion, dataset[int(index)]) >= 1.0)
+
+    def score(completion: str, answer: str, index: int | None) -> float:
+        entry = dataset[int(index)]  # generating may eval the dataset's own expressions: not guarded
+        with evaluation_refused(entry):
+            value = dataset.score_answer(completion, entry)
+        return float(value >= 1.0)
+
+    return score
 
 
 def _answer(scorer: Callable[[str, str, int | None], float], request: Mapping[str, Any]) -> dict[str, Any]:
     try:
         value = scorer(request["completion"], request["answer"], request.get("index"))
+    except EvaluationRefused as refused:
+        return {"error": str(refused), "refused": refused.name}
     except Exception as err:  # the scorer's own error: one line back, the child goes on
         text = str(err).strip().splitlines()
         return {"error": f"raised {type(err).__name__}" + (f": {text[0][:200]}" if text else "")}
@@ -221,6 +374,8 @@ def serve(scorer_specs: Mapping[str, Mapping[str, Any]], base: str) -> None:
             key: _user_scorer(spec, base) if spec["kind"] == "user" else _gym_scorer(spec)
             for key, spec in scorer_specs.items()
         }
+        if any(spec["kind"] == "gym" for spec in scorer_specs.values()):
+            install_evaluation_guards()  # after every import: guarded while a reasoning-gym scorer runs
     except Exception as err:
         replies.write(json.dumps({"error": str(err).strip().splitlines()[0] if str(err).strip() else repr(err)}) + "\n")
         return

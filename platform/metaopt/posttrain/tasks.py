@@ -30,10 +30,13 @@ Beyond these, any reasoning-gym dataset by name (the list is reasoning-gym's reg
 with its own ``options`` (the fields of its config dataclass, checked by reasoning-gym's ``validate``): one
 category per task (named by ``label``, default the task's name, so one task may be listed twice with different
 options), its full question as the prompt, scored by reasoning-gym's own ``score_answer`` (full score or nothing)
-in a worker process with a time limit (:mod:`.rewards`), since several of those scorers run sympy on the text.
-An unknown name is one line with the close matches. The researcher's own problems come from a JSONL file
-(:mod:`.dataset`), one category per value of its category column, scored by the user's reward function in the
-same worker process, or by exact match.
+in a worker process with a time limit (:mod:`.rewards`), where guards refuse, while a scorer runs, Python's
+``eval``/``exec`` and sympy's ``parse_expr``/``sympify`` on text that is not the dataset's own: a completion such
+a scorer tries to evaluate scores 0. A task whose scorer evaluates its own correct answer that way
+(``polynomial_multiplication``, ``puzzle24``, the integration tasks) is refused before Ray starts
+(:func:`evaluating_gym_task`). An unknown name is one line with the close matches. The researcher's own problems
+come from a JSONL file (:mod:`.dataset`), one category per value of its category column, scored by the user's
+reward function in the same worker process (the user's code: not guarded), or by exact match.
 
 A prompt is rendered from the question by ``render`` (default :func:`format_prompt`; a local model with a chat
 template renders it as a user turn, :func:`metaopt.posttrain.policy.prompt_renderer`).
@@ -67,6 +70,7 @@ __all__ = [
     "TaskSet",
     "TaskSpec",
     "each_task_once",
+    "evaluating_gym_task",
     "format_prompt",
     "make_taskset",
     "parse_completion",
@@ -419,6 +423,40 @@ def dataset_spec(dataset: DatasetSpec | dict[str, Any]) -> DatasetSpec:
         return DatasetSpec.model_validate(dataset)
     except ValidationError as err:
         raise first_error("posttrain.dataset", DatasetSpec, err) from None
+
+
+def evaluating_gym_task(tasks: Sequence[TaskSpec], timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, str] | None:
+    """The first task (its index, one line why) whose reasoning-gym scorer evaluates the completion: each task
+    without levels (those are scored in the worker process) scores its first generated problem's own correct answer
+    in a guarded worker process (:func:`metaopt.posttrain.rewards.install_evaluation_guards`); None when no guard
+    triggers. A correct answer that scores below 1.0 for another reason (a raise, a time-out) is not refused here:
+    it scores 0 during the run, as any failing completion does. A worker that does not start is a ConfigError."""
+    probed = {str(i): task for i, task in enumerate(tasks) if task.name not in TASK_LEVELS}
+    if not probed:
+        return None
+    import reasoning_gym
+
+    specs = {
+        key: {"kind": "gym", "name": task.name, "options": dict(task.options or {}), "seed": 0, "size": _GYM_SIZE}
+        for key, task in probed.items()
+    }
+    answers = {
+        key: str(reasoning_gym.create_dataset(spec["name"], size=_GYM_SIZE, seed=0, **spec["options"])[0]["answer"])
+        for key, spec in specs.items()
+    }
+    scorers = ScorerProcess(specs, timeout_s)
+    try:
+        for key, answer in answers.items():
+            refused = scorers.score(key, answer, answer, 0).refused
+            if refused is not None:
+                return int(key), (
+                    f"reasoning-gym's {quote(probed[key].name)} scores by evaluating the completion ({refused}); "
+                    "metaopt never evaluates model-written text: choose another task or score it with your own "
+                    "reward on a JSONL dataset"
+                )
+    finally:
+        scorers.close()
+    return None
 
 
 #: Failures of the reward worker printed per task set (then only counted, ``reward_failures``).
