@@ -416,7 +416,7 @@ MALFORMED = [
         mutate(LPO_BASE, lpo__envs=[{"env": "Pong-v5", "total_timesteps": 100}]),
         [],
         "lpo.envs.0.env",
-        ("unknown env 'Pong-v5'", "CartPole-v1", "SpaceInvaders-MinAtar"),
+        ("unknown env 'Pong-v5'", "did you mean Pong-misc", "gymnax.registered_envs"),
     ),
     ("lpo-unknown-drift", mutate(LPO_BASE, lpo__drift="lion"), [], "lpo.drift", ("'lpo' or 'ta_lpo'", "'lion'")),
     (

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from metaopt import user_code
 from metaopt.config import Seed, StrictModel, is_file, quote_path
 from metaopt.errors import ConfigError
 from metaopt.objectives.ppo_settings import EnvName, PPOConfig, PPOOverrides, ppo_config_for
@@ -21,26 +22,51 @@ from metaopt.registry import Capability
 
 
 class EnvSpec(StrictModel):
-    """One PPO training problem: a gymnax env, its step budget and PPO settings that differ from the defaults."""
+    """One PPO training problem: an env, its step budget and PPO settings that differ from the env's defaults.
 
-    env: EnvName = Field(description="gymnax environment id.")
+    ``env`` is any gymnax id (``gymnax.registered_envs``) or ``module:function`` naming the user's factory,
+    ``make_env() -> (env, env_params)`` with gymnax's interface (:mod:`metaopt.objectives.envs`). Where the
+    experiment runs here, a user env is built and stepped once (under ``jax.jit``) before Ray starts.
+    """
+
+    env: EnvName = Field(
+        description="gymnax environment id (any of gymnax.registered_envs) or 'module:function' naming your env "
+        "factory, make_env() -> (env, env_params)."
+    )
     total_timesteps: int = Field(ge=1, description="Environment steps of one PPO run (the horizon).")
     ppo: PPOOverrides = Field(
         default_factory=dict, description="PPOSettings that differ from the env's defaults (num_envs, lr, ...)."
     )
+
+    @field_validator("env")
+    @classmethod
+    def _python_objects_only_from_python(cls, env: str, info: ValidationInfo) -> str:
+        # as user_code.user_function: a pickle: object is written by the Python API, never named in a file
+        context = info.context
+        if env.startswith(user_code.PICKLE_PREFIX) and context is not None and not context.get("python_objects"):
+            raise ConfigError("", "a pickle: reference is written by metaopt's Python API; name a 'module:function'")
+        return env
 
     def ppo_config(self, multiplier: float = 1.0) -> PPOConfig:
         """This problem's PPO settings at ``multiplier`` x its budget (a training-horizon multiplier)."""
         return ppo_config_for(self.env, total_timesteps=horizon_steps(self.total_timesteps, multiplier), **self.ppo)
 
     @model_validator(mode="after")
-    def _one_run_fits(self) -> EnvSpec:
+    def _one_run_fits(self, info: ValidationInfo) -> EnvSpec:
         # what spans settings (minibatches dividing the batch, a budget of at least one update) needs the env's
         # defaults too: build the run's PPOConfig once
         try:
-            self.ppo_config()
+            config = self.ppo_config()
         except ConfigError as err:
             raise ConfigError(ppo_field(err.field), err.problem) from None
+        context = info.context or {}
+        if user_code.is_reference(self.env) and context.get("check_paths"):
+            from metaopt.objectives.envs import check_user_env  # JAX: only for a user env, only where it runs
+
+            try:
+                check_user_env(config, base=context.get("base"))
+            except ConfigError as err:
+                raise ConfigError(ppo_field(err.field) if err.field else "env", err.problem) from None
         return self
 
 

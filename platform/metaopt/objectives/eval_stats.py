@@ -44,8 +44,10 @@ def return_summary(returns: np.ndarray, level: float) -> dict[str, Any]:
 
 
 def problem_label(problem: Mapping[str, Any]) -> str:
-    """An env x horizon cell's name: ``{env}_{total_timesteps}``."""
-    return f"{problem['env']}_{problem['total_timesteps']}"
+    """An env x horizon cell's name: ``{env}_{total_timesteps}`` (a user env by its factory's name)."""
+    from metaopt.objectives.ppo_settings import env_label
+
+    return f"{env_label(problem['env'])}_{problem['total_timesteps']}"
 
 
 def evaluation_row(config: Mapping[str, Any], metrics: Mapping[str, Any] | None, error: Any = None) -> dict[str, Any]:

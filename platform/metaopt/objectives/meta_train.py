@@ -30,6 +30,7 @@ import numpy as np
 
 from metaopt.objectives.config import ESConfig, LPOSection
 from metaopt.objectives.population import PopulationEvaluator, Problem, seed_keys
+from metaopt.objectives.ppo_settings import env_label
 
 #: Seed of the PPO reference runs; fixed so every meta-seed normalises by the same baseline.
 BASELINE_SEED = 10_000
@@ -179,8 +180,8 @@ class MetaTrainer:
             returns = self.evaluator.returns(self.section.drift, self.drift_options, problem, population, keys)
             score = normalised(returns.mean(axis=1), baseline)
             scores.append(score)
-            per_env[problem.env] = float(score.mean())
-            horizons[problem.env] = problem.total_timesteps
+            per_env[env_label(problem.env)] = float(score.mean())
+            horizons[env_label(problem.env)] = problem.total_timesteps
             env_steps += problem.total_timesteps * returns.size
         fitness = np.mean(scores, axis=0)
         # evosax minimises; NaN (a diverged PPO run) ranks last.

@@ -32,7 +32,10 @@ class Problem:
 
     @property
     def label(self) -> str:
-        return f"{self.env}_{self.total_timesteps}"
+        """``{env}_{total_timesteps}``: a gymnax id as is, a user env by its factory's name (metric keys)."""
+        from metaopt.objectives.ppo_settings import env_label
+
+        return f"{env_label(self.env)}_{self.total_timesteps}"
 
     def config(self):
         from metaopt.objectives.ppo_settings import ppo_config_for

@@ -29,8 +29,15 @@ Implementation notes (written for this project; the structure follows the usual
 single-file JAX PPO layout of Lu et al. 2022's PureJaxRL):
 
 * Networks: separate actor and critic MLPs (no shared trunk, as in the LPO/TA-LPO MinAtar
-  and classic-control setups), categorical policy. Observations are flattened, so MinAtar's
-  ``[10, 10, C]`` grids feed the MLP as ``100 * C`` vectors.
+  and classic-control setups). Observations are flattened, so MinAtar's ``[10, 10, C]`` grids
+  feed the MLP as ``100 * C`` vectors. The env's action space picks the policy
+  (:mod:`metaopt.objectives.envs`): Discrete -> categorical over the actor's logits; Box -> a
+  diagonal Gaussian whose mean is the actor's output and whose log-std is a state-independent
+  parameter (initially 0), as in PPO's continuous-control experiments (Schulman et al. 2017,
+  sec. 6.1) and PureJaxRL's ``ppo_continuous_action.py``. The env gets the action clipped to
+  the Box's bounds; the log-probability is the unclipped sample's, summed over action
+  dimensions, so the ratio the drift sees is the joint ``pi(a|s) / pi_old(a|s)`` and every
+  drift works unchanged.
 * Initialisation is variance-scaling normal (He for relu, LeCun for tanh; actor head scaled
   by ``0.01``, critic head by ``1``), *not* orthogonal: with JAX 0.10 on a 2-thread CPU a
   ``vmap`` over the QR-based orthogonal initializer can deadlock.
@@ -66,31 +73,29 @@ import optax
 
 from metaopt.errors import ConfigError
 from metaopt.objectives.drifts import Progress, make_drift
+from metaopt.objectives.envs import ActionSpec, action_spec, make_env, observation_size
 from metaopt.objectives.ppo_settings import (
     MINATAR_DEFAULT_LR,
     PPO_REFERENCE_LR,
-    SUPPORTED_ENVS,
+    TUNED_ENVS,
     PPOConfig,
     ppo_config_for,
 )
 
 __all__ = [
-    "DISCRETE_ENVS",
     "MINATAR_DEFAULT_LR",
     "PPO_REFERENCE_LR",
+    "TUNED_ENVS",
     "PPOConfig",
     "Progress",
     "env_dims",
+    "gaussian_log_prob",
     "init_network",
     "make_train",
     "ppo_clip_drift",
     "ppo_config_for",
     "train_many",
 ]
-
-#: gymnax environments with a discrete action space that this PPO trains on (the list lives in ppo_settings).
-DISCRETE_ENVS = SUPPORTED_ENVS
-
 
 DriftFn = Callable[[Any, jax.Array, jax.Array, Progress], jax.Array]
 
@@ -105,12 +110,13 @@ def ppo_clip_drift(clip_eps: float = 0.2) -> Callable:
 # --------------------------------------------------------------------------- networks
 
 
-def init_network(key: jax.Array, obs_dim: int, num_actions: int, config: PPOConfig) -> dict:
-    """Actor and critic MLP parameters: ``{"actor": [...], "critic": [...]}`` of ``{"w", "b"}`` layers.
+def init_network(key: jax.Array, obs_dim: int, num_actions: int, config: PPOConfig, *, gaussian: bool = False) -> dict:
+    """Actor and critic MLP parameters: ``{"actor": [...], "critic": [...]}`` of ``{"w", "b"}`` layers, and for a
+    Gaussian policy (``gaussian``: ``num_actions`` is then the action's dimension) ``"log_std"``, zeros.
 
     Weights are variance-scaling normal, ``w ~ N(0, scale / fan_in)`` (He et al. 2015 for relu:
-    scale 2; LeCun for tanh: scale 1); heads use scale ``0.01**2`` for the policy logits (a
-    near-uniform initial policy, the usual PPO choice) and ``1`` for the value; biases are 0.
+    scale 2; LeCun for tanh: scale 1); heads use scale ``0.01**2`` for the policy logits or mean (a
+    near-uniform, or near-zero-mean, initial policy: the usual PPO choice) and ``1`` for the value; biases are 0.
     No orthogonal init (see module docstring). All weights come from *one* ``random.normal``
     draw that is sliced up, which keeps XLA compile time down (one RNG kernel, not one per layer).
     """
@@ -129,7 +135,68 @@ def init_network(key: jax.Array, obs_dim: int, num_actions: int, config: PPOConf
             offset += fan_in * fan_out
             layers.append({"w": w, "b": jnp.zeros((fan_out,), jnp.float32)})
         params[name] = layers
+    if gaussian:
+        params["log_std"] = jnp.zeros((num_actions,), jnp.float32)
     return params
+
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_log_prob(mean: jax.Array, log_std: jax.Array, action: jax.Array) -> jax.Array:
+    """``log N(action; mean, exp(log_std)^2)`` summed over the last axis: the joint log-probability of a
+    diagonal Gaussian's action vector, so ratios of it are the joint ``pi(a|s) / pi_old(a|s)``."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * jnp.square(z) - log_std - _LOG_SQRT_2PI, axis=-1)
+
+
+class _Policy(NamedTuple):
+    """The policy's distribution over actions given the actor's output ``out``: ``sample(key, out, params) ->
+    (action, log_prob)``; ``log_prob(out, params, action) -> (log_prob, dist)`` and ``entropy(dist, params)``,
+    the mean entropy over the batch (``dist``: what the log-prob computed that the entropy reuses); ``to_env`` maps
+    a sampled action to what ``env.step`` takes."""
+
+    sample: Callable
+    log_prob: Callable
+    entropy: Callable
+    to_env: Callable
+
+
+def _categorical_policy() -> _Policy:
+    def sample(key, logits, params):
+        action = jax.random.categorical(key, logits)
+        return action, jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
+
+    def log_prob(logits, params, action):
+        log_probs_all = jax.nn.log_softmax(logits)
+        return jnp.take_along_axis(log_probs_all, action[:, None], axis=-1)[:, 0], log_probs_all
+
+    def entropy(log_probs_all, params):
+        return -jnp.mean(jnp.sum(jnp.exp(log_probs_all) * log_probs_all, axis=-1))
+
+    return _Policy(sample, log_prob, entropy, lambda action: action)
+
+
+def _gaussian_policy(spec: ActionSpec) -> _Policy:
+    """Diagonal Gaussian, state-independent log-std (Schulman et al. 2017, sec. 6.1; PureJaxRL's continuous PPO);
+    the env gets the sample clipped to the Box (PureJaxRL's ``ClipAction``), the log-prob stays the sample's."""
+    low, high = jnp.asarray(spec.low), jnp.asarray(spec.high)
+
+    def sample(key, mean, params):
+        log_std = params["log_std"]
+        action = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
+        return action, gaussian_log_prob(mean, log_std, action)
+
+    def log_prob(mean, params, action):
+        return gaussian_log_prob(mean, params["log_std"], action), None
+
+    def entropy(_, params):
+        return jnp.sum(params["log_std"] + 0.5 + _LOG_SQRT_2PI)  # the same for every state
+
+    def to_env(action):
+        return jnp.clip(action, low, high).reshape((action.shape[0], *spec.shape))
+
+    return _Policy(sample, log_prob, entropy, to_env)
 
 
 def _mlp_apply(layers, x, activation):
@@ -154,22 +221,11 @@ class _Transition(NamedTuple):
     final_obs: jax.Array  # the pre-reset observation ([num_envs, 0] when not bootstrapping)
 
 
-def _make_env(config: PPOConfig):
-    import gymnax
-
-    env, env_params = gymnax.make(config.env_name, **dict(config.env_kwargs))
-    if config.env_params:
-        env_params = env_params.replace(**dict(config.env_params))
-    return env, env_params
-
-
 def env_dims(config: PPOConfig) -> tuple[int, int]:
-    """``(obs_dim, num_actions)`` of the policy network: the flattened observation size and the action count."""
-    env, env_params = _make_env(config)
-    action_space = env.action_space(env_params)
-    if not hasattr(action_space, "n"):
-        raise ConfigError("env_name", f"{config.env_name} does not have a discrete action space")
-    return int(math.prod(env.observation_space(env_params).shape)), int(action_space.n)
+    """``(obs_dim, num_actions)`` of the policy network: the flattened observation size and the action count
+    (a Discrete space) or the action's dimension (a Box)."""
+    env, env_params = make_env(config)
+    return observation_size(env, env_params), action_spec(env, env_params, config.env_name).size
 
 
 def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any], dict]:
@@ -189,8 +245,10 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
       last ``max(1, num_updates // 10)`` updates (the ES fitness); if none completed there,
       the last value of ``episode_returns``.
     """
-    env, env_params = _make_env(config)
-    obs_dim, num_actions = env_dims(config)
+    env, env_params = make_env(config)
+    obs_dim = observation_size(env, env_params)
+    actions = action_spec(env, env_params, config.env_name)
+    dist = _categorical_policy() if actions.discrete else _gaussian_policy(actions)
 
     num_envs, num_steps = config.num_envs, config.num_steps
     num_updates = config.num_updates
@@ -230,9 +288,7 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
     step_batch = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
     def loss_fn(params, batch: _Transition, advantages, targets, drift_params, progress):
-        logits = policy(params, batch.obs)
-        log_probs_all = jax.nn.log_softmax(logits)
-        log_prob = jnp.take_along_axis(log_probs_all, batch.action[:, None], axis=-1)[:, 0]
+        log_prob, action_dist = dist.log_prob(policy(params, batch.obs), params, batch.action)
         log_ratio = log_prob - batch.log_prob
         ratio = jnp.exp(log_ratio)
         if config.normalize_advantages:
@@ -247,7 +303,7 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
             value_err = jnp.maximum(value_err, jnp.square(clipped - targets))
         value_loss = 0.5 * jnp.mean(value_err)
 
-        entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs_all) * log_probs_all, axis=-1))
+        entropy = dist.entropy(action_dist, params)
         total = actor_loss + config.vf_coef * value_loss - config.ent_coef * entropy
         aux = {
             "total_loss": total,
@@ -264,7 +320,7 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
 
     def train(rng: jax.Array, drift_params: Any) -> dict:
         rng, k_net, k_reset = jax.random.split(rng, 3)
-        params = init_network(k_net, obs_dim, num_actions, config)
+        params = init_network(k_net, obs_dim, actions.size, config, gaussian=not actions.discrete)
         opt_state = optimizer.init(params)
         obs, env_state = reset_batch(jax.random.split(k_reset, num_envs), env_params)
         obs = flat(obs)
@@ -273,11 +329,9 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
         def env_step(carry, _):
             params, env_state, obs, running_return, rng = carry
             rng, k_act, k_step = jax.random.split(rng, 3)
-            logits = policy(params, obs)
-            action = jax.random.categorical(k_act, logits)
-            log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
+            action, log_prob = dist.sample(k_act, policy(params, obs), params)
             next_obs, env_state, reward, terminated, truncated, info = step_batch(
-                jax.random.split(k_step, num_envs), env_state, action, env_params
+                jax.random.split(k_step, num_envs), env_state, dist.to_env(action), env_params
             )
             reward = reward.astype(jnp.float32)
             done = jnp.logical_or(terminated, truncated)

@@ -1,8 +1,13 @@
-"""PPO settings: the gymnax envs the JAX PPO trains on, each env family's defaults, and the validated
-:class:`PPOConfig`.
+"""PPO settings: which envs the JAX PPO trains on, each env family's defaults, and the validated :class:`PPOConfig`.
 
-Nothing here imports JAX: the ``lpo:`` / ``lpo_eval:`` sections (:mod:`metaopt.objectives.config`) validate each
-env's PPO overrides with these models when a file loads, and :mod:`metaopt.objectives.ppo` builds its training
+An env is any gymnax environment id (the list is gymnax's own, ``gymnax.registered_envs``) or a reference to the
+researcher's factory, ``my_envs:make_env`` (:mod:`metaopt.user_code`; built and checked by
+:mod:`metaopt.objectives.envs`). Ids in :data:`TUNED_ENVS` get settings tuned for them; every other env gets
+the generic defaults, :class:`PPOSettings`' own (a starting point, not a tuned setting).
+
+Nothing here imports JAX (gymnax is imported only to look up an id outside :data:`TUNED_ENVS`): the ``lpo:`` /
+``lpo_eval:`` sections (:mod:`metaopt.objectives.config`) validate each env's PPO overrides with these models when
+a file loads, and :mod:`metaopt.objectives.ppo` builds its training
 loop from a :class:`PPOConfig`. Both import this module, neither imports the other.
 
 :class:`PPOSettings` holds the hyperparameters (one field each: bounds, default, description); it is also the
@@ -16,6 +21,7 @@ caches its compiled program per config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -31,33 +37,41 @@ from pydantic import (
     model_validator,
 )
 
+from metaopt import user_code
 from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
 from metaopt.optim.specs import Number
 
 __all__ = [
+    "GYMNAX_ENV_LIST",
     "MINATAR_DEFAULT_LR",
     "PPO_REFERENCE_LR",
-    "SUPPORTED_ENVS",
+    "TUNED_ENVS",
     "EnvName",
     "PPOConfig",
     "PPOOverrides",
     "PPOSettings",
+    "env_label",
     "ppo_config_for",
     "validate_overrides",
 ]
 
-#: gymnax environments with a discrete action space that the JAX PPO trains on: the one list of them.
-SUPPORTED_ENVS = (
+#: gymnax environments whose PPO defaults were tuned (:func:`ppo_config_for`); any other gymnax id trains with
+#: the generic defaults.
+TUNED_ENVS = (
     "CartPole-v1",
     "Acrobot-v1",
     "MountainCar-v0",
+    "Pendulum-v1",
     "Asterix-MinAtar",
     "Breakout-MinAtar",
     "Freeway-MinAtar",
     "SpaceInvaders-MinAtar",
     "Seaquest-MinAtar",
 )
+
+#: Where the full list of env ids lives (named in the error for an unknown one).
+GYMNAX_ENV_LIST = "gymnax.registered_envs"
 
 #: PPO learning rates for MinAtar used by Lu et al. 2022 / Jackson et al. 2024 (tuned for PPO).
 PPO_REFERENCE_LR = {
@@ -72,13 +86,40 @@ MINATAR_DEFAULT_LR = 3e-3
 
 
 def _known_env(env: str) -> str:
-    if env not in SUPPORTED_ENVS:
-        raise ValueError(f"unknown env {quote(env)}; allowed: {', '.join(SUPPORTED_ENVS)}")
+    """A gymnax id or a ``module:function`` reference (its syntax only: importing it is the section's check)."""
+    if user_code.is_reference(env):
+        return env
+    if ":" in env:
+        raise ConfigError("", user_code.reference_problem(env))
+    if env in TUNED_ENVS:  # no gymnax (hence JAX) import for the envs most files name
+        return env
+    import gymnax
+
+    registered = list(gymnax.registered_envs)
+    if env not in registered:
+        close = difflib.get_close_matches(env, registered, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(
+            "",
+            f"unknown env {quote(env)}; {hint}every gymnax id is in {GYMNAX_ENV_LIST} ({len(registered)} envs), "
+            "or name your own factory as 'module:function'",
+        )
     return env
 
 
-#: A gymnax env id from :data:`SUPPORTED_ENVS` (what a section's ``env`` and PPOConfig's ``env_name`` accept).
+#: A gymnax env id (any of ``gymnax.registered_envs``) or a ``module:function`` reference to the user's env factory
+#: (what a section's ``env`` and PPOConfig's ``env_name`` accept).
 EnvName = Annotated[str, AfterValidator(_known_env)]
+
+
+def env_label(env: str) -> str:
+    """An env's name in metric keys and tables: the gymnax id; a user factory as ``module.function``; a Python
+    object (``pickle:``, from the Python API) as ``python-object-<its hash>``."""
+    if not user_code.is_reference(env):
+        return env
+    if env.startswith(user_code.PICKLE_PREFIX):
+        return f"{user_code.name_of(env)}-{env.rsplit('/', 1)[-1].split('.')[0][:8]}"
+    return env.replace(":", ".")
 
 
 def _freeze_pairs(value: Any) -> Any:
@@ -131,7 +172,9 @@ class PPOSettings(StrictModel):
     activation: Literal["tanh", "relu"] = Field(default="tanh", description="Hidden-layer activation.")
     normalize_advantages: StrictBool = Field(default=True, description="Normalise advantages per minibatch.")
     bootstrap_truncation: StrictBool = Field(default=True, description="Bootstrap time-limit truncations with V.")
-    env_kwargs: EnvOptions = Field(default=(), description="Keyword arguments of gymnax.make(env_name, ...).")
+    env_kwargs: EnvOptions = Field(
+        default=(), description="Keyword arguments of gymnax.make(env_name, ...), or of the user's env factory."
+    )
     env_params: EnvOptions = Field(default=(), description="Fields of the env's EnvParams to replace.")
 
 
@@ -153,13 +196,16 @@ PPOOverrides = Annotated[dict[str, Any], AfterValidator(validate_overrides)]
 class PPOConfig(PPOSettings):
     """One PPO run's settings: the env, its step budget and the hyperparameters of :class:`PPOSettings`.
 
-    ``env_kwargs`` go to ``gymnax.make(env_name, **env_kwargs)``; ``env_params`` replace fields of the env's
-    default ``EnvParams`` (e.g. ``{"max_steps_in_episode": 200}``); both are stored as sorted tuples of pairs so
-    the config stays hashable. Bad values raise :class:`~metaopt.errors.ConfigError` (a ``ValueError``) with one
-    line naming the field, also when built directly (``PPOConfig(num_envs=0)``).
+    ``env_name`` is a gymnax id or a ``module:function`` reference to the user's env factory (:data:`EnvName`).
+    ``env_kwargs`` go to ``gymnax.make(env_name, **env_kwargs)`` (or to the factory); ``env_params`` replace fields
+    of the env's default ``EnvParams`` (e.g. ``{"max_steps_in_episode": 200}``); both are stored as sorted tuples
+    of pairs so the config stays hashable. Bad values raise :class:`~metaopt.errors.ConfigError` (a
+    ``ValueError``) with one line naming the field, also when built directly (``PPOConfig(num_envs=0)``).
     """
 
-    env_name: EnvName = Field(default="CartPole-v1", description="gymnax environment id.")
+    env_name: EnvName = Field(
+        default="CartPole-v1", description="gymnax environment id, or 'module:function' naming an env factory."
+    )
     total_timesteps: StrictInt = Field(default=100_000, ge=1, description="Environment steps of the run (the horizon).")
 
     def __init__(self, **settings: Any) -> None:
@@ -193,7 +239,7 @@ class PPOConfig(PPOSettings):
                 "total_timesteps",
                 f"must be >= num_envs * num_steps = {self.batch_size} (one update), got {self.total_timesteps}",
             )
-        if self.env_params:
+        if self.env_params and not user_code.is_reference(self.env_name):  # a user env's: checked where it runs
             known = env_param_names(self.env_name, self.env_kwargs)
             for key, _ in self.env_params:
                 if key not in known:
@@ -221,10 +267,22 @@ _MINATAR_DEFAULTS: dict[str, Any] = {
     "activation": "relu",
 }
 _CLASSIC_DEFAULTS: dict[str, Any] = {"lr": 2.5e-3}
+_PENDULUM_DEFAULTS: dict[str, Any] = {
+    "num_envs": 16,
+    "num_steps": 100,
+    "update_epochs": 10,
+    "num_minibatches": 8,
+    "lr": 1e-2,
+    "ent_coef": 0.0,
+    "clip_value": False,
+    "gamma": 0.95,
+}
 
 
 def ppo_config_for(env_name: str, **overrides: Any) -> PPOConfig:
     """Default PPO settings for ``env_name``, with ``overrides`` (:class:`PPOConfig` fields) applied.
+
+    The tuned envs (:data:`TUNED_ENVS`):
 
     MinAtar (Lu et al. 2022; Jackson et al. 2024, appendix): 64 envs x 128 steps, 4 epochs,
     8 minibatches, relu 64x2, annealed lr from :data:`PPO_REFERENCE_LR` (3e-3 where the game
@@ -233,10 +291,23 @@ def ppo_config_for(env_name: str, **overrides: Any) -> PPOConfig:
     4 minibatches, tanh 64x2, annealed lr 2.5e-3, 1e5 steps. On CartPole this PPO (clip drift)
     reached final returns of 177-500 (mean ~410) over 8 seeds with it, against 233-313
     (mean ~280) with :class:`PPOConfig`'s PureJaxRL default lr 2.5e-4.
+    Pendulum-v1 (a Box action: the Gaussian policy): 16 envs x 100 steps, 10 epochs, 8 minibatches,
+    tanh 64x2, annealed lr 1e-2, gamma 0.95, no entropy bonus, unclipped value loss, 1e5 steps. The
+    returns of the first episodes (about -1250) rose to -350 and -180 at 1e5 steps (2 seeds; -350 and
+    -375 at 3.2e4), against about -1130 with the generic defaults. PPO2's value clipping at 0.2 holds
+    the critic back on Pendulum's returns in the hundreds, hence unclipped.
+
+    Every other env (another gymnax id, a user factory) gets the generic defaults, :class:`PPOSettings`' own:
+    PureJaxRL's CartPole settings (8 envs x 128 steps, 4 epochs x 4 minibatches, tanh 64x2, lr 2.5e-4
+    annealed, entropy 0.01, 1e5 steps). They are a starting point, not tuned for that env: set ``ppo:``.
     Unknown override names and bad values raise :class:`~metaopt.errors.ConfigError` naming the field.
     """
-    if isinstance(env_name, str) and env_name.endswith("-MinAtar"):
+    if env_name in TUNED_ENVS and env_name.endswith("-MinAtar"):
         defaults = {**_MINATAR_DEFAULTS, "lr": PPO_REFERENCE_LR.get(env_name, MINATAR_DEFAULT_LR)}
-    else:  # classic control, or a name PPOConfig rejects naming the allowed envs
+    elif env_name == "Pendulum-v1":
+        defaults = _PENDULUM_DEFAULTS
+    elif env_name in TUNED_ENVS:  # classic control
         defaults = _CLASSIC_DEFAULTS
+    else:  # the generic defaults (PPOSettings'), or a name PPOConfig rejects
+        defaults = {}
     return PPOConfig(**{**defaults, **overrides, "env_name": env_name})
