@@ -52,7 +52,7 @@ PROBE = Capability(kind="apiprobe", section=ProbeSection, runner="test_api:run_p
 
 
 def double(x):
-    """A module-level function: named by reference, not pickled."""
+    """A module-level function of a module Ray's workers cannot import by name (not in the user's directory)."""
     return 2 * x
 
 
@@ -79,7 +79,9 @@ def test_python_objects_become_references(tmp_path, monkeypatch):
     converted = api.to_references(
         {"fn": local, "named": double, "nested": [{"f": local}, (1.0, np.float32(0.5))], "where": tmp_path}
     )
-    assert converted["named"] == "test_api:double"
+    # this test module lies neither in the user's directory (tmp_path) nor where packages are installed: Ray's
+    # workers could not import it by name, so it travels by value too
+    assert converted["named"].startswith(user_code.PICKLE_PREFIX) and user_code.load(converted["named"])(2) == 4
     reference = converted["fn"]
     assert reference.startswith(user_code.PICKLE_PREFIX)
     assert Path(reference.removeprefix(user_code.PICKLE_PREFIX)).parent == tmp_path / ".metaopt" / "objects"
@@ -110,9 +112,12 @@ def test_a_capability_runs_from_python_objects(probe, capsys):
     assert result.summary == result.rows and result.run_id is None and result.name == "apiprobe-python"
 
 
-def test_a_typed_experiment_and_a_dict_run(probe):
-    exp = api.experiment("apiprobe", name="typed", fn=double, x=2.5)
-    assert isinstance(exp, config.Experiment) and exp.section.fn == "test_api:double"
+def test_a_typed_experiment_and_a_dict_run(probe, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (probe / "api_doubling.py").write_text("def double(x):\n    return 2 * x\n")
+    in_user_dir = user_code.load("api_doubling:double")  # a module of the user's directory: named
+    exp = api.experiment("apiprobe", name="typed", fn=in_user_dir, x=2.5)
+    assert isinstance(exp, config.Experiment) and exp.section.fn == "api_doubling:double"
     assert metaopt.run(exp, verbose=0).rows[0]["final_value"] == 5.0
     raw = {"name": "plain", "kind": "apiprobe", "apiprobe": {"fn": double, "x": 1.5}}
     assert metaopt.run(raw, overrides=["apiprobe.x=4"], verbose=0).rows[0]["final_value"] == 8.0

@@ -445,3 +445,44 @@ def test_ray_job_stop_of_a_submitted_sweep_leaves_every_mlflow_run_killed(cluste
     experiment = client.get_experiment_by_name("quickstart-tiny")
     runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert len(runs) == 3 and set(runs.values()) == {"KILLED"}, runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the user's own code on a cluster (no cluster needed)
+
+
+def test_a_driver_joining_a_cluster_gives_its_workers_the_users_code(tmp_path, monkeypatch):
+    """``metaopt run --address``: a cluster on this machine reads the user's directory by its path; any other
+    gets it uploaded as the job's working_dir (minus what submit leaves out, the Python API's objects included);
+    inside a submitted job the job's own working directory serves."""
+    from metaopt import runtime, user_code
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert runtime.user_dir_runtime_env("127.0.0.1:6379") == {
+        "runtime_env": {"env_vars": {user_code.USER_DIR_VARIABLE: str(tmp_path)}}
+    }
+    remote = runtime.user_dir_runtime_env("ray://10.1.2.3:10001")["runtime_env"]
+    assert remote["working_dir"] == str(tmp_path) and ".metaopt" in remote["excludes"] and ".git" in remote["excludes"]
+    assert "env_vars" not in remote  # the path would not exist there; workers start in their copy
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert runtime.user_dir_runtime_env("10.1.2.3:6379") == {}
+
+
+def test_the_local_rays_workers_get_the_directory_it_started_in_and_this_process_keeps_its_own(tmp_path, monkeypatch):
+    from metaopt import runtime, user_code
+
+    monkeypatch.delenv(user_code.USER_DIR_VARIABLE, raising=False)
+    with runtime.workers_user_dir(str(tmp_path)):
+        assert os.environ[user_code.USER_DIR_VARIABLE] == str(tmp_path)  # what the raylet, and its workers, inherit
+    assert user_code.USER_DIR_VARIABLE not in os.environ  # a notebook that moves on imports from where it is
+
+
+def test_an_experiment_naming_python_api_objects_is_not_submitted(tmp_path):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("name: x\nkind: federated\nfederated: {dataset: .metaopt/objects/0123abcd.npz}\n")
+    with pytest.raises(ConfigError, match=r"^exp.yaml: in-memory Python objects cannot be submitted; name a module"):
+        jobs.submit(str(experiment), "http://127.0.0.1:1", working_dir=str(tmp_path))
+    experiment.write_text("name: x\nkind: pbt\n")
+    with pytest.raises(ConfigError, match="in-memory Python objects cannot be submitted"):
+        jobs.submit(str(experiment), "http://127.0.0.1:1", ["pbt.task=pickle:/tmp/a.pkl"], working_dir=str(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -139,3 +140,81 @@ def test_a_pickle_reference_is_refused_from_a_file_and_accepted_from_python(user
 def test_a_missing_pickle_is_one_line(user_folder):
     with pytest.raises(ConfigError, match="cannot read the Python object"):
         user_code.load(f"{user_code.PICKLE_PREFIX}{user_folder / 'gone.pkl'}")
+
+
+# ---- the user's directory while their code runs, fresh modules, exits, objects by value ---------------------
+
+
+def test_the_users_function_runs_in_the_users_directory(user_folder, monkeypatch):
+    """Ray runs each trial in a folder of its own: a factory reading ``open("data.csv")`` reads the file beside the
+    experiment there too, and the trial's own directory is back afterwards."""
+    (user_folder / "data.csv").write_text("x\n1\n2\n")
+    write_module(
+        user_folder, "uc_reads", "def rows():\n    with open('data.csv') as f:\n        return len(f.readlines())\n"
+    )
+    trial_folder = user_folder / "trial_0"
+    trial_folder.mkdir()
+    monkeypatch.setenv(user_code.USER_DIR_VARIABLE, str(user_folder))
+    monkeypatch.chdir(trial_folder)
+    rows = user_code.load_callable("uc_reads:rows", ())
+    assert user_code.call(rows, "uc_reads:rows") == 3
+    assert Path.cwd() == trial_folder
+
+
+def test_a_module_is_imported_again_when_its_file_or_the_users_directory_changed(user_folder, monkeypatch):
+    write_module(user_folder, "uc_edited", "def make():\n    return {'oops': 1}\n")
+    assert user_code.load("uc_edited:make")() == {"oops": 1}
+    write_module(user_folder, "uc_edited", "def make():\n    return 'fixed, a longer file'\n")  # a notebook edit
+    assert user_code.load("uc_edited:make")() == "fixed, a longer file"
+
+    other = user_folder / "project_2"
+    other.mkdir()
+    write_module(other, "uc_edited", "raise RuntimeError('this is project 2')\n")
+    monkeypatch.chdir(other)  # the same kernel, another project
+    with pytest.raises(ConfigError, match=r"importing uc_edited raised RuntimeError: this is project 2"):
+        user_code.load("uc_edited:make")
+    assert str(user_folder) not in sys.path and sys.path[0] == str(other)
+
+
+def test_a_module_or_function_that_exits_is_one_line(user_folder, capsys):
+    write_module(user_folder, "uc_script", "import argparse\nargparse.ArgumentParser().parse_args(['--x'])\n")
+    write_module(user_folder, "uc_exits", "import sys\ndef make():\n    sys.exit('no GPU found')\n")
+    with pytest.raises(ConfigError) as caught:
+        user_code.load("uc_script:make")
+    message = str(caught.value)
+    assert "importing uc_script exited (sys.exit(2); " in message and "error: unrecognized arguments: --x)" in message
+    assert "\n" not in message and "if __name__ == '__main__'" in message
+    assert capsys.readouterr().err == ""  # argparse's usage is in the line, not printed above it
+    make = user_code.load("uc_exits:make")
+    with pytest.raises(ConfigError, match=r"^'uc_exits:make' exited \(sys.exit: no GPU found\); raise an exception"):
+        user_code.call(make, "uc_exits:make")
+
+
+def test_a_function_workers_cannot_import_by_name_is_pickled_by_value(user_folder, tmp_path_factory):
+    """A module found only through the notebook's own ``sys.path.append``: Ray's workers (which import from the
+    user's directory) would not find it by name, so it travels by value."""
+    elsewhere = tmp_path_factory.mktemp("notebook_lib")
+    write_module(elsewhere, "uc_nb_lib", "FACTOR = 3\ndef triple(x):\n    return FACTOR * x\n")
+    sys.path.append(str(elsewhere))
+    import uc_nb_lib
+
+    reference = user_code.reference_to(uc_nb_lib.triple)
+    assert reference.startswith(user_code.PICKLE_PREFIX)
+    import cloudpickle
+
+    assert "uc_nb_lib" not in cloudpickle.list_registry_pickle_by_value()  # registered only while pickling
+    sys.path.remove(str(elsewhere))
+    del sys.modules["uc_nb_lib"]  # a worker: the module cannot be imported
+    assert user_code.load(reference)(2) == 6
+
+    write_module(user_folder, "uc_in_user_dir", "def double(x):\n    return 2 * x\n")
+    assert user_code.reference_to(user_code.load("uc_in_user_dir:double")) == "uc_in_user_dir:double"
+    assert user_code.reference_to(textwrap.dedent) == "textwrap:dedent"  # installed: by name
+
+
+def test_objects_are_written_whole_or_not_at_all(user_folder):
+    path = user_code.objects_folder() / "abc.pkl"
+    assert user_code.write_once(path, b"first") == path and path.read_bytes() == b"first"
+    assert user_code.write_once(path, b"second") == path and path.read_bytes() == b"first"  # same name, same content
+    assert sorted(p.name for p in path.parent.iterdir()) == ["abc.pkl"]  # no partial file left behind
+    assert path.parent == user_folder / ".metaopt" / "objects"

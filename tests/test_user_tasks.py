@@ -301,3 +301,128 @@ def test_a_symbolic_proxy_trains_the_users_task_with_a_program(user_folder):
     assert failure is None and math.isfinite(score) and -2.0 < score < 0  # mode min: the score is -fit_error
     assert score > -1.99  # the weight moved towards 2 under the program
     assert score_program(program, proxy).failure is None
+
+
+# ---------------------------------------------------------------- the review's findings (relative files, replay)
+
+READS_DATA = """
+from ut_linear_base import LinearTask
+
+def make_task(options, optimizer, seed):
+    with open("data.csv") as f:  # relative to the folder the user ran metaopt in
+        options = {**options, "points": len(f.readlines())}
+    return LinearTask(options, optimizer, seed)
+"""
+
+
+def test_a_factory_reading_a_relative_file_works_in_a_trials_own_folder(user_folder, monkeypatch):
+    write(user_folder, "ut_linear_base.py", LINEAR_TASK)
+    write(user_folder, "ut_reads.py", READS_DATA)
+    (user_folder / "data.csv").write_text("1\n2\n3\n4\n5\n")
+    trial_folder = user_folder / "ray_results" / "trial_0"
+    trial_folder.mkdir(parents=True)
+    monkeypatch.setenv(user_code.USER_DIR_VARIABLE, str(user_folder))  # as runtime.init hands it to the workers
+    monkeypatch.chdir(trial_folder)  # where Ray runs the trial
+    task = build_task("ut_reads:make_task", {}, {"name": "sgd"}, 0)
+    assert task.options["points"] == 5 and Path.cwd() == trial_folder
+
+
+def test_a_trial_or_replay_whose_factory_fails_says_so_in_one_line(user_folder):
+    write(user_folder, "ut_bad.py", "def make(options, optimizer, seed):\n    return {'metric': 'x'}\n")
+    with pytest.raises(config.ConfigError) as caught:
+        build_task("ut_bad:make", {}, {"name": "sgd"}, 0)
+    assert str(caught.value).startswith("task: 'ut_bad:make' returned a dict; expected an object meeting")
+
+
+def test_a_proxy_task_that_cannot_be_built_fails_the_search_instead_of_scoring_minus_inf(user_folder):
+    from metaopt.symbolic.proxies import train_once
+    from metaopt.symbolic.search import load_start_program
+
+    write(user_folder, "ut_linear_base.py", LINEAR_TASK)
+    write(user_folder, "ut_reads.py", READS_DATA)  # no data.csv here
+    proxy = {"task": "ut_reads:make_task", "task_options": {}, "steps": 2, "lrs": [1.0], "seeds": 1}
+    with pytest.raises(config.ConfigError, match=r"^task: 'ut_reads:make_task' raised FileNotFoundError"):
+        train_once(load_start_program("adamw").to_json(), proxy, 1.0, seed=0)
+
+
+def test_an_edited_module_is_probed_again(user_folder):
+    write(user_folder, "ut_linear.py", LINEAR_TASK)
+    assert task_metric_mode("ut_linear:make_task") == ("fit_error", "min")
+    write(user_folder, "ut_linear.py", LINEAR_TASK.replace('metric = "fit_error"', 'metric = "fit_error_v2"'))
+    assert task_metric_mode("ut_linear:make_task") == ("fit_error_v2", "min")
+
+
+def test_a_trials_error_in_its_init_is_the_users_own_line():
+    """Ray wraps an exception raised while a trial's actor is created in an ActorDiedError holding only its text,
+    coloured for a terminal: the failed trial's line is the user's error."""
+    import traceback
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from metaopt.session import first_error_line
+
+    for raised, line in [
+        (FileNotFoundError(2, "No such file or directory", "data.csv"), "FileNotFoundError: [Errno 2] No such"),
+        (config.ConfigError("task", "'t:make' raised KeyError: 'rows'"), "task: 't:make' raised KeyError: 'rows'"),
+    ]:
+        try:
+            raise raised
+        except Exception as err:
+            task_error = RayTaskError("f", traceback.format_exc(), err, proctitle="\x1b[36mray::Trainable()\x1b[39m")
+        assert first_error_line(ActorDiedError(task_error)).startswith(line)
+        assert first_error_line(task_error).startswith(line)
+    assert first_error_line(ActorDiedError()).startswith("ActorDiedError: The actor died unexpectedly")
+
+
+def _payload(exp, **extra):
+    return {
+        "experiment": exp.to_dict(),
+        "steps_per_iteration": 5,
+        "total_steps": 5,
+        "best_trial": "t0",
+        "trials": {"t0": {"schedule": [[0, 0.5]], "final_metric": 0.0}},
+        **extra,
+    }
+
+
+def test_replay_uses_the_sweeps_directory_and_warns_when_the_code_changed(user_folder, monkeypatch, capsys):
+    from metaopt.pbt.replay import replay
+    from metaopt.pbt.sweep import user_task_code
+
+    write(user_folder, "ut_linear.py", LINEAR_TASK)
+    exp = config.load(pbt_experiment(user_folder, "ut_linear:make_task"))
+    code = user_task_code(exp)
+    assert code["user_dir"] == str(user_folder) and code["sha256"] == user_code.file_sha256(
+        user_folder / "ut_linear.py"
+    )
+
+    elsewhere = user_folder / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the module is not here: replay imports from the sweep's directory
+    assert replay(_payload(exp, code=code), progress=True).steps == 5
+    assert "warning" not in capsys.readouterr().out
+
+    write(user_folder, "ut_linear.py", LINEAR_TASK + "\n# edited after the sweep\n")
+    replay(_payload(exp, code=code), progress=True)
+    warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "ut_linear.py is not the code the sweep ran" in warning[0]
+
+
+def test_replaying_a_sweep_of_a_python_object_points_to_python(user_folder):
+    import json
+
+    from metaopt.pbt.replay import load_payload
+
+    write(user_folder, "ut_linear.py", LINEAR_TASK)
+    exp = config.load(pbt_experiment(user_folder, "ut_linear:make_task"))
+    payload = _payload(exp)
+    payload["experiment"]["pbt"]["task"] = user_code.reference_to(lambda options, optimizer, seed: None)
+    path = user_folder / "schedules.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(config.ConfigError) as caught:
+        load_payload(str(path), None)
+    assert str(caught.value) == (
+        f"{path}: this sweep's task is an in-memory Python object; replay it from Python "
+        f"(metaopt.api.replay({str(path)!r}))"
+    )
+    assert load_payload(str(path), None, python_objects=True)["experiment"]["pbt"]["task"].startswith("pickle:")

@@ -19,6 +19,12 @@ named ``pickle:<path>``; a dataset given as arrays (``dataset=(x, y)`` or ``{"x"
 ``.npz`` file with keys ``x`` and ``y`` there. The experiment is then validated exactly as ``metaopt run`` validates
 a file, user code imported and its signature checked, before Ray starts.
 
+Your modules are imported from the current directory, and imported again when their file changed (edit a module,
+run again). A Ray already running in this process keeps the directory its workers were started from: after
+``os.chdir`` to another project, ``ray.shutdown()`` first (:func:`metaopt.runtime.init`).
+
+A PBT sweep of a task given as an in-memory object is replayed from Python: :func:`replay`.
+
 Errors: bad input raises :class:`~metaopt.errors.ConfigError` (the one line ``metaopt run`` prints, as an exception
 instead of exit code 2). A sweep that ran to its end returns a :class:`Result` whether or not every trial succeeded:
 ``result.complete`` is False and ``result.failed`` names the failed trials when one did not (``result.exit_code``
@@ -26,7 +32,8 @@ is then 1, as ``metaopt run``'s). A sweep stopped before its trials finished (Ct
 raises :class:`metaopt.session.SweepStopped`, a :class:`KeyboardInterrupt`, once its partial results are logged;
 its ``outcome`` says how far it got. Nothing partial ever looks complete.
 
-This is the top layer, beside ``cli``: it reaches capabilities only through the registry.
+This is the top layer, beside ``cli``: it reaches capabilities through the registry (and pbt's replay, which
+is a verb of its own, by name).
 """
 
 from __future__ import annotations
@@ -50,8 +57,8 @@ from metaopt import config, user_code
 from metaopt.config import Experiment
 from metaopt.errors import ConfigError
 
-#: Where the Python API writes the objects it names (beside user_code's pickles), relative to the current directory.
-OBJECTS_FOLDER = Path(".metaopt") / "objects"
+#: Where the Python API writes the objects it names (pickles and arrays), relative to the current directory.
+OBJECTS_FOLDER = user_code.OBJECTS_FOLDER
 
 
 @dataclass
@@ -220,6 +227,20 @@ def posttrain(**fields: Any) -> Result:
     ``pbt_interval``, ``max_failures``, ``samples_to_log``. ``result.best`` is the trial row with the highest
     final accuracy."""
     return run_kind("posttrain", **fields)
+
+
+def replay(source: str | os.PathLike[str], *, trial: str | None = None, tracking_uri: str | None = None) -> Any:
+    """``metaopt replay`` from Python: train the sweep's task from scratch with a trial's lr schedule (default: the
+    best trial's) and log it under the sweep's run. ``source``: a schedules.json file, or a sweep's MLflow run id
+    in ``tracking_uri``. A sweep whose task was an in-memory Python object (a ``pickle:`` reference) replays only
+    from here. Returns :class:`metaopt.pbt.replay.ReplayResult`."""
+    from metaopt.pbt import replay as pbt_replay
+
+    payload = pbt_replay.load_payload(os.fspath(source), tracking_uri, python_objects=True)
+    result = pbt_replay.replay(payload, trial)
+    uri = tracking_uri or payload["experiment"]["tracking"]["uri"]
+    pbt_replay.log_replay(result, payload, uri)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -400,14 +421,12 @@ def arrays_file(dataset: Any, *, base: str | Path | None = None, field: str = "d
     for key, array in arrays.items():
         digest.update(f"{key}{array.dtype.str}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
-    folder = Path(base if base is not None else os.getcwd()) / OBJECTS_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest.hexdigest()[:20]}.npz"
-    if not path.exists():
-        partial = path.with_suffix(f".{os.getpid()}.npz")  # whole or absent, also with two writers
-        np.savez(partial, **arrays)
-        os.replace(partial, path)
-    return path
+    path = user_code.objects_folder(base) / f"{digest.hexdigest()[:20]}.npz"
+    if path.exists():
+        return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return user_code.write_once(path, buffer.getvalue())  # whole or absent, also with two writers
 
 
 def refuse_pickle_references(value: Any, where: str = "") -> None:

@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
+from metaopt import user_code
 from metaopt.errors import ConfigError
 from metaopt.redact import has_credentials, redact_uri, strip_userinfo
 
@@ -74,6 +75,7 @@ EXCLUDES = [
     "mlruns",
     "mlartifacts",
     "mlflow.db",
+    ".metaopt",  # the Python API's objects (metaopt.user_code.OBJECTS_FOLDER): local by nature
 ]
 # MLflow's HTTP client reads basic-auth credentials from these variables (mlflow.environment_variables).
 MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
@@ -105,6 +107,7 @@ def submit(
     """
     root = _working_dir(working_dir)
     relative = _file_inside(experiment_file, root)
+    refuse_python_objects(root / relative, overrides)
     public, secret_env = keep_credentials_off_the_command_line(overrides)
     return submit_command(
         run_command(relative, public), address, working_dir=str(root), env_vars=secret_env, tracking_uri=tracking_uri
@@ -248,6 +251,22 @@ def _working_dir(working_dir: str) -> Path:
     return root
 
 
+def refuse_python_objects(experiment_file: Path, overrides: Sequence[str] = ()) -> None:
+    """One ConfigError line when the experiment names what the Python API wrote under
+    :data:`metaopt.user_code.OBJECTS_FOLDER` (a ``pickle:`` object, arrays saved as .npz): that folder is never
+    uploaded (:data:`EXCLUDES`), and the objects in it are this machine's."""
+    try:
+        with experiment_file.open(encoding="utf-8", errors="replace") as stream:
+            text = stream.read(1 << 20)
+    except OSError:
+        return  # config.load reports an unreadable file
+    named = "\n".join([text, *overrides])
+    if user_code.PICKLE_PREFIX in named or user_code.OBJECTS_FOLDER.as_posix() in named:
+        raise ConfigError(
+            str(experiment_file.name), "in-memory Python objects cannot be submitted; name a module:function"
+        )
+
+
 def _quoted(text: str) -> str:
     """User input for an error message: repr, truncated."""
     return reprlib.repr(text)
@@ -344,7 +363,7 @@ def resolve_tracking_uri_for_cluster(uri: str, address: str) -> tuple[str, str |
     local_path = _local_store_path(uri)
     if local_path is None:  # a server or database URI: the same everywhere
         return uri, None
-    if not _is_loopback(address):
+    if not is_loopback(address):
         warning = (
             f"tracking.uri {redact_uri(uri)} is a file on the head node of {address}, not on this machine; "
             "point tracking.uri at an MLflow server (--set tracking.uri=http://HOST:5000) to see the runs here"
@@ -367,7 +386,7 @@ def _local_store_path(uri: str) -> str | None:
     return uri
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
     """True when the Jobs API address names this machine by a loopback name or IP."""
     host = urlsplit(_http_url(address)).hostname or ""
     if host == "localhost":
@@ -409,7 +428,7 @@ def cleartext_token_warning(address: str, sends_token: bool) -> str | None:
     ``ray dashboard cluster.yaml`` ends there, so the token crosses the network encrypted).
     """
     url = _http_url(address)
-    if not sends_token or not url.lower().startswith("http://") or _is_loopback(url):
+    if not sends_token or not url.lower().startswith("http://") or is_loopback(url):
         return None
     host = urlsplit(url).hostname or url
     return (

@@ -108,14 +108,19 @@ def start_local(config: RayConfig, log_to_driver: bool = True) -> None:
 
 
 def init(config: RayConfig, cli_address: str | None = None) -> Resources:
-    """Connect to (or start) Ray once per process and report what it offers."""
+    """Connect to (or start) Ray once per process and report what it offers.
+
+    The workers import the user's ``module:function`` references from the directory this process is in when Ray
+    starts (:func:`workers_user_dir`, :func:`user_dir_runtime_env`). Workers of a Ray already running in this
+    process keep the directory they were started with: after changing directory in a notebook, call
+    ``ray.shutdown()`` before running an experiment of another folder."""
     address = resolve_address(cli_address, config)
     if not ray.is_initialized():
-        os.environ.setdefault(user_code.USER_DIR_VARIABLE, os.getcwd())  # the embedded Ray's workers inherit it
         if address:
-            ray.init(address=address, log_to_driver=True, **user_dir_runtime_env())
+            ray.init(address=address, log_to_driver=True, **user_dir_runtime_env(address))
         else:
-            start_local(config)
+            with workers_user_dir(os.getcwd()):  # the embedded Ray's raylet, and so its workers, inherit it
+                start_local(config)
     total = ray.cluster_resources()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     return Resources(
@@ -126,14 +131,41 @@ def init(config: RayConfig, cli_address: str | None = None) -> Resources:
     )
 
 
-def user_dir_runtime_env() -> dict[str, Any]:
-    """For a driver joining a running cluster: its workers import the user's ``module:function`` references from
-    the directory the user ran in (:mod:`metaopt.user_code`; a path on this machine, so a remote cluster needs
-    ``metaopt submit``, which uploads it). Inside a submitted job the job's own working directory serves, and a
-    second runtime_env would replace the job's: none then."""
+@contextmanager
+def workers_user_dir(folder: str) -> Iterator[None]:
+    """:data:`~metaopt.user_code.USER_DIR_VARIABLE` is ``folder`` while Ray starts here (the processes it starts
+    keep it), and what it was afterwards: this process keeps taking the user's directory from where it is now, so
+    a notebook that moves to another project imports that project's modules."""
+    variable = user_code.USER_DIR_VARIABLE
+    previous = os.environ.get(variable)
+    os.environ[variable] = folder
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = previous
+
+
+def user_dir_runtime_env(address: str) -> dict[str, Any]:
+    """``ray.init`` arguments for a driver joining a running cluster at ``address``, so its workers import the
+    user's ``module:function`` references (:mod:`metaopt.user_code`):
+
+    - inside a submitted job, none: the job's own working directory (uploaded by ``metaopt submit``) serves, and a
+      second runtime_env would replace the job's;
+    - a cluster on this machine (a loopback address), the directory the user ran in, by its path;
+    - any other cluster, whose nodes do not have this machine's files: the directory uploaded as the job's
+      ``working_dir``, minus :data:`metaopt.jobs.EXCLUDES` (as ``metaopt submit`` uploads it); each worker starts
+      in its copy (Tune's trials find it through :data:`~metaopt.user_code.TUNE_START_DIR_VARIABLE`)."""
+    from metaopt import jobs
+
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         return {}
-    return {"runtime_env": {"env_vars": {user_code.USER_DIR_VARIABLE: os.environ[user_code.USER_DIR_VARIABLE]}}}
+    folder = os.getcwd()
+    if jobs.is_loopback(address):
+        return {"runtime_env": {"env_vars": {user_code.USER_DIR_VARIABLE: folder}}}
+    return {"runtime_env": {"working_dir": folder, "excludes": list(jobs.EXCLUDES)}}
 
 
 def trial_resources(config: RayConfig, available: Resources) -> dict[str, float]:

@@ -8,6 +8,7 @@ both are on the terminal.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import signal
 import time
@@ -22,7 +23,7 @@ import sqlalchemy.exc
 from metaopt import runtime, stopping, tracking
 from metaopt.config import Experiment
 from metaopt.errors import ConfigError
-from metaopt.redact import redact_uri
+from metaopt.redact import redact_text, redact_uri
 from metaopt.tuning import SweepSettings
 
 
@@ -110,17 +111,45 @@ class TrialEnd:
 
 
 def first_error_line(error: BaseException) -> str:
-    """The trial's own exception in one line, under the wrappers Ray and Tune put around it (their ``cause``)."""
+    """The trial's own exception in one line, under the wrappers Ray and Tune put around it (their ``cause``; an
+    actor that died raising in its ``__init__`` keeps only the text of the user's traceback, whose last line is
+    taken), without Ray's terminal colour codes."""
     from metaopt.errors import ConfigError
 
     cause, seen = error, set()
     while (inner := getattr(cause, "cause", None)) is not None and id(cause) not in seen:
         seen.add(id(cause))
         cause = inner
-    text = str(cause).strip()
+    text = _ANSI_CODES.sub("", str(cause)).strip()
     if isinstance(cause, ConfigError) and not hasattr(cause, "cause"):
         return text.splitlines()[0] if text else cause.__class__.__name__
-    return tracking.first_line(cause)
+    raised = _raised_in_traceback(text)
+    if raised is not None:
+        return redact_text(raised)
+    return _ANSI_CODES.sub("", tracking.first_line(cause))
+
+
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# the last line of a traceback: ``[package.module.]ErrorType: message``
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
+
+
+def _raised_in_traceback(text: str) -> str | None:
+    """The exception a traceback in ``text`` ends with (``ErrorType: message``; a ConfigError as its own line), or
+    None when ``text`` holds no traceback (no ``  File "..."`` frame line; Ray's text of a task error drops the
+    ``Traceback`` header)."""
+    lines = text.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "') and line[:1].isspace()]
+    if not frames:
+        return None
+    for line in reversed(lines[frames[0] + 1 :]):
+        match = _EXCEPTION_LINE.match(line.strip()) if line and not line[0].isspace() else None
+        if match:
+            kind, message = match.groups()
+            if kind == "ConfigError":
+                return message[:300] or kind
+            return f"{kind}: {message[:300]}" if message else kind
+    return None
 
 
 def trial_end(result) -> TrialEnd:

@@ -17,11 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from metaopt import user_code
 from metaopt.config import quote
 from metaopt.errors import ConfigError
 from metaopt.optim import piecewise_constant
 from metaopt.redact import redact_text
-from metaopt.tasks import build_task
+from metaopt.tasks import build_task, is_user_task
 
 SCHEDULES_ARTIFACT = "schedules.json"
 
@@ -41,16 +42,18 @@ class ReplayResult:
         return self.replay_metric - self.pbt_metric
 
 
-def load_payload(ref: str, tracking_uri: str | None) -> dict[str, Any]:
+def load_payload(ref: str, tracking_uri: str | None, *, python_objects: bool = False) -> dict[str, Any]:
     """A schedules.json path, or an MLflow sweep run id whose artifact it is; checked to be what a PBT sweep
-    writes (:func:`metaopt.pbt.sweep.schedules_payload`), so replaying it cannot fail halfway with a traceback."""
+    writes (:func:`metaopt.pbt.sweep.schedules_payload`), so replaying it cannot fail halfway with a traceback.
+    ``python_objects``: a sweep of a task given as a Python object (``pickle:``) may be replayed (from Python,
+    :func:`metaopt.api.replay`)."""
     from metaopt.config import exists, is_dir
 
     path = Path(ref)
     if is_dir(path):
         path = path / SCHEDULES_ARTIFACT
     if exists(path):
-        return _checked_payload(path, str(path))
+        return _checked_payload(path, str(path), python_objects)
     if not tracking_uri:
         raise ConfigError("RUN_OR_FILE", f"{quote(ref)} is not a file; to use an MLflow run id pass --tracking-uri")
     from mlflow.exceptions import MlflowException
@@ -66,7 +69,7 @@ def load_payload(ref: str, tracking_uri: str | None) -> dict[str, Any]:
                 f"({err.message.splitlines()[0]})"
             ),
         ) from None
-    return _checked_payload(Path(local), f"run {ref} {SCHEDULES_ARTIFACT}")
+    return _checked_payload(Path(local), f"run {ref} {SCHEDULES_ARTIFACT}", python_objects)
 
 
 class _Trial(BaseModel):
@@ -84,10 +87,11 @@ class _Payload(BaseModel):
     total_steps: StrictInt = Field(ge=1)
     best_trial: str | None = None
     parent_run_id: str | None = None
+    code: dict[str, str] = Field(default_factory=dict)  # the user's task code: user_dir, module_file, sha256
     trials: dict[str, _Trial] = Field(min_length=1)
 
 
-def _checked_payload(path: Path, field: str) -> dict[str, Any]:
+def _checked_payload(path: Path, field: str, python_objects: bool = False) -> dict[str, Any]:
     """The JSON at ``path`` (a regular file of at most 1 MiB) if it is a PBT sweep's schedules payload: its
     experiment a valid pbt experiment, every trial's schedule a valid piecewise-constant schedule."""
     from pydantic import ValidationError
@@ -106,8 +110,16 @@ def _checked_payload(path: Path, field: str) -> dict[str, Any]:
         checked = _Payload.model_validate(payload)
     except ValidationError as err:
         raise ConfigError(field, f"{what}: {config.first_error('', _Payload, err)}") from None
+    section = checked.experiment.get("pbt")
+    task = section.get("task") if isinstance(section, dict) else None
+    if isinstance(task, str) and task.startswith(user_code.PICKLE_PREFIX) and not python_objects:
+        raise ConfigError(
+            field,
+            "this sweep's task is an in-memory Python object; replay it from Python "
+            f"(metaopt.api.replay({str(path)!r}))",
+        )
     try:
-        experiment = config.from_dict(checked.experiment, check_paths=False)
+        experiment = config.from_dict(checked.experiment, check_paths=False, python_objects=python_objects)
     except ConfigError as err:
         raise ConfigError(field, f"{what}: experiment.{err}") from None
     if experiment.kind != "pbt":
@@ -140,7 +152,11 @@ def replay(payload: dict[str, Any], trial_id: str | None = None, progress: bool 
     section = payload["experiment"]["pbt"]
     schedule = [(int(s), float(lr)) for s, lr in payload["trials"][chosen]["schedule"]]
     lr_at = piecewise_constant(schedule)
-    task = build_task(section["task"], section["task_options"], section["optimizer"], section["seed"])
+    with user_code.from_dir(code_dir(payload)):
+        task = build_task(section["task"], section["task_options"], section["optimizer"], section["seed"])
+        warning = changed_code_warning(payload)
+    if warning and progress:
+        print(warning, flush=True)
     per_iteration, total = int(payload["steps_per_iteration"]), int(payload["total_steps"])
     started = time.time()
     metrics: dict[str, float] = {}
@@ -167,6 +183,30 @@ def replay(payload: dict[str, Any], trial_id: str | None = None, progress: bool 
         steps=task.step,
         seconds=time.time() - started,
         metrics=metrics,
+    )
+
+
+def code_dir(payload: dict[str, Any]) -> Path:
+    """Where the sweep's user task is imported from: the directory the sweep ran in, when it is on this machine;
+    else the current one (the project copied elsewhere)."""
+    recorded = payload.get("code", {}).get("user_dir")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return user_code.user_dir()
+
+
+def changed_code_warning(payload: dict[str, Any]) -> str | None:
+    """A warning line when the module of the sweep's task is not the code the sweep ran (its sha256 differs)."""
+    code = payload.get("code") or {}
+    task = payload["experiment"]["pbt"]["task"]
+    if not code.get("sha256") or not is_user_task(task):
+        return None
+    file = user_code.module_file(task)
+    if file is None or user_code.file_sha256(file) == code["sha256"]:
+        return None
+    return (
+        f"[metaopt] warning: {file} is not the code the sweep ran (sha256 {code['sha256'][:12]}, now "
+        f"{user_code.file_sha256(file)[:12]}); the replay may not reproduce the trial"
     )
 
 

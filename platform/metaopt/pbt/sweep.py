@@ -17,6 +17,7 @@ from typing import Any
 
 from metaopt import report, tracking
 from metaopt.config import Experiment
+from metaopt.errors import ConfigError
 from metaopt.pbt import lineage, plots
 from metaopt.pbt.replay import SCHEDULES_ARTIFACT
 from metaopt.pbt.tune import STATE_FILE, build_tuner
@@ -214,6 +215,7 @@ def schedules_payload(summary: SweepSummary, exp: Experiment) -> dict[str, Any]:
         "total_steps": section.iterations * section.steps_per_iteration,
         "best_trial": summary.best_trial,
         "parent_run_id": summary.parent_run_id,
+        "code": user_task_code(exp),
         "trials": {
             t.trial_id: {
                 "tag": t.tag,
@@ -227,10 +229,28 @@ def schedules_payload(summary: SweepSummary, exp: Experiment) -> dict[str, Any]:
     }
 
 
+def user_task_code(exp: Experiment) -> dict[str, str]:
+    """What pins the user's task factory (its directory, module file and sha256,
+    :func:`metaopt.user_code.code_record`) for ``metaopt replay``; empty for a built-in task or a Python object."""
+    from metaopt import user_code
+    from metaopt.tasks import is_user_task
+
+    task = exp.section.task
+    if not is_user_task(task):
+        return {}
+    try:
+        return user_code.code_record(task)
+    except (ConfigError, OSError):  # the module broke or vanished since the sweep started: nothing to pin
+        return {}
+
+
 def log_summary(parent: tracking.ParentRun, summary: SweepSummary, exp: Experiment) -> None:
     section = exp.section
     total_steps = section.iterations * section.steps_per_iteration
-    parent.log_json(SCHEDULES_ARTIFACT, schedules_payload(summary, exp))
+    payload = schedules_payload(summary, exp)
+    parent.log_json(SCHEDULES_ARTIFACT, payload)
+    if payload["code"]:  # the code the sweep ran, beside its config: code.user_dir, code.module_file, code.sha256
+        parent.client.log_batch(parent.run_id, params=tracking.as_params({"code": payload["code"]}))
     schedules = {t.trial_id: t.schedule for t in summary.trials}
     parent.log_figure(
         plots.plot_schedules(schedules, summary.best_trial, total_steps, f"{exp.name}: lr along each lineage"),

@@ -54,6 +54,7 @@ def score_program(program_json: str, proxy: dict[str, Any]) -> ProgramScore:
 
 def train_once(program_json: str, proxy: dict[str, Any], lr: float, seed: int) -> tuple[float, str | None]:
     """One proxy training at ``lr``: ``(score, None)`` (higher is better), or ``(-inf, why it failed)``."""
+    from metaopt.errors import ConfigError
     from metaopt.symbolic.export import NonFiniteProgramError, raise_on_nonfinite
     from metaopt.tasks import build_task
 
@@ -63,6 +64,10 @@ def train_once(program_json: str, proxy: dict[str, Any], lr: float, seed: int) -
             metrics = task.train(proxy["steps"], lambda _step: lr)
     except NonFiniteProgramError as err:
         return -math.inf, str(err)
+    except ConfigError as err:
+        if err.field == "task":  # the proxy's own task cannot be built (the user's factory failed): that fails the
+            raise  # search in one line, instead of scoring every program -inf
+        return -math.inf, f"raised ConfigError: {str(err).splitlines()[0] if str(err) else ''}"
     except Exception as err:  # any error of a candidate program is its failure
         return -math.inf, f"raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     value = float(metrics.get(task.metric, math.nan))

@@ -176,8 +176,22 @@ def build_task(name: str, options: Any, optimizer: Any, seed: int) -> TrainingTa
     if entry.extra is not None:
         require(entry.extra, "task")
     if entry.user:
-        return task_class(name)(*user_task_arguments(name, options, optimizer, seed))
+        return build_user_task(name, options, optimizer, seed)
     return task_class(name)(options, optimizer, seed)
+
+
+def build_user_task(name: str, options: Any, optimizer: Any, seed: int) -> TrainingTask:
+    """The user's factory called (in the user's directory, :func:`metaopt.user_code.call`) and what it returned
+    checked (:func:`checked_task`): a trial or a replay whose factory fails says so in one line on ``task``
+    (an optimizer spec that is not valid is the ``optimizer``'s)."""
+    arguments = user_task_arguments(name, options, optimizer, seed)
+    try:
+        factory = user_code.load_callable(name, FACTORY_PARAMETERS)
+        task = user_code.call(factory, name, *arguments)
+        checked_task(task, name)
+    except ConfigError as err:
+        raise ConfigError("task", err.problem if not err.field else str(err)) from None
+    return task
 
 
 def user_task_arguments(name: str, options: Any, optimizer: Any, seed: int) -> tuple[dict[str, Any], Any, int]:
@@ -191,7 +205,7 @@ def user_task_arguments(name: str, options: Any, optimizer: Any, seed: int) -> t
 
 # ---- the user's factory, probed once ------------------------------------------------------------------------
 
-_PROBED: dict[tuple[str, str], tuple[str, str]] = {}
+_PROBED: dict[tuple[str, str, str], tuple[str, str]] = {}
 
 
 def task_metric_mode(name: str, options: Any = None, optimizer: Any = None, seed: int = 0) -> tuple[str, str]:
@@ -201,7 +215,8 @@ def task_metric_mode(name: str, options: Any = None, optimizer: Any = None, seed
     if not is_user_task(name):
         task_cls = task_class(name)
         return task_cls.metric, task_cls.mode
-    key = (name, _canonical([options or {}, optimizer or PROBE_OPTIMIZER, seed]))
+    # the code as it is on disk now: a module edited since (a notebook) is probed again
+    key = (name, user_code.fingerprint(name), _canonical([options or {}, optimizer or PROBE_OPTIMIZER, seed]))
     if key not in _PROBED:
         _PROBED[key] = _probe(name, options or {}, optimizer or PROBE_OPTIMIZER, seed)
     return _PROBED[key]
@@ -345,6 +360,7 @@ __all__ = [
     "TrainingTask",
     "UserTaskOptions",
     "build_task",
+    "build_user_task",
     "check_user_task",
     "checked_task",
     "is_user_task",
