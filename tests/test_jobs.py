@@ -368,12 +368,12 @@ def _metaopt_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "metaopt.cli"]
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the CLI from the repo root as a user would (RAY_AUTH_MODE unset: the token file must suffice)."""
+def _cli(*args: str, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the CLI from ``cwd`` (the repo root) as a user would (RAY_AUTH_MODE unset: the token file must suffice)."""
     env = {**os.environ, "PYTHONPATH": f"{PLATFORM}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_AUTH_MODE", None)
     command = [*_metaopt_command(), *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _wait_via_cli(job_id: str, address: str) -> str:
@@ -389,26 +389,29 @@ def _wait_via_cli(job_id: str, address: str) -> str:
 
 
 @pytest.mark.cluster
-def test_metaopt_submit_quickstart_tiny_records_a_finished_mlflow_run(cluster, tmp_path):
+def test_metaopt_submit_ships_the_users_code_and_records_a_finished_mlflow_run(cluster, tmp_path):
+    """A user's project folder (examples/own_task: their task module and data beside the experiment file), submitted
+    from that folder as the README says: the job imports ``tasks:make_task`` from the uploaded working directory
+    on the cluster and its MLflow runs end FINISHED with the user's metric."""
     from mlflow import MlflowClient
 
-    experiment_file = REPO / "experiments" / "quickstart_tiny.yaml"
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "examples" / "own_task", project, ignore=shutil.ignore_patterns("__pycache__", "mlruns"))
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    submitted = _cli(
-        "submit", "experiments/quickstart_tiny.yaml", "--address", cluster, "--set", f"tracking.uri={tracking_uri}"
-    )
+    tiny = ["pbt.population=2", "pbt.iterations=2", "pbt.steps_per_iteration=10", "pbt.perturbation_interval=1"]
+    overrides = [arg for override in [*tiny, f"tracking.uri={tracking_uri}"] for arg in ("--set", override)]
+    submitted = _cli("submit", "pbt.yaml", "--address", cluster, *overrides, cwd=project)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     final = _wait_via_cli(job_id, cluster)
     assert final == "SUCCEEDED", _cli("logs", job_id, "--address", cluster).stdout[-4000:]
 
-    raw = yaml.safe_load(experiment_file.read_text())
-    name = (raw.get("tracking") or {}).get("experiment") or raw["name"]
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    assert experiment is not None, f"no MLflow experiment {name!r} in {tracking_uri}"
-    finished = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'")
-    assert finished, f"no finished run in MLflow experiment {name!r}"
+    experiment = client.get_experiment_by_name("own-task-pbt")
+    assert experiment is not None, f"no MLflow experiment 'own-task-pbt' in {tracking_uri}"
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs and {run.info.status for run in runs} == {"FINISHED"}
+    assert any("best_val_mse" in run.data.metrics for run in runs)  # scored by the user's own metric
 
 
 @pytest.mark.cluster
