@@ -105,6 +105,36 @@ def test_csv_with_class_names_and_a_group_column(tmp_path):
         load_csv(tmp_path / "words.csv")
 
 
+def test_values_beyond_float32_are_refused_after_the_cast_naming_the_file(tmp_path):
+    """1e39 is finite in float64 but inf once cast to the float32 the model trains on: one line naming the file."""
+    x, y, _ = grouped_arrays(n=8)
+    big = x.astype(np.float64)
+    big[3, 1] = 1e39
+    np.savez(tmp_path / "big.npz", x=big, y=y)
+    with pytest.raises(ConfigError, match=r"big.npz'?: x holds NaN or infinite values \(or beyond float32's range"):
+        load_npz(tmp_path / "big.npz")
+    big[3, 1] = 3e38  # within float32's range: kept
+    assert torch.isfinite(as_dataset(big, y, source="arrays").x).all()
+
+
+def test_missing_group_ids_are_refused_not_pooled_into_one_group(tmp_path):
+    """An empty group cell (pandas reads NaN, which would become the group "nan") or NaN / None group ids in
+    arrays would silently pool those samples into one client: one line naming the file instead."""
+    rows = ["f1,label,site"] + [f"{i},{i % 2},{'' if i == 4 else f's{i % 3}'}" for i in range(8)]
+    (tmp_path / "holes.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match=r"holes.csv'?: column 'site' has empty values \(missing group ids\)"):
+        load_csv(tmp_path / "holes.csv", group_column="site")
+    x, y, groups = grouped_arrays(n=8)
+    float_groups = groups.astype(np.float64)
+    float_groups[2] = np.nan
+    np.savez(tmp_path / "holes.npz", x=x, y=y, groups=float_groups)
+    with pytest.raises(ConfigError, match=r"holes.npz'?: groups has 1 missing ids \(NaN or None\)"):
+        load_npz(tmp_path / "holes.npz")
+    with pytest.raises(ConfigError, match=r"mine: groups has 2 missing ids"):
+        as_dataset(x, y, np.array(["a", None, "b", float("nan"), "a", "b", "a", "b"], dtype=object), source="mine")
+    assert as_dataset(x, y, groups.astype(np.float64), source="m").groups.tolist() == groups.tolist()  # none missing
+
+
 def write_image_folder(root: Path, classes: dict[str, int]) -> None:
     rng = np.random.default_rng(0)
     for name, count in classes.items():

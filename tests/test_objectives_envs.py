@@ -23,7 +23,9 @@ import yaml
 from jax.scipy.stats import norm
 from scipy import stats
 
-from metaopt import cli
+from metaopt import cli, user_code
+from metaopt.config import from_dict
+from metaopt.errors import ConfigError
 from metaopt.objectives import ppo
 from metaopt.objectives.drifts import make_drift
 from metaopt.objectives.envs import action_spec, make_env
@@ -180,6 +182,72 @@ def user_folder(tmp_path, monkeypatch):
     yield tmp_path
     for name in ("broken_envs", "reach_target"):
         sys.modules.pop(name, None)
+
+
+def test_env_ids_are_looked_up_in_gymnax_only_where_the_run_happens(monkeypatch):
+    """``metaopt submit``/``list`` (check_paths false) accept any well-formed env id, its env_params and every
+    horizon without importing gymnax (hence JAX); where the run happens, a gymnax that does not import is one line."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "gymnax"] + ["gymnax"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    raw = experiment("Catch-bsuite", env_params={"max_steps_in_episode": 50})
+    raw["lpo_eval"]["horizons"] = [1.0, 2.0]
+    loaded = from_dict(raw, check_paths=False)
+    assert loaded.section.envs[0].env == "Catch-bsuite"
+    with pytest.raises(ConfigError, match=r"^lpo_eval\.envs\.0\.env: 'Catch bsuite' is not a gymnax env id"):
+        from_dict(experiment("Catch bsuite"), check_paths=False)
+    with pytest.raises(ConfigError) as missing:
+        from_dict(experiment("Catch-bsuite"), check_paths=True)
+    line = str(missing.value)
+    assert line.startswith("lpo_eval.envs.0.env: looking up a gymnax env id needs gymnax and JAX, which did not ")
+    assert line.endswith("pip install 'metaopt-platform'") and "\n" not in line
+
+
+ENV_MODULE = textwrap.dedent(
+    """
+    import gymnax
+
+
+    def make_env():
+        return gymnax.make("{env}")
+    """
+)
+
+
+def test_a_user_envs_compiled_programs_are_keyed_by_its_module_file(tmp_path, monkeypatch):
+    """A compiled PPO program is not reused for a user env whose module changed: another folder's module of the
+    same name (or the same file edited, as in a notebook) gets a program of its own."""
+    from metaopt.objectives.envs import code_fingerprint
+    from metaopt.objectives.population import PopulationEvaluator, Problem
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, env in ((first, "CartPole-v1"), (second, "Acrobot-v1")):
+        folder.mkdir()
+        (folder / "notebook_env.py").write_text(ENV_MODULE.format(env=env))
+    monkeypatch.setenv("METAOPT_JAX_CACHE", "off")
+    reference, evaluator, drift = "notebook_env:make_env", PopulationEvaluator(shard=False), ppo_clip_drift()
+    members = {"final_return": jnp.zeros(2)}
+    problem = Problem.of(reference, 256)
+    try:
+        with user_code.from_dir(first):
+            first_key, first_print = evaluator._program_key("ppo", (), problem), code_fingerprint(reference)
+        with user_code.from_dir(second):
+            second_key, second_print = evaluator._program_key("ppo", (), problem), code_fingerprint(reference)
+            built = []
+            monkeypatch.setattr(ppo, "make_train", lambda config, drift: built.append(1) or (lambda k, p: p))
+            config = PPOConfig(env_name=reference, num_envs=4, num_steps=16, total_timesteps=64)
+            ppo._population_fn.cache_clear()
+            ppo.train_many(config, drift, jax.random.key(0), members, 1, full_metrics=True)
+            (second / "notebook_env.py").write_text(ENV_MODULE.format(env="MountainCar-v0") + "\n# edited\n")
+            edited_print = code_fingerprint(reference)
+            ppo.train_many(config, drift, jax.random.key(0), members, 1, full_metrics=True)
+    finally:
+        ppo._population_fn.cache_clear()
+        sys.modules.pop("notebook_env", None)
+    assert first_key[:3] == second_key[:3] and first_key != second_key
+    assert len({first_print, second_print, edited_print}) == 3 and str(second) in second_print
+    assert len(built) == 2  # the edited module's program was built anew
+    assert code_fingerprint("CartPole-v1") == ""  # a gymnax id: its name says it all
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import yaml
 
 from metaopt import cli
 from metaopt.errors import ConfigError
+from metaopt.posttrain.rewards import Score
 from metaopt.posttrain.tasks import make_taskset
 
 ROWS = [
@@ -119,6 +120,40 @@ def test_a_bad_line_is_one_error_naming_file_and_line(user_folder, lines, proble
         make_taskset([], 0, dataset={"path": "problems.jsonl", "category_key": "topic", "category_order": ["add"]})
 
 
+def test_a_line_over_the_limit_is_refused_without_reading_it_whole(user_folder, monkeypatch):
+    """The file is read at most the limit + 1 bytes a line: a line without end (a multi-GB file with no newline)
+    is one error naming file:line, never held in memory whole."""
+    from metaopt.posttrain import dataset
+
+    monkeypatch.setattr(dataset, "MAX_LINE_BYTES", 64)
+    (user_folder / "problems.jsonl").write_text(json.dumps(ROWS[0]) + "\n" + "x" * 10_000 + "\n")
+    reads = []
+    opened = dataset._open_capped
+
+    class Spy:  # the file as read_dataset sees it, each line's length recorded
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def readline(self, size=-1):
+            line = self.stream.readline(size)
+            reads.append(len(line))
+            return line
+
+    def spied_open(path):
+        return Spy(opened(path))
+
+    monkeypatch.setattr(dataset, "_open_capped", spied_open)
+    with pytest.raises(ConfigError, match=r"^posttrain\.dataset\.path: problems.jsonl:2: line longer than 64 bytes"):
+        make_taskset([], 0, dataset={"path": "problems.jsonl"})
+    assert max(reads) == 65  # the limit + 1, not the 10 kB line
+
+
 # ------------------------------------------------------------------ the user's reward, with a time limit
 
 
@@ -156,6 +191,107 @@ def test_the_users_reward_gets_the_completion_as_a_string(user_folder):
         taskset.close()
     calls = (user_folder / "calls.txt").read_text().splitlines()
     assert calls[0].startswith(repr(hostile)) and not (user_folder / "pwned").exists()
+
+
+VOCAB_REWARD = textwrap.dedent(
+    """
+    import re
+
+
+    def in_vocab(completion, answer):
+        with open("vocab.txt") as words:  # relative: the user's folder, wherever the trial runs
+            return float(completion.strip() in words.read().split())
+
+
+    def backtracks(completion, answer):  # holds the GIL in C for ages: only a signal stops it
+        return float(bool(re.match(r"(a+)+$", "a" * 64 + "b")))
+
+
+    def hungry(completion, answer):
+        return float(len(bytearray(3 << 30)))
+    """
+)
+
+
+@pytest.fixture
+def vocab_folder(tmp_path, monkeypatch):
+    """The user's folder (vocab_rewards.py, vocab.txt) and a trial's folder elsewhere, the current directory, as
+    Ray Tune runs a trial; the user's folder is known only from METAOPT_USER_DIR (as runtime.init sets it)."""
+    user, trial = tmp_path / "user", tmp_path / "trial"
+    user.mkdir(), trial.mkdir()
+    (user / "vocab_rewards.py").write_text(VOCAB_REWARD)
+    (user / "vocab.txt").write_text("apple pear\n")
+    monkeypatch.chdir(trial)
+    monkeypatch.setenv("METAOPT_USER_DIR", str(user))
+    yield user
+    sys.modules.pop("vocab_rewards", None)
+
+
+def test_a_reward_opening_a_relative_file_reads_the_users_folder_from_a_trials_folder(vocab_folder, monkeypatch):
+    from metaopt.posttrain.config import check_reward_returns_a_float
+    from metaopt.posttrain.dataset import DatasetSpec
+    from metaopt.posttrain.rewards import ScorerProcess
+
+    scorer = ScorerProcess({"r": {"kind": "user", "reference": "vocab_rewards:in_vocab"}}, timeout_s=10)
+    try:
+        assert scorer.score("r", "pear", "") == Score(1.0) and scorer.score("r", "plum", "") == Score(0.0)
+    finally:
+        scorer.close()
+    # the check before Ray: the validation's base (the folder the user ran in), not the current directory
+    monkeypatch.delenv("METAOPT_USER_DIR")
+    write_jsonl(vocab_folder / "problems.jsonl", [{"prompt": "a fruit", "answer": "apple"}])
+    spec = DatasetSpec(path=str(vocab_folder / "problems.jsonl"), reward="vocab_rewards:in_vocab")
+    check_reward_returns_a_float(spec, 10, base=vocab_folder)
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from metaopt.posttrain.rewards import ScorerProcess
+
+    scorer = ScorerProcess({"r": {"kind": "user", "reference": "vocab_rewards:backtracks"}}, 600, sys.argv[1])
+    print(scorer._start().pid, flush=True)
+    scorer.score("r", "x", "x")  # never answers
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"  # a zombie is dead, waiting to be reaped
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_reward_process_dies_with_its_parent_even_stuck_in_c(vocab_folder):
+    """A Ray worker killed (-9) mid-score leaves no reward process behind, even one whose scorer holds the GIL in C
+    (the watchdog thread and the closed stdin cannot act then): prctl's parent-death signal kills it."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, str(vocab_folder)], stdout=subprocess.PIPE)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.3)  # into the backtracking
+        assert _alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 2.0
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_a_reward_over_the_memory_cap_fails_with_memory_error_and_scores_zero(vocab_folder):
+    from metaopt.posttrain.rewards import ScorerProcess
+
+    scorer = ScorerProcess({"r": {"kind": "user", "reference": "vocab_rewards:hungry"}}, 10, memory_mb=1024)
+    try:
+        result = scorer.score("r", "x", "x")
+        assert result.value == 0.0 and result.problem.startswith("raised MemoryError")
+        assert scorer.restarts == 0  # the process lives on
+    finally:
+        scorer.close()
 
 
 # ------------------------------------------------------------------ any reasoning-gym task by name
@@ -245,6 +381,18 @@ GUARDS_SCRIPT = textwrap.dedent(
         assert fake.parse_expr(entry["answer"]) == x**2 + 1 and eval(entry["metadata"]["expression"]) == 6
         assert eval(compile("2+2", "<code>", "eval")) == 4  # a code object (imports run so)
     assert eval("1+1") == 2 and sympify("x") == Symbol("x")  # unguarded outside a scorer
+    evaluated = 0
+    for _ in range(50):  # a scorer that drops the entry's string: a new string may take its address
+        entry = {"answer": "".join(["__imp", "ort__('os').getpid()"])}
+        completion = "".join(["__imp", "ort__('os').getpid()"])
+        try:
+            with evaluation_refused(entry):
+                entry["answer"] = None
+                eval(completion.lower())
+            evaluated += 1
+        except EvaluationRefused:
+            pass
+    print(evaluated)
     print("ok")
     """
 )
@@ -254,7 +402,42 @@ def test_the_guards_refuse_text_only_while_a_scorer_runs_and_let_the_entrys_own_
     result = subprocess.run([sys.executable, "-c", GUARDS_SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     names = "['sympy sympify', 'sympy parse_expr', 'sympy parse_expr', 'eval', 'exec']"
-    assert result.stdout.splitlines() == [names, "ok"]
+    assert result.stdout.splitlines() == [names, "0", "ok"]  # 0: the model's text was never evaluated
+
+
+@pytest.fixture
+def without_reasoning_gym(monkeypatch):
+    """reasoning-gym as if not installed: importing it (or any of its modules) raises ImportError."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "reasoning_gym"] + ["reasoning_gym"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_task_names_are_looked_up_in_reasoning_gym_only_where_the_run_happens(without_reasoning_gym):
+    """``metaopt submit``/``list`` (check_paths false) accept any well-formed task name and its options without
+    importing reasoning-gym (the cluster has it); where the run happens, a missing reasoning-gym is one line."""
+    from pydantic import ValidationError
+
+    from metaopt.config import first_error, from_dict
+    from metaopt.posttrain.tasks import TaskSpec
+
+    elsewhere = {"check_paths": False}
+    task = TaskSpec.model_validate({"name": "n_queens", "options": {"n": 5}}, context=elsewhere)
+    assert task.name == "n_queens" and task.options == {"n": 5}
+    assert TaskSpec.model_validate({"name": "chain_sum", "levels": [2], "options": {"x": 1}}, context=elsewhere)
+    with pytest.raises(ValidationError) as bad_form:
+        TaskSpec.model_validate({"name": "n queens"}, context=elsewhere)
+    assert str(first_error("posttrain.tasks.0", TaskSpec, bad_form.value)).startswith(
+        "posttrain.tasks.0.name: 'n queens' is not a task name"
+    )
+    with pytest.raises(ValidationError) as missing:
+        TaskSpec.model_validate({"name": "n_queens"}, context={"check_paths": True})
+    line = str(first_error("posttrain.tasks.0", TaskSpec, missing.value))
+    assert line.startswith("posttrain.tasks.0.name: reasoning-gym did not import (") and "\n" not in line
+    assert line.endswith("pip install 'metaopt-platform[posttrain]'")
+    config = experiment({})  # a whole file, as metaopt submit/list validate it
+    del config["posttrain"]["dataset"]
+    config["posttrain"]["tasks"] = [{"name": "n_queens", "options": {"n": 5}}]
+    assert from_dict(config, check_paths=False).section.tasks[0].options == {"n": 5}
 
 
 def test_tasks_whose_scorer_evaluates_its_correct_answer_are_found():

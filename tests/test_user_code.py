@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import textwrap
 from pathlib import Path
@@ -196,9 +197,9 @@ def test_a_function_workers_cannot_import_by_name_is_pickled_by_value(user_folde
     elsewhere = tmp_path_factory.mktemp("notebook_lib")
     write_module(elsewhere, "uc_nb_lib", "FACTOR = 3\ndef triple(x):\n    return FACTOR * x\n")
     sys.path.append(str(elsewhere))
-    import uc_nb_lib
+    notebook_lib = importlib.import_module("uc_nb_lib")
 
-    reference = user_code.reference_to(uc_nb_lib.triple)
+    reference = user_code.reference_to(notebook_lib.triple)
     assert reference.startswith(user_code.PICKLE_PREFIX)
     import cloudpickle
 

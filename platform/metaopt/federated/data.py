@@ -22,6 +22,7 @@ one :class:`~metaopt.errors.ConfigError` on ``dataset`` naming the file.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -273,8 +274,10 @@ def as_dataset(x: Any, y: Any, groups: Any = None, *, source: str, classes: int 
         raise fail(f"x must be [samples, features...] with 2 samples or more; its shape is {x.shape}")
     if y.ndim != 1 or len(y) != len(x):
         raise fail(f"y must be [samples] like x ({len(x)} samples); its shape is {y.shape}")
-    if not np.isfinite(x).all():
-        raise fail("x holds NaN or infinite values")
+    with np.errstate(over="ignore", invalid="ignore"):  # checked after the cast: 1e39 is inf in float32
+        features = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(features).all():
+        raise fail("x holds NaN or infinite values (or beyond float32's range, about ±3.4e38)")
     labels = _class_ids(y, fail)
     num_classes = int(labels.max()) + 1
     if classes is not None:
@@ -288,12 +291,14 @@ def as_dataset(x: Any, y: Any, groups: Any = None, *, source: str, classes: int 
         groups = _array(groups, "groups", fail)
         if groups.ndim != 1 or len(groups) != len(x):
             raise fail(f"groups must be [samples] like x ({len(x)} samples); its shape is {groups.shape}")
+        missing = _missing_ids(groups)
+        if missing:
+            raise fail(f"groups has {missing} missing ids (NaN or None); give every sample its group")
         try:
             group_ids = torch.as_tensor(np.unique(groups, return_inverse=True)[1].reshape(-1), dtype=torch.int64)
         except TypeError as err:
             raise fail(f"groups cannot be compared with each other ({err})") from None
-    features = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    return Dataset(features, torch.as_tensor(labels, dtype=torch.int64), num_classes, group_ids)
+    return Dataset(torch.as_tensor(features), torch.as_tensor(labels, dtype=torch.int64), num_classes, group_ids)
 
 
 def _array(value: Any, name: str, fail) -> np.ndarray:
@@ -302,6 +307,15 @@ def _array(value: Any, name: str, fail) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     raise fail(f"{name} is a {type(value).__name__}; expected a numpy array or a torch tensor")
+
+
+def _missing_ids(ids: np.ndarray) -> int:
+    """How many entries of ``ids`` are missing: NaN (floats), or None / NaN in an object array."""
+    if ids.dtype.kind in "fc":
+        return int(np.isnan(ids).sum())
+    if ids.dtype.kind == "O":
+        return sum(1 for value in ids if value is None or (isinstance(value, float) and math.isnan(value)))
+    return 0
 
 
 def _class_ids(y: np.ndarray, fail) -> np.ndarray:
@@ -385,7 +399,11 @@ def load_csv(path: Path, label_column: str = "label", group_column: str = "group
         raise ConfigError("dataset", f"{where}: column {quote(label_column)} has empty values")
     if not pd.api.types.is_numeric_dtype(labels):  # class names: numbered in sorted order
         labels = pd.Series(np.unique(labels.astype(str), return_inverse=True)[1].reshape(-1))
-    groups = table[group_column].astype(str).to_numpy() if group_column in columns else None
+    groups = None
+    if group_column in columns:
+        if table[group_column].isna().any():
+            raise ConfigError("dataset", f"{where}: column {quote(group_column)} has empty values (missing group ids)")
+        groups = table[group_column].astype(str).to_numpy()
     return as_dataset(table[features].to_numpy(), labels.to_numpy(), groups, source=where)
 
 

@@ -10,7 +10,7 @@ models of :mod:`metaopt.objectives.ppo_settings` (the env list, the defaults, :c
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -47,16 +47,18 @@ class EnvSpec(StrictModel):
             raise ConfigError("", "a pickle: reference is written by metaopt's Python API; name a 'module:function'")
         return env
 
-    def ppo_config(self, multiplier: float = 1.0) -> PPOConfig:
-        """This problem's PPO settings at ``multiplier`` x its budget (a training-horizon multiplier)."""
-        return ppo_config_for(self.env, total_timesteps=horizon_steps(self.total_timesteps, multiplier), **self.ppo)
+    def ppo_config(self, multiplier: float = 1.0, context: dict[str, Any] | None = None) -> PPOConfig:
+        """This problem's PPO settings at ``multiplier`` x its budget (a training-horizon multiplier); ``context``:
+        the section's validation context (``check_paths`` false: no gymnax lookup, :func:`ppo_config_for`)."""
+        steps = horizon_steps(self.total_timesteps, multiplier)
+        return ppo_config_for(self.env, context=context, total_timesteps=steps, **self.ppo)
 
     @model_validator(mode="after")
     def _one_run_fits(self, info: ValidationInfo) -> EnvSpec:
         # what spans settings (minibatches dividing the batch, a budget of at least one update) needs the env's
         # defaults too: build the run's PPOConfig once
         try:
-            config = self.ppo_config()
+            config = self.ppo_config(context=section_context(info))
         except ConfigError as err:
             raise ConfigError(ppo_field(err.field), err.problem) from None
         context = info.context or {}
@@ -68,6 +70,13 @@ class EnvSpec(StrictModel):
             except ConfigError as err:
                 raise ConfigError(ppo_field(err.field) if err.field else "env", err.problem) from None
         return self
+
+
+def section_context(info: ValidationInfo) -> dict[str, Any]:
+    """The validation context for the PPOConfigs a section builds: the section's; without one (a section validated
+    again inside its Experiment, or built in code) nothing only the run needs is looked up (no gymnax import),
+    as paths are not checked then (:func:`metaopt.config.validation_base`)."""
+    return info.context if info.context is not None else {"check_paths": False}
 
 
 def horizon_steps(total_timesteps: int, multiplier: float) -> int:
@@ -114,7 +123,7 @@ def positive_horizons(cls, horizons: list[float]) -> list[float]:
     return horizons
 
 
-def check_horizons(envs: list[EnvSpec], horizons: list[float]) -> None:
+def check_horizons(envs: list[EnvSpec], horizons: list[float], context: dict[str, Any] | None = None) -> None:
     """Every env's PPO run at every horizon multiplier must hold at least one update: a ConfigError naming the
     env's entry and the horizon otherwise (multiplier 1 is each EnvSpec's own check)."""
     for i, spec in enumerate(envs):
@@ -122,7 +131,7 @@ def check_horizons(envs: list[EnvSpec], horizons: list[float]) -> None:
             if multiplier == 1.0:
                 continue
             try:
-                spec.ppo_config(multiplier)
+                spec.ppo_config(multiplier, context)
             except ConfigError as err:
                 steps = horizon_steps(spec.total_timesteps, multiplier)
                 raise ConfigError(
@@ -166,7 +175,7 @@ class LPOSection(StrictModel):
         return seeds
 
     @model_validator(mode="after")
-    def _consistent(self) -> LPOSection:
+    def _consistent(self, info: ValidationInfo) -> LPOSection:
         if self.workers and self.es.population % self.workers:
             raise ConfigError(
                 "workers", f"must divide es.population ({self.es.population} members over {self.workers} workers)"
@@ -178,7 +187,7 @@ class LPOSection(StrictModel):
             raise ConfigError(
                 "horizons", "several horizons only matter for ta_lpo (LPO cannot see the horizon); give one"
             )
-        check_horizons(self.envs, self.horizons)
+        check_horizons(self.envs, self.horizons, section_context(info))
         return self
 
 
@@ -218,8 +227,8 @@ class LPOEvalSection(StrictModel):
         return objectives
 
     @model_validator(mode="after")
-    def _runs_fit(self) -> LPOEvalSection:
-        check_horizons(self.envs, self.horizons)
+    def _runs_fit(self, info: ValidationInfo) -> LPOEvalSection:
+        check_horizons(self.envs, self.horizons, section_context(info))
         return self
 
     def check(self) -> None:

@@ -62,6 +62,14 @@ def make_env(config: PPOConfig) -> tuple[Any, Any]:
     return env, env_params
 
 
+def code_fingerprint(env_name: str) -> str:
+    """What a compiled PPO program of ``env_name`` depends on beyond its name, for the caches of compiled programs
+    (:func:`metaopt.objectives.ppo.train_many`, :class:`~metaopt.objectives.population.PopulationEvaluator`): for a
+    user env, its module's file, size and modification time (:func:`metaopt.user_code.fingerprint`), so a module
+    edited since (a notebook) or another folder's module of the same name compiles afresh; "" for a gymnax id."""
+    return user_code.fingerprint(env_name) if user_code.is_reference(env_name) else ""
+
+
 def observation_size(env: Any, env_params: Any) -> int:
     """Entries of one observation, flattened (the policy's input width), from the shape ``reset`` returns."""
     obs, _ = jax.eval_shape(env.reset, jax.random.PRNGKey(0), env_params)

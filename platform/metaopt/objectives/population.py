@@ -84,12 +84,18 @@ class PopulationEvaluator:
             self._drifts[key] = make_drift(drift, **dict(options))[0]
         return self._drifts[key]
 
-    def _train_batch(self, drift: str, options: tuple, problem: Problem):
+    def _program_key(self, drift: str, options: tuple, problem: Problem) -> tuple:
+        """What a compiled program is cached by: the drift, its options, the problem and, for a user env, its
+        module's file as it is now (:func:`~metaopt.objectives.envs.code_fingerprint`: an edit recompiles)."""
+        from metaopt.objectives.envs import code_fingerprint
+
+        return (drift, options, problem, code_fingerprint(problem.env))
+
+    def _train_batch(self, key: tuple, drift: str, options: tuple, problem: Problem):
         import jax
 
         from metaopt.objectives.ppo import make_train
 
-        key = (drift, options, problem)
         if key not in self._compiled:
             train = make_train(problem.config(), self._drift_fn(drift, options))
             over_seeds = jax.vmap(train, in_axes=(0, None))
@@ -108,10 +114,12 @@ class PopulationEvaluator:
         import jax
 
         shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves((params_batch, keys)))
-        key = (drift, options, problem, shapes)
+        program = self._program_key(drift, options, problem)
+        key = (*program, shapes)
         if key not in self._compiled:
             started = time.perf_counter()
-            self._compiled[key] = self._train_batch(drift, options, problem).lower(params_batch, keys).compile()
+            traced = self._train_batch(program, drift, options, problem)
+            self._compiled[key] = traced.lower(params_batch, keys).compile()
             self.compile_seconds += time.perf_counter() - started
         return self._compiled[key]
 

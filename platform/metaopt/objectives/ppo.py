@@ -73,7 +73,7 @@ import optax
 
 from metaopt.errors import ConfigError
 from metaopt.objectives.drifts import Progress, make_drift
-from metaopt.objectives.envs import ActionSpec, action_spec, make_env, observation_size
+from metaopt.objectives.envs import ActionSpec, action_spec, code_fingerprint, make_env, observation_size
 from metaopt.objectives.ppo_settings import (
     MINATAR_DEFAULT_LR,
     PPO_REFERENCE_LR,
@@ -434,7 +434,9 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
 
 
 @functools.lru_cache(maxsize=8)
-def _population_fn(config: PPOConfig, drift_fn: DriftFn, common_seeds: bool):
+def _population_fn(config: PPOConfig, drift_fn: DriftFn, common_seeds: bool, env_code: str = ""):
+    """The jitted population program; ``env_code`` (:func:`~metaopt.objectives.envs.code_fingerprint`) is only
+    part of the cache key: a user env's module edited since builds a new program."""
     over_seeds = jax.vmap(make_train(config, drift_fn), in_axes=(0, None))
     return jax.jit(jax.vmap(over_seeds, in_axes=(None if common_seeds else 0, 0)))
 
@@ -458,9 +460,9 @@ def train_many(
     ``jax.random.split(rng, (M, seeds_per_member))[m]``.
     Returns ``final_return`` of shape ``[M, seeds_per_member]``, or the whole metrics dict
     (leaves ``[M, seeds, ...]``) with ``full_metrics``. The jitted function is cached per
-    ``(config, drift_fn)`` (both must be hashable; a new lambda per call recompiles), so
-    repeated ES generations compile once. Results match per-seed ``make_train`` calls up to
-    float rounding (batched matmuls), which long, chaotic runs can amplify.
+    ``(config, drift_fn)`` (both must be hashable; a new lambda per call recompiles) and a user env's
+    module file (its edits recompile), so repeated ES generations compile once. Results match per-seed
+    ``make_train`` calls up to float rounding (batched matmuls), which long, chaotic runs can amplify.
     """
     if isinstance(seeds_per_member, bool) or not isinstance(seeds_per_member, int) or seeds_per_member < 1:
         raise ConfigError("seeds_per_member", f"must be an integer >= 1, got {seeds_per_member!r}")
@@ -472,5 +474,6 @@ def train_many(
         keys = jax.random.split(rng, seeds_per_member)
     else:
         keys = jax.random.split(rng, (members, seeds_per_member))
-    metrics = _population_fn(config, drift_fn, common_seeds)(keys, drift_params_batch)
+    program = _population_fn(config, drift_fn, common_seeds, code_fingerprint(config.env_name))
+    metrics = program(keys, drift_params_batch)
     return metrics if full_metrics else metrics["final_return"]

@@ -5,7 +5,9 @@ researcher's factory, ``my_envs:make_env`` (:mod:`metaopt.user_code`; built and 
 :mod:`metaopt.objectives.envs`). Ids in :data:`TUNED_ENVS` get settings tuned for them; every other env gets
 the generic defaults, :class:`PPOSettings`' own (a starting point, not a tuned setting).
 
-Nothing here imports JAX (gymnax is imported only to look up an id outside :data:`TUNED_ENVS`): the ``lpo:`` /
+Nothing here imports JAX (gymnax is imported only to look up an id outside :data:`TUNED_ENVS`, and only where
+the experiment runs: ``metaopt submit``/``list``, validation context ``check_paths`` false, check an id's form
+only, so this machine needs neither gymnax nor JAX): the ``lpo:`` /
 ``lpo_eval:`` sections (:mod:`metaopt.objectives.config`) validate each env's PPO overrides with these models when
 a file loads, and :mod:`metaopt.objectives.ppo` builds its training
 loop from a :class:`PPOConfig`. Both import this module, neither imports the other.
@@ -20,8 +22,10 @@ caches its compiled program per config.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -34,12 +38,14 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
 from metaopt import user_code
 from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
+from metaopt.extras import DISTRIBUTION, runs_here
 from metaopt.optim.specs import Number
 
 __all__ = [
@@ -85,17 +91,34 @@ PPO_REFERENCE_LR = {
 MINATAR_DEFAULT_LR = 3e-3
 
 
-def _known_env(env: str) -> str:
-    """A gymnax id or a ``module:function`` reference (its syntax only: importing it is the section's check)."""
+#: The form of a gymnax id (``CartPole-v1``, ``Breakout-MinAtar``): what is checked where the run happens elsewhere.
+_ENV_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+#: The validation context of the section building a :class:`PPOConfig` (:meth:`PPOConfig.validated`): pydantic
+#: hands a model with its own ``__init__`` no context, so it travels here.
+_SECTION_CONTEXT: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("ppo_section_context")
+
+
+def _context(info: ValidationInfo) -> Mapping[str, Any] | None:
+    return info.context if info.context is not None else _SECTION_CONTEXT.get(None)
+
+
+def _known_env(env: str, info: ValidationInfo) -> str:
+    """A gymnax id or a ``module:function`` reference (its syntax only: importing it is the section's check).
+    An id outside :data:`TUNED_ENVS` is looked up in gymnax's registry where the experiment runs here
+    (:func:`metaopt.extras.runs_here`); elsewhere only its form is checked."""
     if user_code.is_reference(env):
         return env
     if ":" in env:
         raise ConfigError("", user_code.reference_problem(env))
     if env in TUNED_ENVS:  # no gymnax (hence JAX) import for the envs most files name
         return env
-    import gymnax
-
-    registered = list(gymnax.registered_envs)
+    if not runs_here(_context(info)):
+        if not _ENV_ID.match(env):
+            raise ConfigError("", f"{quote(env)} is not a gymnax env id (like CartPole-v1) or 'module:function'")
+        return env
+    registered = _gymnax_ids()
     if env not in registered:
         close = difflib.get_close_matches(env, registered, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -105,6 +128,19 @@ def _known_env(env: str) -> str:
             "or name your own factory as 'module:function'",
         )
     return env
+
+
+def _gymnax_ids() -> list[str]:
+    """``gymnax.registered_envs``; a gymnax (or JAX) that does not import is one ConfigError line."""
+    try:
+        import gymnax
+    except ImportError as err:
+        raise ConfigError(
+            "",
+            f"looking up a gymnax env id needs gymnax and JAX, which did not import ({type(err).__name__}: {err}); "
+            f"pip install '{DISTRIBUTION}'",
+        ) from None
+    return list(gymnax.registered_envs)
 
 
 #: A gymnax env id (any of ``gymnax.registered_envs``) or a ``module:function`` reference to the user's env factory
@@ -214,6 +250,16 @@ class PPOConfig(PPOSettings):
         except ValidationError as err:  # one line naming the field, like every other bad input
             raise first_error("", type(self), err) from None
 
+    @classmethod
+    def validated(cls, context: Mapping[str, Any] | None = None, **settings: Any) -> PPOConfig:
+        """``PPOConfig(**settings)`` validated with pydantic's validation ``context`` (an experiment section's:
+        ``check_paths`` false looks no env up in gymnax, :func:`_known_env`)."""
+        token = _SECTION_CONTEXT.set(context)
+        try:
+            return cls(**settings)
+        finally:
+            _SECTION_CONTEXT.reset(token)
+
     @property
     def batch_size(self) -> int:
         """Transitions per PPO update: ``num_envs * num_steps``."""
@@ -229,7 +275,7 @@ class PPOConfig(PPOSettings):
         return self.total_timesteps // self.batch_size
 
     @model_validator(mode="after")
-    def _fits_the_batch(self) -> PPOConfig:
+    def _fits_the_batch(self, info: ValidationInfo) -> PPOConfig:
         if self.batch_size % self.num_minibatches:
             raise ConfigError(
                 "num_minibatches", f"must divide num_envs * num_steps = {self.batch_size}, got {self.num_minibatches}"
@@ -239,7 +285,8 @@ class PPOConfig(PPOSettings):
                 "total_timesteps",
                 f"must be >= num_envs * num_steps = {self.batch_size} (one update), got {self.total_timesteps}",
             )
-        if self.env_params and not user_code.is_reference(self.env_name):  # a user env's: checked where it runs
+        # a user env's env_params are checked where it is built; a gymnax env's need gymnax: only where it runs
+        if self.env_params and not user_code.is_reference(self.env_name) and runs_here(_context(info)):
             known = env_param_names(self.env_name, self.env_kwargs)
             for key, _ in self.env_params:
                 if key not in known:
@@ -279,8 +326,9 @@ _PENDULUM_DEFAULTS: dict[str, Any] = {
 }
 
 
-def ppo_config_for(env_name: str, **overrides: Any) -> PPOConfig:
-    """Default PPO settings for ``env_name``, with ``overrides`` (:class:`PPOConfig` fields) applied.
+def ppo_config_for(env_name: str, *, context: Mapping[str, Any] | None = None, **overrides: Any) -> PPOConfig:
+    """Default PPO settings for ``env_name``, with ``overrides`` (:class:`PPOConfig` fields) applied; ``context``:
+    the validation context of the experiment section asking (:meth:`PPOConfig.validated`).
 
     The tuned envs (:data:`TUNED_ENVS`):
 
@@ -310,4 +358,4 @@ def ppo_config_for(env_name: str, **overrides: Any) -> PPOConfig:
         defaults = _CLASSIC_DEFAULTS
     else:  # the generic defaults (PPOSettings'), or a name PPOConfig rejects
         defaults = {}
-    return PPOConfig(**{**defaults, **overrides, "env_name": env_name})
+    return PPOConfig.validated(context, **{**defaults, **overrides, "env_name": env_name})

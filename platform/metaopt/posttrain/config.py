@@ -20,7 +20,7 @@ from metaopt.errors import ConfigError
 from metaopt.optim import OptimizerSpec, OptionalScheduleSpec
 from metaopt.posttrain.curriculum import CURRICULUM_NAMES, SECAlpha, SECTau
 from metaopt.posttrain.dataset import DatasetSpec, read_dataset
-from metaopt.posttrain.rewards import DEFAULT_TIMEOUT_S
+from metaopt.posttrain.rewards import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 from metaopt.posttrain.tasks import TASK_LEVELS, Levels, TaskSpec, each_task_once, evaluating_gym_task
 from metaopt.registry import Capability
 
@@ -172,6 +172,12 @@ class PostTrainSection(StrictModel):
         description="Time limit per completion of a scorer run in the worker process (a dataset's reward, "
         "reasoning-gym's scorers of tasks without levels); over it, the completion scores 0.",
     )
+    reward_memory_mb: int | None = Field(
+        default=DEFAULT_MEMORY_MB,
+        ge=256,
+        description="Address-space cap (MiB) of the worker process running the scorers; a scorer over it scores "
+        "0 (MemoryError). null: no cap (a reward that loads a model).",
+    )
     curricula: list[str] = Field(
         default_factory=lambda: ["sec", "uniform"],
         min_length=1,
@@ -219,6 +225,7 @@ class PostTrainSection(StrictModel):
             "tasks": [t.model_dump() for t in self.tasks or ()],
             "dataset": None if self.dataset is None else self.dataset.model_dump(),
             "reward_timeout_s": self.reward_timeout_s,
+            "reward_memory_mb": self.reward_memory_mb,
         }
 
     @model_validator(mode="before")
@@ -236,33 +243,44 @@ class PostTrainSection(StrictModel):
     def _consistent(self, info: ValidationInfo) -> PostTrainSection:
         if self.scheduler == "pbt" and self.pbt_interval >= self.iterations:
             raise ConfigError("pbt_interval", f"must be < the {self.iterations} iterations so PBT perturbs at all")
-        if self.dataset is not None and self.dataset.reward is not None and validation_base(info)[1]:
-            check_reward_returns_a_float(self.dataset, self.reward_timeout_s)
-        if self.tasks and validation_base(info)[1]:
-            check_no_scorer_evaluates(self.tasks, self.reward_timeout_s)
+        base, runs_here = validation_base(info)
+        if self.dataset is not None and self.dataset.reward is not None and runs_here:
+            check_reward_returns_a_float(self.dataset, self.reward_timeout_s, base, self.reward_memory_mb)
+        if self.tasks and runs_here:
+            check_no_scorer_evaluates(self.tasks, self.reward_timeout_s, self.reward_memory_mb)
         return self
 
 
-def check_no_scorer_evaluates(tasks: list[SectionTask], timeout_s: float) -> None:
+def check_no_scorer_evaluates(
+    tasks: list[SectionTask], timeout_s: float, memory_mb: int | None = DEFAULT_MEMORY_MB
+) -> None:
     """Each reasoning-gym task scored in the worker process, probed there on its own correct answer
     (:func:`~metaopt.posttrain.tasks.evaluating_gym_task`): a scorer that evaluates the completion (``eval``, sympy's
     ``parse_expr``) is one ConfigError on ``tasks.<i>.name`` before Ray starts."""
     try:
-        found = evaluating_gym_task(tasks, timeout_s)
+        found = evaluating_gym_task(tasks, timeout_s, memory_mb)
     except ConfigError as err:  # the worker process did not start
         raise ConfigError("tasks", f"reasoning-gym's scorers did not load: {err.problem}") from None
     if found is not None:
         raise ConfigError(f"tasks.{found[0]}.name", found[1])
 
 
-def check_reward_returns_a_float(dataset: DatasetSpec, timeout_s: float) -> None:
-    """The user's reward, called once as Ray's workers will call it (in the worker process, with the time limit)
-    on the file's first row, its answer as the completion: a raise, a hang or a value that is not a float is one
-    ConfigError on ``dataset.reward`` before Ray starts."""
+def check_reward_returns_a_float(
+    dataset: DatasetSpec, timeout_s: float, base: str | Path | None = None, memory_mb: int | None = DEFAULT_MEMORY_MB
+) -> None:
+    """The user's reward, called once as Ray's workers will call it (in the worker process, with the time limit
+    and memory cap, in the user's directory ``base``: the validation's, default
+    :func:`metaopt.user_code.user_dir`) on the file's first row, its answer as the completion: a raise, a hang or
+    a value that is not a float is one ConfigError on ``dataset.reward`` before Ray starts."""
     from metaopt.posttrain.rewards import ScorerProcess
 
     answer = read_dataset(dataset).first[1]
-    scorer = ScorerProcess({"reward": {"kind": "user", "reference": dataset.reward}}, timeout_s)
+    scorer = ScorerProcess(
+        {"reward": {"kind": "user", "reference": dataset.reward}},
+        timeout_s,
+        None if base is None else str(base),
+        memory_mb,
+    )
     try:
         result = scorer.score("reward", answer, answer)
     except ConfigError as err:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -95,6 +96,20 @@ def _open_capped(path: Path):
     return path.open("rb")
 
 
+def _capped_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The file's lines (newline included), each read at most ``limit`` + 1 bytes at a time, so a line without
+    end is never held whole: None for a line over ``limit`` bytes, and the reading stops there."""
+    while raw := handle.readline(limit + 1):
+        if len(raw) > limit:
+            yield None
+            return
+        yield raw
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+
+
 def _text(value: Any, where: str, column: str, allow_numbers: bool) -> str:
     if isinstance(value, str) and value.strip():
         return value
@@ -111,10 +126,10 @@ def read_dataset(spec: DatasetSpec) -> DatasetRows:
     rows: dict[str, list[tuple[str, str]]] = {}
     first: tuple[str, str] | None = None
     with _open_capped(path) as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(_capped_lines(handle, MAX_LINE_BYTES), start=1):
             where = f"{path.name}:{number}"
-            if len(raw) > MAX_LINE_BYTES:
-                raise ConfigError("path", f"{where}: line longer than {MAX_LINE_BYTES >> 20} MiB")
+            if raw is None:
+                raise ConfigError("path", f"{where}: line longer than {_size(MAX_LINE_BYTES)}")
             if not raw.strip():
                 continue
             if sum(len(r) for r in rows.values()) >= spec.max_rows:

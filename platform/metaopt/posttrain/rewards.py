@@ -42,8 +42,17 @@ guards fail closed: a scorer that, while it runs, builds code from text of its o
 ``lambdify``) is refused too. The user's own ``reward`` (``module:function``) is the user's code and is not
 guarded: it gets the completion as a string and does with it what its author wrote, within the time limit.
 
-The child's stdout is its reply channel, so it moves the user's prints to stderr. It exits when its stdin closes
-(the parent finished or died) or, checked every second by a watchdog thread, when its parent process is gone.
+The child runs in the user's directory (the ``base`` references are imported from: the folder the user ran
+metaopt in, :func:`metaopt.user_code.user_dir` inside a Ray trial, which itself runs in a folder of its own), so a
+reward that opens ``"vocab.txt"`` reads the same file in the check before Ray starts and in every trial.
+
+The child's stdout is its reply channel, so it moves the user's prints to stderr. It dies with its parent: SIGKILL
+when the thread that started it ends (Linux ``prctl(PR_SET_PDEATHSIG)``, which stops even a scorer stuck in C
+code), else when its stdin closes or, checked every second by a watchdog thread, when its parent process is gone.
+Its address space is capped (``RLIMIT_AS``, :data:`DEFAULT_MEMORY_MB`, the ``reward_memory_mb`` option), so a
+scorer that allocates without bound fails with MemoryError (the completion scores 0) rather than taking the node's
+memory; the numeric libraries' thread pools are one thread there unless the user set them (OpenBLAS reserves
+memory per thread). A reward that needs more (one that loads a model) raises ``reward_memory_mb`` or sets it null.
 
 A request costs one pipe round trip (about 0.1 ms, see the tests), small beside sampling a completion.
 """
@@ -82,6 +91,9 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 2.0
+#: The worker process's address space cap (``RLIMIT_AS``), in MiB: a scorer that allocates without bound fails
+#: (a MemoryError, scored 0) instead of taking the node's memory; ``reward_memory_mb`` sets it (None: no cap).
+DEFAULT_MEMORY_MB = 4096
 STARTUP_TIMEOUT_S = 120.0  # importing reasoning-gym and the user's module, once per child
 USER_REWARD_PARAMS = ("completion", "answer")
 _MAX_REPLY_BYTES = 1 << 16
@@ -123,15 +135,23 @@ class ScorerProcess:
     ``scorers``: key -> spec, where a spec is ``{"kind": "user", "reference": "module:function"}`` (called as
     ``fn(completion, answer)``) or ``{"kind": "gym", "name": ..., "options": {...}, "seed": ..., "size": ...}``
     (reasoning-gym's ``score_answer(completion, dataset[index])``, full score or nothing). ``base``: the directory
-    user references are imported from (:func:`metaopt.user_code.user_dir`, passed on to the child).
+    user references are imported from and the child runs in (default :func:`metaopt.user_code.user_dir`).
+    ``memory_mb``: the child's address-space cap in MiB (None: none).
     """
 
-    def __init__(self, scorers: Mapping[str, Mapping[str, Any]], timeout_s: float, base: str | None = None):
+    def __init__(
+        self,
+        scorers: Mapping[str, Mapping[str, Any]],
+        timeout_s: float,
+        base: str | None = None,
+        memory_mb: int | None = DEFAULT_MEMORY_MB,
+    ):
         from metaopt import user_code
 
         self.scorers = {key: dict(spec) for key, spec in scorers.items()}
         self.timeout_s = float(timeout_s)
         self.base = str(base) if base is not None else str(user_code.user_dir())
+        self.memory_mb = None if memory_mb is None else int(memory_mb)
         self.failures = 0
         self.restarts = 0
         self._process: subprocess.Popen | None = None
@@ -139,8 +159,24 @@ class ScorerProcess:
 
     # ------------------------------------------------------------------------------------------ life cycle
     def _start(self) -> subprocess.Popen:
-        command = [sys.executable, "-m", "metaopt.posttrain.rewards", json.dumps(self.scorers), self.base]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, bufsize=0)
+        command = [
+            sys.executable,
+            "-P",  # the user's folder (the child's cwd) does not shadow the modules metaopt imports
+            "-m",
+            "metaopt.posttrain.rewards",
+            json.dumps(self.scorers),
+            self.base,
+            json.dumps({"parent": os.getpid(), "memory_mb": self.memory_mb}),
+        ]
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            bufsize=0,
+            cwd=self.base if os.path.isdir(self.base) else None,  # the user's relative paths, as in their folder
+            env=_child_environment(),
+        )
         self._process, self._buffer = process, b""
         reply = self._read_reply(time.monotonic() + STARTUP_TIMEOUT_S)
         if reply is None or "error" in reply or not reply.get("ready"):
@@ -227,12 +263,13 @@ class EvaluationRefused(BaseException):
 
 
 class _Guard:
-    """The guards' state: refusing only inside :func:`evaluation_refused` (``active``), where ``own`` holds the ids
-    of the dataset entry's own strings, ``trusted`` counts guarded calls under way on such a string (what sympy's
-    parser does with it inside), and ``refused`` remembers the first refusal."""
+    """The guards' state: refusing only inside :func:`evaluation_refused` (``active``), where ``own`` holds the
+    dataset entry's own strings (the objects themselves, compared with ``is`` and kept alive here: an id alone
+    could be reused by a new string once the scorer dropped the entry's), ``trusted`` counts guarded calls under
+    way on such a string (what sympy's parser does with it inside), and ``refused`` remembers the first refusal."""
 
     active = False
-    own: frozenset[int] = frozenset()
+    own: tuple[str, ...] = ()
     trusted = 0
     refused: str | None = None
 
@@ -255,13 +292,13 @@ def evaluation_refused(entry: Any = None) -> Iterator[None]:
     :class:`EvaluationRefused`, and is raised again on leaving even if the scorer caught it; the strings of
     ``entry`` itself (the very objects, not equal text: a completion equal to the answer is still refused) may be
     evaluated, as when the dataset generated them. Needs :func:`install_evaluation_guards` first."""
-    own = frozenset(id(text) for text in _own_strings(entry))
+    own = tuple(_own_strings(entry))
     _Guard.active, _Guard.own, _Guard.trusted, _Guard.refused = True, own, 0, None
     try:
         yield
     finally:
         refused = _Guard.refused
-        _Guard.active, _Guard.own, _Guard.trusted, _Guard.refused = False, frozenset(), 0, None
+        _Guard.active, _Guard.own, _Guard.trusted, _Guard.refused = False, (), 0, None
         if refused is not None:
             raise EvaluationRefused(refused)
 
@@ -282,7 +319,7 @@ def _guarded(original: Callable, name: str, keyword: str | None, *, any_input: b
         text = args[0] if args else kwargs.get(keyword) if keyword else None
         if not any_input and not _text(text):
             return original(*args, **kwargs)
-        if id(text) not in _Guard.own:
+        if not any(text is own for own in _Guard.own):
             _Guard.refused = _Guard.refused or name
             raise EvaluationRefused(name)
         _Guard.trusted += 1
@@ -356,6 +393,50 @@ def _answer(scorer: Callable[[str, str, int | None], float], request: Mapping[st
     return {"error": problem} if problem else {"value": float(value)}
 
 
+#: Thread pools of numeric libraries sized to one thread in the worker process (a scorer runs one completion at a
+#: time; OpenBLAS reserves memory per thread, which the address-space cap would count), unless the user set them.
+_ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: Linux's ``prctl`` option asking for a signal when the parent dies (``<linux/prctl.h>``).
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_environment() -> dict[str, str]:
+    return {**dict.fromkeys(_ONE_THREAD, "1"), **os.environ}
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the thread that started it ends (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere,
+    or where libc is not found, only the watchdog thread of :func:`_watch_parent` does it). A parent that died
+    before the request was made leaves this process to init: it exits now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import ctypes.util
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _cap_memory(memory_mb: int | None) -> None:
+    """Cap this process's address space at ``memory_mb`` MiB (``RLIMIT_AS``; None, or a platform without
+    :mod:`resource`: no cap). An allocation over it raises MemoryError in the scorer: the completion scores 0."""
+    if memory_mb is None:
+        return
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    limit = memory_mb << 20
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def _watch_parent(parent: int) -> None:
     while True:
         time.sleep(1.0)
@@ -363,12 +444,21 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
-def serve(scorer_specs: Mapping[str, Mapping[str, Any]], base: str) -> None:
-    """The child's loop: load the scorers, say ready, answer one JSON line per request until stdin closes."""
+def serve(
+    scorer_specs: Mapping[str, Mapping[str, Any]],
+    base: str,
+    parent: int | None = None,
+    memory_mb: int | None = DEFAULT_MEMORY_MB,
+) -> None:
+    """The child's loop: bind its life to ``parent``'s (default: the process that started it) and cap its memory,
+    load the scorers, say ready, answer one JSON line per request until stdin closes."""
+    parent = os.getppid() if parent is None else parent
+    _die_with_parent(parent)
+    _cap_memory(memory_mb)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the user's prints go to stderr, never into the reply channel
     sys.stdout = sys.stderr
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     try:
         scorers = {
             key: _user_scorer(spec, base) if spec["kind"] == "user" else _gym_scorer(spec)
@@ -388,4 +478,5 @@ def serve(scorer_specs: Mapping[str, Mapping[str, Any]], base: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(json.loads(sys.argv[1]), sys.argv[2])
+    _limits = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    serve(json.loads(sys.argv[1]), sys.argv[2], _limits.get("parent"), _limits.get("memory_mb", DEFAULT_MEMORY_MB))

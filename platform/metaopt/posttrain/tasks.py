@@ -45,19 +45,21 @@ template renders it as a user turn, :func:`metaopt.posttrain.policy.prompt_rende
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import AfterValidator, Field, Strict, ValidationError, model_validator
+from pydantic import AfterValidator, Field, Strict, ValidationError, ValidationInfo, model_validator
 
 from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
+from metaopt.extras import install_command, require, runs_here
 from metaopt.posttrain.arithmetic import MAX_CHARS, score_countdown
 from metaopt.posttrain.dataset import DatasetSpec, read_dataset
-from metaopt.posttrain.rewards import DEFAULT_TIMEOUT_S, ScorerProcess, exact_match
+from metaopt.posttrain.rewards import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, ScorerProcess, exact_match
 
 __all__ = [
     "ARITHMETIC_LEVELS",
@@ -226,20 +228,33 @@ def _short_question(task: str, entry: dict) -> str:
 _OURS = ("seed", "size")  # set per run and category; not the user's to choose
 
 
+#: The form of a task name (every reasoning-gym name has it): what is checked where the run happens elsewhere.
+_TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def reasoning_gym_names() -> tuple[str, ...]:
     """Every dataset name reasoning-gym registers (its factory's registry), sorted."""
-    from reasoning_gym.factory import DATASETS
+    return tuple(sorted(_gym_registry()))
 
-    return tuple(sorted(DATASETS))
+
+def _gym_registry() -> dict[str, Any]:
+    """reasoning-gym's registry of datasets (name -> (class, config class)); a reasoning-gym that is missing or
+    does not import is one ConfigError line naming the ``posttrain`` extra."""
+    require("posttrain", "")
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError as err:
+        raise ConfigError(
+            "", f"reasoning-gym did not import ({type(err).__name__}: {err}); {install_command('posttrain')}"
+        ) from None
+    return DATASETS
 
 
 def _gym_options_problem(name: str, options: dict[str, Any]) -> str | None:
     """Why reasoning-gym refuses ``options`` for ``name`` (unknown field, invalid value), or None."""
     from dataclasses import fields
 
-    from reasoning_gym.factory import DATASETS
-
-    config_class = DATASETS[name][1]
+    config_class = _gym_registry()[name][1]
     allowed = [f.name for f in fields(config_class) if f.name not in _OURS]
     for key in options:
         if key not in allowed:
@@ -316,8 +331,15 @@ class _DatasetSource:
 _Source = _ArithmeticSource | _GymSource | _DatasetSource
 
 
-def _known_task(name: str) -> str:
+def _known_task(name: str, info: ValidationInfo) -> str:
+    """Ours, or one of reasoning-gym's registered names where the run happens here; where it runs elsewhere
+    (``metaopt submit``/``list``: validation context ``check_paths`` false) only the name's form is checked, so
+    this machine needs no reasoning-gym."""
     if name in TASK_LEVELS:
+        return name
+    if not runs_here(info.context):
+        if not _TASK_NAME.match(name):
+            raise ValueError(f"{quote(name)} is not a task name (letters, digits and _; like basic_arithmetic)")
         return name
     names = reasoning_gym_names()
     if name not in names:
@@ -354,7 +376,7 @@ class TaskSpec(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _levels_of_the_task(self) -> TaskSpec:
+    def _levels_of_the_task(self, info: ValidationInfo) -> TaskSpec:
         known = TASK_LEVELS.get(self.name, ())
         if self.levels is not None and not known:
             raise ConfigError("levels", f"task {quote(self.name)} has no levels; choose its difficulty with options")
@@ -366,6 +388,8 @@ class TaskSpec(StrictModel):
         if self.options is not None:
             if self.name == "arithmetic":
                 raise ConfigError("options", "arithmetic (ours) has levels, not options")
+            if not runs_here(info.context):  # reasoning-gym checks them where the run happens
+                return self
             for kwargs in [{**GYM_LEVELS[self.name][level], **self.options} for level in self.all_levels] or [
                 self.options
             ]:
@@ -425,7 +449,9 @@ def dataset_spec(dataset: DatasetSpec | dict[str, Any]) -> DatasetSpec:
         raise first_error("posttrain.dataset", DatasetSpec, err) from None
 
 
-def evaluating_gym_task(tasks: Sequence[TaskSpec], timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, str] | None:
+def evaluating_gym_task(
+    tasks: Sequence[TaskSpec], timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int | None = DEFAULT_MEMORY_MB
+) -> tuple[int, str] | None:
     """The first task (its index, one line why) whose reasoning-gym scorer evaluates the completion: each task
     without levels (those are scored in the worker process) scores its first generated problem's own correct answer
     in a guarded worker process (:func:`metaopt.posttrain.rewards.install_evaluation_guards`); None when no guard
@@ -444,7 +470,7 @@ def evaluating_gym_task(tasks: Sequence[TaskSpec], timeout_s: float = DEFAULT_TI
         key: str(reasoning_gym.create_dataset(spec["name"], size=_GYM_SIZE, seed=0, **spec["options"])[0]["answer"])
         for key, spec in specs.items()
     }
-    scorers = ScorerProcess(specs, timeout_s)
+    scorers = ScorerProcess(specs, timeout_s, memory_mb=memory_mb)
     try:
         for key, answer in answers.items():
             refused = scorers.score(key, answer, answer, 0).refused
@@ -469,8 +495,9 @@ class TaskSet:
     ``tasks``: :class:`TaskSpec` models or mappings (``[{"name": "arithmetic", "levels": [1, 2, 3]}, ...]``),
     validated here; or ``dataset`` (a :class:`~metaopt.posttrain.dataset.DatasetSpec` or its mapping) instead.
     ``render`` turns a question into the prompt; ``reward_timeout_s`` bounds every scorer run in the worker
-    process. Sampling is driven only by the ``rng`` passed in, so a run that seeds its generator is reproducible.
-    Call :meth:`close` when done (it stops the worker process, if one was started).
+    process, ``reward_memory_mb`` its address space (None: no cap). Sampling is driven only by the ``rng`` passed
+    in, so a run that seeds its generator is reproducible. Call :meth:`close` when done (it stops the worker
+    process, if one was started).
     """
 
     def __init__(
@@ -481,6 +508,7 @@ class TaskSet:
         dataset: DatasetSpec | dict[str, Any] | None = None,
         render: Callable[[str], str] = format_prompt,
         reward_timeout_s: float = DEFAULT_TIMEOUT_S,
+        reward_memory_mb: int | None = DEFAULT_MEMORY_MB,
     ):
         self.categories: list[str] = []
         self.render = render
@@ -501,7 +529,7 @@ class TaskSet:
         else:
             for task_index, task in enumerate(task_specs(tasks)):
                 self._add_task(task_index, task, seed, scorers)
-        self._scorers = ScorerProcess(scorers, reward_timeout_s) if scorers else None
+        self._scorers = ScorerProcess(scorers, reward_timeout_s, memory_mb=reward_memory_mb) if scorers else None
 
     def _add(self, category: str, level: int, source: _Source) -> None:
         self.categories.append(category)
@@ -577,7 +605,15 @@ def make_taskset(
     dataset: DatasetSpec | dict[str, Any] | None = None,
     render: Callable[[str], str] = format_prompt,
     reward_timeout_s: float = DEFAULT_TIMEOUT_S,
+    reward_memory_mb: int | None = DEFAULT_MEMORY_MB,
 ) -> TaskSet:
     """A :class:`TaskSet` from ``[{"name": "arithmetic", "levels": [1, 2, 3]}, ...]`` (or :class:`TaskSpec` models);
     a task without ``levels`` uses all of its levels. ``dataset``: the user's JSONL problems instead of tasks."""
-    return TaskSet(tasks, seed, dataset=dataset, render=render, reward_timeout_s=reward_timeout_s)
+    return TaskSet(
+        tasks,
+        seed,
+        dataset=dataset,
+        render=render,
+        reward_timeout_s=reward_timeout_s,
+        reward_memory_mb=reward_memory_mb,
+    )
