@@ -97,8 +97,68 @@ def test_jsonl_categories_come_from_the_column_in_file_order_or_as_ordered(user_
         taskset.close()
     ordered = make_taskset([], 0, dataset={**spec, "category_order": ["sub", "add"]})
     assert ordered.categories == ["sub", "add"]
-    single = make_taskset([], 0, dataset={"path": spec["path"], "max_rows": 1})
-    assert single.categories == ["dataset"] and single._sources["dataset"].rows == [("1+1", "2")]  # capped
+    single = make_taskset([], 0, dataset={"path": spec["path"], "max_rows": 2})
+    source = single._sources["dataset"]
+    assert single.categories == ["dataset"] and sorted(source.rows + source.held_out) == [("1+1", "2"), ("3-1", "2")]
+
+
+def test_the_held_out_split_is_disjoint_covers_every_row_and_depends_only_on_split_seed(user_folder):
+    """Per category a fixed share of the rows is held out: the same for every run seed, another for another
+    split_seed; training draws only training rows, the evaluation only held-out rows, each once."""
+    rows = [{"prompt": f"{c}{i}", "answer": str(i), "topic": c} for c in ("add", "sub") for i in range(20)]
+    rows.append({"prompt": "sub20", "answer": "20", "topic": "sub"})
+    write_jsonl(user_folder / "problems.jsonl", rows)
+    spec = {"path": "problems.jsonl", "category_key": "topic"}
+
+    def split(seed, **options):
+        taskset = make_taskset([], seed, dataset={**spec, **options})
+        return taskset, {c: (taskset._sources[c].rows, taskset._sources[c].held_out) for c in taskset.categories}
+
+    taskset, parts = split(0)
+    for category, (train, held_out) in parts.items():
+        everything = [(r["prompt"], r["answer"]) for r in rows if r["topic"] == category]
+        assert sorted(train + held_out) == sorted(everything) and not set(train) & set(held_out)
+        assert len(held_out) == round(0.2 * len(everything))  # 4 of 20, 4 of 21
+    assert split(7)[1] == parts and split(0, split_seed=1)[1] != parts  # the run's seed does not move it
+    assert [len(h) for _, h in split(0, eval_fraction=0.5)[1].values()] == [10, 10]
+    rng, held_out = np.random.default_rng(3), taskset.held_out()
+    for category, (train, held) in parts.items():
+        drawn = {(p.prompt, p.answer) for p in (taskset.sample(category, rng) for _ in range(300))}
+        assert drawn == {(f"Q:{q} A:", a) for q, a in train}  # every training row, never a held-out one
+        assert held_out.count(category, 32) == len(held) and held_out.count(category, 2) == 2
+        evaluated = [(p.prompt, p.answer) for p in (held_out.sample(category, rng) for _ in range(len(held)))]
+        assert evaluated == [(f"Q:{q} A:", a) for q, a in held]  # each held-out row once, in split order
+    repeated = [*rows[:3], rows[0], rows[1], rows[0]]  # a prompt in several rows: all on one side
+    write_jsonl(user_folder / "repeated.jsonl", repeated)
+    for seed in range(5):
+        source = make_taskset([], 0, dataset={"path": "repeated.jsonl", "split_seed": seed})._sources["dataset"]
+        assert sorted(source.rows + source.held_out) == sorted((r["prompt"], r["answer"]) for r in repeated)
+        assert not {p for p, _ in source.rows} & {p for p, _ in source.held_out} and len(source.held_out) in (1, 2, 3)
+    write_jsonl(user_folder / "small.jsonl", rows[:3])
+    for fraction, held in ((0.01, 1), (0.99, 2)):  # at least one row held out, at least one left to train
+        small = make_taskset([], 0, dataset={"path": "small.jsonl", "eval_fraction": fraction})
+        assert small.held_out().count("dataset", 32) == held and len(small._sources["dataset"].rows) == 3 - held
+
+
+@pytest.mark.parametrize(
+    "dataset, problem",
+    [
+        ({"category_key": "topic"}, "category 'mul' (column 'topic') has 1 row"),
+        ({"category_key": None, "max_rows": 1}, "the file has 1 row"),
+        ({"category_key": None, "path": "same.jsonl"}, "the file has 2 rows but 1 distinct prompt"),
+    ],
+)
+def test_a_category_of_one_row_is_one_error_line(user_folder, capsys, dataset, problem):
+    write_jsonl(user_folder / "problems.jsonl", [*ROWS, {"prompt": "2*3", "answer": "6", "topic": "mul"}])
+    write_jsonl(user_folder / "same.jsonl", [ROWS[0], ROWS[0]])
+    (user_folder / "exp.yaml").write_text(yaml.safe_dump(experiment(dataset)))
+    assert cli.main(["run", "exp.yaml"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"metaopt: error: posttrain.dataset.path: {dataset.get('path', 'problems.jsonl')}: {problem}; the held-out "
+        "split (eval_fraction) needs at least 2 distinct prompts per category: add rows\n"
+    )
+    assert not (user_folder / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize(
@@ -533,7 +593,7 @@ def experiment(dataset: dict, **posttrain) -> dict:
     ],
 )
 def test_bad_dataset_or_reward_is_one_error_line(user_folder, capsys, dataset, field, problem):
-    write_jsonl(user_folder / "boom.jsonl", [{"prompt": "p", "answer": "boom", "topic": "t"}])
+    write_jsonl(user_folder / "boom.jsonl", [{"prompt": p, "answer": "boom", "topic": "t"} for p in "pq"])
     (user_folder / "exp.yaml").write_text(yaml.safe_dump(experiment(dataset)))
     rc = cli.main(["run", "exp.yaml"])
     out, err = capsys.readouterr()
@@ -581,7 +641,10 @@ def test_metaopt_run_trains_on_the_users_jsonl_with_their_reward(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "problems.jsonl (categories add, sub; reward rewards:score)" in result.stdout
+    assert (
+        "problems.jsonl (categories add, sub; train/held-out rows add 1/1, sub 1/1, split_seed 0; reward rewards:score)"
+        in result.stdout
+    )
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     answers = {line.rsplit(" ", 1)[1] for line in calls}
     # validation's one call, then 2 GRPO steps x 4 prompts x G=2, plus the greedy evaluation

@@ -1,8 +1,11 @@
 """Writes problems.jsonl: three string tasks over three-letter words, one category each (copy, reverse, sort).
 
+Each task's words are distinct (200 of the 216), so no held-out prompt repeats a training one.
+
 Run once (``python make_problems.py``); the file is checked in so the example needs nothing but metaopt.
 """
 
+import itertools
 import json
 import random
 
@@ -12,10 +15,12 @@ TASKS = {"copy": lambda w: w, "reverse": lambda w: w[::-1], "sort": lambda w: ""
 
 def main(rows_per_task: int = 200, seed: int = 0) -> None:
     rng = random.Random(seed)
+    words = ["".join(letters) for letters in itertools.product(LETTERS, repeat=3)]
+    drawn = {task: rng.sample(words, rows_per_task) for task in TASKS}
     with open("problems.jsonl", "w") as out:
-        for _ in range(rows_per_task):
+        for i in range(rows_per_task):
             for task, solve in TASKS.items():
-                word = "".join(rng.choice(LETTERS) for _ in range(3))
+                word = drawn[task][i]
                 out.write(json.dumps({"prompt": f"{task} {word}", "answer": solve(word), "task": task}) + "\n")
 
 

@@ -197,7 +197,12 @@ class PostTrainSection(StrictModel):
     roles: RolesSpec = Field(default_factory=RolesSpec)
     steps: int = Field(default=60, ge=1, description="GRPO steps per trial.")
     steps_per_iteration: int = Field(default=5, ge=1, description="GRPO steps per Tune iteration (and checkpoint).")
-    eval_per_category: int = Field(default=32, ge=1, description="Greedy evaluation problems per category.")
+    eval_per_category: int = Field(
+        default=32,
+        ge=1,
+        description="Greedy evaluation problems per category (a dataset: its held-out rows, each once, at most this "
+        "many).",
+    )
     eval_every: int = Field(default=1, ge=1, description="Evaluate every this many iterations (and at the end).")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     scheduler: Literal["grid", "pbt"] = Field(

@@ -6,6 +6,14 @@ curriculum chooses between (SEC, uniform and ordered curricula work on it unchan
 in the one category ``dataset``. Categories are ordered by their first appearance in the file, or as
 ``category_order`` lists them, which is the easy -> hard order the ordered curricula follow.
 
+Evaluation never sees a training row: per category, a fixed share of the rows (``eval_fraction``, default 0.2,
+at least one and at most all but one; rows that repeat a prompt count once and stay together) is held out by a
+permutation seeded with ``split_seed`` and the category's name only -- not the run's seed -- so every trial, seed
+and curriculum is evaluated on the same rows (:func:`split_dataset`). GRPO, the warm-up and the curriculum draw
+from the training rows; the greedy evaluation scores the held-out rows, each once, in split order (at most
+``eval_per_category`` of them). A category of one distinct prompt cannot be split: one ConfigError before Ray
+starts.
+
 Reading is capped (:data:`MAX_ROWS` rows by default, :data:`MAX_LINE_BYTES` per line) and every problem is one
 ConfigError line naming ``file:line``. Answers are compared by the user's ``reward`` (``module:function`` called
 as ``score(completion, answer) -> float`` in a worker process with a time limit, :mod:`.rewards`) or, without
@@ -18,11 +26,13 @@ from __future__ import annotations
 
 import json
 import stat
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from metaopt import user_code
@@ -30,7 +40,16 @@ from metaopt.config import StrictModel, absolute_path, quote, quote_path, valida
 from metaopt.errors import ConfigError
 from metaopt.posttrain.rewards import USER_REWARD_PARAMS
 
-__all__ = ["MAX_LINE_BYTES", "MAX_ROWS", "DatasetRows", "DatasetSpec", "read_dataset"]
+__all__ = [
+    "MAX_LINE_BYTES",
+    "MAX_ROWS",
+    "DatasetRows",
+    "DatasetSpec",
+    "DatasetSplit",
+    "held_out_count",
+    "read_dataset",
+    "split_dataset",
+]
 
 MAX_ROWS = 100_000
 MAX_LINE_BYTES = 1 << 20
@@ -53,6 +72,19 @@ class DatasetSpec(StrictModel):
     reward: user_code.user_function(*USER_REWARD_PARAMS) | None = Field(
         default=None, description="module:function scoring (completion, answer) -> float; default: exact match."
     )
+    eval_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="Share of each category's rows held out for evaluation, never trained on (at least 1 row, "
+        "at most all but 1).",
+    )
+    split_seed: int = Field(
+        default=0,
+        ge=0,
+        description="Seed of the held-out split; independent of the run's seeds, so every trial is evaluated on "
+        "the same rows.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -68,9 +100,10 @@ class DatasetSpec(StrictModel):
 
     @model_validator(mode="after")
     def _readable(self, info: ValidationInfo) -> DatasetSpec:
-        """Where the experiment runs here: the file parses, the columns exist, the categories match."""
+        """Where the experiment runs here: the file parses, the columns exist, the categories match, and each
+        category has rows enough for the held-out split."""
         if validation_base(info)[1]:
-            read_dataset(self)
+            split_dataset(self, read_dataset(self))
         return self
 
 
@@ -81,6 +114,62 @@ class DatasetRows:
     categories: list[str]
     rows: dict[str, list[tuple[str, str]]]
     first: tuple[str, str]  # the file's first row: the reward is checked on it before Ray starts
+
+
+@dataclass
+class DatasetSplit:
+    """Each category's rows split in two: ``train`` (GRPO, warm-up, curriculum) and ``held_out`` (evaluation only,
+    in split order)."""
+
+    train: dict[str, list[tuple[str, str]]]
+    held_out: dict[str, list[tuple[str, str]]]
+
+
+def held_out_count(prompts: int, fraction: float) -> int:
+    """Distinct prompts held out of a category of ``prompts`` (>= 2): ``round(fraction * prompts)``, at least 1 and
+    at most all but 1."""
+    return min(prompts - 1, max(1, round(fraction * prompts)))
+
+
+def _split_rng(split_seed: int, category: str) -> np.random.Generator:
+    """The split's generator for one category: ``split_seed`` and the category's name, nothing of the run."""
+    return np.random.default_rng([split_seed, zlib.crc32(category.encode("utf-8"))])
+
+
+def split_dataset(spec: DatasetSpec, data: DatasetRows) -> DatasetSplit:
+    """Per category, the distinct prompts are permuted by a generator seeded with ``spec.split_seed`` and the
+    category's name, and the rows of the first ``held_out_count`` of them are held out (in permutation order); the
+    other rows, in file order, are the training rows. Rows repeating a prompt go to the same side, so no held-out
+    prompt is ever trained on. A category of fewer than 2 distinct prompts is one ConfigError naming ``path``, the
+    category and its column."""
+    train: dict[str, list[tuple[str, str]]] = {}
+    held_out: dict[str, list[tuple[str, str]]] = {}
+    for category in data.categories:
+        rows = data.rows[category]
+        groups: dict[str, list[int]] = {}
+        for index, (prompt, _) in enumerate(rows):
+            groups.setdefault(prompt, []).append(index)
+        if len(groups) < 2:
+            raise ConfigError("path", _unsplittable(spec, category, len(rows)))
+        prompts = list(groups)
+        order = _split_rng(spec.split_seed, category).permutation(len(prompts))
+        count = held_out_count(len(prompts), spec.eval_fraction)
+        held = [i for g in order[:count] for i in groups[prompts[g]]]
+        held_out[category] = [rows[i] for i in held]
+        kept = set(held)
+        train[category] = [row for i, row in enumerate(rows) if i not in kept]
+    return DatasetSplit(train, held_out)
+
+
+def _unsplittable(spec: DatasetSpec, category: str, rows: int) -> str:
+    which = (
+        "the file" if spec.category_key is None else f"category {quote(category)} (column {quote(spec.category_key)})"
+    )
+    has = "has 1 row" if rows == 1 else f"has {rows} rows but 1 distinct prompt"
+    return (
+        f"{Path(spec.path).name}: {which} {has}; the held-out split (eval_fraction) needs at least 2 distinct "
+        "prompts per category: add rows"
+    )
 
 
 def _open_capped(path: Path):

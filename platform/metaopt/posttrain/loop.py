@@ -196,7 +196,9 @@ class GRPORun:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy per category on fixed problems (the same every call), on rollout worker 0."""
+        """Greedy accuracy per category on fixed problems (the same every call), on rollout worker 0: a dataset's
+        held-out rows (the same for every trial, never trained on), a generator's items drawn by ``10_000 + seed``
+        (other items than training draws)."""
         accuracy = self.roles.get(
             self.roles.call(
                 self.roles.rollout[0],

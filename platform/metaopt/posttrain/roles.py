@@ -129,9 +129,17 @@ class RolloutWorker(_Role):
         return batch.to("cpu")
 
     def evaluate(self, categories: list[str], per_category: int, seed: int, max_new_tokens: int) -> dict[str, float]:
-        return evaluate_accuracy(
-            self.model, self.tokenizer, self.taskset, categories, per_category, seed, max_new_tokens
-        )
+        """Greedy accuracy per category on the held-out problems (:meth:`~metaopt.posttrain.tasks.TaskSet.held_out`):
+        a dataset's held-out rows, each once (at most ``per_category``), never a training row; a generator's
+        ``per_category`` problems drawn by ``seed``. Categories with as many problems are decoded together."""
+        held_out = self.taskset.held_out()
+        groups: dict[int, list[str]] = {}
+        for category in categories:
+            groups.setdefault(held_out.count(category, per_category), []).append(category)
+        accuracy: dict[str, float] = {}
+        for count, group in groups.items():
+            accuracy.update(evaluate_accuracy(self.model, self.tokenizer, held_out, group, count, seed, max_new_tokens))
+        return {category: accuracy[category] for category in categories}
 
 
 class ReferenceWorker(_Role):

@@ -79,11 +79,16 @@ def problems_line(section) -> str:
     if section.dataset is not None:
         from pathlib import Path
 
-        from metaopt.posttrain.dataset import read_dataset
+        from metaopt.posttrain.dataset import read_dataset, split_dataset
 
-        categories = read_dataset(section.dataset).categories
+        data = read_dataset(section.dataset)
+        split = split_dataset(section.dataset, data)
+        sizes = ", ".join(f"{c} {len(split.train[c])}/{len(split.held_out[c])}" for c in data.categories)
         reward = section.dataset.reward or "exact match"
-        return f"{Path(section.dataset.path).name} (categories {', '.join(categories)}; reward {reward})"
+        return (
+            f"{Path(section.dataset.path).name} (categories {', '.join(data.categories)}; train/held-out rows "
+            f"{sizes}, split_seed {section.dataset.split_seed}; reward {reward})"
+        )
     return "tasks " + ", ".join(task.category_prefix for task in section.tasks)
 
 

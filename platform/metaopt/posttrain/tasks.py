@@ -58,7 +58,7 @@ from metaopt.config import StrictModel, first_error, quote
 from metaopt.errors import ConfigError
 from metaopt.extras import install_command, require, runs_here
 from metaopt.posttrain.arithmetic import MAX_CHARS, score_countdown
-from metaopt.posttrain.dataset import DatasetSpec, read_dataset
+from metaopt.posttrain.dataset import DatasetSpec, read_dataset, split_dataset
 from metaopt.posttrain.rewards import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, ScorerProcess, exact_match
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "GYM_LEVELS",
     "TASK_LEVELS",
     "TASK_NAMES",
+    "HeldOut",
     "Levels",
     "Problem",
     "TaskList",
@@ -315,10 +316,11 @@ class _GymSource:
 
 
 class _DatasetSource:
-    """One category of the user's JSONL problems, scored by the user's reward (``isolated``) or exact match."""
+    """One category of the user's JSONL problems, scored by the user's reward (``isolated``) or exact match:
+    ``rows`` the training rows (all :meth:`sample` draws from), ``held_out`` the evaluation rows, in split order."""
 
-    def __init__(self, rows: list[tuple[str, str]], isolated: bool):
-        self.rows, self.isolated = rows, isolated
+    def __init__(self, rows: list[tuple[str, str]], held_out: list[tuple[str, str]], isolated: bool):
+        self.rows, self.held_out, self.isolated = rows, held_out, isolated
 
     def sample(self, rng: np.random.Generator) -> tuple[str, str, dict | None, int | None]:
         prompt, answer = self.rows[int(rng.integers(len(self.rows)))]
@@ -520,12 +522,14 @@ class TaskSet:
             spec = dataset_spec(dataset)
             try:
                 data = read_dataset(spec)
+                split = split_dataset(spec, data)
             except ConfigError as err:  # named as in the file: posttrain.dataset.<field>
                 raise ConfigError(f"posttrain.dataset.{err.field}", err.problem) from None
             if spec.reward is not None:
                 scorers["reward"] = {"kind": "user", "reference": spec.reward}
             for position, category in enumerate(data.categories):
-                self._add(category, position + 1, _DatasetSource(data.rows[category], spec.reward is not None))
+                source = _DatasetSource(split.train[category], split.held_out[category], spec.reward is not None)
+                self._add(category, position + 1, source)
         else:
             for task_index, task in enumerate(task_specs(tasks)):
                 self._add_task(task_index, task, seed, scorers)
@@ -567,6 +571,10 @@ class TaskSet:
         question, answer, entry, index = self._source(category).sample(rng)
         return Problem(prompt=self.render(question), answer=answer, category=category, entry=entry, index=index)
 
+    def held_out(self) -> HeldOut:
+        """The task set as the evaluation sees it: a dataset's held-out rows, never its training rows."""
+        return HeldOut(self)
+
     def reward(self, problem: Problem, completion_text: str) -> float:
         """The completion's reward: 1.0 if its answer (:func:`parse_completion`) is correct, else 0.0; a dataset
         with a ``reward`` function gets that function's value on the whole completion text, in the worker process
@@ -596,6 +604,34 @@ class TaskSet:
         """Stop the reward worker process (a no-op when none was started)."""
         if self._scorers is not None:
             self._scorers.close()
+
+
+class HeldOut:
+    """The evaluation's view of a :class:`TaskSet`: :meth:`sample` gives a dataset category's held-out rows in
+    split order, one after the other (the same rows for every trial: the split's seed is not the run's), and any
+    other category's problems as :meth:`TaskSet.sample` draws them (procedural generators: other items by the
+    evaluation's seed). Ask :meth:`count` how many problems a category has, so no held-out row is scored twice."""
+
+    def __init__(self, taskset: TaskSet):
+        self.taskset = taskset
+        self._next: dict[str, int] = {}
+
+    def count(self, category: str, per_category: int) -> int:
+        """Problems to evaluate of ``category``: ``per_category``, or a dataset category's held-out rows if fewer."""
+        source = self.taskset._source(category)
+        return min(per_category, len(source.held_out)) if isinstance(source, _DatasetSource) else per_category
+
+    def sample(self, category: str, rng: np.random.Generator) -> Problem:
+        source = self.taskset._source(category)
+        if not isinstance(source, _DatasetSource):
+            return self.taskset.sample(category, rng)
+        index = self._next.get(category, 0)
+        self._next[category] = index + 1
+        question, answer = source.held_out[index % len(source.held_out)]
+        return Problem(prompt=self.taskset.render(question), answer=answer, category=category)
+
+    def reward(self, problem: Problem, completion_text: str) -> float:
+        return self.taskset.reward(problem, completion_text)
 
 
 def make_taskset(
