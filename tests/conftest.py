@@ -137,3 +137,21 @@ def assert_runs_finished(uri: str, experiment_name: str, at_least: int) -> None:
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     statuses = {f"{r.data.tags.get('metaopt.role')}:{r.info.run_name}": r.info.status for r in runs}
     assert len(runs) >= at_least and set(statuses.values()) == {"FINISHED"}, statuses
+
+
+def run_metaopt_from(folder, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``metaopt run <args>`` in a fresh interpreter from ``folder``, as a user runs it from their own project
+    (no METAOPT_USER_DIR inherited from the test process); asserts exit 0 and no traceback, showing the output's
+    tail otherwise."""
+    env = {key: value for key, value in os.environ.items() if key != "METAOPT_USER_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-m", "metaopt.cli", "run", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result

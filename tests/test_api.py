@@ -254,3 +254,19 @@ def test_a_typed_experiment_from_a_file_validates_again_unchanged(tmp_path, monk
     exp = config.load(EXPERIMENTS / "quickstart_tiny.yaml")
     again = metaopt.load(exp, overrides=["pbt.population=3"])
     assert again.section == exp.section.model_copy(update={"population": 3}) and again.source == exp.source
+
+
+def test_the_best_of_a_program_search_is_the_row_whose_best_program_scored_highest():
+    from types import SimpleNamespace
+
+    def search(score):
+        return SimpleNamespace(best=lambda: SimpleNamespace(score=score, program_json="[]"))
+
+    rows = [
+        {"trial_id": "a", "state": search(0.2), "error": None},
+        {"trial_id": "b", "state": search(0.9), "error": None},
+        {"trial_id": "c", "state": search(5.0), "error": "RuntimeError: crashed"},  # failed: never the best
+        {"trial_id": "d", "state": None, "error": None},
+    ]
+    assert api.best_of(rows, rows)["trial_id"] == "b"
+    assert api.best_of(rows, [rows[3]]) is None

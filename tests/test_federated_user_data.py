@@ -4,8 +4,6 @@ every mistake one error line before Ray starts, and one real ``metaopt run`` fro
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import run_metaopt_from
 from metaopt import cli, config, user_code
 from metaopt.errors import ConfigError
 from metaopt.federated.clients import Client, InProcessClients, build_model, check_model, small_cnn
@@ -419,16 +418,7 @@ def test_metaopt_run_trains_the_users_model_on_the_users_data(tmp_path):
         },
     }
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment))
-    env = {k: v for k, v in os.environ.items() if k != user_code.USER_DIR_VARIABLE}
-    run = subprocess.run(
-        [sys.executable, "-m", "metaopt.cli", "run", "exp.yaml", "--quiet"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_metaopt_from(tmp_path, "exp.yaml", "--quiet", timeout=240)
     # make_data ran in the driver (checked before Ray) and in the trial; make_model there once, then for the
     # server of each of the two trials and each of the 3 client actors, always with the data's shape and classes
     assert len((tmp_path / "data_calls.txt").read_text().splitlines()) >= 2

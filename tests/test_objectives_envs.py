@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 from jax.scipy.stats import norm
 from scipy import stats
 
+from conftest import run_metaopt_from
 from metaopt import cli, user_code
 from metaopt.config import from_dict
 from metaopt.errors import ConfigError
@@ -289,14 +289,7 @@ def test_metaopt_run_evaluates_ppo_on_the_users_env_from_their_folder(tmp_path):
     shutil.copy(OWN_ENV_EXAMPLE / "reach_target.py", tmp_path)
     exp = experiment("reach_target:make_env", lr=0.01, ent_coef=0.0, num_minibatches=4)
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
-    result = subprocess.run(
-        [sys.executable, "-m", "metaopt.cli", "run", "exp.yaml", "--quiet"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_metaopt_from(tmp_path, "exp.yaml", "--quiet")
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("ppo ")]
     assert len(rows) == 1 and rows[0][1] == "reach_target.make_env_1600", result.stdout
     assert 0.0 < float(rows[0][2]) < 10.0, rows

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import run_metaopt_from
 from metaopt import cli
 from metaopt.errors import ConfigError
 from metaopt.posttrain.rewards import Score
@@ -633,14 +634,7 @@ def test_metaopt_run_trains_on_the_users_jsonl_with_their_reward(tmp_path):
     write_jsonl(tmp_path / "problems.jsonl", ROWS)
     (tmp_path / "rewards.py").write_text(REWARDS)
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment({"reward": "rewards:score"})))
-    result = subprocess.run(
-        [sys.executable, "-m", "metaopt.cli", "run", "exp.yaml", "--quiet"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_metaopt_from(tmp_path, "exp.yaml", "--quiet")
     assert (
         "problems.jsonl (categories add, sub; train/held-out rows add 1/1, sub 1/1, split_seed 0; reward rewards:score)"
         in result.stdout

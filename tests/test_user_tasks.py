@@ -8,9 +8,7 @@ a user's task like a built-in one.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import run_metaopt_from
 from metaopt import cli, config, user_code
 from metaopt.tasks import CONTRACT_MEMBERS, TrainingTask, build_task, task_metric_mode
 
@@ -129,13 +128,7 @@ def test_the_worked_example_runs_from_its_own_folder(tmp_path):
         f"ray.storage_path={tmp_path / 'ray_results'}",
         f"tracking.uri={uri}",
     ]
-    env = {k: v for k, v in os.environ.items() if k != user_code.USER_DIR_VARIABLE}
-    command = [sys.executable, "-m", "metaopt.cli", "run", "pbt.yaml", "--quiet"]
-    for override in overrides:
-        command += ["--set", override]
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    result = run_metaopt_from(folder, "pbt.yaml", "--quiet", *[arg for o in overrides for arg in ("--set", o)])
     assert "val_mse" in result.stdout and "BEST" in result.stdout, result.stdout[-2000:]
 
     from mlflow.tracking import MlflowClient

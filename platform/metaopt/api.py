@@ -214,7 +214,8 @@ def symbolic(**fields: Any) -> Result:
     ``gpus_per_worker``, ``restart_after``, ``restart_from_start_probability``, ``proxy`` (``{"task": ...,
     "task_options": ..., "steps": ..., "lrs": [...], "seeds": ...}``), ``funnel``, ``meta_validation``,
     ``funnel_top``, ``margin``, ``checkpoint_every``, ``seeds``, ``max_failures``. Each row holds its search's
-    ``state`` (``state.best``: the best program) and ``final`` (the programs the funnel accepted)."""
+    ``state`` (``state.best()``: the best program) and ``final`` (the programs the funnel accepted); ``result.best``
+    is the row whose best program scored highest."""
     return run_kind("symbolic", **fields)
 
 
@@ -294,7 +295,8 @@ def plain(item: Any) -> dict[str, Any]:
 
 def best_of(summary: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The runner's own choice (``summary.best()``) when it makes one; else the error-free row with the highest
-    ``final_*`` score (the grid runners' rows: ``final_accuracy``); else None."""
+    ``final_*`` score (the grid runners' rows: ``final_accuracy``) or, for a program search, whose best program
+    (``row["state"].best()``) scored highest; else None."""
     choose = getattr(summary, "best", None)
     if callable(choose):
         chosen = choose()
@@ -302,6 +304,8 @@ def best_of(summary: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     scored = []
     for row in rows:
         score = next((value for key, value in row.items() if key.startswith("final_")), None)
+        if score is None and callable(getattr(row.get("state"), "best", None)):  # a search: its best program's score
+            score = getattr(row["state"].best(), "score", None)
         if not row.get("error") and isinstance(score, numbers.Real) and math.isfinite(score):
             scored.append((score, row))
     return max(scored, key=lambda pair: pair[0])[1] if scored else None
