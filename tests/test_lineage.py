@@ -103,3 +103,43 @@ def test_an_exploit_overwritten_before_training_is_skipped():
     events = [event("T", "S", 0.3), event("T", "U", 0.05)]
     (resolved,) = lineage.resume_steps(events, rows, 10)
     assert (resolved.clone, resolved.resumed_step) == ("U", 20)
+
+
+def write_pbt_global(path, *lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return lineage.read_pbt_global(path)
+
+
+def test_exploit_keeping_the_lr_is_located_by_the_step_jump(tmp_path):
+    # T (lr 0.01) copies S's step-40 checkpoint at step 80 and keeps lr 0.01 (e.g. clipped at a bound); then U
+    # copies T with a new lr. Neither event may be dropped, nor send the sweep to the fallback path.
+    events = write_pbt_global(
+        tmp_path / "pbt_global.txt",
+        ["T", "S", 7, 4, {"lr": 0.5}, {"lr": 0.01}],
+        ["U", "T", 7, 7, {"lr": 0.01}, {"lr": 0.02}],
+    )
+    rows = {
+        "T": [(10 * i, 0.01) for i in range(1, 9)] + [(10 * i, 0.01) for i in range(5, 9)],
+        "S": [(10 * i, 0.5) for i in range(1, 9)],
+        "U": [(10 * i, 0.003) for i in range(1, 9)] + [(90, 0.02)],
+    }
+    resolved = lineage.resume_steps(events, rows, 10)
+    assert [(e.target, e.resumed_step) for e in resolved] == [("T", 40), ("U", 80)]
+    schedules = lineage.replay_events({"T": 0.01, "S": 0.5, "U": 0.003}, resolved)
+    assert schedules["T"] == [(0, 0.5), (40, 0.01)]  # S's weights, then T's unchanged lr
+    assert schedules["U"] == [(0, 0.5), (40, 0.01), (80, 0.02)]
+
+
+@pytest.mark.parametrize("target_iteration", [4, 3])  # synchronous (paused at the boundary) / asynchronous
+def test_exploit_keeping_the_lr_at_the_same_step_uses_the_perturbation_boundary(tmp_path, target_iteration):
+    # T and S both at step 40 (a boundary of 4 iterations x 10 steps): T's rows run on without any jump.
+    (ev,) = write_pbt_global(tmp_path / "pbt_global.txt", ["T", "S", target_iteration, 4, {"lr": 0.5}, {"lr": 0.01}])
+    rows = {"T": [(10 * i, 0.01) for i in range(1, 9)], "S": [(10 * i, 0.5) for i in range(1, 9)]}
+    (resolved,) = lineage.resume_steps([ev], rows, 10, boundary_steps=40)
+    assert resolved.resumed_step == 40
+    assert lineage.replay_events({"T": 0.01, "S": 0.5}, [resolved])["T"] == [(0, 0.5), (40, 0.01)]
+
+
+def test_exploit_keeping_the_lr_but_never_reporting_again_is_still_an_error():
+    with pytest.raises(ValueError, match="never reported"):
+        lineage.resume_steps([event("T", "S", 0.01, target_iter=2)], {"T": [(10, 0.01), (20, 0.01)]}, 10)

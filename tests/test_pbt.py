@@ -336,3 +336,23 @@ def test_population_search_is_finished_only_when_every_trial_is():
     search.trials_left = True
     TrialsLeft(search).on_step_begin(2, trials)
     assert search.is_finished()
+
+
+def test_pbt_explore_never_leaves_the_lr_range(tiny):
+    # Tune's own explore step (the oracle) with the scheduler's settings, from both bounds: x1.2 / x0.8 / resample.
+    from ray.tune.schedulers.pbt import _explore
+
+    from metaopt.pbt.tune import build_scheduler
+
+    section = tiny("pbt.synch=true").section
+    scheduler = build_scheduler(section, "val_accuracy", "max")
+    for start in (section.lr_max, section.lr_max * 0.99, section.lr_min, section.lr_min * 1.01):
+        for _ in range(40):
+            new, _ops = _explore(
+                {"lr": start},
+                scheduler._hyperparam_mutations,
+                scheduler._resample_probability,
+                scheduler._perturbation_factors,
+                scheduler._custom_explore_fn,
+            )
+            assert section.lr_min <= new["lr"] <= section.lr_max

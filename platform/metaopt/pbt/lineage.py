@@ -87,6 +87,7 @@ def resume_steps(
     reported: dict[str, list[tuple[int, float]]],
     steps_per_iteration: int,
     lr_key: str = "lr",
+    boundary_steps: int | None = None,
 ) -> list[ExploitEvent]:
     """Attach to each exploit the optimizer step its target resumed from, read off the target's result rows.
 
@@ -96,6 +97,12 @@ def resume_steps(
     Steps, not Tune's iteration counter: Tune may restore a *later* checkpoint of the clone than the
     iteration it records (seen with Ray 2.60 when the clone is still running), and the optimizer-step
     count travels inside the checkpoint while the iteration counter does not.
+
+    An exploit that keeps the target's lr leaves no lr change in its rows: the restore shows as a row whose step
+    does not follow the previous one. If the clone's checkpoint sits at the very step the target had reached,
+    not even that: the checkpoint is then the one PBT saved at a perturbation boundary (every
+    ``boundary_steps`` optimizer steps), at the target's logged iteration or the one after it (Tune logs the
+    target's result *before* the one being processed).
     """
     cursor = dict.fromkeys(reported, 0)
     resolved = []
@@ -105,8 +112,14 @@ def resume_steps(
             raise ValueError(f"no results for exploited trial {event.target!r}")
         new_lr = float(event.new_config[lr_key])
         p = cursor[event.target]
-        while p < len(rows) and not (same_lr(rows[p][1], new_lr) and (p == 0 or not same_lr(rows[p - 1][1], new_lr))):
-            p += 1
+        current = rows[p - 1] if p > 0 else rows[0] if rows else None
+        if current is not None and same_lr(current[1], new_lr):
+            # The explore step kept the target's own lr (clipped to a bound, PB2, a factor of 1): no lr change
+            # marks the restore, the steps do.
+            p = _unchanged_lr_resume(event, rows, p, new_lr, steps_per_iteration, boundary_steps)
+        else:
+            while p < len(rows) and not (same_lr(rows[p][1], new_lr) and not (p and same_lr(rows[p - 1][1], new_lr))):
+                p += 1
         if p >= len(rows) and any(later.target == event.target for later in events[index + 1 :]):
             # Exploited again before it trained a single iteration: the later exploit overwrote this one.
             continue
@@ -126,6 +139,31 @@ def resume_steps(
             )
         )
     return resolved
+
+
+def _unchanged_lr_resume(
+    event: ExploitEvent,
+    rows: list[tuple[int, float]],
+    start: int,
+    lr: float,
+    steps_per_iteration: int,
+    boundary_steps: int | None,
+) -> int:
+    """Index of the target's first row after an exploit that kept its lr (see :func:`resume_steps`); ``len(rows)``
+    when it never reported again."""
+    p = max(start, 1)
+    while p < len(rows) and same_lr(rows[p][1], lr):
+        if rows[p][0] != rows[p - 1][0] + steps_per_iteration:
+            return p  # a restore: the step count jumped to the checkpoint's + one iteration
+        p += 1
+    for iteration in (event.target_iteration, event.target_iteration + 1):
+        step = iteration * steps_per_iteration
+        if boundary_steps and step % boundary_steps:
+            continue
+        for q in range(start, len(rows) - 1):
+            if rows[q][0] == step and same_lr(rows[q + 1][1], lr):
+                return q + 1
+    return len(rows)
 
 
 def replay_events(initial_lrs: dict[str, float], events: list[ExploitEvent], lr_key: str = "lr") -> dict[str, Segments]:

@@ -160,7 +160,12 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
     if section.scheduler in ("pbt", "pb2"):
         try:
             events = lineage.read_pbt_global(experiment_path / "pbt_global.txt")
-            events = lineage.resume_steps(events, {row.tag: row.reported for row in rows}, section.steps_per_iteration)
+            events = lineage.resume_steps(
+                events,
+                {row.tag: row.reported for row in rows},
+                section.steps_per_iteration,
+                boundary_steps=section.perturbation_interval * section.steps_per_iteration,
+            )
             initial = {row.tag: row.schedule[0][1] for row in rows}
             schedules = lineage.replay_events(initial, events)
         except ValueError as err:

@@ -11,6 +11,7 @@ After a restore the trainable re-reads ``self.config`` for the learning rate: th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -100,6 +101,12 @@ def initial_lrs(section: PBTSection) -> Any:
     return tune.loguniform(section.lr_min, section.lr_max)
 
 
+def clip_lr(config: dict[str, Any], *, low: float, high: float) -> dict[str, Any]:
+    """PBT's explore step with ``lr`` clipped to the searched range ``[low, high]``."""
+    config["lr"] = min(max(float(config["lr"]), low), high)
+    return config
+
+
 def build_scheduler(section: PBTSection, metric: str, mode: str):
     """PBT / PB2 over ``lr`` with the section's interval, quantile and mutation settings; None for baselines.
 
@@ -121,6 +128,8 @@ def build_scheduler(section: PBTSection, metric: str, mode: str):
             hyperparam_mutations={"lr": tune.loguniform(section.lr_min, section.lr_max)},
             resample_probability=section.resample_probability,
             perturbation_factors=tuple(section.perturbation_factors),
+            # Tune multiplies lr by a factor with no bounds: keep every explored lr inside [lr_min, lr_max].
+            custom_explore_fn=functools.partial(clip_lr, low=section.lr_min, high=section.lr_max),
             seed=section.seed,
             **shared,
             **levelled,
