@@ -279,3 +279,50 @@ def test_adamw_and_lion_score_finitely_though_adamw_makes_0_over_0():
     with raise_on_nonfinite(), pytest.raises(NonFiniteProgramError, match="non-finite update at step 2"):
         user.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def _member(index: int, score: float):
+    from metaopt.symbolic.analysis import functional_hash
+    from metaopt.symbolic.search import Scored
+
+    program = lion_program()
+    return Scored(program.to_json(), score, 1.0, functional_hash(program), index, None)
+
+
+def test_tournament_ties_go_to_the_younger_member():
+    from metaopt.symbolic.search import tournament
+
+    population = [_member(i, s) for i, s in enumerate([0.5, 0.9, 0.2, 0.9, 0.9, 0.1])]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        state = rng.bit_generator.state
+        picks = rng.choice(len(population), size=3, replace=False)
+        rng.bit_generator.state = state
+        best = max(population[i].score for i in picks)
+        expected = max(i for i in picks if population[i].score == best)  # the youngest of the best
+        assert tournament(population, 3, rng) is population[expected]
+    # a full tournament over equal scores picks the youngest member; over mixed scores, the youngest best
+    assert tournament([_member(i, 0.7) for i in range(5)], 5, rng).index == 4
+    assert tournament(population, len(population), rng).index == 4
+    assert tournament([_member(i, -math.inf) for i in range(3)], 3, rng).index == 2
+
+
+def test_functional_hash_separates_programs_that_use_lr_differently():
+    from metaopt.symbolic.analysis import functional_hash
+    from metaopt.symbolic.program import Program, stmt
+
+    def program(*statements):
+        return Program(tuple(statements))
+
+    sgd = program(stmt("update", "mul", "g", "lr"))
+    fixed = program(stmt("update", "mul", "g", 0.01))  # = sgd at lr 0.01 only
+    squared = program(stmt("t", "mul", "lr", "lr"), stmt("t", "mul", "t", 100.0), stmt("update", "mul", "g", "t"))
+    # at the single rate the hash used to run at, all three compute the same updates and collided
+    assert len({functional_hash(p, lrs=0.01) for p in (sgd, fixed, squared)}) == 1
+    assert len({functional_hash(p) for p in (sgd, fixed, squared)}) == 3
+    # equivalent programs still share a hash at every rate
+    swapped = program(stmt("update", "mul", "lr", "g"))
+    doubled = program(stmt("t", "add", "lr", "lr"), stmt("t", "mul", "t", 0.5), stmt("update", "mul", "t", "g"))
+    assert functional_hash(swapped) == functional_hash(doubled) == functional_hash(sgd)
+    assert functional_hash(lion_program(), lrs=(0.01, 0.3)) == functional_hash(lion_program())
+    assert functional_hash(lion_program(), lrs=(0.3, 0.01)) != functional_hash(lion_program())

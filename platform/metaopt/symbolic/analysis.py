@@ -14,8 +14,8 @@ The search spends its compute on training runs, so every child program is first 
 * :func:`training_outputs` / :func:`prune_for_training` -- the same liveness across steps: an ``m`` or ``v``
   that ``update`` never reads (now or in a later step) cannot change training, nor can what only feeds it.
 * :func:`functional_hash` -- the paper's functional-equivalence cache: run the program on fixed random inputs
-  for a few steps and hash the rounded updates and live state, so that renamed, reordered or padded programs
-  share one hash.
+  for a few steps, at two learning rates, and hash the rounded updates and live state, so that renamed,
+  reordered or padded programs share one hash while programs that use ``lr`` differently do not.
   :class:`HashCache` maps that hash to a score; the paper reports an 89% hit rate, i.e. most children are
   semantic duplicates that need no training.
 """
@@ -307,7 +307,7 @@ def functional_hash(
     seed: int = 0,
     shapes: tuple[tuple[int, ...], ...] = ((3, 4), (5,)),
     steps: int = 3,
-    lr: float = 0.01,
+    lrs: float | tuple[float, ...] = (0.01, 0.3),
     digits: int = 6,
 ) -> str:
     """The paper's functional-equivalence hash (Sec. 2.3): sha256 of what training sees of the program on
@@ -317,7 +317,10 @@ def functional_hash(
     (normal) and ``v`` (|normal|), and one fresh gradient list per step. The program, reduced by
     :func:`prune_for_training`, runs ``steps`` times through :func:`metaopt.symbolic.interpreter.run_program`,
     feeding ``m``, ``v`` back and applying ``w <- w - update``; every step's ``update``, ``m``, ``v`` (rounded
-    to ``digits`` significant digits) and its ``finite`` flag are hashed. Programs that compute the same
+    to ``digits`` significant digits) and its ``finite`` flag are hashed. The whole run is repeated, from the
+    same inputs, at every learning rate in ``lrs``: at one rate, programs that use ``lr`` differently (``lr * g``
+    against ``0.01 * g``, ``lr`` against ``100 * lr * lr``) compute the same numbers, but they train
+    differently under the proxy's learning-rate sweep, so they must not share a score. Programs that compute the same
     function (renamed temporaries, reordered independent statements, dead statements, ``x * 2`` vs ``x + x``)
     hash equal up to rounding, and so do programs that differ only in state that ``update`` never reads: the
     reduced program passes such state through unchanged, and they train identically.
@@ -339,24 +342,31 @@ def functional_hash(
     m = [draw(s) for s in shapes]
     v = [draw(s).abs() for s in shapes]
     grads = [[draw(s) for s in shapes] for _ in range(steps)]
-    digest = hashlib.sha256(f"metaopt.functional_hash/2 {tuple(map(tuple, shapes))} {steps} {lr!r};".encode())
-    for step in range(steps):
-        result = run_program(
-            program,
-            [p.clone() for p in params],
-            [g.clone() for g in grads[step]],
-            [t.clone() for t in m],
-            [t.clone() for t in v],
-            lr,
-        )
-        for name, tensors in (("update", result.updates), ("m", result.m), ("v", result.v)):
-            digest.update(name.encode())
-            for tensor in tensors:
-                digest.update(_canonical(tensor, digits))
-        digest.update(b"finite" if result.finite else b"nonfinite")
-        params = [p - u.to(p.dtype) for p, u in zip(params, result.updates)]
-        m = [t.to(torch.float64) for t in result.m]
-        v = [t.to(torch.float64) for t in result.v]
+    lrs = (float(lrs),) if isinstance(lrs, (int, float)) else tuple(float(lr) for lr in lrs)
+    if not lrs:
+        raise ValueError("functional_hash needs at least one learning rate")
+    digest = hashlib.sha256(f"metaopt.functional_hash/3 {tuple(map(tuple, shapes))} {steps} {lrs!r};".encode())
+    initial = (params, m, v)
+    for lr in lrs:
+        params, m, v = initial
+        digest.update(f"lr {lr!r};".encode())
+        for step in range(steps):
+            result = run_program(
+                program,
+                [p.clone() for p in params],
+                [g.clone() for g in grads[step]],
+                [t.clone() for t in m],
+                [t.clone() for t in v],
+                lr,
+            )
+            for name, tensors in (("update", result.updates), ("m", result.m), ("v", result.v)):
+                digest.update(name.encode())
+                for tensor in tensors:
+                    digest.update(_canonical(tensor, digits))
+            digest.update(b"finite" if result.finite else b"nonfinite")
+            params = [p - u.to(p.dtype) for p, u in zip(params, result.updates)]
+            m = [t.to(torch.float64) for t in result.m]
+            v = [t.to(torch.float64) for t in result.v]
     return digest.hexdigest()
 
 

@@ -142,9 +142,10 @@ def init_search(section, seed: int, scorer) -> SearchState:
 
 
 def tournament(population: list[Scored], size: int, rng: np.random.Generator) -> Scored:
-    """The best of ``size`` distinct members drawn uniformly (ties: the younger one)."""
+    """The best of ``size`` distinct members drawn uniformly (ties: the younger one, i.e. the later in the
+    population, which is kept in order of evaluation)."""
     picks = rng.choice(len(population), size=min(size, len(population)), replace=False)
-    return max((population[i] for i in sorted(picks)), key=lambda s: s.score)
+    return population[max((int(i) for i in picks), key=lambda i: (population[i].score, i))]
 
 
 def search_step(state: SearchState, section, scorer) -> SearchState:
