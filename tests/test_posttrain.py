@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -161,6 +162,9 @@ def test_pbt_adapts_the_learner_lr(ray_session, tmp_path):
     "override, field",
     [
         ("posttrain.grpo.group_size=1", "posttrain.grpo.group_size"),
+        ("posttrain.grpo.loss_aggregation=sum", "posttrain.grpo.loss_aggregation"),
+        ("posttrain.grpo.minibatch_size=0", "posttrain.grpo.minibatch_size"),
+        ("posttrain.grpo.minibatch_size=17", "posttrain.grpo.minibatch_size: must be <= prompts_per_step"),
         ("posttrain.tasks=[{name: calculus, levels: [1]}]", "posttrain.tasks"),
         ("posttrain.curricula=[fancy]", "posttrain.curricula"),
         ("posttrain.model.heads=3", "posttrain.model.heads"),
@@ -224,3 +228,85 @@ def test_a_trial_larger_than_the_cluster_is_one_error_line(ray_session, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.startswith("metaopt: error: posttrain.roles: one trial needs 3.2 CPUs"), err
+
+
+class FakeRollout:
+    """A rollout worker that answers "1".."G" to every prompt, whatever the weights (no model)."""
+
+    def sample(self, prompts, group_size, max_new_tokens, temperature, seed):
+        from metaopt.posttrain.sampling import RolloutBatch
+
+        rows = len(prompts) * group_size
+        return RolloutBatch(
+            input_ids=torch.zeros(rows, 2, dtype=torch.long),
+            attention_mask=torch.ones(rows, 2, dtype=torch.long),
+            completion_mask=torch.ones(rows, 1),
+            completions=[str(1 + i % group_size) for i in range(rows)],
+            prompt_length=1,
+            group_size=group_size,
+        )
+
+    def set_weights(self, weights, reference=False):
+        pass
+
+
+class FakeLearner:
+    def set_schedule(self, schedule):
+        pass
+
+    def weights(self):
+        return None
+
+    def step(self, batch, advantages):
+        return {"loss": 0.0}, None
+
+
+def recorded_draws(tmp_path, *overrides):
+    """GRPORun on in-process fake roles; the curriculum's sample/update/advance calls in order, with SEC's Q
+    at each draw."""
+    from metaopt.posttrain.loop import GRPORun
+    from metaopt.posttrain.roles import Roles
+
+    section = load_tiny(tmp_path, "posttrain.warmup.steps=0", "posttrain.grpo.beta=0", *overrides).section
+    run = GRPORun(section, "sec", 0, Roles([FakeRollout()], FakeLearner(), None, remote=False))
+    events = []
+    for name in ("sample", "update", "advance"):
+        method = getattr(run.curriculum, name)
+
+        def record(*args, _method=method, _name=name):
+            events.append((_name, run.curriculum.q.copy()) if _name == "sample" else (_name, None))
+            return _method(*args)
+
+        setattr(run.curriculum, name, record)
+    try:
+        for _ in range(3):
+            run.step()
+    finally:
+        run.taskset.close()
+    return [name for name, _ in events], [q for name, q in events if name == "sample"]
+
+
+def test_overlapped_rollouts_keep_the_papers_curriculum_order_unless_told(tmp_path):
+    """SEC (Chen et al. 2025, Alg. 1): Q is updated with step t's rewards before step t+1's prompts are drawn.
+    With overlapped rollouts that is the default order too (the same draws as without overlap, from the same
+    Q); curriculum.update=overlapped draws step t+1 before step t's update (one step of lag)."""
+    paper = ["sample", "update", "advance"] * 3
+    order, q_serial = recorded_draws(tmp_path, "posttrain.roles.overlap=false")
+    assert order == paper
+    order, q_overlap = recorded_draws(tmp_path, "posttrain.roles.overlap=true")
+    assert order == [*paper, "sample"]  # step 4's rollouts start during step 3's learner update
+    assert all(np.array_equal(a, b) for a, b in zip(q_serial, q_overlap))
+    assert any(q.any() for q in q_serial)  # the fake's rewards do move Q
+    order, _ = recorded_draws(tmp_path, "posttrain.roles.overlap=true", "posttrain.curriculum.update=overlapped")
+    assert order == [
+        "sample",
+        "sample",
+        "update",
+        "advance",
+        "sample",
+        "update",
+        "advance",
+        "sample",
+        "update",
+        "advance",
+    ]

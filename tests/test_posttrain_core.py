@@ -28,6 +28,7 @@ from metaopt.posttrain.curriculum import (
     make_curriculum,
 )
 from metaopt.posttrain.grpo import (
+    LOSS_AGGREGATIONS,
     GRPOLearner,
     batch_logprobs,
     group_advantages,
@@ -380,7 +381,7 @@ def test_grpo_loss_matches_token_by_token_reference(aggregation):
     assert math.isclose(loss.item(), expected, rel_tol=1e-10)
 
 
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+@pytest.mark.parametrize("aggregation", LOSS_AGGREGATIONS)
 def test_grpo_loss_matches_trl_grpo_trainer_loss(aggregation):
     """TRL's GRPOTrainer._compute_loss run on the same per-token log-probs is the oracle (its own code path,
     with the model forward stubbed to return our log-probs: metaopt.compat.trl). Fails, never skips, when TRL's
@@ -629,8 +630,36 @@ def test_learner_minibatches_schedule_fixed_old_policy_and_state_round_trip():
     assert restored.optimizer_steps == 4
     assert all(torch.equal(a, b) for a, b in zip(clone.parameters(), model.parameters()))
     assert restored.optimizer.state_dict()["state"].keys() == learner.optimizer.state_dict()["state"].keys()
-    with pytest.raises(ConfigError, match=r"posttrain\.updates_per_batch"):
+    with pytest.raises(ConfigError, match=r"posttrain\.grpo\.updates_per_batch"):
         GRPOLearner(model, optimizer_spec={"name": "adamw"}, updates_per_batch=0)
+
+
+def test_the_experiment_files_grpo_block_sets_the_learners_aggregation_and_minibatch():
+    """posttrain.grpo.loss_aggregation / minibatch_size reach the learner; the section offers exactly the
+    aggregations the loss implements, each with its TRL oracle (metaopt.compat.trl.LOSS_TYPES)."""
+    from typing import get_args
+
+    from metaopt.compat.trl import LOSS_TYPES
+    from metaopt.posttrain.config import GRPOSpec, LossAggregation
+    from metaopt.posttrain.roles import LearnerWorker
+
+    assert get_args(LossAggregation) == LOSS_AGGREGATIONS == tuple(LOSS_TYPES)
+    assert GRPOSpec().loss_aggregation == "sequence_mean" and GRPOSpec().minibatch_size is None
+    spec = GRPOSpec(group_size=4, prompts_per_step=4, minibatch_size=8, loss_aggregation="token_mean")
+    worker = LearnerWorker(
+        {"hidden": 32, "layers": 1, "heads": 2},
+        [{"name": "arithmetic", "levels": [1]}],
+        0,
+        grpo=spec.model_dump(),
+        optimizer={"name": "sgd", "lr": 1e-3},
+        schedule=None,
+    )
+    try:
+        assert (worker.learner.aggregation, worker.learner.minibatch_size) == ("token_mean", 8)
+    finally:
+        worker.taskset.close()
+    with pytest.raises(ConfigError, match=r"posttrain\.grpo\.loss_aggregation"):
+        GRPOLearner(worker.model, optimizer_spec={"name": "sgd", "lr": 1e-3}, aggregation="sum")
 
 
 # ------------------------------------------------------------------ warm-up

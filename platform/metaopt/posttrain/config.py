@@ -97,10 +97,21 @@ def _default_tasks() -> list[dict[str, Any]]:
 
 class CurriculumSpec(StrictModel):
     """SEC's options for the ``sec`` trials (alpha = TD(0) step, tau = Boltzmann temperature; bounds from
-    :class:`~metaopt.posttrain.curriculum.SECOptions`); the other curricula take none from the file."""
+    :class:`~metaopt.posttrain.curriculum.SECOptions`), and, for every curriculum, when it is updated relative to
+    the next draw under overlapped rollouts (``update``)."""
 
     alpha: SECAlpha = Field(default=0.5, description="SEC: TD(0) learning rate of the category values.")
     tau: SECTau = Field(default=0.2, description="SEC: Boltzmann temperature over category values.")
+    update: Literal["before_next_draw", "overlapped"] = Field(
+        default="before_next_draw",
+        description="With roles.overlap: before_next_draw (the paper's order) updates the curriculum with step t's "
+        "rewards before drawing step t+1's prompts; overlapped draws them as soon as step t's batch is in, one "
+        "update behind (the rollouts never wait for the scorer).",
+    )
+
+
+LossAggregation = Literal["sequence_mean", "token_mean"]
+"""grpo.LOSS_AGGREGATIONS, written out so this module does not import torch (a test keeps the two equal)."""
 
 
 class GRPOSpec(StrictModel):
@@ -115,6 +126,17 @@ class GRPOSpec(StrictModel):
         default=0.04, ge=0, description="KL(policy || reference) weight, k3 estimator; 0 = no reference."
     )
     updates_per_batch: int = Field(default=1, ge=1, description="mu: optimizer passes over each batch.")
+    minibatch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rows (completions) per optimizer step, at most prompts_per_step x group_size; null: the whole "
+        "batch. A multiple of group_size runs each prompt once per group.",
+    )
+    loss_aggregation: LossAggregation = Field(
+        default="sequence_mean",
+        description="sequence_mean: mean over each completion's tokens, then over completions (Shao et al. 2024, "
+        "eq. 3; TRL's loss_type grpo); token_mean: mean over all tokens of the batch (DAPO; TRL's bnpo).",
+    )
     max_grad_norm: float = Field(default=1.0, gt=0)
 
     @field_validator("group_size")
@@ -123,6 +145,16 @@ class GRPOSpec(StrictModel):
         if group_size < 2:
             raise ValueError(f"must be >= 2 (got {group_size}): GRPO's advantage compares completions within a group")
         return group_size
+
+    @model_validator(mode="after")
+    def _minibatch_fits(self) -> GRPOSpec:
+        batch = self.prompts_per_step * self.group_size
+        if self.minibatch_size is not None and self.minibatch_size > batch:
+            raise ConfigError(
+                "minibatch_size",
+                f"must be <= prompts_per_step x group_size = {batch} (the batch), got {self.minibatch_size}",
+            )
+        return self
 
 
 class WarmupSpec(StrictModel):

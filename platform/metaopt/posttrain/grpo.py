@@ -210,7 +210,7 @@ def grpo_loss(
     """
     if aggregation not in LOSS_AGGREGATIONS:
         raise ConfigError(
-            "posttrain.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}"
+            "posttrain.grpo.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}"
         )
     mask = completion_mask.to(logp.dtype)
     old_logp = logp.detach() if old_logp is None else old_logp
@@ -271,16 +271,18 @@ class GRPOLearner:
         aggregation: str = "sequence_mean",
     ):
         if updates_per_batch < 1:
-            raise ConfigError("posttrain.updates_per_batch", f"must be an integer >= 1, got {updates_per_batch!r}")
+            raise ConfigError("posttrain.grpo.updates_per_batch", f"must be an integer >= 1, got {updates_per_batch!r}")
         if minibatch_size is not None and minibatch_size < 1:
-            raise ConfigError("posttrain.minibatch_size", f"must be an integer >= 1 or null, got {minibatch_size!r}")
+            raise ConfigError(
+                "posttrain.grpo.minibatch_size", f"must be an integer >= 1 or null, got {minibatch_size!r}"
+            )
         if not clip_eps > 0:
-            raise ConfigError("posttrain.clip_eps", f"must be > 0, got {clip_eps!r}")
+            raise ConfigError("posttrain.grpo.clip_eps", f"must be > 0, got {clip_eps!r}")
         if not beta >= 0:
-            raise ConfigError("posttrain.beta", f"must be >= 0, got {beta!r}")
+            raise ConfigError("posttrain.grpo.beta", f"must be >= 0, got {beta!r}")
         if aggregation not in LOSS_AGGREGATIONS:
             raise ConfigError(
-                "posttrain.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}"
+                "posttrain.grpo.loss_aggregation", f"must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}"
             )
         self.policy = policy.train()
         self.reference = reference

@@ -13,8 +13,11 @@ Per step (Shao et al. 2024, GRPO; Chen et al. 2025, Self-Evolving Curriculum):
 
 With ``roles.overlap`` the rollouts of step t+1 are started before the learner's update of step t, so sampling
 and learning run at the same time on different actors; step t+1's samples then come from the weights one update
-old and the clipped importance ratio (old log-probs = the sampling policy's) corrects for it. The curriculum's
-choice for t+1 is made before step t's rewards are in (one step of lag).
+old and the clipped importance ratio (old log-probs = the sampling policy's) corrects for it. The curriculum keeps
+the paper's order by default (``curriculum.update: before_next_draw``): step t's rewards update it (4) before it
+draws step t+1's categories, so only the learner's update overlaps the sampling. ``curriculum.update:
+overlapped`` starts step t+1's rollouts as soon as step t's batch is in, before its rewards are scored: the
+rollout workers never wait for the scorer, and the curriculum's draw for t+1 lags one update behind.
 """
 
 from __future__ import annotations
@@ -143,7 +146,9 @@ class GRPORun:
         pending = self.pending or self.launch()
         batch: RolloutBatch = concat_batches([self.roles.get(h) for h in pending.handles])
         sampled = time.perf_counter()
-        self.pending = self.launch() if self.section.roles.overlap else None
+        overlap = self.section.roles.overlap
+        lagged = overlap and self.section.curriculum.update == "overlapped"
+        self.pending = self.launch() if lagged else None
         rewards = torch.tensor(
             [
                 self.taskset.reward(problem, text)
@@ -154,13 +159,15 @@ class GRPORun:
         advantages = group_advantages(rewards, grpo.group_size)
         gains = category_rewards(pending.category_ids, advantages, grpo.group_size)
         self.curriculum.update(gains)
+        self.curriculum.advance(self.steps_done + 1, self.section.steps)
+        if overlap and not lagged:  # the paper's order: step t's feedback is in before step t+1's draw
+            self.pending = self.launch()
         if self.roles.reference is not None:
             batch.ref_logprobs = self.roles.get(self.roles.call(self.roles.reference, "logprobs", batch))
         metrics_ref, weights = self.roles.call(self.roles.learner, "step", batch, advantages, num_returns=2)
         self.send_weights(weights)
         metrics = dict(self.roles.get(metrics_ref))
         self.steps_done += 1
-        self.curriculum.advance(self.steps_done, self.section.steps)
         elapsed = time.perf_counter() - started
         metrics.update(self.step_metrics(pending, rewards, batch, gains, elapsed, sampled - started))
         metrics["reward_failures"] = self.taskset.reward_failures  # so far in this process: 0 unless a scorer failed

@@ -188,7 +188,9 @@ class LearnerWorker(_Role):
             clip_eps=grpo["clip_eps"],
             beta=grpo["beta"],
             updates_per_batch=grpo["updates_per_batch"],
+            minibatch_size=grpo["minibatch_size"],
             max_grad_norm=grpo["max_grad_norm"],
+            aggregation=grpo["loss_aggregation"],
         )
 
     def warmup(self, categories: list[str], steps: int, batch_size: int, lr: float) -> dict[str, float]:
