@@ -7,6 +7,7 @@ embedded Ray sized by ``ray.num_cpus``/``ray.num_gpus``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -131,21 +132,11 @@ def init(config: RayConfig, cli_address: str | None = None) -> Resources:
     )
 
 
-@contextmanager
-def workers_user_dir(folder: str) -> Iterator[None]:
+def workers_user_dir(folder: str) -> contextlib.AbstractContextManager[None]:
     """:data:`~metaopt.user_code.USER_DIR_VARIABLE` is ``folder`` while Ray starts here (the processes it starts
     keep it), and what it was afterwards: this process keeps taking the user's directory from where it is now, so
     a notebook that moves to another project imports that project's modules."""
-    variable = user_code.USER_DIR_VARIABLE
-    previous = os.environ.get(variable)
-    os.environ[variable] = folder
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = previous
+    return user_code.from_dir(folder)
 
 
 def user_dir_runtime_env(address: str) -> dict[str, Any]:
