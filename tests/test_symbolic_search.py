@@ -116,23 +116,99 @@ def test_search_resumes_from_json_identically(direct_search):
     assert state.to_json() == snapshots[-1]
 
 
-def test_restart_draws_from_start_or_best(tmp_path):
-    exp = load_tiny(tmp_path, "symbolic.restart_after=1", "symbolic.evaluations=25")
-    scorer = LocalScorer()
-    state = init_search(exp.section, seed=3, scorer=scorer)
-    best_at_restart = []
-    for _ in range(iterations_for(exp.section)):
-        restarting = state.since_best >= 1
-        best_at_restart.append(state.best.index if restarting else None)
-        state = search_step(state, exp.section, scorer)
-    assert state.restarts == sum(b is not None for b in best_at_restart) >= 1
-    batch = exp.section.batch
-    for i, best in enumerate(best_at_restart):
-        children = state.history[1 + i * batch : 1 + (i + 1) * batch]
-        if best is None:
-            assert {c.origin for c in children} == {"tournament"}
-        else:
-            assert all((c.origin, c.parent) in {("restart_start", 0), ("restart_best", best)} for c in children)
+class HashScorer:
+    """A stand-in for the proxy: a program's score is a fixed pseudo-random number drawn from its functional hash
+    (instant, deterministic), so the restart tests see improvements and plateaus without training anything."""
+
+    def __init__(self):
+        self.scored = 0
+
+    def score(self, programs, proxy):
+        from metaopt.symbolic.analysis import functional_hash
+        from metaopt.symbolic.proxies import ProgramScore
+
+        self.scored += len(programs)
+        return [ProgramScore(int(functional_hash(p)[:8], 16) / 16**8, 1.0, (1.0,)) for p in programs]
+
+
+def test_restarts_reseed_the_whole_population_from_start_or_best(tmp_path):
+    """Chen et al. 2023, Sec. 2: every ``restart_every`` iterations the population restarts from the start program
+    (exploration); after ``restart_after`` iterations without a new best, from the best (exploitation). A restart
+    replaces every member with a mutant; the best so far is never lost; each kind is counted."""
+    from metaopt.symbolic.search import search_metrics
+
+    exp = load_tiny(
+        tmp_path,
+        "symbolic.restart_every=5",
+        "symbolic.restart_after=2",
+        "symbolic.population=6",
+        "symbolic.batch=2",
+        "symbolic.evaluations=500",
+    )
+    section, scorer = exp.section, HashScorer()
+    state = init_search(section, seed=3, scorer=scorer)
+    kinds, best_scores, snapshots = [], [state.best.score], [state.to_json()]
+    for _ in range(20):
+        seen, best, old = len(state.history), state.best.index, {s.index for s in state.population}
+        # the paper's rule, written out: periodic first, else the plateau
+        due = (
+            "restart_start"
+            if (state.iteration + 1) % 5 == 0
+            else "restart_best"
+            if state.since_best >= 2
+            else "tournament"
+        )
+        state = search_step(state, section, scorer)
+        kinds.append(due)
+        best_scores.append(state.best.score)
+        snapshots.append(state.to_json())
+        if due == "tournament":
+            assert len(state.history) == seen + section.batch
+            assert {s.origin for s in state.history[seen:]} == {"tournament"}
+            assert old & {s.index for s in state.population}  # ageing, not a reseed
+            continue
+        parent = 0 if due == "restart_start" else best
+        assert len(state.history) == seen + section.population
+        assert [s.index for s in state.population] == list(range(seen, seen + section.population))  # all new
+        assert all((s.origin, s.parent) == (due, parent) for s in state.population)
+    assert best_scores == sorted(best_scores)  # a restart never loses the best so far
+    assert state.best.score == max(s.score for s in state.history)
+    assert state.restarts_start == kinds.count("restart_start") == 4
+    assert state.restarts_best == kinds.count("restart_best") >= 1
+    metrics = search_metrics(state)
+    assert (metrics["restarts_start"], metrics["restarts_best"]) == (state.restarts_start, state.restarts_best)
+    assert metrics["restarts"] == state.restarts_start + state.restarts_best
+    assert state.cache_hits == len(state.history) - len({s.hash for s in state.history})
+    assert scorer.scored == len({s.hash for s in state.history})  # restarts still go through the hash cache
+
+    # a checkpoint taken mid-search resumes identically through the restarts that follow
+    resumed = SearchState.from_json(snapshots[12])
+    for _ in range(20 - 12):
+        resumed = search_step(resumed, section, HashScorer())
+    assert resumed.to_json() == snapshots[-1]
+
+
+def test_restarts_spend_the_evaluation_budget_sooner(tmp_path):
+    from metaopt.symbolic.search import search_done
+
+    exp = load_tiny(
+        tmp_path, "symbolic.restart_every=2", "symbolic.population=6", "symbolic.batch=2", "symbolic.evaluations=15"
+    )
+    state = init_search(exp.section, seed=0, scorer=HashScorer())
+    while not search_done(state, exp.section):
+        state = search_step(state, exp.section, HashScorer())
+    assert state.iteration < iterations_for(exp.section) == 7
+    assert len(state.history) == 1 + 2 + 6 + 2 + 6 >= 15  # tournament, restart, tournament, restart
+
+
+def test_removed_restart_probability_is_one_config_error(tmp_path):
+    from metaopt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_tiny(tmp_path, "symbolic.restart_from_start_probability=0.5")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("symbolic.restart_from_start_probability: removed")
+    assert "restart_every" in message and "restart_after" in message
 
 
 def test_killed_search_trial_resumes_and_matches_the_direct_run(ray_session, tmp_path, direct_search):

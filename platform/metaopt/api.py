@@ -211,7 +211,7 @@ def symbolic(**fields: Any) -> Result:
     Algorithms", which found Lion). Signature: ``symbolic(*, name=None, description="", ray=None, tracking=None,
     address=None, verbose=1, **section)`` with the ``symbolic:`` section's fields: ``start`` (adamw, lion or a
     program file), ``population``, ``tournament``, ``evaluations``, ``batch``, ``workers``, ``cpus_per_worker``,
-    ``gpus_per_worker``, ``restart_after``, ``restart_from_start_probability``, ``proxy`` (``{"task": ...,
+    ``gpus_per_worker``, ``restart_every``, ``restart_after``, ``proxy`` (``{"task": ...,
     "task_options": ..., "steps": ..., "lrs": [...], "seeds": ...}``), ``funnel``, ``meta_validation``,
     ``funnel_top``, ``margin``, ``checkpoint_every``, ``seeds``, ``max_failures``. Each row holds its search's
     ``state`` (``state.best()``: the best program) and ``final`` (the programs the funnel accepted); ``result.best``

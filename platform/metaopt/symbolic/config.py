@@ -2,12 +2,16 @@
 
 The search starts from the AdamW program (or a program file), mutates programs (insert / delete / modify),
 scores each on a proxy task (validation metric after ``steps`` optimizer steps, best of a few learning-rate
-multipliers), keeps a population with tournament selection and ageing (Real et al. 2019), restarts from the
-start program and from the best, and sends its top programs through a funnel of larger proxies and a held-out
-meta-validation task before accepting them. Nothing here imports torch or Ray.
+multipliers), keeps a population with tournament selection and ageing (Real et al. 2019), reseeds the whole
+population from the start program every ``restart_every`` iterations (exploration) and from the best after
+``restart_after`` iterations without a new best (exploitation, Chen et al. 2023, Sec. 2), and sends its top programs
+through a funnel of larger proxies and a held-out meta-validation task before accepting them. Nothing here imports
+torch or Ray.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -64,11 +68,15 @@ class SymbolicSection(StrictModel):
     workers: int = Field(default=0, ge=0, description="Ray actors scoring programs (0: in the trial's process).")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each scoring worker reserves.")
     gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs each scoring worker reserves (GPU proxies).")
-    restart_after: int = Field(
-        default=0, ge=0, description="Iterations without a new best before restarting (0: never)."
+    restart_every: int = Field(
+        default=0,
+        ge=0,
+        description="Every that many iterations, reseed the population with mutants of the start program (0: never).",
     )
-    restart_from_start_probability: float = Field(
-        default=0.5, ge=0, le=1, description="On a restart: start program (exploration) vs best (exploitation)."
+    restart_after: int = Field(
+        default=0,
+        ge=0,
+        description="Iterations without a new best, then reseed the population with mutants of the best (0: never).",
     )
     proxy: ProxySpec = Field(default_factory=ProxySpec, description="The search proxy.")
     funnel: list[ProxySpec] = Field(default_factory=list, description="Larger proxies a top program must pass.")
@@ -85,6 +93,17 @@ class SymbolicSection(StrictModel):
     @classmethod
     def _absolute_start_file(cls, start: str, info) -> str:
         return absolute_program(start, info)  # trials run in folders of their own
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "restart_from_start_probability" in data:
+            raise ConfigError(
+                "restart_from_start_probability",
+                "removed: restarts now follow Chen et al. 2023; set restart_every (periodic, from the start "
+                "program) and/or restart_after (plateau, from the best)",
+            )
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> SymbolicSection:

@@ -2,13 +2,16 @@
 
 1. start from a program (AdamW without bias correction, or any program text) and score it on the proxy;
 2. each iteration, for ``batch`` children: pick a parent by tournament over the living population
-   (regularized evolution, Real et al. 2019) -- or, after ``restart_after`` iterations without a new best,
-   restart from the start program (exploration) or from the best (exploitation) -- and mutate it
-   (insert / delete / modify, re-mutating invalid children, :mod:`metaopt.symbolic.mutation`);
+   (regularized evolution, Real et al. 2019) and mutate it (insert / delete / modify, re-mutating invalid
+   children, :mod:`metaopt.symbolic.mutation`). Restarts (Chen et al. 2023, Sec. 2) instead replace the whole
+   population by ``population`` mutants: of the start program every ``restart_every`` iterations
+   (exploration), of the best program after ``restart_after`` iterations without a new best (exploitation);
+   the periodic restart wins when both are due. The best so far stays in the state's history;
 3. look each child up by its functional hash (:mod:`metaopt.symbolic.analysis`): semantically duplicate
    programs reuse their score; the rest are scored in parallel (Ray tasks) on the proxy;
-4. the children join the population; the oldest members die;
-5. once the budget of evaluations is spent, the ``funnel_top`` best programs face larger proxies and a
+4. the children join the population; the oldest members die (after a restart: all of the old population);
+5. once the budget of evaluations is spent (a restart scores a whole population, so the last iteration may pass
+   the budget by up to ``population`` programs), the ``funnel_top`` best programs face larger proxies and a
    held-out meta-validation task; a program is accepted when it beats the start program by ``margin`` at
    every stage. Accepted programs are simplified (dead code, algebraic rewrites, and statements whose removal
    does not hurt the proxy score) and exported as MLflow artifacts.
@@ -90,8 +93,13 @@ class SearchState:
     iteration: int = 0
     best_index: int = 0
     since_best: int = 0
-    restarts: int = 0
+    restarts_start: int = 0  # periodic restarts from the start program (exploration)
+    restarts_best: int = 0  # plateau restarts from the best program (exploitation)
     cache_hits: int = 0
+
+    @property
+    def restarts(self) -> int:
+        return self.restarts_start + self.restarts_best
 
     @property
     def best(self) -> Scored:
@@ -148,25 +156,39 @@ def tournament(population: list[Scored], size: int, rng: np.random.Generator) ->
     return population[max((int(i) for i in picks), key=lambda i: (population[i].score, i))]
 
 
+def restart_due(state: SearchState, section) -> str | None:
+    """Which restart (Chen et al. 2023, Sec. 2) the next iteration does: ``"restart_start"`` every
+    ``restart_every`` iterations (exploration), else ``"restart_best"`` once ``restart_after`` iterations passed
+    without a new best (exploitation, on a plateau), else None. 0 switches either off."""
+    if section.restart_every and (state.iteration + 1) % section.restart_every == 0:
+        return "restart_start"
+    if section.restart_after and state.since_best >= section.restart_after:
+        return "restart_best"
+    return None
+
+
 def search_step(state: SearchState, section, scorer) -> SearchState:
-    """One iteration: ``batch`` children by tournament (or restart) + mutation, scored, aged in."""
+    """One iteration: ``batch`` children by tournament + mutation, scored, aged in; or, on a restart, a whole new
+    population of mutants of the start or the best program, scored, replacing the old one (ages reset)."""
     from metaopt.symbolic.analysis import functional_hash
     from metaopt.symbolic.mutation import mutate
 
     rng = np.random.default_rng()
     rng.bit_generator.state = state.rng_state
-    restart = section.restart_after and state.since_best >= section.restart_after
-    if restart:
-        state.restarts += 1
-        state.since_best = 0
+    restart = restart_due(state, section)
+    if restart == "restart_start":
+        state.restarts_start += 1
+    elif restart == "restart_best":
+        state.restarts_best += 1
     children: list[tuple[Program, int, str]] = []
-    for _ in range(section.batch):
-        if restart:
-            from_start = rng.random() < section.restart_from_start_probability
-            parent, origin = (state.start, "restart_start") if from_start else (state.best, "restart_best")
-        else:
-            parent, origin = tournament(state.population, section.tournament, rng), "tournament"
-        children.append((mutate(parent.program, rng), parent.index, origin))
+    if restart:
+        state.since_best = 0
+        state.population = []  # the whole population is reseeded; the best stays in the history
+        parent = state.start if restart == "restart_start" else state.best
+        children = [(mutate(parent.program, rng), parent.index, restart) for _ in range(section.population)]
+    for _ in range(0 if restart else section.batch):
+        parent = tournament(state.population, section.tournament, rng)
+        children.append((mutate(parent.program, rng), parent.index, "tournament"))
     hashes = [functional_hash(child) for child, _, _ in children]
     fresh = {}
     for (child, _, _), h in zip(children, hashes):
@@ -195,8 +217,14 @@ def search_step(state: SearchState, section, scorer) -> SearchState:
 
 
 def iterations_for(section) -> int:
-    """Tune iterations that spend the evaluation budget (the start program counts as the first)."""
+    """Tune iterations that spend the evaluation budget without restarts (the start program counts as the
+    first): the most a search runs. Restarts spend it sooner, see :func:`search_done`."""
     return max(1, math.ceil((section.evaluations - 1) / section.batch))
+
+
+def search_done(state: SearchState, section) -> bool:
+    """The evaluation budget is spent (restarts score a whole population in one iteration)."""
+    return len(state.history) >= section.evaluations or state.iteration >= iterations_for(section)
 
 
 def search_metrics(state: SearchState) -> dict[str, float]:
@@ -212,6 +240,8 @@ def search_metrics(state: SearchState) -> dict[str, float]:
         "cache_hits": state.cache_hits,
         "cache_hit_rate": state.cache_hits / max(evaluated - 1, 1),
         "restarts": state.restarts,
+        "restarts_start": state.restarts_start,
+        "restarts_best": state.restarts_best,
         "failed_programs": sum(1 for s in state.history if s.failure),
         "since_best": state.since_best,
         "best_length": len(state.best.program),

@@ -40,7 +40,7 @@ def run_search(exp: Experiment, *, address: str | None = None, callbacks: list[A
     session = open_session(exp, address, "search", verbose)
     print(
         f"[metaopt] symbolic search from {section.start!r}: {section.evaluations} evaluations in "
-        f"{iterations_for(section)} iterations of {section.batch}, population {section.population}, "
+        f"at most {iterations_for(section)} iterations of {section.batch}, population {section.population}, "
         f"proxy {section.proxy.task} ({section.proxy.steps} steps x lrs {section.proxy.lrs})",
         flush=True,
     )

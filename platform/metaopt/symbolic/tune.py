@@ -22,6 +22,7 @@ from metaopt.symbolic.search import (
     init_search,
     iterations_for,
     proxy_dict,
+    search_done,
     search_metrics,
     search_step,
 )
@@ -87,7 +88,7 @@ class SearchTrainable(Trainable):
         self.state = search_step(self.state, self.section, self.scorer)
         metrics = search_metrics(self.state)
         metrics["accepted"] = 0
-        if self.state.iteration >= iterations_for(self.section):
+        if search_done(self.state, self.section):
             self.final = finish(self.state, self.section, self.scorer)
             metrics["accepted"] = len(self.final["accepted"])
             metrics["done"] = True
