@@ -203,6 +203,13 @@ def test_pb2_sweep_runs_and_rebuilds_schedules(ray_session, tiny):
     assert all(t.steps == budget(exp) and t.lineage_agrees for t in summary.trials)
     for trial in summary.trials:
         assert all(exp.section.lr_min <= lr <= exp.section.lr_max for _, lr in trial.schedule)
+    # PB2 searches log10(lr); the policy log's configs and the trials' MLflow params still hold the real lr
+    for event in lineage.read_pbt_global(Path(summary.experiment_path) / "pbt_global.txt"):
+        assert event.new_config["lr"] == lineage.config_lr(event.new_config)
+    _client, _experiment, children = mlflow_view(exp.tracking.uri, summary, exp.mlflow_experiment)
+    for run in (r for r in children if r.data.tags.get("metaopt.role") == "trial"):
+        config = {"log_lr": float(run.data.params["log_lr"]), "exp": exp.section.model_dump()}
+        assert float(run.data.params["lr"]) == lineage.config_lr(config)
 
 
 def test_rllib_ppo_learning_rate_under_pbt(ray_session, tiny):

@@ -4,6 +4,9 @@ Schedulers (Ray Tune): ``pbt`` (Jaderberg et al. 2017, "Population Based Trainin
 ``pb2`` (Parker-Holder et al. 2020, GP-bandit explore step), and the equal-budget baselines ``random``
 (log-uniform fixed learning rates) and ``grid`` (log-spaced fixed learning rates): every scheduler trains
 ``population`` trials for ``iterations`` x ``steps_per_iteration`` optimizer steps, so budgets match.
+PB2 searches ``log10(lr)`` (its GP normalises the bounds linearly, so a linear lr range would propose mostly large
+rates); PBT's explore factors act on the lr itself. The baselines train at a constant lr, or (``lr_schedule:
+cosine``) decay it to 0 over the trial's budget: the tuned cosine schedule PBT is compared with at equal budget.
 ``task`` is a built-in task or the researcher's own (``task: my_pkg.tasks:make_task``, :mod:`metaopt.tasks`).
 """
 
@@ -52,6 +55,11 @@ class PBTSection(StrictModel):
     )
     lr_min: float = Field(default=1e-4, gt=0, description="Smallest learning rate searched.")
     lr_max: float = Field(default=1.0, gt=0, description="Largest learning rate searched.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="Fixed-lr baselines (scheduler random | grid): the trial's lr held constant, or decayed to 0 "
+        "along a half cosine over its whole budget (iterations x steps_per_iteration optimizer steps).",
+    )
     seed: Seed = Field(default=0, description="Seed for weights, data order and the search.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last checkpoint.")
     checkpoint_interval: int | None = Field(
@@ -81,6 +89,12 @@ class PBTSection(StrictModel):
             raise ConfigError(
                 "perturbation_interval",
                 f"must be <= iterations so PBT perturbs at all (got {self.perturbation_interval} > {self.iterations})",
+            )
+        if self.scheduler in ("pbt", "pb2") and self.lr_schedule != "constant":
+            raise ConfigError(
+                "lr_schedule",
+                f"{self.lr_schedule} is for the fixed-lr baselines (scheduler random | grid); {self.scheduler} "
+                "sets the lr itself, so lr_schedule must be constant",
             )
         if not all(f > 0 for f in self.perturbation_factors):
             raise ConfigError("perturbation_factors", f"both must be > 0 (got {list(self.perturbation_factors)})")

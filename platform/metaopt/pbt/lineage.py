@@ -17,6 +17,9 @@ The step actually resumed from is visible in the *target's* own results: the fir
 reports after the exploit is one iteration past the checkpoint (:func:`resume_steps`). The trainable
 also carries its lineage inside its checkpoints; the sweep cross-checks the two and the tests demand equality.
 
+Under PB2 a config holds the searched ``log_lr`` = log10(lr) beside ``lr``; :func:`config_lr` resolves the lr a
+config trains with, so every schedule here is in real learning rates.
+
 All functions here are pure; a schedule is a list of ``(start_step, lr)`` segments sorted by start.
 """
 
@@ -28,7 +31,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaopt.optim import Schedule, constant, cosine
+
 Segments = list[tuple[int, float]]
+
+#: The config key PB2 searches: log10 of the learning rate (Parker-Holder et al. 2020 search a box the GP normalises
+#: linearly; on log10(lr) its proposals spread over the decades of [lr_min, lr_max] instead of piling up at the top).
+LOG_LR_KEY = "log_lr"
+
+
+def config_lr(config: dict[str, Any]) -> float:
+    """The learning rate a trial config trains with: ``10 ** log_lr`` where the config holds PB2's ``log_lr`` (it
+    wins over a ``lr`` Tune may have copied from the clone), else ``lr``.
+
+    PB2 keeps ``log_lr`` inside ``[log10 lr_min, log10 lr_max]``, but ``10 ** log10(0.2)`` is 0.20000000000000004:
+    where the config holds its section (``exp``, as every trial config and policy-log line does), the lr is clipped
+    to ``[lr_min, lr_max]`` so that last-digit rounding never leaves the searched range.
+    """
+    if LOG_LR_KEY not in config:
+        return float(config["lr"])
+    lr = float(10.0 ** float(config[LOG_LR_KEY]))
+    section = config.get("exp")
+    if isinstance(section, dict) and "lr_min" in section and "lr_max" in section:
+        lr = min(max(lr, float(section["lr_min"])), float(section["lr_max"]))
+    return lr
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,16 @@ def read_pbt_global(path: str | Path) -> list[ExploitEvent]:
     return events
 
 
+def trial_schedule(lr: float, lr_schedule: str, budget_steps: int) -> Schedule:
+    """The ``step -> lr`` a trial trains with, from the lr its config holds.
+
+    ``constant``: ``lr`` at every step (PBT/PB2 change it between iterations through the config). ``cosine``:
+    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` with ``T = budget_steps`` (Loshchilov & Hutter 2017, SGDR, one cycle
+    without restart; :func:`metaopt.optim.cosine`, equal to ``optax.cosine_decay_schedule(lr, T)``).
+    """
+    return cosine(lr, budget_steps) if lr_schedule == "cosine" else constant(lr)
+
+
 def same_lr(a: float, b: float) -> bool:
     """Equal up to the last digits a CSV/JSON round-trip may change."""
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
@@ -86,7 +122,6 @@ def resume_steps(
     events: list[ExploitEvent],
     reported: dict[str, list[tuple[int, float]]],
     steps_per_iteration: int,
-    lr_key: str = "lr",
     boundary_steps: int | None = None,
 ) -> list[ExploitEvent]:
     """Attach to each exploit the optimizer step its target resumed from, read off the target's result rows.
@@ -110,7 +145,7 @@ def resume_steps(
         rows = reported.get(event.target)
         if rows is None:
             raise ValueError(f"no results for exploited trial {event.target!r}")
-        new_lr = float(event.new_config[lr_key])
+        new_lr = config_lr(event.new_config)
         p = cursor[event.target]
         current = rows[p - 1] if p > 0 else rows[0] if rows else None
         if current is not None and same_lr(current[1], new_lr):
@@ -166,7 +201,7 @@ def _unchanged_lr_resume(
     return len(rows)
 
 
-def replay_events(initial_lrs: dict[str, float], events: list[ExploitEvent], lr_key: str = "lr") -> dict[str, Segments]:
+def replay_events(initial_lrs: dict[str, float], events: list[ExploitEvent]) -> dict[str, Segments]:
     """Every trial's lineage schedule (in optimizer steps) after applying the exploit events in order.
 
     Events must carry ``resumed_step`` (see :func:`resume_steps`).
@@ -178,7 +213,7 @@ def replay_events(initial_lrs: dict[str, float], events: list[ExploitEvent], lr_
         if event.resumed_step is None:
             raise ValueError(f"exploit of {event.clone!r} by {event.target!r} has no resumed step")
         step = event.resumed_step
-        histories[event.target] = record_lr(cut(histories[event.clone], step), step, event.new_config[lr_key])
+        histories[event.target] = record_lr(cut(histories[event.clone], step), step, config_lr(event.new_config))
     return histories
 
 

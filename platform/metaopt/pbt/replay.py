@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from metaopt import user_code
 from metaopt.config import quote
 from metaopt.errors import ConfigError
-from metaopt.optim import piecewise_constant
+from metaopt.optim import Schedule, piecewise_constant
+from metaopt.pbt.lineage import trial_schedule
 from metaopt.redact import redact_text
 from metaopt.tasks import build_task, is_user_task
 
@@ -151,7 +152,7 @@ def replay(payload: dict[str, Any], trial_id: str | None = None, progress: bool 
     chosen = choose_trial(payload, trial_id)
     section = payload["experiment"]["pbt"]
     schedule = [(int(s), float(lr)) for s, lr in payload["trials"][chosen]["schedule"]]
-    lr_at = piecewise_constant(schedule)
+    lr_at = replay_schedule(schedule, section.get("lr_schedule", "constant"), int(payload["total_steps"]))
     with user_code.from_dir(code_dir(payload)):
         task = build_task(section["task"], section["task_options"], section["optimizer"], section["seed"])
         warning = changed_code_warning(payload)
@@ -184,6 +185,15 @@ def replay(payload: dict[str, Any], trial_id: str | None = None, progress: bool 
         seconds=time.time() - started,
         metrics=metrics,
     )
+
+
+def replay_schedule(schedule: list[tuple[int, float]], lr_schedule: str, total_steps: int) -> Schedule:
+    """The ``step -> lr`` to replay: the lineage's segments, or for a ``lr_schedule: cosine`` baseline trial (one
+    segment, its peak lr) the cosine decay over the budget it trained with
+    (:func:`metaopt.pbt.lineage.trial_schedule`)."""
+    if lr_schedule != "constant":
+        return trial_schedule(schedule[0][1], lr_schedule, total_steps)
+    return piecewise_constant(schedule)
 
 
 def code_dir(payload: dict[str, Any]) -> Path:

@@ -20,7 +20,7 @@ from ray import tune
 
 from metaopt.even_finish import EvenFinishPBT
 from metaopt.pbt.config import PBTSection
-from metaopt.pbt.lineage import record_lr
+from metaopt.pbt.lineage import LOG_LR_KEY, config_lr, record_lr, trial_schedule
 from metaopt.tasks import build_task
 from metaopt.trainable import Trainable
 from metaopt.tuning import (
@@ -36,10 +36,12 @@ STATE_FILE = "trainable_state.pt"
 
 
 class LRTrainable(Trainable):
-    """Trains a :mod:`metaopt.tasks` task; ``config['lr']`` is the learning rate the outer loop controls.
+    """Trains a :mod:`metaopt.tasks` task at the learning rate the outer loop controls: ``config['lr']``, or
+    ``10 ** config['log_lr']`` where PB2 searches log10(lr) (:func:`metaopt.pbt.lineage.config_lr`).
 
     ``config['exp']`` is the resolved ``pbt`` section (a dict), logged whole as MLflow params.
-    Reports the task's metrics plus ``lr``, ``step`` and ``diverged`` each iteration.
+    Reports the task's metrics plus ``lr`` (the config's real lr; under ``lr_schedule: cosine`` the peak, with
+    ``last_lr`` the lr of the iteration's last step), ``step`` and ``diverged`` each iteration.
     """
 
     uses_torch = True
@@ -50,15 +52,20 @@ class LRTrainable(Trainable):
         section = config["exp"]
         self.section = section
         self.task = build_task(section["task"], section["task_options"], section["optimizer"], section["seed"])
-        self.lr_history = record_lr([], 0, float(config["lr"]))
+        self.lr_history = record_lr([], 0, config_lr(config))
         self.diverged = False
 
     def step(self) -> dict[str, Any]:
-        lr = float(self.config["lr"])
+        lr = config_lr(self.config)
         self.lr_history = record_lr(self.lr_history, self.task.step, lr)
-        metrics = self.task.train(self.section["steps_per_iteration"], lambda _step: lr)
+        section = self.section
+        budget = section["iterations"] * section["steps_per_iteration"]
+        lr_at = trial_schedule(lr, section.get("lr_schedule", "constant"), budget)
+        metrics = self.task.train(section["steps_per_iteration"], lr_at)
         self.diverged = has_diverged(metrics.get("loss", 0.0), getattr(self.task, "divergence_loss", None))
         result = {**metrics, "lr": lr, "step": self.task.step, "diverged": int(self.diverged)}
+        if section.get("lr_schedule", "constant") != "constant":
+            result["last_lr"] = float(lr_at(self.task.step - 1))
         if self.diverged:
             # Worst possible score: PBT exploits this trial at its next boundary; fixed-LR baselines stop it.
             result[self.task.metric] = -math.inf if self.task.mode == "max" else math.inf
@@ -72,7 +79,7 @@ class LRTrainable(Trainable):
     def load_state_dict(self, state: dict[str, Any]) -> int:
         self.task.restore(state["task"])
         # The checkpoint is the clone's lineage; from here on this trial's config decides the lr.
-        self.lr_history = record_lr(state["lr_history"], self.task.step, float(self.config["lr"]))
+        self.lr_history = record_lr(state["lr_history"], self.task.step, config_lr(self.config))
         return int(state["iteration"])  # the iteration that matches the weights and the step count
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
@@ -99,6 +106,32 @@ def initial_lrs(section: PBTSection) -> Any:
     if section.scheduler == "grid":
         return tune.grid_search([float(v) for v in np.geomspace(section.lr_min, section.lr_max, section.population)])
     return tune.loguniform(section.lr_min, section.lr_max)
+
+
+def lr_space(section: PBTSection) -> dict[str, Any]:
+    """The trial configs' lr keys: ``lr`` from :func:`initial_lrs`; for pb2, the ``log_lr`` it searches, uniform
+    on the log10 bounds (the same log-uniform lr), and ``lr`` derived from it, so params show the real lr."""
+    if section.scheduler == "pb2":
+        low, high = log_lr_bounds(section)
+        return {LOG_LR_KEY: tune.uniform(low, high), "lr": tune.sample_from(lr_of_spec)}
+    return {"lr": initial_lrs(section)}
+
+
+def log_lr_bounds(section: PBTSection) -> list[float]:
+    """PB2's box for ``log_lr``: ``[log10 lr_min, log10 lr_max]``."""
+    return [math.log10(section.lr_min), math.log10(section.lr_max)]
+
+
+def lr_of_spec(spec: Any) -> float:
+    """``lr`` of a PB2 trial's first config, from the ``log_lr`` Tune drew for it (a ``tune.sample_from``)."""
+    return config_lr({LOG_LR_KEY: spec.config[LOG_LR_KEY], "exp": spec.config["exp"]})
+
+
+def sync_lr(config: dict[str, Any]) -> dict[str, Any]:
+    """PB2's explore step with ``lr`` set from the ``log_lr`` it chose, so the config (and Tune's policy log)
+    never carries the clone's stale lr."""
+    config["lr"] = config_lr(config)
+    return config
 
 
 def clip_lr(config: dict[str, Any], *, low: float, high: float) -> dict[str, Any]:
@@ -142,7 +175,10 @@ def build_scheduler(section: PBTSection, metric: str, mode: str):
         from metaopt.even_finish_pb2 import EvenFinishPB2
 
         scheduler_cls = EvenFinishPB2 if levelled else PB2
-        return scheduler_cls(hyperparam_bounds={"lr": [section.lr_min, section.lr_max]}, **shared, **levelled)
+        # The GP normalises each bound linearly: search log10(lr), so proposals spread over the decades.
+        return scheduler_cls(
+            hyperparam_bounds={LOG_LR_KEY: log_lr_bounds(section)}, custom_explore_fn=sync_lr, **shared, **levelled
+        )
     return None
 
 
@@ -163,7 +199,7 @@ def build_tuner(section: PBTSection, sweep: SweepSettings, metric: str, mode: st
     return tune.Tuner(
         trainable,
         param_space={
-            "lr": initial_lrs(section),
+            **lr_space(section),
             "exp": section.model_dump(mode="json"),
             "verbose_actors": sweep.verbose >= 1,
         },
