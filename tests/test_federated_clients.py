@@ -18,7 +18,9 @@ from metaopt.federated.clients import (
     build_model,
     evaluate,
     flat_params,
+    local_train,
     ray_cancel_check,
+    set_flat_params,
 )
 from metaopt.federated.data import load_dataset, make_client_shards
 
@@ -118,3 +120,46 @@ def test_client_actor_is_restarted_with_its_shard_after_its_process_dies(ray_ses
             time.sleep(0.5)
     torch.testing.assert_close(again.delta, first.delta)  # restarted with the same shard and seeds
     pool.close()
+
+
+def test_cl_rule_sees_each_batch_change_and_carries_it_across_local_epochs(digits_clients):
+    """FedHyper-CL as the authors' code: u_k = batch k's parameter change, u_{k−1} None only for the round's
+    first batch (the rule then uses Δ_{t−1}), (u_{k−1}, β_{k−1}) carried over the epoch boundary, lr = lr0·β."""
+    _, shards = digits_clients
+    shard = shards[0]
+    model = build_model(64, 10, (16,))
+    params = flat_params(model)
+    calls = []
+
+    def record(beta, change, previous, step):
+        calls.append((beta, change.clone(), None if previous is None else previous.clone()))
+        return beta * 1.05
+
+    batch = (shard.num_train + 1) // 2  # two batches per epoch
+    result = local_train(model, params, shard, epochs=2, lr=0.01, batch_size=batch, lr_rule=record, momentum=0.5)
+    assert len(calls) == 4 and calls[0][2] is None
+    for k in range(1, 4):  # k = 2 is the second epoch's first batch: the state carried over
+        assert torch.equal(calls[k][2], calls[k - 1][1]) and calls[k][0] == pytest.approx(1.05**k)
+    assert result.lrs_used == pytest.approx([0.01 * 1.05**k for k in range(4)])
+    torch.testing.assert_close(sum(c[1] for c in calls), result.delta, atol=1e-5, rtol=0)
+
+
+def test_client_sgd_momentum_is_heavy_ball(digits_clients):
+    """local SGD with momentum μ: b_k = μ b_{k−1} + g_k (b_1 = g_1), p_k = p_{k−1} − lr b_k (one full batch
+    per epoch, so the batch order does not matter), checked by hand with autograd."""
+    _, shards = digits_clients
+    shard = shards[0]
+    model = build_model(64, 10, (16,))
+    params = flat_params(model)
+    result = local_train(model, params, shard, epochs=3, lr=0.1, batch_size=shard.num_train, momentum=0.5)
+    p, buf = params.clone(), None
+    for _ in range(3):
+        set_flat_params(model, p)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(shard.train_x), shard.train_y).backward()
+        g = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+        buf = g if buf is None else 0.5 * buf + g
+        p = p - 0.1 * buf
+    torch.testing.assert_close(result.delta, p - params, atol=1e-5, rtol=0)
+    plain = local_train(model, params, shard, epochs=3, lr=0.1, batch_size=shard.num_train)
+    assert (plain.delta - result.delta).abs().max() > 1e-4

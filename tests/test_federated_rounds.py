@@ -198,3 +198,33 @@ def test_round_timeout_must_be_a_finite_positive_number_of_seconds(value):
         config.load(EXPERIMENTS / "fedhyper_tiny.yaml", ["federated.round_timeout_s=2.5"]).section.round_timeout_s
         == 2.5
     )
+
+
+def test_fedexp_rounds_report_the_average_of_the_last_two_iterates_and_rates_are_logged(shards):
+    from metaopt.federated.clients import evaluate
+
+    run = local_run(shards, "fedexp", lr0=0.05)
+    before = run.global_params.clone()
+    got = run.run_round()
+    want = evaluate(run.model, 0.5 * (before + run.global_params), run.val_x, run.val_y)
+    assert got["loss"] == pytest.approx(want["loss"]) and got["accuracy"] == pytest.approx(want["accuracy"])
+    assert got["global_lr"] >= 1.0 and got["client_lr_factor"] == pytest.approx(1.0)
+    sl = local_run(shards, "fedhyper_sl", lr0=0.05)
+    rows = [sl.run_round() for _ in range(3)]
+    assert rows[-1]["client_lr_factor"] == pytest.approx(rows[-1]["client_lr"] / 0.05)
+
+
+def test_section_hands_aggregation_momentum_and_n_c_to_strategies_and_clients():
+    exp = config.load(EXPERIMENTS / "fedhyper_tiny.yaml", ["federated.client_momentum=0.5"])
+    section = exp.section
+    assert section.aggregation == "mean" and section.client_momentum == 0.5
+    full = section.strategy_options("fedhyper_full")
+    assert full == {"aggregation": "mean", "num_clients_total": section.num_clients, "fraction": section.fraction}
+    assert section.strategy_options("fedavg") == {"aggregation": "mean"}
+    assert section.strategy_options("fedexp") == {}  # FedExP's paper: always the unweighted mean
+    with pytest.raises(ConfigError, match=r"federated\.client_momentum: applies to client_optimizer sgd"):
+        config.load(
+            EXPERIMENTS / "fedhyper_tiny.yaml", ["federated.client_momentum=0.5", "federated.client_optimizer=adam"]
+        )
+    with pytest.raises(ConfigError, match=r"federated\.client_momentum"):
+        config.load(EXPERIMENTS / "fedhyper_tiny.yaml", ["federated.client_momentum=1.0"])

@@ -49,13 +49,17 @@ def close(a, b, tol=1e-12):
 # ------------------------------------------------------------------ FedAvg
 
 
-def test_fedavg_sample_weighting_and_server_lr():
+def test_fedavg_unweighted_mean_by_default_sample_weighting_as_option():
     ups = [ClientUpdate(t([1.0, 0.0]), 1, 0.1), ClientUpdate(t([0.0, 4.0]), 3, 0.1)]
     close(weighted_delta(ups), [0.25, 3.0])
-    s = make_strategy("fedavg", server_lr=2.0)
+    s = make_strategy("fedavg", server_lr=2.0)  # Δ = (1/K) Σ Δ_i = [0.5, 2] (Reddi et al. Alg. 2)
     x, state, lr = s.aggregate(s.init(t([1.0, 1.0])), t([1.0, 1.0]), ups)
-    close(x, [1.5, 7.0])
+    close(x, [2.0, 5.0])
     assert lr == 0.1 and state.round == 1
+    close(state.last_delta, [0.5, 2.0])
+    s = make_strategy("fedavg", server_lr=2.0, aggregation="weighted")  # McMahan et al.: n_i / n
+    x, state, _ = s.aggregate(s.init(t([1.0, 1.0])), t([1.0, 1.0]), ups)
+    close(x, [1.5, 7.0])
     close(state.last_delta, [0.25, 3.0])
 
 
@@ -341,3 +345,77 @@ def test_end_to_end_quadratic():
     g_start, g_end = _simulate("fedhyper_g", 0.05)
     assert avg_end < avg_start and g_end < g_start
     assert g_end <= avg_end
+
+
+# ------------------------------------------------------------------ issue 23: FedHyper fidelity
+
+UNEQUAL = [ClientUpdate(t([1.0, 0.0]), 1, 0.1), ClientUpdate(t([0.0, 4.0]), 3, 0.1)]
+
+
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedhyper_g", "fedhyper_gm", "fedhyper_sl", "fedhyper_full"]
+)
+def test_every_delta_strategy_uses_the_unweighted_mean_unless_told_to_weigh(name):
+    for aggregation, want in ((None, [0.5, 2.0]), ("weighted", [0.25, 3.0])):
+        s = make_strategy(name, **({} if aggregation is None else {"aggregation": aggregation}))
+        _, state, _ = s.aggregate(s.init(t([0.0, 0.0])), t([0.0, 0.0]), UNEQUAL)
+        close(state.last_delta, want)
+
+
+def test_fedadam_steps_along_the_unweighted_mean():
+    # Reddi et al. Alg. 2, one round: m = 0.1 Δ, v = 0.99 τ² + 0.01 Δ², x = η m / (√v + τ), Δ = [0.5, 2]
+    s = make_strategy("fedadam")
+    x, _, _ = s.aggregate(s.init(t([0.0, 0.0])), t([0.0, 0.0]), UNEQUAL)
+    want = [1e-2 * 0.1 * d / (math.sqrt(0.99e-6 + 0.01 * d * d) + 1e-3) for d in (0.5, 2.0)]
+    close(x, want)
+
+
+def test_cl_first_previous_change_is_the_last_global_delta_hand_trace():
+    # N·C = 10·0.5 = 5, Δ_{t−1} = [1, 0]; the first u_{k−1} is Δ_{t−1}:
+    # k=1: γ = min(1.1, 1 + 0.1·0.1/5 + 0.1) = 1.1                   -> β = 1.1
+    # k=2: γ = 1 + 0.1·0.2/5 + ⟨[.2,.1],[.1,0]⟩ = 1.024              -> β = 1.1264
+    # k=3: γ = 1 + 0.1·(−0.3)/5 + ⟨[−.3,.2],[.2,.1]⟩ = 0.954          -> β = 1.0745856
+    last = t([1.0, 0.0])
+    us = [t([0.1, 0.0]), t([0.2, 0.1]), t([-0.3, 0.2])]
+    beta, prev, betas = 1.0, None, []
+    for u in us:
+        beta = cl_beta(beta, u, prev, last, 10, 0.5)
+        prev = u
+        betas.append(beta)
+    assert betas == pytest.approx([1.1, 1.1264, 1.0745856], abs=1e-12)
+    s = make_strategy("fedhyper_full", num_clients_total=10, fraction=0.5)
+    state = StrategyState(last_delta=last)
+    assert s.client_beta(state, 1.0, us[0], None) == pytest.approx(1.1)
+
+
+def test_fedhyper_full_is_gm_with_cl_and_decay_g_is_g_with_decay():
+    full = make_strategy("fedhyper_full", lr0=0.02)
+    assert (full.server, full.client_lr) == ("gm", "cl")
+    gm = make_strategy("fedhyper_gm", lr0=0.02)
+    res_full, res_gm = run(full, [one(d) for d in DELTAS]), run(gm, [one(d) for d in DELTAS])
+    close(res_full[-1][0], res_gm[-1][0].tolist())  # same server rule
+    assert all(r[2] == 0.02 for r in res_full)  # CL: clients get lr0, rescaled per batch on the client
+    dg = make_strategy("decay_g", lr0=0.1)
+    assert (dg.server, dg.client_lr) == ("g", "decay")
+    res = run(dg, [one(d) for d in DELTAS])
+    close(res[-1][0], run(make_strategy("fedhyper_g"), [one(d) for d in DELTAS])[-1][0].tolist())
+    assert [r[2] for r in res] == pytest.approx([0.1 * 0.995, 0.1 * 0.995**2, 0.1 * 0.995**3])
+
+
+def test_fedexp_evaluates_the_average_of_its_last_two_iterates():
+    s = make_strategy("fedexp")
+    x0 = t([1.0, 1.0])
+    state = s.init(x0)
+    close(s.evaluated(state, x0), [1.0, 1.0])  # before any round: x_0 itself
+    ups = [ClientUpdate(t([1.0, 0.0]), 1, 0.1), ClientUpdate(t([-1.0, 0.0]), 1, 0.1)]
+    # Δ̄ = 0 -> η_g = 1, x_1 = x_0: average = x_0
+    x1, state, _ = s.aggregate(state, x0, ups)
+    close(s.evaluated(state, x1), [1.0, 1.0])
+    ups = [ClientUpdate(t([2.0, 0.0]), 1, 0.1), ClientUpdate(t([0.0, 2.0]), 1, 0.1)]
+    # Δ̄ = [1, 1], Σ‖Δ_i‖² = 8, η_g = max(1, 8 / (2·2·2)) = 1: x_2 = [2, 2]; evaluated (x_1 + x_2)/2 = [1.5, 1.5]
+    x2, state, _ = s.aggregate(state, x1, ups)
+    close(x2, [2.0, 2.0])
+    close(s.evaluated(state, x2), [1.5, 1.5])
+    plain = make_strategy("fedexp", average_last_two=False)
+    close(plain.evaluated(state, x2), [2.0, 2.0])
+    assert make_strategy("fedavg").evaluated(state, x2) is x2

@@ -188,8 +188,12 @@ def local_train(
     seed: int = 0,
     lr_rule: LrRule | None = None,
     should_stop: Callable[[], bool] | None = None,
+    momentum: float = 0.0,
 ) -> LocalResult:
     """Local epochs from the global model; returns Δ = local − global and the lrs used per batch.
+    SGD takes ``momentum`` (the FedHyper authors' clients use 0.5; buffers start at 0 each round).
+    Under ``lr_rule`` (FedHyper-CL) u_k is batch k's whole parameter change, and (u_{k−1}, β_{k−1})
+    carry across the round's local epochs (u_0 None: the rule uses Δ_{t−1}, see ``cl_beta``).
     ``should_stop()`` is asked before every batch; when it says yes, :class:`RoundCancelled` is raised."""
     if optimizer not in CLIENT_OPTIMIZERS:
         raise ConfigError(
@@ -197,7 +201,7 @@ def local_train(
         )
     set_flat_params(model, global_params)
     opt = (
-        torch.optim.SGD(model.parameters(), lr=lr)
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         if optimizer == "sgd"
         else torch.optim.Adam(model.parameters(), lr=lr)
     )
@@ -300,6 +304,7 @@ class Client:
         batch_size: int = 32,
         lr_rule: LrRule | None = None,
         should_stop: Callable[[], bool] | None = None,
+        momentum: float = 0.0,
     ) -> LocalResult:
         seed = 1_000_003 * round_index + self.client_id  # different batches per round and client, reproducible
         result = local_train(
@@ -313,6 +318,7 @@ class Client:
             seed=seed,
             lr_rule=lr_rule,
             should_stop=should_stop,
+            momentum=momentum,
         )
         result.delta = result.delta.cpu()
         result.client_id = self.client_id

@@ -25,7 +25,7 @@ the one list of strategy names): the section validates its ``strategies`` agains
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -74,14 +74,29 @@ class StrategyOptions(NamedSpec):
     )
 
 
-class FedAvgOptions(StrategyOptions):
+#: How Delta_t is formed from the participating clients' deltas: ``mean`` (unweighted, Reddi et al. 2021 Alg. 2 and
+#: the FedHyper authors' code) or ``weighted`` by sample counts n_i / sum n_j (McMahan et al. 2017's FedAvg).
+AggregationName = Literal["mean", "weighted"]
+
+
+class AggregatedOptions(StrategyOptions):
+    """A strategy that steps along Delta_t, the aggregate of the clients' deltas."""
+
+    aggregation: AggregationName = Field(
+        default="mean",
+        description="Delta_t = unweighted mean of the clients' deltas (mean: Reddi et al. 2021 Alg. 2, FedHyper's "
+        "code) or weighted by sample counts (weighted: McMahan et al. 2017's FedAvg).",
+    )
+
+
+class FedAvgOptions(AggregatedOptions):
     """FedAvg with a server lr (McMahan et al. 2017; Reddi et al. 2021, Alg. 1 with an SGD server)."""
 
     name: Literal["fedavg"] = "fedavg"
     server_lr: LearningRate = Field(default=1.0, description="eta_g in x_{t+1} = x_t + eta_g Delta_t.")
 
 
-class FedOptOptions(StrategyOptions):
+class FedOptOptions(AggregatedOptions):
     """FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2); the name picks the second moment."""
 
     server_lr: LearningRate = Field(default=1e-2, description="eta, the server's step size.")
@@ -113,9 +128,14 @@ class FedExpOptions(StrategyOptions):
 
     name: Literal["fedexp"] = "fedexp"
     eps: Number = Field(default=0.0, ge=0, description="epsilon guarding ||mean delta|| = 0 in eta_g's denominator.")
+    average_last_two: bool = Field(
+        default=True,
+        description="Evaluate (x_t + x_{t+1}) / 2, the paper's average of the last two iterates (training goes on "
+        "from x_{t+1}).",
+    )
 
 
-class FedHyperBase(StrategyOptions):
+class FedHyperBase(AggregatedOptions):
     """FedHyper (Wang, Wang, Li, ICLR 2024): the constants of its schedulers; ``server`` and ``client_lr`` pick
     which ones run (free in :class:`FedHyperOptions`, fixed by the name in the presets)."""
 
@@ -157,6 +177,8 @@ FEDHYPER_PRESETS: dict[str, tuple[str, str]] = {
     "fedhyper_sl": ("avg", "sl"),
     "fedhyper_cl": ("avg", "cl"),
     "fedhyper_g_cl": ("g", "cl"),
+    "fedhyper_full": ("gm", "cl"),  # the paper's full FedHyper: server-global with momentum + client-local
+    "decay_g": ("g", "decay"),  # the paper's Decay-G: server-global + exponentially decayed client lr
 }
 
 
@@ -213,6 +235,17 @@ class FederatedSection(StrictModel):
     rounds: int = Field(default=30, ge=1, description="Federated rounds = Tune iterations.")
     local_epochs: int = Field(default=1, ge=1, description="E: local epochs per round.")
     client_optimizer: ClientOptimizerName = Field(default="sgd")
+    client_momentum: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Momentum of the clients' local SGD (0: plain SGD; the FedHyper authors' code uses 0.5).",
+    )
+    aggregation: AggregationName = Field(
+        default="mean",
+        description="Delta_t of fedavg, fedadam/adagrad/yogi and fedhyper*: the unweighted mean of the clients' "
+        "deltas (mean, as Reddi et al. 2021 and FedHyper's code) or weighted by samples (weighted, McMahan et al.).",
+    )
     batch_size: int = Field(default=32, ge=1)
     hidden: list[int] = Field(
         default_factory=lambda: [64], description="Hidden widths of the MLP, and of the CNN's dense layers."
@@ -306,6 +339,8 @@ class FederatedSection(StrictModel):
             raise ConfigError(
                 "pbt_interval", f"must be < rounds so PBT perturbs at all ({self.pbt_interval} >= {self.rounds})"
             )
+        if self.client_momentum > 0 and self.client_optimizer != "sgd":
+            raise ConfigError("client_momentum", f"applies to client_optimizer sgd, not {self.client_optimizer}")
         if self.dataset in ("fashion_mnist", "cifar10") and not self.data_root:
             raise ConfigError("data_root", f"{self.dataset} is read from a local directory; set data_root")
         return self
@@ -337,6 +372,12 @@ class FederatedSection(StrictModel):
         except ConfigError as err:
             raise ConfigError(err.field or "model", err.problem) from None
         return self
+
+    def strategy_options(self, name: str) -> dict[str, Any]:
+        """The section's settings that strategy ``name`` takes: ``aggregation``, and FedHyper's N and C."""
+        fields = STRATEGY_OPTIONS.model(name).model_fields
+        settings = {"aggregation": self.aggregation, "num_clients_total": self.num_clients, "fraction": self.fraction}
+        return {key: value for key, value in settings.items() if key in fields}
 
     def check(self) -> None:
         """The dataset size decides how many clients it can feed (train + validation each). Local datasets are

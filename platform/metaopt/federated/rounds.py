@@ -37,6 +37,7 @@ class RoundSettings:
     epochs: int = 1  # E: local epochs
     lr0: float = 0.05  # initial local lr
     optimizer: str = "sgd"
+    momentum: float = 0.0  # the clients' SGD momentum (FedHyper's code: 0.5)
     batch_size: int = 32
     seed: int = 0
     timeout_s: float = 600.0  # the round's deadline: clients that have not answered by then are left out of it
@@ -94,6 +95,7 @@ class FederatedRun:
             "epochs": self.settings.epochs,
             "lr": lr,
             "optimizer": self.settings.optimizer,
+            "momentum": self.settings.momentum,
             "batch_size": self.settings.batch_size,
             "lr_rule": self._lr_rule(),
         }
@@ -116,8 +118,9 @@ class FederatedRun:
             self.global_params, self.state, next_lr = self.strategy.aggregate(self.state, self.global_params, updates)
             self.client_lr = float(next_lr)
         self.round += 1
-        metrics = evaluate(self.model, self.global_params, self.val_x, self.val_y)
+        metrics = evaluate(self.model, self.strategy.evaluated(self.state, self.global_params), self.val_x, self.val_y)
         used = [x for r in results for x in r.lrs_used]
+        base_lr = self.state.lr0 if self.state.lr0 is not None else self.settings.lr0
         return {
             "round": self.round,
             "accuracy": metrics["accuracy"],
@@ -126,6 +129,8 @@ class FederatedRun:
             "client_lr": lr,
             "client_lr_mean_used": float(np.mean(used)) if used else float("nan"),
             "client_lr_max_used": float(np.max(used)) if used else float("nan"),
+            # the client lr over lr0: SL's / decay's schedule and CL's mean beta_k (global_lr: FedHyper's 1 + a)
+            "client_lr_factor": float(np.mean(used)) / base_lr if used else float("nan"),
             "participants": len(results),
             "failed_clients": len(failed),
             "failed_ids": failed,

@@ -12,7 +12,8 @@ returns a fresh :class:`StrategyState`, a plain dataclass of tensors and floats 
 ``client_lrs`` is the learning rate every client should use next round (one float: all
 strategies here hand the same lr to every client).
 
-Δ_t is the FedAvg average of the client deltas, weights n_i / Σ_j n_j (McMahan et al. 2017).
+Δ_t is the unweighted mean of the participating clients' deltas (Reddi et al. 2021, Alg. 2; the FedHyper
+authors' code); option ``aggregation: weighted`` weighs them by samples, n_i / Σ_j n_j (McMahan et al. 2017).
 
 Strategies (see each class docstring for its equation):
 
@@ -61,6 +62,7 @@ __all__ = [
     "FedHyper",
     "FedOpt",
     "StrategyState",
+    "aggregate_delta",
     "cl_beta",
     "make_strategy",
     "mean_delta",
@@ -86,7 +88,8 @@ class StrategyState:
     (from the options, else the first round's ``local_lr``). ``client_lr``: lr for the next
     round. ``server_lr``: the global lr used in the last round. ``m`` / ``v``: FedOpt moments,
     or ``m`` = FedHyper-GM server momentum. ``last_delta``: Δ_{t−1}, the last averaged delta,
-    which FedHyper-CL clients need (see :func:`cl_beta`).
+    which FedHyper-CL clients need (see :func:`cl_beta`). ``previous_global``: x_t, the global model
+    before the last round (FedExP evaluates (x_t + x_{t+1}) / 2).
     """
 
     round: int = 0
@@ -98,6 +101,7 @@ class StrategyState:
     m: torch.Tensor | None = None
     v: torch.Tensor | None = None
     last_delta: torch.Tensor | None = None
+    previous_global: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -143,14 +147,19 @@ def weighted_delta(updates: Sequence[ClientUpdate]) -> torch.Tensor:
 
 
 def mean_delta(updates: Sequence[ClientUpdate]) -> torch.Tensor:
-    """Unweighted mean Δ̄ = (1/K) Σ_i Δ_i (used by FedExP)."""
+    """Unweighted mean Δ̄ = (1/K) Σ_i Δ_i over the K participating clients (Reddi et al. 2021, Alg. 2)."""
     return torch.stack([u.delta for u in updates]).mean(dim=0)
+
+
+def aggregate_delta(updates: Sequence[ClientUpdate], aggregation: str = "mean") -> torch.Tensor:
+    """Δ_t by the ``aggregation`` option: ``mean`` (:func:`mean_delta`) or ``weighted`` (:func:`weighted_delta`)."""
+    return weighted_delta(updates) if aggregation == "weighted" else mean_delta(updates)
 
 
 def _dot(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     if a is None or b is None:
         return 0.0
-    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).to(a.device).double()))
 
 
 def _clip(x: float, lo: float, hi: float) -> float:
@@ -181,13 +190,17 @@ def cl_beta(
         γ_k = min(γ_max, 1 + 0.1 · ⟨u_k, Δ_{t−1}⟩ / (N·C) + ⟨u_k, u_{k−1}⟩)
         β_k = clip(γ_k · β_{k−1}, 0.1, 10)
 
-    ``u_k`` is the parameter change of local batch k, ``u_prev`` = u_{k−1} (None for the first
-    batch: term 0), ``delta_prev_global`` = Δ_{t−1} from the server (``state.last_delta``; None
-    in round 1: term 0), N = ``num_clients_total``, C = ``fraction`` of clients sampled per
-    round. β starts at 1 each round; the client's lr for batch k+1 is lr0 · β_k.
+    ``u_k`` is the parameter change of local batch k, ``u_prev`` = u_{k−1}, ``delta_prev_global``
+    = Δ_{t−1} from the server (``state.last_delta``; None in round 1: term 0), N =
+    ``num_clients_total``, C = ``fraction`` of clients sampled per round (N·C: clients per round).
+    As in the authors' code the first batch's u_{k−1} is Δ_{t−1} (``u_prev`` None means that), and
+    (u_{k−1}, β_{k−1}) carry across the local epochs of a round; β starts at 1 each round. The
+    client's lr for batch k+1 is lr0 · β_k.
     """
     if num_clients_total <= 0 or fraction <= 0:
         raise ValueError("num_clients_total and fraction must be positive")
+    if u_prev is None:
+        u_prev = delta_prev_global
     gamma = 1.0 + global_scale * _dot(u_k, delta_prev_global) / (num_clients_total * fraction) + _dot(u_k, u_prev)
     gamma = min(gamma_max, gamma)
     return _clip(gamma * beta_prev, bounds[0], bounds[1])
@@ -231,6 +244,10 @@ class _Strategy:
     def init(self, global_params: torch.Tensor) -> StrategyState:
         return StrategyState(lr0=self.lr0, client_lr=self.lr0)
 
+    def evaluated(self, state: StrategyState, global_params: torch.Tensor) -> torch.Tensor:
+        """The model a round evaluates and reports: the global model (FedExP: the last two iterates' mean)."""
+        return global_params
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
 
@@ -238,7 +255,7 @@ class _Strategy:
 class FedAvg(_Strategy):
     """FedAvg with a server lr (McMahan et al. 2017; Reddi et al. 2021, Alg. 1 with SGD server):
 
-        x_{t+1} = x_t + η_g Δ_t,   Δ_t = Σ_i n_i/n Δ_i.
+        x_{t+1} = x_t + η_g Δ_t,   Δ_t = (1/K) Σ_i Δ_i  (``aggregation: weighted``: Σ_i n_i/n Δ_i).
 
     Client lr is unchanged (``lr0``, else the clients' own ``local_lr``).
     """
@@ -249,7 +266,7 @@ class FedAvg(_Strategy):
 
     def aggregate(self, state, global_params, client_updates):
         _check(global_params, client_updates)
-        delta = weighted_delta(client_updates)
+        delta = aggregate_delta(client_updates, self.options.aggregation)
         lr0 = _resolve_lr0(state, client_updates)
         new = dataclasses.replace(
             state,
@@ -264,7 +281,7 @@ class FedAvg(_Strategy):
 
 class FedOpt(_Strategy):
     """FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization",
-    Algorithm 2), with Δ_t the sample-weighted client delta:
+    Algorithm 2), with Δ_t the unweighted mean client delta (``aggregation: weighted``: by samples):
 
         m_t = β1 m_{t−1} + (1 − β1) Δ_t
         FedAdagrad: v_t = v_{t−1} + Δ_t²
@@ -296,7 +313,7 @@ class FedOpt(_Strategy):
 
     def aggregate(self, state, global_params, client_updates):
         _check(global_params, client_updates)
-        delta = weighted_delta(client_updates)
+        delta = aggregate_delta(client_updates, self.options.aggregation)
         m_prev = torch.zeros_like(global_params) if state.m is None else state.m
         v_prev = torch.full_like(global_params, self.initial_v) if state.v is None else state.v
         o = self.options
@@ -331,7 +348,8 @@ class FedExp(_Strategy):
 
     with K the clients of this round and the unweighted mean, as in the paper. ``eps``
     defaults to 0 (the paper's small ε guards ||Δ̄|| = 0; here η_g = 1 in that case).
-    The paper's optional averaging of the last two iterates for evaluation is not applied.
+    As in the paper (Sec. 4), the model evaluated after round t is the average of the last two
+    iterates, (x_t + x_{t+1}) / 2, while training goes on from x_{t+1} (``average_last_two``).
     """
 
     Options = FedExpOptions
@@ -354,16 +372,29 @@ class FedExp(_Strategy):
         mean = mean_delta(client_updates)
         lr0 = _resolve_lr0(state, client_updates)
         new = dataclasses.replace(
-            state, round=state.round + 1, lr0=lr0, client_lr=lr0, server_lr=eta, last_delta=mean.clone()
+            state,
+            round=state.round + 1,
+            lr0=lr0,
+            client_lr=lr0,
+            server_lr=eta,
+            last_delta=mean.clone(),
+            previous_global=global_params.clone(),
         )
         return global_params + eta * mean, new, lr0
+
+    def evaluated(self, state: StrategyState, global_params: torch.Tensor) -> torch.Tensor:
+        """(x_t + x_{t+1}) / 2 once a round has run (FedExP, Sec. 4), else x_{t+1} itself."""
+        if not self.options.average_last_two or state.previous_global is None:
+            return global_params
+        return 0.5 * (state.previous_global + global_params)
 
 
 class FedHyper(_Strategy):
     """FedHyper (Wang, Wang, Li, ICLR 2024, "FedHyper: A Universal and Robust Learning Rate
     Scheduler for Federated Learning with Hypergradient Descent"), following the authors' code.
 
-    Δ_t = sample-weighted client delta; hypergradient h_t = ⟨Δ_t, Δ_{t−1}⟩ (0 in round 1).
+    Δ_t = unweighted mean client delta (``aggregation: weighted``: by samples); hypergradient
+    h_t = ⟨Δ_t, Δ_{t−1}⟩ (0 in round 1).
 
     ``server`` (global model update):
 
@@ -380,9 +411,13 @@ class FedHyper(_Strategy):
     * ``"sl"`` (server-local): a_sl ← a_sl + h_t (h_t = ⟨Δ_t, Δ_{t−1}⟩, unclipped);
       lr_{t+1} = clip(lr0 (1 + a_sl), 0.001, 0.1).
     * ``"cl"`` (client-local): clients scale lr0 per local batch by β_k from :func:`cl_beta`
-      (β reset to 1 each round); the server hands out lr0 and Δ_{t−1} in ``state.last_delta``.
+      (β reset to 1 each round, the first u_{k−1} is Δ_{t−1}); the server hands out lr0 and
+      Δ_{t−1} in ``state.last_delta``.
       :meth:`client_beta` binds N and C.
     * ``"decay"`` (baseline): lr_{t+1} = lr0 γ^t, γ = 0.995.
+
+    Named combinations (:data:`~metaopt.federated.config.FEDHYPER_PRESETS`): ``fedhyper_full`` =
+    GM + CL (the paper's full FedHyper), ``decay_g`` = G + decay (the paper's Decay-G), and others.
 
     ``lr0`` is the base client lr; if None, the first round's mean ``local_lr``.
     """
@@ -423,7 +458,7 @@ class FedHyper(_Strategy):
 
     def aggregate(self, state, global_params, client_updates):
         _check(global_params, client_updates)
-        delta = weighted_delta(client_updates)
+        delta = aggregate_delta(client_updates, self.options.aggregation)
         o = self.options
         lo, hi = self.alpha_bounds
         alpha = state.alpha

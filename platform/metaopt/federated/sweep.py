@@ -18,7 +18,7 @@ from metaopt import report, tracking
 from metaopt.config import Experiment
 from metaopt.session import fit_tracked, open_session
 
-CURVES = ("accuracy", "global_lr", "client_lr", "client_lr_mean_used", "failed_clients", "round")
+CURVES = ("accuracy", "global_lr", "client_lr", "client_lr_mean_used", "client_lr_factor", "failed_clients", "round")
 SUMMARY_COLUMNS = ["trial_id", "strategy", "lr", "seed", "final_accuracy", "best_accuracy", "failed_clients"]
 TABLE = (
     report.Column("strategy", 16, align="<"),

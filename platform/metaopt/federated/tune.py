@@ -46,16 +46,13 @@ class FederatedTrainable(Trainable):
             self._start_clients(section, int(config["seed"]))
             self.clients_key = key
         shards, sample_shape, num_classes = self.client_data
-        options = (
-            {"num_clients_total": section.num_clients, "fraction": section.fraction}
-            if "cl" in config["strategy"]
-            else {}
-        )
+        options = section.strategy_options(config["strategy"])
         settings = RoundSettings(
             fraction=section.fraction,
             epochs=section.local_epochs,
             lr0=float(config["lr"]),
             optimizer=section.client_optimizer,
+            momentum=section.client_momentum,
             batch_size=section.batch_size,
             seed=int(config["seed"]),
             timeout_s=section.round_timeout_s,
