@@ -120,8 +120,10 @@ def test_zero_network_is_ppo_up_to_the_offset():
     lpo, lpo_zeros = make_drift("lpo")
     assert np.array_equal(np.asarray(lpo(lpo_zeros, r, a)), expected)
     ta_lpo, ta_zeros = make_drift("ta_lpo")
+    ta_log, ta_log_zeros = make_drift("ta_lpo", time_inputs="fraction_and_log_horizon")
     for progress in PROGRESSES:
         assert np.array_equal(np.asarray(ta_lpo(ta_zeros, r, a, progress)), expected)
+        assert np.array_equal(np.asarray(ta_log(ta_log_zeros, r, a, progress)), expected)
     # Sign of the PPO term: far outside the clip range the drift is (3 - 1.2) * 2 - 1e-4, not 0.
     assert float(lpo(lpo_zeros, 3.0, 2.0)) == pytest.approx(3.6 - LPO_OFFSET, abs=1e-5)
     assert float(lpo(lpo_zeros, 0.5, -2.0)) == pytest.approx(0.6 - LPO_OFFSET, abs=1e-5)
@@ -135,6 +137,10 @@ def test_ta_lpo_depends_on_progress_and_lpo_does_not():
     params = random_params("ta_lpo")
     assert float(jnp.abs(fn(params, r, a, early) - fn(params, r, a, late)).max()) > 1e-2
     other_horizon = Progress(jnp.float32(0.1), jnp.float32(math.log(10)))
+    # the paper's [x, (n/N) x] (eq. 10) has no log N; the multi-horizon option reads it
+    assert np.array_equal(np.asarray(fn(params, r, a, early)), np.asarray(fn(params, r, a, other_horizon)))
+    fn, _ = make_drift("ta_lpo", time_inputs="fraction_and_log_horizon")
+    params = random_params("ta_lpo", time_inputs="fraction_and_log_horizon")
     assert float(jnp.abs(fn(params, r, a, early) - fn(params, r, a, other_horizon)).max()) > 1e-2
     fn, _ = make_drift("lpo")
     params = random_params("lpo")
@@ -175,12 +181,15 @@ def test_registry_shapes_and_transformations():
     _, lpo = make_drift("lpo")
     _, ta = make_drift("ta_lpo")
     assert {k: v.shape for k, v in lpo.items()} == {"hidden": (8, 128), "out": (128, 1)}
-    assert {k: v.shape for k, v in ta.items()} == {"hidden": (24, 128), "out": (128, 1)}
+    assert {k: v.shape for k, v in ta.items()} == {"hidden": (16, 128), "out": (128, 1)}
     assert all(v.dtype == jnp.float32 and not v.any() for v in [*lpo.values(), *ta.values()])
-    assert num_params(lpo) == 1152 and num_params(ta) == 24 * 128 + 128
+    assert num_params(lpo) == 1152 and num_params(ta) == 16 * 128 + 128
+    _, ta_log = make_drift("ta_lpo", time_inputs="fraction_and_log_horizon")
+    assert ta_log["hidden"].shape == (24, 128) and num_features("ta_lpo", "fraction_and_log_horizon") == 24
     assert num_params(make_drift("lpo", hidden=16)[1]) == 8 * 16 + 16
     assert make_drift("ppo")[1] == {} and make_drift("dpo")[1] == {} and num_params({}) == 0
-    assert num_features("lpo") == 8 and len(feature_names("ta_lpo")) == 24
+    assert num_features("lpo") == 8 and len(feature_names("ta_lpo")) == 16
+    assert feature_names("ta_lpo")[8:] == tuple(f"fraction*{n}" for n in feature_names("lpo"))
 
     assert make_drift("lpo", clip_eps=0.3)[0] is make_drift("lpo", clip_eps=0.3)[0]  # one jit cache entry
     spec = DriftSpec.create("dpo", beta=0.5)
@@ -190,7 +199,7 @@ def test_registry_shapes_and_transformations():
     fn, _ = make_drift("ta_lpo", hidden=8)
     rng = np.random.default_rng(0)
     population = {
-        "hidden": jnp.asarray(rng.normal(size=(4, 24, 8)), jnp.float32),
+        "hidden": jnp.asarray(rng.normal(size=(4, 16, 8)), jnp.float32),
         "out": jnp.asarray(rng.normal(size=(4, 8, 1)), jnp.float32),
     }
     r = jnp.asarray(np.exp(rng.normal(size=(3, 5)) * 0.3), jnp.float32)
@@ -235,15 +244,21 @@ def torch_inputs(seed: int, n: int = 4096):
     return [tuple(x.astype(np.float32) for x in pair) for pair in (typical, wide)]
 
 
-@pytest.mark.parametrize("name", DRIFT_NAMES)
+@pytest.mark.parametrize("name", [*DRIFT_NAMES, "ta_lpo_log_horizon"])
 def test_export_round_trip_jax_and_torch(name, tmp_path):
-    params = random_params(name, seed=3) if is_learned(name) else {}
     options = {"clip_eps": 0.25} if name != "dpo" else {"alpha": 1.5}
+    if name == "ta_lpo_log_horizon":
+        name, options = "ta_lpo", {**options, "time_inputs": "fraction_and_log_horizon"}
+    params = (
+        random_params(name, seed=3, **{k: v for k, v in options.items() if k == "time_inputs"})
+        if (is_learned(name))
+        else {}
+    )
     path = save_drift(tmp_path / name, name, params, options)
     document = json.loads((path / "drift.json").read_text())
     assert document["format_version"] == 1 and document["name"] == name
     assert document["options"] == DriftSpec.create(name, **options).as_dict()
-    assert document["features"] == list(feature_names(name))
+    assert document["features"] == list(feature_names(name, options.get("time_inputs", "fraction")))
     assert document["params"] == {k: list(v.shape) for k, v in params.items()}
     with np.load(path / "params.npz", allow_pickle=False) as archive:
         assert sorted(archive.files) == sorted(params)
@@ -316,3 +331,20 @@ def test_export_errors_name_the_path(tmp_path):
         save_drift(tmp_path / "bad", "lpo", random_params("lpo", hidden=4), {})
     with pytest.raises(ValueError, match="ppo takes keys none"):
         save_drift(tmp_path / "bad", "ppo", random_params("lpo"), {})
+
+
+def test_pre_time_inputs_ta_lpo_export_fails_with_one_line(tmp_path):
+    """A 24-feature ta_lpo export from before the time_inputs option (log N then counted PPO updates) is refused
+    with one line; the same weights saved with time_inputs=fraction_and_log_horizon load as that variant."""
+    params = random_params("ta_lpo", time_inputs="fraction_and_log_horizon")
+    path = save_drift(tmp_path / "new", "ta_lpo", params, {"time_inputs": "fraction_and_log_horizon"})
+    spec_file = path / "drift.json"
+    document = json.loads(spec_file.read_text())
+    assert document["options"]["time_inputs"] == "fraction_and_log_horizon" and len(document["features"]) == 24
+    _, loaded = load_drift(path)
+    assert loaded["hidden"].shape == (24, 128)
+    del document["options"]["time_inputs"]  # what the old code wrote
+    spec_file.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"drift\.json: a 24-feature ta_lpo export from before time_inputs") as caught:
+        load_drift(path)
+    assert "\n" not in str(caught.value)

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from conftest import EXPERIMENTS, KillTrialProcess, assert_runs_finished
 from metaopt import config, tracking
 from metaopt.objectives import drifts, export
-from metaopt.objectives.meta_train import MetaTrainer, initial_mean, normalised
+from metaopt.objectives.meta_train import MetaTrainer, baseline_options, initial_mean, normalised
 from metaopt.objectives.population import RayPopulation
 
 GENERATIONS = 3
@@ -100,7 +100,7 @@ def test_ta_lpo_draws_its_horizons_per_generation_and_trains(tmp_path):
         for g in range(24)
     ]
     state = trainer.init_state()
-    assert state.mean.size == 24 * 16 + 16  # time enters as n/N * x and log N * x for each of the 8 inputs
+    assert state.mean.size == 16 * 16 + 16  # time enters as n/N * x for each of the 8 inputs (eq. 10)
     for generation in range(2):
         state, result = trainer.generation(state, generation)
         assert np.all(np.isfinite(result.fitness))
@@ -261,3 +261,34 @@ def test_meta_training_tracks_to_mlflow_and_evaluation_reads_it_back(ray_session
         Path(client.download_artifacts(eval_run.info.run_id, "evaluation.json", str(tmp_path))).read_text()
     )
     assert len(logged) == 3
+
+
+def test_ppo_baseline_uses_the_envs_clip_and_ta_lpo_options_reach_the_drift(tmp_path):
+    """The fitness normaliser (PPO's return) runs PPO with the env's clip_eps, not a fixed 0.2; the section's
+    time_inputs is the drift's (and the exported drift's) option. A stub evaluator records the calls."""
+    from metaopt.objectives.population import Problem
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def returns(self, drift, options, problem, params, keys):
+            self.calls.append((drift, options, problem))
+            return np.ones((1, len(keys)))
+
+    exp = load_tiny(
+        tmp_path,
+        "lpo.drift=ta_lpo",
+        "lpo.time_inputs=fraction_and_log_horizon",
+        "lpo.envs=[{env: CartPole-v1, total_timesteps: 1024, ppo: {clip_eps: 0.1}}]",
+    )
+    recorder = Recorder()
+    trainer = MetaTrainer(exp.section, meta_seed=0, evaluator=recorder)
+    assert trainer.baseline(trainer.problems(0)[0]) == 1.0
+    assert recorder.calls[0][:2] == ("ppo", (("clip_eps", 0.1),))
+    assert dict(trainer.drift_options)["time_inputs"] == "fraction_and_log_horizon"
+    assert trainer.initial_params["hidden"].shape[0] == 24
+    default = Problem.of("CartPole-v1", 1024)
+    assert dict(baseline_options(default)) == {"clip_eps": 0.2}
+    with pytest.raises(ValueError, match=r"time_inputs: only ta_lpo sees time"):
+        load_tiny(tmp_path, "lpo.time_inputs=fraction_and_log_horizon")

@@ -178,7 +178,8 @@ def test_zero_drift_is_unclipped_and_differs_from_clip(tiny_runs):
 
 def test_progress_reaches_the_drift(tiny_runs):
     _, batched = tiny_runs
-    fraction = np.arange(TINY.num_updates) / TINY.num_updates
+    # n/N = env steps before update k's rollout / total env steps (Jackson et al. 2024, eq. 10)
+    fraction = np.arange(TINY.num_updates) * TINY.num_envs * TINY.num_steps / TINY.total_timesteps
     np.testing.assert_allclose(batched["drift"][OFFSET], np.broadcast_to(fraction, (2, 4)), rtol=1e-6, atol=1e-7)
     # A constant drift has no gradient: same learning as the zero drift, loss shifted by n / N.
     np.testing.assert_allclose(batched["approx_kl"][OFFSET], batched["approx_kl"][ZERO], rtol=1e-5, atol=1e-7)
@@ -322,3 +323,16 @@ def test_ppo_clip_drift_matches_the_clipped_surrogate():
         np.testing.assert_allclose(r * adv - drift, clipped_surrogate, rtol=1e-6, atol=1e-7)
         assert np.all(drift >= 0)
     assert ppo_clip_drift(0.2) == ppo_clip_drift(0.2) and hash(ppo_clip_drift(0.2)) == hash(ppo_clip_drift(0.2))
+
+
+def test_progress_counts_env_steps_of_the_whole_budget():
+    """TA-LPO's n/N (Jackson et al. 2024, eq. 10): update k sees k * num_envs * num_steps / total_timesteps, also
+    when the budget is not a multiple of the batch (the fraction then never reaches 1); log N = log(total)."""
+    from metaopt.objectives.ppo import progress_at
+
+    config = ppo_config_for("CartPole-v1", num_envs=4, num_steps=32, total_timesteps=1000, num_minibatches=2)
+    assert config.num_updates == 7
+    for k in range(config.num_updates):
+        progress = progress_at(jnp.int32(k), config.num_envs * config.num_steps, config.total_timesteps)
+        assert float(progress.fraction) == pytest.approx(k * 4 * 32 / 1000, rel=1e-6)
+        assert float(progress.log_horizon) == pytest.approx(math.log(1000), rel=1e-6)

@@ -145,6 +145,11 @@ class LPOSection(StrictModel):
 
     drift: Literal["lpo", "ta_lpo"] = Field(default="lpo", description="Which learned drift to meta-train.")
     hidden: int = Field(default=128, ge=1, le=4096, description="Tanh units of the drift network.")
+    time_inputs: Literal["fraction", "fraction_and_log_horizon"] = Field(
+        default="fraction",
+        description="ta_lpo's temporal inputs: 'fraction' = [x, (n/N)*x] (Jackson et al. 2024, eq. 10); "
+        "'fraction_and_log_horizon' adds log(N)*x, for meta-training over several horizons.",
+    )
     envs: list[EnvSpec] = Field(min_length=1, description="Meta-training problems; fitness averages over them.")
     horizons: list[float] = Field(
         default_factory=lambda: [1.0],
@@ -187,8 +192,16 @@ class LPOSection(StrictModel):
             raise ConfigError(
                 "horizons", "several horizons only matter for ta_lpo (LPO cannot see the horizon); give one"
             )
+        if self.drift == "lpo" and self.time_inputs != "fraction":
+            raise ConfigError("time_inputs", "only ta_lpo sees time; leave it out for lpo")
         check_horizons(self.envs, self.horizons, section_context(info))
         return self
+
+    def drift_options(self) -> tuple[tuple[str, Any], ...]:
+        """The drift's options as meta-training builds (and exports) it."""
+        if self.drift == "ta_lpo":
+            return (("hidden", self.hidden), ("time_inputs", self.time_inputs))
+        return (("hidden", self.hidden),)
 
 
 class LPOEvalSection(StrictModel):

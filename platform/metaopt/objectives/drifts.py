@@ -22,11 +22,12 @@ function of one uniform signature::
   drift, ``relu(net(x) + D_ppo(r, A) - 1e-4)``. With zero weights it *is* PPO (up to
   the 1e-4 offset), which is where evolution strategies start the search.
 * ``"ta_lpo"`` -- Temporally-Aware LPO (Jackson et al., "Discovering Temporally-Aware
-  Reinforcement Learning Algorithms", ICLR 2024): LPO whose network also sees the
-  training progress ``n/N`` and the horizon ``log N``. So that a bias-free network keeps
-  ``D(r=1) = 0`` exactly, progress enters *multiplicatively* (our variant of the
-  paper's inputs): each of the 8 LPO features ``x`` is followed by ``(n/N)*x`` and
-  ``log(N)*x``, 24 features in all.
+  Reinforcement Learning Algorithms", ICLR 2024, eq. 10): LPO whose network also sees the
+  training progress ``n/N`` (``n`` environment steps taken, ``N`` the run's total). Progress
+  enters *multiplicatively*, so a bias-free network keeps ``D(r=1) = 0`` exactly: the input is
+  ``[x, (n/N)*x]``, 16 features (option ``time_inputs: fraction``, the default). For
+  meta-training over several horizons, ``time_inputs: fraction_and_log_horizon`` appends
+  ``log(N)*x`` (24 features; an extension: the paper gives ``log N`` to TA-LPG only).
 
 The learned drifts carry a parameter pytree ``{"hidden": [F, H], "out": [H, 1]}``
 (float32, no biases); :func:`make_drift` returns it filled with zeros. The drift
@@ -57,6 +58,7 @@ __all__ = [
     "DRIFT_NAMES",
     "LPO_OFFSET",
     "MIN_RATIO",
+    "TIME_INPUTS",
     "DriftSpec",
     "Progress",
     "dpo_drift",
@@ -117,8 +119,19 @@ class LPODriftOptions(LearnedDriftOptions):
     name: Literal["lpo"] = "lpo"
 
 
+#: TA-LPO's temporal inputs: ``fraction`` is the paper's ``[x, (n/N)*x]`` (Jackson et al. 2024, eq. 10);
+#: ``fraction_and_log_horizon`` adds ``log(N)*x`` for meta-training over several horizons.
+TimeInputs = Literal["fraction", "fraction_and_log_horizon"]
+TIME_INPUTS: tuple[str, ...] = ("fraction", "fraction_and_log_horizon")
+
+
 class TALPODriftOptions(LearnedDriftOptions):
     name: Literal["ta_lpo"] = "ta_lpo"
+    time_inputs: TimeInputs = Field(
+        default="fraction",
+        description="Temporal inputs: 'fraction' = [x, (n/N)*x] (Jackson et al. 2024, eq. 10); "
+        "'fraction_and_log_horizon' adds log(N)*x (multi-horizon meta-training).",
+    )
 
 
 #: The drifts: name -> options model. The one list of drift names.
@@ -129,11 +142,8 @@ DRIFT_NAMES = DRIFTS.names()
 
 _BASE_FEATURES = ("(r-1)", "(r-1)^2", "log(r)", "log(r)^2")
 _LPO_FEATURES = _BASE_FEATURES + tuple(f"A*{name}" for name in _BASE_FEATURES)
-_TA_LPO_FEATURES = (
-    _LPO_FEATURES
-    + tuple(f"fraction*{name}" for name in _LPO_FEATURES)
-    + tuple(f"log_horizon*{name}" for name in _LPO_FEATURES)
-)
+_TA_LPO_FEATURES = _LPO_FEATURES + tuple(f"fraction*{name}" for name in _LPO_FEATURES)
+_TA_LPO_LOG_HORIZON_FEATURES = _TA_LPO_FEATURES + tuple(f"log_horizon*{name}" for name in _LPO_FEATURES)
 
 
 class Progress(NamedTuple):
@@ -144,8 +154,8 @@ class Progress(NamedTuple):
     broadcastable to the ratio) works.
     """
 
-    fraction: jax.Array  # n/N, current PPO update index / number of updates
-    log_horizon: jax.Array  # log(N), N = number of PPO updates of the run
+    fraction: jax.Array  # n/N: env steps taken before this update's rollout / the run's total env steps
+    log_horizon: jax.Array  # log(N), N = the run's total env steps (read only by time_inputs=fraction_and_log_horizon)
 
 
 # ---------------------------------------------------------------------------
@@ -209,18 +219,19 @@ def lpo_features(ratio: Any, advantage: Any) -> jax.Array:
     return jnp.stack(base + [advantage * x for x in base], axis=-1)
 
 
-def ta_lpo_features(ratio: Any, advantage: Any, progress: Any) -> jax.Array:
-    """TA-LPO's 24 network inputs (Jackson et al., ICLR 2024; multiplicative variant).
+def ta_lpo_features(ratio: Any, advantage: Any, progress: Any, time_inputs: str = "fraction") -> jax.Array:
+    """TA-LPO's network inputs (Jackson et al., ICLR 2024, eq. 10): ``[x, (n/N)*x]``, 16 features.
 
-    The 8 LPO features ``x``, then ``fraction * x``, then ``log_horizon * x``; progress
-    scales features that vanish at ``r == 1``, so ``D(r=1) = 0`` still holds exactly.
+    ``x`` are the 8 LPO features; ``time_inputs="fraction_and_log_horizon"`` appends ``log(N)*x``
+    (24 features). Progress scales features that vanish at ``r == 1``, so ``D(r=1) = 0`` holds exactly.
     """
     if progress is None:
         raise ConfigError("ta_lpo", "needs progress=Progress(fraction, log_horizon); got None")
     base = lpo_features(ratio, advantage)
-    fraction = _f32(progress.fraction)[..., None]
-    log_horizon = _f32(progress.log_horizon)[..., None]
-    return jnp.concatenate([base, fraction * base, log_horizon * base], axis=-1)
+    blocks = [base, _f32(progress.fraction)[..., None] * base]
+    if time_inputs == "fraction_and_log_horizon":
+        blocks.append(_f32(progress.log_horizon)[..., None] * base)
+    return jnp.concatenate(blocks, axis=-1)
 
 
 def _network(params: Mapping[str, Any], features: jax.Array) -> jax.Array:
@@ -254,13 +265,15 @@ def ta_lpo_drift(
     progress: Any = None,
     *,
     clip_eps: float = 0.2,
+    time_inputs: str = "fraction",
 ) -> jax.Array:
-    """Temporally-aware LPO (Jackson et al., ICLR 2024): LPO on :func:`ta_lpo_features`.
+    """Temporally-aware LPO (Jackson et al., ICLR 2024, eq. 10): LPO on :func:`ta_lpo_features`.
 
-    ``relu(net(x_t) + D_ppo(r, A) - 1e-4)`` with ``params = {"hidden": [24, H],
-    "out": [H, 1]}``; ``progress`` (a :class:`Progress`) is required.
+    ``relu(net(x_t) + D_ppo(r, A) - 1e-4)`` with ``params = {"hidden": [F, H], "out": [H, 1]}``,
+    F = 16 (``time_inputs="fraction"``) or 24 (``"fraction_and_log_horizon"``); ``progress`` (a
+    :class:`Progress`) is required.
     """
-    net = _network(params, ta_lpo_features(ratio, advantage, progress))
+    net = _network(params, ta_lpo_features(ratio, advantage, progress, time_inputs))
     ppo = ppo_drift(None, ratio, advantage, clip_eps=clip_eps)
     return jax.nn.relu(net + ppo - LPO_OFFSET)
 
@@ -327,13 +340,18 @@ class DriftSpec:
         """Zeros for the learned drifts (ES starts at PPO), ``{}`` for ppo/dpo."""
         if not self.learned:
             return {}
-        return zero_params(self.name, self.as_dict()["hidden"])
+        options = self.as_dict()
+        return zero_params(self.name, options["hidden"], options.get("time_inputs", "fraction"))
+
+    def feature_names(self) -> tuple[str, ...]:
+        """The network's inputs in order (``()`` for ppo/dpo)."""
+        return feature_names(self.name, self.as_dict().get("time_inputs", "fraction"))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         if not self.learned:
             return {}
         hidden = self.as_dict()["hidden"]
-        return {"hidden": (num_features(self.name), hidden), "out": (hidden, 1)}
+        return {"hidden": (len(self.feature_names()), hidden), "out": (hidden, 1)}
 
     def build(self) -> tuple[Callable[..., jax.Array], dict[str, jax.Array]]:
         return self.drift_fn(), self.init_params()
@@ -349,9 +367,9 @@ def make_drift(name: str, **options: Any) -> tuple[Callable[..., jax.Array], dic
     """``(drift_fn, initial_params)`` for a drift in :data:`DRIFT_NAMES`.
 
     ``drift_fn(params, ratio, advantage, progress=None)`` is pure and float32. Options:
-    ppo ``clip_eps``; dpo ``alpha``, ``beta``; lpo/ta_lpo ``hidden``, ``clip_eps``.
-    ``initial_params`` is ``{"hidden": zeros[F, H], "out": zeros[H, 1]}`` for
-    lpo (F=8) / ta_lpo (F=24) and ``{}`` for ppo/dpo.
+    ppo ``clip_eps``; dpo ``alpha``, ``beta``; lpo/ta_lpo ``hidden``, ``clip_eps``; ta_lpo ``time_inputs``.
+    ``initial_params`` is ``{"hidden": zeros[F, H], "out": zeros[H, 1]}`` for lpo (F=8) /
+    ta_lpo (F=16, or 24 with ``time_inputs="fraction_and_log_horizon"``) and ``{}`` for ppo/dpo.
     """
     return DriftSpec.create(name, **options).build()
 
@@ -361,23 +379,26 @@ def is_learned(name: str) -> bool:
     return _check_name(name) in LEARNED_DRIFTS
 
 
-def num_features(name: str) -> int:
-    """Network input width: 8 for lpo, 24 for ta_lpo, 0 for the fixed drifts."""
-    return len(feature_names(name))
+def num_features(name: str, time_inputs: str = "fraction") -> int:
+    """Network input width: 8 for lpo, 16 for ta_lpo (24 with ``fraction_and_log_horizon``), 0 for ppo/dpo."""
+    return len(feature_names(name, time_inputs))
 
 
-def feature_names(name: str) -> tuple[str, ...]:
-    """Human-readable names of the network inputs, in order (``()`` for ppo/dpo)."""
+def feature_names(name: str, time_inputs: str = "fraction") -> tuple[str, ...]:
+    """Human-readable names of the network inputs, in order (``()`` for ppo/dpo); ``time_inputs``: ta_lpo's."""
     name = _check_name(name)
-    return {"lpo": _LPO_FEATURES, "ta_lpo": _TA_LPO_FEATURES}.get(name, ())
+    if time_inputs not in TIME_INPUTS:
+        raise ConfigError("ta_lpo.time_inputs", f"must be one of {', '.join(TIME_INPUTS)}; got {time_inputs!r}")
+    ta_lpo = _TA_LPO_FEATURES if time_inputs == "fraction" else _TA_LPO_LOG_HORIZON_FEATURES
+    return {"lpo": _LPO_FEATURES, "ta_lpo": ta_lpo}.get(name, ())
 
 
-def zero_params(name: str, hidden: int = 128) -> dict[str, jax.Array]:
+def zero_params(name: str, hidden: int = 128, time_inputs: str = "fraction") -> dict[str, jax.Array]:
     """The all-zero parameter pytree of a learned drift (the drift then equals PPO)."""
     if not is_learned(name):
         raise ConfigError("drift", f"{name!r} has no parameters; learned drifts: lpo, ta_lpo")
     return {
-        "hidden": jnp.zeros((num_features(name), hidden), jnp.float32),
+        "hidden": jnp.zeros((num_features(name, time_inputs), hidden), jnp.float32),
         "out": jnp.zeros((hidden, 1), jnp.float32),
     }
 

@@ -39,7 +39,6 @@ from metaopt.objectives.drifts import (
     LPO_OFFSET,
     MIN_RATIO,
     DriftSpec,
-    feature_names,
 )
 
 __all__ = [
@@ -62,7 +61,8 @@ _FORMULAS = {
     "lpo": (f"relu(tanh(x @ hidden) @ out + relu((r - clip(r, 1-clip_eps, 1+clip_eps)) * A) - {LPO_OFFSET:g})"),
     "ta_lpo": (
         "relu(tanh(x @ hidden) @ out + relu((r - clip(r, 1-clip_eps, 1+clip_eps)) * A)"
-        f" - {LPO_OFFSET:g}), x includes fraction*x_lpo and log_horizon*x_lpo"
+        f" - {LPO_OFFSET:g}), x = [x_lpo, fraction*x_lpo] (+ log_horizon*x_lpo with time_inputs="
+        "fraction_and_log_horizon)"
     ),
 }
 
@@ -116,7 +116,7 @@ def save_drift(
         "dtype": "float32",
         "params": {key: list(array.shape) for key, array in arrays.items()},
         "num_params": int(sum(array.size for array in arrays.values())),
-        "features": list(feature_names(spec.name)),
+        "features": list(spec.feature_names()),
         "log_ratio_clamp": MIN_RATIO,
         "formula": _FORMULAS[spec.name],
     }
@@ -157,6 +157,7 @@ def read_drift(directory: str | os.PathLike[str]) -> tuple[DriftSpec, dict[str, 
     options = document.get("options", {})
     if not isinstance(options, dict):
         raise ConfigError(str(spec_path), '"options" must be an object')
+    _reject_pre_time_inputs(str(spec_path), document, options)
     try:
         spec = DriftSpec.create(document.get("name"), **options)
     except ValueError as err:
@@ -196,6 +197,21 @@ def read_drift(directory: str | os.PathLike[str]) -> tuple[DriftSpec, dict[str, 
     return spec, arrays
 
 
+def _reject_pre_time_inputs(where: str, document: dict[str, Any], options: dict[str, Any]) -> None:
+    """A ta_lpo export written before ``time_inputs`` existed (24 features, log N counted PPO updates) cannot be
+    read faithfully: log N is now log(env steps). One ConfigError line saying so."""
+    if (
+        document.get("name") == "ta_lpo"
+        and "time_inputs" not in options
+        and document.get("params", {}).get("hidden", [None])[0] == 24
+    ):
+        raise ConfigError(
+            where,
+            "a 24-feature ta_lpo export from before time_inputs (its log N counted PPO updates, now env steps); "
+            "meta-train it again (time_inputs: fraction_and_log_horizon for the 24-feature variant)",
+        )
+
+
 def load_drift(directory: str | os.PathLike[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
     """``(drift_fn, params)`` in JAX, as :func:`~metaopt.objectives.drifts.make_drift` gives."""
     import jax.numpy as jnp
@@ -230,8 +246,8 @@ def _torch_drift_class() -> type:
         weights ``hidden`` ``[F, H]`` and ``out`` ``[H, 1]`` are buffers (they move with
         ``.to(device)`` and are saved in ``state_dict`` but are not optimised by a PPO
         optimizer built from ``module.parameters()``) unless ``trainable=True``.
-        ``fraction`` (n/N) and ``log_horizon`` (log N) are required by ``ta_lpo`` and ignored
-        by the other drifts.
+        ``fraction`` (n/N) is required by ``ta_lpo``, ``log_horizon`` (log N) too with
+        ``time_inputs="fraction_and_log_horizon"``; the other drifts ignore both.
         """
 
         def __init__(
@@ -294,14 +310,16 @@ def _torch_drift_class() -> type:
                 return self._dpo(ratio, advantage)
             features = self._lpo_features(ratio, advantage)
             if self.name == "ta_lpo":
-                if fraction is None or log_horizon is None:
+                with_log_horizon = self.options["time_inputs"] == "fraction_and_log_horizon"
+                if fraction is None or (with_log_horizon and log_horizon is None):
+                    needs = "fraction (n/N) and log_horizon (log N)" if with_log_horizon else "fraction (n/N)"
                     raise ValueError(
-                        "ta_lpo: forward needs fraction (n/N) and log_horizon (log N); got "
-                        f"fraction={fraction!r}, log_horizon={log_horizon!r}"
+                        f"ta_lpo: forward needs {needs}; got fraction={fraction!r}, log_horizon={log_horizon!r}"
                     )
-                fraction = self._float32(fraction, like=ratio)[..., None]
-                log_horizon = self._float32(log_horizon, like=ratio)[..., None]
-                features = torch.cat([features, fraction * features, log_horizon * features], dim=-1)
+                blocks = [features, self._float32(fraction, like=ratio)[..., None] * features]
+                if with_log_horizon:
+                    blocks.append(self._float32(log_horizon, like=ratio)[..., None] * features)
+                features = torch.cat(blocks, dim=-1)
             net = (torch.tanh(features @ self.hidden) @ self.out)[..., 0]
             return torch.relu(net + self._ppo(ratio, advantage) - LPO_OFFSET)
 

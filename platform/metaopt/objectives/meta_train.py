@@ -96,6 +96,12 @@ def normalised(returns: np.ndarray, baseline: float) -> np.ndarray:
     return 1.0 + (returns - baseline) / abs(baseline)
 
 
+def baseline_options(problem: Problem) -> tuple[tuple[str, Any], ...]:
+    """The ``ppo`` drift options of the baseline run: the env's own PPO clip (its ``clip_eps`` from
+    TUNED_ENVS / the entry's ``ppo``), not a fixed 0.2 (Schulman et al. 2017, eq. 7)."""
+    return (("clip_eps", float(problem.config().clip_eps)),)
+
+
 @dataclass
 class GenerationResult:
     fitness: np.ndarray  # [population] normalised score (higher is better)
@@ -115,7 +121,7 @@ class MetaTrainer:
         from metaopt.objectives.drifts import make_drift
 
         self.section = section
-        self.drift_options = (("hidden", section.hidden),)
+        self.drift_options = section.drift_options()
         _, self.initial_params = make_drift(section.drift, **dict(self.drift_options))
         self.strategy = build_strategy(section.es, self.initial_params)
         self.es_params = self.strategy.default_params
@@ -144,7 +150,7 @@ class MetaTrainer:
 
         if problem.label not in self.baselines:
             keys = seed_keys(jax.random.PRNGKey(BASELINE_SEED), self.section.baseline_seeds)
-            returns = self.evaluator.returns("ppo", (), problem, {}, keys)
+            returns = self.evaluator.returns("ppo", baseline_options(problem), problem, {}, keys)
             baseline = float(np.mean(returns))
             if not np.isfinite(baseline) or abs(baseline) < 1e-6:
                 raise ValueError(

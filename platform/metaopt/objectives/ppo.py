@@ -13,8 +13,9 @@ with a *drift* ``D >= 0`` and ``D = 0`` at ``r = 1``. PPO's clipped surrogate
 because ``min(r A, clip(r) A) = r A - relu((r - clip(r)) A)``. Learned Policy Optimisation
 (Lu et al. 2022, "Discovered Policy Optimisation", eq. 4) meta-learns ``D`` as a network of
 ``(r, A)``; Temporally-Aware LPO (Jackson et al. ICLR 2024, "Discovering Temporally-Aware
-Reinforcement Learning Algorithms", sec. 4) adds the training progress ``n / N`` and the
-horizon ``log N`` as inputs. This module minimises (per minibatch)
+Reinforcement Learning Algorithms", eq. 10) adds the training progress ``n / N`` as an input
+(``n``: env steps taken before the update's rollout, ``N``: the run's ``total_timesteps``), optionally
+also the horizon ``log N``. This module minimises (per minibatch)
 
     actor_loss = -mean(r * A - drift_fn(drift_params, r, A, progress))
 
@@ -94,6 +95,7 @@ __all__ = [
     "make_train",
     "ppo_clip_drift",
     "ppo_config_for",
+    "progress_at",
     "train_many",
 ]
 
@@ -228,11 +230,27 @@ def env_dims(config: PPOConfig) -> tuple[int, int]:
     return observation_size(env, env_params), action_spec(env, env_params, config.env_name).size
 
 
+def progress_at(update_index: Any, steps_per_update: int, total_timesteps: int) -> Progress:
+    """TA-LPO's progress at PPO update ``update_index`` (0-based; Jackson et al., ICLR 2024, eq. 10).
+
+    ``n/N`` is the fraction of the run's env-interaction budget elapsed when the update's rollout
+    started: ``n = update_index * num_envs * num_steps`` env steps, ``N = total_timesteps`` (so the first
+    update sees 0; a budget that is not a multiple of the batch never reaches 1). ``log N`` is
+    ``log(total_timesteps)``.
+    """
+    steps_taken = jnp.asarray(update_index, jnp.float32) * jnp.float32(steps_per_update)
+    return Progress(
+        fraction=steps_taken / jnp.float32(total_timesteps),
+        log_horizon=jnp.float32(math.log(total_timesteps)),
+    )
+
+
 def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any], dict]:
     """Build ``train(rng, drift_params) -> metrics``: one full PPO run, pure and jit-able.
 
     The actor loss is ``-mean(r * A - drift_fn(drift_params, r, A, progress))`` (mirror
-    learning, Kuba et al. 2022; Lu et al. 2022 eq. 4) with ``progress = Progress(n / N, log N)``.
+    learning, Kuba et al. 2022; Lu et al. 2022 eq. 4) with ``progress = Progress(n / N, log N)``
+    from :func:`progress_at` (env steps, Jackson et al. 2024 eq. 10).
     ``rng`` and ``drift_params`` may both be ``jax.vmap``-ed over. Metrics (jax arrays):
 
     * per update, shape ``[num_updates]``: ``episode_returns`` (mean return of episodes
@@ -259,7 +277,6 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
     activation = jnp.tanh if config.activation == "tanh" else jax.nn.relu
     gamma, lam = config.gamma, config.gae_lambda
     tail = max(1, num_updates // 10)
-    log_horizon = jnp.float32(math.log(num_updates))
 
     if config.anneal_lr:
 
@@ -382,10 +399,7 @@ def make_train(config: PPOConfig, drift_fn: DriftFn) -> Callable[[jax.Array, Any
             )
             traj = with_values(params, traj)
             advantages, targets = gae(traj, value_fn(params, obs))
-            progress = Progress(
-                fraction=update_index.astype(jnp.float32) / jnp.float32(num_updates),
-                log_horizon=log_horizon,
-            )
+            progress = progress_at(update_index, num_envs * num_steps, config.total_timesteps)
             lr_now = lr_at(update_index * steps_per_update)
             data = (traj, advantages, targets)
             data = jax.tree.map(lambda x: x.reshape((batch_size, *x.shape[2:])), data)

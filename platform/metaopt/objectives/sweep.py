@@ -162,10 +162,10 @@ def log_summary(parent: tracking.ParentRun, summary: MetaSummary, exp: Experimen
 
 
 def reference_log_horizon(env: str, total_timesteps: int, ppo: dict[str, Any]) -> float:
-    """log N (N = PPO updates) of a problem, the TA-LPO input used for its heat-maps."""
-    from metaopt.objectives.ppo import ppo_config_for
-
-    return math.log(ppo_config_for(env, total_timesteps=total_timesteps, **ppo).num_updates)
+    """log N (N = the run's env steps, as :func:`metaopt.objectives.ppo.progress_at`) of a problem, the TA-LPO
+    input used for its heat-maps; ``env`` and ``ppo`` are kept for callers (N does not depend on them)."""
+    del env, ppo
+    return math.log(total_timesteps)
 
 
 def format_table(summary: MetaSummary) -> str:
