@@ -40,6 +40,7 @@ LAYERS: dict[str, frozenset[str]] = {
             "registry",
             "compat",
             "user_code",
+            "stats",
         }
     ),
     "shared": frozenset({"optim", "tasks"}),

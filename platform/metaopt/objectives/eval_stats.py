@@ -19,15 +19,15 @@ CELL_STATS = (("mean", "mean"), ("ci_low", "ci_low"), ("ci_high", "ci_high"))
 
 
 def confidence_interval(values: np.ndarray, level: float) -> tuple[float, float, float]:
-    """Mean and the two-sided Student-t interval of the mean at ``level`` (NaN bounds for fewer than 2 values)."""
-    from scipy import stats
+    """Mean and the two-sided Student-t interval of the mean at ``level`` (NaN bounds for fewer than 2 values;
+    :func:`metaopt.stats.mean_interval`)."""
+    from metaopt.stats import mean_interval
 
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
-    return mean, mean - half, mean + half
+    values = np.asarray(values, dtype=float).ravel()
+    if np.isnan(values).any():  # a diverged seed makes the cell NaN (mean_interval would drop it)
+        return math.nan, math.nan, math.nan
+    interval = mean_interval(values, level)
+    return interval.mean, interval.low, interval.high
 
 
 def return_summary(returns: np.ndarray, level: float) -> dict[str, Any]:
