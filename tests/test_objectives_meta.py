@@ -280,13 +280,14 @@ def test_ppo_baseline_uses_the_envs_clip_and_ta_lpo_options_reach_the_drift(tmp_
         tmp_path,
         "lpo.drift=ta_lpo",
         "lpo.time_inputs=fraction_and_log_horizon",
+        "lpo.horizons=[1.0, 2.0]",
         "lpo.envs=[{env: CartPole-v1, total_timesteps: 1024, ppo: {clip_eps: 0.1}}]",
     )
     recorder = Recorder()
     trainer = MetaTrainer(exp.section, meta_seed=0, evaluator=recorder)
     assert trainer.baseline(trainer.problems(0)[0]) == 1.0
     assert recorder.calls[0][:2] == ("ppo", (("clip_eps", 0.1),))
-    assert dict(trainer.drift_options)["time_inputs"] == "fraction_and_log_horizon"
+    assert dict(trainer.drift_options) == {"clip_eps": 0.1, "hidden": 16, "time_inputs": "fraction_and_log_horizon"}
     assert trainer.initial_params["hidden"].shape[0] == 24
     default = Problem.of("CartPole-v1", 1024)
     assert dict(baseline_options(default)) == {"clip_eps": 0.2}

@@ -195,13 +195,49 @@ class LPOSection(StrictModel):
         if self.drift == "lpo" and self.time_inputs != "fraction":
             raise ConfigError("time_inputs", "only ta_lpo sees time; leave it out for lpo")
         check_horizons(self.envs, self.horizons, section_context(info))
+        if self.time_inputs == "fraction_and_log_horizon":
+            check_log_horizon_varies(self.envs, self.horizons)
+        problem_clip(self.envs, section_context(info))
         return self
 
     def drift_options(self) -> tuple[tuple[str, Any], ...]:
-        """The drift's options as meta-training builds (and exports) it."""
+        """The drift's options as meta-training builds (and exports) it: ``clip_eps`` is the problems' PPO clip
+        (:func:`problem_clip`), so the network at zero is the PPO baseline's drift (Lu et al. 2022, Sec. 4)."""
+        options: tuple[tuple[str, Any], ...] = (
+            ("clip_eps", problem_clip(self.envs, {"check_paths": False})),
+            ("hidden", self.hidden),
+        )
         if self.drift == "ta_lpo":
-            return (("hidden", self.hidden), ("time_inputs", self.time_inputs))
-        return (("hidden", self.hidden),)
+            return (*options, ("time_inputs", self.time_inputs))
+        return options
+
+
+def problem_clip(envs: list[EnvSpec], context: dict[str, Any] | None = None) -> float:
+    """The PPO clip ``clip_eps`` shared by every meta-training env (Schulman et al. 2017, eq. 7): the clip of the
+    learned drift's inner PPO term, ``relu(net(x) + D_ppo(r, A) - 1e-4)`` (Lu et al. 2022, Sec. 4), equal to the
+    PPO baseline's. One drift has one clip: envs with different clips are one ConfigError line."""
+    clips = {i: float(spec.ppo_config(context=context).clip_eps) for i, spec in enumerate(envs)}
+    if len(set(clips.values())) > 1:
+        found = ", ".join(f"envs.{i}: {clip:g}" for i, clip in clips.items())
+        raise ConfigError(
+            "envs", f"every env needs the same ppo.clip_eps (the learned drift's inner PPO clip); got {found}"
+        )
+    clip = clips[0]
+    if not clip < 1:
+        raise ConfigError("envs.0.ppo.clip_eps", f"the learned drift's PPO clip must be < 1 (got {clip:g})")
+    return clip
+
+
+def check_log_horizon_varies(envs: list[EnvSpec], horizons: list[float]) -> None:
+    """``time_inputs: fraction_and_log_horizon`` feeds ``log(N)*x`` (N: a run's env steps); with one N over all
+    envs and horizons that input is a constant multiple of ``x`` and adds nothing: one ConfigError line."""
+    budgets = {horizon_steps(spec.total_timesteps, h) for spec in envs for h in horizons}
+    if len(budgets) < 2:
+        raise ConfigError(
+            "time_inputs",
+            f"fraction_and_log_horizon needs several horizons or env budgets (every run has N = {budgets.pop()} "
+            "env steps, so log N is constant); give several horizons or use fraction",
+        )
 
 
 class LPOEvalSection(StrictModel):

@@ -89,6 +89,16 @@ def _from_directory(path: Path, label: str) -> Objective:
     return Objective(label, spec.name, spec.as_dict(), {k: np.asarray(v).tolist() for k, v in arrays.items()})
 
 
+def trial_options(objective: Objective, clip_eps: float) -> tuple[tuple[str, Any], ...]:
+    """The drift options a trial trains with: the built-in ``ppo`` clips at the env's ``clip_eps`` (Schulman et
+    al. 2017, eq. 7), as the meta-training baseline does; an exported drift keeps the options it recorded (a
+    learned drift's inner PPO clip is its meta-training problems', :meth:`LPOSection.drift_options`)."""
+    options = dict(objective.options)
+    if objective.drift == "ppo" and "clip_eps" not in options:
+        options["clip_eps"] = float(clip_eps)
+    return tuple(sorted(options.items()))
+
+
 def evaluation_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: PPO with one objective on one problem, ``seeds`` seeds; reports once."""
     import jax
@@ -107,9 +117,8 @@ def evaluation_trial(config: dict[str, Any]) -> None:
     batch = stack_params([params]) if jax.tree.leaves(params) else {}
     keys = seed_keys(jax.random.PRNGKey(config["seed"]), config["seeds"])
     started = time.perf_counter()
-    returns = PopulationEvaluator().returns(
-        objective.drift, tuple(sorted(objective.options.items())), problem, batch, keys
-    )[0]
+    options = trial_options(objective, problem.config().clip_eps)
+    returns = PopulationEvaluator().returns(objective.drift, options, problem, batch, keys)[0]
     tune.report({**return_summary(returns, config["confidence"]), "seconds": time.perf_counter() - started})
 
 
@@ -166,6 +175,7 @@ def log_evaluation(
 ) -> None:
     from metaopt.objectives import plots
     from metaopt.objectives.drifts import make_drift
+    from metaopt.objectives.population import Problem
     from metaopt.objectives.sweep import reference_log_horizon
 
     parent.log_metrics(cell_metrics(table))
@@ -179,11 +189,12 @@ def log_evaluation(
         plots.plot_eval_bars(table, f"{exp.name}: final return, {exp.section.confidence:.0%} interval"),
         "evaluation.png",
     )
+    first = problems[0]
+    clip_eps = Problem.of(**first).config().clip_eps  # the built-in ppo's heat-map: the first env's clip
     drifts = {}
     for o in objectives:
-        drift_fn, _ = make_drift(o.drift, **o.options)
+        drift_fn, _ = make_drift(o.drift, **dict(trial_options(o, clip_eps)))
         drifts[o.label] = (drift_fn, o.jax_params())
-    first = problems[0]
     log_horizon = reference_log_horizon(first["env"], first["total_timesteps"], first["ppo"])
     parent.log_figure(
         plots.plot_drift_heatmaps(drifts, list(exp.section.heatmap_progress), log_horizon, f"{exp.name}: drift"),

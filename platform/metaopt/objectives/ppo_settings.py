@@ -196,7 +196,12 @@ class PPOSettings(StrictModel):
     num_minibatches: StrictInt = Field(default=4, ge=1, description="Minibatches per pass; must divide the batch.")
     gamma: Number = Field(default=0.99, ge=0, le=1, description="Discount.")
     gae_lambda: Number = Field(default=0.95, ge=0, le=1, description="GAE lambda (Schulman et al. 2016, eq. 16).")
-    clip_eps: Number = Field(default=0.2, gt=0, description="Value-clipping range (the actor's clip is the drift's).")
+    clip_eps: Number = Field(
+        default=0.2,
+        gt=0,
+        description="Value-clipping range; also the PPO clip of the built-in ppo drift and of the learned drifts' "
+        "inner PPO term in lpo and lpo_eval (the actor's clip is the drift's).",
+    )
     clip_value: StrictBool = Field(default=True, description="PPO2's clipped value loss.")
     ent_coef: Number = Field(default=0.01, ge=0, description="Entropy bonus weight.")
     vf_coef: Number = Field(default=0.5, ge=0, description="Value loss weight.")
