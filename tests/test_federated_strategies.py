@@ -419,3 +419,22 @@ def test_fedexp_evaluates_the_average_of_its_last_two_iterates():
     plain = make_strategy("fedexp", average_last_two=False)
     close(plain.evaluated(state, x2), [2.0, 2.0])
     assert make_strategy("fedavg").evaluated(state, x2) is x2
+
+
+def test_fedexp_evaluates_the_midpoint_of_an_extrapolated_step():
+    # Jhunjhunwala et al. 2023, eq. (9) and Sec. 4, with η_g > 1 so that x_t, x_{t+1} and x_t + Δ̄ all differ:
+    # Δ_1 = [2, 0], Δ_2 = [−1, 0] -> Δ̄ = [0.5, 0], η_g = max(1, (4 + 1) / (2·2·0.25)) = 5
+    # x_1 = x_0 + 5Δ̄ = [2.5, 0] (training goes on from here), evaluated (x_0 + x_1) / 2 = [1.25, 0]
+    s = make_strategy("fedexp")
+    x0 = t([0.0, 0.0])
+    ups = [ClientUpdate(t([2.0, 0.0]), 1, 0.1), ClientUpdate(t([-1.0, 0.0]), 1, 0.1)]
+    assert FedExp.server_lr_for(ups) == pytest.approx(5.0, abs=1e-12)
+    x1, state, _ = s.aggregate(s.init(x0), x0, ups)
+    assert state.server_lr == pytest.approx(5.0, abs=1e-12)
+    close(x1, [2.5, 0.0])
+    close(s.evaluated(state, x1), [1.25, 0.0])
+    # round 2 the same on the other axis: x_2 = [2.5, 2.5], evaluated (x_1 + x_2) / 2 = [2.5, 1.25], not (x_0 + x_2) / 2
+    ups = [ClientUpdate(t([0.0, 2.0]), 1, 0.1), ClientUpdate(t([0.0, -1.0]), 1, 0.1)]
+    x2, state, _ = s.aggregate(state, x1, ups)
+    close(x2, [2.5, 2.5])
+    close(s.evaluated(state, x2), [2.5, 1.25])

@@ -5,6 +5,7 @@ with its funnel and simplification."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -402,3 +403,37 @@ def test_functional_hash_separates_programs_that_use_lr_differently():
     assert functional_hash(swapped) == functional_hash(doubled) == functional_hash(sgd)
     assert functional_hash(lion_program(), lrs=(0.01, 0.3)) == functional_hash(lion_program())
     assert functional_hash(lion_program(), lrs=(0.3, 0.01)) != functional_hash(lion_program())
+
+
+def test_a_checkpoint_from_before_the_restart_split_resumes(tmp_path):
+    """A state written when one ``restarts`` field counted the plateau restarts (restart_after; now restarts_best)
+    loads with the count kept there and goes on exactly like the same state in today's format."""
+    from metaopt.symbolic.search import search_metrics
+
+    exp = load_tiny(tmp_path, "symbolic.restart_after=2", "symbolic.population=4", "symbolic.batch=2")
+    state = init_search(exp.section, seed=1, scorer=HashScorer())
+    for _ in range(3):
+        state = search_step(state, exp.section, HashScorer())
+    state.restarts_best = 3
+    current = json.loads(state.to_json())
+    legacy = {k: v for k, v in current.items() if k not in ("restarts_start", "restarts_best")}
+    legacy["restarts"] = 3  # the pre-change layout: Scored rows unchanged, one restart counter
+    old = SearchState.from_json(json.dumps(legacy))
+    assert (old.restarts_start, old.restarts_best, old.restarts) == (0, 3, 3)
+    assert old.to_json() == state.to_json() and "restarts" not in json.loads(old.to_json())
+    assert search_metrics(old)["restarts_best"] == 3
+    assert (
+        search_step(old, exp.section, HashScorer()).to_json()
+        == search_step(SearchState.from_json(state.to_json()), exp.section, HashScorer()).to_json()
+    )
+
+
+@pytest.mark.parametrize("field", ["restart_every", "restart_after"])
+def test_a_restart_every_iteration_is_one_config_error(tmp_path, field):
+    from metaopt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_tiny(tmp_path, f"symbolic.{field}=1")
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"symbolic.{field}: must be 0 (off) or >= 2")
+    for ok in (0, 2):
+        assert getattr(load_tiny(tmp_path, f"symbolic.{field}={ok}").section, field) == ok

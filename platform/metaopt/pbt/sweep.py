@@ -147,7 +147,8 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
                 tag=tag,
                 final_metric=float(metrics.get(metric, math.nan)),
                 best_metric=(max if mode == "max" else min)(finite) if finite else math.nan,
-                final_lr=float(metrics.get("lr", math.nan)),
+                # under lr_schedule: cosine ``lr`` is the peak; ``last_lr`` the lr of the trial's last step
+                final_lr=float(metrics.get("last_lr", metrics.get("lr", math.nan))),
                 iterations=int(metrics.get("training_iteration", 0)),
                 diverged=bool(metrics.get("diverged", 0)),
                 schedule=[(0, curves["lr"][0])],
@@ -178,7 +179,22 @@ def summarise_trials(results, section, metric: str, mode: str, experiment_path: 
             schedules = {row.tag: row.carried_schedule or row.schedule for row in rows}
         for row in rows:
             row.schedule = schedules[row.tag]
+    elif section.lr_schedule != "constant":
+        for row in rows:
+            row.schedule = sampled_schedule(row.schedule[0][1], section)
+            if row.carried_schedule:
+                row.carried_schedule = sampled_schedule(row.carried_schedule[0][1], section)
     return rows
+
+
+def sampled_schedule(peak: float, section) -> lineage.Segments:
+    """A fixed-lr baseline's ``lr_schedule`` (cosine: Loshchilov & Hutter 2017, one cycle to 0 over the trial's
+    budget, :func:`metaopt.pbt.lineage.trial_schedule`) as one segment per iteration, at the lr of its first step:
+    what the plots and the summary table draw. ``metaopt replay`` recomputes the exact decay from the first
+    segment, the peak (the cosine's value at step 0)."""
+    spi = section.steps_per_iteration
+    lr_at = lineage.trial_schedule(peak, section.lr_schedule, section.iterations * spi)
+    return [(i * spi, float(lr_at(i * spi))) for i in range(section.iterations)]
 
 
 def carried_history(result, trial_id: str) -> lineage.Segments | None:

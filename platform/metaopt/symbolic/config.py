@@ -71,12 +71,14 @@ class SymbolicSection(StrictModel):
     restart_every: int = Field(
         default=0,
         ge=0,
-        description="Every that many iterations, reseed the population with mutants of the start program (0: never).",
+        description="Every that many iterations, reseed the population with mutants of the start program "
+        "(0: never; else >= 2).",
     )
     restart_after: int = Field(
         default=0,
         ge=0,
-        description="Iterations without a new best, then reseed the population with mutants of the best (0: never).",
+        description="Iterations without a new best, then reseed the population with mutants of the best "
+        "(0: never; else >= 2).",
     )
     proxy: ProxySpec = Field(default_factory=ProxySpec, description="The search proxy.")
     funnel: list[ProxySpec] = Field(default_factory=list, description="Larger proxies a top program must pass.")
@@ -107,6 +109,10 @@ class SymbolicSection(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SymbolicSection:
+        for name in ("restart_every", "restart_after"):
+            if getattr(self, name) == 1:
+                # every iteration a restart: the population is reseeded around one program and never evolves
+                raise ConfigError(name, "must be 0 (off) or >= 2 (1 would reseed the population every iteration)")
         if self.tournament > self.population:
             raise ConfigError("tournament", f"must be <= population ({self.tournament} > {self.population})")
         if self.workers and self.batch % self.workers:

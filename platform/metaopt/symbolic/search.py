@@ -114,10 +114,20 @@ class SearchState:
 
     @classmethod
     def from_json(cls, text: str) -> SearchState:
-        data = json.loads(text)
+        data = upgrade_state(json.loads(text))
         history = [Scored(**s) for s in data.pop("history")]
         population = [history[s["index"]] for s in data.pop("population")]
         return cls(population=population, history=history, **data)
+
+
+def upgrade_state(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written before restarts were split by kind (Chen et al. 2023, Sec. 2) counts them in one
+    ``restarts`` field. Each was triggered by ``restart_after`` iterations without a new best, the plateau restart
+    now counted as ``restarts_best``: the count is kept there and the search resumes where it stopped."""
+    if "restarts" in data and "restarts_start" not in data and "restarts_best" not in data:
+        data = {**data, "restarts_best": data["restarts"]}
+    data.pop("restarts", None)
+    return data
 
 
 def proxy_dict(spec) -> dict[str, Any]:
