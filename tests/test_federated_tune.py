@@ -160,3 +160,31 @@ def test_pbt_on_top_adapts_the_initial_local_lr(ray_session, tmp_path):
     assert len(rows) == 2 and all(r["error"] is None and r["curves"]["round"][-1] == 4 for r in rows)
     lrs = [lr for r in rows for lr in r["curves"]["client_lr"]]
     assert len({round(lr, 9) for lr in lrs}) > 2  # PBT explored new initial lrs beyond the two it started with
+
+
+def test_rounds_to_target_is_the_first_round_reaching_it_and_censored_one_past_the_last():
+    from metaopt.federated.sweep import rounds_to_target
+
+    curve = [0.2, 0.6, 0.89, 0.85, 0.95]
+    assert rounds_to_target(curve, 0.89) == 3  # 1-based, first reaching (>=), later dips do not matter
+    assert rounds_to_target(curve, 0.1) == 1
+    assert rounds_to_target(curve, 0.96) == 6  # never reached: censored at rounds + 1
+    assert math.isnan(rounds_to_target(curve, None)) and math.isnan(rounds_to_target([], 0.5))
+
+
+def test_a_trial_row_reports_rounds_to_the_sections_target_and_the_final_global_lr(monkeypatch):
+    from types import SimpleNamespace
+
+    from metaopt.federated import sweep
+
+    result = SimpleNamespace(
+        metrics={"trial_id": "t0"},
+        path="t0",
+        error=None,
+        config={"exp": {"target_accuracy": 0.5}, "strategy": "fedhyper_g", "lr": 0.1, "seed": 0},
+    )
+    curves = {"accuracy": [0.3, 0.55, 0.6], "global_lr": [1.0, 1.2, 1.4], "round": [1, 2, 3]}
+    monkeypatch.setattr(sweep.report, "progress_curves", lambda result, keep: {k: list(v) for k, v in curves.items()})
+    row = sweep.trial_row(result)
+    assert row["rounds_to_target"] == 2 and row["final_global_lr"] == 1.4 and row["final_accuracy"] == 0.6
+    assert {"rounds_to_target", "final_global_lr"} <= set(sweep.SUMMARY_COLUMNS)

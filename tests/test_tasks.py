@@ -193,3 +193,21 @@ def test_an_extra_is_required_by_metaopt_run_but_not_by_submit_or_list(monkeypat
     experiment = config.from_dict(pbt(**section), check_paths=False)
     name = field.removeprefix("pbt.")
     assert getattr(experiment.section, name) == section[name]
+
+
+def test_tiny_lm_val_loss_task_is_tiny_lm_scored_by_validation_cross_entropy():
+    """The factory a claim in validation loss names (task: metaopt.tasks.tiny_lm:val_loss_task): PBT ranks on it."""
+    import torch
+
+    from metaopt.tasks import task_metric_mode
+    from metaopt.tasks.tiny_lm import val_loss_task
+
+    options, optimizer = {"seq_len": 8, "d_model": 8, "val_sequences": 16}, {"name": "adamw"}
+    assert task_metric_mode("metaopt.tasks.tiny_lm:val_loss_task", options, optimizer, 0) == ("val_loss", "min")
+    task = val_loss_task(options, parse_task_optimizer("tiny_lm", optimizer), 0)
+    metrics = task.train(2, lambda _step: 1e-3)
+    val = task.data["val"]
+    with torch.no_grad():
+        logits = task.model(val[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[:, 1:].reshape(-1))
+    assert metrics["val_loss"] == pytest.approx(expected.item(), rel=1e-6)

@@ -261,6 +261,13 @@ class FederatedSection(StrictModel):
     )
     pbt_interval: int = Field(default=5, ge=1, description="Rounds between PBT exploit/explore steps.")
     max_failures: int = Field(default=2, ge=0, description="Restarts of a crashed trial from its last round.")
+    target_accuracy: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Accuracy whose first round each trial's row reports as rounds_to_target (the speed-up claim "
+        "of Wang et al. 2024: rounds to reach a target accuracy); None: not reported.",
+    )
     round_timeout_s: float = Field(
         default=600.0,
         gt=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,17 @@ from metaopt.config import Experiment
 from metaopt.session import fit_tracked, open_session
 
 CURVES = ("accuracy", "global_lr", "client_lr", "client_lr_mean_used", "client_lr_factor", "failed_clients", "round")
-SUMMARY_COLUMNS = ["trial_id", "strategy", "lr", "seed", "final_accuracy", "best_accuracy", "failed_clients"]
+SUMMARY_COLUMNS = [
+    "trial_id",
+    "strategy",
+    "lr",
+    "seed",
+    "final_accuracy",
+    "best_accuracy",
+    "rounds_to_target",
+    "final_global_lr",
+    "failed_clients",
+]
 TABLE = (
     report.Column("strategy", 16, align="<"),
     report.Column("lr0", 8, "g"),
@@ -86,9 +97,20 @@ def trial_row(result) -> dict[str, Any]:
         "final_accuracy": accuracy[-1] if accuracy else math.nan,
         "best_accuracy": max(accuracy) if accuracy else math.nan,
         "failed_clients": int(sum(curves.get("failed_clients", []))),
+        "final_global_lr": curves["global_lr"][-1] if curves.get("global_lr") else math.nan,
+        "rounds_to_target": rounds_to_target(accuracy, (config.get("exp") or {}).get("target_accuracy")),
         "curves": curves,
         "error": report.error_line(result),
     }
+
+
+def rounds_to_target(accuracy: Sequence[float], target: float | None) -> float:
+    """The first round (1-based) whose accuracy reaches ``target`` -- FedHyper's speed measure (Wang et al., ICLR
+    2024, Sec. 5: rounds to a target accuracy) -- or, censored, one past the last round when none does; NaN
+    without a target or a curve."""
+    if target is None or not len(accuracy):
+        return math.nan
+    return float(next((i for i, a in enumerate(accuracy, start=1) if a >= target), len(accuracy) + 1))
 
 
 def setting(row: dict[str, Any]) -> tuple[str, float]:

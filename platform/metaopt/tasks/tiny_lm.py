@@ -127,3 +127,16 @@ class TinyLMTask:
 
     def close(self) -> None:
         pass
+
+
+class TinyLMLossTask(TinyLMTask):
+    """The same task scored by validation cross-entropy (lower is better): the target PBT exploits on when a claim
+    is stated in validation loss (Jaderberg et al. 2017 rank members by the held-out objective itself)."""
+
+    metric = "val_loss"
+    mode = "min"
+
+
+def val_loss_task(options: dict[str, Any] | TinyLMOptions, optimizer: Any, seed: int) -> TinyLMLossTask:
+    """Factory for a section's ``task: metaopt.tasks.tiny_lm:val_loss_task`` (the ``tiny_lm`` options)."""
+    return TinyLMLossTask(options, optimizer, seed)
