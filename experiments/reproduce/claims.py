@@ -134,6 +134,38 @@ def sec_claim(claim_id: str, file: str, workload: str) -> Claim:
     )
 
 
+def pbt_claim(
+    claim_id: str, file: str, workload: str, paper: str, *, mode: Literal["max", "min"], quick: tuple[str, ...]
+) -> Claim:
+    """R1 on one workload: PBT, the best fixed lr and the tuned cosine schedule of one pbt file at the same budget
+    (population x iterations x steps), one sweep per seed, each sweep's best trial's final metric; PBT paired
+    against each baseline."""
+    return Claim(
+        id=claim_id,
+        title=f"PBT beats the best fixed lr and matches a tuned cosine schedule at equal budget, {workload} "
+        "(Jaderberg et al. 2017)",
+        paper=paper,
+        arms=tuple(
+            Arm(
+                label=label,
+                file=file,
+                metric="final_metric",
+                overrides=overrides,
+                mode=mode,
+                reduce="best",
+                seed_field="pbt.seed",
+            )
+            for label, overrides in (
+                ("pbt", ()),
+                ("fixed", ("pbt.scheduler=grid", "pbt.lr_schedule=constant")),
+                ("cosine", ("pbt.scheduler=grid", "pbt.lr_schedule=cosine")),
+            )
+        ),
+        comparisons=(("pbt", "fixed"), ("pbt", "cosine")),
+        quick=quick,
+    )
+
+
 R4_ADAMW = "R4_search_from_adamw.yaml"
 R4_BROKEN = "R4_search_from_broken_lion.yaml"
 R4_META = "final.funnel.0.stages.-1"  # a search row's best program's meta-validation stage (row_value's path)
@@ -141,53 +173,20 @@ R4_META = "final.funnel.0.stages.-1"  # a search row's best program's meta-valid
 CLAIMS: dict[str, Claim] = {
     "R5": sec_claim("R5", "R5_sec_arithmetic.yaml", "5-level arithmetic"),
     "R5-gym": sec_claim("R5-gym", "R5_sec_reasoning_gym.yaml", "reasoning-gym mix"),
-    "R1": Claim(
-        id="R1",
-        title="PBT beats the best fixed lr and matches a tuned cosine schedule at equal budget, tiny LM "
-        "validation loss (Jaderberg et al. 2017)",
-        paper="Transformer on WMT'14 En-De: PBT's BLEU above the hand-tuned schedule's "
-        "(a small gain; the paper's Table 1)",
-        arms=tuple(
-            Arm(
-                label=label,
-                file="R1_pbt_tiny_lm.yaml",
-                metric="final_metric",  # the sweep's best trial's final val_loss
-                overrides=overrides,
-                mode="min",
-                reduce="best",
-                seed_field="pbt.seed",
-            )
-            for label, overrides in (
-                ("pbt", ()),
-                ("fixed", ("pbt.scheduler=grid", "pbt.lr_schedule=constant")),
-                ("cosine", ("pbt.scheduler=grid", "pbt.lr_schedule=cosine")),
-            )
-        ),
-        comparisons=(("pbt", "fixed"), ("pbt", "cosine")),
+    "R1": pbt_claim(
+        "R1",
+        "R1_pbt_tiny_lm.yaml",
+        "tiny LM validation loss",
+        "Transformer on WMT'14 En-De: PBT's BLEU above the hand-tuned schedule's (a small gain; the paper's Table 1)",
+        mode="min",  # the sweep's best trial's final val_loss
         quick=("pbt.population=2", "pbt.iterations=4", "pbt.steps_per_iteration=5", "pbt.perturbation_interval=2"),
     ),
-    "R1b": Claim(
-        id="R1b",
-        title="PBT beats the best fixed lr and matches a tuned cosine schedule at equal budget, RLlib PPO "
-        "CartPole return (Jaderberg et al. 2017)",
-        paper="deep RL (A3C/FuN on Atari, DeepMind Lab): PBT above the hand-tuned and random-search baselines",
-        arms=tuple(
-            Arm(
-                label=label,
-                file="R1_pbt_cartpole_rllib.yaml",
-                metric="final_metric",  # the sweep's best trial's final episode_return_mean
-                overrides=overrides,
-                mode="max",
-                reduce="best",
-                seed_field="pbt.seed",
-            )
-            for label, overrides in (
-                ("pbt", ()),
-                ("fixed", ("pbt.scheduler=grid", "pbt.lr_schedule=constant")),
-                ("cosine", ("pbt.scheduler=grid", "pbt.lr_schedule=cosine")),
-            )
-        ),
-        comparisons=(("pbt", "fixed"), ("pbt", "cosine")),
+    "R1b": pbt_claim(
+        "R1b",
+        "R1_pbt_cartpole_rllib.yaml",
+        "RLlib PPO CartPole return",
+        "deep RL (A3C/FuN on Atari, DeepMind Lab): PBT above the hand-tuned and random-search baselines",
+        mode="max",  # the sweep's best trial's final episode_return_mean
         quick=("pbt.population=2", "pbt.iterations=2", "pbt.perturbation_interval=1"),
     ),
     "R2": Claim(
