@@ -16,15 +16,23 @@ import metaopt.api
 from metaopt import registry as capabilities
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "experiments" / "reproduce"
-sys.path.insert(0, str(REPRODUCE))
-import claims  # noqa: E402
+sys.path.insert(0, str(REPRODUCE))  # run.py imports its registry as ``claims``, as when run as a script
+
+
+def load_script_module(name: str, filename: str):
+    """A module of experiments/reproduce (a script folder, not a package), registered under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, REPRODUCE / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+claims = load_script_module("claims", "claims.py")
 
 
 def load_run_script():
-    spec = importlib.util.spec_from_file_location("reproduce_run", REPRODUCE / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script_module("reproduce_run", "run.py")
 
 
 def summary_columns(module: str) -> list[str] | None:
