@@ -108,7 +108,7 @@ def test_a_resumed_post_training_run_trains_on_the_rollout_that_was_in_flight(tm
         [
             "posttrain.roles.mode=colocated",
             "posttrain.roles.overlap=true",
-            "posttrain.warmup.steps=150",
+            "posttrain.warmup.steps=40",
             "posttrain.warmup.lr=0.01",
             "posttrain.tasks=[{name: arithmetic, levels: [1]}]",
         ],

@@ -117,7 +117,8 @@ def test_grid_runs_seed_major_so_trials_keep_their_client_actors(ray_session, tm
 def test_killed_federated_trial_resumes_without_losing_a_round(ray_session, tmp_path):
     from metaopt.federated.sweep import run
 
-    exp = load_tiny(tmp_path, "federated.strategies=[fedhyper_g]", "federated.rounds=4")
+    # 2 client actors, not 4: the resumed trial starts its clients again, and the resume is the point here
+    exp = load_tiny(tmp_path, "federated.strategies=[fedhyper_g]", "federated.rounds=4", "federated.num_clients=2")
     killer = KillTrialProcess(at_iteration=2)
     (row,) = run(exp, callbacks=[killer], verbose=0)
     assert killer.killed, "the test did not kill anything"
