@@ -163,26 +163,42 @@ def test_returns_reduce_keys_each_eval_return_by_its_seed_index():
     assert values[0] == 3.0 and math.isnan(values[1]) and set(values) == {0, 1}
 
 
-def lpo_runner(fail_prepare: bool = False):
-    """Crafted runs of R3: each meta-training gets a run id; the eval rows give ta_lpo +1 over lpo, lpo = ppo."""
+META_SEED = "lpo.meta_seeds="
+
+
+def lpo_runner(fail_prepare: bool = False, fail_at: int | None = None):
+    """Crafted runs of R3: each meta-training gets a run id (``run-<drift>``, ``run-<drift>-<k>`` for meta-seed
+    k); the eval rows, for the drifts its objectives override names, give lpo = ppo + k and ta_lpo = lpo + 1 + k
+    over eval seeds s (ppo: 100 + s). ``fail_at``: the meta-seed whose meta-trainings fail."""
     calls = []
 
     def runner(key):
         calls.append(key)
         if key.file == "R3_lpo_meta.yaml":
             drift = key.overrides[0].split("=")[1]
+            seeds = [o.removeprefix(META_SEED) for o in key.overrides if o.startswith(META_SEED)]
+            k = int(seeds[0].strip("[]")) if seeds else None
             row = {
-                "meta_seed": 0,
+                "meta_seed": 0 if k is None else k,
                 "generations": 3,
                 "fitness_mean": 1.02,
                 "curves": {"mean_score": ([0, 2], [1.0, 1.1])},
             }
-            return claims.RunOutcome([row], 5.0, "boom" if fail_prepare else None, f"run-{drift}")
-        rows = [
-            {"objective": name, "problem": f"CartPole-v1_{steps}", "returns": [100.0 + bonus + s for s in range(8)]}
-            for name, bonus in (("ppo", 0.0), ("mlflow:run-lpo", 0.0), ("mlflow:run-ta_lpo", 1.0))
-            for steps in (25000, 50000, 100000)
-        ]
+            fail = fail_prepare or (fail_at is not None and k == fail_at)
+            return claims.RunOutcome(
+                [row], 5.0, "boom" if fail else None, f"run-{drift}" + ("" if k is None else f"-{k}")
+            )
+        (objectives,) = [o for o in key.overrides if o.startswith("lpo_eval.objectives=")]
+        names = [n.strip().strip('"') for n in objectives.split("=", 1)[1].strip("[]").split(",")]
+        rows = []
+        for name in names:
+            drift, _, k = name.removeprefix("mlflow:run-").partition("-")
+            k = int(k or 0)
+            bonus = {"ppo": 0.0, "lpo": k, "ta_lpo": 2.0 * k + 1.0}[drift]
+            rows += [
+                {"objective": name, "problem": f"CartPole-v1_{steps}", "returns": [100.0 + bonus + s for s in range(8)]}
+                for steps in (25000, 50000, 100000)
+            ]
         return claims.RunOutcome(rows, 7.0, None, "run-eval")
 
     return runner, calls
@@ -212,9 +228,94 @@ def test_a_failed_prepare_step_fails_every_arm_without_running_them():
 def test_every_prepare_file_validates_with_its_overrides_and_quick_ones():
     for claim in claims.CLAIMS.values():
         for step in claim.prepare:
-            for extra in ((), step.quick):
-                exp = metaopt.api.load(REPRODUCE / step.file, overrides=(*step.overrides, *extra))
-                assert exp.section.drift == step.label  # R3: the drift it meta-trains is the label the arms name
+            for quick in (False, True):
+                for k in claim.meta_seeds or (None,):
+                    key = claims.prepare_key(step, quick, k)
+                    exp = metaopt.api.load(REPRODUCE / key.file, overrides=key.overrides)
+                    assert exp.section.drift == step.label  # R3: the drift it meta-trains is the label the arms name
+                    if k is not None:
+                        assert exp.section.meta_seeds == [k]
+
+
+def test_r3_meta_is_r3_with_three_meta_seeds():
+    r3, meta = claims.CLAIMS["R3"], claims.CLAIMS["R3-meta"]
+    assert meta.meta_seeds == (0, 1, 2) and not r3.meta_seeds
+    assert meta.arms == r3.arms and meta.prepare == r3.prepare and meta.comparisons == r3.comparisons
+    assert all(step.seed_field == "lpo.meta_seeds" for step in meta.prepare)
+    assert claims.claim_meta_seeds(meta, 4) == (0, 1, 2, 3) and claims.claim_meta_seeds(r3) == ()
+
+
+def test_a_meta_seed_claim_runs_both_stages_per_meta_seed_and_its_interval_runs_over_them():
+    run = load_run_script()
+    runner, calls = lpo_runner()
+    meta = claims.CLAIMS["R3-meta"]
+    prepared, results = run.measure_meta(meta, None, meta.meta_seeds, False, runner)
+    assert [c.file for c in calls] == ["R3_lpo_meta.yaml", "R3_lpo_meta.yaml", "R3_lpo_eval.yaml"] * 3
+    for k in (0, 1, 2):
+        lpo, ta_lpo, evaluate = calls[3 * k : 3 * k + 3]
+        assert lpo.overrides == ("lpo.drift=lpo", f"lpo.meta_seeds=[{k}]")
+        assert ta_lpo.overrides == ("lpo.drift=ta_lpo", f"lpo.meta_seeds=[{k}]")
+        assert f'lpo_eval.objectives=[ppo, "mlflow:run-lpo-{k}", "mlflow:run-ta_lpo-{k}"]' in evaluate.overrides
+    # each meta-seed's value is the arm's mean over the 8 eval seeds (100 + bonus + 3.5)
+    assert results["ppo_x1"].values == {0: 103.5, 1: 103.5, 2: 103.5}
+    assert results["lpo_x1"].values == {0: 103.5, 1: 104.5, 2: 105.5}
+    assert results["ta_lpo_x2"].values == {0: 104.5, 1: 106.5, 2: 108.5}
+    assert results["lpo_x1"].interval.n == 3 and results["lpo_x1"].interval.mean == pytest.approx(104.5)
+    assert results["ppo_x1"].wall_s == 21.0 and not claims.failed(results)
+    assert results["lpo_x1"].arm.select["objective"] == "mlflow:{lpo}"  # the claim's arm, not one k's
+    differences = {(a, b): d for a, b, d, _ in claims.comparison_lines(meta, results)}
+    assert differences[("lpo_x1", "ppo_x1")].n == 3 and differences[("lpo_x1", "ppo_x1")].mean == pytest.approx(1.0)
+    assert differences[("ta_lpo_x2", "lpo_x2")].mean == pytest.approx(2.0)  # 1 + k paired by k
+    assert list(prepared) == [0, 1, 2]
+    lines = claims.prepare_lines(prepared[1], meta_seed=1)
+    assert "(R3_lpo_meta.yaml lpo.drift=ta_lpo lpo.meta_seeds=[1]): run run-ta_lpo-1" in lines
+    assert "meta-seed 1: 3 generations" in lines
+
+
+def test_a_failed_prepare_at_one_meta_seed_fails_every_arm_naming_it():
+    run = load_run_script()
+    runner, calls = lpo_runner(fail_at=1)
+    meta = claims.CLAIMS["R3-meta"]
+    _, results = run.measure_meta(meta, None, meta.meta_seeds, False, runner)
+    meta_files, eval_files = ["R3_lpo_meta.yaml"] * 2, ["R3_lpo_eval.yaml"]
+    assert [c.file for c in calls] == meta_files + eval_files + meta_files + meta_files + eval_files  # no eval at k=1
+    assert claims.failed(results)
+    assert all(r.errors == ("prepare failed at meta-seed 1: lpo, ta_lpo",) for r in results.values())
+    assert set(results["lpo_x1"].values) == {0, 1, 2} and math.isnan(results["lpo_x1"].values[1])
+    assert results["lpo_x1"].interval.n == 2  # the meta-seeds that ran
+
+
+def test_meta_seeds_option_is_parsed_and_refused_on_a_claim_without_meta_seeds(capsys):
+    run = load_run_script()
+    for argv, message in (
+        (["R1", "--meta-seeds", "3"], "--meta-seeds needs a claim with meta-seeds; R1 has none"),
+        (["R3-meta", "--meta-seeds", "1"], "--meta-seeds must be >= 2"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_r3_meta_quick_with_two_meta_seeds_prints_the_meta_seed_table(tmp_path, monkeypatch, capsys):
+    run = load_run_script()
+    runner, calls = lpo_runner()
+    monkeypatch.setattr(run, "run_one", runner)
+    logged = []
+    monkeypatch.setattr(run, "log_summary", lambda *args: logged.append(args))
+    results_file = tmp_path / "RESULTS.md"
+    assert run.main(["R3-meta", "--quick", "--meta-seeds", "2", "--results", str(results_file)]) == 0
+    assert len(calls) == 6 and [c.overrides[-1] for c in calls if c.file == "R3_lpo_meta.yaml"] == [
+        "lpo.meta_seeds=[0]",
+        "lpo.meta_seeds=[0]",
+        "lpo.meta_seeds=[1]",
+        "lpo.meta_seeds=[1]",
+    ]
+    assert all("lpo.es.generations=1" in c.overrides for c in calls if c.file == "R3_lpo_meta.yaml")
+    text = results_file.read_text()
+    assert "| lpo_x1 | returns (max) | 104.0000 | " in text and "| 2 | 14 | ok |" in text
+    assert "seeds = meta-training seeds (0, 1); each value is the mean over 8 evaluation seeds" in text
+    assert "lpo.drift=lpo lpo.meta_seeds=[1]): run run-lpo-1" in text
+    assert logged[0][3]["meta_seeds"] == "[0, 1]" and "R3-meta" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("claim_id", ["R1", "R1b"])

@@ -13,7 +13,10 @@ match ``select``, one value per seed. Two ways to get a value per seed:
   value is seed i.
 
 A two-stage claim lists ``prepare`` runs (:class:`Prepare`, e.g. meta-training a drift) made before its arms; each
-one's MLflow run id replaces ``{label}`` in the arms' overrides and select values (:func:`resolve`).
+one's MLflow run id replaces ``{label}`` in the arms' overrides and select values (:func:`resolve`). A claim with
+``meta_seeds`` repeats both stages per meta-seed k (each prepare step with ``{seed_field}=[k]``) and makes k the
+unit of the interval: an arm's value for k is its mean over the evaluation seeds of k's run
+(:func:`combine_meta_seeds`), so comparisons pair by meta-seed and cover the meta-training's variance.
 
 Runs with the same (file, overrides) are run once and shared by the arms that need them. A comparison is the paired
 per-seed difference arm - baseline with its Student-t interval (:func:`metaopt.stats.paired_difference`) and a
@@ -57,12 +60,14 @@ class Prepare:
     file: str
     overrides: tuple[str, ...] = ()
     quick: tuple[str, ...] = ()
+    seed_field: str = ""  # the section's list of meta-seeds (e.g. lpo.meta_seeds), set to [k] per meta-seed k
 
 
 @dataclass(frozen=True)
 class Claim:
     """A paper's claim: what the paper reports, the arms that measure it here, (arm, baseline) comparisons, and
-    the ``quick`` overrides (added to every arm's) that shrink the budget for a smoke test."""
+    the ``quick`` overrides (added to every arm's) that shrink the budget for a smoke test; ``meta_seeds``: the
+    meta-training seeds of a two-stage claim whose intervals run over them (see the module)."""
 
     id: str
     title: str
@@ -71,6 +76,7 @@ class Claim:
     comparisons: tuple[tuple[str, str], ...]
     quick: tuple[str, ...] = ()
     prepare: tuple[Prepare, ...] = ()
+    meta_seeds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,6 +270,7 @@ CLAIMS: dict[str, Claim] = {
                 file="R3_lpo_meta.yaml",
                 overrides=(f"lpo.drift={drift}",),
                 quick=("lpo.es.generations=1", "lpo.es.population=4", "lpo.baseline_seeds=2", "lpo.eval_seeds=2"),
+                seed_field="lpo.meta_seeds",
             )
             for drift in ("lpo", "ta_lpo")
         ),
@@ -320,6 +327,16 @@ CLAIMS: dict[str, Claim] = {
         ),
     ),
 }
+# R3 with the meta-training seed as the interval's unit: both drifts meta-trained and evaluated once per meta-seed,
+# each arm's value per meta-seed the mean over the 8 eval seeds. PPO's arm gets the same eval returns for every
+# meta-seed (same eval seeds, no meta-training), so a paired difference drift - ppo measures the learned
+# objective's variance across meta-trainings against a fixed PPO value.
+CLAIMS["R3-meta"] = replace(
+    CLAIMS["R3"],
+    id="R3-meta",
+    title=CLAIMS["R3"].title + "; intervals over meta-training seeds",
+    meta_seeds=(0, 1, 2),
+)
 
 
 def arm_seeds(arm: Arm, seeds: int | None) -> tuple[int, ...]:
@@ -444,9 +461,9 @@ def interval_text(interval: Interval) -> str:
     return f"[{number(interval.low)}, {number(interval.high)}]"
 
 
-def format_table(claim: Claim, results: Mapping[str, ArmResult], level: float = 0.95) -> str:
+def format_table(claim: Claim, results: Mapping[str, ArmResult], level: float = 0.95, note: str = "") -> str:
     """The markdown table: arm | metric mean | interval | seeds | wall time (a failed run says so), then one line
-    per comparison with its paired difference, interval and verdict."""
+    per comparison with its paired difference, interval and verdict, then ``note`` (e.g. :func:`meta_seed_note`)."""
     percent = f"{level:.0%}"
     lines = [
         f"**{claim.id}**: {claim.title}. Paper: {claim.paper}.",
@@ -470,6 +487,8 @@ def format_table(claim: Claim, results: Mapping[str, ArmResult], level: float = 
             f"| {label} - {baseline} | {number(difference.mean)} | {interval_text(difference)} | {difference.n} | "
             f"{word} at {percent} |"
         )
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -509,12 +528,14 @@ def resolve(claim: Claim, run_ids: Mapping[str, str]) -> Claim:
     return replace(claim, arms=arms)
 
 
-def prepare_lines(prepared: Sequence[tuple[Prepare, RunOutcome]]) -> str:
+def prepare_lines(prepared: Sequence[tuple[Prepare, RunOutcome]], meta_seed: int | None = None) -> str:
     """One line per prepare step: its run, wall time and, for a meta-training (``lpo`` rows), each trial's
-    generations, last population-mean fitness and the ES mean's evaluation-score curve (1.0 = PPO)."""
+    generations, last population-mean fitness and the ES mean's evaluation-score curve (1.0 = PPO);
+    ``meta_seed``: the steps ran for that meta-seed (its override is shown)."""
     lines = []
     for step, outcome in prepared:
-        head = f"- prepare {step.label} ({step.file} {' '.join(step.overrides)}): run {outcome.run_id}, "
+        overrides = prepare_key(step, meta_seed=meta_seed).overrides
+        head = f"- prepare {step.label} ({step.file} {' '.join(overrides)}): run {outcome.run_id}, "
         head += f"{outcome.wall_s:.0f} s" + (f", FAILED: {outcome.error}" if outcome.error else "")
         lines.append(head)
         for row in outcome.rows:
@@ -525,3 +546,47 @@ def prepare_lines(prepared: Sequence[tuple[Prepare, RunOutcome]]) -> str:
                 f"fitness {number(finite(row.get('fitness_mean')), 3)}; ES-mean score (1.0 = PPO) {curve}"
             )
     return "\n".join(lines)
+
+
+def prepare_key(step: Prepare, quick: bool = False, meta_seed: int | None = None) -> RunKey:
+    """The prepare step's run: its overrides, its quick ones when asked and, for meta-seed k, ``{seed_field}=[k]``."""
+    overrides = (*step.overrides, *(step.quick if quick else ()))
+    if meta_seed is not None:
+        if not step.seed_field:
+            raise ValueError(f"prepare step {step.label} has no seed_field for meta-seed {meta_seed}")
+        overrides += (f"{step.seed_field}=[{meta_seed}]",)
+    return RunKey(step.file, overrides)
+
+
+def claim_meta_seeds(claim: Claim, meta_seeds: int | None = None) -> tuple[int, ...]:
+    """The claim's meta-seeds, or 0..N-1 when the command line asks for N."""
+    return claim.meta_seeds if meta_seeds is None else tuple(range(meta_seeds))
+
+
+def combine_meta_seeds(
+    claim: Claim, per_meta_seed: Mapping[int, Mapping[str, ArmResult]], level: float = 0.95
+) -> dict[str, ArmResult]:
+    """Per arm, one value per meta-seed k: the mean of its per-eval-seed values in k's results (NaN when it has
+    none); the interval runs over the meta-seeds, wall is the sum over them, errors their union."""
+    combined = {}
+    for arm in claim.arms:
+        results = [(k, by_label[arm.label]) for k, by_label in per_meta_seed.items()]
+        values = {k: mean_interval(result.values.values(), level).mean for k, result in results}
+        combined[arm.label] = ArmResult(
+            arm,
+            values,
+            mean_interval(values.values(), level),
+            sum(result.wall_s for _, result in results),
+            tuple(sorted({error for _, result in results for error in result.errors})),
+        )
+    return combined
+
+
+def meta_seed_note(claim: Claim, meta_seeds: Sequence[int], seeds: int | None = None) -> str:
+    """The line under a meta-seed claim's table: what its seeds column counts."""
+    counts = sorted({len(arm_seeds(arm, seeds)) for arm in claim.arms})
+    each = " or ".join(str(n) for n in counts)
+    return (
+        f"seeds = meta-training seeds ({', '.join(str(k) for k in meta_seeds)}); each value is the mean over "
+        f"{each} evaluation seeds of that meta-seed's run, comparisons pair by meta-seed"
+    )

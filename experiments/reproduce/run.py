@@ -1,6 +1,7 @@
 """Measure a claim of issue 23: run its arms through ``metaopt.run`` and print the table with 95% intervals.
 
     python experiments/reproduce/run.py R5 [--seeds N] [--quick] [--results PATH]
+    python experiments/reproduce/run.py R3-meta [--meta-seeds N] [--seeds N] [--quick]
 
 Run from the repository root (the experiment files' relative paths, the MLflow database). Every distinct run of
 the claim (:func:`claims.planned_runs`) runs once; the table (:func:`claims.format_table`) is printed, logged as
@@ -8,7 +9,8 @@ one MLflow summary run (experiment ``reproduce``, in the tracking URI of the cla
 commit, seeds, quick; metrics ``<arm>.mean/low/high``; ``table.md``) and appended with date, commit, machine and
 total wall time to ``RESULTS.md`` beside this file (``--quick``, a smoke test, appends only to an explicit
 ``--results``). Exit status 1 when a run failed or was stopped (the table says which arm), 2 on a bad claim or
-config.
+config. A claim with meta-seeds (R3-meta) runs its two stages once per meta-seed (:func:`measure_meta`;
+``--meta-seeds N``: 0..N-1) and its intervals run over the meta-seeds; ``--seeds`` still counts evaluation seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -64,31 +67,45 @@ def run_one(key: registry.RunKey) -> registry.RunOutcome:
 
 
 def prepare_claim(
-    claim: registry.Claim, quick: bool, runner=run_one
+    claim: registry.Claim, quick: bool, runner=run_one, meta_seed: int | None = None
 ) -> list[tuple[registry.Prepare, registry.RunOutcome]]:
-    """Run the claim's prepare steps in order (a two-stage claim's first stage); a step without an MLflow run
-    fails."""
+    """Run the claim's prepare steps in order (a two-stage claim's first stage; for ``meta_seed`` k each with
+    ``{seed_field}=[k]``); a step without an MLflow run fails."""
     prepared = []
     for step in claim.prepare:
-        outcome = runner(registry.RunKey(step.file, (*step.overrides, *(step.quick if quick else ()))))
+        outcome = runner(registry.prepare_key(step, quick, meta_seed))
         if outcome.error is None and not outcome.run_id:
             outcome.error = "no MLflow run"
         prepared.append((step, outcome))
     return prepared
 
 
-def measure_prepared(claim: registry.Claim, seeds: int | None, quick: bool, runner=None):
-    """The prepare steps, then the arms of the claim resolved with their run ids (:func:`measure`); when a step
-    failed, no arm runs and each says so. Returns (prepared, results). ``runner`` defaults to this module's
-    ``run_one`` as it is at call time."""
+def measure_prepared(claim: registry.Claim, seeds: int | None, quick: bool, runner=None, meta_seed: int | None = None):
+    """The prepare steps (for ``meta_seed`` if given), then the arms of the claim resolved with their run ids
+    (:func:`measure`); when a step failed, no arm runs and each says so. Returns (prepared, results). ``runner``
+    defaults to this module's ``run_one`` as it is at call time."""
     runner = runner or run_one
-    prepared = prepare_claim(claim, quick, runner)
+    prepared = prepare_claim(claim, quick, runner, meta_seed)
     failures = [step.label for step, outcome in prepared if outcome.error]
     if failures:
-        message = "prepare failed: " + ", ".join(failures)
+        where = "" if meta_seed is None else f" at meta-seed {meta_seed}"
+        message = f"prepare failed{where}: " + ", ".join(failures)
         return prepared, measure(claim, seeds, quick, lambda key: registry.RunOutcome([], 0.0, message))
     run_ids = {step.label: outcome.run_id for step, outcome in prepared}
     return prepared, measure(registry.resolve(claim, run_ids), seeds, quick, runner)
+
+
+def measure_meta(
+    claim: registry.Claim, seeds: int | None, meta_seeds: Sequence[int], quick: bool, runner=None
+) -> tuple[dict[int, list[tuple[registry.Prepare, registry.RunOutcome]]], dict[str, registry.ArmResult]]:
+    """Both stages once per meta-seed k, in order (:func:`measure_prepared`; a failed prepare at k fails every
+    arm, naming k, and the next k still runs), then each arm's per-k eval-seed means combined into one interval
+    over the meta-seeds (:func:`claims.combine_meta_seeds`). Returns ({k: prepared}, results)."""
+    prepared: dict[int, list[tuple[registry.Prepare, registry.RunOutcome]]] = {}
+    per_meta_seed: dict[int, dict[str, registry.ArmResult]] = {}
+    for k in meta_seeds:
+        prepared[k], per_meta_seed[k] = measure_prepared(claim, seeds, quick, runner, meta_seed=k)
+    return prepared, registry.combine_meta_seeds(claim, per_meta_seed)
 
 
 def measure(claim: registry.Claim, seeds: int | None, quick: bool, runner=run_one) -> dict[str, registry.ArmResult]:
@@ -147,22 +164,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="use seeds 0..N-1 instead of each arm's")
     parser.add_argument("--quick", action="store_true", help="shrink budgets (smoke test); not recorded by default")
     parser.add_argument("--results", type=Path, default=None, help=f"history file (default {RESULTS.name})")
+    parser.add_argument(
+        "--meta-seeds",
+        type=int,
+        default=None,
+        help="use meta-training seeds 0..N-1 (a claim with meta-seeds, e.g. R3-meta); --seeds stays eval seeds",
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 2:
         parser.error("--seeds must be >= 2 for an interval")
+    claim = registry.CLAIMS[args.claim]
+    if args.meta_seeds is not None and not claim.meta_seeds:
+        parser.error(f"--meta-seeds needs a claim with meta-seeds; {claim.id} has none")
+    if args.meta_seeds is not None and args.meta_seeds < 2:
+        parser.error("--meta-seeds must be >= 2 for an interval")
     from metaopt.errors import ConfigError
 
-    claim = registry.CLAIMS[args.claim]
+    meta_seeds = registry.claim_meta_seeds(claim, args.meta_seeds)
     started = time.time()
     try:
-        prepared, results = measure_prepared(claim, args.seeds, args.quick)
+        if meta_seeds:
+            prepared_by_seed, results = measure_meta(claim, args.seeds, meta_seeds, args.quick)
+        else:
+            prepared, results = measure_prepared(claim, args.seeds, args.quick)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     wall = time.time() - started
-    table = registry.format_table(claim, results)
-    if prepared:
-        table += "\n\n" + registry.prepare_lines(prepared)
+    if meta_seeds:
+        table = registry.format_table(claim, results, note=registry.meta_seed_note(claim, meta_seeds, args.seeds))
+        table += "\n\n" + "\n".join(registry.prepare_lines(p, meta_seed=k) for k, p in prepared_by_seed.items())
+    else:
+        table = registry.format_table(claim, results)
+        if prepared:
+            table += "\n\n" + registry.prepare_lines(prepared)
     print(table, flush=True)
     params = {
         "claim": claim.id,
@@ -171,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": str(args.quick),
         "command": "python experiments/reproduce/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    if meta_seeds:
+        params["meta_seeds"] = str(list(meta_seeds))
     results_file = args.results if args.results is not None else (None if args.quick else RESULTS)
     if results_file is not None:
         record(results_file, table, params, wall)  # first: a tracking failure must not lose the measurement
