@@ -256,6 +256,7 @@ def test_a_meta_seed_claim_runs_both_stages_per_meta_seed_and_its_interval_runs_
         assert lpo.overrides == ("lpo.drift=lpo", f"lpo.meta_seeds=[{k}]")
         assert ta_lpo.overrides == ("lpo.drift=ta_lpo", f"lpo.meta_seeds=[{k}]")
         assert f'lpo_eval.objectives=[ppo, "mlflow:run-lpo-{k}", "mlflow:run-ta_lpo-{k}"]' in evaluate.overrides
+        assert f"lpo_eval.seed={1000 * k}" in evaluate.overrides  # each replicate has its own eval seeds
     # each meta-seed's value is the arm's mean over the 8 eval seeds (100 + bonus + 3.5)
     assert results["ppo_x1"].values == {0: 103.5, 1: 103.5, 2: 103.5}
     assert results["lpo_x1"].values == {0: 103.5, 1: 104.5, 2: 105.5}
@@ -314,7 +315,7 @@ def test_r3_meta_quick_with_two_meta_seeds_prints_the_meta_seed_table(tmp_path, 
     text = results_file.read_text()
     assert "| lpo_x1 | returns (max) | 104.0000 | " in text and "| 2 | 14 | ok |" in text
     assert "seeds = meta-training seeds (0, 1); each value is the mean over 8 evaluation seeds" in text
-    assert "lpo.drift=lpo lpo.meta_seeds=[1]): run run-lpo-1" in text
+    assert "lpo.eval_seeds=2 lpo.meta_seeds=[1]): run run-lpo-1" in text  # what ran, quick overrides included
     assert logged[0][3]["meta_seeds"] == "[0, 1]" and "R3-meta" in capsys.readouterr().out
 
 
@@ -356,3 +357,46 @@ def test_every_arm_label_is_a_valid_mlflow_metric_name_prefix():
 
     for claim in claims.CLAIMS.values():
         assert all(re.fullmatch(r"[\w\-. :/]+", arm.label) for arm in claim.arms), claim.id  # run.py logs label.mean
+
+
+def test_a_meta_seed_with_a_missing_eval_seed_is_nan_and_an_error_not_a_mean_over_fewer_seeds():
+    run = load_run_script()
+    runner, _ = lpo_runner()
+
+    def gappy(key):
+        outcome = runner(key)
+        if key.file == "R3_lpo_eval.yaml" and "lpo_eval.seed=0" in key.overrides:
+            for row in outcome.rows:
+                if row["objective"] == "mlflow:run-lpo-0":
+                    row["returns"] = [math.nan, math.nan, *row["returns"][2:]]  # its two worst seeds lost
+        return outcome
+
+    meta = claims.CLAIMS["R3-meta"]
+    _, results = run.measure_meta(meta, None, meta.meta_seeds, False, gappy)
+    assert math.isnan(results["lpo_x1"].values[0]) and results["lpo_x1"].values[1] == 104.5
+    assert results["lpo_x1"].errors == ("meta-seed 0: 6/8 evaluation seeds finite",) and claims.failed(results)
+    assert results["ppo_x1"].errors == () and results["ppo_x1"].interval.n == 3
+
+
+def test_a_config_error_after_the_first_meta_seed_keeps_the_measured_ones():
+    from metaopt.errors import ConfigError
+
+    run = load_run_script()
+    runner, _ = lpo_runner()
+
+    def refusing_at(k):
+        def refuse(key):
+            if key.file == "R3_lpo_eval.yaml" and f"lpo_eval.seed={1000 * k}" in key.overrides:
+                raise ConfigError("lpo_eval.objectives", f"mlflow:run-lpo-{k} has no drift artifact")
+            return runner(key)
+
+        return refuse
+
+    meta = claims.CLAIMS["R3-meta"]
+    _, results = run.measure_meta(meta, None, meta.meta_seeds, False, refusing_at(2))
+    assert results["lpo_x1"].values[0] == 103.5 and math.isnan(results["lpo_x1"].values[2])
+    assert results["lpo_x1"].errors == (
+        "meta-seed 2: ConfigError: lpo_eval.objectives: mlflow:run-lpo-2 has no drift artifact",
+    )
+    with pytest.raises(ConfigError):  # at the first meta-seed it is a bad claim or file: exit 2, nothing lost
+        run.measure_meta(meta, None, meta.meta_seeds, False, refusing_at(0))

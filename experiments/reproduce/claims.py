@@ -14,9 +14,11 @@ match ``select``, one value per seed. Two ways to get a value per seed:
 
 A two-stage claim lists ``prepare`` runs (:class:`Prepare`, e.g. meta-training a drift) made before its arms; each
 one's MLflow run id replaces ``{label}`` in the arms' overrides and select values (:func:`resolve`). A claim with
-``meta_seeds`` repeats both stages per meta-seed k (each prepare step with ``{seed_field}=[k]``) and makes k the
-unit of the interval: an arm's value for k is its mean over the evaluation seeds of k's run
-(:func:`combine_meta_seeds`), so comparisons pair by meta-seed and cover the meta-training's variance.
+``meta_seeds`` repeats both stages per meta-seed k, as an independent replicate: each prepare step with
+``{seed_field}=[k]`` and every arm's run with its own evaluation seeds (``{eval_seed_field}=k * EVAL_SEED_STRIDE``,
+:func:`for_meta_seed`). k is the unit of the interval: an arm's value for k is its mean over the evaluation seeds of
+k's run (:func:`combine_meta_seeds`; NaN and an error when any is missing), so comparisons pair by meta-seed and
+cover both the meta-training's and the evaluation's variance.
 
 Runs with the same (file, overrides) are run once and shared by the arms that need them. A comparison is the paired
 per-seed difference arm - baseline with its Student-t interval (:func:`metaopt.stats.paired_difference`) and a
@@ -67,7 +69,8 @@ class Prepare:
 class Claim:
     """A paper's claim: what the paper reports, the arms that measure it here, (arm, baseline) comparisons, and
     the ``quick`` overrides (added to every arm's) that shrink the budget for a smoke test; ``meta_seeds``: the
-    meta-training seeds of a two-stage claim whose intervals run over them (see the module)."""
+    meta-training seeds of a two-stage claim whose intervals run over them, ``eval_seed_field``: the arms' first
+    evaluation seed, moved per meta-seed (see the module)."""
 
     id: str
     title: str
@@ -77,6 +80,10 @@ class Claim:
     quick: tuple[str, ...] = ()
     prepare: tuple[Prepare, ...] = ()
     meta_seeds: tuple[int, ...] = ()
+    eval_seed_field: str = ""  # with meta_seeds: the arms' first-seed field, moved by EVAL_SEED_STRIDE per meta-seed
+
+
+EVAL_SEED_STRIDE = 1000  # meta-seed k evaluates on seeds k * 1000, k * 1000 + 1, ...: no two replicates share one
 
 
 @dataclass(frozen=True)
@@ -327,15 +334,16 @@ CLAIMS: dict[str, Claim] = {
         ),
     ),
 }
-# R3 with the meta-training seed as the interval's unit: both drifts meta-trained and evaluated once per meta-seed,
-# each arm's value per meta-seed the mean over the 8 eval seeds. PPO's arm gets the same eval returns for every
-# meta-seed (same eval seeds, no meta-training), so a paired difference drift - ppo measures the learned
-# objective's variance across meta-trainings against a fixed PPO value.
+# R3 with the meta-training seed as the interval's unit: per meta-seed k, both drifts meta-trained with seed k and
+# all three objectives evaluated on 8 seeds of their own (from k * EVAL_SEED_STRIDE; k = 0 is R3's run), each arm's
+# value per k the mean over them. Every k is an independent replicate of R3, so the interval over k covers the
+# meta-training's and the evaluation's variance, PPO's included.
 CLAIMS["R3-meta"] = replace(
     CLAIMS["R3"],
     id="R3-meta",
     title=CLAIMS["R3"].title + "; intervals over meta-training seeds",
     meta_seeds=(0, 1, 2),
+    eval_seed_field="lpo_eval.seed",
 )
 
 
@@ -528,13 +536,15 @@ def resolve(claim: Claim, run_ids: Mapping[str, str]) -> Claim:
     return replace(claim, arms=arms)
 
 
-def prepare_lines(prepared: Sequence[tuple[Prepare, RunOutcome]], meta_seed: int | None = None) -> str:
+def prepare_lines(
+    prepared: Sequence[tuple[Prepare, RunOutcome]], meta_seed: int | None = None, quick: bool = False
+) -> str:
     """One line per prepare step: its run, wall time and, for a meta-training (``lpo`` rows), each trial's
     generations, last population-mean fitness and the ES mean's evaluation-score curve (1.0 = PPO);
-    ``meta_seed``: the steps ran for that meta-seed (its override is shown)."""
+    ``meta_seed``, ``quick``: the steps ran for that meta-seed, with their quick overrides (shown)."""
     lines = []
     for step, outcome in prepared:
-        overrides = prepare_key(step, meta_seed=meta_seed).overrides
+        overrides = prepare_key(step, quick, meta_seed).overrides
         head = f"- prepare {step.label} ({step.file} {' '.join(overrides)}): run {outcome.run_id}, "
         head += f"{outcome.wall_s:.0f} s" + (f", FAILED: {outcome.error}" if outcome.error else "")
         lines.append(head)
@@ -563,21 +573,46 @@ def claim_meta_seeds(claim: Claim, meta_seeds: int | None = None) -> tuple[int, 
     return claim.meta_seeds if meta_seeds is None else tuple(range(meta_seeds))
 
 
+def for_meta_seed(claim: Claim, meta_seed: int) -> Claim:
+    """The claim as meta-seed k's replicate: every arm's run also sets ``{eval_seed_field}=k * EVAL_SEED_STRIDE``
+    (its own evaluation seeds); unchanged when the claim names no such field."""
+    if not claim.eval_seed_field:
+        return claim
+    extra = f"{claim.eval_seed_field}={meta_seed * EVAL_SEED_STRIDE}"
+    return replace(claim, arms=tuple(replace(arm, overrides=(*arm.overrides, extra)) for arm in claim.arms))
+
+
+def meta_seed_value(result: ArmResult, expected: int, level: float = 0.95) -> tuple[float, tuple[str, ...]]:
+    """Meta-seed k's value of an arm: the mean over its evaluation seeds, and k's errors; NaN, with an error, when
+    fewer than ``expected`` of them are finite (a mean over fewer seeds would not pair with the other arms')."""
+    finite_values = [value for value in result.values.values() if math.isfinite(value)]
+    if result.errors:
+        return math.nan, result.errors
+    if len(finite_values) != expected:
+        return math.nan, (f"{len(finite_values)}/{expected} evaluation seeds finite",)
+    return mean_interval(finite_values, level).mean, ()
+
+
 def combine_meta_seeds(
-    claim: Claim, per_meta_seed: Mapping[int, Mapping[str, ArmResult]], level: float = 0.95
+    claim: Claim, per_meta_seed: Mapping[int, Mapping[str, ArmResult]], seeds: int | None = None, level: float = 0.95
 ) -> dict[str, ArmResult]:
-    """Per arm, one value per meta-seed k: the mean of its per-eval-seed values in k's results (NaN when it has
-    none); the interval runs over the meta-seeds, wall is the sum over them, errors their union."""
+    """Per arm, one value per meta-seed k (:func:`meta_seed_value`, ``seeds``: the evaluation seeds asked for);
+    the interval runs over the meta-seeds, wall is the sum over them, errors their union, each naming its k."""
     combined = {}
     for arm in claim.arms:
-        results = [(k, by_label[arm.label]) for k, by_label in per_meta_seed.items()]
-        values = {k: mean_interval(result.values.values(), level).mean for k, result in results}
+        expected = len(arm_seeds(arm, seeds))
+        values, errors = {}, set()
+        for k, by_label in per_meta_seed.items():
+            values[k], k_errors = meta_seed_value(by_label[arm.label], expected, level)
+            errors |= {
+                error if error.startswith("prepare failed at") else f"meta-seed {k}: {error}" for error in k_errors
+            }
         combined[arm.label] = ArmResult(
             arm,
             values,
             mean_interval(values.values(), level),
-            sum(result.wall_s for _, result in results),
-            tuple(sorted({error for _, result in results for error in result.errors})),
+            sum(result[arm.label].wall_s for result in per_meta_seed.values()),
+            tuple(sorted(errors)),
         )
     return combined
 
@@ -588,5 +623,7 @@ def meta_seed_note(claim: Claim, meta_seeds: Sequence[int], seeds: int | None = 
     each = " or ".join(str(n) for n in counts)
     return (
         f"seeds = meta-training seeds ({', '.join(str(k) for k in meta_seeds)}); each value is the mean over "
-        f"{each} evaluation seeds of that meta-seed's run, comparisons pair by meta-seed"
+        f"{each} evaluation seeds of that meta-seed's run"
+        + (f" (its own: from k * {EVAL_SEED_STRIDE})" if claim.eval_seed_field else "")
+        + ", comparisons pair by meta-seed"
     )

@@ -101,11 +101,26 @@ def measure_meta(
     """Both stages once per meta-seed k, in order (:func:`measure_prepared`; a failed prepare at k fails every
     arm, naming k, and the next k still runs), then each arm's per-k eval-seed means combined into one interval
     over the meta-seeds (:func:`claims.combine_meta_seeds`). Returns ({k: prepared}, results)."""
+    from metaopt.errors import ConfigError
+
     prepared: dict[int, list[tuple[registry.Prepare, registry.RunOutcome]]] = {}
     per_meta_seed: dict[int, dict[str, registry.ArmResult]] = {}
     for k in meta_seeds:
-        prepared[k], per_meta_seed[k] = measure_prepared(claim, seeds, quick, runner, meta_seed=k)
-    return prepared, registry.combine_meta_seeds(claim, per_meta_seed)
+        try:
+            prepared[k], per_meta_seed[k] = measure_prepared(
+                registry.for_meta_seed(claim, k), seeds, quick, runner, meta_seed=k
+            )
+        except ConfigError as err:
+            if k == meta_seeds[0]:
+                raise  # a bad claim or file: nothing measured yet, exit 2
+            # a later meta-seed's run refused (e.g. its drift has no artifact): keep the meta-seeds measured so far
+            message = f"ConfigError: {(str(err).splitlines() or [''])[0]}"
+            prepared[k] = []
+            per_meta_seed[k] = {
+                arm.label: registry.ArmResult(arm, {}, registry.mean_interval(()), 0.0, (message,))
+                for arm in claim.arms
+            }
+    return prepared, registry.combine_meta_seeds(claim, per_meta_seed, seeds)
 
 
 def measure(claim: registry.Claim, seeds: int | None, quick: bool, runner=run_one) -> dict[str, registry.ArmResult]:
@@ -193,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - started
     if meta_seeds:
         table = registry.format_table(claim, results, note=registry.meta_seed_note(claim, meta_seeds, args.seeds))
-        table += "\n\n" + "\n".join(registry.prepare_lines(p, meta_seed=k) for k, p in prepared_by_seed.items())
+        table += "\n\n" + "\n".join(
+            registry.prepare_lines(p, meta_seed=k, quick=args.quick) for k, p in prepared_by_seed.items()
+        )
     else:
         table = registry.format_table(claim, results)
         if prepared:
