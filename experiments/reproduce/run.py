@@ -89,10 +89,14 @@ def measure_prepared(claim: registry.Claim, seeds: int | None, quick: bool, runn
     failures = [step.label for step, outcome in prepared if outcome.error]
     if failures:
         where = "" if meta_seed is None else f" at meta-seed {meta_seed}"
-        message = f"prepare failed{where}: " + ", ".join(failures)
-        return prepared, measure(claim, seeds, quick, lambda key: registry.RunOutcome([], 0.0, message))
+        return prepared, failed_arms(claim, seeds, quick, f"prepare failed{where}: " + ", ".join(failures))
     run_ids = {step.label: outcome.run_id for step, outcome in prepared}
     return prepared, measure(registry.resolve(claim, run_ids), seeds, quick, runner)
+
+
+def failed_arms(claim: registry.Claim, seeds: int | None, quick: bool, message: str) -> dict[str, registry.ArmResult]:
+    """Every arm of the claim failed with ``message``, nothing run."""
+    return measure(claim, seeds, quick, lambda key: registry.RunOutcome([], 0.0, message))
 
 
 def measure_meta(
@@ -114,12 +118,8 @@ def measure_meta(
             if k == meta_seeds[0]:
                 raise  # a bad claim or file: nothing measured yet, exit 2
             # a later meta-seed's run refused (e.g. its drift has no artifact): keep the meta-seeds measured so far
-            message = f"ConfigError: {(str(err).splitlines() or [''])[0]}"
             prepared[k] = []
-            per_meta_seed[k] = {
-                arm.label: registry.ArmResult(arm, {}, registry.mean_interval(()), 0.0, (message,))
-                for arm in claim.arms
-            }
+            per_meta_seed[k] = failed_arms(claim, seeds, quick, f"ConfigError: {(str(err).splitlines() or [''])[0]}")
     return prepared, registry.combine_meta_seeds(claim, per_meta_seed, seeds)
 
 
